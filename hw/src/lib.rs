@@ -1,0 +1,18 @@
+//! The hardware seam: persistence primitives, access to a persistent-memory region, and the
+//! fabric through which KVS nodes reach the DPM.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+#[cfg(feature = "std")]
+pub mod fabric;
+pub mod persist;
+pub mod pmem;
+#[cfg(feature = "std")]
+pub mod region_file;
+#[cfg(feature = "std")]
+pub mod shadow;
+
+pub use pmem::{CpuPersist, NoPersist, Persist, Pmem};

@@ -1,0 +1,149 @@
+//! A region backed by a file mapped `MAP_SHARED`, so that separate processes (the DPM and
+//! every KN on the machine) see one pool of memory, as with CXL or a DAX device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::pmem::{CpuPersist, Persist, Pmem};
+
+/// Why a region file could not be created or mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionFileError {
+    #[error("region file {path} does not exist")]
+    NotFound { path: PathBuf },
+    #[error("region file {path} already exists (refusing to overwrite it)")]
+    AlreadyExists { path: PathBuf },
+    #[error("region file {path} is {len} bytes, too small to hold a region")]
+    TooSmall { path: PathBuf, len: u64 },
+    #[error("cannot {what} region file {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// A mapped region file.
+#[derive(Debug)]
+pub struct RegionFile {
+    map: MmapRaw,
+    path: PathBuf,
+    len: u64,
+    _file: File,
+}
+
+/// Smallest file accepted by [`RegionFile::open`].
+pub const MIN_FILE_LEN: u64 = 4096;
+
+impl RegionFile {
+    /// Creates a new zero-filled file of `len` bytes and maps it. Never overwrites.
+    pub fn create(path: &Path, len: u64) -> Result<Arc<Self>, RegionFileError> {
+        let io = |what, source| RegionFileError::Io { what, path: path.to_owned(), source };
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                RegionFileError::AlreadyExists { path: path.to_owned() }
+            } else {
+                io("create", e)
+            }
+        })?;
+        if let Err(e) = file.set_len(len) {
+            let _ = std::fs::remove_file(path);
+            return Err(io("size", e));
+        }
+        Self::map(file, path, len)
+    }
+
+    /// Maps an existing file.
+    pub fn open(path: &Path) -> Result<Arc<Self>, RegionFileError> {
+        let io = |what, source| RegionFileError::Io { what, path: path.to_owned(), source };
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                RegionFileError::NotFound { path: path.to_owned() }
+            } else {
+                io("open", e)
+            }
+        })?;
+        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        if len < MIN_FILE_LEN {
+            return Err(RegionFileError::TooSmall { path: path.to_owned(), len });
+        }
+        Self::map(file, path, len)
+    }
+
+    fn map(file: File, path: &Path, len: u64) -> Result<Arc<Self>, RegionFileError> {
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .map_raw(&file)
+            .map_err(|source| RegionFileError::Io { what: "map", path: path.to_owned(), source })?;
+        Ok(Arc::new(Self { map, path: path.to_owned(), len, _file: file }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Asks the kernel to write the mapping back to the file (for a clean shutdown when the
+    /// file is not on a DAX device).
+    pub fn sync(&self) -> io::Result<()> {
+        self.map.flush()
+    }
+
+    /// A [`Pmem`] over the mapping; the returned value keeps the mapping alive.
+    pub fn pmem(self: &Arc<Self>) -> Pmem<FilePersist> {
+        let persist = FilePersist { file: Arc::clone(self), cpu: CpuPersist::detect() };
+        // SAFETY: the mapping is page aligned, `len` bytes long, and kept alive by the `Arc`
+        // inside `persist`; other processes access it atomically or as byte copies.
+        unsafe { Pmem::new(self.map.as_mut_ptr(), self.len, persist) }
+    }
+}
+
+/// CPU write-back for a mapped file; holds the mapping alive.
+#[derive(Debug, Clone)]
+pub struct FilePersist {
+    file: Arc<RegionFile>,
+    cpu: CpuPersist,
+}
+
+impl FilePersist {
+    pub fn file(&self) -> &Arc<RegionFile> {
+        &self.file
+    }
+}
+
+impl Persist for FilePersist {
+    #[inline]
+    fn flush(&self, base: *const u8, off: u64, len: u64) {
+        self.cpu.flush(base, off, len)
+    }
+    #[inline]
+    fn fence(&self) {
+        self.cpu.fence()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_mappings_share_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("r");
+        let a = RegionFile::create(&p, 1 << 16).expect("create");
+        let b = RegionFile::open(&p).expect("open");
+        let (pa, pb) = (a.pmem(), b.pmem());
+        pa.store_u64(4096, 77);
+        assert_eq!(pb.load_u64(4096), 77);
+        assert!(matches!(RegionFile::create(&p, 4096), Err(RegionFileError::AlreadyExists { .. })));
+        assert!(matches!(
+            RegionFile::open(&dir.path().join("missing")),
+            Err(RegionFileError::NotFound { .. })
+        ));
+    }
+}
