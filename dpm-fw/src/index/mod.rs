@@ -1,0 +1,1 @@
+//! The persistent hash index (P-CLHT style). Being written.
