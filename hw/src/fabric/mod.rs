@@ -9,11 +9,28 @@
 //! Every call is counted ([`FabricCounters`]). A *round trip* is one wait on the fabric:
 //! verbs posted while others are outstanding share the round trip of the first, so a batch
 //! posted together and completed together counts once.
+//!
+//! Backends: [`shm::ShmFabric`] (memory shared with the DPM, completions timed by a
+//! [`nic::NicModel`]); control frames travel through [`ctl`], rings of [`ring`].
 
 use core::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use dinomo_shared::msg::Frame;
+
+pub mod ctl;
+pub mod nic;
+pub mod ring;
+pub mod shm;
+
+pub use ctl::{default_ctl_path, Backoff, ConnId, ControlClient, ControlHandle, ControlServer};
+pub use nic::{
+    modeled_ops_per_sec, Clock, ManualClock, MonotonicClock, NicModel, NicParams, NicProfile,
+    UnknownNicProfile,
+};
+pub use ring::{HeapRing, RingView};
+pub use shm::ShmFabric;
 
 /// Identifies a posted work request in its completion.
 pub type WrId = u64;
@@ -33,7 +50,11 @@ pub struct LocalSlice {
 impl LocalBuf {
     /// The slice `[offset, offset + len)` of this buffer.
     pub const fn slice(self, offset: u32, len: u32) -> LocalSlice {
-        LocalSlice { buf: self, offset, len }
+        LocalSlice {
+            buf: self,
+            offset,
+            len,
+        }
     }
 }
 
@@ -179,6 +200,16 @@ pub enum FabricError {
     Timeout(Duration),
     #[error("no RDMA device found ({0}); use `--fabric shm` on one machine, or set up soft-RoCE (`rdma link add rxe0 type rxe netdev eth0`)")]
     NoDevice(String),
+    #[error("the DPM is not running: {0}")]
+    NotRunning(String),
+    #[error("no free control slot (all {slots} are in use)")]
+    NoFreeSlot { slots: u32 },
+    #[error("cannot {what} control file {path}: {source}")]
+    ControlFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -212,4 +243,29 @@ pub trait Fabric: Send {
 
     /// The counters of this connection.
     fn counters(&self) -> &FabricCounters;
+}
+
+/// Posts `wrs` and waits for all their completions: one round trip. Nothing else may be
+/// outstanding, so that `out[i]` is the completion of `wrs[i]`.
+pub fn execute<F: Fabric + ?Sized>(
+    f: &mut F,
+    wrs: &[(WrId, WorkRequest)],
+    out: &mut [Completion],
+    timeout: Duration,
+) -> Result<(), FabricError> {
+    if f.outstanding() != 0 {
+        return Err(FabricError::Other(format!(
+            "execute needs an idle connection, but {} work requests are outstanding",
+            f.outstanding()
+        )));
+    }
+    if out.len() != wrs.len() {
+        return Err(FabricError::Other(format!(
+            "execute of {} work requests given room for {} completions",
+            wrs.len(),
+            out.len()
+        )));
+    }
+    f.post(wrs)?;
+    f.wait(out, timeout)
 }
