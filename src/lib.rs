@@ -1,7 +1,11 @@
 //! DINOMO: an elastic, scalable key-value store for disaggregated persistent memory.
 //!
-//! This facade re-exports the workspace crates.
+//! This facade re-exports the workspace crates and holds the pieces of the `dinomo` binary
+//! that are worth testing as a library.
 pub use dinomo_hw as hw;
 pub use dinomo_shared as shared;
 pub use dpm_fw;
 pub use host_kn;
+
+pub mod inspect;
+pub mod size;

@@ -1,1 +1,239 @@
-fn main() {}
+//! The `dinomo` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use dinomo::size::{human, parse_size};
+use dinomo_hw::region_file::RegionFile;
+use dinomo_shared::geometry::{FormatParams, Geometry};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dinomo",
+    version,
+    about = "DINOMO: a key-value store for disaggregated persistent memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The memory node (DPM): format, serve and inspect a region.
+    #[command(subcommand)]
+    Dpm(DpmCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DpmCommand {
+    /// Create and format a new region file.
+    Format(FormatArgs),
+    /// Serve a region: recover it, merge KN logs into the index, answer control messages.
+    Serve(ServeArgs),
+    /// Show a region's layout, space, logs and index without changing it.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct FormatArgs {
+    /// Region file to create (refused if it exists, unless --force).
+    #[arg(long)]
+    path: PathBuf,
+    /// Region size, e.g. 1G, 512M.
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Log block size (power of two, 4K..1G); default 8M, smaller for small regions.
+    #[arg(long, value_parser = parse_size)]
+    block_size: Option<u64>,
+    /// Logs (KN shards) the region can hold at once.
+    #[arg(long, default_value_t = dinomo_shared::geometry::DEFAULT_MAX_LOGS)]
+    max_logs: u32,
+    /// KN leases the region can hold.
+    #[arg(long, default_value_t = dinomo_shared::geometry::DEFAULT_MAX_KNS)]
+    max_kns: u32,
+    /// Share of the region given to the index, in percent.
+    #[arg(long, default_value_t = dinomo_shared::geometry::DEFAULT_INDEX_PERCENT)]
+    index_percent: u32,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Region file (made with `dinomo dpm format`).
+    #[arg(long)]
+    path: PathBuf,
+    /// Merge worker threads.
+    #[arg(long, default_value_t = default_workers())]
+    workers: usize,
+    /// Do not pin threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Control file KNs connect to (default: the region path with `.ctl` appended).
+    #[arg(long)]
+    ctl: Option<PathBuf>,
+    /// Control connections accepted at once.
+    #[arg(long, default_value_t = 64)]
+    ctl_slots: u32,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Region file.
+    #[arg(long)]
+    path: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .clamp(1, 3)
+}
+
+/// Bad input: reported with exit code 2, like argument errors.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dpm(DpmCommand::Format(a)) => format(a),
+        Command::Dpm(DpmCommand::Serve(a)) => serve(a),
+        Command::Dpm(DpmCommand::Inspect(a)) => {
+            let report = dinomo::inspect::inspect(&a.path)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", dinomo::inspect::render(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn format(a: FormatArgs) -> anyhow::Result<()> {
+    let mut p = FormatParams::for_size(a.size);
+    if let Some(b) = a.block_size {
+        p.block_size = b;
+    }
+    p.max_logs = a.max_logs;
+    p.max_kns = a.max_kns;
+    p.index_percent = a.index_percent;
+    // Validate everything before touching the file system.
+    let geo = Geometry::compute(&p).map_err(|e| Usage(e.to_string()))?;
+    if a.force && a.path.exists() {
+        std::fs::remove_file(&a.path)
+            .with_context(|| format!("cannot remove {}", a.path.display()))?;
+    }
+    let file = RegionFile::create(&a.path, a.size)?;
+    let region_id = random_id();
+    let formatted = dpm_fw::region::format(&file.pmem(), &p, region_id);
+    if let Err(e) = formatted {
+        drop(file);
+        let _ = std::fs::remove_file(&a.path);
+        anyhow::bail!("cannot format {}: {e}", a.path.display());
+    }
+    file.sync()
+        .with_context(|| format!("cannot sync {}", a.path.display()))?;
+    println!(
+        "formatted {}: {} region, {} log blocks of {}, index {}, {} logs, id {region_id:016x}",
+        a.path.display(),
+        human(geo.region_size),
+        geo.n_blocks,
+        human(geo.block_size),
+        human(geo.index_len),
+        geo.max_logs
+    );
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if a.workers == 0 || a.workers > 256 {
+        return Err(Usage(format!("--workers {} is outside 1..=256", a.workers)).into());
+    }
+    if a.ctl_slots == 0 {
+        return Err(Usage("--ctl-slots must be at least 1".into()).into());
+    }
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("cannot install signal handler")?;
+    }
+    let cfg = dpm_fw::runner::ServeConfig {
+        workers: a.workers,
+        pin: !a.no_pin,
+        ctl_slots: a.ctl_slots,
+        ctl_path: a.ctl,
+        ..Default::default()
+    };
+    let report = dpm_fw::runner::serve(&a.path, &cfg, &STOP)?;
+    eprintln!(
+        "dpm stopped cleanly: recovered in {:.1} ms, merged {} entries, {} control messages, up {:.1} s",
+        report.recovery_time.as_secs_f64() * 1e3,
+        report.entries_merged,
+        report.control_messages,
+        report.uptime.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A region id unlikely to repeat: time, pid and a stack address, hashed.
+fn random_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let marker = 0u8;
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&t.to_le_bytes());
+    bytes.extend_from_slice(&std::process::id().to_le_bytes());
+    bytes.extend_from_slice(&(&marker as *const u8 as usize).to_le_bytes());
+    dinomo_shared::hash::key_hash(&bytes)
+}

@@ -1,7 +1,21 @@
 //! The memory node (DPM): persistent index, log blocks, merger, recovery, control handler.
+//!
+//! The core is `no_std` + `alloc` so that it can run on the wimpy cores of a DPU as well as
+//! in the std runner (`feature = "std"`), which adds threads pinned to cores and the shm
+//! control server.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 extern crate alloc;
 
+mod blocks;
+pub mod dpm;
 pub mod index;
+pub mod region;
+#[cfg(feature = "std")]
+pub mod runner;
+#[cfg(feature = "std")]
+pub mod testkit;
+
+pub use dpm::{Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step};
+pub use region::{FormatError, OpenError};

@@ -8,6 +8,8 @@ extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod fabric;
+#[cfg(feature = "std")]
+pub mod heap;
 pub mod persist;
 pub mod pmem;
 #[cfg(feature = "std")]

@@ -111,11 +111,17 @@ pub fn flush_line(addr: *const u8, kind: FlushKind) {
     unsafe {
         match kind {
             // clwb (%rdi): 66 0F AE 37
-            FlushKind::Clwb => core::arch::asm!(".byte 0x66, 0x0f, 0xae, 0x37", in("rdi") addr, options(nostack, preserves_flags)),
+            FlushKind::Clwb => {
+                core::arch::asm!(".byte 0x66, 0x0f, 0xae, 0x37", in("rdi") addr, options(nostack, preserves_flags))
+            }
             // clflushopt (%rdi): 66 0F AE 3F
-            FlushKind::ClflushOpt => core::arch::asm!(".byte 0x66, 0x0f, 0xae, 0x3f", in("rdi") addr, options(nostack, preserves_flags)),
+            FlushKind::ClflushOpt => {
+                core::arch::asm!(".byte 0x66, 0x0f, 0xae, 0x3f", in("rdi") addr, options(nostack, preserves_flags))
+            }
             // clflush (%rdi): 0F AE 3F
-            FlushKind::Clflush => core::arch::asm!(".byte 0x0f, 0xae, 0x3f", in("rdi") addr, options(nostack, preserves_flags)),
+            FlushKind::Clflush => {
+                core::arch::asm!(".byte 0x0f, 0xae, 0x3f", in("rdi") addr, options(nostack, preserves_flags))
+            }
             _ => {}
         }
     }
@@ -124,8 +130,12 @@ pub fn flush_line(addr: *const u8, kind: FlushKind) {
     unsafe {
         match kind {
             // dc cvap, x0 (SYS #3, C7, C12, #1)
-            FlushKind::DcCvap => core::arch::asm!("sys #3, c7, c12, #1, {0}", in(reg) addr, options(nostack, preserves_flags)),
-            FlushKind::DcCvac => core::arch::asm!("dc cvac, {0}", in(reg) addr, options(nostack, preserves_flags)),
+            FlushKind::DcCvap => {
+                core::arch::asm!("sys #3, c7, c12, #1, {0}", in(reg) addr, options(nostack, preserves_flags))
+            }
+            FlushKind::DcCvac => {
+                core::arch::asm!("dc cvac, {0}", in(reg) addr, options(nostack, preserves_flags))
+            }
             _ => {}
         }
     }
@@ -173,7 +183,10 @@ mod tests {
     fn detected_instruction_runs() {
         let k = flush_kind();
         #[cfg(target_arch = "x86_64")]
-        assert!(matches!(k, FlushKind::Clwb | FlushKind::ClflushOpt | FlushKind::Clflush));
+        assert!(matches!(
+            k,
+            FlushKind::Clwb | FlushKind::ClflushOpt | FlushKind::Clflush
+        ));
         let buf = [7u8; 256];
         flush_range(buf.as_ptr().wrapping_add(3), 200, k);
         fence();

@@ -51,7 +51,9 @@ pub struct CpuPersist {
 impl CpuPersist {
     /// Uses the instruction detected for this CPU.
     pub fn detect() -> Self {
-        Self { kind: persist::flush_kind() }
+        Self {
+            kind: persist::flush_kind(),
+        }
     }
     /// Uses a given instruction (from a platform profile).
     pub const fn with_kind(kind: FlushKind) -> Self {
@@ -120,7 +122,10 @@ unsafe impl<P: Sync> Sync for Pmem<P> {}
 
 impl<P> fmt::Debug for Pmem<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pmem").field("base", &self.base).field("len", &self.len).finish()
+        f.debug_struct("Pmem")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -132,7 +137,10 @@ impl<P: Persist> Pmem<P> {
     /// long as the `Pmem` (and anything derived from it) lives, and every other party that
     /// writes the memory concurrently must do so with atomic accesses or accept torn reads.
     pub unsafe fn new(base: *mut u8, len: u64, persist: P) -> Self {
-        assert!(base as usize % 64 == 0, "region base must be 64-byte aligned");
+        assert!(
+            base as usize % 64 == 0,
+            "region base must be 64-byte aligned"
+        );
         let base = NonNull::new(base).expect("region base must not be null");
         Self { base, len, persist }
     }
@@ -161,7 +169,11 @@ impl<P: Persist> Pmem<P> {
     pub fn check(&self, off: u64, len: u64) -> Result<(), OutOfBounds> {
         match off.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(OutOfBounds { off, len, region_len: self.len }),
+            _ => Err(OutOfBounds {
+                off,
+                len,
+                region_len: self.len,
+            }),
         }
     }
 
@@ -218,7 +230,8 @@ impl<P: Persist> Pmem<P> {
     #[inline]
     #[track_caller]
     pub fn cas_u64(&self, off: u64, current: u64, new: u64) -> Result<u64, u64> {
-        self.atomic_u64(off).compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+        self.atomic_u64(off)
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
     }
     /// Atomic 8-byte fetch-and-add; returns the previous value.
     #[inline]
@@ -270,7 +283,8 @@ impl<P: Persist> Pmem<P> {
             if o % 8 == 0 && n - i >= 8 {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&src[i as usize..i as usize + 8]);
-                self.atomic_u64(o).store(u64::from_le_bytes(w), Ordering::Release);
+                self.atomic_u64(o)
+                    .store(u64::from_le_bytes(w), Ordering::Release);
                 i += 8;
             } else {
                 self.atomic_u8(o).store(src[i as usize], Ordering::Release);
@@ -299,7 +313,10 @@ impl<P: Persist> Pmem<P> {
         // SAFETY: `T: Pod` has no padding and accepts any bytes, so filling its storage with
         // region bytes yields a valid value.
         let bytes = unsafe {
-            core::slice::from_raw_parts_mut((&mut v as *mut T).cast::<u8>(), core::mem::size_of::<T>())
+            core::slice::from_raw_parts_mut(
+                (&mut v as *mut T).cast::<u8>(),
+                core::mem::size_of::<T>(),
+            )
         };
         self.read(off, bytes);
         v

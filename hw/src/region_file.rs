@@ -20,7 +20,11 @@ pub enum RegionFileError {
     #[error("region file {path} is {len} bytes, too small to hold a region")]
     TooSmall { path: PathBuf, len: u64 },
     #[error("cannot {what} region file {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// A mapped region file.
@@ -38,14 +42,25 @@ pub const MIN_FILE_LEN: u64 = 4096;
 impl RegionFile {
     /// Creates a new zero-filled file of `len` bytes and maps it. Never overwrites.
     pub fn create(path: &Path, len: u64) -> Result<Arc<Self>, RegionFileError> {
-        let io = |what, source| RegionFileError::Io { what, path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                RegionFileError::AlreadyExists { path: path.to_owned() }
-            } else {
-                io("create", e)
-            }
-        })?;
+        let io = |what, source| RegionFileError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    RegionFileError::AlreadyExists {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    io("create", e)
+                }
+            })?;
         if let Err(e) = file.set_len(len) {
             let _ = std::fs::remove_file(path);
             return Err(io("size", e));
@@ -55,27 +70,86 @@ impl RegionFile {
 
     /// Maps an existing file.
     pub fn open(path: &Path) -> Result<Arc<Self>, RegionFileError> {
-        let io = |what, source| RegionFileError::Io { what, path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
+        let io = |what, source| RegionFileError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    RegionFileError::NotFound {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    io("open", e)
+                }
+            })?;
+        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        if len < MIN_FILE_LEN {
+            return Err(RegionFileError::TooSmall {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        Self::map(file, path, len)
+    }
+
+    /// Maps an existing file copy-on-write: changes stay in this process and never reach
+    /// the file (for inspecting a region, even one being served, without touching it).
+    pub fn open_private(path: &Path) -> Result<Arc<Self>, RegionFileError> {
+        let io = |what, source| RegionFileError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                RegionFileError::NotFound { path: path.to_owned() }
+                RegionFileError::NotFound {
+                    path: path.to_owned(),
+                }
             } else {
                 io("open", e)
             }
         })?;
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         if len < MIN_FILE_LEN {
-            return Err(RegionFileError::TooSmall { path: path.to_owned(), len });
+            return Err(RegionFileError::TooSmall {
+                path: path.to_owned(),
+                len,
+            });
         }
-        Self::map(file, path, len)
+        // SAFETY: another process may change the file while it is mapped; every access to the
+        // mapping goes through `Pmem`, which reads and writes with atomics or byte copies and
+        // never assumes the bytes stay the same, so concurrent changes cannot cause UB.
+        let map = unsafe { MmapOptions::new().len(len as usize).map_copy(&file) }
+            .map_err(|e| io("map", e))?;
+        Ok(Arc::new(Self {
+            map: map.into(),
+            path: path.to_owned(),
+            len,
+            _file: file,
+        }))
     }
 
     fn map(file: File, path: &Path, len: u64) -> Result<Arc<Self>, RegionFileError> {
         let map = MmapOptions::new()
             .len(len as usize)
             .map_raw(&file)
-            .map_err(|source| RegionFileError::Io { what: "map", path: path.to_owned(), source })?;
-        Ok(Arc::new(Self { map, path: path.to_owned(), len, _file: file }))
+            .map_err(|source| RegionFileError::Io {
+                what: "map",
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Arc::new(Self {
+            map,
+            path: path.to_owned(),
+            len,
+            _file: file,
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -96,7 +170,10 @@ impl RegionFile {
 
     /// A [`Pmem`] over the mapping; the returned value keeps the mapping alive.
     pub fn pmem(self: &Arc<Self>) -> Pmem<FilePersist> {
-        let persist = FilePersist { file: Arc::clone(self), cpu: CpuPersist::detect() };
+        let persist = FilePersist {
+            file: Arc::clone(self),
+            cpu: CpuPersist::detect(),
+        };
         // SAFETY: the mapping is page aligned, `len` bytes long, and kept alive by the `Arc`
         // inside `persist`; other processes access it atomically or as byte copies.
         unsafe { Pmem::new(self.map.as_mut_ptr(), self.len, persist) }
@@ -140,7 +217,16 @@ mod tests {
         let (pa, pb) = (a.pmem(), b.pmem());
         pa.store_u64(4096, 77);
         assert_eq!(pb.load_u64(4096), 77);
-        assert!(matches!(RegionFile::create(&p, 4096), Err(RegionFileError::AlreadyExists { .. })));
+        assert!(matches!(
+            RegionFile::create(&p, 4096),
+            Err(RegionFileError::AlreadyExists { .. })
+        ));
+        // A private mapping sees the file but never changes it.
+        let c = RegionFile::open_private(&p).expect("open private");
+        let pc = c.pmem();
+        assert_eq!(pc.load_u64(4096), 77);
+        pc.store_u64(4096, 5);
+        assert_eq!(pa.load_u64(4096), 77);
         assert!(matches!(
             RegionFile::open(&dir.path().join("missing")),
             Err(RegionFileError::NotFound { .. })

@@ -43,7 +43,9 @@ pub struct ShadowRegion {
 
 impl std::fmt::Debug for ShadowRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShadowRegion").field("len", &self.len).finish()
+        f.debug_struct("ShadowRegion")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -74,7 +76,13 @@ impl ShadowRegion {
         Arc::new(Self {
             working,
             len: image.len() as u64,
-            state: Mutex::new(State { durable, pending: Vec::new(), fences: 0, budget: None, failed: None }),
+            state: Mutex::new(State {
+                durable,
+                pending: Vec::new(),
+                fences: 0,
+                budget: None,
+                failed: None,
+            }),
         })
     }
 

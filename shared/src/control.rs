@@ -66,7 +66,14 @@ assert_offset!(ProgressRecord, crc, 24);
 impl ProgressRecord {
     /// Builds a sealed record.
     pub fn new(merged_seq: u64, block: u32, offset: u32, generation: u64) -> Self {
-        let mut r = Self { merged_seq, block, offset, generation, crc: 0, reserved: 0 };
+        let mut r = Self {
+            merged_seq,
+            block,
+            offset,
+            generation,
+            crc: 0,
+            reserved: 0,
+        };
         r.crc = r.compute_crc();
         r
     }
@@ -159,7 +166,13 @@ pub const CLUSTER_MAP_BYTES: u64 = crate::slot::SLOTS as u64 * 2;
 /// KN id meaning "no owner".
 pub const NO_KN: u16 = u16::MAX;
 
-impl_pod!(LogSlot, ProgressRecord, ProgressSlot, KnLease, ClusterMapHeader);
+impl_pod!(
+    LogSlot,
+    ProgressRecord,
+    ProgressSlot,
+    KnLease,
+    ClusterMapHeader
+);
 
 #[cfg(test)]
 mod tests {
@@ -167,7 +180,12 @@ mod tests {
 
     #[test]
     fn progress_picks_newest_valid_record() {
-        let mut s = ProgressSlot { records: [ProgressRecord::new(5, 1, 64, 3), ProgressRecord::new(9, 1, 200, 3)] };
+        let mut s = ProgressSlot {
+            records: [
+                ProgressRecord::new(5, 1, 64, 3),
+                ProgressRecord::new(9, 1, 200, 3),
+            ],
+        };
         assert_eq!(s.current(3).map(|(i, r)| (i, r.merged_seq)), Some((1, 9)));
         assert_eq!(s.next_index(3), 0);
         // A torn newest record falls back to the older one.

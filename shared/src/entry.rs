@@ -92,7 +92,10 @@ impl fmt::Display for EntryError {
             Self::BadLength => f.write_str("entry lengths are out of range"),
             Self::BadChecksum => f.write_str("entry checksum mismatch"),
             Self::SeqGap { expected, found } => {
-                write!(f, "entry seq {found} does not continue the log (expected {expected})")
+                write!(
+                    f,
+                    "entry seq {found} does not continue the log (expected {expected})"
+                )
             }
             Self::BufferTooSmall => f.write_str("buffer too small for entry"),
         }
@@ -176,14 +179,24 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Entry<'_>, EntryError> {
     if crc != h.crc {
         return Err(EntryError::BadChecksum);
     }
-    Ok(Entry { op, epoch: h.epoch, seq: h.seq, key, value, len: padded_len(k, v) })
+    Ok(Entry {
+        op,
+        epoch: h.epoch,
+        seq: h.seq,
+        key,
+        value,
+        len: padded_len(k, v),
+    })
 }
 
 /// Decodes the entry at the start of `bytes` and checks that it is the one expected next.
 pub fn decode_next(bytes: &[u8], salt: u32, expected_seq: u64) -> Result<Entry<'_>, EntryError> {
     let e = decode(bytes, salt)?;
     if e.seq != expected_seq {
-        return Err(EntryError::SeqGap { expected: expected_seq, found: e.seq });
+        return Err(EntryError::SeqGap {
+            expected: expected_seq,
+            found: e.seq,
+        });
     }
     Ok(e)
 }
@@ -204,7 +217,10 @@ mod tests {
         assert_eq!(n, padded_len(3, 6));
         assert_eq!(n % 8, 0);
         let e = decode_next(&buf, 11, 7).expect("decode");
-        assert_eq!((e.op, e.seq, e.epoch, e.key, e.value, e.len), (Op::Put, 7, 3, &b"key"[..], &b"value!"[..], n));
+        assert_eq!(
+            (e.op, e.seq, e.epoch, e.key, e.value, e.len),
+            (Op::Put, 7, 3, &b"key"[..], &b"value!"[..], n)
+        );
         assert_eq!(peek_len(&buf), Some(n));
     }
 
@@ -215,7 +231,10 @@ mod tests {
         for bit in 0..raw * 8 {
             let mut b = buf;
             b[bit / 8] ^= 1 << (bit % 8);
-            assert!(decode_next(&b[..n], 5, 1).is_err(), "flip of bit {bit} went unnoticed");
+            assert!(
+                decode_next(&b[..n], 5, 1).is_err(),
+                "flip of bit {bit} went unnoticed"
+            );
         }
     }
 
@@ -226,15 +245,30 @@ mod tests {
             assert!(decode(&buf[..cut], 5).is_err(), "cut at {cut}");
         }
         assert_eq!(decode(&buf[..n], 6), Err(EntryError::BadChecksum));
-        assert_eq!(decode_next(&buf[..n], 5, 3), Err(EntryError::SeqGap { expected: 3, found: 4 }));
+        assert_eq!(
+            decode_next(&buf[..n], 5, 3),
+            Err(EntryError::SeqGap {
+                expected: 3,
+                found: 4
+            })
+        );
         assert_eq!(decode(&[0u8; 64], 5), Err(EntryError::BadOp(0)));
     }
 
     #[test]
     fn bad_inputs_are_refused() {
         let mut buf = [0u8; 64];
-        assert_eq!(encode(&mut buf, 0, Op::Put, 0, 1, b"", b"v"), Err(EntryError::BadLength));
-        assert_eq!(encode(&mut buf, 0, Op::Delete, 0, 1, b"k", b"v"), Err(EntryError::BadLength));
-        assert_eq!(encode(&mut buf, 0, Op::Put, 0, 1, b"k", &[0u8; 64]), Err(EntryError::BufferTooSmall));
+        assert_eq!(
+            encode(&mut buf, 0, Op::Put, 0, 1, b"", b"v"),
+            Err(EntryError::BadLength)
+        );
+        assert_eq!(
+            encode(&mut buf, 0, Op::Delete, 0, 1, b"k", b"v"),
+            Err(EntryError::BadLength)
+        );
+        assert_eq!(
+            encode(&mut buf, 0, Op::Put, 0, 1, b"k", &[0u8; 64]),
+            Err(EntryError::BufferTooSmall)
+        );
     }
 }

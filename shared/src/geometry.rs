@@ -87,7 +87,10 @@ pub enum GeometryError {
     RegionTooLarge(u64),
     /// The region cannot hold the metadata plus [`MIN_BLOCKS`] blocks; `needed` is the least
     /// size that would.
-    RegionTooSmall { size: u64, needed: u64 },
+    RegionTooSmall {
+        size: u64,
+        needed: u64,
+    },
 }
 
 impl fmt::Display for GeometryError {
@@ -104,7 +107,10 @@ impl fmt::Display for GeometryError {
                 write!(f, "index share {p}% is outside 1..=90 percent")
             }
             Self::RegionTooLarge(s) => {
-                write!(f, "region size {s} exceeds the largest addressable ({MAX_REGION_SIZE})")
+                write!(
+                    f,
+                    "region size {s} exceeds the largest addressable ({MAX_REGION_SIZE})"
+                )
             }
             Self::RegionTooSmall { size, needed } => write!(
                 f,
@@ -230,7 +236,10 @@ impl Geometry {
             return Err(SuperblockError::UnknownFeatures(sb.features));
         }
         if sb.region_size > actual_len {
-            return Err(SuperblockError::Truncated { recorded: sb.region_size, actual: actual_len });
+            return Err(SuperblockError::Truncated {
+                recorded: sb.region_size,
+                actual: actual_len,
+            });
         }
         let p = FormatParams {
             region_size: sb.region_size,
@@ -256,7 +265,7 @@ impl Geometry {
             && sb.log_off <= sb.region_size
             && (sb.region_size - sb.log_off) / sb.block_size == sb.n_blocks
             && sb.n_blocks >= MIN_BLOCKS
-            && sb.n_blocks <= u32::MAX as u64 - 1;
+            && sb.n_blocks < u32::MAX as u64;
         if !consistent {
             return Err(SuperblockError::Inconsistent);
         }
@@ -278,7 +287,9 @@ impl Geometry {
     }
     /// Offset of the progress slot of `log`.
     pub const fn progress_off(&self, log: u32) -> u64 {
-        self.control_off + CTRL_LOG_TABLE + self.max_logs as u64 * LogSlot::SIZE
+        self.control_off
+            + CTRL_LOG_TABLE
+            + self.max_logs as u64 * LogSlot::SIZE
             + log as u64 * ProgressSlot::SIZE
     }
     /// Offset of the lease of KN `kn`.
@@ -338,7 +349,10 @@ pub enum SuperblockError {
     UnsupportedVersion(u32),
     BadChecksum,
     UnknownFeatures(u32),
-    Truncated { recorded: u64, actual: u64 },
+    Truncated {
+        recorded: u64,
+        actual: u64,
+    },
     Geometry(GeometryError),
     /// Fields disagree with each other.
     Inconsistent,
@@ -397,12 +411,21 @@ mod tests {
         let sb = g.superblock(1);
         let mut bad = sb;
         bad.magic ^= 1;
-        assert_eq!(Geometry::from_superblock(&bad, 8 << 20), Err(SuperblockError::BadMagic));
+        assert_eq!(
+            Geometry::from_superblock(&bad, 8 << 20),
+            Err(SuperblockError::BadMagic)
+        );
         let mut bad = sb;
         bad.n_blocks += 1;
-        assert_eq!(Geometry::from_superblock(&bad, 8 << 20), Err(SuperblockError::BadChecksum));
+        assert_eq!(
+            Geometry::from_superblock(&bad, 8 << 20),
+            Err(SuperblockError::BadChecksum)
+        );
         bad.seal();
-        assert_eq!(Geometry::from_superblock(&bad, 8 << 20), Err(SuperblockError::Inconsistent));
+        assert_eq!(
+            Geometry::from_superblock(&bad, 8 << 20),
+            Err(SuperblockError::Inconsistent)
+        );
         assert!(matches!(
             Geometry::from_superblock(&sb, 4 << 20),
             Err(SuperblockError::Truncated { .. })

@@ -64,9 +64,9 @@ impl RootWord {
             return None;
         }
         Some(Self(
-            base / BUCKET_SIZE
-                | (log2_buckets as u64) << Self::BASE_BITS
-                | (generation as u64) << (Self::BASE_BITS + Self::LOG2_BITS),
+            (base / BUCKET_SIZE)
+                | ((log2_buckets as u64) << Self::BASE_BITS)
+                | ((generation as u64) << (Self::BASE_BITS + Self::LOG2_BITS)),
         ))
     }
     /// Region offset of bucket 0.
@@ -162,7 +162,10 @@ mod tests {
     #[test]
     fn root_word_packs() {
         let r = RootWord::new(64 * 12345, 17, 0xABCDEF).expect("fits");
-        assert_eq!((r.base(), r.log2_buckets(), r.generation()), (64 * 12345, 17, 0xABCDEF));
+        assert_eq!(
+            (r.base(), r.log2_buckets(), r.generation()),
+            (64 * 12345, 17, 0xABCDEF)
+        );
         assert_eq!(r.bucket_of(u64::MAX), 64 * 12345 + ((1 << 17) - 1) * 64);
         assert!(RootWord::new(65, 1, 1).is_none());
         assert!(RootWord::new(0, 64, 1).is_none());
@@ -171,7 +174,11 @@ mod tests {
 
     #[test]
     fn bucket_generation_check() {
-        let mut b = Bucket { meta: Bucket::meta_for(7) | 1, slots: [Slot::default(); 3], next: 0 };
+        let mut b = Bucket {
+            meta: Bucket::meta_for(7) | 1,
+            slots: [Slot::default(); 3],
+            next: 0,
+        };
         assert!(b.belongs_to(7));
         assert!(!b.belongs_to(8));
         b.meta |= BUCKET_MOVED;

@@ -50,12 +50,24 @@ pub enum Request {
     /// First message of a connection.
     Hello { kn_id: u32 },
     /// Open a new log for a KN shard; the DPM assigns a slot and a first block.
-    OpenLog { kn_id: u32, shard: u32, lease_epoch: u32 },
+    OpenLog {
+        kn_id: u32,
+        shard: u32,
+        lease_epoch: u32,
+    },
     /// Give the log another block, linked after its current tail; `next_seq` is the seq
     /// the first entry in it will carry.
-    AllocBlock { log_id: u32, generation: u64, next_seq: u64 },
+    AllocBlock {
+        log_id: u32,
+        generation: u64,
+        next_seq: u64,
+    },
     /// Merge the log up to its committed tail (at least `upto_seq`) before replying.
-    MergeAll { log_id: u32, generation: u64, upto_seq: u64 },
+    MergeAll {
+        log_id: u32,
+        generation: u64,
+        upto_seq: u64,
+    },
     /// The writer is done with the log: merge it to its tail, then release it.
     CloseLog { log_id: u32, generation: u64 },
 }
@@ -64,11 +76,26 @@ pub enum Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Response {
     Pong,
-    Hello { region_id: u64, region_size: u64 },
-    LogOpened { log_id: u32, generation: u64, block: u32, salt: u32 },
-    BlockGranted { block: u32, salt: u32 },
-    Merged { merged_seq: u64 },
-    Closed { merged_seq: u64 },
+    Hello {
+        region_id: u64,
+        region_size: u64,
+    },
+    LogOpened {
+        log_id: u32,
+        generation: u64,
+        block: u32,
+        salt: u32,
+    },
+    BlockGranted {
+        block: u32,
+        salt: u32,
+    },
+    Merged {
+        merged_seq: u64,
+    },
+    Closed {
+        merged_seq: u64,
+    },
 }
 
 /// A frame that is not a valid message.
@@ -101,18 +128,29 @@ impl Request {
         let (kind, a): (u16, [u64; 3]) = match *self {
             Self::Ping => (K_PING, [0; 3]),
             Self::Hello { kn_id } => (K_HELLO, [kn_id as u64, 0, 0]),
-            Self::OpenLog { kn_id, shard, lease_epoch } => {
-                (K_OPEN_LOG, [kn_id as u64, shard as u64, lease_epoch as u64])
-            }
-            Self::AllocBlock { log_id, generation, next_seq } => {
-                (K_ALLOC_BLOCK, [log_id as u64, generation, next_seq])
-            }
-            Self::MergeAll { log_id, generation, upto_seq } => {
-                (K_MERGE_ALL, [log_id as u64, generation, upto_seq])
-            }
+            Self::OpenLog {
+                kn_id,
+                shard,
+                lease_epoch,
+            } => (K_OPEN_LOG, [kn_id as u64, shard as u64, lease_epoch as u64]),
+            Self::AllocBlock {
+                log_id,
+                generation,
+                next_seq,
+            } => (K_ALLOC_BLOCK, [log_id as u64, generation, next_seq]),
+            Self::MergeAll {
+                log_id,
+                generation,
+                upto_seq,
+            } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq]),
             Self::CloseLog { log_id, generation } => (K_CLOSE_LOG, [log_id as u64, generation, 0]),
         };
-        Frame { kind, status: 0, req_id, args: [a[0], a[1], a[2], 0, 0, 0, 0] }
+        Frame {
+            kind,
+            status: 0,
+            req_id,
+            args: [a[0], a[1], a[2], 0, 0, 0, 0],
+        }
     }
 
     /// Decodes a request frame.
@@ -120,19 +158,28 @@ impl Request {
         let a = &f.args;
         Ok(match f.kind {
             K_PING => Self::Ping,
-            K_HELLO => Self::Hello { kn_id: u32_arg(a[0])? },
+            K_HELLO => Self::Hello {
+                kn_id: u32_arg(a[0])?,
+            },
             K_OPEN_LOG => Self::OpenLog {
                 kn_id: u32_arg(a[0])?,
                 shard: u32_arg(a[1])?,
                 lease_epoch: u32_arg(a[2])?,
             },
-            K_ALLOC_BLOCK => {
-                Self::AllocBlock { log_id: u32_arg(a[0])?, generation: a[1], next_seq: a[2] }
-            }
-            K_MERGE_ALL => {
-                Self::MergeAll { log_id: u32_arg(a[0])?, generation: a[1], upto_seq: a[2] }
-            }
-            K_CLOSE_LOG => Self::CloseLog { log_id: u32_arg(a[0])?, generation: a[1] },
+            K_ALLOC_BLOCK => Self::AllocBlock {
+                log_id: u32_arg(a[0])?,
+                generation: a[1],
+                next_seq: a[2],
+            },
+            K_MERGE_ALL => Self::MergeAll {
+                log_id: u32_arg(a[0])?,
+                generation: a[1],
+                upto_seq: a[2],
+            },
+            K_CLOSE_LOG => Self::CloseLog {
+                log_id: u32_arg(a[0])?,
+                generation: a[1],
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         })
     }
@@ -143,20 +190,41 @@ impl Response {
     pub fn encode(&self, req_id: u32) -> Frame {
         let (kind, a): (u16, [u64; 4]) = match *self {
             Self::Pong => (K_PING, [0; 4]),
-            Self::Hello { region_id, region_size } => (K_HELLO, [region_id, region_size, 0, 0]),
-            Self::LogOpened { log_id, generation, block, salt } => {
-                (K_OPEN_LOG, [log_id as u64, generation, block as u64, salt as u64])
+            Self::Hello {
+                region_id,
+                region_size,
+            } => (K_HELLO, [region_id, region_size, 0, 0]),
+            Self::LogOpened {
+                log_id,
+                generation,
+                block,
+                salt,
+            } => (
+                K_OPEN_LOG,
+                [log_id as u64, generation, block as u64, salt as u64],
+            ),
+            Self::BlockGranted { block, salt } => {
+                (K_ALLOC_BLOCK, [block as u64, salt as u64, 0, 0])
             }
-            Self::BlockGranted { block, salt } => (K_ALLOC_BLOCK, [block as u64, salt as u64, 0, 0]),
             Self::Merged { merged_seq } => (K_MERGE_ALL, [merged_seq, 0, 0, 0]),
             Self::Closed { merged_seq } => (K_CLOSE_LOG, [merged_seq, 0, 0, 0]),
         };
-        Frame { kind, status: 0, req_id, args: [a[0], a[1], a[2], a[3], 0, 0, 0] }
+        Frame {
+            kind,
+            status: 0,
+            req_id,
+            args: [a[0], a[1], a[2], a[3], 0, 0, 0],
+        }
     }
 
     /// An error reply to `req` (a frame of any kind).
     pub fn error(req: &Frame, code: ErrorCode) -> Frame {
-        Frame { kind: req.kind, status: code as u16, req_id: req.req_id, args: [0; 7] }
+        Frame {
+            kind: req.kind,
+            status: code as u16,
+            req_id: req.req_id,
+            args: [0; 7],
+        }
     }
 
     /// Decodes a reply frame: the response, or the DPM's error code.
@@ -169,14 +237,20 @@ impl Response {
         let a = &f.args;
         Ok(Ok(match f.kind {
             K_PING => Self::Pong,
-            K_HELLO => Self::Hello { region_id: a[0], region_size: a[1] },
+            K_HELLO => Self::Hello {
+                region_id: a[0],
+                region_size: a[1],
+            },
             K_OPEN_LOG => Self::LogOpened {
                 log_id: u32_arg(a[0])?,
                 generation: a[1],
                 block: u32_arg(a[2])?,
                 salt: u32_arg(a[3])?,
             },
-            K_ALLOC_BLOCK => Self::BlockGranted { block: u32_arg(a[0])?, salt: u32_arg(a[1])? },
+            K_ALLOC_BLOCK => Self::BlockGranted {
+                block: u32_arg(a[0])?,
+                salt: u32_arg(a[1])?,
+            },
             K_MERGE_ALL => Self::Merged { merged_seq: a[0] },
             K_CLOSE_LOG => Self::Closed { merged_seq: a[0] },
             k => return Err(DecodeError::UnknownKind(k)),
@@ -193,10 +267,25 @@ mod tests {
         let reqs = [
             Request::Ping,
             Request::Hello { kn_id: 3 },
-            Request::OpenLog { kn_id: 1, shard: 2, lease_epoch: 9 },
-            Request::AllocBlock { log_id: 4, generation: 77, next_seq: 1000 },
-            Request::MergeAll { log_id: 4, generation: 77, upto_seq: u64::MAX },
-            Request::CloseLog { log_id: 4, generation: 77 },
+            Request::OpenLog {
+                kn_id: 1,
+                shard: 2,
+                lease_epoch: 9,
+            },
+            Request::AllocBlock {
+                log_id: 4,
+                generation: 77,
+                next_seq: 1000,
+            },
+            Request::MergeAll {
+                log_id: 4,
+                generation: 77,
+                upto_seq: u64::MAX,
+            },
+            Request::CloseLog {
+                log_id: 4,
+                generation: 77,
+            },
         ];
         for (i, r) in reqs.iter().enumerate() {
             let f = Frame::from_bytes(&r.encode(i as u32).to_bytes());
@@ -209,9 +298,20 @@ mod tests {
     fn responses_round_trip_and_errors() {
         let resps = [
             Response::Pong,
-            Response::Hello { region_id: 5, region_size: 1 << 30 },
-            Response::LogOpened { log_id: 1, generation: 2, block: 3, salt: 4 },
-            Response::BlockGranted { block: 9, salt: 0xFFFF_FFFF },
+            Response::Hello {
+                region_id: 5,
+                region_size: 1 << 30,
+            },
+            Response::LogOpened {
+                log_id: 1,
+                generation: 2,
+                block: 3,
+                salt: 4,
+            },
+            Response::BlockGranted {
+                block: 9,
+                salt: 0xFFFF_FFFF,
+            },
             Response::Merged { merged_seq: 12 },
             Response::Closed { merged_seq: 13 },
         ];
@@ -226,11 +326,22 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        let f = Frame { kind: 999, ..Frame::default() };
+        let f = Frame {
+            kind: 999,
+            ..Frame::default()
+        };
         assert_eq!(Request::decode(&f), Err(DecodeError::UnknownKind(999)));
-        let f = Frame { kind: K_HELLO, args: [u64::MAX, 0, 0, 0, 0, 0, 0], ..Frame::default() };
+        let f = Frame {
+            kind: K_HELLO,
+            args: [u64::MAX, 0, 0, 0, 0, 0, 0],
+            ..Frame::default()
+        };
         assert_eq!(Request::decode(&f), Err(DecodeError::BadArgument));
-        let f = Frame { kind: K_PING, status: 500, ..Frame::default() };
+        let f = Frame {
+            kind: K_PING,
+            status: 500,
+            ..Frame::default()
+        };
         assert_eq!(Response::decode(&f), Err(DecodeError::UnknownStatus(500)));
     }
 }

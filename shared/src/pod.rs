@@ -16,7 +16,10 @@ pub unsafe trait Pod: Copy + 'static {
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: `Pod` types have no padding, so all `size_of::<Self>()` bytes are initialised.
         unsafe {
-            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), core::mem::size_of::<Self>())
+            core::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                core::mem::size_of::<Self>(),
+            )
         }
     }
 

@@ -43,7 +43,10 @@ mod tests {
     #[test]
     fn hash_tag_rules() {
         assert_eq!(hash_tag(b"{user1000}.following"), b"user1000");
-        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"{user1000}.followers"));
+        assert_eq!(
+            key_slot(b"{user1000}.following"),
+            key_slot(b"{user1000}.followers")
+        );
         // Empty tag: the whole key counts.
         assert_eq!(hash_tag(b"foo{}{bar}"), b"foo{}{bar}");
         // Only the first `{` counts, and the first `}` after it.

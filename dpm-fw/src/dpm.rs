@@ -1,0 +1,887 @@
+//! The memory node: log blocks, merging, recovery and control messages over one region.
+//!
+//! Merge workers replay each log's committed entries in order into the index. Each log is
+//! merged by one worker at a time (its state sits behind a per-log lock that workers only
+//! `try_lock`), so entries of one log are applied in log order; different logs proceed in
+//! parallel and meet only at the index's bucket locks.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use dinomo_hw::{Persist, Pmem};
+use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE, BLOCK_MAGIC};
+use dinomo_shared::control::{
+    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FREE, NO_BLOCK,
+};
+use dinomo_shared::entry::{self, EntryError, Op, ENTRY_HEADER_SIZE};
+use dinomo_shared::geometry::{FormatParams, Geometry};
+use dinomo_shared::index::EntryRef;
+use dinomo_shared::msg::{Frame, Request, Response};
+use dinomo_shared::superblock::FLAG_CLEAN_SHUTDOWN;
+use dinomo_shared::ErrorCode;
+
+use crate::blocks::Blocks;
+use crate::index::{Index, IndexError, IndexStats};
+use crate::region::{self, FormatError, OpenError};
+
+/// Reusable buffer for reading entries; one per worker thread.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    buf: Vec<u8>,
+}
+
+/// Where the merger of one log stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    /// Block holding the next entry to merge.
+    pub block: u32,
+    /// Offset of the next entry within that block.
+    pub offset: u32,
+    /// Salt of `block`.
+    pub salt: u32,
+    /// Seq the next entry must carry.
+    pub next_seq: u64,
+}
+
+/// Why a log stopped merging before its tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// An entry inside a sealed block fails validation: the log is damaged there.
+    CorruptEntry {
+        block: u32,
+        offset: u32,
+        error: EntryError,
+    },
+    /// A block link points outside the log area or to a block of another log.
+    BadLink { block: u32 },
+    /// The index could not take the entry.
+    Index(IndexError),
+}
+
+#[derive(Debug)]
+struct LogState {
+    status: u32,
+    kn_id: u32,
+    shard: u32,
+    generation: u64,
+    cursor: Cursor,
+    /// Block named by the last persisted progress record; blocks before it may be freed.
+    persisted_block: u32,
+    persisted: Cursor,
+    stall: Option<Stall>,
+}
+
+/// Outcome of one merge step on one log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Entries applied to the index.
+    pub merged: u64,
+    /// The log has nothing more to merge right now.
+    pub at_tail: bool,
+    /// Another worker holds the log.
+    pub busy: bool,
+    /// Seq of the last merged entry of the log after the step.
+    pub merged_seq: u64,
+}
+
+/// Per-log figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStats {
+    pub log_id: u32,
+    pub state: u32,
+    pub kn_id: u32,
+    pub shard: u32,
+    pub generation: u64,
+    /// Seq of the last merged entry.
+    pub merged_seq: u64,
+    /// Seq of the last committed entry in the log (merged or not).
+    pub tail_seq: u64,
+    pub cursor: Cursor,
+    pub blocks: u64,
+    pub stall: Option<Stall>,
+}
+
+/// Region-wide figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DpmStats {
+    pub geometry: Geometry,
+    pub region_id: u64,
+    pub mount_count: u64,
+    pub clean_shutdown: bool,
+    pub blocks_free: u64,
+    pub blocks_used: u64,
+    /// Used blocks that are fully merged and hold no live entry (about to be reclaimed).
+    pub blocks_dead: u64,
+    pub live_entries: u64,
+    pub logs: Vec<LogStats>,
+    pub index: IndexStats,
+}
+
+/// The memory node over one region.
+pub struct Dpm<P: Persist> {
+    pm: Pmem<P>,
+    geo: Geometry,
+    region_id: u64,
+    index: Index,
+    blocks: Blocks,
+    logs: Vec<spin::Mutex<Option<LogState>>>,
+    open_lock: spin::Mutex<()>,
+    shutting_down: AtomicBool,
+}
+
+impl<P: Persist> core::fmt::Debug for Dpm<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Dpm")
+            .field("geometry", &self.geo)
+            .field("region_id", &self.region_id)
+            .finish()
+    }
+}
+
+/// Entries merged per step before a worker moves on to another log.
+pub const DEFAULT_STEP: u64 = 256;
+
+impl<P: Persist> Dpm<P> {
+    /// Formats `pm` and opens it.
+    pub fn format(pm: Pmem<P>, params: &FormatParams, region_id: u64) -> Result<Self, FormatError> {
+        region::format(&pm, params, region_id)?;
+        Self::open(pm).map_err(|e| match e {
+            OpenError::Index(i) => FormatError::Index(i),
+            // A region we just formatted always opens; anything else is an index failure.
+            _ => FormatError::Index(IndexError::Corrupt(
+                "freshly formatted region does not open",
+            )),
+        })
+    }
+
+    /// Opens a region after a clean shutdown or a crash at any instant: validates it, resets
+    /// volatile state, rebuilds the free list and live counts, and replays every log from its
+    /// persisted progress to its committed tail, so that the index equals the committed log.
+    pub fn open(pm: Pmem<P>) -> Result<Self, OpenError> {
+        let geo = region::read_geometry(&pm)?;
+        let sb = region::superblock(&pm);
+        let index = Index::open(&pm, &geo).map_err(OpenError::Index)?;
+        let mount = region::state(&pm).mount_count;
+        let blocks = Blocks::new(geo.n_blocks, sb.region_id ^ mount.rotate_left(32));
+        let mut used = alloc::vec![false; geo.n_blocks as usize];
+        let mut logs = Vec::with_capacity(geo.max_logs as usize);
+        for log_id in 0..geo.max_logs {
+            let st = recover_log(&pm, &geo, log_id, &mut used)?;
+            logs.push(spin::Mutex::new(st));
+        }
+        index.for_each(&pm, |_, r| {
+            if let Some(b) = geo.block_of(r.offset()) {
+                blocks.inc_live(b);
+            }
+        });
+        blocks.set_free(
+            (0..geo.n_blocks as u32)
+                .filter(|&b| !used[b as usize])
+                .collect(),
+        );
+        let dpm = Self {
+            pm,
+            geo,
+            region_id: sb.region_id,
+            index,
+            blocks,
+            logs,
+            open_lock: spin::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+        };
+        region::bump_mount_count(&dpm.pm);
+        region::set_clean(&dpm.pm, false);
+        let mut scratch = Scratch::default();
+        for log_id in 0..dpm.geo.max_logs {
+            // A stalled log stays stalled (and visible in stats); recovery does not fail.
+            let _ = dpm.merge_all(log_id, &mut scratch);
+        }
+        Ok(dpm)
+    }
+
+    pub fn pmem(&self) -> &Pmem<P> {
+        &self.pm
+    }
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+    pub fn region_id(&self) -> u64 {
+        self.region_id
+    }
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The entry ref the index holds for `key`.
+    pub fn lookup(&self, key: &[u8]) -> Option<EntryRef> {
+        self.index.get(&self.pm, key)
+    }
+
+    /// The merged value of `key`, read from its entry (DPM-local; for tests and tools).
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let r = self.lookup(key)?;
+        self.pm.check(r.offset(), r.len()).ok()?;
+        let mut buf = alloc::vec![0u8; r.len() as usize];
+        self.pm.read(r.offset(), &mut buf);
+        let salt = self.geo.block_of(r.offset()).map(|b| self.header(b).salt)?;
+        let e = entry::decode(&buf, salt).ok()?;
+        (e.key == key && e.op == Op::Put).then(|| e.value.to_vec())
+    }
+
+    fn header(&self, block: u32) -> BlockHeader {
+        self.pm.read_pod(self.geo.block_off(block))
+    }
+
+    /// Asks every worker loop to stop taking new work.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Merges every log to its tail and marks the region cleanly shut down.
+    pub fn shutdown_clean(&self, scratch: &mut Scratch) {
+        self.begin_shutdown();
+        for log_id in 0..self.geo.max_logs {
+            let _ = self.merge_all(log_id, scratch);
+        }
+        region::set_clean(&self.pm, true);
+    }
+
+    // ----- control messages -----
+
+    /// Handles one control frame and returns the reply.
+    pub fn handle(&self, frame: &Frame, scratch: &mut Scratch) -> Frame {
+        let req = match Request::decode(frame) {
+            Ok(r) => r,
+            Err(_) => return Response::error(frame, ErrorCode::UnknownMessage),
+        };
+        match self.execute(req, scratch) {
+            Ok(resp) => resp.encode(frame.req_id),
+            Err(code) => Response::error(frame, code),
+        }
+    }
+
+    /// Executes one request.
+    pub fn execute(&self, req: Request, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
+        match req {
+            Request::Ping => Ok(Response::Pong),
+            Request::Hello { .. } => Ok(Response::Hello {
+                region_id: self.region_id,
+                region_size: self.geo.region_size,
+            }),
+            Request::OpenLog {
+                kn_id,
+                shard,
+                lease_epoch,
+            } => {
+                if self.is_shutting_down() {
+                    return Err(ErrorCode::ShuttingDown);
+                }
+                self.open_log(kn_id, shard, lease_epoch)
+            }
+            Request::AllocBlock {
+                log_id,
+                generation,
+                next_seq,
+            } => {
+                if self.is_shutting_down() {
+                    return Err(ErrorCode::ShuttingDown);
+                }
+                self.alloc_block(log_id, generation, next_seq)
+            }
+            Request::MergeAll {
+                log_id, generation, ..
+            } => {
+                self.check_log(log_id, generation)?;
+                self.merge_all(log_id, scratch)
+                    .map(|merged_seq| Response::Merged { merged_seq })
+            }
+            Request::CloseLog { log_id, generation } => self.close_log(log_id, generation, scratch),
+        }
+    }
+
+    fn slot(&self, log_id: u32) -> Result<&spin::Mutex<Option<LogState>>, ErrorCode> {
+        self.logs
+            .get(log_id as usize)
+            .ok_or(ErrorCode::InvalidArgument)
+    }
+
+    fn check_log(&self, log_id: u32, generation: u64) -> Result<(), ErrorCode> {
+        match &*self.slot(log_id)?.lock() {
+            Some(st) if st.generation == generation => Ok(()),
+            _ => Err(ErrorCode::NoSuchLog),
+        }
+    }
+
+    /// Takes a free block and writes its header (persisted). Reclaims dead blocks first if
+    /// the free list is empty.
+    fn take_block(
+        &self,
+        log_id: u32,
+        generation: u64,
+        first_seq: u64,
+    ) -> Result<(u32, u32), ErrorCode> {
+        let block = match self.blocks.pop_free() {
+            Some(b) => b,
+            None => {
+                self.reclaim_all();
+                self.blocks.pop_free().ok_or(ErrorCode::RegionFull)?
+            }
+        };
+        let old = self.header(block);
+        let salt = self.blocks.next_salt(old.salt);
+        let hdr = BlockHeader {
+            magic: BLOCK_MAGIC,
+            log_id,
+            salt,
+            sealed_len: 0,
+            next: NO_BLOCK,
+            reserved0: 0,
+            log_generation: generation,
+            first_seq,
+            reserved: [0; 3],
+        };
+        let off = self.geo.block_off(block);
+        self.pm.write_pod(off, &hdr);
+        self.pm.persist(off, BLOCK_HEADER_SIZE);
+        Ok((block, salt))
+    }
+
+    fn open_log(&self, kn_id: u32, shard: u32, lease_epoch: u32) -> Result<Response, ErrorCode> {
+        let _g = self.open_lock.lock();
+        let log_id = (0..self.geo.max_logs)
+            .find(|&l| self.logs[l as usize].lock().is_none())
+            .ok_or(ErrorCode::NoFreeLog)?;
+        let mut guard = self.logs[log_id as usize].lock();
+        let slot_off = self.geo.log_slot_off(log_id);
+        let old: LogSlot = self.pm.read_pod(slot_off);
+        let generation = old.generation + 1;
+        let (block, salt) = self.take_block(log_id, generation, 1)?;
+        // Progress first, then the slot: the slot store is the commit of the open.
+        let rec = ProgressRecord::new(0, block, BLOCK_HEADER_SIZE as u32, generation);
+        let poff = self.geo.progress_off(log_id);
+        self.pm.write_pod(
+            poff,
+            &ProgressSlot {
+                records: [rec, ProgressRecord::new(0, NO_BLOCK, 0, 0)],
+            },
+        );
+        self.pm.persist(poff, ProgressSlot::SIZE);
+        let slot = LogSlot {
+            state: LOG_ACTIVE,
+            kn_id,
+            shard,
+            lease_epoch,
+            head_block: block,
+            tail_block: block,
+            generation,
+            reserved: [0; 4],
+        };
+        self.pm.write_pod(slot_off, &slot);
+        self.pm.persist(slot_off, LogSlot::SIZE);
+        let cursor = Cursor {
+            block,
+            offset: BLOCK_HEADER_SIZE as u32,
+            salt,
+            next_seq: 1,
+        };
+        *guard = Some(LogState {
+            status: LOG_ACTIVE,
+            kn_id,
+            shard,
+            generation,
+            cursor,
+            persisted_block: block,
+            persisted: cursor,
+            stall: None,
+        });
+        Ok(Response::LogOpened {
+            log_id,
+            generation,
+            block,
+            salt,
+        })
+    }
+
+    fn alloc_block(
+        &self,
+        log_id: u32,
+        generation: u64,
+        next_seq: u64,
+    ) -> Result<Response, ErrorCode> {
+        let mut guard = self.slot(log_id)?.lock();
+        let st = match guard.as_mut() {
+            Some(st) if st.generation == generation && st.status == LOG_ACTIVE => st,
+            _ => return Err(ErrorCode::NoSuchLog),
+        };
+        let slot_off = self.geo.log_slot_off(log_id);
+        let slot: LogSlot = self.pm.read_pod(slot_off);
+        let (block, salt) = self.take_block(log_id, st.generation, next_seq)?;
+        // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
+        // link is the commit; the hint is only a shortcut.
+        let link = self.geo.block_off(slot.tail_block) + BlockHeader::NEXT_OFFSET;
+        self.pm.store_u32(link, block);
+        self.pm.persist(link, 4);
+        let tail = slot_off + core::mem::offset_of!(LogSlot, tail_block) as u64;
+        self.pm.store_u32(tail, block);
+        self.pm.persist(tail, 4);
+        Ok(Response::BlockGranted { block, salt })
+    }
+
+    fn close_log(
+        &self,
+        log_id: u32,
+        generation: u64,
+        scratch: &mut Scratch,
+    ) -> Result<Response, ErrorCode> {
+        {
+            let mut guard = self.slot(log_id)?.lock();
+            let st = match guard.as_mut() {
+                Some(st) if st.generation == generation => st,
+                _ => return Err(ErrorCode::NoSuchLog),
+            };
+            if st.status == LOG_ACTIVE {
+                let off = self.geo.log_slot_off(log_id);
+                self.pm.store_u32(off, LOG_CLOSED);
+                self.pm.persist(off, 4);
+                st.status = LOG_CLOSED;
+            }
+        }
+        let merged_seq = self.merge_all(log_id, scratch)?;
+        Ok(Response::Closed { merged_seq })
+    }
+
+    // ----- merging -----
+
+    /// Merges up to `budget` entries of `log_id`. Returns at once if another worker has the log.
+    pub fn merge_step(&self, log_id: u32, budget: u64, scratch: &mut Scratch) -> Step {
+        let Some(slot) = self.logs.get(log_id as usize) else {
+            return Step {
+                at_tail: true,
+                ..Step::default()
+            };
+        };
+        let Some(mut guard) = slot.try_lock() else {
+            return Step {
+                busy: true,
+                ..Step::default()
+            };
+        };
+        self.step_locked(log_id, &mut guard, budget, scratch)
+    }
+
+    /// Merges `log_id` up to its committed tail (waiting for any worker that holds it) and
+    /// returns the seq of the last merged entry.
+    pub fn merge_all(&self, log_id: u32, scratch: &mut Scratch) -> Result<u64, ErrorCode> {
+        let mut guard = self.slot(log_id)?.lock();
+        loop {
+            let step = self.step_locked(log_id, &mut guard, u64::MAX, scratch);
+            match guard.as_ref() {
+                Some(st) if st.stall.is_some() => return Err(ErrorCode::Corrupt),
+                Some(_) if !step.at_tail => {}
+                _ => return Ok(step.merged_seq),
+            }
+        }
+    }
+
+    /// One pass of worker `worker` of `workers` over its share of the logs.
+    pub fn merge_pass(&self, worker: u32, workers: u32, budget: u64, scratch: &mut Scratch) -> u64 {
+        let mut merged = 0;
+        let mut log_id = worker;
+        while log_id < self.geo.max_logs {
+            merged += self.merge_step(log_id, budget, scratch).merged;
+            log_id += workers.max(1);
+        }
+        merged
+    }
+
+    fn step_locked(
+        &self,
+        log_id: u32,
+        guard: &mut Option<LogState>,
+        budget: u64,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let Some(st) = guard.as_mut() else {
+            return Step {
+                at_tail: true,
+                ..Step::default()
+            };
+        };
+        if st.stall.is_some() {
+            return Step {
+                at_tail: true,
+                ..Step::default()
+            };
+        }
+        let mut step = Step::default();
+        while step.merged < budget {
+            match self.next_entry(log_id, st, scratch) {
+                Ok(Some((op, key_len, len))) => {
+                    let c = st.cursor;
+                    let off = self.geo.block_off(c.block) + c.offset as u64;
+                    let key = &scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + key_len];
+                    let eref = EntryRef::new(off, len as u64);
+                    let applied = match (op, eref) {
+                        (Op::Put, Some(r)) => self.index.upsert(&self.pm, key, r).map(|old| {
+                            self.blocks.inc_live(c.block);
+                            self.release(old);
+                        }),
+                        (Op::Delete, _) => self
+                            .index
+                            .remove(&self.pm, key)
+                            .map(|old| self.release(old)),
+                        (Op::Put, None) => {
+                            Err(IndexError::Corrupt("entry does not fit an entry ref"))
+                        }
+                    };
+                    if let Err(e) = applied {
+                        st.stall = Some(Stall::Index(e));
+                        break;
+                    }
+                    st.cursor.offset += len as u32;
+                    st.cursor.next_seq += 1;
+                    step.merged += 1;
+                }
+                Ok(None) => {
+                    step.at_tail = true;
+                    break;
+                }
+                Err(stall) => {
+                    st.stall = Some(stall);
+                    step.at_tail = true;
+                    break;
+                }
+            }
+        }
+        if st.cursor != st.persisted {
+            self.persist_progress(log_id, st);
+        }
+        step.merged_seq = st.cursor.next_seq - 1;
+        self.reclaim_log(log_id, guard);
+        step
+    }
+
+    fn release(&self, old: Option<EntryRef>) {
+        if let Some(b) = old.and_then(|o| self.geo.block_of(o.offset())) {
+            self.blocks.dec_live(b);
+        }
+    }
+
+    /// Reads the next committed entry into `scratch`, moving the cursor across sealed block
+    /// boundaries. `Ok(None)`: nothing more is committed yet.
+    fn next_entry(
+        &self,
+        log_id: u32,
+        st: &mut LogState,
+        scratch: &mut Scratch,
+    ) -> Result<Option<(Op, usize, usize)>, Stall> {
+        loop {
+            let c = st.cursor;
+            let base = self.geo.block_off(c.block) + c.offset as u64;
+            let room = self.geo.block_size.saturating_sub(c.offset as u64);
+            let mut error = EntryError::Truncated;
+            if room >= ENTRY_HEADER_SIZE as u64 {
+                let mut head = [0u8; ENTRY_HEADER_SIZE];
+                self.pm.read(base, &mut head);
+                if let Some(len) = entry::peek_len(&head).filter(|&l| l as u64 <= room) {
+                    scratch.buf.resize(len, 0);
+                    self.pm.read(base, &mut scratch.buf);
+                    match entry::decode_next(&scratch.buf, c.salt, c.next_seq) {
+                        Ok(e) => return Ok(Some((e.op, e.key.len(), e.len))),
+                        Err(e) => error = e,
+                    }
+                }
+            }
+            match self.advance(log_id, st, error) {
+                Advance::Moved => continue,
+                Advance::Tail => return Ok(None),
+                Advance::Damaged(stall) => return Err(stall),
+            }
+        }
+    }
+
+    /// There is no committed entry at the cursor. If the block is sealed and the cursor is
+    /// at its end, moves to the next block; if the block is still open, this is the tail
+    /// (a torn or unwritten entry); inside a sealed block it is damage.
+    fn advance(&self, log_id: u32, st: &mut LogState, error: EntryError) -> Advance {
+        let c = st.cursor;
+        let hdr = self.header(c.block);
+        if hdr.sealed_len == 0 {
+            return Advance::Tail;
+        }
+        if c.offset < hdr.sealed_len {
+            return Advance::Damaged(Stall::CorruptEntry {
+                block: c.block,
+                offset: c.offset,
+                error,
+            });
+        }
+        if hdr.next == NO_BLOCK {
+            // Sealed before its successor was linked: nothing more yet.
+            return Advance::Tail;
+        }
+        let next = hdr.next;
+        if next as u64 >= self.geo.n_blocks {
+            return Advance::Damaged(Stall::BadLink { block: c.block });
+        }
+        let nh = self.header(next);
+        if nh.magic != BLOCK_MAGIC || nh.log_id != log_id || nh.log_generation != st.generation {
+            return Advance::Damaged(Stall::BadLink { block: c.block });
+        }
+        st.cursor = Cursor {
+            block: next,
+            offset: BLOCK_HEADER_SIZE as u32,
+            salt: nh.salt,
+            next_seq: c.next_seq,
+        };
+        Advance::Moved
+    }
+
+    fn persist_progress(&self, log_id: u32, st: &mut LogState) {
+        let poff = self.geo.progress_off(log_id);
+        let slot: ProgressSlot = self.pm.read_pod(poff);
+        let i = slot.next_index(st.generation);
+        let c = st.cursor;
+        let rec = ProgressRecord::new(c.next_seq - 1, c.block, c.offset, st.generation);
+        let roff = poff + i as u64 * core::mem::size_of::<ProgressRecord>() as u64;
+        self.pm.write_pod(roff, &rec);
+        self.pm
+            .persist(roff, core::mem::size_of::<ProgressRecord>() as u64);
+        st.persisted = c;
+        st.persisted_block = c.block;
+    }
+
+    // ----- reclaiming dead blocks -----
+
+    /// Unlinks and frees the dead blocks of `log_id`: those before the persisted merge
+    /// position with no live entry. A closed log that is merged to its tail gives up all its
+    /// dead blocks, and its slot once the chain is empty.
+    fn reclaim_log(&self, log_id: u32, guard: &mut Option<LogState>) {
+        let Some(st) = guard.as_mut() else { return };
+        let closed_done = st.status == LOG_CLOSED && st.stall.is_none();
+        let slot_off = self.geo.log_slot_off(log_id);
+        let head_off = slot_off + LogSlot::CHAIN_OFFSET;
+        let mut prev: Option<u32> = None;
+        let mut b = self.pm.load_u32(head_off);
+        let mut remaining = 0u64;
+        while b != NO_BLOCK && (b as u64) < self.geo.n_blocks {
+            let next = self.header(b).next;
+            let before_cursor = b != st.persisted_block;
+            let at_end =
+                !before_cursor && closed_done && next == NO_BLOCK && st.cursor == st.persisted;
+            if (before_cursor || at_end) && self.blocks.live(b) == 0 {
+                match prev {
+                    None => {
+                        self.pm.store_u32(head_off, next);
+                        self.pm.persist(head_off, 4);
+                    }
+                    Some(p) => {
+                        let link = self.geo.block_off(p) + BlockHeader::NEXT_OFFSET;
+                        self.pm.store_u32(link, next);
+                        self.pm.persist(link, 4);
+                    }
+                }
+                self.blocks.push_free(b);
+            } else {
+                prev = Some(b);
+                remaining += 1;
+            }
+            if !before_cursor {
+                break;
+            }
+            b = next;
+        }
+        if closed_done && remaining == 0 {
+            self.pm.store_u32(slot_off, LOG_FREE);
+            self.pm.persist(slot_off, 4);
+            *guard = None;
+        }
+    }
+
+    /// Reclaims dead blocks of every log not held by a worker.
+    pub fn reclaim_all(&self) {
+        for (log_id, slot) in self.logs.iter().enumerate() {
+            if let Some(mut g) = slot.try_lock() {
+                self.reclaim_log(log_id as u32, &mut g);
+            }
+        }
+    }
+
+    // ----- figures -----
+
+    /// Seq of the last committed entry of a log, found by scanning from the merge cursor
+    /// without applying anything.
+    fn tail_seq(&self, log_id: u32, st: &LogState, scratch: &mut Scratch) -> u64 {
+        let mut probe = LogState {
+            status: st.status,
+            kn_id: st.kn_id,
+            shard: st.shard,
+            generation: st.generation,
+            cursor: st.cursor,
+            persisted_block: st.persisted_block,
+            persisted: st.persisted,
+            stall: None,
+        };
+        loop {
+            match self.next_entry(log_id, &mut probe, scratch) {
+                Ok(Some((_, _, len))) => {
+                    probe.cursor.offset += len as u32;
+                    probe.cursor.next_seq += 1;
+                }
+                _ => return probe.cursor.next_seq - 1,
+            }
+        }
+    }
+
+    /// Current figures of the region.
+    pub fn stats(&self) -> DpmStats {
+        let mut scratch = Scratch::default();
+        let mut logs = Vec::new();
+        let mut blocks_used = 0;
+        let mut blocks_dead = 0;
+        for (log_id, slot) in self.logs.iter().enumerate() {
+            let g = slot.lock();
+            let Some(st) = g.as_ref() else { continue };
+            let log_id = log_id as u32;
+            let mut n = 0;
+            let mut b = self
+                .pm
+                .load_u32(self.geo.log_slot_off(log_id) + LogSlot::CHAIN_OFFSET);
+            while b != NO_BLOCK && (b as u64) < self.geo.n_blocks && n < self.geo.n_blocks {
+                n += 1;
+                if b != st.cursor.block && self.blocks.live(b) == 0 {
+                    blocks_dead += 1;
+                }
+                if b == st.cursor.block {
+                    // Blocks after the cursor are allocated but not reached yet.
+                    let mut c = self.header(b).next;
+                    while c != NO_BLOCK && (c as u64) < self.geo.n_blocks && n < self.geo.n_blocks {
+                        n += 1;
+                        c = self.header(c).next;
+                    }
+                    break;
+                }
+                b = self.header(b).next;
+            }
+            blocks_used += n;
+            logs.push(LogStats {
+                log_id,
+                state: st.status,
+                kn_id: st.kn_id,
+                shard: st.shard,
+                generation: st.generation,
+                merged_seq: st.cursor.next_seq - 1,
+                tail_seq: self.tail_seq(log_id, st, &mut scratch),
+                cursor: st.cursor,
+                blocks: n,
+                stall: st.stall,
+            });
+        }
+        let state = region::state(&self.pm);
+        DpmStats {
+            geometry: self.geo,
+            region_id: self.region_id,
+            mount_count: state.mount_count,
+            clean_shutdown: state.flags & FLAG_CLEAN_SHUTDOWN != 0,
+            blocks_free: self.blocks.free_count(),
+            blocks_used,
+            blocks_dead,
+            live_entries: (0..self.blocks.len() as u32)
+                .map(|b| self.blocks.live(b) as u64)
+                .sum(),
+            logs,
+            index: self.index.stats(&self.pm),
+        }
+    }
+}
+
+/// What to do when the cursor holds no committed entry.
+enum Advance {
+    Moved,
+    Tail,
+    Damaged(Stall),
+}
+
+/// Validates one log's chain and progress; marks its blocks used. `None` for a free slot.
+fn recover_log<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    log_id: u32,
+    used: &mut [bool],
+) -> Result<Option<LogState>, OpenError> {
+    let corrupt = |what| OpenError::CorruptLog { log: log_id, what };
+    let slot_off = geo.log_slot_off(log_id);
+    let slot: LogSlot = pm.read_pod(slot_off);
+    match slot.state {
+        LOG_FREE => return Ok(None),
+        LOG_ACTIVE | LOG_CLOSED => {}
+        _ => return Err(corrupt("unknown log state")),
+    }
+    let prog: ProgressSlot = pm.read_pod(geo.progress_off(log_id));
+    let (_, rec) = prog
+        .current(slot.generation)
+        .ok_or(corrupt("no valid progress record"))?;
+    // Walk the chain: every block must be in range, belong to this log, and appear once.
+    let mut b = slot.head_block;
+    let mut tail = NO_BLOCK;
+    let mut cursor = None;
+    let mut seen_progress_block = false;
+    while b != NO_BLOCK {
+        if b as u64 >= geo.n_blocks {
+            return Err(corrupt("block link out of range"));
+        }
+        if used[b as usize] {
+            return Err(corrupt("block chain loops or is shared"));
+        }
+        used[b as usize] = true;
+        let h: BlockHeader = pm.read_pod(geo.block_off(b));
+        if h.magic != BLOCK_MAGIC || h.log_id != log_id || h.log_generation != slot.generation {
+            return Err(corrupt("block header does not belong to the log"));
+        }
+        if b == rec.block {
+            seen_progress_block = true;
+            if rec.offset as u64 > geo.block_size || (rec.offset as u64) < BLOCK_HEADER_SIZE {
+                return Err(corrupt("progress offset out of range"));
+            }
+            cursor = Some(Cursor {
+                block: b,
+                offset: rec.offset,
+                salt: h.salt,
+                next_seq: rec.merged_seq + 1,
+            });
+        }
+        tail = b;
+        b = h.next;
+    }
+    let Some(cursor) = cursor else {
+        if slot.head_block == NO_BLOCK && slot.state == LOG_CLOSED {
+            // A closed log whose every block was reclaimed; finish releasing the slot.
+            pm.store_u32(slot_off, LOG_FREE);
+            pm.persist(slot_off, 4);
+            return Ok(None);
+        }
+        return Err(corrupt(if seen_progress_block {
+            "progress lost"
+        } else {
+            "progress points outside the chain"
+        }));
+    };
+    if slot.tail_block != tail {
+        let off = slot_off + core::mem::offset_of!(LogSlot, tail_block) as u64;
+        pm.store_u32(off, tail);
+        pm.persist(off, 4);
+    }
+    Ok(Some(LogState {
+        status: slot.state,
+        kn_id: slot.kn_id,
+        shard: slot.shard,
+        generation: slot.generation,
+        cursor,
+        persisted_block: cursor.block,
+        persisted: cursor,
+        stall: None,
+    }))
+}

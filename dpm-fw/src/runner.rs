@@ -1,0 +1,243 @@
+//! The std runner of the memory node: merge workers pinned to cores, and a control thread
+//! that answers KNs over the shm control switchboard.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
+use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
+use dinomo_hw::Persist;
+
+use crate::dpm::{Dpm, Scratch, DEFAULT_STEP};
+use crate::region::OpenError;
+
+/// How the runner is set up.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Merge worker threads.
+    pub workers: usize,
+    /// Pin worker `i` to core `(i + 1) % cores` (the control thread keeps core 0).
+    pub pin: bool,
+    /// Entries a worker merges from one log before moving to the next.
+    pub step: u64,
+    /// Control connections (KN shards) the switchboard accepts at once.
+    pub ctl_slots: u32,
+    /// Control file path; default: the region path with `.ctl` appended.
+    pub ctl_path: Option<PathBuf>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            pin: true,
+            step: DEFAULT_STEP,
+            ctl_slots: 64,
+            ctl_path: None,
+        }
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    File(#[from] RegionFileError),
+    #[error("cannot open region {path}: {source}")]
+    Open { path: PathBuf, source: OpenError },
+    #[error("control switchboard: {0}")]
+    Control(#[from] FabricError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot sync region {path} to its file: {source}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeReport {
+    pub entries_merged: u64,
+    pub control_messages: u64,
+    pub recovery_time: Duration,
+    pub uptime: Duration,
+}
+
+/// A running memory node: worker threads and a control thread over a shared [`Dpm`].
+#[derive(Debug)]
+pub struct DpmService<P: Persist + 'static> {
+    dpm: Arc<Dpm<P>>,
+    stop: Arc<AtomicBool>,
+    merged: Arc<AtomicU64>,
+    messages: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+impl<P: Persist + 'static> DpmService<P> {
+    /// Starts `cfg.workers` merge workers and a control thread polling `control`.
+    pub fn start(
+        dpm: Arc<Dpm<P>>,
+        mut control: ControlServer,
+        cfg: &ServeConfig,
+    ) -> Result<Self, ServeError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let merged = Arc::new(AtomicU64::new(0));
+        let messages = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        let workers = cfg.workers.max(1) as u32;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for w in 0..workers {
+            let (dpm, stop, merged) = (Arc::clone(&dpm), Arc::clone(&stop), Arc::clone(&merged));
+            let (pin, step) = (cfg.pin, cfg.step);
+            let core = (w as usize + 1) % cores;
+            let h = std::thread::Builder::new()
+                .name(format!("dpm-merge-{w}"))
+                .spawn(move || {
+                    if pin {
+                        pin_to_core(core);
+                    }
+                    let mut scratch = Scratch::default();
+                    let mut backoff = Backoff::new();
+                    while !stop.load(Ordering::Acquire) {
+                        let n = dpm.merge_pass(w, workers, step, &mut scratch);
+                        if n == 0 {
+                            backoff.snooze();
+                        } else {
+                            merged.fetch_add(n, Ordering::Relaxed);
+                            backoff.reset();
+                        }
+                    }
+                })
+                .map_err(ServeError::Thread)?;
+            threads.push(h);
+        }
+        let (cdpm, cstop, cmsgs) = (Arc::clone(&dpm), Arc::clone(&stop), Arc::clone(&messages));
+        let pin = cfg.pin;
+        let h = std::thread::Builder::new()
+            .name("dpm-control".into())
+            .spawn(move || {
+                if pin {
+                    pin_to_core(0);
+                }
+                let mut scratch = Scratch::default();
+                let mut backoff = Backoff::new();
+                let mut last_reap = Instant::now();
+                while !cstop.load(Ordering::Acquire) {
+                    let n = control.poll(|_, frame| Some(cdpm.handle(frame, &mut scratch)));
+                    if last_reap.elapsed() > Duration::from_millis(200) {
+                        control.reap_dead();
+                        last_reap = Instant::now();
+                    }
+                    if n == 0 {
+                        backoff.snooze();
+                    } else {
+                        cmsgs.fetch_add(n as u64, Ordering::Relaxed);
+                        backoff.reset();
+                    }
+                }
+            })
+            .map_err(ServeError::Thread)?;
+        threads.push(h);
+        Ok(Self {
+            dpm,
+            stop,
+            merged,
+            messages,
+            threads,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn dpm(&self) -> &Arc<Dpm<P>> {
+        &self.dpm
+    }
+
+    /// Entries merged by the workers so far.
+    pub fn entries_merged(&self) -> u64 {
+        self.merged.load(Ordering::Relaxed)
+    }
+
+    /// Stops the threads, merges every log to its tail and marks a clean shutdown.
+    pub fn stop(mut self) -> ServeReport {
+        self.shutdown();
+        ServeReport {
+            entries_merged: self.merged.load(Ordering::Relaxed),
+            control_messages: self.messages.load(Ordering::Relaxed),
+            recovery_time: Duration::ZERO,
+            uptime: self.started.elapsed(),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.dpm.shutdown_clean(&mut Scratch::default());
+    }
+}
+
+impl<P: Persist + 'static> Drop for DpmService<P> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Pins the calling thread to `core`; a failure is logged and otherwise ignored (the
+/// runner still works unpinned, e.g. in a container with a restricted CPU set).
+fn pin_to_core(core: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    if let Err(e) = set
+        .set(core)
+        .and_then(|_| sched_setaffinity(Pid::from_raw(0), &set))
+    {
+        tracing::warn!(core, error = %e, "cannot pin thread to core; running unpinned");
+    }
+}
+
+/// Opens (recovering if needed) the region file at `path` and serves it until `stop` is
+/// set; then merges everything, marks a clean shutdown and syncs the file.
+pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeReport, ServeError> {
+    let file = RegionFile::open(path)?;
+    let t0 = Instant::now();
+    let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let recovery_time = t0.elapsed();
+    let ctl_path = cfg
+        .ctl_path
+        .clone()
+        .unwrap_or_else(|| default_ctl_path(path));
+    let control = ControlServer::create(&ctl_path, cfg.ctl_slots)?;
+    tracing::info!(
+        region = %path.display(),
+        control = %ctl_path.display(),
+        workers = cfg.workers,
+        recovery_ms = recovery_time.as_secs_f64() * 1e3,
+        "dpm serving"
+    );
+    let service = DpmService::start(Arc::new(dpm), control, cfg)?;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut report = service.stop();
+    report.recovery_time = recovery_time;
+    file.sync().map_err(|source| ServeError::Sync {
+        path: path.to_owned(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&ctl_path);
+    Ok(report)
+}

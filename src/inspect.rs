@@ -1,0 +1,288 @@
+//! `dinomo dpm inspect`: what a region holds, as a table or JSON.
+
+use std::path::Path;
+
+use dinomo_hw::region_file::RegionFile;
+use dinomo_shared::control::{LOG_ACTIVE, LOG_CLOSED};
+use dpm_fw::{region, Dpm, DpmStats, Stall};
+use serde::Serialize;
+
+use crate::size::human;
+
+/// Where one area lies.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct Area {
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Layout {
+    pub superblock: Area,
+    pub control: Area,
+    pub index: Area,
+    pub indirect: Area,
+    pub log: Area,
+    pub block_size: u64,
+    pub max_logs: u32,
+    pub max_kns: u32,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Blocks {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+    /// Fully merged blocks with no live entry, about to be reclaimed.
+    pub dead: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Capacity {
+    pub log_bytes: u64,
+    pub used_bytes: u64,
+    pub used_fraction: f64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LogReport {
+    pub log_id: u32,
+    pub state: &'static str,
+    pub kn_id: u32,
+    pub shard: u32,
+    pub generation: u64,
+    /// Seq of the last entry merged into the index (as persisted before this inspection).
+    pub persisted_merged_seq: u64,
+    /// Seq of the last committed entry in the log.
+    pub tail_seq: u64,
+    /// Committed entries not yet merged when the region was last written.
+    pub merge_lag: u64,
+    pub blocks: u64,
+    pub stall: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct IndexReport {
+    pub generation: u32,
+    pub buckets: u64,
+    pub overflow_buckets: u64,
+    pub items: u64,
+    pub load_factor: f64,
+    pub area_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Everything `inspect` reports.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub path: String,
+    pub region_id: String,
+    pub layout_version: u32,
+    pub region_size: u64,
+    pub clean_shutdown: bool,
+    pub mount_count: u64,
+    pub layout: Layout,
+    pub capacity: Capacity,
+    pub blocks: Blocks,
+    pub live_entries: u64,
+    pub logs: Vec<LogReport>,
+    pub index: IndexReport,
+}
+
+/// Inspects the region file at `path` without changing it: the file is mapped
+/// copy-on-write and recovered in private memory, so the figures are those a restart
+/// would see.
+pub fn inspect(path: &Path) -> anyhow::Result<Report> {
+    let file = RegionFile::open_private(path)?;
+    let pm = file.pmem();
+    let geo = region::read_geometry(&pm).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let sb = region::superblock(&pm);
+    let state = region::state(&pm);
+    // Merge positions as persisted, before recovery replays anything in private memory.
+    let persisted: Vec<(u32, u64)> = (0..geo.max_logs)
+        .filter_map(|l| {
+            let slot: dinomo_shared::control::LogSlot = pm.read_pod(geo.log_slot_off(l));
+            let prog: dinomo_shared::control::ProgressSlot = pm.read_pod(geo.progress_off(l));
+            prog.current(slot.generation)
+                .map(|(_, r)| (l, r.merged_seq))
+        })
+        .collect();
+    let dpm = Dpm::open(pm).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let st: DpmStats = dpm.stats();
+    let used_bytes = st.blocks_used * geo.block_size;
+    let logs = st
+        .logs
+        .iter()
+        .map(|l| {
+            let before = persisted
+                .iter()
+                .find(|(id, _)| *id == l.log_id)
+                .map_or(0, |p| p.1);
+            LogReport {
+                log_id: l.log_id,
+                state: match l.state {
+                    LOG_ACTIVE => "active",
+                    LOG_CLOSED => "closed",
+                    _ => "free",
+                },
+                kn_id: l.kn_id,
+                shard: l.shard,
+                generation: l.generation,
+                persisted_merged_seq: before,
+                tail_seq: l.tail_seq,
+                merge_lag: l.tail_seq.saturating_sub(before),
+                blocks: l.blocks,
+                stall: l.stall.map(describe_stall),
+            }
+        })
+        .collect();
+    Ok(Report {
+        path: path.display().to_string(),
+        region_id: format!("{:016x}", sb.region_id),
+        layout_version: sb.layout_version,
+        region_size: geo.region_size,
+        clean_shutdown: state.flags & dinomo_shared::superblock::FLAG_CLEAN_SHUTDOWN != 0,
+        mount_count: state.mount_count,
+        layout: Layout {
+            superblock: Area {
+                offset: 0,
+                bytes: dinomo_shared::superblock::SUPERBLOCK_AREA,
+            },
+            control: Area {
+                offset: geo.control_off,
+                bytes: geo.control_len,
+            },
+            index: Area {
+                offset: geo.index_off,
+                bytes: geo.index_len,
+            },
+            indirect: Area {
+                offset: geo.indirect_off,
+                bytes: geo.indirect_len,
+            },
+            log: Area {
+                offset: geo.log_off,
+                bytes: geo.log_capacity(),
+            },
+            block_size: geo.block_size,
+            max_logs: geo.max_logs,
+            max_kns: geo.max_kns,
+        },
+        capacity: Capacity {
+            log_bytes: geo.log_capacity(),
+            used_bytes,
+            used_fraction: used_bytes as f64 / geo.log_capacity().max(1) as f64,
+        },
+        blocks: Blocks {
+            total: geo.n_blocks,
+            free: st.blocks_free,
+            used: st.blocks_used,
+            dead: st.blocks_dead,
+        },
+        live_entries: st.live_entries,
+        logs,
+        index: IndexReport {
+            generation: st.index.generation,
+            buckets: st.index.buckets,
+            overflow_buckets: st.index.overflow_buckets,
+            items: st.index.items,
+            load_factor: st.index.load_factor,
+            area_bytes: st.index.area_bytes,
+            used_bytes: st.index.used_bytes,
+        },
+    })
+}
+
+fn describe_stall(s: Stall) -> String {
+    match s {
+        Stall::CorruptEntry {
+            block,
+            offset,
+            error,
+        } => {
+            format!("corrupt entry in sealed block {block} at offset {offset}: {error}")
+        }
+        Stall::BadLink { block } => format!("block {block} links to a block of another log"),
+        Stall::Index(e) => format!("index: {e}"),
+    }
+}
+
+/// The report as a human-readable table.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let a = |x: &Area| format!("{:>14} {:>12}", x.offset, human(x.bytes));
+    let _ = writeln!(
+        s,
+        "region      {}  (id {}, layout v{})",
+        r.path, r.region_id, r.layout_version
+    );
+    let _ = writeln!(
+        s,
+        "size        {}  clean shutdown: {}  mounts: {}",
+        human(r.region_size),
+        r.clean_shutdown,
+        r.mount_count
+    );
+    let _ = writeln!(s, "\narea               offset         size");
+    let _ = writeln!(s, "superblock {}", a(&r.layout.superblock));
+    let _ = writeln!(s, "control    {}", a(&r.layout.control));
+    let _ = writeln!(s, "index      {}", a(&r.layout.index));
+    let _ = writeln!(s, "indirect   {}", a(&r.layout.indirect));
+    let _ = writeln!(
+        s,
+        "log        {}  ({} blocks of {})",
+        a(&r.layout.log),
+        r.blocks.total,
+        human(r.layout.block_size)
+    );
+    let _ = writeln!(
+        s,
+        "\nblocks      free {}  used {}  dead {}  ({} of log space used, {:.1}%)",
+        r.blocks.free,
+        r.blocks.used,
+        r.blocks.dead,
+        human(r.capacity.used_bytes),
+        r.capacity.used_fraction * 100.0
+    );
+    let _ = writeln!(s, "live        {} entries", r.live_entries);
+    let _ = writeln!(
+        s,
+        "index       gen {}  {} buckets + {} overflow  {} items  load {:.2}  {} of {} used",
+        r.index.generation,
+        r.index.buckets,
+        r.index.overflow_buckets,
+        r.index.items,
+        r.index.load_factor,
+        human(r.index.used_bytes),
+        human(r.index.area_bytes)
+    );
+    if r.logs.is_empty() {
+        let _ = writeln!(s, "\nlogs        none open");
+    } else {
+        let _ = writeln!(
+            s,
+            "\n log  state   kn shard   gen   merged     tail    lag  blocks"
+        );
+        for l in &r.logs {
+            let _ = writeln!(
+                s,
+                "{:>4}  {:<6} {:>3} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7}{}",
+                l.log_id,
+                l.state,
+                l.kn_id,
+                l.shard,
+                l.generation,
+                l.persisted_merged_seq,
+                l.tail_seq,
+                l.merge_lag,
+                l.blocks,
+                l.stall
+                    .as_deref()
+                    .map(|x| format!("  STALLED: {x}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    s
+}

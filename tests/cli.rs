@@ -1,0 +1,158 @@
+//! The `dinomo` binary: formatting, inspecting, and refusing bad input clearly.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dinomo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args(args)
+        .output()
+        .expect("run dinomo")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn format_then_inspect_json_prints_the_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path().join("r.region");
+    let o = dinomo(&[
+        "dpm",
+        "format",
+        "--path",
+        p(&r),
+        "--size",
+        "32M",
+        "--block-size",
+        "256K",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dinomo(&["dpm", "inspect", "--path", p(&r), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("inspect --json prints JSON");
+    assert_eq!(v["region_size"], 32 << 20);
+    assert_eq!(v["layout"]["block_size"], 256 << 10);
+    assert_eq!(v["layout_version"], 1);
+    assert_eq!(v["clean_shutdown"], true);
+    let blocks = v["blocks"]["total"].as_u64().expect("block count");
+    assert_eq!(v["blocks"]["free"].as_u64(), Some(blocks));
+    assert_eq!(v["blocks"]["used"], 0);
+    assert!(v["index"]["buckets"].as_u64().expect("buckets") > 0);
+    assert_eq!(v["index"]["items"], 0);
+    assert_eq!(v["logs"].as_array().map(Vec::len), Some(0));
+    // Areas are laid out in order and fit the region.
+    let area = |n: &str| {
+        (
+            v["layout"][n]["offset"].as_u64().expect("offset"),
+            v["layout"][n]["bytes"].as_u64().expect("bytes"),
+        )
+    };
+    let mut end = 0;
+    for n in ["superblock", "control", "index", "indirect", "log"] {
+        let (off, len) = area(n);
+        assert!(off >= end, "{n} overlaps the area before it");
+        end = off + len;
+    }
+    assert!(end <= 32 << 20);
+    // The table form works too, and inspecting changed nothing.
+    let before = std::fs::read(&r).expect("read region");
+    let o = dinomo(&["dpm", "inspect", "--path", p(&r)]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("blocks      free"));
+    assert_eq!(
+        std::fs::read(&r).expect("read region"),
+        before,
+        "inspect must not modify the region"
+    );
+}
+
+#[test]
+fn inspect_refuses_files_that_are_not_regions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junk = dir.path().join("junk");
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let bytes: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&junk, &bytes).expect("write junk");
+    let o = dinomo(&["dpm", "inspect", "--path", p(&junk)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a DINOMO region"), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).lines().count(),
+        1,
+        "one clear line: {}",
+        stderr(&o)
+    );
+
+    let missing = dir.path().join("missing");
+    let o = dinomo(&["dpm", "inspect", "--path", p(&missing), "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+
+    let tiny = dir.path().join("tiny");
+    std::fs::write(&tiny, b"DINOMO").expect("write tiny");
+    let o = dinomo(&["dpm", "inspect", "--path", p(&tiny)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
+}
+
+#[test]
+fn format_refuses_bad_sizes_and_existing_files_without_touching_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path().join("r.region");
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "100K"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
+    assert!(!r.exists(), "a refused format must not create the file");
+
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "12Q"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = dinomo(&[
+        "dpm",
+        "format",
+        "--path",
+        p(&r),
+        "--size",
+        "16M",
+        "--block-size",
+        "3000",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+
+    std::fs::write(&r, b"precious").expect("write");
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&r).expect("read"), b"precious");
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn serve_refuses_a_missing_region() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = dinomo(&[
+        "dpm",
+        "serve",
+        "--path",
+        p(&dir.path().join("nope")),
+        "--no-pin",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+}
