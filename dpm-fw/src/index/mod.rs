@@ -23,11 +23,10 @@
 //! re-read the root.
 
 mod area;
-mod scan;
 #[cfg(test)]
 mod tests;
 
-pub use scan::{scan_bucket, Candidates, Scan};
+pub use dinomo_shared::index::{scan_bucket, Candidates, Scan};
 
 use alloc::vec::Vec;
 use core::fmt;

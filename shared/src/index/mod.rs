@@ -3,6 +3,10 @@
 //! A remote reader needs three things, all reachable by offset-based READs: the root word
 //! (one 8-byte READ names the table), a bucket chain, and the entry a slot points to.
 
+mod scan;
+
+pub use scan::{scan_bucket, Candidates, Scan};
+
 use crate::{assert_offset, assert_size, impl_pod};
 
 /// Bucket slots per 64-byte bucket.

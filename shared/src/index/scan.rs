@@ -5,8 +5,8 @@
 //! for each candidate read the entry and compare its key (hashes are not keys); on `Moved`
 //! re-read the root and start over; otherwise follow `next` until it is 0.
 
-use dinomo_shared::hash::EMPTY_HASH;
-use dinomo_shared::index::{Bucket, EntryRef, SLOTS_PER_BUCKET};
+use super::{Bucket, EntryRef, SLOTS_PER_BUCKET};
+use crate::hash::EMPTY_HASH;
 
 /// Entry refs of the slots of one bucket whose hash equals the one looked up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub fn scan_bucket(bucket: &Bucket, generation: u32, hash: u64) -> Scan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dinomo_shared::index::{Slot, BUCKET_MOVED};
+    use crate::index::{Slot, BUCKET_MOVED};
 
     fn bucket(generation: u32, slots: [(u64, u64); 3], next: u64) -> Bucket {
         Bucket {
