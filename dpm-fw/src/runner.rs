@@ -68,35 +68,29 @@ pub struct ServeReport {
     pub uptime: Duration,
 }
 
-/// A running memory node: worker threads and a control thread over a shared [`Dpm`].
+/// Merge worker threads over a shared [`Dpm`]; stopped (and joined) on drop.
 #[derive(Debug)]
-pub struct DpmService<P: Persist + 'static> {
-    dpm: Arc<Dpm<P>>,
+pub struct MergeWorkers {
     stop: Arc<AtomicBool>,
-    merged: Arc<AtomicU64>,
-    messages: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
-    started: Instant,
 }
 
-impl<P: Persist + 'static> DpmService<P> {
-    /// Starts `cfg.workers` merge workers and a control thread polling `control`.
-    pub fn start(
-        dpm: Arc<Dpm<P>>,
-        mut control: ControlServer,
+impl MergeWorkers {
+    /// Starts `cfg.workers` workers; worker `w` merges logs `w, w + workers, ...`.
+    pub fn start<P: Persist + 'static>(
+        dpm: &Arc<Dpm<P>>,
         cfg: &ServeConfig,
+        merged: &Arc<AtomicU64>,
     ) -> Result<Self, ServeError> {
         let stop = Arc::new(AtomicBool::new(false));
-        let merged = Arc::new(AtomicU64::new(0));
-        let messages = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
         let workers = cfg.workers.max(1) as u32;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut threads = Vec::new();
         for w in 0..workers {
-            let (dpm, stop, merged) = (Arc::clone(&dpm), Arc::clone(&stop), Arc::clone(&merged));
+            let (dpm, stop, merged) = (Arc::clone(dpm), Arc::clone(&stop), Arc::clone(merged));
             let (pin, step) = (cfg.pin, cfg.step);
             let core = (w as usize + 1) % cores;
-            let h = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("dpm-merge-{w}"))
                 .spawn(move || {
                     if pin {
@@ -113,10 +107,58 @@ impl<P: Persist + 'static> DpmService<P> {
                             backoff.reset();
                         }
                     }
-                })
-                .map_err(ServeError::Thread)?;
-            threads.push(h);
+                });
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    let mut partial = Self { stop, threads };
+                    partial.stop();
+                    return Err(ServeError::Thread(e));
+                }
+            }
         }
+        Ok(Self { stop, threads })
+    }
+
+    /// Stops and joins the workers (a merge step in progress completes first).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MergeWorkers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running memory node: merge workers and a control thread over a shared [`Dpm`].
+#[derive(Debug)]
+pub struct DpmService<P: Persist + 'static> {
+    dpm: Arc<Dpm<P>>,
+    cfg: ServeConfig,
+    workers: Option<MergeWorkers>,
+    stop: Arc<AtomicBool>,
+    merged: Arc<AtomicU64>,
+    messages: Arc<AtomicU64>,
+    control: Option<JoinHandle<()>>,
+    started: Instant,
+}
+
+impl<P: Persist + 'static> DpmService<P> {
+    /// Starts `cfg.workers` merge workers and a control thread polling `control`.
+    pub fn start(
+        dpm: Arc<Dpm<P>>,
+        mut control: ControlServer,
+        cfg: &ServeConfig,
+    ) -> Result<Self, ServeError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let merged = Arc::new(AtomicU64::new(0));
+        let messages = Arc::new(AtomicU64::new(0));
+        let workers = MergeWorkers::start(&dpm, cfg, &merged)?;
         let (cdpm, cstop, cmsgs) = (Arc::clone(&dpm), Arc::clone(&stop), Arc::clone(&messages));
         let pin = cfg.pin;
         let h = std::thread::Builder::new()
@@ -143,13 +185,14 @@ impl<P: Persist + 'static> DpmService<P> {
                 }
             })
             .map_err(ServeError::Thread)?;
-        threads.push(h);
         Ok(Self {
             dpm,
+            cfg: cfg.clone(),
+            workers: Some(workers),
             stop,
             merged,
             messages,
-            threads,
+            control: Some(h),
             started: Instant::now(),
         })
     }
@@ -161,6 +204,22 @@ impl<P: Persist + 'static> DpmService<P> {
     /// Entries merged by the workers so far.
     pub fn entries_merged(&self) -> u64 {
         self.merged.load(Ordering::Relaxed)
+    }
+
+    /// Stops the merge workers; control messages are still answered (a `MergeAll` request
+    /// still merges, on the control thread).
+    pub fn pause_merging(&mut self) {
+        if let Some(mut w) = self.workers.take() {
+            w.stop();
+        }
+    }
+
+    /// Starts the merge workers again after [`DpmService::pause_merging`].
+    pub fn resume_merging(&mut self) -> Result<(), ServeError> {
+        if self.workers.is_none() {
+            self.workers = Some(MergeWorkers::start(&self.dpm, &self.cfg, &self.merged)?);
+        }
+        Ok(())
     }
 
     /// Stops the threads, merges every log to its tail and marks a clean shutdown.
@@ -175,13 +234,12 @@ impl<P: Persist + 'static> DpmService<P> {
     }
 
     fn shutdown(&mut self) {
-        if self.threads.is_empty() {
+        let Some(control) = self.control.take() else {
             return;
-        }
+        };
+        self.pause_merging();
         self.stop.store(true, Ordering::Release);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        let _ = control.join();
         self.dpm.shutdown_clean(&mut Scratch::default());
     }
 }
