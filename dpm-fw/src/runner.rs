@@ -87,7 +87,7 @@ impl MergeWorkers {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut threads = Vec::new();
         for w in 0..workers {
-            let (dpm, stop, merged) = (Arc::clone(dpm), Arc::clone(&stop), Arc::clone(merged));
+            let (dpm, halt, merged) = (Arc::clone(dpm), Arc::clone(&stop), Arc::clone(merged));
             let (pin, step) = (cfg.pin, cfg.step);
             let core = (w as usize + 1) % cores;
             let spawned = std::thread::Builder::new()
@@ -98,7 +98,7 @@ impl MergeWorkers {
                     }
                     let mut scratch = Scratch::default();
                     let mut backoff = Backoff::new();
-                    while !stop.load(Ordering::Acquire) {
+                    while !halt.load(Ordering::Acquire) {
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
                         if n == 0 {
                             backoff.snooze();
