@@ -10,7 +10,9 @@ extern crate alloc;
 
 mod blocks;
 pub mod dpm;
+pub mod firmware;
 pub mod index;
+pub mod logwriter;
 pub mod region;
 #[cfg(feature = "std")]
 pub mod runner;

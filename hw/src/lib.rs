@@ -11,6 +11,7 @@ pub mod fabric;
 #[cfg(feature = "std")]
 pub mod heap;
 pub mod persist;
+pub mod platform;
 pub mod pmem;
 #[cfg(feature = "std")]
 pub mod region_file;
