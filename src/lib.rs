@@ -7,5 +7,7 @@ pub use dinomo_shared as shared;
 pub use dpm_fw;
 pub use host_kn;
 
+pub mod bench;
+pub mod cluster;
 pub mod inspect;
 pub mod size;

@@ -26,6 +26,9 @@ enum Command {
     /// The memory node (DPM): format, serve and inspect a region.
     #[command(subcommand)]
     Dpm(DpmCommand),
+    /// Load, then run a YCSB-style workload against an in-process cluster and report
+    /// throughput, latency, round trips, verbs and bytes per operation.
+    Bench(Box<dinomo::bench::cli::BenchArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench(a) => bench(&a),
         Command::Dpm(DpmCommand::Format(a)) => format(a),
         Command::Dpm(DpmCommand::Serve(a)) => serve(a),
         Command::Dpm(DpmCommand::Inspect(a)) => {
@@ -181,6 +185,22 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         human(geo.index_len),
         geo.max_logs
     );
+    Ok(())
+}
+
+fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
+    let cfg = a.to_config().map_err(Usage)?;
+    if let Some(p) = &a.json {
+        // Fail on an unwritable path before spending minutes on the run.
+        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+    }
+    let r = dinomo::bench::run(&cfg)?;
+    print!("{}", dinomo::bench::render(&r));
+    if let Some(p) = &a.json {
+        let mut text = serde_json::to_string_pretty(&r)?;
+        text.push('\n');
+        std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
     Ok(())
 }
 

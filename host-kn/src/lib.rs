@@ -1,3 +1,19 @@
-//! The KVS node (KN). Not yet built: its read and write paths, DAC cache and ownership
-//! arrive with the KVS-node milestone; this crate only fixes its place in the workspace.
+//! The KVS node (KN): ownership of slots, per-shard logs with group commit, the DAC cache,
+//! and reads over one-sided verbs — everything a KN does, over any [`dinomo_hw::fabric::Fabric`].
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod client;
+pub mod control;
 pub mod dac;
+pub mod error;
+pub mod kn;
+pub mod log;
+pub mod ownership;
+pub mod reader;
+pub mod shard;
+
+pub use client::{Client, Router};
+pub use error::KvError;
+pub use kn::Kn;
+pub use ownership::SlotMap;
+pub use shard::{ShardConfig, ShardStats};

@@ -1,0 +1,44 @@
+//! Errors a client of the store can see.
+
+use dinomo_hw::fabric::FabricError;
+use dinomo_shared::ErrorCode;
+
+/// Why a request failed. A failed write was not acknowledged and may or may not be durable;
+/// it never becomes visible half-written.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum KvError {
+    #[error("key is empty")]
+    EmptyKey,
+    #[error("key of {len} bytes exceeds the limit of {max} bytes")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value of {len} bytes exceeds the limit of {max} bytes")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("this node does not own the key's slot: KN {owner} does (cluster map epoch {epoch})")]
+    WrongOwner { owner: u16, epoch: u64 },
+    #[error("the memory node has no free log block left")]
+    RegionFull,
+    #[error("the memory node refused the request: {0}")]
+    Dpm(ErrorCode),
+    #[error("fabric: {0}")]
+    Fabric(String),
+    #[error("data read from the memory node failed validation: {0}")]
+    Corrupt(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+impl From<FabricError> for KvError {
+    fn from(e: FabricError) -> Self {
+        Self::Fabric(e.to_string())
+    }
+}
+
+impl From<ErrorCode> for KvError {
+    fn from(e: ErrorCode) -> Self {
+        match e {
+            ErrorCode::RegionFull => Self::RegionFull,
+            ErrorCode::ShuttingDown => Self::ShuttingDown,
+            e => Self::Dpm(e),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A KVS node: a set of shards, one thread and one fabric connection each.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use dinomo_hw::fabric::Fabric;
+
+use crate::error::KvError;
+use crate::ownership::SlotMap;
+use crate::shard::{Msg, Shard, ShardConfig, ShardStats};
+
+/// A running KN.
+#[derive(Debug)]
+pub struct Kn {
+    pub kn_id: u16,
+    senders: Vec<Sender<Msg>>,
+    threads: Vec<JoinHandle<ShardStats>>,
+}
+
+impl Kn {
+    /// Starts one shard per configuration; `connect(shard)` makes that shard's fabric
+    /// connection inside its thread (verbs resources stay with the thread that uses them).
+    pub fn start<F, C>(
+        configs: Vec<ShardConfig>,
+        map: Arc<SlotMap>,
+        connect: C,
+    ) -> Result<Self, KvError>
+    where
+        F: Fabric + 'static,
+        C: Fn(u16) -> Result<F, KvError> + Send + Sync + 'static,
+    {
+        let kn_id = configs.first().map_or(0, |c| c.kn_id);
+        let connect = Arc::new(connect);
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        let mut ready = Vec::new();
+        for cfg in configs {
+            let (tx, rx) = mpsc::channel();
+            let (rtx, rrx) = mpsc::channel::<Result<(), KvError>>();
+            let (connect, map) = (Arc::clone(&connect), Arc::clone(&map));
+            let name = format!("kn{}-shard{}", cfg.kn_id, cfg.shard);
+            let h = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let shard = connect(cfg.shard).and_then(|f| Shard::open(cfg, f, map));
+                    match shard {
+                        Ok(s) => {
+                            let _ = rtx.send(Ok(()));
+                            s.run(rx)
+                        }
+                        Err(e) => {
+                            let _ = rtx.send(Err(e));
+                            ShardStats::default()
+                        }
+                    }
+                })
+                .map_err(|e| KvError::Fabric(format!("cannot start a shard thread: {e}")))?;
+            senders.push(tx);
+            threads.push(h);
+            ready.push(rrx);
+        }
+        let kn = Self {
+            kn_id,
+            senders,
+            threads,
+        };
+        for r in ready {
+            match r.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    kn.stop();
+                    return Err(e);
+                }
+                Err(_) => {
+                    kn.stop();
+                    return Err(KvError::Fabric("a shard thread died while starting".into()));
+                }
+            }
+        }
+        Ok(kn)
+    }
+
+    /// The request queues of the shards, by shard index.
+    pub fn senders(&self) -> &[Sender<Msg>] {
+        &self.senders
+    }
+
+    /// Current counters of every shard, added up.
+    pub fn stats(&self) -> ShardStats {
+        let mut total = ShardStats::default();
+        for tx in &self.senders {
+            let (stx, srx) = mpsc::channel();
+            if tx.send(Msg::Stats(stx)).is_ok() {
+                if let Ok(s) = srx.recv() {
+                    total.add(&s);
+                }
+            }
+        }
+        total
+    }
+
+    /// Flushes every shard and waits until the DPM has merged all of its logs.
+    pub fn sync(&self) -> Result<(), KvError> {
+        let mut waits = Vec::new();
+        for tx in &self.senders {
+            let (stx, srx) = mpsc::channel();
+            tx.send(Msg::Sync(stx)).map_err(|_| KvError::ShuttingDown)?;
+            waits.push(srx);
+        }
+        for w in waits {
+            w.recv().map_err(|_| KvError::ShuttingDown)??;
+        }
+        Ok(())
+    }
+
+    /// Installs a new cluster map on every shard.
+    pub fn set_map(&self, map: &Arc<SlotMap>) {
+        for tx in &self.senders {
+            let _ = tx.send(Msg::SetMap(Arc::clone(map)));
+        }
+    }
+
+    /// Flushes and closes every shard's log, then joins the threads.
+    pub fn stop(self) -> ShardStats {
+        for tx in &self.senders {
+            let _ = tx.send(Msg::Stop);
+        }
+        let mut total = ShardStats::default();
+        for t in self.threads {
+            if let Ok(s) = t.join() {
+                total.add(&s);
+            }
+        }
+        total
+    }
+}

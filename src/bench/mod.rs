@@ -1,0 +1,643 @@
+//! `dinomo bench`: load, then run a YCSB-style workload against an in-process cluster, and
+//! report what it cost in round trips, verbs and bytes, with measured throughput and
+//! latency, a modelled throughput for a NIC profile, and the static-optimal cache bar.
+
+pub mod cli;
+pub mod workload;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dinomo_hw::fabric::nic::{modeled_ops_per_sec, NicProfile};
+use dinomo_shared::entry::padded_len;
+use host_kn::dac::{oracle, CachePolicy, DacConfig};
+use host_kn::ShardStats;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::cluster::{Cluster, ClusterConfig};
+use workload::{key_digits, key_into, value_into, Distribution, KeyChooser, Rng, Workload};
+
+/// How much cache the KNs get.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheSize {
+    /// Total KN cache as a fraction of the loaded data (key + value bytes).
+    Ratio(f64),
+    /// Bytes per KN.
+    PerKn(u64),
+}
+
+/// One benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub kns: u16,
+    pub threads_per_kn: u16,
+    pub workload: Workload,
+    pub dist: Distribution,
+    pub keys: u64,
+    pub key_size: usize,
+    pub value_size: usize,
+    /// Measured operations (ignored when `duration` is set).
+    pub ops: u64,
+    pub duration: Option<Duration>,
+    /// Unmeasured operations run first so that caches reach steady state.
+    pub warmup_ops: u64,
+    pub clients: usize,
+    pub cache: CacheSize,
+    pub policy: CachePolicy,
+    /// Latency injected into the fabric.
+    pub nic: NicProfile,
+    /// Profile of the modelled throughput.
+    pub model_nic: NicProfile,
+    pub seed: u64,
+    pub dpm_workers: usize,
+    pub progress: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            kns: 2,
+            threads_per_kn: 2,
+            workload: Workload::ReadMostly,
+            dist: Distribution::Zipf(0.99),
+            keys: 100_000,
+            key_size: 8,
+            value_size: 1024,
+            ops: 1_000_000,
+            duration: None,
+            warmup_ops: 200_000,
+            clients: 8,
+            cache: CacheSize::Ratio(0.5),
+            policy: CachePolicy::Dac,
+            nic: NicProfile::None,
+            model_nic: NicProfile::Cx3Fdr,
+            seed: 1,
+            dpm_workers: 1,
+            progress: true,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// Checks every setting; the message says what is wrong and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kns == 0 || self.kns > 1024 {
+            return Err(format!("--kns {} is outside 1..=1024", self.kns));
+        }
+        if self.threads_per_kn == 0 || self.threads_per_kn > 256 {
+            return Err(format!(
+                "--threads-per-kn {} is outside 1..=256",
+                self.threads_per_kn
+            ));
+        }
+        if self.keys == 0 {
+            return Err("--keys must be at least 1".into());
+        }
+        let digits = key_digits(
+            self.keys
+                + if self.workload == Workload::InsertHeavy {
+                    self.ops + self.warmup_ops
+                } else {
+                    0
+                },
+        );
+        if self.key_size == 0 || self.key_size > dinomo_shared::entry::MAX_KEY_LEN {
+            return Err(format!(
+                "--key-size {} is outside 1..={}",
+                self.key_size,
+                dinomo_shared::entry::MAX_KEY_LEN
+            ));
+        }
+        if self.key_size < digits {
+            return Err(format!(
+                "--key-size {} is too small for {} distinct keys: need at least {digits} bytes",
+                self.key_size, self.keys
+            ));
+        }
+        if self.value_size == 0 || self.value_size > dinomo_shared::entry::MAX_VALUE_LEN {
+            return Err(format!(
+                "--value-size {} is outside 1..={}",
+                self.value_size,
+                dinomo_shared::entry::MAX_VALUE_LEN
+            ));
+        }
+        if let Distribution::Zipf(t) = self.dist {
+            if !(t > 0.0 && t < 1.0) {
+                return Err(format!("--zipf {t} is outside (0, 1)"));
+            }
+        }
+        if self.ops == 0 && self.duration.is_none() {
+            return Err("--ops must be at least 1 (or give --duration)".into());
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return Err("--duration must be positive".into());
+        }
+        if self.clients == 0 || self.clients > 4096 {
+            return Err(format!("--clients {} is outside 1..=4096", self.clients));
+        }
+        match self.cache {
+            CacheSize::Ratio(r) if !(0.0..=1.0).contains(&r) => {
+                return Err(format!("--cache-ratio {r} is outside [0, 1]"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.keys * (self.key_size + self.value_size) as u64
+    }
+
+    /// Cache bytes per KN.
+    pub fn cache_per_kn(&self) -> u64 {
+        match self.cache {
+            CacheSize::Ratio(r) => (self.data_bytes() as f64 * r / self.kns as f64) as u64,
+            CacheSize::PerKn(b) => b,
+        }
+    }
+
+    fn region_bytes(&self) -> u64 {
+        let entry = padded_len(self.key_size, self.value_size) as u64;
+        let inserts = if self.workload == Workload::InsertHeavy {
+            self.ops + self.warmup_ops
+        } else {
+            0
+        };
+        let live = (self.keys + inserts) * entry;
+        // Room for live data three times over (updates are merged and dead blocks reused),
+        // plus metadata and a log block per shard.
+        let shards = self.kns as u64 * self.threads_per_kn as u64;
+        (3 * live + (64 << 20) + shards * (16 << 20)).next_multiple_of(1 << 20)
+    }
+}
+
+/// Hit ratios by case, as fractions of reads.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Hits {
+    pub value: f64,
+    pub shortcut: f64,
+    pub local: f64,
+    pub miss: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub mean: f64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Modeled {
+    pub nic: String,
+    pub throughput_ops: Option<f64>,
+    pub bottleneck: String,
+    pub note: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CacheReport {
+    pub policy: String,
+    pub bytes_per_kn: u64,
+    pub values: u64,
+    pub shortcuts: u64,
+    pub value_bytes: u64,
+    pub shortcut_bytes: u64,
+    pub promotions: u64,
+    pub demotions: u64,
+    pub evictions: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Batching {
+    pub flushes: u64,
+    pub entries_per_flush: f64,
+    pub batch_limit_entries: u64,
+    pub batch_limit_bytes: u64,
+}
+
+/// The result of one run. Field names are a contract (more may be added).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BenchResult {
+    pub system: &'static str,
+    pub kns: u16,
+    pub threads_per_kn: u16,
+    pub clients: usize,
+    pub workload: String,
+    pub dist: &'static str,
+    pub zipf: Option<f64>,
+    pub keys: u64,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub ops: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub elapsed_s: f64,
+    /// Measured here, on this machine, in one process.
+    pub throughput_ops: f64,
+    pub rts_per_op: f64,
+    pub read_rts_per_read: f64,
+    pub write_rts_per_write: f64,
+    pub bytes_per_op: f64,
+    pub verbs_per_op: f64,
+    pub hit: Hits,
+    pub latency_us: Latency,
+    pub modeled: Modeled,
+    /// RTs per operation of the best static split of the same cache budget between values
+    /// and shortcuts for this workload's key popularity (reads), plus the measured write RTs.
+    pub oracle_rts_per_op: f64,
+    pub oracle_values: u64,
+    pub oracle_shortcuts: u64,
+    pub cache: CacheReport,
+    pub batching: Batching,
+    pub nic_injected: String,
+    pub seed: u64,
+}
+
+#[derive(Default)]
+struct ClientOut {
+    latencies_ns: Vec<u32>,
+    reads: u64,
+    writes: u64,
+}
+
+fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    let style =
+        ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    b.set_style(style);
+    b.set_prefix(what.to_owned());
+    b
+}
+
+/// Runs one benchmark.
+pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let shards = cfg.threads_per_kn;
+    let cluster = Cluster::start(&ClusterConfig {
+        kns: cfg.kns,
+        shards_per_kn: shards,
+        region_bytes: cfg.region_bytes(),
+        block_size: None,
+        dpm_workers: cfg.dpm_workers,
+        cache_bytes_per_kn: cfg.cache_per_kn(),
+        policy: cfg.policy,
+        nic: cfg.nic,
+        ..ClusterConfig::default()
+    })?;
+    if cfg.value_size > cluster.max_value() {
+        anyhow::bail!(
+            "--value-size {} exceeds the largest value this region accepts ({})",
+            cfg.value_size,
+            cluster.max_value()
+        );
+    }
+    load(&cluster, cfg)?;
+    cluster.sync()?;
+    let next_insert = Arc::new(AtomicU64::new(cfg.keys));
+    if cfg.warmup_ops > 0 {
+        phase(
+            &cluster,
+            cfg,
+            cfg.warmup_ops,
+            None,
+            &next_insert,
+            "warm-up",
+            cfg.seed ^ 0x5741_524D,
+        )?;
+    }
+    let before = cluster.stats();
+    let t0 = Instant::now();
+    let outs = phase(
+        &cluster,
+        cfg,
+        cfg.ops,
+        cfg.duration,
+        &next_insert,
+        "run",
+        cfg.seed,
+    )?;
+    let elapsed = t0.elapsed();
+    let after = cluster.stats();
+    let d = after.since(&before);
+    cluster.stop();
+    Ok(report(cfg, &d, &after, outs, elapsed))
+}
+
+fn load(cluster: &Cluster, cfg: &BenchConfig) -> anyhow::Result<()> {
+    let pb = bar(cfg.progress, cfg.keys, "load");
+    let loaded = AtomicU64::new(0);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..cfg.clients)
+            .map(|t| {
+                let mut cl = cluster.client();
+                let (pb, loaded) = (&pb, &loaded);
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut key = vec![0u8; cfg.key_size];
+                    let mut val = vec![0u8; cfg.value_size];
+                    let mut id = t as u64;
+                    while id < cfg.keys {
+                        key_into(id, &mut key);
+                        value_into(id, 0, &mut val);
+                        cl.put(&key, &val)?;
+                        if loaded.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+                            pb.set_position(loaded.load(Ordering::Relaxed));
+                        }
+                        id += cfg.clients as u64;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn phase(
+    cluster: &Cluster,
+    cfg: &BenchConfig,
+    ops: u64,
+    duration: Option<Duration>,
+    next_insert: &Arc<AtomicU64>,
+    what: &str,
+    seed: u64,
+) -> anyhow::Result<Vec<ClientOut>> {
+    let chooser = KeyChooser::new(cfg.dist, cfg.keys);
+    let pb = match duration {
+        Some(d) => bar(cfg.progress, d.as_secs().max(1), what),
+        None => bar(cfg.progress, ops, what),
+    };
+    let done = AtomicU64::new(0);
+    let deadline = duration.map(|d| Instant::now() + d);
+    let started = Instant::now();
+    let outs = std::thread::scope(|s| -> anyhow::Result<Vec<ClientOut>> {
+        let hs: Vec<_> = (0..cfg.clients)
+            .map(|t| {
+                let mut cl = cluster.client();
+                let (pb, done, chooser) = (&pb, &done, &chooser);
+                let share =
+                    ops / cfg.clients as u64 + u64::from((t as u64) < ops % cfg.clients as u64);
+                s.spawn(move || -> anyhow::Result<ClientOut> {
+                    let mut rng = Rng::new(seed.wrapping_mul(0x100_0000_01B3) ^ t as u64);
+                    let mut key = vec![0u8; cfg.key_size];
+                    let mut val = vec![0u8; cfg.value_size];
+                    let mut out = ClientOut {
+                        latencies_ns: Vec::with_capacity(share.min(1 << 24) as usize),
+                        ..ClientOut::default()
+                    };
+                    let rf = cfg.workload.read_fraction();
+                    let mut n = 0u64;
+                    loop {
+                        let over = match deadline {
+                            Some(dl) => n % 64 == 0 && Instant::now() >= dl,
+                            None => n >= share,
+                        };
+                        if over {
+                            break;
+                        }
+                        let read = rf >= 1.0 || rng.next_f64() < rf;
+                        let t0 = Instant::now();
+                        if read {
+                            key_into(chooser.next(&mut rng), &mut key);
+                            cl.get(&key)?;
+                            out.reads += 1;
+                        } else {
+                            let id = if cfg.workload == Workload::InsertHeavy {
+                                next_insert.fetch_add(1, Ordering::Relaxed)
+                            } else {
+                                chooser.next(&mut rng)
+                            };
+                            key_into(id, &mut key);
+                            value_into(id, rng.next_u64(), &mut val);
+                            cl.put(&key, &val)?;
+                            out.writes += 1;
+                        }
+                        out.latencies_ns
+                            .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                        n += 1;
+                        if n % 1024 == 0 {
+                            let all = done.fetch_add(1024, Ordering::Relaxed) + 1024;
+                            match duration {
+                                Some(_) => pb.set_position(started.elapsed().as_secs()),
+                                None => pb.set_position(all),
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a client thread panicked"))?
+            })
+            .collect()
+    })?;
+    pb.finish_and_clear();
+    Ok(outs)
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1e3
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn report(
+    cfg: &BenchConfig,
+    d: &ShardStats,
+    now: &ShardStats,
+    outs: Vec<ClientOut>,
+    elapsed: Duration,
+) -> BenchResult {
+    let reads: u64 = outs.iter().map(|o| o.reads).sum();
+    let writes: u64 = outs.iter().map(|o| o.writes).sum();
+    let ops = reads + writes;
+    let mut lat: Vec<u32> = outs.into_iter().flat_map(|o| o.latencies_ns).collect();
+    lat.sort_unstable();
+    let mean = if lat.is_empty() {
+        0.0
+    } else {
+        lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1e3
+    };
+    let verbs_per_op = ratio(d.fabric.verbs(), ops);
+    let bytes_per_op = ratio(d.fabric.read_bytes + d.fabric.write_bytes, ops);
+    let (tput, bottleneck) = modeled_ops_per_sec(cfg.model_nic, verbs_per_op, bytes_per_op);
+    let write_rts_per_write = ratio(d.write_rts, writes);
+    // The oracle: the best static split of the whole cache between values and shortcuts.
+    let dac = DacConfig::default();
+    let value_charge = dac.value_charge(cfg.key_size, cfg.value_size);
+    let miss_cost = if d.miss > d.absent {
+        ratio(d.miss_rts, d.miss).max(1.0)
+    } else {
+        2.0
+    };
+    let popularity = KeyChooser::new(cfg.dist, cfg.keys).popularity();
+    let total_cache = cfg.cache_per_kn() * cfg.kns as u64;
+    let o = oracle(
+        &popularity,
+        value_charge,
+        dac.shortcut_charge_for(cfg.key_size),
+        total_cache,
+        miss_cost,
+    );
+    let rf = ratio(reads, ops);
+    BenchResult {
+        system: "dinomo",
+        kns: cfg.kns,
+        threads_per_kn: cfg.threads_per_kn,
+        clients: cfg.clients,
+        workload: cfg.workload.name().into(),
+        dist: match cfg.dist {
+            Distribution::Uniform => "uniform",
+            Distribution::Zipf(_) => "zipf",
+        },
+        zipf: match cfg.dist {
+            Distribution::Zipf(t) => Some(t),
+            Distribution::Uniform => None,
+        },
+        keys: cfg.keys,
+        key_size: cfg.key_size,
+        value_size: cfg.value_size,
+        ops,
+        reads,
+        writes,
+        elapsed_s: elapsed.as_secs_f64(),
+        throughput_ops: ratio(ops, 1) / elapsed.as_secs_f64().max(1e-9),
+        rts_per_op: ratio(d.fabric.round_trips, ops),
+        read_rts_per_read: ratio(d.read_rts, reads),
+        write_rts_per_write,
+        bytes_per_op,
+        verbs_per_op,
+        hit: Hits {
+            value: ratio(d.hit_value, d.gets),
+            shortcut: ratio(d.hit_shortcut, d.gets),
+            local: ratio(d.hit_local, d.gets),
+            miss: ratio(d.miss, d.gets),
+        },
+        latency_us: Latency { p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99), p999: percentile(&lat, 0.999), mean },
+        modeled: Modeled {
+            nic: cfg.model_nic.to_string(),
+            throughput_ops: tput.is_finite().then_some(tput),
+            bottleneck: bottleneck.into(),
+            note: "bound of the memory node's NIC only (message rate / verbs per op, bandwidth / bytes per op)",
+        },
+        oracle_rts_per_op: rf * o.rts_per_read + (1.0 - rf) * write_rts_per_write,
+        oracle_values: o.values,
+        oracle_shortcuts: o.shortcuts,
+        cache: CacheReport {
+            policy: cfg.policy.to_string(),
+            bytes_per_kn: cfg.cache_per_kn(),
+            values: now.cache.values,
+            shortcuts: now.cache.shortcuts,
+            value_bytes: now.cache.value_bytes,
+            shortcut_bytes: now.cache.shortcut_bytes,
+            promotions: d.cache.promotions,
+            demotions: d.cache.demotions,
+            evictions: d.cache.evictions,
+        },
+        batching: Batching {
+            flushes: d.flushes,
+            entries_per_flush: ratio(d.flushed_entries, d.flushes),
+            batch_limit_entries: ClusterConfig::default().batch_entries,
+            batch_limit_bytes: ClusterConfig::default().batch_bytes as u64,
+        },
+        nic_injected: cfg.nic.to_string(),
+        seed: cfg.seed,
+    }
+}
+
+/// A human-readable summary.
+pub fn render(r: &BenchResult) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let dist = match r.zipf {
+        Some(t) => format!("zipf {t}"),
+        None => "uniform".into(),
+    };
+    let _ = writeln!(
+        s,
+        "{} | {} KNs x {} shards | {} clients | {} | {} | {} keys of {} B, values {} B",
+        r.system,
+        r.kns,
+        r.threads_per_kn,
+        r.clients,
+        r.workload,
+        dist,
+        r.keys,
+        r.key_size,
+        r.value_size
+    );
+    let _ = writeln!(
+        s,
+        "measured   {:>12.0} ops/s   {} ops in {:.2} s (in-process, this machine)",
+        r.throughput_ops, r.ops, r.elapsed_s
+    );
+    let _ = writeln!(
+        s,
+        "latency    p50 {:.1} us   p99 {:.1} us   p99.9 {:.1} us   mean {:.1} us",
+        r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.latency_us.mean
+    );
+    let _ = writeln!(
+        s,
+        "fabric     {:.3} RTs/op ({:.3} per read, {:.3} per write)   {:.2} verbs/op   {:.0} B/op",
+        r.rts_per_op, r.read_rts_per_read, r.write_rts_per_write, r.verbs_per_op, r.bytes_per_op
+    );
+    let _ = writeln!(
+        s,
+        "reads      value {:.1}%   shortcut {:.1}%   local {:.1}%   miss {:.1}%",
+        r.hit.value * 100.0,
+        r.hit.shortcut * 100.0,
+        r.hit.local * 100.0,
+        r.hit.miss * 100.0
+    );
+    let _ = writeln!(s, "cache      {} ({} per KN): {} values, {} shortcuts   oracle {:.3} RTs/op ({} values, {} shortcuts)", r.cache.policy, crate::size::human(r.cache.bytes_per_kn), r.cache.values, r.cache.shortcuts, r.oracle_rts_per_op, r.oracle_values, r.oracle_shortcuts);
+    if r.writes > 0 {
+        let _ = writeln!(
+            s,
+            "batching   {} flushes, {:.1} entries per flush (limits {} entries / {})",
+            r.batching.flushes,
+            r.batching.entries_per_flush,
+            r.batching.batch_limit_entries,
+            crate::size::human(r.batching.batch_limit_bytes)
+        );
+    }
+    match r.modeled.throughput_ops {
+        Some(t) => {
+            let _ = writeln!(
+                s,
+                "modelled   {:>12.0} ops/s on {} (bottleneck: {})",
+                t, r.modeled.nic, r.modeled.bottleneck
+            );
+        }
+        None => {
+            let _ = writeln!(s, "modelled   unbounded on {}", r.modeled.nic);
+        }
+    }
+    s
+}

@@ -1,0 +1,127 @@
+//! `dinomo bench`: bad input is refused with exit code 2 before anything is written; a
+//! small run prints a table and writes the JSON fields the contract names.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .arg("bench")
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("run dinomo bench")
+}
+
+#[test]
+fn bad_input_exits_2_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let j = json.to_str().expect("utf-8");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--keys", "0"], "--keys"),
+        (&["--key-size", "0"], "--key-size"),
+        (&["--key-size", "2000"], "--key-size"),
+        (&["--key-size", "3", "--keys", "100000"], "too small"),
+        (&["--value-size", "0"], "--value-size"),
+        (&["--value-size", "2000000"], "--value-size"),
+        (&["--workload", "scan-heavy"], "unknown workload"),
+        (&["--cache-ratio", "1.5"], "--cache-ratio"),
+        (&["--cache-ratio", "-0.1"], "--cache-ratio"),
+        (&["--zipf", "1.5"], "--zipf"),
+        (&["--clients", "0"], "--clients"),
+        (&["--kns", "0"], "--kns"),
+        (&["--cache-policy", "lru"], "cache policy"),
+        (&["--nic", "ethernet"], "ethernet"),
+        (&["--ops", "0"], "--ops"),
+    ];
+    for (args, needle) in cases {
+        let mut a = args.to_vec();
+        a.extend(["--json", j]);
+        let o = bench(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: message should mention {needle:?}: {err}"
+        );
+        assert!(
+            !json.exists(),
+            "{args:?}: nothing may be written on bad input"
+        );
+    }
+}
+
+#[test]
+fn a_small_run_reports_the_contract_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let o = bench(&[
+        "--keys",
+        "2000",
+        "--ops",
+        "6000",
+        "--warmup",
+        "2000",
+        "--clients",
+        "2",
+        "--kns",
+        "2",
+        "--threads-per-kn",
+        "1",
+        "--workload",
+        "write-heavy",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("ops/s") && table.contains("RTs/op"),
+        "{table}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    for field in [
+        "system",
+        "kns",
+        "workload",
+        "dist",
+        "zipf",
+        "keys",
+        "value_size",
+        "ops",
+        "elapsed_s",
+        "throughput_ops",
+        "rts_per_op",
+        "bytes_per_op",
+        "verbs_per_op",
+        "hit",
+        "latency_us",
+        "modeled",
+        "oracle_rts_per_op",
+    ] {
+        assert!(!v[field].is_null(), "missing {field}: {v}");
+    }
+    for f in ["value", "shortcut", "local", "miss"] {
+        assert!(v["hit"][f].is_number(), "hit.{f}");
+    }
+    for f in ["p50", "p99", "p999"] {
+        assert!(
+            v["latency_us"][f].as_f64().expect("latency") > 0.0,
+            "latency_us.{f}"
+        );
+    }
+    assert_eq!(v["system"], "dinomo");
+    assert_eq!(v["ops"], 6000);
+    assert_eq!(v["workload"], "write-heavy");
+    let hits: f64 = ["value", "shortcut", "local", "miss"]
+        .iter()
+        .map(|f| v["hit"][*f].as_f64().expect("hit"))
+        .sum();
+    assert!(
+        (hits - 1.0).abs() < 1e-9,
+        "hit fractions add up to 1: {hits}"
+    );
+    assert!(v["modeled"]["throughput_ops"].as_f64().expect("modelled") > 0.0);
+    assert_eq!(v["modeled"]["nic"], "cx3-fdr");
+}
