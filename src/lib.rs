@@ -9,5 +9,6 @@ pub use host_kn;
 
 pub mod bench;
 pub mod cluster;
+pub mod fabric_bench;
 pub mod inspect;
 pub mod size;

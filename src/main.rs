@@ -26,6 +26,9 @@ enum Command {
     /// The memory node (DPM): format, serve and inspect a region.
     #[command(subcommand)]
     Dpm(DpmCommand),
+    /// Latency and throughput of one-sided verbs over a fabric (like perftest's
+    /// ib_read_lat / ib_write_bw).
+    FabricBench(dinomo::fabric_bench::BenchArgs),
     /// Load, then run a YCSB-style workload against an in-process cluster and report
     /// throughput, latency, round trips, verbs and bytes per operation.
     Bench(Box<dinomo::bench::cli::BenchArgs>),
@@ -83,6 +86,18 @@ struct ServeArgs {
     /// Control connections accepted at once.
     #[arg(long, default_value_t = 64)]
     ctl_slots: u32,
+    /// Fabric KNs reach the region through (verbs also serves the shm switchboard).
+    #[arg(long, value_enum, default_value_t = dinomo::fabric_bench::FabricKind::Shm)]
+    fabric: dinomo::fabric_bench::FabricKind,
+    /// RDMA device for --fabric verbs (default: the first).
+    #[arg(long)]
+    device: Option<String>,
+    /// TCP port for the verbs connection exchange.
+    #[arg(long, default_value_t = dinomo::fabric_bench::DEFAULT_PORT)]
+    port: u16,
+    /// GID index for --fabric verbs (RoCE: the entry of the address to use).
+    #[arg(long, default_value_t = 0)]
+    gid_index: u8,
 }
 
 #[derive(Args, Debug)]
@@ -149,7 +164,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::FabricBench(a) => fabric_bench(a),
     }
+}
+
+fn fabric_bench(a: dinomo::fabric_bench::BenchArgs) -> anyhow::Result<()> {
+    use dinomo::fabric_bench::BenchError;
+    if a.server {
+        install_stop_handler()?;
+    }
+    match dinomo::fabric_bench::main(&a, &STOP) {
+        Ok(Some(report)) => {
+            print!("{}", report.render());
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(BenchError::Usage(m)) => Err(Usage(m).into()),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+fn install_stop_handler() -> anyhow::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("cannot install signal handler")?;
+    }
+    Ok(())
+}
+
+/// `dpm serve --fabric verbs`.
+#[cfg(feature = "rdma")]
+fn serve_verbs(
+    cfg: &dpm_fw::runner::ServeConfig,
+    path: &std::path::Path,
+    device: Option<String>,
+    port: u16,
+    gid_index: u8,
+) -> anyhow::Result<dpm_fw::runner::ServeReport> {
+    let vcfg = dpm_fw::runner::VerbsServeConfig {
+        device,
+        listen: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+        verbs: dinomo_hw::fabric::verbs::VerbsConfig {
+            gid_index,
+            ..Default::default()
+        },
+    };
+    Ok(dpm_fw::runner::serve_verbs(path, cfg, &vcfg, &STOP)?)
+}
+
+#[cfg(not(feature = "rdma"))]
+fn serve_verbs(
+    _: &dpm_fw::runner::ServeConfig,
+    _: &std::path::Path,
+    _: Option<String>,
+    _: u16,
+    _: u8,
+) -> anyhow::Result<dpm_fw::runner::ServeReport> {
+    anyhow::bail!("{}", dinomo::fabric_bench::NO_RDMA_SUPPORT)
 }
 
 fn format(a: FormatArgs) -> anyhow::Result<()> {
@@ -234,7 +311,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         ctl_path: a.ctl,
         ..Default::default()
     };
-    let report = dpm_fw::runner::serve(&a.path, &cfg, &STOP)?;
+    let report = match a.fabric {
+        dinomo::fabric_bench::FabricKind::Shm => dpm_fw::runner::serve(&a.path, &cfg, &STOP)?,
+        dinomo::fabric_bench::FabricKind::Verbs => {
+            serve_verbs(&cfg, &a.path, a.device, a.port, a.gid_index)?
+        }
+    };
     eprintln!(
         "dpm stopped cleanly: recovered in {:.1} ms, merged {} entries, {} control messages, up {:.1} s",
         report.recovery_time.as_secs_f64() * 1e3,

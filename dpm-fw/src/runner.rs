@@ -299,3 +299,186 @@ pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeR
     let _ = std::fs::remove_file(&ctl_path);
     Ok(report)
 }
+
+// ----- RDMA verbs control endpoint (feature `rdma`) -----
+
+#[cfg(feature = "rdma")]
+pub use verbs_serve::{serve_verbs, VerbsControl, VerbsServeConfig, VerbsServeError};
+
+#[cfg(feature = "rdma")]
+mod verbs_serve {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use dinomo_hw::fabric::verbs::{VerbsConfig, VerbsServer, DEFAULT_TCP_PORT};
+    use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
+    use dinomo_hw::region_file::{FilePersist, RegionFile};
+    use dinomo_hw::Persist;
+
+    use super::{pin_to_core, DpmService, ServeConfig, ServeError, ServeReport};
+    use crate::dpm::{Dpm, Scratch};
+
+    /// Where and how the DPM serves KNs over verbs.
+    #[derive(Clone, Debug)]
+    pub struct VerbsServeConfig {
+        /// RDMA device (`None`: the first one).
+        pub device: Option<String>,
+        /// TCP address for the connection exchange.
+        pub listen: SocketAddr,
+        pub verbs: VerbsConfig,
+    }
+
+    impl Default for VerbsServeConfig {
+        fn default() -> Self {
+            Self {
+                device: None,
+                listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_TCP_PORT)),
+                verbs: VerbsConfig::default(),
+            }
+        }
+    }
+
+    /// Why serving over verbs failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum VerbsServeError {
+        #[error(transparent)]
+        Fabric(#[from] FabricError),
+        #[error(transparent)]
+        Serve(#[from] ServeError),
+    }
+
+    /// A thread feeding control frames from a [`VerbsServer`] to [`Dpm::handle`], beside
+    /// the shm switchboard's control thread of a [`DpmService`].
+    #[derive(Debug)]
+    pub struct VerbsControl {
+        stop: Arc<AtomicBool>,
+        messages: Arc<AtomicU64>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl VerbsControl {
+        /// Starts serving `server`'s connections with `dpm`.
+        pub fn start<P: Persist + 'static>(
+            dpm: Arc<Dpm<P>>,
+            mut server: VerbsServer,
+            pin: bool,
+        ) -> Result<Self, ServeError> {
+            let stop = Arc::new(AtomicBool::new(false));
+            let messages = Arc::new(AtomicU64::new(0));
+            let (s, m) = (Arc::clone(&stop), Arc::clone(&messages));
+            let thread = std::thread::Builder::new()
+                .name("dpm-verbs".into())
+                .spawn(move || {
+                    if pin {
+                        pin_to_core(0);
+                    }
+                    let mut scratch = Scratch::default();
+                    let mut backoff = Backoff::with_max_sleep(Duration::from_micros(50));
+                    while !s.load(Ordering::Acquire) {
+                        let n = server.poll(|_, frame| Some(dpm.handle(frame, &mut scratch)));
+                        for e in server.drain_events() {
+                            tracing::info!(device = server.device_name(), "{e}");
+                        }
+                        if n == 0 {
+                            backoff.snooze();
+                        } else {
+                            m.fetch_add(n as u64, Ordering::Relaxed);
+                            backoff.reset();
+                        }
+                    }
+                })
+                .map_err(ServeError::Thread)?;
+            Ok(Self {
+                stop,
+                messages,
+                thread: Some(thread),
+            })
+        }
+
+        /// Control messages handled so far.
+        pub fn messages(&self) -> u64 {
+            self.messages.load(Ordering::Relaxed)
+        }
+
+        /// Stops the thread (closing every KN connection); returns the messages handled.
+        pub fn stop(mut self) -> u64 {
+            self.shutdown();
+            self.messages()
+        }
+
+        fn shutdown(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    impl Drop for VerbsControl {
+        fn drop(&mut self) {
+            self.shutdown();
+        }
+    }
+
+    /// [`super::serve`] plus a verbs endpoint: KNs reach the region with one-sided verbs
+    /// and send control frames over RDMA SEND (the shm switchboard is served as well).
+    /// The device is opened before the region, so a host without RDMA fails at once.
+    pub fn serve_verbs(
+        path: &Path,
+        cfg: &ServeConfig,
+        vcfg: &VerbsServeConfig,
+        stop: &AtomicBool,
+    ) -> Result<ServeReport, VerbsServeError> {
+        vcfg.verbs.validate()?;
+        // Fail fast on a host without the device, before recovery work.
+        dinomo_hw::fabric::verbs::device_names()?;
+        let file = RegionFile::open(path).map_err(ServeError::from)?;
+        let t0 = Instant::now();
+        let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let recovery_time = t0.elapsed();
+        // A second handle on the same mapping keeps it registered while the server lives.
+        let server = VerbsServer::bind(
+            vcfg.device.as_deref(),
+            vcfg.listen,
+            Arc::new(file.pmem()),
+            &vcfg.verbs,
+        )?;
+        let ctl_path = cfg
+            .ctl_path
+            .clone()
+            .unwrap_or_else(|| default_ctl_path(path));
+        let control = ControlServer::create(&ctl_path, cfg.ctl_slots).map_err(ServeError::from)?;
+        tracing::info!(
+            region = %path.display(),
+            device = server.device_name(),
+            listen = %vcfg.listen,
+            control = %ctl_path.display(),
+            workers = cfg.workers,
+            recovery_ms = recovery_time.as_secs_f64() * 1e3,
+            "dpm serving over verbs"
+        );
+        let dpm = Arc::new(dpm);
+        let service = DpmService::start(Arc::clone(&dpm), control, cfg)?;
+        let verbs = VerbsControl::start(dpm, server, cfg.pin)?;
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let verbs_messages = verbs.stop();
+        let mut report = service.stop();
+        report.recovery_time = recovery_time;
+        report.control_messages += verbs_messages;
+        file.sync().map_err(|source| ServeError::Sync {
+            path: path.to_owned(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(&ctl_path);
+        Ok(report)
+    }
+}

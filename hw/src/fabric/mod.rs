@@ -23,6 +23,8 @@ pub mod ctl;
 pub mod nic;
 pub mod ring;
 pub mod shm;
+#[cfg(feature = "rdma")]
+pub mod verbs;
 
 pub use ctl::{default_ctl_path, Backoff, ConnId, ControlClient, ControlHandle, ControlServer};
 pub use nic::{

@@ -1,0 +1,592 @@
+//! The KN end: a [`Fabric`] over an RC queue pair to the DPM.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use dinomo_shared::msg::{Frame, Request, Response};
+use dinomo_shared::ErrorCode;
+
+use super::link::{CtlSlots, Device, Link};
+use super::sys::{Access, MemoryRegion, WorkCompletion};
+use super::wire::{read_msg, write_msg, Msg};
+use super::wr::{
+    is_connection_error, translate, wc_status_name, wc_status_to_completion, RemoteRegion, SendWr,
+    Sge, CTL_SEND_BIT,
+};
+use super::VerbsConfig;
+use crate::fabric::{
+    Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf, LocalSlice, Verb,
+    WorkRequest, WrId,
+};
+
+/// A posted (or locally failed) one-sided request, in posting order.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    wr_id: WrId,
+    verb: Verb,
+    done: Option<Completion>,
+}
+
+/// Why the queue pair stopped working.
+#[derive(Clone, Debug)]
+struct Broken {
+    message: String,
+    /// The connection is gone (as opposed to one bad request breaking the QP).
+    lost: bool,
+}
+
+/// A connection from a KN shard to the DPM over RDMA verbs.
+pub struct VerbsFabric {
+    // Field order is drop order: the QP goes before the buffers (the QP also keeps every
+    // attached buffer registered until it is destroyed).
+    link: Option<Link>,
+    tcp: Option<TcpStream>,
+    bufs: Vec<MemoryRegion>,
+    /// 8 bytes per queue slot: atomics' old values and FLUSH READs land here.
+    scratch: MemoryRegion,
+    ctl: CtlSlots,
+    dev: Device,
+    cfg: VerbsConfig,
+    addr: String,
+    remote: RemoteRegion,
+    pending: VecDeque<Slot>,
+    /// Sequence number of `pending[0]`; the device's `wr_id` of a one-sided request.
+    front_seq: u64,
+    broken: Option<Broken>,
+    rx: VecDeque<Frame>,
+    counters: FabricCounters,
+    next_req_id: u32,
+    batch: Vec<SendWr>,
+}
+
+impl fmt::Debug for VerbsFabric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerbsFabric")
+            .field("device", &self.dev.name())
+            .field("peer", &self.addr)
+            .field("region_len", &self.remote.len)
+            .field("outstanding", &self.pending.len())
+            .field("broken", &self.broken.as_ref().map(|b| &b.message))
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+impl VerbsFabric {
+    /// Connects to the DPM listening at `addr` (`host:port`) through RDMA device `device`
+    /// (`None`: the first device).
+    pub fn connect(
+        addr: &str,
+        device: Option<&str>,
+        cfg: &VerbsConfig,
+    ) -> Result<Self, FabricError> {
+        let dev = Device::open(device, cfg)?;
+        let depth = cfg.queue_depth;
+        let scratch = dev.pd.alloc(depth * 8, Access::LOCAL)?;
+        let ctl = CtlSlots::new(&dev, cfg.ctl_slots)?;
+        let mut f = Self {
+            link: None,
+            tcp: None,
+            bufs: Vec::new(),
+            scratch,
+            ctl,
+            dev,
+            cfg: cfg.clone(),
+            addr: addr.to_owned(),
+            remote: RemoteRegion {
+                base: 0,
+                len: 0,
+                rkey: 0,
+            },
+            pending: VecDeque::with_capacity(depth),
+            front_seq: 0,
+            broken: None,
+            rx: VecDeque::new(),
+            counters: FabricCounters::default(),
+            next_req_id: 1,
+            batch: Vec::with_capacity(depth),
+        };
+        f.establish()?;
+        Ok(f)
+    }
+
+    /// Sets up a new queue pair and exchange with the DPM. Registered buffers keep their
+    /// handles.
+    fn establish(&mut self) -> Result<(), FabricError> {
+        self.link = None;
+        self.tcp = None;
+        let send_wrs = (self.cfg.queue_depth as u32).saturating_add(self.cfg.ctl_slots);
+        let mut link = Link::new(&self.dev, &self.cfg, send_wrs, self.cfg.ctl_slots, false)?;
+        link.qp.attach(&self.scratch);
+        for b in &self.bufs {
+            link.qp.attach(b);
+        }
+        self.ctl.arm(&mut link.qp)?;
+        let mut tcp = self.dial()?;
+        let peer = &self.addr;
+        let proto = |e: super::wire::ExchangeError| {
+            FabricError::Disconnected(format!("connection exchange with {peer} failed: {e}"))
+        };
+        write_msg(&mut tcp, &Msg::Hello(link.local)).map_err(proto)?;
+        let (ep, rkey, base, len) = match read_msg(&mut tcp).map_err(proto)? {
+            Msg::Accept {
+                ep,
+                rkey,
+                base,
+                len,
+            } => (ep, rkey, base, len),
+            Msg::Reject(why) => {
+                return Err(FabricError::Other(format!(
+                    "the DPM at {peer} refused the connection: {why}"
+                )))
+            }
+            m => {
+                return Err(FabricError::Other(format!(
+                    "the DPM at {peer} answered the connection request with {m:?}"
+                )))
+            }
+        };
+        link.connect(&ep)?;
+        write_msg(&mut tcp, &Msg::Ready).map_err(proto)?;
+        self.remote = RemoteRegion { base, len, rkey };
+        self.link = Some(link);
+        self.tcp = Some(tcp);
+        self.broken = None;
+        Ok(())
+    }
+
+    fn dial(&self) -> Result<TcpStream, FabricError> {
+        let addrs: Vec<_> = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|e| FabricError::Other(format!("cannot resolve {}: {e}", self.addr)))?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, self.cfg.connect_timeout) {
+                Ok(s) => {
+                    let t = Some(self.cfg.connect_timeout);
+                    s.set_read_timeout(t)
+                        .and_then(|_| s.set_write_timeout(t))
+                        .and_then(|_| s.set_nodelay(true))
+                        .map_err(|e| FabricError::Other(format!("TCP to {a}: {e}")))?;
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(FabricError::NotRunning(format!(
+            "no DPM answers at {} ({}); start one with `dinomo dpm serve --fabric verbs`",
+            self.addr,
+            last.map_or_else(|| "no address".to_owned(), |e| e.to_string())
+        )))
+    }
+
+    /// Tears the queue pair down and connects again (after a DPM restart or a QP error).
+    /// Work requests still outstanding are dropped; registered buffers stay valid.
+    pub fn reconnect(&mut self) -> Result<(), FabricError> {
+        self.front_seq += self.pending.len() as u64;
+        self.pending.clear();
+        self.rx.clear();
+        let r = self.establish();
+        if let Err(e) = &r {
+            self.broken = Some(Broken {
+                message: format!("reconnecting to {} failed: {e}", self.addr),
+                lost: true,
+            });
+        }
+        r
+    }
+
+    /// The device in use.
+    pub fn device_name(&self) -> &str {
+        self.dev.name()
+    }
+
+    /// The device's capabilities.
+    pub fn device_caps(&self) -> super::DeviceCaps {
+        self.dev.caps
+    }
+
+    /// Why the connection does not work, if it does not.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_ref().map(|b| b.message.as_str())
+    }
+
+    /// Sends `req` with a fresh id and waits for the reply carrying that id; other frames
+    /// are kept for [`Fabric::recv`].
+    pub fn call(
+        &mut self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Response, ErrorCode>, FabricError> {
+        let id = self.next_req_id;
+        self.next_req_id = self.next_req_id.wrapping_add(1);
+        self.send(&req.encode(id))?;
+        let deadline = Instant::now() + timeout;
+        let mut stash = Vec::new();
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Ok(Some(f)) if f.req_id == id => {
+                    break Response::decode(&f)
+                        .map_err(|e| FabricError::Other(format!("bad reply to {req:?}: {e}")));
+                }
+                Ok(Some(f)) => stash.push(f),
+                Ok(None) => break Err(FabricError::Timeout(timeout)),
+                Err(e) => break Err(e),
+            }
+        };
+        // Frames kept for later are counted when `recv` hands them out.
+        self.counters.recvs -= stash.len() as u64;
+        for f in stash.into_iter().rev() {
+            self.rx.push_front(f);
+        }
+        result
+    }
+
+    fn lost_error(&self) -> Option<FabricError> {
+        match &self.broken {
+            Some(b) if b.lost => Some(FabricError::Disconnected(b.message.clone())),
+            _ => None,
+        }
+    }
+
+    /// Moves device completions into `pending` (and frees control send slots).
+    fn reap(&mut self) -> Result<(), FabricError> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        let mut wcs = [WorkCompletion::default(); 32];
+        loop {
+            let n = link.send_cq.poll(&mut wcs)?;
+            for wc in &wcs[..n] {
+                if wc.wr_id & CTL_SEND_BIT != 0 {
+                    self.ctl.send_done(wc.wr_id);
+                    if wc.status != 0 && self.broken.is_none() {
+                        self.broken = Some(Broken {
+                            message: format!(
+                                "a control message to {} completed with {}; call reconnect()",
+                                self.addr,
+                                wc_status_name(wc.status)
+                            ),
+                            lost: is_connection_error(wc.status),
+                        });
+                    }
+                    continue;
+                }
+                let Some(i) = wc.wr_id.checked_sub(self.front_seq) else {
+                    continue;
+                };
+                let Some(slot) = self.pending.get_mut(i as usize) else {
+                    continue;
+                };
+                let status = wc_status_to_completion(wc.status);
+                let value = if status == CompletionStatus::Success
+                    && matches!(slot.verb, Verb::Cas | Verb::Faa)
+                {
+                    let at = (wc.wr_id % self.cfg.queue_depth as u64) as usize * 8;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&self.scratch.bytes()[at..at + 8]);
+                    u64::from_ne_bytes(b)
+                } else {
+                    0
+                };
+                slot.done = Some(Completion {
+                    wr_id: slot.wr_id,
+                    verb: slot.verb,
+                    status,
+                    value,
+                });
+                if wc.status != 0 && self.broken.is_none() {
+                    let lost = is_connection_error(wc.status);
+                    self.broken = Some(Broken {
+                        message: format!(
+                            "work request {} ({:?}) to {} completed with {}; {}",
+                            slot.wr_id,
+                            slot.verb,
+                            self.addr,
+                            wc_status_name(wc.status),
+                            if lost {
+                                "the DPM is unreachable or the connection was torn down; call reconnect()"
+                            } else {
+                                "the queue pair is now in error; call reconnect()"
+                            }
+                        ),
+                        lost,
+                    });
+                }
+            }
+            if n < wcs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// After a lost connection: drop what is outstanding and report it.
+    fn fail_lost(&mut self) -> Result<(), FabricError> {
+        if let Some(e) = self.lost_error() {
+            self.front_seq += self.pending.len() as u64;
+            self.pending.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, s: LocalSlice) -> Option<Sge> {
+        self.bufs
+            .get(s.buf.0 as usize)
+            .and_then(|b| {
+                (u64::from(s.offset) + u64::from(s.len) <= b.bytes().len() as u64).then_some(b)
+            })
+            .and_then(|b| b.sge(u64::from(s.offset), s.len))
+    }
+
+    fn count(&mut self, wr: &WorkRequest) {
+        let c = &mut self.counters;
+        match *wr {
+            WorkRequest::Read { local, .. } => {
+                c.reads += 1;
+                c.read_bytes += u64::from(local.len);
+            }
+            WorkRequest::Write { local, .. } => {
+                c.writes += 1;
+                c.write_bytes += u64::from(local.len);
+            }
+            WorkRequest::Cas { .. } => c.cas += 1,
+            WorkRequest::Faa { .. } => c.faa += 1,
+            WorkRequest::Flush { .. } => c.flushes += 1,
+        }
+    }
+}
+
+impl Fabric for VerbsFabric {
+    fn region_len(&self) -> u64 {
+        self.remote.len
+    }
+
+    fn alloc_buf(&mut self, len: usize) -> Result<LocalBuf, FabricError> {
+        if u32::try_from(len).is_err() {
+            return Err(FabricError::BufferAlloc {
+                len,
+                why: "local slices address at most 4 GiB",
+            });
+        }
+        let handle = u32::try_from(self.bufs.len()).map_err(|_| FabricError::BufferAlloc {
+            len,
+            why: "too many registered buffers",
+        })?;
+        let mr = self.dev.pd.alloc(len, Access::LOCAL)?;
+        if let Some(link) = self.link.as_mut() {
+            link.qp.attach(&mr);
+        }
+        self.bufs.push(mr);
+        Ok(LocalBuf(handle))
+    }
+
+    /// An unknown handle yields an empty slice.
+    fn buf(&self, buf: LocalBuf) -> &[u8] {
+        self.bufs.get(buf.0 as usize).map_or(&[], |b| b.bytes())
+    }
+
+    /// An unknown handle yields an empty slice. The NIC writes a buffer while a READ into
+    /// it is outstanding; change a buffer only when no work request uses it.
+    fn buf_mut(&mut self, buf: LocalBuf) -> &mut [u8] {
+        self.bufs
+            .get_mut(buf.0 as usize)
+            .map_or(&mut [], |b| b.bytes_mut())
+    }
+
+    fn post(&mut self, wrs: &[(WrId, WorkRequest)]) -> Result<(), FabricError> {
+        if let Some(b) = &self.broken {
+            return Err(FabricError::Disconnected(b.message.clone()));
+        }
+        let depth = self.cfg.queue_depth;
+        if self.pending.len() + wrs.len() > depth {
+            return Err(FabricError::QueueFull { depth });
+        }
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        let before = (self.pending.len(), self.counters);
+        if self.pending.is_empty() {
+            self.counters.round_trips += 1;
+        }
+        self.batch.clear();
+        for &(wr_id, ref wr) in wrs {
+            self.count(wr);
+            let seq = self.front_seq + self.pending.len() as u64;
+            let scratch = self
+                .scratch
+                .sge((seq % depth as u64) * 8, 8)
+                .unwrap_or_default();
+            let local = |s: LocalSlice| self.resolve(s);
+            let done = match translate(seq, wr, &self.remote, local, scratch) {
+                Ok(sw) => {
+                    self.batch.push(sw);
+                    None
+                }
+                Err(status) => Some(Completion {
+                    wr_id,
+                    verb: wr.verb(),
+                    status,
+                    value: 0,
+                }),
+            };
+            self.pending.push_back(Slot {
+                wr_id,
+                verb: wr.verb(),
+                done,
+            });
+        }
+        let posted = match self.link.as_mut() {
+            Some(link) => link.qp.post_send(&self.batch),
+            None => Err(FabricError::Disconnected(format!(
+                "not connected to {}; call reconnect()",
+                self.addr
+            ))),
+        };
+        if let Err(e) = posted {
+            self.pending.truncate(before.0);
+            self.counters = before.1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> Result<usize, FabricError> {
+        self.reap()?;
+        self.fail_lost()?;
+        let mut n = 0;
+        while n < out.len() {
+            match self.pending.front() {
+                Some(Slot { done: Some(c), .. }) => {
+                    out[n] = *c;
+                    self.pending.pop_front();
+                    self.front_seq += 1;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok(n)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Busy-polls (a verbs completion is microseconds away); takes nothing unless all
+    /// `out.len()` completions are ready, so a timeout loses none.
+    fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError> {
+        let n = out.len();
+        if n > self.pending.len() {
+            return Err(FabricError::Other(format!(
+                "waiting for {n} completions with only {} work requests outstanding",
+                self.pending.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            self.reap()?;
+            self.fail_lost()?;
+            if self.pending.iter().take(n).all(|s| s.done.is_some()) {
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 1024 == 0 {
+                if start.elapsed() >= timeout {
+                    return Err(FabricError::Timeout(timeout));
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.poll(out).map(|_| ())
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
+        if let Some(b) = &self.broken {
+            return Err(FabricError::Disconnected(b.message.clone()));
+        }
+        let start = Instant::now();
+        loop {
+            self.reap()?;
+            if let Some(e) = self.lost_error() {
+                return Err(e);
+            }
+            let Some(link) = self.link.as_mut() else {
+                return Err(FabricError::Disconnected(format!(
+                    "not connected to {}; call reconnect()",
+                    self.addr
+                )));
+            };
+            if self.ctl.send(&mut link.qp, frame)? {
+                self.counters.sends += 1;
+                return Ok(());
+            }
+            if start.elapsed() > self.cfg.connect_timeout {
+                return Err(FabricError::ControlFull);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
+        let start = Instant::now();
+        let mut wcs = [WorkCompletion::default(); 32];
+        loop {
+            if let Some(f) = self.rx.pop_front() {
+                self.counters.recvs += 1;
+                return Ok(Some(f));
+            }
+            if let Some(e) = self.lost_error() {
+                return Err(e);
+            }
+            let Some(link) = self.link.as_mut() else {
+                return Err(FabricError::Disconnected(format!(
+                    "not connected to {}; call reconnect()",
+                    self.addr
+                )));
+            };
+            let n = link.recv_cq.poll(&mut wcs)?;
+            for wc in &wcs[..n] {
+                if wc.status == 0 {
+                    let f = self.ctl.take_frame(&mut link.qp, wc.wr_id)?;
+                    self.rx.push_back(f);
+                } else {
+                    let message = format!(
+                        "control receive from {} completed with {}; call reconnect()",
+                        self.addr,
+                        wc_status_name(wc.status)
+                    );
+                    if self.broken.is_none() {
+                        self.broken = Some(Broken {
+                            message,
+                            lost: true,
+                        });
+                    }
+                }
+            }
+            if n == 0 {
+                // Send completions also tell of a lost peer.
+                self.reap()?;
+                if start.elapsed() >= timeout {
+                    return Ok(None);
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn counters(&self) -> &FabricCounters {
+        &self.counters
+    }
+}

@@ -1,0 +1,308 @@
+//! Tests on a real RDMA device (a ConnectX, or soft-RoCE: see docs/RDMA.md). They are
+//! ignored by default; run them with
+//! `DINOMO_RDMA_DEVICE=rxe0 cargo test -p dinomo-hw --features rdma -- --ignored`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dinomo_shared::msg::{Request, Response};
+
+use super::{VerbsConfig, VerbsFabric, VerbsServer};
+use crate::fabric::{
+    execute, Completion, CompletionStatus, Fabric, FabricError, Verb, WorkRequest,
+};
+use crate::heap::{HeapPersist, HeapRegion};
+use crate::pmem::{NoPersist, Pmem};
+
+const T: Duration = Duration::from_secs(10);
+
+/// The device named by `DINOMO_RDMA_DEVICE`; these tests cannot run without one.
+fn device() -> String {
+    std::env::var("DINOMO_RDMA_DEVICE").unwrap_or_else(|_| {
+        panic!(
+            "set DINOMO_RDMA_DEVICE to an RDMA device (e.g. rxe0 after \
+             `rdma link add rxe0 type rxe netdev eth0`) to run the ignored verbs tests"
+        )
+    })
+}
+
+fn cfg() -> VerbsConfig {
+    VerbsConfig {
+        gid_index: std::env::var("DINOMO_RDMA_GID_INDEX")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        // Give up on a vanished peer quickly: 4.096 µs × 2^12 ≈ 17 ms per try.
+        ack_timeout: 12,
+        retry_cnt: 3,
+        ..Default::default()
+    }
+}
+
+type Region = Arc<Pmem<HeapPersist<NoPersist>>>;
+
+struct Dpm {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dpm {
+    /// A verbs server over `region` answering Ping on its own thread.
+    fn start(region: &Region, port: u16) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (region, s) = (Arc::clone(region), Arc::clone(&stop));
+        let dev = device();
+        let thread = std::thread::spawn(move || {
+            let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+            let mut server =
+                VerbsServer::bind(Some(&dev), listen, region, &cfg()).expect("verbs server");
+            tx.send(server.local_addr().expect("addr"))
+                .expect("send addr");
+            while !s.load(Ordering::Acquire) {
+                server.poll(|_, f| match Request::decode(f) {
+                    Ok(Request::Ping) => Some(Response::Pong.encode(f.req_id)),
+                    _ => None,
+                });
+            }
+        });
+        let addr = rx.recv_timeout(T).expect("server up");
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread");
+        }
+    }
+}
+
+fn region() -> Region {
+    Arc::new(HeapRegion::new(1 << 20).pmem(NoPersist))
+}
+
+fn one(f: &mut VerbsFabric, wr: WorkRequest) -> Result<Completion, FabricError> {
+    let mut out = [Completion {
+        wr_id: 0,
+        verb: Verb::Read,
+        status: CompletionStatus::ConnectionLost,
+        value: 0,
+    }];
+    execute(f, &[(7, wr)], &mut out, T)?;
+    assert_eq!(out[0].wr_id, 7);
+    assert_eq!(out[0].verb, wr.verb());
+    Ok(out[0])
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn loopback_read_write_cas_faa_flush() {
+    use CompletionStatus as S;
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    let mut f =
+        VerbsFabric::connect(&dpm.addr.to_string(), Some(&device()), &cfg()).expect("connect");
+    assert_eq!(f.region_len(), 1 << 20);
+    let b = f.alloc_buf(256).expect("buf");
+    for (i, x) in f.buf_mut(b).iter_mut().enumerate() {
+        *x = i as u8;
+    }
+    let w = WorkRequest::Write {
+        remote: 1000,
+        local: b.slice(0, 100),
+    };
+    assert_eq!(one(&mut f, w).expect("write").status, S::Success);
+    let fl = WorkRequest::Flush {
+        remote: 1000,
+        len: 100,
+    };
+    assert_eq!(one(&mut f, fl).expect("flush").status, S::Success);
+    let mut seen = [0u8; 100];
+    r.read(1000, &mut seen);
+    assert_eq!(&seen[..], &f.buf(b)[..100], "the WRITE reached the region");
+    let rd = WorkRequest::Read {
+        remote: 1000,
+        local: b.slice(128, 100),
+    };
+    assert_eq!(one(&mut f, rd).expect("read").status, S::Success);
+    let (lo, hi) = f.buf(b).split_at(128);
+    assert_eq!(&lo[..100], &hi[..100]);
+    let c = one(
+        &mut f,
+        WorkRequest::Cas {
+            remote: 2048,
+            expect: 0,
+            new: 5,
+        },
+    )
+    .expect("cas");
+    assert_eq!((c.status, c.value), (S::Success, 0));
+    let c = one(
+        &mut f,
+        WorkRequest::Cas {
+            remote: 2048,
+            expect: 0,
+            new: 9,
+        },
+    )
+    .expect("cas");
+    assert_eq!(
+        (c.status, c.value),
+        (S::Success, 5),
+        "a failed CAS returns the old value"
+    );
+    let c = one(
+        &mut f,
+        WorkRequest::Faa {
+            remote: 2048,
+            add: 10,
+        },
+    )
+    .expect("faa");
+    assert_eq!((c.status, c.value), (S::Success, 5));
+    assert_eq!(r.load_u64(2048), 15);
+    // Bad requests fail alone, before reaching the device, and the QP stays usable.
+    let c = one(
+        &mut f,
+        WorkRequest::Faa {
+            remote: 2052,
+            add: 1,
+        },
+    )
+    .expect("misaligned");
+    assert_eq!(c.status, S::Misaligned);
+    let c = one(
+        &mut f,
+        WorkRequest::Read {
+            remote: (1 << 20) - 4,
+            local: b.slice(0, 8),
+        },
+    )
+    .expect("oob");
+    assert_eq!(c.status, S::RemoteAccessError);
+    // A batch with one doorbell shares one round trip.
+    let before = f.counters().round_trips;
+    let wrs: Vec<_> = (0..8u64)
+        .map(|i| {
+            (
+                i,
+                WorkRequest::Faa {
+                    remote: 4096,
+                    add: 1,
+                },
+            )
+        })
+        .collect();
+    let mut out = vec![
+        Completion {
+            wr_id: 0,
+            verb: Verb::Faa,
+            status: S::ConnectionLost,
+            value: 0
+        };
+        8
+    ];
+    execute(&mut f, &wrs, &mut out, T).expect("batch");
+    assert_eq!(
+        out.iter().map(|c| c.value).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
+    assert_eq!(f.counters().round_trips, before + 1);
+    assert_eq!(r.load_u64(4096), 8);
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn control_send_and_recv() {
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    let mut f =
+        VerbsFabric::connect(&dpm.addr.to_string(), Some(&device()), &cfg()).expect("connect");
+    for _ in 0..100 {
+        assert_eq!(f.call(&Request::Ping, T).expect("call"), Ok(Response::Pong));
+    }
+    assert_eq!((f.counters().sends, f.counters().recvs), (100, 100));
+    assert_eq!(f.recv(Duration::from_millis(10)).expect("recv"), None);
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn a_vanished_dpm_is_an_error_and_reconnect_recovers() {
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    let port = dpm.addr.port();
+    let mut f =
+        VerbsFabric::connect(&dpm.addr.to_string(), Some(&device()), &cfg()).expect("connect");
+    let b = f.alloc_buf(64).expect("buf");
+    let rd = WorkRequest::Read {
+        remote: 0,
+        local: b.slice(0, 8),
+    };
+    one(&mut f, rd).expect("read while up");
+    dpm.stop(); // destroys the DPM's queue pair
+    let e = one(&mut f, rd).expect_err("the peer is gone");
+    let msg = e.to_string();
+    assert!(matches!(e, FabricError::Disconnected(_)), "{msg}");
+    assert!(
+        msg.contains("IBV_WC_"),
+        "the completion status is named: {msg}"
+    );
+    assert!(f.broken().is_some());
+    assert!(matches!(
+        f.post(&[(1, rd)]),
+        Err(FabricError::Disconnected(_))
+    ));
+    // Nothing listens: reconnect fails clearly and the fabric stays broken.
+    assert!(f.reconnect().is_err());
+    let dpm = Dpm::start(&r, port);
+    f.reconnect().expect("reconnect");
+    r.store_u64(0, 77);
+    one(&mut f, rd).expect("read after reconnect");
+    assert_eq!(
+        &f.buf(b)[..8],
+        &77u64.to_ne_bytes(),
+        "buffers survive a reconnect"
+    );
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn foreign_peers_get_a_clear_error() {
+    use std::io::{Read, Write};
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    let mut s = std::net::TcpStream::connect(dpm.addr).expect("tcp");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+    let mut reply = Vec::new();
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let _ = s.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("not a DINOMO verbs endpoint"), "{text}");
+    // A KN pointed at something that is not a DPM.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = other.local_addr().expect("addr");
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = other.accept().expect("accept");
+        let _ = c.write_all(b"SSH-2.0-OpenSSH\r\n");
+    });
+    let e = VerbsFabric::connect(&addr.to_string(), Some(&device()), &cfg()).expect_err("foreign");
+    assert!(e.to_string().contains("not a DINOMO verbs endpoint"), "{e}");
+    t.join().expect("thread");
+    dpm.stop();
+}

@@ -1,0 +1,292 @@
+//! The DPM end: registers the region once, accepts KN connections over TCP, and serves
+//! their control frames.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dinomo_shared::msg::Frame;
+
+use super::link::{CtlSlots, Device, Link};
+use super::sys::{Access, MemoryRegion, WorkCompletion};
+use super::wire::{read_msg, write_msg, EndpointInfo, Msg};
+use super::wr::{wc_status_name, CTL_SEND_BIT};
+use super::VerbsConfig;
+use crate::fabric::FabricError;
+use crate::pmem::{Persist, Pmem};
+
+/// How often connections are checked for a closed TCP stream.
+const LIVENESS_EVERY: Duration = Duration::from_millis(100);
+
+struct Endpoint {
+    id: u64,
+    peer: SocketAddr,
+    // Drop order: QP first.
+    link: Link,
+    ctl: CtlSlots,
+    tcp: TcpStream,
+    /// Replies waiting for a free send slot.
+    backlog: VecDeque<Frame>,
+}
+
+/// Serves KN connections over RDMA verbs.
+pub struct VerbsServer {
+    listener: TcpListener,
+    endpoints: Vec<Endpoint>,
+    region: MemoryRegion,
+    dev: Device,
+    cfg: VerbsConfig,
+    next_id: u64,
+    last_liveness: Instant,
+    events: Vec<String>,
+}
+
+impl fmt::Debug for VerbsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerbsServer")
+            .field("device", &self.dev.name())
+            .field("listen", &self.listener.local_addr().ok())
+            .field("region", &self.region)
+            .field("connections", &self.endpoints.len())
+            .finish()
+    }
+}
+
+impl VerbsServer {
+    /// Opens `device` (`None`: the first), registers `region` for remote READ, WRITE and
+    /// atomics, and listens for KNs on `listen`. The device is opened first, so a host
+    /// without RDMA fails before anything else is set up.
+    pub fn bind<P: Persist + 'static>(
+        device: Option<&str>,
+        listen: SocketAddr,
+        region: Arc<Pmem<P>>,
+        cfg: &VerbsConfig,
+    ) -> Result<Self, FabricError> {
+        let dev = Device::open(device, cfg)?;
+        let region = dev.pd.register_pmem(region, Access::REMOTE_ALL)?;
+        let listener = TcpListener::bind(listen)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(|e| FabricError::Other(format!("cannot listen on {listen}: {e}")))?;
+        Ok(Self {
+            listener,
+            endpoints: Vec::new(),
+            region,
+            dev,
+            cfg: cfg.clone(),
+            next_id: 1,
+            last_liveness: Instant::now(),
+            events: Vec::new(),
+        })
+    }
+
+    /// The address KNs connect to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    pub fn device_name(&self) -> &str {
+        self.dev.name()
+    }
+
+    /// Connected KNs.
+    pub fn connections(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Connections made and lost, refused peers: for the caller's log.
+    pub fn drain_events(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Accepts new connections, then hands every received control frame to `handler`
+    /// (with the connection's id) and sends its reply. Returns the frames handled.
+    pub fn poll(&mut self, mut handler: impl FnMut(u64, &Frame) -> Option<Frame>) -> usize {
+        self.accept_all();
+        let mut handled = 0;
+        let mut dead = Vec::new();
+        let mut wcs = [WorkCompletion::default(); 32];
+        for (i, ep) in self.endpoints.iter_mut().enumerate() {
+            match serve_endpoint(ep, &mut handler, &mut wcs) {
+                Ok(n) => handled += n,
+                Err(why) => dead.push((i, why)),
+            }
+        }
+        if self.last_liveness.elapsed() >= LIVENESS_EVERY {
+            self.last_liveness = Instant::now();
+            for (i, ep) in self.endpoints.iter_mut().enumerate() {
+                if !dead.iter().any(|(d, _)| *d == i) {
+                    if let Some(why) = tcp_closed(&mut ep.tcp) {
+                        dead.push((i, why));
+                    }
+                }
+            }
+        }
+        dead.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, why) in dead {
+            let ep = self.endpoints.swap_remove(i);
+            self.events.push(format!(
+                "KN connection {} from {} closed: {why}",
+                ep.id, ep.peer
+            ));
+        }
+        handled
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((tcp, peer)) => match self.handshake(tcp, peer) {
+                    Ok(ep) => {
+                        self.events.push(format!(
+                            "KN connection {} from {peer}: QP {} ↔ QP {}",
+                            ep.id, ep.link.local.qpn, ep.link.local.qpn
+                        ));
+                        self.endpoints.push(ep);
+                    }
+                    Err(e) => self
+                        .events
+                        .push(format!("refused a connection from {peer}: {e}")),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.events.push(format!("accept failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The TCP exchange with one KN; the control thread waits at most the connect timeout.
+    fn handshake(&mut self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Endpoint, FabricError> {
+        let t = Some(self.cfg.connect_timeout);
+        tcp.set_nonblocking(false)
+            .and_then(|_| tcp.set_read_timeout(t))
+            .and_then(|_| tcp.set_write_timeout(t))
+            .and_then(|_| tcp.set_nodelay(true))
+            .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
+        let hello = match read_msg(&mut tcp) {
+            Ok(Msg::Hello(ep)) => ep,
+            Ok(m) => {
+                let why = format!("expected a Hello, got {m:?}");
+                let _ = write_msg(&mut tcp, &Msg::Reject(why.clone()));
+                return Err(FabricError::Other(why));
+            }
+            Err(e) => {
+                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
+                return Err(FabricError::Other(e.to_string()));
+            }
+        };
+        match self.endpoint_for(&hello) {
+            Ok((link, ctl)) => {
+                let accept = Msg::Accept {
+                    ep: link.local,
+                    rkey: self.region.rkey(),
+                    base: self.region.addr(),
+                    len: self.region.registered_len(),
+                };
+                let io = |e: super::wire::ExchangeError| FabricError::Other(e.to_string());
+                write_msg(&mut tcp, &accept).map_err(io)?;
+                match read_msg(&mut tcp).map_err(io)? {
+                    Msg::Ready => {}
+                    m => return Err(FabricError::Other(format!("expected Ready, got {m:?}"))),
+                }
+                tcp.set_nonblocking(true)
+                    .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
+                let id = self.next_id;
+                self.next_id += 1;
+                Ok(Endpoint {
+                    id,
+                    peer,
+                    link,
+                    ctl,
+                    tcp,
+                    backlog: VecDeque::new(),
+                })
+            }
+            Err(e) => {
+                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    fn endpoint_for(&self, kn: &EndpointInfo) -> Result<(Link, CtlSlots), FabricError> {
+        let n = self.cfg.ctl_slots;
+        let mut link = Link::new(&self.dev, &self.cfg, n, n, true)?;
+        link.qp.attach(&self.region);
+        let mut ctl = CtlSlots::new(&self.dev, n)?;
+        ctl.arm(&mut link.qp)?;
+        link.connect(kn)?;
+        Ok((link, ctl))
+    }
+}
+
+/// Serves one connection's received frames; an error means the connection is gone.
+fn serve_endpoint(
+    ep: &mut Endpoint,
+    handler: &mut impl FnMut(u64, &Frame) -> Option<Frame>,
+    wcs: &mut [WorkCompletion; 32],
+) -> Result<usize, String> {
+    let fabric = |e: FabricError| e.to_string();
+    // Finished SENDs free their slots.
+    loop {
+        let n = ep.link.send_cq.poll(wcs).map_err(fabric)?;
+        for wc in &wcs[..n] {
+            if wc.wr_id & CTL_SEND_BIT != 0 {
+                ep.ctl.send_done(wc.wr_id);
+            }
+            if wc.status != 0 {
+                return Err(format!(
+                    "a reply completed with {}",
+                    wc_status_name(wc.status)
+                ));
+            }
+        }
+        if n < wcs.len() {
+            break;
+        }
+    }
+    while let Some(f) = ep.backlog.front() {
+        if !ep.ctl.send(&mut ep.link.qp, f).map_err(fabric)? {
+            break;
+        }
+        ep.backlog.pop_front();
+    }
+    let mut handled = 0;
+    let n = ep.link.recv_cq.poll(wcs).map_err(fabric)?;
+    for wc in &wcs[..n] {
+        if wc.status != 0 {
+            return Err(format!(
+                "a control receive completed with {}",
+                wc_status_name(wc.status)
+            ));
+        }
+        let frame = ep
+            .ctl
+            .take_frame(&mut ep.link.qp, wc.wr_id)
+            .map_err(fabric)?;
+        handled += 1;
+        if let Some(reply) = handler(ep.id, &frame) {
+            if !ep.backlog.is_empty() || !ep.ctl.send(&mut ep.link.qp, &reply).map_err(fabric)? {
+                ep.backlog.push_back(reply);
+            }
+        }
+    }
+    Ok(handled)
+}
+
+/// Why a KN's TCP stream is closed, if it is (the KN process exited or closed the fabric).
+fn tcp_closed(tcp: &mut TcpStream) -> Option<String> {
+    let mut b = [0u8; 16];
+    match tcp.read(&mut b) {
+        Ok(0) => Some("the KN closed the connection".into()),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+        Err(e) => Some(format!("TCP: {e}")),
+    }
+}

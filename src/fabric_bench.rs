@@ -1,0 +1,679 @@
+//! `dinomo fabric-bench`: latency and throughput of one-sided verbs over a [`Fabric`], in
+//! the manner of perftest's `ib_read_lat` / `ib_write_bw`.
+//!
+//! `depth` work requests are kept outstanding; each completion's latency is the time from
+//! its post to the poll that returned it (with `--depth 1`, one round trip: the `_lat`
+//! tools' figure), and throughput is completions over the measured run (the `_bw` tools'
+//! figure, best with a deeper queue). Atomics always move 8 bytes.
+//!
+//! Ends:
+//! - shm, default: one process runs both ends over a region in its own memory (NIC model
+//!   `--nic`, default none), so the figures are the fabric's software cost.
+//! - shm, `--server --path FILE`: creates a region file and its control file and serves
+//!   until Ctrl-C; a client `--path FILE` in another process maps the region.
+//! - verbs, `--server`: registers a region of `--region-size` and listens on `--port`;
+//!   a client `--connect HOST:PORT` runs the benchmark. Without either, one process runs
+//!   both ends over the device in loopback. (Do not point the benchmark at a live
+//!   `dinomo dpm serve`: its WRITEs and atomics would clobber the region.)
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dinomo_hw::fabric::nic::{NicModel, NicProfile};
+use dinomo_hw::fabric::shm::ShmFabric;
+use dinomo_hw::fabric::{
+    default_ctl_path, Completion, CompletionStatus, ControlServer, Fabric, FabricError, Verb,
+    WorkRequest,
+};
+use dinomo_hw::heap::HeapRegion;
+use dinomo_hw::region_file::RegionFile;
+use dinomo_hw::NoPersist;
+use dinomo_shared::msg::{Request, Response};
+
+use crate::size::parse_size;
+
+/// Smallest and largest `--size`.
+pub const MIN_SIZE: u64 = 8;
+pub const MAX_SIZE: u64 = 65536;
+/// Largest `--depth`.
+pub const MAX_DEPTH: usize = 4096;
+/// Default TCP port of the verbs server.
+pub const DEFAULT_PORT: u16 = 18515;
+
+/// Which fabric backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FabricKind {
+    /// Shared memory (one machine).
+    Shm,
+    /// RDMA verbs (needs a build with `--features rdma` and a device).
+    Verbs,
+}
+
+/// The verb measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchOp {
+    Read,
+    Write,
+    Cas,
+    Faa,
+}
+
+impl BenchOp {
+    /// Bytes one operation moves.
+    pub fn bytes(self, size: u32) -> u32 {
+        match self {
+            Self::Read | Self::Write => size,
+            Self::Cas | Self::Faa => 8,
+        }
+    }
+}
+
+/// The message for `--fabric verbs` in a build without the `rdma` feature.
+pub const NO_RDMA_SUPPORT: &str = "this dinomo was built without RDMA support; rebuild with \
+`cargo build --release --features rdma` (needs libibverbs-dev, librdmacm-dev, libclang-dev and \
+pkg-config), or use `--fabric shm`";
+
+/// Arguments of `dinomo fabric-bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Fabric backend.
+    #[arg(long, value_enum, default_value_t = FabricKind::Shm)]
+    pub fabric: FabricKind,
+    /// RDMA device (verbs; default: the first).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Operation.
+    #[arg(long, value_enum, default_value_t = BenchOp::Read)]
+    pub op: BenchOp,
+    /// Bytes per READ/WRITE, 8..65536 (e.g. 64, 1K); atomics move 8.
+    #[arg(long, default_value = "64", value_parser = parse_size)]
+    pub size: u64,
+    /// Work requests kept outstanding.
+    #[arg(long, default_value_t = 1)]
+    pub depth: usize,
+    /// Measured operations.
+    #[arg(long, default_value_t = 100_000)]
+    pub iters: u64,
+    /// Operations before measuring (default: a tenth of --iters, at most 10000).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run the server end (serves until Ctrl-C).
+    #[arg(long)]
+    pub server: bool,
+    /// Verbs client: the server's HOST:PORT.
+    #[arg(long)]
+    pub connect: Option<String>,
+    /// Verbs server: TCP port to listen on.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Verbs: GID index (RoCE: the entry of the address to use).
+    #[arg(long, default_value_t = 0)]
+    pub gid_index: u8,
+    /// shm server/client: the region file.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// Server: bytes of the region.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub region_size: u64,
+    /// shm: NIC latency model (none, cx3-fdr, …).
+    #[arg(long, default_value = "none")]
+    pub nic: String,
+}
+
+/// Why the benchmark did not run.
+#[derive(Debug)]
+pub enum BenchError {
+    /// Bad arguments (exit code 2).
+    Usage(String),
+    Fabric(FabricError),
+    Other(String),
+}
+
+impl std::error::Error for BenchError {}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Usage(m) | Self::Other(m) => f.write_str(m),
+            Self::Fabric(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<FabricError> for BenchError {
+    fn from(e: FabricError) -> Self {
+        Self::Fabric(e)
+    }
+}
+
+/// What one run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchParams {
+    pub op: BenchOp,
+    pub size: u32,
+    pub depth: usize,
+    pub iters: u64,
+    pub warmup: u64,
+}
+
+impl BenchParams {
+    /// Checks the arguments; the error is a usage message.
+    pub fn from_args(a: &BenchArgs) -> Result<Self, BenchError> {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&a.size) {
+            return Err(BenchError::Usage(format!(
+                "--size {} is outside {MIN_SIZE}..={MAX_SIZE}",
+                a.size
+            )));
+        }
+        if a.depth == 0 || a.depth > MAX_DEPTH {
+            return Err(BenchError::Usage(format!(
+                "--depth {} is outside 1..={MAX_DEPTH}",
+                a.depth
+            )));
+        }
+        if a.iters == 0 {
+            return Err(BenchError::Usage("--iters must be at least 1".into()));
+        }
+        Ok(Self {
+            op: a.op,
+            size: a.size as u32,
+            depth: a.depth,
+            iters: a.iters,
+            warmup: a.warmup.unwrap_or((a.iters / 10).min(10_000)),
+        })
+    }
+
+    /// Local/remote bytes between consecutive slots (cache-line multiples).
+    fn stride(&self) -> u64 {
+        u64::from(self.op.bytes(self.size)).div_ceil(64) * 64
+    }
+}
+
+/// Latency summary in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct LatencyStats {
+    pub min_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+    pub mean_ns: f64,
+}
+
+/// The nearest-rank `p`-th percentile of sorted samples (0 for none).
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl LatencyStats {
+    /// Summarizes `samples` (sorted in place).
+    pub fn from_samples(samples: &mut [u64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
+        Self {
+            min_ns: samples[0],
+            p50_ns: percentile(samples, 50.0),
+            p99_ns: percentile(samples, 99.0),
+            p999_ns: percentile(samples, 99.9),
+            max_ns: samples[samples.len() - 1],
+            mean_ns: sum as f64 / samples.len() as f64,
+        }
+    }
+}
+
+/// Operations per second over `elapsed`.
+pub fn ops_per_sec(ops: u64, elapsed: Duration) -> f64 {
+    let s = elapsed.as_secs_f64();
+    if s == 0.0 {
+        0.0
+    } else {
+        ops as f64 / s
+    }
+}
+
+/// Payload throughput in Gb/s (10^9 bits per second), as perftest reports it.
+pub fn gbps(ops: u64, bytes_per_op: u32, elapsed: Duration) -> f64 {
+    ops_per_sec(ops, elapsed) * f64::from(bytes_per_op) * 8.0 / 1e9
+}
+
+/// A benchmark result.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BenchReport {
+    pub fabric: FabricKind,
+    pub op: BenchOp,
+    pub bytes: u32,
+    pub depth: usize,
+    pub iters: u64,
+    pub warmup: u64,
+    pub elapsed_ns: u64,
+    pub latency: LatencyStats,
+    pub ops_per_sec: f64,
+    pub gbps: f64,
+    pub round_trips: u64,
+}
+
+impl BenchReport {
+    /// A perftest-like table.
+    pub fn render(&self) -> String {
+        let us = |ns: u64| ns as f64 / 1e3;
+        format!(
+            "{:<6} {:<5} {:>7} {:>6} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}\n\
+             {:<6} {:<5} {:>7} {:>6} {:>9} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>12.0} {:>9.3}\n",
+            "fabric",
+            "op",
+            "#bytes",
+            "depth",
+            "#iters",
+            "t_min[us]",
+            "t_p50[us]",
+            "t_p99[us]",
+            "t_max[us]",
+            "ops/s",
+            "BW[Gb/s]",
+            format!("{:?}", self.fabric).to_lowercase(),
+            format!("{:?}", self.op).to_lowercase(),
+            self.bytes,
+            self.depth,
+            self.iters,
+            us(self.latency.min_ns),
+            us(self.latency.p50_ns),
+            us(self.latency.p99_ns),
+            us(self.latency.max_ns),
+            self.ops_per_sec,
+            self.gbps,
+        )
+    }
+}
+
+/// Runs the benchmark on `f` (nothing outstanding on it) and reports.
+pub fn run(
+    f: &mut dyn Fabric,
+    fabric: FabricKind,
+    p: &BenchParams,
+) -> Result<BenchReport, BenchError> {
+    let stride = p.stride();
+    let span = stride * p.depth as u64;
+    if span > f.region_len() {
+        return Err(BenchError::Usage(format!(
+            "--depth {} × {stride} bytes does not fit the {}-byte region",
+            p.depth,
+            f.region_len()
+        )));
+    }
+    let buf = f.alloc_buf(span as usize)?;
+    let bytes = p.op.bytes(p.size);
+    let wr = |id: u64| {
+        let slot = id % p.depth as u64;
+        let remote = slot * stride;
+        let local = buf.slice((slot * stride) as u32, bytes);
+        match p.op {
+            BenchOp::Read => WorkRequest::Read { remote, local },
+            BenchOp::Write => WorkRequest::Write { remote, local },
+            BenchOp::Cas => WorkRequest::Cas {
+                remote,
+                expect: 0,
+                new: 0,
+            },
+            BenchOp::Faa => WorkRequest::Faa { remote, add: 1 },
+        }
+    };
+    let total = p.warmup + p.iters;
+    let now = Instant::now();
+    let mut posted_at = vec![now; p.depth];
+    let mut out = vec![
+        Completion {
+            wr_id: 0,
+            verb: Verb::Read,
+            status: CompletionStatus::Success,
+            value: 0,
+        };
+        p.depth
+    ];
+    let mut wrs = Vec::with_capacity(p.depth);
+    let mut samples = Vec::with_capacity(p.iters as usize);
+    let (mut posted, mut completed) = (0u64, 0u64);
+    let mut start = now;
+    let mut last_progress = Instant::now();
+    let rt0 = f.counters().round_trips;
+    let mut rt_start = rt0;
+    if p.warmup == 0 {
+        start = Instant::now();
+    }
+    while completed < total {
+        let room = (p.depth - f.outstanding()) as u64;
+        let n = room.min(total - posted);
+        if n > 0 {
+            wrs.clear();
+            wrs.extend((posted..posted + n).map(|id| (id, wr(id))));
+            let t = Instant::now();
+            for id in posted..posted + n {
+                posted_at[(id % p.depth as u64) as usize] = t;
+            }
+            f.post(&wrs)?;
+            posted += n;
+        }
+        let got = f.poll(&mut out)?;
+        if got == 0 {
+            if last_progress.elapsed() > Duration::from_secs(10) {
+                return Err(FabricError::Timeout(Duration::from_secs(10)).into());
+            }
+            std::hint::spin_loop();
+            continue;
+        }
+        let t = Instant::now();
+        last_progress = t;
+        for c in &out[..got] {
+            if c.status != CompletionStatus::Success {
+                return Err(BenchError::Other(format!(
+                    "work request {} ({:?}) failed: {}",
+                    c.wr_id, c.verb, c.status
+                )));
+            }
+            if completed >= p.warmup {
+                let at = posted_at[(c.wr_id % p.depth as u64) as usize];
+                samples.push(t.duration_since(at).as_nanos() as u64);
+            }
+            completed += 1;
+            if completed == p.warmup {
+                start = t;
+                rt_start = f.counters().round_trips;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let latency = LatencyStats::from_samples(&mut samples);
+    Ok(BenchReport {
+        fabric,
+        op: p.op,
+        bytes,
+        depth: p.depth,
+        iters: p.iters,
+        warmup: p.warmup,
+        elapsed_ns: elapsed.as_nanos() as u64,
+        latency,
+        ops_per_sec: ops_per_sec(p.iters, elapsed),
+        gbps: gbps(p.iters, bytes, elapsed),
+        round_trips: f.counters().round_trips - rt_start,
+    })
+}
+
+/// Answers pings; other control frames get no reply.
+fn ping_only(frame: &dinomo_shared::msg::Frame) -> Option<dinomo_shared::msg::Frame> {
+    match Request::decode(frame) {
+        Ok(Request::Ping) => Some(Response::Pong.encode(frame.req_id)),
+        _ => None,
+    }
+}
+
+/// Runs `dinomo fabric-bench` with parsed arguments; `stop` ends a server.
+pub fn main(a: &BenchArgs, stop: &AtomicBool) -> Result<Option<BenchReport>, BenchError> {
+    let p = BenchParams::from_args(a)?;
+    let report = match a.fabric {
+        FabricKind::Shm => shm(a, &p, stop)?,
+        FabricKind::Verbs => verbs(a, &p, stop)?,
+    };
+    if let (Some(r), Some(path)) = (&report, &a.json) {
+        let json = serde_json::to_string_pretty(r).map_err(|e| BenchError::Other(e.to_string()))?;
+        std::fs::write(path, json + "\n")
+            .map_err(|e| BenchError::Other(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(report)
+}
+
+fn shm(
+    a: &BenchArgs,
+    p: &BenchParams,
+    stop: &AtomicBool,
+) -> Result<Option<BenchReport>, BenchError> {
+    let profile: NicProfile = a
+        .nic
+        .parse()
+        .map_err(|e: dinomo_hw::fabric::UnknownNicProfile| BenchError::Usage(e.to_string()))?;
+    if a.connect.is_some() {
+        return Err(BenchError::Usage(
+            "--connect is for --fabric verbs; an shm client takes --path".into(),
+        ));
+    }
+    match (&a.path, a.server) {
+        (None, true) => Err(BenchError::Usage(
+            "an shm server needs --path FILE for the region it creates".into(),
+        )),
+        (Some(path), true) => {
+            let region = RegionFile::create(path, a.region_size)
+                .map_err(|e| BenchError::Other(e.to_string()))?;
+            let ctl = default_ctl_path(path);
+            let mut server = ControlServer::create(&ctl, 64)?;
+            eprintln!(
+                "serving a {}-byte region at {} (control {}); Ctrl-C stops",
+                region.len(),
+                path.display(),
+                ctl.display()
+            );
+            while !stop.load(Ordering::Acquire) {
+                if server.poll(|_, f| ping_only(f)) == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            drop(server);
+            let _ = std::fs::remove_file(&ctl);
+            let _ = std::fs::remove_file(path);
+            Ok(None)
+        }
+        (Some(path), false) => {
+            let mut f = ShmFabric::connect_file(path, &default_ctl_path(path), profile)?
+                .with_queue_depth(p.depth);
+            run(&mut f, FabricKind::Shm, p).map(Some)
+        }
+        (None, false) => {
+            let heap = HeapRegion::new(a.region_size);
+            let server = ControlServer::in_memory(1);
+            let mut f = ShmFabric::new(
+                Arc::new(heap.pmem(NoPersist)),
+                server.client()?,
+                NicModel::new(profile),
+            )
+            .with_queue_depth(p.depth);
+            run(&mut f, FabricKind::Shm, p).map(Some)
+        }
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn verbs(
+    _: &BenchArgs,
+    _: &BenchParams,
+    _: &AtomicBool,
+) -> Result<Option<BenchReport>, BenchError> {
+    Err(BenchError::Other(NO_RDMA_SUPPORT.into()))
+}
+
+#[cfg(feature = "rdma")]
+fn verbs(
+    a: &BenchArgs,
+    p: &BenchParams,
+    stop: &AtomicBool,
+) -> Result<Option<BenchReport>, BenchError> {
+    use dinomo_hw::fabric::verbs::{VerbsConfig, VerbsFabric, VerbsServer};
+    use std::net::SocketAddr;
+    let cfg = VerbsConfig {
+        gid_index: a.gid_index,
+        queue_depth: p.depth.max(1),
+        ..Default::default()
+    };
+    cfg.validate()?;
+    // Fail first on a host without RDMA, whatever else is asked.
+    dinomo_hw::fabric::verbs::device_names()?;
+    let device = a.device.as_deref();
+    let region = || Arc::new(HeapRegion::new(a.region_size).pmem(NoPersist));
+    if a.server {
+        let listen = SocketAddr::from(([0, 0, 0, 0], a.port));
+        let mut server = VerbsServer::bind(device, listen, region(), &cfg)?;
+        eprintln!(
+            "serving a {}-byte region over {} on {listen}; Ctrl-C stops",
+            a.region_size,
+            server.device_name()
+        );
+        while !stop.load(Ordering::Acquire) {
+            if server.poll(|_, f| ping_only(f)) == 0 {
+                std::thread::yield_now();
+            }
+            for e in server.drain_events() {
+                eprintln!("{e}");
+            }
+        }
+        return Ok(None);
+    }
+    if let Some(addr) = &a.connect {
+        let mut f = VerbsFabric::connect(addr, device, &cfg)?;
+        return run(&mut f, FabricKind::Verbs, p).map(Some);
+    }
+    // Loopback: both ends in this process.
+    let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut server = VerbsServer::bind(device, listen, region(), &cfg)?;
+    let addr = server
+        .local_addr()
+        .ok_or_else(|| BenchError::Other("the loopback server has no address".into()))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let t = std::thread::spawn(move || {
+        while !d.load(Ordering::Acquire) {
+            server.poll(|_, f| ping_only(f));
+            std::thread::yield_now();
+        }
+    });
+    let result = VerbsFabric::connect(&addr.to_string(), device, &cfg)
+        .map_err(BenchError::from)
+        .and_then(|mut f| run(&mut f, FabricKind::Verbs, p));
+    done.store(true, Ordering::Release);
+    let _ = t.join();
+    result.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let mut v = vec!["x"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).expect("parse").a
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let mut s: Vec<u64> = (1..=100).rev().collect();
+        let st = LatencyStats::from_samples(&mut s);
+        assert_eq!(
+            (st.min_ns, st.p50_ns, st.p99_ns, st.max_ns),
+            (1, 50, 99, 100)
+        );
+        assert_eq!(st.p999_ns, 100);
+        assert!((st.mean_ns - 50.5).abs() < 1e-9);
+        assert_eq!(percentile(&[7], 50.0), 7);
+        assert_eq!(percentile(&[7], 0.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+        assert_eq!(percentile(&[1, 2, 3, 4], 50.0), 2);
+        assert_eq!(percentile(&[1, 2, 3, 4], 51.0), 3);
+        assert_eq!(LatencyStats::from_samples(&mut []), LatencyStats::default());
+    }
+
+    #[test]
+    fn throughput_in_gigabits() {
+        // 1 M ops of 1 KiB in one second: 8.192 Gb/s.
+        let g = gbps(1_000_000, 1024, Duration::from_secs(1));
+        assert!((g - 8.192).abs() < 1e-9, "{g}");
+        assert!((ops_per_sec(500, Duration::from_millis(250)) - 2000.0).abs() < 1e-9);
+        assert_eq!(ops_per_sec(5, Duration::ZERO), 0.0);
+        assert_eq!(BenchOp::Cas.bytes(4096), 8);
+        assert_eq!(BenchOp::Read.bytes(4096), 4096);
+    }
+
+    #[test]
+    fn arguments_are_checked() {
+        let ok = BenchParams::from_args(&args(&["--size", "1K", "--depth", "16", "--op", "write"]))
+            .expect("valid");
+        assert_eq!((ok.size, ok.depth, ok.op), (1024, 16, BenchOp::Write));
+        assert_eq!(ok.warmup, 10_000);
+        for bad in [
+            &["--size", "4"][..],
+            &["--size", "65537"],
+            &["--depth", "0"],
+            &["--iters", "0"],
+        ] {
+            assert!(
+                matches!(
+                    BenchParams::from_args(&args(bad)),
+                    Err(BenchError::Usage(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(Cli::try_parse_from(["x", "--op", "swap"]).is_err());
+    }
+
+    #[test]
+    fn shm_single_process_run_measures_every_op() {
+        for op in ["read", "write", "cas", "faa"] {
+            let a = args(&[
+                "--op",
+                op,
+                "--iters",
+                "500",
+                "--depth",
+                "4",
+                "--region-size",
+                "1M",
+            ]);
+            let stop = AtomicBool::new(false);
+            let r = main(&a, &stop).expect("bench").expect("a report");
+            assert_eq!(r.iters, 500);
+            assert!(r.latency.min_ns <= r.latency.p50_ns && r.latency.p50_ns <= r.latency.max_ns);
+            assert!(
+                r.round_trips >= 1 && r.round_trips <= 500,
+                "{}",
+                r.round_trips
+            );
+            assert!(r.render().contains(op));
+        }
+        // JSON output.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.json");
+        let a = args(&["--iters", "100", "--json", path.to_str().expect("utf-8")]);
+        main(&a, &AtomicBool::new(false)).expect("bench");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("json")).expect("parse");
+        assert_eq!(v["op"], "read");
+        assert_eq!(v["bytes"], 64);
+        assert!(v["latency"]["p99_ns"].is_u64());
+    }
+
+    #[test]
+    fn a_region_too_small_for_the_queue_is_a_usage_error() {
+        let a = args(&["--size", "64K", "--depth", "64", "--region-size", "1M"]);
+        assert!(matches!(
+            main(&a, &AtomicBool::new(false)),
+            Err(BenchError::Usage(_))
+        ));
+    }
+}
