@@ -1,18 +1,31 @@
 //! A region in this process's memory: for in-process clusters, benchmarks and tests that
 //! need no file and no power-failure simulation.
 
-use std::sync::atomic::AtomicU64;
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::pmem::{Persist, Pmem};
 
-#[repr(C, align(64))]
-struct Line([AtomicU64; 8]);
-
-/// Zeroed, 64-byte aligned memory that outlives every [`Pmem`] made from it.
+/// Zeroed, 64-byte aligned memory that outlives every [`Pmem`] made from it. It is
+/// allocated zeroed, so the operating system supplies pages lazily: a large region costs
+/// nothing until it is touched.
 pub struct HeapRegion {
-    lines: Box<[Line]>,
+    base: NonNull<u8>,
+    layout: Layout,
     len: u64,
+}
+
+// SAFETY: the memory is only reached through `Pmem`, whose accesses are atomic or copies.
+unsafe impl Send for HeapRegion {}
+// SAFETY: as above.
+unsafe impl Sync for HeapRegion {}
+
+impl Drop for HeapRegion {
+    fn drop(&mut self) {
+        // SAFETY: `base` was allocated in `new` with exactly `layout` and is freed once.
+        unsafe { dealloc(self.base.as_ptr(), self.layout) }
+    }
 }
 
 impl std::fmt::Debug for HeapRegion {
@@ -26,19 +39,27 @@ impl std::fmt::Debug for HeapRegion {
 impl HeapRegion {
     /// `len` zeroed bytes (rounded up to whole cache lines).
     pub fn new(len: u64) -> Arc<Self> {
-        let lines = (len as usize).div_ceil(64);
-        let lines = (0..lines).map(|_| Line(Default::default())).collect();
-        Arc::new(Self { lines, len })
+        let bytes = (len as usize).div_ceil(64).max(1) * 64;
+        let layout = match Layout::from_size_align(bytes, 64) {
+            Ok(l) => l,
+            Err(_) => panic!("a region of {len} bytes cannot be laid out in memory"),
+        };
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let Some(base) = NonNull::new(ptr) else {
+            handle_alloc_error(layout)
+        };
+        Arc::new(Self { base, layout, len })
     }
 
     /// A [`Pmem`] over this memory with persistence backend `persist`.
     pub fn pmem<P: Persist>(self: &Arc<Self>, persist: P) -> Pmem<HeapPersist<P>> {
-        let base = self.lines.as_ptr() as *mut u8;
+        let base = self.base.as_ptr();
         let persist = HeapPersist {
             _mem: Arc::clone(self),
             inner: persist,
         };
-        // SAFETY: `lines` is 64-byte aligned, at least `len` bytes, only accessed atomically
+        // SAFETY: `base` is 64-byte aligned, at least `len` bytes, only accessed atomically
         // or by copies, and kept alive by the `Arc` inside the returned `Pmem`.
         unsafe { Pmem::new(base, self.len, persist) }
     }

@@ -160,16 +160,18 @@ impl BenchConfig {
 
     fn region_bytes(&self) -> u64 {
         let entry = padded_len(self.key_size, self.value_size) as u64;
-        let inserts = if self.workload == Workload::InsertHeavy {
-            self.ops + self.warmup_ops
-        } else {
-            0
+        let writes = match self.duration {
+            // A timed run cannot know its writes in advance: assume 2M operations.
+            Some(_) => 2_000_000,
+            None => self.ops + self.warmup_ops,
         };
-        let live = (self.keys + inserts) * entry;
-        // Room for live data three times over (updates are merged and dead blocks reused),
-        // plus metadata and a log block per shard.
+        let writes = (writes as f64 * (1.0 - self.workload.read_fraction())) as u64;
+        // Blocks holding any live entry are not reclaimed until compaction exists, so the
+        // region holds the loaded data plus every write of the run, with a quarter to spare,
+        // plus metadata and two blocks per shard. Memory is touched only where written.
         let shards = self.kns as u64 * self.threads_per_kn as u64;
-        (3 * live + (64 << 20) + shards * (16 << 20)).next_multiple_of(1 << 20)
+        let data = (self.keys + writes) * entry;
+        (data + data / 4 + (64 << 20) + shards * (16 << 20)).next_multiple_of(1 << 20)
     }
 }
 
