@@ -6,16 +6,18 @@
 //! -- --ignored` (see docs/RDMA.md).
 #![cfg(feature = "rdma")]
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{format_region, geometry, log_area, put_all, ChildGuard};
 use dinomo::hw::fabric::verbs::{VerbsConfig, VerbsFabric};
-use dinomo::hw::fabric::{execute, Completion, CompletionStatus, Fabric, WorkRequest};
+use dinomo::hw::fabric::Fabric;
 use dinomo::hw::region_file::{FilePersist, RegionFile};
-use dinomo::shared::block::BLOCK_HEADER_SIZE;
-use dinomo::shared::entry::{self, Op};
 use dinomo::shared::msg::{Request, Response};
 use dpm_fw::Dpm;
+use host_kn::log::ShardLog;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -31,15 +33,6 @@ fn gid_index() -> String {
     std::env::var("DINOMO_RDMA_GID_INDEX").unwrap_or_else(|_| "0".into())
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -51,28 +44,6 @@ fn call(f: &mut VerbsFabric, req: Request) -> Response {
     f.call(&req, TIMEOUT)
         .expect("control channel")
         .expect("DPM accepted the request")
-}
-
-fn run(f: &mut VerbsFabric, wrs: &[WorkRequest]) {
-    let wrs: Vec<_> = wrs
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (i as u64, *w))
-        .collect();
-    let mut out = vec![
-        Completion {
-            wr_id: 0,
-            verb: wrs[0].1.verb(),
-            status: CompletionStatus::ConnectionLost,
-            value: 0
-        };
-        wrs.len()
-    ];
-    execute(f, &wrs, &mut out, TIMEOUT).expect("fabric");
-    assert!(
-        out.iter().all(|c| c.status == CompletionStatus::Success),
-        "{out:?}"
-    );
 }
 
 fn kv(i: u64) -> (Vec<u8>, Vec<u8>) {
@@ -89,26 +60,10 @@ fn kn_writes_its_log_over_verbs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let region = dir.path().join("r.region");
     let path = region.to_str().expect("utf-8");
-    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args([
-            "dpm",
-            "format",
-            "--path",
-            path,
-            "--size",
-            "48M",
-            "--block-size",
-            "1M",
-        ])
-        .output()
-        .expect("format");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let geo = {
-        let file = RegionFile::open_private(&region).expect("map");
-        dpm_fw::region::read_geometry(&file.pmem()).expect("geometry")
-    };
+    format_region(&region, "48M", "1M");
+    let geo = geometry(&region);
     let port = free_port().to_string();
-    let mut server = Server(
+    let server = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_dinomo"))
             .args(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
             .args(["--fabric", "verbs", "--device", &dev, "--port", &port])
@@ -136,56 +91,19 @@ fn kn_writes_its_log_over_verbs() {
     };
     assert_eq!(f.region_len(), geo.region_size);
     assert_eq!(call(&mut f, Request::Ping), Response::Pong);
-    let Response::LogOpened {
-        log_id,
-        generation,
-        block,
-        salt,
-    } = call(
-        &mut f,
-        Request::OpenLog {
-            kn_id: 1,
-            shard: 0,
-            lease_epoch: 1,
-        },
-    )
-    else {
-        panic!("unexpected reply to OpenLog");
-    };
-    let buf = f.alloc_buf(64 << 10).expect("buffer");
+    let mut log =
+        ShardLog::open(&mut f, log_area(&geo), 1, 0, 1, 64 << 10, TIMEOUT).expect("open log");
     const N: u64 = 500;
-    let mut offset = BLOCK_HEADER_SIZE;
-    let mut seq = 1;
-    for chunk in (0..N).collect::<Vec<_>>().chunks(10) {
-        let mut at = 0;
-        for &i in chunk {
-            let (k, v) = kv(i);
-            at += entry::encode(&mut f.buf_mut(buf)[at..], salt, Op::Put, 1, seq, &k, &v)
-                .expect("encode");
-            seq += 1;
-        }
-        let remote = geo.log_off + u64::from(block) * geo.block_size + offset;
-        run(
-            &mut f,
-            &[
-                WorkRequest::Write {
-                    remote,
-                    local: buf.slice(0, at as u32),
-                },
-                WorkRequest::Flush {
-                    remote,
-                    len: at as u64,
-                },
-            ],
-        );
-        offset += at as u64;
-    }
-    assert!(offset < geo.block_size, "the test stays within one block");
+    let items: Vec<_> = (0..N).map(kv).collect();
+    assert_eq!(
+        put_all(&mut f, &mut log, &items, 10).expect("write the log"),
+        N
+    );
     let Response::Merged { merged_seq } = call(
         &mut f,
         Request::MergeAll {
-            log_id,
-            generation,
+            log_id: log.log_id,
+            generation: log.generation,
             upto_seq: N,
         },
     ) else {
@@ -193,12 +111,7 @@ fn kn_writes_its_log_over_verbs() {
     };
     assert_eq!(merged_seq, N);
     drop(f);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("signal");
-    assert!(server.0.wait().expect("wait").success());
+    assert!(server.terminate().success(), "a clean stop exits 0");
     let file = RegionFile::open_private(&region).expect("map");
     let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).expect("open");
     for i in 0..N {

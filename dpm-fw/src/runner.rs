@@ -168,21 +168,15 @@ impl<P: Persist + 'static> DpmService<P> {
                     pin_to_core(0);
                 }
                 let mut scratch = Scratch::default();
-                let mut backoff = Backoff::new();
                 let mut last_reap = Instant::now();
-                while !cstop.load(Ordering::Acquire) {
+                serve_loop(&cstop, &cmsgs, Backoff::new(), || {
                     let n = control.poll(|_, frame| Some(cdpm.handle(frame, &mut scratch)));
                     if last_reap.elapsed() > Duration::from_millis(200) {
                         control.reap_dead();
                         last_reap = Instant::now();
                     }
-                    if n == 0 {
-                        backoff.snooze();
-                    } else {
-                        cmsgs.fetch_add(n as u64, Ordering::Relaxed);
-                        backoff.reset();
-                    }
-                }
+                    n
+                });
             })
             .map_err(ServeError::Thread)?;
         Ok(Self {
@@ -247,6 +241,25 @@ impl<P: Persist + 'static> DpmService<P> {
 impl<P: Persist + 'static> Drop for DpmService<P> {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Runs `poll` (which returns how many control messages it handled) until `stop` is set,
+/// backing off while idle and counting the messages.
+fn serve_loop(
+    stop: &AtomicBool,
+    messages: &AtomicU64,
+    mut backoff: Backoff,
+    mut poll: impl FnMut() -> usize,
+) {
+    while !stop.load(Ordering::Acquire) {
+        let n = poll();
+        if n == 0 {
+            backoff.snooze();
+        } else {
+            messages.fetch_add(n as u64, Ordering::Relaxed);
+            backoff.reset();
+        }
     }
 }
 
@@ -377,19 +390,14 @@ mod verbs_serve {
                         pin_to_core(0);
                     }
                     let mut scratch = Scratch::default();
-                    let mut backoff = Backoff::with_max_sleep(Duration::from_micros(50));
-                    while !s.load(Ordering::Acquire) {
+                    let backoff = Backoff::with_max_sleep(Duration::from_micros(50));
+                    super::serve_loop(&s, &m, backoff, || {
                         let n = server.poll(|_, frame| Some(dpm.handle(frame, &mut scratch)));
                         for e in server.drain_events() {
                             tracing::info!(device = server.device_name(), "{e}");
                         }
-                        if n == 0 {
-                            backoff.snooze();
-                        } else {
-                            m.fetch_add(n as u64, Ordering::Relaxed);
-                            backoff.reset();
-                        }
-                    }
+                        n
+                    });
                 })
                 .map_err(ServeError::Thread)?;
             Ok(Self {

@@ -186,6 +186,19 @@ impl ShardLog {
         self.lease_epoch
     }
 
+    /// Re-registers the log's buffers on a new connection (after the DPM restarted or the
+    /// connection was re-established). Nothing may be staged.
+    pub fn reattach<F: Fabric + ?Sized>(&mut self, f: &mut F) -> Result<(), KvError> {
+        if self.staged > 0 {
+            return Err(KvError::Fabric(
+                "cannot move a log with a staged batch to a new connection".into(),
+            ));
+        }
+        self.staging = f.alloc_buf(self.staging_cap)?;
+        self.seal_buf = f.alloc_buf(8)?;
+        Ok(())
+    }
+
     /// Stages one entry. The returned ref is where the entry will live once flushed.
     pub fn append<F: Fabric + ?Sized>(
         &mut self,

@@ -70,58 +70,19 @@ impl RegionFile {
 
     /// Maps an existing file.
     pub fn open(path: &Path) -> Result<Arc<Self>, RegionFileError> {
-        let io = |what, source| RegionFileError::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    RegionFileError::NotFound {
-                        path: path.to_owned(),
-                    }
-                } else {
-                    io("open", e)
-                }
-            })?;
-        let len = file.metadata().map_err(|e| io("stat", e))?.len();
-        if len < MIN_FILE_LEN {
-            return Err(RegionFileError::TooSmall {
-                path: path.to_owned(),
-                len,
-            });
-        }
+        let (file, len) = open_existing(path, true)?;
         Self::map(file, path, len)
     }
 
     /// Maps an existing file copy-on-write: changes stay in this process and never reach
     /// the file (for inspecting a region, even one being served, without touching it).
     pub fn open_private(path: &Path) -> Result<Arc<Self>, RegionFileError> {
+        let (file, len) = open_existing(path, false)?;
         let io = |what, source| RegionFileError::Io {
             what,
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                RegionFileError::NotFound {
-                    path: path.to_owned(),
-                }
-            } else {
-                io("open", e)
-            }
-        })?;
-        let len = file.metadata().map_err(|e| io("stat", e))?.len();
-        if len < MIN_FILE_LEN {
-            return Err(RegionFileError::TooSmall {
-                path: path.to_owned(),
-                len,
-            });
-        }
         // SAFETY: another process may change the file while it is mapped; every access to the
         // mapping goes through `Pmem`, which reads and writes with atomics or byte copies and
         // never assumes the bytes stay the same, so concurrent changes cannot cause UB.
@@ -178,6 +139,36 @@ impl RegionFile {
         // inside `persist`; other processes access it atomically or as byte copies.
         unsafe { Pmem::new(self.map.as_mut_ptr(), self.len, persist) }
     }
+}
+
+/// Opens an existing region file (read-write or read-only) and checks its size.
+fn open_existing(path: &Path, write: bool) -> Result<(File, u64), RegionFileError> {
+    let io = |what, source| RegionFileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                RegionFileError::NotFound {
+                    path: path.to_owned(),
+                }
+            } else {
+                io("open", e)
+            }
+        })?;
+    let len = file.metadata().map_err(|e| io("stat", e))?.len();
+    if len < MIN_FILE_LEN {
+        return Err(RegionFileError::TooSmall {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok((file, len))
 }
 
 /// CPU write-back for a mapped file; holds the mapping alive.

@@ -1,0 +1,92 @@
+//! Helpers shared by the tests that run the memory node as a separate process.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use dinomo::hw::fabric::Fabric;
+use dinomo::hw::region_file::RegionFile;
+use dinomo::shared::entry::{self, Op};
+use dinomo::shared::geometry::Geometry;
+use host_kn::log::{AppendError, LogArea, ShardLog};
+use host_kn::KvError;
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Sends SIGTERM and waits: a clean stop.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+        self.0.wait().expect("wait")
+    }
+}
+
+/// `dinomo dpm format` of a new region file.
+pub fn format_region(path: &Path, size: &str, block_size: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args([
+            "dpm",
+            "format",
+            "--path",
+            path.to_str().expect("utf-8"),
+            "--size",
+            size,
+            "--block-size",
+            block_size,
+        ])
+        .output()
+        .expect("run dinomo dpm format");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The geometry of a region file (read without changing it).
+pub fn geometry(path: &Path) -> Geometry {
+    let file = RegionFile::open_private(path).expect("map region");
+    dpm_fw::region::read_geometry(&file.pmem()).expect("geometry")
+}
+
+/// Where the log area of `geo` is, as a KN sees it.
+pub fn log_area(geo: &Geometry) -> LogArea {
+    LogArea {
+        log_off: geo.log_off,
+        block_size: geo.block_size,
+        n_blocks: geo.n_blocks,
+    }
+}
+
+/// Writes `items` as puts in batches of `batch` entries (one WRITE + FLUSH each), switching
+/// blocks when one is full; returns the seq of the last durable entry.
+pub fn put_all<F: Fabric + ?Sized>(
+    f: &mut F,
+    log: &mut ShardLog,
+    items: &[(Vec<u8>, Vec<u8>)],
+    batch: usize,
+) -> Result<u64, KvError> {
+    for chunk in items.chunks(batch.max(1)) {
+        for (k, v) in chunk {
+            loop {
+                match log.append(f, Op::Put, k, v) {
+                    Ok(_) => break,
+                    Err(AppendError::NeedFlush) => {
+                        log.flush(f)?;
+                        if log.block_full_for(entry::padded_len(k.len(), v.len())) {
+                            log.switch_block(f)?;
+                        }
+                    }
+                    Err(AppendError::Kv(e)) => return Err(e),
+                }
+            }
+        }
+        log.flush(f)?;
+    }
+    Ok(log.durable_seq())
+}
