@@ -156,3 +156,41 @@ fn serve_refuses_a_missing_region() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_second_dpm_on_the_same_region_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path().join("r.region");
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut first = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args([
+            "dpm",
+            "serve",
+            "--path",
+            p(&r),
+            "--no-pin",
+            "--workers",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn first server");
+    // Wait until the first server is up (its control file exists).
+    let ctl = dinomo::hw::fabric::default_ctl_path(&r);
+    let t0 = std::time::Instant::now();
+    while !ctl.exists() && t0.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ctl.exists(), "the first server did not come up");
+    let o = dinomo(&["dpm", "serve", "--path", p(&r), "--no-pin"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("already being served"),
+        "{}",
+        stderr(&o)
+    );
+}

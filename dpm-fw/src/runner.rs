@@ -281,6 +281,7 @@ fn pin_to_core(core: usize) {
 /// set; then merges everything, marks a clean shutdown and syncs the file.
 pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeReport, ServeError> {
     let file = RegionFile::open(path)?;
+    file.lock_exclusive()?;
     let t0 = Instant::now();
     let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
         path: path.to_owned(),
@@ -445,6 +446,7 @@ mod verbs_serve {
         // Fail fast on a host without the device, before recovery work.
         dinomo_hw::fabric::verbs::device_names()?;
         let file = RegionFile::open(path).map_err(ServeError::from)?;
+        file.lock_exclusive().map_err(ServeError::from)?;
         let t0 = Instant::now();
         let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
             path: path.to_owned(),

@@ -19,6 +19,8 @@ pub enum RegionFileError {
     AlreadyExists { path: PathBuf },
     #[error("region file {path} is {len} bytes, too small to hold a region")]
     TooSmall { path: PathBuf, len: u64 },
+    #[error("region file {path} is already being served by another process")]
+    Busy { path: PathBuf },
     #[error("cannot {what} region file {path}: {source}")]
     Io {
         what: &'static str,
@@ -123,6 +125,30 @@ impl RegionFile {
         self.len == 0
     }
 
+    /// Takes an exclusive advisory lock on the file for as long as this mapping lives, so
+    /// that no second memory node serves the same region; fails at once if another process
+    /// holds it. KNs and `inspect` map the file without taking it.
+    pub fn lock_exclusive(&self) -> Result<(), RegionFileError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `flock` on a file descriptor this struct owns; it has no memory effects.
+        let rc = unsafe { libc::flock(self._file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Err(RegionFileError::Busy {
+                path: self.path.clone(),
+            })
+        } else {
+            Err(RegionFileError::Io {
+                what: "lock",
+                path: self.path.clone(),
+                source: e,
+            })
+        }
+    }
+
     /// Asks the kernel to write the mapping back to the file (for a clean shutdown when the
     /// file is not on a DAX device).
     pub fn sync(&self) -> io::Result<()> {
@@ -198,6 +224,23 @@ impl Persist for FilePersist {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_process_may_hold_the_serving_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("r");
+        let a = RegionFile::create(&p, 1 << 16).expect("create");
+        a.lock_exclusive().expect("first lock");
+        // A second open file description (as a second process would have) is refused.
+        let b = RegionFile::open(&p).expect("open");
+        assert!(matches!(
+            b.lock_exclusive(),
+            Err(RegionFileError::Busy { .. })
+        ));
+        drop(a);
+        b.lock_exclusive()
+            .expect("the lock is released with the mapping");
+    }
 
     #[test]
     fn two_mappings_share_bytes() {
