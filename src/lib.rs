@@ -11,4 +11,8 @@ pub mod bench;
 pub mod cluster;
 pub mod fabric_bench;
 pub mod inspect;
+pub mod kn_server;
+pub mod manager;
+pub mod resp;
 pub mod size;
+pub mod up;

@@ -32,6 +32,82 @@ enum Command {
     /// Load, then run a YCSB-style workload against an in-process cluster and report
     /// throughput, latency, round trips, verbs and bytes per operation.
     Bench(Box<dinomo::bench::cli::BenchArgs>),
+    /// A KVS node: attaches to the DPM, joins the cluster through the manager, and serves
+    /// clients over the Redis protocol.
+    Kn(KnArgs),
+    /// The cluster manager: KN registration, leases, the durable slot map, failover.
+    Manager(ManagerArgs),
+    /// A whole local cluster (DPM, manager, N KNs as child processes); Ctrl-C stops it.
+    Up(UpArgs),
+}
+
+#[derive(Args, Debug)]
+struct KnArgs {
+    /// The DPM: for the shm fabric, its region file (the control file is derived from it).
+    #[arg(long)]
+    dpm: PathBuf,
+    /// Client address (Redis protocol); port 0 picks a free port.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Manager address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    manager: String,
+    /// Shards (threads, each with its own fabric connection, log and cache).
+    #[arg(long, default_value_t = 2)]
+    threads: u16,
+    /// Threads serving client connections.
+    #[arg(long, default_value_t = 2)]
+    io_threads: usize,
+    /// Cache size of the whole KN, e.g. 64M.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    cache: u64,
+}
+
+#[derive(Args, Debug)]
+struct ManagerArgs {
+    /// The DPM: for the shm fabric, its region file.
+    #[arg(long)]
+    dpm: PathBuf,
+    /// Address KNs register at (line-delimited JSON; see the `manager` module docs).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: std::net::SocketAddr,
+    /// Lease length in milliseconds; a KN that has not renewed it for this long is fenced.
+    #[arg(long, default_value_t = 3000)]
+    lease_ms: u64,
+    /// Virtual nodes per KN on the hash ring.
+    #[arg(long, default_value_t = host_kn::ownership::DEFAULT_VNODES)]
+    vnodes: u32,
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// KVS nodes to start.
+    #[arg(long)]
+    kns: Option<u16>,
+    /// TOML file with any of the settings below (flags win over it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder for the region file.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Region size, e.g. 1G.
+    #[arg(long)]
+    region_size: Option<String>,
+    /// Format a new region even if one exists.
+    #[arg(long)]
+    fresh: bool,
+    /// Manager port.
+    #[arg(long)]
+    manager_port: Option<u16>,
+    /// KN i listens on base-port + i.
+    #[arg(long)]
+    base_port: Option<u16>,
+    /// Shards per KN.
+    #[arg(long)]
+    threads: Option<u16>,
+    /// Lease length in milliseconds.
+    #[arg(long)]
+    lease_ms: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -165,6 +241,83 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::FabricBench(a) => fabric_bench(a),
+        Command::Kn(a) => kn(a),
+        Command::Manager(a) => manager(a),
+        Command::Up(a) => up(a),
+    }
+}
+
+fn kn(a: KnArgs) -> anyhow::Result<()> {
+    if a.threads == 0 || a.threads > 64 {
+        return Err(Usage(format!("--threads {} is outside 1..=64", a.threads)).into());
+    }
+    install_stop_handler()?;
+    let mut cfg = dinomo::kn_server::KnConfig::new(a.dpm, a.listen, a.manager);
+    cfg.threads = a.threads;
+    cfg.io_threads = a.io_threads;
+    cfg.cache_bytes = a.cache;
+    dinomo::kn_server::run(&cfg, &STOP, |id, addr| {
+        use std::io::Write;
+        println!("kn {id} listening on {addr}");
+        let _ = std::io::stdout().flush();
+    })?;
+    Ok(())
+}
+
+fn manager(a: ManagerArgs) -> anyhow::Result<()> {
+    if a.lease_ms < 100 {
+        return Err(Usage(format!("--lease-ms {} is below 100", a.lease_ms)).into());
+    }
+    install_stop_handler()?;
+    let cfg = dinomo::manager::ManagerConfig {
+        region: a.dpm,
+        listen: a.listen,
+        lease: std::time::Duration::from_millis(a.lease_ms),
+        vnodes: a.vnodes,
+        connect_timeout: std::time::Duration::from_secs(30),
+    };
+    let (m, listener) = dinomo::manager::start(cfg)?;
+    {
+        use std::io::Write;
+        println!("manager listening on {}", m.addr());
+        let _ = std::io::stdout().flush();
+    }
+    dinomo::manager::serve(&m, listener, &STOP)?;
+    Ok(())
+}
+
+fn up(a: UpArgs) -> anyhow::Result<()> {
+    use dinomo::up::{UpConfig, UpError};
+    let mut cfg = match &a.config {
+        Some(p) => UpConfig::load(p).map_err(|e| Usage(e.to_string()))?,
+        None => UpConfig::default(),
+    };
+    if let Some(v) = a.kns {
+        cfg.kns = v;
+    }
+    if let Some(v) = a.dir {
+        cfg.dir = v;
+    }
+    if let Some(v) = a.region_size {
+        cfg.region_size = v;
+    }
+    cfg.fresh |= a.fresh;
+    if let Some(v) = a.manager_port {
+        cfg.manager_port = v;
+    }
+    if let Some(v) = a.base_port {
+        cfg.base_port = v;
+    }
+    if let Some(v) = a.threads {
+        cfg.threads = v;
+    }
+    if let Some(v) = a.lease_ms {
+        cfg.lease_ms = v;
+    }
+    install_stop_handler()?;
+    match dinomo::up::run(&cfg, &STOP) {
+        Err(UpError::Invalid(m)) => Err(Usage(m).into()),
+        r => Ok(r?),
     }
 }
 

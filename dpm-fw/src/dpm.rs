@@ -299,7 +299,39 @@ impl<P: Persist> Dpm<P> {
                     .map(|merged_seq| Response::Merged { merged_seq })
             }
             Request::CloseLog { log_id, generation } => self.close_log(log_id, generation, scratch),
+            Request::FenceKn { kn_id } => self.fence_kn(kn_id, scratch),
         }
+    }
+
+    /// Closes every active log of `kn_id` and merges each to its committed tail (what the
+    /// KN acknowledged is durable in its logs, so after this it is in the index). A write
+    /// the KN stages later into a closed log is never merged, and its next block request
+    /// is refused.
+    fn fence_kn(&self, kn_id: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
+        let mut logs = 0;
+        let mut entries = 0;
+        for log_id in 0..self.geo.max_logs {
+            let target = match &*self.logs[log_id as usize].lock() {
+                Some(st) if st.kn_id == kn_id && st.status == LOG_ACTIVE => {
+                    Some((st.generation, st.cursor.next_seq))
+                }
+                _ => None,
+            };
+            let Some((generation, next_seq)) = target else {
+                continue;
+            };
+            match self.close_log(log_id, generation, scratch) {
+                Ok(Response::Closed { merged_seq }) => {
+                    logs += 1;
+                    entries += (merged_seq + 1).saturating_sub(next_seq);
+                }
+                // Closed or reused by someone else meanwhile: not this KN's any more.
+                Err(ErrorCode::NoSuchLog) => {}
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Response::Fenced { logs, entries })
     }
 
     fn slot(&self, log_id: u32) -> Result<&spin::Mutex<Option<LogState>>, ErrorCode> {

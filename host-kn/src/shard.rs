@@ -86,6 +86,35 @@ pub struct Reply {
     pub result: Result<Option<Vec<u8>>, KvError>,
 }
 
+/// A reply callback, for callers that do not wait on a std channel (e.g. an async server
+/// completing a future). It runs on the shard thread, so it must be quick and not block.
+pub struct ReplyFn(pub Box<dyn FnOnce(Reply) + Send>);
+
+impl std::fmt::Debug for ReplyFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplyFn")
+    }
+}
+
+/// Where a shard sends the answer to a request.
+#[derive(Debug)]
+pub enum ReplyTo {
+    Chan(Sender<Reply>),
+    Fn(ReplyFn),
+}
+
+impl ReplyTo {
+    /// Delivers the reply (a caller that went away is not an error).
+    pub fn send(self, r: Reply) {
+        match self {
+            Self::Chan(tx) => {
+                let _ = tx.send(r);
+            }
+            Self::Fn(f) => (f.0)(r),
+        }
+    }
+}
+
 /// What a shard thread receives.
 #[derive(Debug)]
 pub enum Msg {
@@ -93,6 +122,12 @@ pub enum Msg {
         op: Request,
         tag: u64,
         reply: Sender<Reply>,
+    },
+    /// A request answered through a callback instead of a channel.
+    ReqFn {
+        op: Request,
+        tag: u64,
+        reply: ReplyFn,
     },
     /// A new cluster map; entries of slots no longer owned are dropped from the cache.
     SetMap(Arc<SlotMap>),
@@ -204,7 +239,7 @@ struct Pending {
     value: Option<Vec<u8>>,
     eref: EntryRef,
     seq: u64,
-    reply: Sender<Reply>,
+    reply: ReplyTo,
     tag: u64,
 }
 
@@ -427,10 +462,15 @@ impl<F: Fabric> Shard<F> {
 
     /// Stages a put or delete; the reply is sent once it is durable (or has failed).
     pub fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, tag: u64, reply: Sender<Reply>) {
+        self.write_to(key, value, tag, ReplyTo::Chan(reply));
+    }
+
+    /// [`Shard::write`] with any kind of reply target.
+    pub fn write_to(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, tag: u64, reply: ReplyTo) {
         let (seq, eref) = match self.stage(&key, value.as_deref()) {
             Ok(a) => a,
             Err(e) => {
-                let _ = reply.send(Reply {
+                reply.send(Reply {
                     tag,
                     result: Err(e),
                 });
@@ -524,7 +564,7 @@ impl<F: Fabric> Shard<F> {
                     let eref = p.value.as_ref().map(|_| p.eref);
                     self.unmerged_order.push_back((p.seq, key.clone()));
                     self.unmerged.insert(key, Unmerged { seq: p.seq, eref });
-                    let _ = p.reply.send(Reply {
+                    p.reply.send(Reply {
                         tag: p.tag,
                         result: Ok(None),
                     });
@@ -537,7 +577,7 @@ impl<F: Fabric> Shard<F> {
                 // The batch may be partly durable; this log cannot be trusted to continue.
                 self.broken = Some(e.clone());
                 for p in self.pending.drain(..) {
-                    let _ = p.reply.send(Reply {
+                    p.reply.send(Reply {
                         tag: p.tag,
                         result: Err(e.clone()),
                     });
@@ -649,14 +689,8 @@ impl<F: Fabric> Shard<F> {
 
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Req { op, tag, reply } => match op {
-                Request::Get { key } => {
-                    let result = self.get(&key);
-                    let _ = reply.send(Reply { tag, result });
-                }
-                Request::Put { key, value } => self.write(key, Some(value), tag, reply),
-                Request::Delete { key } => self.write(key, None, tag, reply),
-            },
+            Msg::Req { op, tag, reply } => self.request(op, tag, ReplyTo::Chan(reply)),
+            Msg::ReqFn { op, tag, reply } => self.request(op, tag, ReplyTo::Fn(reply)),
             Msg::SetMap(m) => self.set_map(m),
             Msg::Stats(tx) => {
                 let s = self.stats();
@@ -669,6 +703,17 @@ impl<F: Fabric> Shard<F> {
             Msg::Stop => return false,
         }
         true
+    }
+
+    fn request(&mut self, op: Request, tag: u64, reply: ReplyTo) {
+        match op {
+            Request::Get { key } => {
+                let result = self.get(&key);
+                reply.send(Reply { tag, result });
+            }
+            Request::Put { key, value } => self.write_to(key, Some(value), tag, reply),
+            Request::Delete { key } => self.write_to(key, None, tag, reply),
+        }
     }
 
     fn close(mut self) -> ShardStats {

@@ -41,6 +41,7 @@ const K_OPEN_LOG: u16 = 3;
 const K_ALLOC_BLOCK: u16 = 4;
 const K_MERGE_ALL: u16 = 5;
 const K_CLOSE_LOG: u16 = 6;
+const K_FENCE_KN: u16 = 7;
 
 /// What a KN asks of the DPM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,10 @@ pub enum Request {
     },
     /// The writer is done with the log: merge it to its tail, then release it.
     CloseLog { log_id: u32, generation: u64 },
+    /// A KN's lease expired (sent by the cluster manager): close every active log of the
+    /// KN and merge each to its committed tail, so its acknowledged writes are in the index
+    /// before its slots are given to other KNs.
+    FenceKn { kn_id: u32 },
 }
 
 /// What the DPM answers on success.
@@ -95,6 +100,11 @@ pub enum Response {
     },
     Closed {
         merged_seq: u64,
+    },
+    /// `logs` logs of the KN were closed and merged, `entries` entries in all.
+    Fenced {
+        logs: u32,
+        entries: u64,
     },
 }
 
@@ -144,6 +154,7 @@ impl Request {
                 upto_seq,
             } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq]),
             Self::CloseLog { log_id, generation } => (K_CLOSE_LOG, [log_id as u64, generation, 0]),
+            Self::FenceKn { kn_id } => (K_FENCE_KN, [kn_id as u64, 0, 0]),
         };
         Frame {
             kind,
@@ -180,6 +191,9 @@ impl Request {
                 log_id: u32_arg(a[0])?,
                 generation: a[1],
             },
+            K_FENCE_KN => Self::FenceKn {
+                kn_id: u32_arg(a[0])?,
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         })
     }
@@ -208,6 +222,7 @@ impl Response {
             }
             Self::Merged { merged_seq } => (K_MERGE_ALL, [merged_seq, 0, 0, 0]),
             Self::Closed { merged_seq } => (K_CLOSE_LOG, [merged_seq, 0, 0, 0]),
+            Self::Fenced { logs, entries } => (K_FENCE_KN, [logs as u64, entries, 0, 0]),
         };
         Frame {
             kind,
@@ -253,6 +268,10 @@ impl Response {
             },
             K_MERGE_ALL => Self::Merged { merged_seq: a[0] },
             K_CLOSE_LOG => Self::Closed { merged_seq: a[0] },
+            K_FENCE_KN => Self::Fenced {
+                logs: u32_arg(a[0])?,
+                entries: a[1],
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         }))
     }
@@ -286,6 +305,7 @@ mod tests {
                 log_id: 4,
                 generation: 77,
             },
+            Request::FenceKn { kn_id: 2 },
         ];
         for (i, r) in reqs.iter().enumerate() {
             let f = Frame::from_bytes(&r.encode(i as u32).to_bytes());
@@ -314,6 +334,10 @@ mod tests {
             },
             Response::Merged { merged_seq: 12 },
             Response::Closed { merged_seq: 13 },
+            Response::Fenced {
+                logs: 2,
+                entries: 40,
+            },
         ];
         for r in resps {
             assert_eq!(Response::decode(&r.encode(1)), Ok(Ok(r)));

@@ -1,0 +1,475 @@
+//! The Redis protocol (RESP2 and RESP3): a bounded command parser for the KN server, reply
+//! encoders, and a reply parser for clients (tests, `dinomo bench --target`).
+//!
+//! The command parser never allocates for a command that is not complete yet and refuses a
+//! length above its limits as soon as it reads the length, so a client cannot make the
+//! server buffer more than one oversized header. It accepts RESP arrays of bulk strings
+//! and, like Redis, inline commands (a line of space-separated words) for telnet users.
+
+use std::fmt;
+
+/// Limits on what one command may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest bulk string.
+    pub max_bulk: usize,
+    /// Most arguments in one command.
+    pub max_args: usize,
+    /// Longest inline command or length line.
+    pub max_inline: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bulk: 2 << 20,
+            max_args: 1 << 16,
+            max_inline: 64 << 10,
+        }
+    }
+}
+
+/// A framing error: the stream cannot be resynchronised, so the server answers with an
+/// error and closes the connection (as Redis does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtocolError(pub String);
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Protocol error: {}", self.0)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+fn perr<T>(m: impl Into<String>) -> Result<T, ProtocolError> {
+    Err(ProtocolError(m.into()))
+}
+
+/// Finds the end of the line starting at `at`: the index of its `\r` (or `\n` for inline).
+fn line_end(buf: &[u8], at: usize, max: usize) -> Result<Option<usize>, ProtocolError> {
+    let window = &buf[at.min(buf.len())..];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(i) if i > max => perr("too big line"),
+        Some(i) => Ok(Some(at + i)),
+        None if window.len() > max => perr("too big line"),
+        None => Ok(None),
+    }
+}
+
+/// Parses the decimal number in `b` (an optional `-` and 1..=19 digits).
+fn parse_int(b: &[u8]) -> Option<i64> {
+    let (neg, digits) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let v = digits
+        .iter()
+        .fold(0i64, |a, &d| a * 10 + i64::from(d - b'0'));
+    Some(if neg { -v } else { v })
+}
+
+/// Reads a `<prefix><n>\r\n` line at `at`; returns `n` and where the next byte is.
+fn length_line(
+    buf: &[u8],
+    at: usize,
+    prefix: u8,
+    limits: &Limits,
+) -> Result<Option<(i64, usize)>, ProtocolError> {
+    let Some(end) = line_end(buf, at, 32)? else {
+        return Ok(None);
+    };
+    if buf[at] != prefix {
+        return perr(format!(
+            "expected '{}', got '{}'",
+            prefix as char,
+            (buf[at] as char).escape_default()
+        ));
+    }
+    if end == at || buf[end - 1] != b'\r' {
+        return perr("length line not terminated by CRLF");
+    }
+    let _ = limits;
+    match parse_int(&buf[at + 1..end - 1]) {
+        Some(n) => Ok(Some((n, end + 1))),
+        None => perr(if prefix == b'*' {
+            "invalid multibulk length"
+        } else {
+            "invalid bulk length"
+        }),
+    }
+}
+
+/// A parsed command's arguments and the bytes it took.
+pub type Parsed = Option<(Vec<Vec<u8>>, usize)>;
+
+/// Parses one command from the start of `buf`. `Ok(None)`: more bytes are needed.
+/// `Ok(Some((args, consumed)))`: a command (possibly empty, for a blank inline line or
+/// `*0`), and how many bytes it took.
+pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != b'*' {
+        return parse_inline(buf, limits);
+    }
+    let Some((n, mut at)) = length_line(buf, 0, b'*', limits)? else {
+        return Ok(None);
+    };
+    if n <= 0 {
+        return Ok(Some((Vec::new(), at)));
+    }
+    if n as u64 > limits.max_args as u64 {
+        return perr("invalid multibulk length");
+    }
+    // First pass: check that every bulk string is complete, without copying.
+    let mut spans = Vec::with_capacity((n as usize).min(64));
+    for _ in 0..n {
+        if at >= buf.len() {
+            return Ok(None);
+        }
+        let Some((len, start)) = length_line(buf, at, b'$', limits)? else {
+            return Ok(None);
+        };
+        if len < 0 || len as u64 > limits.max_bulk as u64 {
+            return perr("invalid bulk length");
+        }
+        let end = start + len as usize;
+        if buf.len() < end + 2 {
+            return Ok(None);
+        }
+        if &buf[end..end + 2] != b"\r\n" {
+            return perr("bulk string not terminated by CRLF");
+        }
+        spans.push((start, end));
+        at = end + 2;
+    }
+    Ok(Some((
+        spans.into_iter().map(|(s, e)| buf[s..e].to_vec()).collect(),
+        at,
+    )))
+}
+
+fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
+    let Some(end) = line_end(buf, 0, limits.max_inline)? else {
+        return Ok(None);
+    };
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    let args: Vec<Vec<u8>> = line
+        .split(|b| *b == b' ' || *b == b'\t')
+        .filter(|w| !w.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    if args.len() > limits.max_args {
+        return perr("too many arguments");
+    }
+    Ok(Some((args, end + 1)))
+}
+
+// ----- replies -----
+
+/// Which protocol a connection speaks (`HELLO 3` switches to RESP3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Resp2,
+    Resp3,
+}
+
+/// Appends reply frames to a buffer.
+#[derive(Debug)]
+pub struct Out<'a> {
+    pub buf: &'a mut Vec<u8>,
+    pub proto: Proto,
+}
+
+impl Out<'_> {
+    pub fn simple(&mut self, s: &str) {
+        self.line(b'+', s.as_bytes());
+    }
+    /// An error line; `msg` starts with its code (`ERR`, `MOVED`, ...). Line breaks in it
+    /// are replaced so the frame stays well-formed.
+    pub fn error(&mut self, msg: &str) {
+        let clean: String = msg
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+            .collect();
+        self.line(b'-', clean.as_bytes());
+    }
+    pub fn int(&mut self, v: i64) {
+        self.line(b':', v.to_string().as_bytes());
+    }
+    pub fn bulk(&mut self, b: &[u8]) {
+        self.line(b'$', b.len().to_string().as_bytes());
+        self.buf.extend_from_slice(b);
+        self.buf.extend_from_slice(b"\r\n");
+    }
+    pub fn null(&mut self) {
+        match self.proto {
+            Proto::Resp2 => self.buf.extend_from_slice(b"$-1\r\n"),
+            Proto::Resp3 => self.buf.extend_from_slice(b"_\r\n"),
+        }
+    }
+    pub fn array(&mut self, n: usize) {
+        self.line(b'*', n.to_string().as_bytes());
+    }
+    /// A map of `n` pairs (RESP2: an array of `2n` items).
+    pub fn map(&mut self, n: usize) {
+        match self.proto {
+            Proto::Resp2 => self.array(2 * n),
+            Proto::Resp3 => self.line(b'%', n.to_string().as_bytes()),
+        }
+    }
+    /// A verbatim text reply (INFO): RESP3 `=`, RESP2 a bulk string.
+    pub fn text(&mut self, s: &str) {
+        match self.proto {
+            Proto::Resp2 => self.bulk(s.as_bytes()),
+            Proto::Resp3 => {
+                self.line(b'=', (s.len() + 4).to_string().as_bytes());
+                self.buf.extend_from_slice(b"txt:");
+                self.buf.extend_from_slice(s.as_bytes());
+                self.buf.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    fn line(&mut self, kind: u8, body: &[u8]) {
+        self.buf.push(kind);
+        self.buf.extend_from_slice(body);
+        self.buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode_command(buf: &mut Vec<u8>, args: &[&[u8]]) {
+    let mut o = Out {
+        buf,
+        proto: Proto::Resp2,
+    };
+    o.array(args.len());
+    for a in args {
+        o.bulk(a);
+    }
+}
+
+/// A reply, as a client sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Value>),
+    /// RESP3 map.
+    Map(Vec<(Value, Value)>),
+    /// RESP3 double, boolean, verbatim text and big number, kept as text.
+    Other(String),
+}
+
+/// Parses one reply from the start of `buf`: `Ok(None)` if incomplete. Depth and sizes are
+/// bounded by `limits`.
+pub fn parse_value(buf: &[u8], limits: &Limits) -> Result<Option<(Value, usize)>, ProtocolError> {
+    parse_value_at(buf, 0, limits, 0)
+}
+
+fn parse_value_at(
+    buf: &[u8],
+    at: usize,
+    limits: &Limits,
+    depth: u32,
+) -> Result<Option<(Value, usize)>, ProtocolError> {
+    if depth > 16 {
+        return perr("reply nested too deeply");
+    }
+    if at >= buf.len() {
+        return Ok(None);
+    }
+    let Some(end) = line_end(buf, at, limits.max_inline)? else {
+        return Ok(None);
+    };
+    if end == at || buf[end - 1] != b'\r' {
+        return perr("reply line not terminated by CRLF");
+    }
+    let body = &buf[at + 1..end - 1];
+    let next = end + 1;
+    let text = || String::from_utf8_lossy(body).into_owned();
+    let count = |what| {
+        parse_int(body)
+            .filter(|&n| n >= -1 && n <= limits.max_args as i64)
+            .ok_or_else(|| ProtocolError(format!("invalid {what} length")))
+    };
+    Ok(match buf[at] {
+        b'+' => Some((Value::Simple(text()), next)),
+        b'-' => Some((Value::Error(text()), next)),
+        b':' => match parse_int(body) {
+            Some(v) => Some((Value::Int(v), next)),
+            None => return perr("invalid integer"),
+        },
+        b'_' => Some((Value::Nil, next)),
+        b',' | b'#' | b'(' => Some((Value::Other(text()), next)),
+        b'$' | b'=' | b'!' => {
+            let n = parse_int(body)
+                .filter(|&n| n >= -1 && n <= limits.max_bulk as i64)
+                .ok_or_else(|| ProtocolError("invalid bulk length".into()))?;
+            if n < 0 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            let stop = next + n as usize;
+            if buf.len() < stop + 2 {
+                return Ok(None);
+            }
+            let data = buf[next..stop].to_vec();
+            let v = match buf[at] {
+                b'$' => Value::Bulk(data),
+                b'!' => Value::Error(String::from_utf8_lossy(&data).into_owned()),
+                _ => Value::Other(String::from_utf8_lossy(&data).into_owned()),
+            };
+            Some((v, stop + 2))
+        }
+        b'*' | b'~' | b'>' => {
+            let n = count("array")?;
+            if n < 0 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            let mut items = Vec::with_capacity((n as usize).min(1024));
+            let mut pos = next;
+            for _ in 0..n {
+                let Some((v, p)) = parse_value_at(buf, pos, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                items.push(v);
+                pos = p;
+            }
+            Some((Value::Array(items), pos))
+        }
+        b'%' => {
+            let n = count("map")?.max(0);
+            let mut items = Vec::with_capacity((n as usize).min(1024));
+            let mut pos = next;
+            for _ in 0..n {
+                let Some((k, p)) = parse_value_at(buf, pos, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                let Some((v, p)) = parse_value_at(buf, p, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                items.push((k, v));
+                pos = p;
+            }
+            Some((Value::Map(items), pos))
+        }
+        other => return perr(format!("unknown reply type '{}'", other.escape_ascii())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cmd(args: &[&[u8]]) -> Vec<u8> {
+        let mut b = Vec::new();
+        encode_command(&mut b, args);
+        b
+    }
+
+    #[test]
+    fn parses_arrays_inline_and_partial_input() {
+        let l = Limits::default();
+        let b = cmd(&[b"SET", b"k", b"v\r\nx"]);
+        let (args, n) = parse_command(&b, &l).expect("valid").expect("complete");
+        assert_eq!(
+            args,
+            vec![b"SET".to_vec(), b"k".to_vec(), b"v\r\nx".to_vec()]
+        );
+        assert_eq!(n, b.len());
+        for cut in 0..b.len() {
+            assert_eq!(parse_command(&b[..cut], &l), Ok(None), "cut at {cut}");
+        }
+        let (args, n) = parse_command(b"PING  hi\r\nGET", &l)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(args, vec![b"PING".to_vec(), b"hi".to_vec()]);
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn refuses_oversized_and_malformed_input() {
+        let l = Limits {
+            max_bulk: 16,
+            max_args: 4,
+            max_inline: 64,
+        };
+        // An oversized bulk is refused from its header alone.
+        assert!(parse_command(b"*1\r\n$17\r\n", &l).is_err());
+        assert!(parse_command(b"*5\r\n", &l).is_err());
+        assert!(parse_command(b"*1\r\n$-1\r\n", &l).is_err());
+        assert!(parse_command(b"*1\r\n+OK\r\n", &l).is_err());
+        assert!(parse_command(b"*x\r\n", &l).is_err());
+        assert!(parse_command(b"*1\r\n$2\r\nabcd", &l).is_err());
+        assert!(parse_command(&[b'a'; 100], &l).is_err());
+        assert!(parse_command(b"*99999999999999999999\r\n", &l).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let mut buf = Vec::new();
+        let mut o = Out {
+            buf: &mut buf,
+            proto: Proto::Resp3,
+        };
+        o.map(1);
+        o.bulk(b"k");
+        o.array(3);
+        o.int(-5);
+        o.null();
+        o.error("MOVED 5\r\n x");
+        let (v, n) = parse_value(&buf, &Limits::default())
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(n, buf.len());
+        assert_eq!(
+            v,
+            Value::Map(vec![(
+                Value::Bulk(b"k".to_vec()),
+                Value::Array(vec![
+                    Value::Int(-5),
+                    Value::Nil,
+                    Value::Error("MOVED 5   x".into())
+                ])
+            )])
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let l = Limits { max_bulk: 64, max_args: 8, max_inline: 64 };
+            if let Ok(Some((_, n))) = parse_command(&bytes, &l) {
+                prop_assert!(n <= bytes.len());
+            }
+            if let Ok(Some((_, n))) = parse_value(&bytes, &l) {
+                prop_assert!(n <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn commands_round_trip_in_any_split(
+            args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..6),
+            split in 0usize..400,
+        ) {
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let b = cmd(&refs);
+            let l = Limits::default();
+            let cut = split.min(b.len());
+            if cut < b.len() {
+                prop_assert_eq!(parse_command(&b[..cut], &l), Ok(None));
+            }
+            let (got, n) = parse_command(&b, &l).expect("valid").expect("complete");
+            prop_assert_eq!(n, b.len());
+            prop_assert_eq!(got, args);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! `dinomo up`: a whole local cluster — a DPM, a manager and N KNs as child processes of
+//! this one — started in order, and stopped in the reverse order on Ctrl-C (KNs leave and
+//! close their logs, the manager stops, the DPM merges everything and marks a clean
+//! shutdown).
+//!
+//! Every setting can come from a TOML file (`--config`); a flag given on the command line
+//! wins over the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manager::MgrClient;
+
+/// Settings of a local cluster (the TOML file holds any subset of them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpConfig {
+    /// KVS nodes.
+    pub kns: u16,
+    /// Folder for the region file (tmpfs is fastest).
+    pub dir: PathBuf,
+    /// Region size, e.g. "1G".
+    pub region_size: String,
+    /// Log block size, e.g. "8M" (default: chosen from the region size).
+    pub block_size: Option<String>,
+    /// Format a new region even if one exists (otherwise an existing region is recovered).
+    pub fresh: bool,
+    /// Address every process binds to.
+    pub host: String,
+    pub manager_port: u16,
+    /// KN `i` listens on `base_port + i`.
+    pub base_port: u16,
+    /// Shards per KN.
+    pub threads: u16,
+    /// Connection threads per KN.
+    pub io_threads: usize,
+    /// Cache per KN, e.g. "64M".
+    pub cache: String,
+    pub lease_ms: u64,
+    pub dpm_workers: usize,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        Self {
+            kns: 3,
+            dir: base.join("dinomo-cluster"),
+            region_size: "1G".into(),
+            block_size: None,
+            fresh: false,
+            host: "127.0.0.1".into(),
+            manager_port: 7000,
+            base_port: 7001,
+            threads: 2,
+            io_threads: 2,
+            cache: "64M".into(),
+            lease_ms: 3000,
+            dpm_workers: 1,
+        }
+    }
+}
+
+impl UpConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, UpError> {
+        let text = std::fs::read_to_string(path).map_err(|e| UpError::Config {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| UpError::Config {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Checks the settings before anything is started.
+    pub fn validate(&self) -> Result<(), UpError> {
+        let bad = |m: String| Err(UpError::Invalid(m));
+        if self.kns == 0 || self.kns > 64 {
+            return bad(format!("kns = {} is outside 1..=64", self.kns));
+        }
+        if self.threads == 0 || self.threads > 64 {
+            return bad(format!("threads = {} is outside 1..=64", self.threads));
+        }
+        if self.lease_ms < 100 {
+            return bad(format!("lease_ms = {} is below 100", self.lease_ms));
+        }
+        if self.base_port as u32 + self.kns as u32 > 65536 {
+            return bad("base_port + kns exceeds the port range".into());
+        }
+        for s in [
+            Some(&self.region_size),
+            Some(&self.cache),
+            self.block_size.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            crate::size::parse_size(s).map_err(|e| UpError::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn region_path(&self) -> PathBuf {
+        self.dir.join("region")
+    }
+    pub fn manager_addr(&self) -> String {
+        format!("{}:{}", self.host, self.manager_port)
+    }
+    pub fn kn_addr(&self, i: u16) -> String {
+        format!("{}:{}", self.host, self.base_port + i)
+    }
+}
+
+/// Why the cluster could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("cannot read {path}: {why}")]
+    Config { path: PathBuf, why: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A child process, killed if still running when dropped.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String]) -> Result<Self, UpError> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().map_err(|source| UpError::Io {
+            what: "cannot find this program".into(),
+            source,
+        })?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            // Its own process group: Ctrl-C reaches only `up`, which stops the cluster in order.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| UpError::Io {
+                what: format!("cannot start {name}"),
+                source,
+            })?;
+        Ok(Self {
+            name: name.into(),
+            child,
+        })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if let Some(s) = self.exited() {
+            return Some(s);
+        }
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let t0 = Instant::now();
+        while t0.elapsed() < grace {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {grace:?}; killing it", self.name);
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts the cluster, waits for `stop`, then stops it in order.
+pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.dir).map_err(|source| UpError::Io {
+        what: format!("cannot create {}", cfg.dir.display()),
+        source,
+    })?;
+    let region = cfg.region_path();
+    let region_s = region.to_string_lossy().into_owned();
+    if cfg.fresh || !region.exists() {
+        let mut args = vec![
+            "dpm".into(),
+            "format".into(),
+            "--path".into(),
+            region_s.clone(),
+            "--size".into(),
+            cfg.region_size.clone(),
+            "--force".into(),
+        ];
+        if let Some(b) = &cfg.block_size {
+            args.extend(["--block-size".into(), b.clone()]);
+        }
+        let mut p = Proc::spawn("dpm format", &args)?;
+        let ok = p.child.wait().is_ok_and(|s| s.success());
+        if !ok {
+            return Err(UpError::Failed(format!("cannot format {region_s}")));
+        }
+    }
+    let mut dpm = Proc::spawn(
+        "dpm",
+        &[
+            "dpm".into(),
+            "serve".into(),
+            "--path".into(),
+            region_s.clone(),
+            "--workers".into(),
+            cfg.dpm_workers.to_string(),
+            "--no-pin".into(),
+        ],
+    )?;
+    let mut manager = Proc::spawn(
+        "manager",
+        &[
+            "manager".into(),
+            "--dpm".into(),
+            region_s.clone(),
+            "--listen".into(),
+            cfg.manager_addr(),
+            "--lease-ms".into(),
+            cfg.lease_ms.to_string(),
+        ],
+    )?;
+    let mut kns = Vec::new();
+    for i in 0..cfg.kns {
+        kns.push(Proc::spawn(
+            &format!("kn {i}"),
+            &[
+                "kn".into(),
+                "--dpm".into(),
+                region_s.clone(),
+                "--listen".into(),
+                cfg.kn_addr(i),
+                "--manager".into(),
+                cfg.manager_addr(),
+                "--threads".into(),
+                cfg.threads.to_string(),
+                "--io-threads".into(),
+                cfg.io_threads.to_string(),
+                "--cache".into(),
+                cfg.cache.clone(),
+            ],
+        )?);
+    }
+    let ready = wait_ready(cfg, stop, &mut [&mut dpm, &mut manager]);
+    match &ready {
+        Ok(()) => {
+            println!(
+                "cluster up: {} KNs at {} (manager {}, region {region_s}); Ctrl-C stops it",
+                cfg.kns,
+                (0..cfg.kns)
+                    .map(|i| cfg.kn_addr(i))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cfg.manager_addr()
+            );
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+                if let Some(s) = dpm.exited().or_else(|| manager.exited()) {
+                    eprintln!("a core process exited ({s}); stopping the cluster");
+                    break;
+                }
+            }
+        }
+        Err(e) => eprintln!("the cluster did not come up: {e}"),
+    }
+    eprintln!("stopping the cluster");
+    // KNs first, all at once: each closes its logs and leaves.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for k in &mut kns {
+        if k.exited().is_none() {
+            let _ = kill(Pid::from_raw(k.child.id() as i32), Signal::SIGTERM);
+        }
+    }
+    for k in &mut kns {
+        k.stop(Duration::from_secs(20));
+    }
+    manager.stop(Duration::from_secs(10));
+    let dpm_status = dpm.stop(Duration::from_secs(60));
+    ready?;
+    match dpm_status {
+        Some(s) if s.success() => {
+            eprintln!("cluster stopped cleanly");
+            Ok(())
+        }
+        s => Err(UpError::Failed(format!(
+            "the DPM did not stop cleanly: {s:?}"
+        ))),
+    }
+}
+
+/// Waits until the manager's map holds every KN and is settled.
+fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, core: &mut [&mut Proc]) -> Result<(), UpError> {
+    let t0 = Instant::now();
+    let deadline = Duration::from_secs(60);
+    let mut mgr: Option<MgrClient> = None;
+    while t0.elapsed() < deadline && !stop.load(Ordering::Acquire) {
+        for p in core.iter_mut() {
+            if let Some(s) = p.exited() {
+                return Err(UpError::Failed(format!("{} exited ({s})", p.name)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if mgr.is_none() {
+            mgr = MgrClient::connect(&cfg.manager_addr(), Duration::from_millis(100)).ok();
+        }
+        let Some(m) = mgr.as_mut() else { continue };
+        match m.map() {
+            Ok(map) if map.kns.len() == cfg.kns as usize && map.settled => {
+                let up = (0..cfg.kns).all(|i| {
+                    cfg.kn_addr(i)
+                        .parse::<SocketAddr>()
+                        .ok()
+                        .and_then(|a| {
+                            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok()
+                        })
+                        .is_some()
+                });
+                if up {
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => mgr = None,
+        }
+    }
+    Err(UpError::Failed(
+        "not every KN joined within 60 s (see the messages above)".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: UpConfig =
+            toml::from_str("kns = 5\nbase_port = 8001\ncache = \"16M\"\n").expect("valid config");
+        assert_eq!((c.kns, c.base_port, c.cache.as_str()), (5, 8001, "16M"));
+        assert_eq!(c.threads, UpConfig::default().threads);
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<UpConfig>("knz = 5\n").is_err());
+        let bad = UpConfig {
+            kns: 0,
+            ..UpConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = UpConfig {
+            cache: "lots".into(),
+            ..UpConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}
