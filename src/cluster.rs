@@ -2,6 +2,12 @@
 //! one region in this process's memory, reached through the shm fabric. The same code runs
 //! the multi-process deployment; here everything shares an address space for tests and
 //! benchmarks.
+//!
+//! The baselines of the evaluation live beside it: [`clover`] (shared-everything) and
+//! [`dinomo_n`] (shared-nothing).
+
+pub mod clover;
+pub mod dinomo_n;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,6 +199,18 @@ impl Cluster {
     /// Flushes every shard and waits until the DPM has merged every log.
     pub fn sync(&self) -> Result<(), KvError> {
         self.kns.iter().try_for_each(Kn::sync)
+    }
+
+    /// Installs a new cluster map on the router and every shard, and returns once every
+    /// shard has applied it (a stats request queued behind the map change is answered).
+    pub fn install_map(&self, map: &Arc<SlotMap>) {
+        self.router.set_map(Arc::clone(map));
+        for k in &self.kns {
+            k.set_map(map);
+        }
+        for k in &self.kns {
+            let _ = k.stats();
+        }
     }
 
     /// Stops the memory node's merge workers (control messages are still served).

@@ -419,6 +419,11 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
 }
 
 fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
+    if a.sweep {
+        let s = a.to_sweep().map_err(Usage)?;
+        dinomo::bench::sweep::sweep(&s)?;
+        return Ok(());
+    }
     let cfg = a.to_config().map_err(Usage)?;
     if let Some(p) = &a.json {
         // Fail on an unwritable path before spending minutes on the run.

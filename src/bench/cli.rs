@@ -7,8 +7,9 @@ use clap::Args;
 use dinomo_hw::fabric::nic::NicProfile;
 use host_kn::dac::CachePolicy;
 
+use super::sweep::{Preset, SweepConfig};
 use super::workload::{Distribution, Workload};
-use super::{BenchConfig, CacheSize};
+use super::{BenchConfig, CacheSize, System};
 
 /// Distribution names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -20,9 +21,12 @@ pub enum DistArg {
 /// `dinomo bench` options.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// KVS nodes.
-    #[arg(long, default_value_t = 2)]
-    pub kns: u16,
+    /// dinomo, clover (shared-everything baseline) or dinomo-n (shared-nothing baseline).
+    #[arg(long, default_value = "dinomo")]
+    pub system: System,
+    /// KVS nodes; with --sweep a comma-separated list (e.g. 1,2,4,8,16).
+    #[arg(long, default_value = "2")]
+    pub kns: String,
     /// Shards (worker threads) per KN.
     #[arg(long, default_value_t = 2)]
     pub threads_per_kn: u16,
@@ -88,6 +92,46 @@ pub struct BenchArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Run every combination of --systems, --kns and --workloads; write one JSON line per
+    /// point, a CSV table and the figure (SVG and PNG) into --out.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Systems of a sweep, comma-separated.
+    #[arg(long, default_value = "dinomo,clover,dinomo-n", requires = "sweep")]
+    pub systems: String,
+    /// Workloads of a sweep, comma-separated.
+    #[arg(
+        long,
+        default_value = "read-only,read-mostly,write-heavy",
+        requires = "sweep"
+    )]
+    pub workloads: String,
+    /// A named sweep: paper-fig2 (the DINOMO paper's Figure 2, scaled down; sets systems,
+    /// KNs, workloads, keys, ops, cache and skew, see docs/PERFORMANCE.md).
+    #[arg(long, requires = "sweep")]
+    pub preset: Option<Preset>,
+    /// Directory of the sweep's outputs.
+    #[arg(long, default_value = "bench-results", requires = "sweep")]
+    pub out: PathBuf,
+}
+
+fn parse_list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v: Vec<T> = s
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|e| format!("{what} {x:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if v.is_empty() {
+        return Err(format!("{what} needs at least one value"));
+    }
+    Ok(v)
 }
 
 impl BenchArgs {
@@ -121,8 +165,13 @@ impl BenchArgs {
         } else {
             self.nic
         });
+        let kns: Vec<u16> = parse_list("--kns", &self.kns)?;
+        if kns.len() > 1 && !self.sweep {
+            return Err("--kns takes a list only with --sweep".into());
+        }
         let cfg = BenchConfig {
-            kns: self.kns,
+            system: self.system,
+            kns: kns[0],
             threads_per_kn: self.threads_per_kn,
             workload: self.workload,
             dist,
@@ -143,5 +192,31 @@ impl BenchArgs {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The sweep these arguments ask for (`--sweep`).
+    pub fn to_sweep(&self) -> Result<SweepConfig, String> {
+        let base = self.to_config()?;
+        let s = SweepConfig {
+            systems: parse_list("--systems", &self.systems)?,
+            kns: parse_list("--kns", &self.kns)?,
+            workloads: parse_list("--workloads", &self.workloads)?,
+            base,
+            out: self.out.clone(),
+            command: String::new(),
+        };
+        let mut s = match self.preset {
+            Some(p) => p.apply(s),
+            None => s,
+        };
+        s.command = self.command_line();
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The command line that reproduces these arguments (recorded next to sweep results).
+    fn command_line(&self) -> String {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        format!("dinomo {}", args.join(" "))
     }
 }

@@ -3,21 +3,68 @@
 //! latency, a modelled throughput for a NIC profile, and the static-optimal cache bar.
 
 pub mod cli;
+pub mod model;
+pub mod plot;
+pub mod sweep;
 pub mod workload;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_hw::fabric::nic::{modeled_ops_per_sec, NicProfile};
+use dinomo_hw::fabric::nic::NicProfile;
 use dinomo_shared::entry::padded_len;
 use host_kn::dac::{oracle, CachePolicy, DacConfig};
 use host_kn::ShardStats;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::cluster::clover::{CloverClient, CloverCluster, CloverConfig};
+use crate::cluster::dinomo_n::{DinomoN, DinomoNClient, MAX_KEY_OVERHEAD};
 use crate::cluster::{Cluster, ClusterConfig};
 use workload::{key_digits, key_into, value_into, Distribution, KeyChooser, Rng, Workload};
+
+/// The system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum System {
+    /// DINOMO: shared data, ownership partitioning, DAC.
+    #[default]
+    Dinomo,
+    /// Clover: shared-everything, shortcut-only caches, version chains, metadata server.
+    Clover,
+    /// DINOMO-N: DINOMO's KNs over per-KN data partitions (shared-nothing).
+    DinomoN,
+}
+
+impl System {
+    pub const ALL: [Self; 3] = [Self::Dinomo, Self::Clover, Self::DinomoN];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Dinomo => "dinomo",
+            Self::Clover => "clover",
+            Self::DinomoN => "dinomo-n",
+        }
+    }
+}
+
+impl std::fmt::Display for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for System {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s.trim())
+            .ok_or_else(|| {
+                format!("unknown system {s:?}; expected one of: dinomo, clover, dinomo-n")
+            })
+    }
+}
 
 /// How much cache the KNs get.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,6 +78,7 @@ pub enum CacheSize {
 /// One benchmark run.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
+    pub system: System,
     pub kns: u16,
     pub threads_per_kn: u16,
     pub workload: Workload,
@@ -58,6 +106,7 @@ pub struct BenchConfig {
 impl Default for BenchConfig {
     fn default() -> Self {
         Self {
+            system: System::Dinomo,
             kns: 2,
             threads_per_kn: 2,
             workload: Workload::ReadMostly,
@@ -103,12 +152,18 @@ impl BenchConfig {
                     0
                 },
         );
-        if self.key_size == 0 || self.key_size > dinomo_shared::entry::MAX_KEY_LEN {
+        let max_key = match self.system {
+            System::DinomoN => dinomo_shared::entry::MAX_KEY_LEN - MAX_KEY_OVERHEAD,
+            System::Dinomo | System::Clover => dinomo_shared::entry::MAX_KEY_LEN,
+        };
+        if self.key_size == 0 || self.key_size > max_key {
             return Err(format!(
-                "--key-size {} is outside 1..={}",
-                self.key_size,
-                dinomo_shared::entry::MAX_KEY_LEN
+                "--key-size {} is outside 1..={max_key} for {}",
+                self.key_size, self.system
             ));
+        }
+        if self.system == System::Clover && self.workload == Workload::InsertHeavy {
+            return Err("--system clover supports read-only, read-mostly and write-heavy".into());
         }
         if self.key_size < digits {
             return Err(format!(
@@ -146,7 +201,8 @@ impl BenchConfig {
         Ok(())
     }
 
-    fn data_bytes(&self) -> u64 {
+    /// Loaded key + value bytes.
+    pub fn data_bytes(&self) -> u64 {
         self.keys * (self.key_size + self.value_size) as u64
     }
 
@@ -198,6 +254,8 @@ pub struct Modeled {
     pub throughput_ops: Option<f64>,
     pub bottleneck: String,
     pub note: &'static str,
+    /// Every ceiling of the model, in ops/s (null: does not limit).
+    pub bounds: model::Bounds,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -257,6 +315,13 @@ pub struct BenchResult {
     pub batching: Batching,
     pub nic_injected: String,
     pub seed: u64,
+    /// Metadata-server requests per operation (Clover; each is also one of `rts_per_op`).
+    pub ms_requests_per_op: f64,
+    /// Measured CPU time of the metadata server per request it served, in µs (this machine).
+    pub ms_us_per_request: Option<f64>,
+    /// Version-chain hops per operation (Clover: stale shortcuts and lost CAS races).
+    pub chain_hops_per_op: f64,
+    pub cas_failures_per_op: f64,
 }
 
 #[derive(Default)]
@@ -280,13 +345,134 @@ fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     b
 }
 
+/// What a benchmark drives: a running system and its clients.
+trait Target: Sync {
+    type C: Ops + Send;
+    fn client(&self, id: usize) -> Self::C;
+    fn counters(&self) -> Counters;
+    /// Brings the system to a merged, quiet state after loading.
+    fn settle(&self) -> anyhow::Result<()>;
+}
+
+/// The operations a benchmark client issues.
+trait Ops {
+    fn get(&mut self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>>;
+    fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()>;
+}
+
+/// Counters of any system: KN-side ones in DINOMO's shape plus the metadata server's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub kn: ShardStats,
+    /// Requests KNs sent to a metadata server (Clover), one round trip each.
+    pub ms_requests: u64,
+    /// CPU time the metadata server spent serving them (measured).
+    pub ms_cpu_ns: u64,
+    /// Requests the metadata server served (including those sent when loading).
+    pub ms_served: u64,
+    pub chain_hops: u64,
+    pub cas_failures: u64,
+}
+
+impl Counters {
+    fn since(&self, e: &Self) -> Self {
+        Self {
+            kn: self.kn.since(&e.kn),
+            ms_requests: self.ms_requests - e.ms_requests,
+            ms_cpu_ns: self.ms_cpu_ns - e.ms_cpu_ns,
+            ms_served: self.ms_served - e.ms_served,
+            chain_hops: self.chain_hops - e.chain_hops,
+            cas_failures: self.cas_failures - e.cas_failures,
+        }
+    }
+}
+
+impl Target for Cluster {
+    type C = host_kn::Client;
+    fn client(&self, _: usize) -> Self::C {
+        Cluster::client(self)
+    }
+    fn counters(&self) -> Counters {
+        Counters {
+            kn: self.stats(),
+            ..Counters::default()
+        }
+    }
+    fn settle(&self) -> anyhow::Result<()> {
+        Ok(self.sync()?)
+    }
+}
+
+impl Ops for host_kn::Client {
+    fn get(&mut self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(host_kn::Client::get(self, key)?)
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        Ok(host_kn::Client::put(self, key, value)?)
+    }
+}
+
+impl Target for DinomoN {
+    type C = DinomoNClient;
+    fn client(&self, _: usize) -> Self::C {
+        DinomoN::client(self)
+    }
+    fn counters(&self) -> Counters {
+        Counters {
+            kn: self.stats(),
+            ..Counters::default()
+        }
+    }
+    fn settle(&self) -> anyhow::Result<()> {
+        Ok(self.sync()?)
+    }
+}
+
+impl Ops for DinomoNClient {
+    fn get(&mut self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(DinomoNClient::get(self, key)?)
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        Ok(DinomoNClient::put(self, key, value)?)
+    }
+}
+
+impl Target for Arc<CloverCluster> {
+    type C = CloverClient;
+    fn client(&self, id: usize) -> Self::C {
+        CloverCluster::client(self, id)
+    }
+    fn counters(&self) -> Counters {
+        let s = self.stats();
+        Counters {
+            kn: s.kn,
+            ms_requests: s.ms_requests,
+            ms_cpu_ns: s.ms.cpu_ns,
+            ms_served: s.ms.requests,
+            chain_hops: s.chain_hops,
+            cas_failures: s.cas_failures,
+        }
+    }
+    fn settle(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl Ops for CloverClient {
+    fn get(&mut self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(CloverClient::get(self, key)?)
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        Ok(CloverClient::put(self, key, value)?)
+    }
+}
+
 /// Runs one benchmark.
 pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
     cfg.validate().map_err(anyhow::Error::msg)?;
-    let shards = cfg.threads_per_kn;
-    let cluster = Cluster::start(&ClusterConfig {
+    let cluster_cfg = ClusterConfig {
         kns: cfg.kns,
-        shards_per_kn: shards,
+        shards_per_kn: cfg.threads_per_kn,
         region_bytes: cfg.region_bytes(),
         block_size: None,
         dpm_workers: cfg.dpm_workers,
@@ -294,20 +480,61 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         policy: cfg.policy,
         nic: cfg.nic,
         ..ClusterConfig::default()
-    })?;
-    if cfg.value_size > cluster.max_value() {
-        anyhow::bail!(
-            "--value-size {} exceeds the largest value this region accepts ({})",
-            cfg.value_size,
-            cluster.max_value()
-        );
+    };
+    let check_value = |max: usize| {
+        if cfg.value_size > max {
+            anyhow::bail!(
+                "--value-size {} exceeds the largest value this region accepts ({max})",
+                cfg.value_size
+            );
+        }
+        Ok(())
+    };
+    match cfg.system {
+        System::Dinomo => {
+            let c = Cluster::start(&cluster_cfg)?;
+            check_value(c.max_value())?;
+            let (d, now, outs, el) = drive(&c, cfg)?;
+            c.stop();
+            Ok(report(cfg, &d, &now, outs, el))
+        }
+        System::DinomoN => {
+            let c = DinomoN::start(&cluster_cfg)?;
+            check_value(c.max_value())?;
+            let (d, now, outs, el) = drive(&c, cfg)?;
+            c.stop();
+            Ok(report(cfg, &d, &now, outs, el))
+        }
+        System::Clover => {
+            // Live versions, plus the versions a run writes before reclamation catches up.
+            let c = Arc::new(CloverCluster::start(&CloverConfig {
+                kns: cfg.kns,
+                lanes_per_kn: cfg.threads_per_kn,
+                max_key: cfg.key_size,
+                max_value: cfg.value_size,
+                slots: cfg.keys + cfg.keys / 4,
+                cache_bytes_per_kn: cfg.cache_per_kn(),
+                nic: cfg.nic,
+            })?);
+            let (d, now, outs, el) = drive(&c, cfg)?;
+            drop(c);
+            Ok(report(cfg, &d, &now, outs, el))
+        }
     }
-    load(&cluster, cfg)?;
-    cluster.sync()?;
+}
+
+/// Loads, warms up and measures; returns the counters of the measurement, the counters at
+/// its end, what every client did, and the measured time.
+fn drive<T: Target>(
+    sys: &T,
+    cfg: &BenchConfig,
+) -> anyhow::Result<(Counters, Counters, Vec<ClientOut>, Duration)> {
+    load(sys, cfg)?;
+    sys.settle()?;
     let next_insert = Arc::new(AtomicU64::new(cfg.keys));
     if cfg.warmup_ops > 0 {
         phase(
-            &cluster,
+            sys,
             cfg,
             cfg.warmup_ops,
             None,
@@ -316,10 +543,10 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
             cfg.seed ^ 0x5741_524D,
         )?;
     }
-    let before = cluster.stats();
+    let before = sys.counters();
     let t0 = Instant::now();
     let outs = phase(
-        &cluster,
+        sys,
         cfg,
         cfg.ops,
         cfg.duration,
@@ -328,19 +555,17 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         cfg.seed,
     )?;
     let elapsed = t0.elapsed();
-    let after = cluster.stats();
-    let d = after.since(&before);
-    cluster.stop();
-    Ok(report(cfg, &d, &after, outs, elapsed))
+    let after = sys.counters();
+    Ok((after.since(&before), after, outs, elapsed))
 }
 
-fn load(cluster: &Cluster, cfg: &BenchConfig) -> anyhow::Result<()> {
+fn load<T: Target>(sys: &T, cfg: &BenchConfig) -> anyhow::Result<()> {
     let pb = bar(cfg.progress, cfg.keys, "load");
     let loaded = AtomicU64::new(0);
     std::thread::scope(|s| -> anyhow::Result<()> {
         let hs: Vec<_> = (0..cfg.clients)
             .map(|t| {
-                let mut cl = cluster.client();
+                let mut cl = sys.client(t);
                 let (pb, loaded) = (&pb, &loaded);
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut key = vec![0u8; cfg.key_size];
@@ -369,8 +594,8 @@ fn load(cluster: &Cluster, cfg: &BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn phase(
-    cluster: &Cluster,
+fn phase<T: Target>(
+    sys: &T,
     cfg: &BenchConfig,
     ops: u64,
     duration: Option<Duration>,
@@ -389,7 +614,7 @@ fn phase(
     let outs = std::thread::scope(|s| -> anyhow::Result<Vec<ClientOut>> {
         let hs: Vec<_> = (0..cfg.clients)
             .map(|t| {
-                let mut cl = cluster.client();
+                let mut cl = sys.client(t);
                 let (pb, done, chooser) = (&pb, &done, &chooser);
                 let share =
                     ops / cfg.clients as u64 + u64::from((t as u64) < ops % cfg.clients as u64);
@@ -472,11 +697,12 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 fn report(
     cfg: &BenchConfig,
-    d: &ShardStats,
-    now: &ShardStats,
+    dc: &Counters,
+    nowc: &Counters,
     outs: Vec<ClientOut>,
     elapsed: Duration,
 ) -> BenchResult {
+    let (d, now) = (&dc.kn, &nowc.kn);
     let reads: u64 = outs.iter().map(|o| o.reads).sum();
     let writes: u64 = outs.iter().map(|o| o.writes).sum();
     let ops = reads + writes;
@@ -489,7 +715,20 @@ fn report(
     };
     let verbs_per_op = ratio(d.fabric.verbs(), ops);
     let bytes_per_op = ratio(d.fabric.read_bytes + d.fabric.write_bytes, ops);
-    let (tput, bottleneck) = modeled_ops_per_sec(cfg.model_nic, verbs_per_op, bytes_per_op);
+    let rts_per_op = ratio(d.fabric.round_trips + dc.ms_requests, ops);
+    let ms_requests_per_op = ratio(dc.ms_requests, ops);
+    let ms_us_per_request =
+        (dc.ms_served > 0).then(|| dc.ms_cpu_ns as f64 / dc.ms_served as f64 / 1e3);
+    let (tput, bottleneck, bounds) = model::model(&model::ModelInput {
+        nic: cfg.model_nic,
+        kns: cfg.kns,
+        threads_per_kn: cfg.threads_per_kn,
+        verbs_per_op,
+        bytes_per_op,
+        rts_per_op,
+        ms_requests_per_op,
+        ms_us_per_request,
+    });
     let write_rts_per_write = ratio(d.write_rts, writes);
     // The oracle: the best static split of the whole cache between values and shortcuts.
     let dac = DacConfig::default();
@@ -510,7 +749,7 @@ fn report(
     );
     let rf = ratio(reads, ops);
     BenchResult {
-        system: "dinomo",
+        system: cfg.system.name(),
         kns: cfg.kns,
         threads_per_kn: cfg.threads_per_kn,
         clients: cfg.clients,
@@ -531,7 +770,7 @@ fn report(
         writes,
         elapsed_s: elapsed.as_secs_f64(),
         throughput_ops: ratio(ops, 1) / elapsed.as_secs_f64().max(1e-9),
-        rts_per_op: ratio(d.fabric.round_trips, ops),
+        rts_per_op,
         read_rts_per_read: ratio(d.read_rts, reads),
         write_rts_per_write,
         bytes_per_op,
@@ -547,8 +786,13 @@ fn report(
             nic: cfg.model_nic.to_string(),
             throughput_ops: tput.is_finite().then_some(tput),
             bottleneck: bottleneck.into(),
-            note: "bound of the memory node's NIC only (message rate / verbs per op, bandwidth / bytes per op)",
+            note: "least of: memory-node NIC message rate / verbs per op, its bandwidth / bytes per op, KNs x threads / (RTs per op x RT latency), metadata-server capacity / MS requests per op (docs/MODEL.md)",
+            bounds,
         },
+        ms_requests_per_op,
+        ms_us_per_request,
+        chain_hops_per_op: ratio(dc.chain_hops, ops),
+        cas_failures_per_op: ratio(dc.cas_failures, ops),
         oracle_rts_per_op: rf * o.rts_per_read + (1.0 - rf) * write_rts_per_write,
         oracle_values: o.values,
         oracle_shortcuts: o.shortcuts,
@@ -627,6 +871,16 @@ pub fn render(r: &BenchResult) -> String {
             r.batching.entries_per_flush,
             r.batching.batch_limit_entries,
             crate::size::human(r.batching.batch_limit_bytes)
+        );
+    }
+    if r.ms_requests_per_op > 0.0 || r.chain_hops_per_op > 0.0 {
+        let _ = writeln!(
+            s,
+            "clover     {:.4} MS requests/op ({:.2} us MS CPU each, measured)   {:.4} chain hops/op   {:.4} CAS failures/op",
+            r.ms_requests_per_op,
+            r.ms_us_per_request.unwrap_or(0.0),
+            r.chain_hops_per_op,
+            r.cas_failures_per_op
         );
     }
     match r.modeled.throughput_ops {

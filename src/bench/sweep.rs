@@ -1,0 +1,198 @@
+//! `dinomo bench --sweep`: every combination of systems, KN counts and workloads, one
+//! JSON line per point (the fields of [`BenchResult`]), a CSV table, and the figure.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use super::workload::{Distribution, Workload};
+use super::{run, BenchConfig, BenchResult, CacheSize, System};
+
+/// Named sweeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// The DINOMO paper's Figure 2, scaled to this machine: the three systems at 1, 2, 4, 8
+    /// and 16 KNs, read-only / read-mostly / write-heavy, Zipf 0.99, 8 B keys, 1 KiB values,
+    /// and a fixed cache per KN of data × 0.5 / 16 (so 16 KNs cache half the data, as the
+    /// paper's 1 GB per KN does for 32 GB).
+    PaperFig2,
+}
+
+impl FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "paper-fig2" => Ok(Self::PaperFig2),
+            _ => Err(format!("unknown preset {s:?}; expected: paper-fig2")),
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::PaperFig2 => "paper-fig2",
+        })
+    }
+}
+
+/// Keys, operations and clients of the paper-fig2 preset (scaled from 32 M keys so that the
+/// 45 points finish within 15 minutes on 2 cores).
+pub const FIG2_KEYS: u64 = 50_000;
+pub const FIG2_OPS: u64 = 150_000;
+pub const FIG2_WARMUP: u64 = 100_000;
+pub const FIG2_CLIENTS: usize = 16;
+
+impl Preset {
+    /// Overrides what the preset fixes; the output directory and NIC profiles stay.
+    pub fn apply(self, mut s: SweepConfig) -> SweepConfig {
+        match self {
+            Self::PaperFig2 => {
+                s.systems = System::ALL.to_vec();
+                s.kns = vec![1, 2, 4, 8, 16];
+                s.workloads = vec![
+                    Workload::ReadOnly,
+                    Workload::ReadMostly,
+                    Workload::WriteHeavy,
+                ];
+                let b = &mut s.base;
+                b.dist = Distribution::Zipf(0.99);
+                b.keys = FIG2_KEYS;
+                b.key_size = 8;
+                b.value_size = 1024;
+                b.ops = FIG2_OPS;
+                b.warmup_ops = FIG2_WARMUP;
+                b.duration = None;
+                b.clients = FIG2_CLIENTS;
+                b.threads_per_kn = 1;
+                b.cache = CacheSize::PerKn(b.data_bytes() / 2 / 16);
+            }
+        }
+        s
+    }
+}
+
+/// A sweep.
+#[derive(Clone, Debug)]
+pub struct SweepConfig {
+    pub systems: Vec<System>,
+    pub kns: Vec<u16>,
+    pub workloads: Vec<Workload>,
+    /// Everything else of each point.
+    pub base: BenchConfig,
+    pub out: PathBuf,
+    /// The command that made it, written beside the results.
+    pub command: String,
+}
+
+impl SweepConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for &system in &self.systems {
+            for &kns in &self.kns {
+                for &workload in &self.workloads {
+                    BenchConfig {
+                        system,
+                        kns,
+                        workload,
+                        ..self.base.clone()
+                    }
+                    .validate()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CSV header; one row per point.
+pub const CSV_HEADER: &str = "system,workload,kns,threads_per_kn,keys,ops,measured_ops_per_s,modelled_ops_per_s,model_nic,bottleneck,rts_per_op,read_rts_per_read,write_rts_per_write,verbs_per_op,bytes_per_op,hit_value,hit_shortcut,hit_miss,ms_requests_per_op,ms_us_per_request,chain_hops_per_op,cas_failures_per_op,cache_bytes_per_kn";
+
+/// One CSV row.
+pub fn csv_row(r: &BenchResult) -> String {
+    format!(
+        "{},{},{},{},{},{},{:.0},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.4},{:.4},{:.4},{:.5},{},{:.5},{:.5},{}",
+        r.system,
+        r.workload,
+        r.kns,
+        r.threads_per_kn,
+        r.keys,
+        r.ops,
+        r.throughput_ops,
+        r.modeled.throughput_ops.map(|t| format!("{t:.0}")).unwrap_or_default(),
+        r.modeled.nic,
+        r.modeled.bottleneck,
+        r.rts_per_op,
+        r.read_rts_per_read,
+        r.write_rts_per_write,
+        r.verbs_per_op,
+        r.bytes_per_op,
+        r.hit.value,
+        r.hit.shortcut,
+        r.hit.miss,
+        r.ms_requests_per_op,
+        r.ms_us_per_request.map(|u| format!("{u:.3}")).unwrap_or_default(),
+        r.chain_hops_per_op,
+        r.cas_failures_per_op,
+        r.cache.bytes_per_kn,
+    )
+}
+
+/// Runs the sweep, writing `sweep.jsonl`, `sweep.csv`, `sweep.svg`, `sweep.png` and
+/// `command.txt` into the output directory as it goes.
+pub fn sweep(s: &SweepConfig) -> anyhow::Result<Vec<BenchResult>> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&s.out)
+        .with_context(|| format!("cannot create {}", s.out.display()))?;
+    let path = |name: &str| s.out.join(name);
+    std::fs::write(path("command.txt"), format!("{}\n", s.command))?;
+    let mut jsonl = std::fs::File::create(path("sweep.jsonl"))?;
+    let mut csv = std::fs::File::create(path("sweep.csv"))?;
+    writeln!(csv, "{CSV_HEADER}")?;
+    let total = s.systems.len() * s.kns.len() * s.workloads.len();
+    let mut out = Vec::with_capacity(total);
+    for &workload in &s.workloads {
+        for &system in &s.systems {
+            for &kns in &s.kns {
+                let cfg = BenchConfig {
+                    system,
+                    kns,
+                    workload,
+                    ..s.base.clone()
+                };
+                let t0 = std::time::Instant::now();
+                let r = run(&cfg)?;
+                eprintln!(
+                    "[{}/{total}] {system} {workload} {kns} KNs: {:.3} RTs/op, modelled {:.0} ops/s ({}), measured {:.0} ops/s, {:.1} s",
+                    out.len() + 1,
+                    r.rts_per_op,
+                    r.modeled.throughput_ops.unwrap_or(f64::INFINITY),
+                    r.modeled.bottleneck,
+                    r.throughput_ops,
+                    t0.elapsed().as_secs_f64()
+                );
+                writeln!(jsonl, "{}", serde_json::to_string(&r)?)?;
+                writeln!(csv, "{}", csv_row(&r))?;
+                out.push(r);
+            }
+        }
+    }
+    let title = format!(
+        "{} vs KNs: {} keys, Zipf {}, {} B values, cache/KN {} B; modelled on {}",
+        s.systems
+            .iter()
+            .map(|x| x.name())
+            .collect::<Vec<_>>()
+            .join(" / "),
+        s.base.keys,
+        match s.base.dist {
+            Distribution::Zipf(t) => t.to_string(),
+            Distribution::Uniform => "-".into(),
+        },
+        s.base.value_size,
+        out.first().map(|r| r.cache.bytes_per_kn).unwrap_or(0),
+        s.base.model_nic
+    );
+    super::plot::draw(&out, &path("sweep.svg"), &path("sweep.png"), &title)?;
+    Ok(out)
+}

@@ -1,0 +1,293 @@
+//! DINOMO-N, the shared-nothing baseline: the same KNs (DAC, ownership, group commit) and
+//! memory node, but every KN keeps its data in a key-space partition of its own. A key is
+//! stored as `{tag}` + partition + key, where `tag` is a short string whose Redis slot is
+//! the key's slot (so routing and ownership are unchanged) and the partition is the KN that
+//! owned the slot when the key was written. No KN ever reads another's partition.
+//!
+//! The steady state therefore costs what DINOMO costs (keys are 6–8 bytes longer). The
+//! difference is reconfiguration: moving a slot to another KN copies every live key of the
+//! slot from the old owner's partition into the new owner's (read through the old owner,
+//! written through the new one, then deleted from the old partition), where DINOMO moves
+//! only ownership. [`DinomoN::move_slot`] does that and counts the bytes.
+
+use std::sync::Arc;
+
+use dinomo_shared::block::BlockHeader;
+use dinomo_shared::entry::{self, Op, MAX_KEY_LEN};
+use dinomo_shared::slot::{key_slot, SLOTS};
+use host_kn::{Client, KvError, SlotMap};
+
+use super::{Cluster, ClusterConfig, ClusterError};
+
+/// Bytes added to every key: `{`, the tag (up to 4), `}`, 2 partition bytes.
+pub const MAX_KEY_OVERHEAD: usize = 8;
+
+/// For every slot, a short tag whose slot it is.
+#[derive(Debug)]
+pub struct SlotTags(Vec<Vec<u8>>);
+
+impl SlotTags {
+    /// Searches base-36 strings in order until every slot has one (about 170 000 tries).
+    pub fn new() -> Self {
+        const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut tags: Vec<Vec<u8>> = vec![Vec::new(); SLOTS as usize];
+        let mut left = SLOTS as usize;
+        let mut n = 0u64;
+        while left > 0 {
+            let mut t = Vec::with_capacity(4);
+            let mut x = n;
+            loop {
+                t.push(DIGITS[(x % 36) as usize]);
+                x /= 36;
+                if x == 0 {
+                    break;
+                }
+            }
+            let s = key_slot(&t) as usize;
+            if tags[s].is_empty() {
+                tags[s] = t;
+                left -= 1;
+            }
+            n += 1;
+        }
+        Self(tags)
+    }
+
+    pub fn tag(&self, slot: u16) -> &[u8] {
+        &self.0[slot as usize % SLOTS as usize]
+    }
+
+    /// The stored form of `key` in `partition`.
+    pub fn stored_key(&self, partition: u16, key: &[u8]) -> Vec<u8> {
+        let tag = self.tag(key_slot(key));
+        let mut k = Vec::with_capacity(key.len() + tag.len() + 4);
+        k.push(b'{');
+        k.extend_from_slice(tag);
+        k.push(b'}');
+        k.extend_from_slice(&partition.to_be_bytes());
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// Splits a stored key into partition and user key.
+    pub fn parse(stored: &[u8]) -> Option<(u16, &[u8])> {
+        let close = stored.iter().position(|&b| b == b'}')?;
+        let rest = stored.get(close + 1..)?;
+        if stored.first() != Some(&b'{') || rest.len() < 3 {
+            return None;
+        }
+        Some((u16::from_be_bytes([rest[0], rest[1]]), &rest[2..]))
+    }
+}
+
+impl Default for SlotTags {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What moving one slot cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    pub slot: u16,
+    pub from: u16,
+    pub to: u16,
+    pub keys: u64,
+    /// Key + value bytes read from the old partition plus those written to the new one.
+    pub bytes_moved: u64,
+}
+
+/// A running DINOMO-N cluster.
+#[derive(Debug)]
+pub struct DinomoN {
+    cluster: Cluster,
+    tags: Arc<SlotTags>,
+}
+
+/// Why a DINOMO-N operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DinomoNError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("key of {0} bytes is too long for DINOMO-N (at most {max})", max = MAX_KEY_LEN - MAX_KEY_OVERHEAD)]
+    Key(usize),
+    #[error("slot {0} or KN {1} does not exist")]
+    BadMove(u16, u16),
+}
+
+impl DinomoN {
+    pub fn start(cfg: &ClusterConfig) -> Result<Self, ClusterError> {
+        Ok(Self {
+            cluster: Cluster::start(cfg)?,
+            tags: Arc::new(SlotTags::new()),
+        })
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// A client (one per thread).
+    pub fn client(&self) -> DinomoNClient {
+        DinomoNClient {
+            inner: self.cluster.client(),
+            router: Arc::clone(&self.cluster.router),
+            tags: Arc::clone(&self.tags),
+        }
+    }
+
+    /// Largest value a client may write.
+    pub fn max_value(&self) -> usize {
+        self.cluster.max_value()
+    }
+
+    /// The KN that owns `slot` now.
+    pub fn owner(&self, slot: u16) -> u16 {
+        self.cluster.router.map().owner(slot)
+    }
+
+    /// Moves `slot` to KN `to`, copying its live keys from the old owner's partition into
+    /// the new owner's. Requests for the slot must be paused meanwhile (callers do not issue
+    /// any; the cluster map changes only at the end of the copy-out).
+    pub fn move_slot(&mut self, slot: u16, to: u16) -> Result<MoveReport, DinomoNError> {
+        let map = self.cluster.router.map();
+        if slot >= SLOTS || to as usize >= self.cluster.kns.len() {
+            return Err(DinomoNError::BadMove(slot, to));
+        }
+        let from = map.owner(slot);
+        let mut rep = MoveReport {
+            slot,
+            from,
+            to,
+            ..MoveReport::default()
+        };
+        if from == to {
+            return Ok(rep);
+        }
+        // The old owner flushes and the DPM merges, so its partition's index is complete.
+        self.cluster.sync()?;
+        let keys = self.partition_keys(slot, from);
+        // Copy out through the old owner.
+        let mut cl = self.cluster.client();
+        let mut copied = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(v) = cl.get(&self.tags.stored_key(from, &k))? {
+                rep.bytes_moved += (k.len() + v.len()) as u64;
+                copied.push((k, v));
+            }
+        }
+        // Hand the slot over, and make sure every shard has seen the new map.
+        let owners: Vec<u16> = (0..SLOTS)
+            .map(|s| if s == slot { to } else { map.owner(s) })
+            .collect();
+        let next = Arc::new(
+            SlotMap::from_owners(map.epoch() + 1, owners).ok_or(DinomoNError::BadMove(slot, to))?,
+        );
+        self.cluster.install_map(&next);
+        // Copy in through the new owner, then drop the old partition's copies.
+        let mut cl = self.cluster.client();
+        for (k, v) in &copied {
+            cl.put(&self.tags.stored_key(to, k), v)?;
+            rep.bytes_moved += (k.len() + v.len()) as u64;
+            rep.keys += 1;
+        }
+        for (k, _) in &copied {
+            cl.delete(&self.tags.stored_key(from, k))?;
+        }
+        self.cluster.sync()?;
+        Ok(rep)
+    }
+
+    /// User keys of `slot` stored in `partition`, found by scanning the merged index.
+    fn partition_keys(&self, slot: u16, partition: u16) -> Vec<Vec<u8>> {
+        let dpm = self.cluster.dpm();
+        let (pm, geo) = (dpm.pmem(), dpm.geometry());
+        let mut out = Vec::new();
+        dpm.index().for_each(pm, |_, r| {
+            let (off, len) = (r.offset(), r.len());
+            let Some(block) = geo.block_of(off) else {
+                return;
+            };
+            if pm.check(off, len).is_err() {
+                return;
+            }
+            let h: BlockHeader = pm.read_pod(geo.block_off(block));
+            let mut buf = vec![0u8; len as usize];
+            pm.read(off, &mut buf);
+            let Ok(e) = entry::decode(&buf, h.salt) else {
+                return;
+            };
+            if e.op != Op::Put || key_slot(e.key) != slot {
+                return;
+            }
+            if let Some((p, k)) = SlotTags::parse(e.key) {
+                if p == partition {
+                    out.push(k.to_vec());
+                }
+            }
+        });
+        out
+    }
+
+    pub fn stats(&self) -> host_kn::ShardStats {
+        self.cluster.stats()
+    }
+
+    pub fn sync(&self) -> Result<(), KvError> {
+        self.cluster.sync()
+    }
+
+    pub fn stop(self) -> host_kn::ShardStats {
+        self.cluster.stop()
+    }
+}
+
+/// A DINOMO-N client: stores every key in its owner's partition.
+#[derive(Debug)]
+pub struct DinomoNClient {
+    inner: Client,
+    router: Arc<host_kn::Router>,
+    tags: Arc<SlotTags>,
+}
+
+impl DinomoNClient {
+    fn stored(&self, key: &[u8]) -> Result<Vec<u8>, DinomoNError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN - MAX_KEY_OVERHEAD {
+            return Err(DinomoNError::Key(key.len()));
+        }
+        let owner = self.router.map().owner(key_slot(key));
+        Ok(self.tags.stored_key(owner, key))
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DinomoNError> {
+        let k = self.stored(key)?;
+        Ok(self.inner.get(&k)?)
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DinomoNError> {
+        let k = self.stored(key)?;
+        Ok(self.inner.put(&k, value)?)
+    }
+
+    pub fn delete(&mut self, key: &[u8]) -> Result<(), DinomoNError> {
+        let k = self.stored(key)?;
+        Ok(self.inner.delete(&k)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_cover_every_slot_and_keep_the_key_slot() {
+        let t = SlotTags::new();
+        for s in 0..SLOTS {
+            assert_eq!(key_slot(t.tag(s)), s);
+            assert!(t.tag(s).len() <= 4 && !t.tag(s).contains(&b'}'));
+        }
+        let k = t.stored_key(513, b"user:{x}1");
+        assert_eq!(key_slot(&k), key_slot(b"user:{x}1"));
+        assert_eq!(SlotTags::parse(&k), Some((513, &b"user:{x}1"[..])));
+    }
+}
