@@ -359,7 +359,17 @@ fn heartbeat(
     let mut conn = Some(mgr);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10).min(every));
-        if last.elapsed() < every {
+        // While slots are moving, ask often: they are refused until the map settles.
+        let unsettled = {
+            let v = shared.view();
+            !v.msg.settled || v.moving.iter().any(|&b| b)
+        };
+        let period = if unsettled {
+            every.min(Duration::from_millis(50))
+        } else {
+            every
+        };
+        if last.elapsed() < period {
             continue;
         }
         last = Instant::now();

@@ -343,15 +343,7 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, core: &mut [&mut Proc]) -> Resu
         let Some(m) = mgr.as_mut() else { continue };
         match m.map() {
             Ok(map) if map.kns.len() == cfg.kns as usize && map.settled => {
-                let up = (0..cfg.kns).all(|i| {
-                    cfg.kn_addr(i)
-                        .parse::<SocketAddr>()
-                        .ok()
-                        .and_then(|a| {
-                            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok()
-                        })
-                        .is_some()
-                });
+                let up = (0..cfg.kns).all(|i| kn_settled(&cfg.kn_addr(i), map.epoch));
                 if up {
                     return Ok(());
                 }
@@ -363,6 +355,41 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, core: &mut [&mut Proc]) -> Resu
     Err(UpError::Failed(
         "not every KN joined within 60 s (see the messages above)".into(),
     ))
+}
+
+/// Whether the KN at `addr` serves map `epoch`, settled (asked with `INFO`).
+fn kn_settled(addr: &str, epoch: u64) -> bool {
+    use crate::resp::{encode_command, parse_value, Limits, Value};
+    use std::io::{Read, Write};
+    let Ok(a) = addr.parse::<SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut req = Vec::new();
+    encode_command(&mut req, &[b"INFO"]);
+    if s.write_all(&req).is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_value(&buf, &Limits::default()) {
+            Ok(Some((Value::Bulk(b), _))) => {
+                let t = String::from_utf8_lossy(&b);
+                return t.contains(&format!("map_epoch:{epoch}\r\n"))
+                    && t.contains("map_settled:1");
+            }
+            Ok(None) => {}
+            _ => return false,
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Smoke test with the stock Redis tools: starts a 3-KN local cluster (`dinomo up`),
+# sets and gets keys across slots with `redis-cli -c`, runs `redis-benchmark --cluster`,
+# and stops the cluster with Ctrl-C (SIGINT), checking that it stops cleanly.
+# Usage: .ci/redis-smoke.sh [path/to/dinomo]   (default: the debug build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-${CARGO_TARGET_DIR:-target}/debug/dinomo}"
+requests="${REDIS_SMOKE_REQUESTS:-100000}"
+mport=17000
+base=17001
+
+for tool in redis-cli redis-benchmark; do
+  command -v "$tool" >/dev/null || { echo "redis-smoke: $tool is missing" >&2; exit 1; }
+done
+parent=/dev/shm
+[ -d "$parent" ] || parent="${TMPDIR:-/tmp}"
+dir="$(mktemp -d "$parent/dinomo-smoke.XXXXXX")"
+up_pid=""
+
+stop_cluster() {
+  [ -n "$up_pid" ] || return 0
+  kill -INT "$up_pid" 2>/dev/null || true
+  for _ in $(seq 1 600); do
+    kill -0 "$up_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$up_pid" 2>/dev/null; then
+    echo "redis-smoke: the cluster did not stop within 60 s" >&2
+    kill -KILL "$up_pid" 2>/dev/null || true
+    wait "$up_pid" 2>/dev/null || true
+    up_pid=""
+    return 1
+  fi
+  local rc=0
+  wait "$up_pid" || rc=$?
+  up_pid=""
+  return "$rc"
+}
+cleanup() {
+  stop_cluster || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+"$bin" up --kns 3 --dir "$dir" --region-size 512M --fresh \
+  --manager-port "$mport" --base-port "$base" >"$dir/up.out" 2>"$dir/up.err" &
+up_pid=$!
+for _ in $(seq 1 600); do
+  grep -q "cluster up" "$dir/up.out" 2>/dev/null && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$dir/up.err" >&2; echo "redis-smoke: dinomo up exited" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q "cluster up" "$dir/up.out" || { tail -50 "$dir/up.err" >&2; echo "redis-smoke: no cluster within 60 s" >&2; exit 1; }
+cat "$dir/up.out"
+
+echo "== redis-cli -c: SET through one KN, GET through another"
+for i in $(seq 1 100); do
+  r="$(timeout 10 redis-cli -c -p "$base" SET "smoke:$i" "value-$i")"
+  [ "$r" = "OK" ] || { echo "redis-smoke: SET smoke:$i answered '$r'" >&2; exit 1; }
+done
+for i in $(seq 1 100); do
+  r="$(timeout 10 redis-cli -c -p $((base + 2)) GET "smoke:$i")"
+  [ "$r" = "value-$i" ] || { echo "redis-smoke: GET smoke:$i answered '$r'" >&2; exit 1; }
+done
+owners="$(for i in $(seq 1 100); do timeout 10 redis-cli -p "$base" CLUSTER KEYSLOT "smoke:$i"; done | sort -u | wc -l)"
+echo "100 keys over $owners slots, all read back"
+timeout 10 redis-cli -p "$base" CLUSTER INFO | grep -q "cluster_state:ok"
+timeout 10 redis-cli -p "$base" INFO | grep -E "^(rts_per_op|hit_ratio_value|cache_value_bytes):"
+
+echo "== redis-benchmark -t set,get -n $requests --cluster"
+out="$(timeout 600 redis-benchmark -p "$base" --cluster -t set,get -n "$requests" -q 2>&1 | tr '\r' '\n')"
+echo "$out" | grep -E "requests per second|Master" || true
+if echo "$out" | grep -qiE "error|fail"; then
+  echo "$out" | grep -iE "error|fail" | head -5 >&2
+  echo "redis-smoke: redis-benchmark reported errors" >&2
+  exit 1
+fi
+[ "$(echo "$out" | grep -c "requests per second")" -ge 2 ] || { echo "redis-smoke: redis-benchmark did not finish" >&2; exit 1; }
+
+echo "== stopping the cluster (SIGINT)"
+stop_cluster
+grep -q "cluster stopped cleanly" "$dir/up.err" || { tail -20 "$dir/up.err" >&2; exit 1; }
+echo "redis-smoke: ok"
