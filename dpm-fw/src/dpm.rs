@@ -917,3 +917,73 @@ fn recover_log<P: Persist>(
         stall: None,
     }))
 }
+
+#[cfg(all(test, feature = "std"))]
+mod fence_tests {
+    use std::sync::Arc;
+
+    use dinomo_hw::shadow::ShadowRegion;
+    use dinomo_shared::geometry::FormatParams;
+    use dinomo_shared::msg::{Request, Response};
+    use dinomo_shared::ErrorCode;
+
+    use super::{Dpm, Scratch};
+    use crate::testkit::LogWriter;
+
+    #[test]
+    fn fence_merges_and_closes_only_the_fenced_kns_logs() {
+        const REGION: u64 = 4 << 20;
+        let params = FormatParams {
+            block_size: 4096,
+            max_logs: 8,
+            max_kns: 4,
+            indirect_cells: 16,
+            ..FormatParams::for_size(REGION)
+        };
+        let r = ShadowRegion::new(REGION);
+        let dpm: Dpm<Arc<ShadowRegion>> = Dpm::format(r.pmem(), &params, 9).expect("format");
+        let mut s = Scratch::default();
+        // No merge workers run: everything written stays unmerged until the fence.
+        let mut a0 = LogWriter::open(&dpm, 3, 0).expect("open");
+        let mut a1 = LogWriter::open(&dpm, 3, 1).expect("open");
+        let mut b = LogWriter::open(&dpm, 4, 0).expect("open");
+        for i in 0..20u32 {
+            a0.put(format!("a0-{i}").as_bytes(), b"v0");
+            a1.put(format!("a1-{i}").as_bytes(), b"v1");
+            b.put(format!("b-{i}").as_bytes(), b"vb");
+        }
+        for w in [&mut a0, &mut a1, &mut b] {
+            w.flush(&dpm).expect("flush");
+        }
+        assert_eq!(dpm.get(b"a0-3"), None);
+        let r = dpm.execute(Request::FenceKn { kn_id: 3 }, &mut s);
+        assert_eq!(
+            r,
+            Ok(Response::Fenced {
+                logs: 2,
+                entries: 40
+            })
+        );
+        assert_eq!(dpm.get(b"a0-19").as_deref(), Some(&b"v0"[..]));
+        assert_eq!(dpm.get(b"a1-0").as_deref(), Some(&b"v1"[..]));
+        // The other KN's log is untouched (still active, not merged by the fence).
+        assert_eq!(dpm.get(b"b-0"), None);
+        let active: Vec<u32> = dpm
+            .stats()
+            .logs
+            .iter()
+            .filter(|l| l.state == dinomo_shared::control::LOG_ACTIVE)
+            .map(|l| l.kn_id)
+            .collect();
+        assert_eq!(active, vec![4]);
+        // The fenced writer cannot extend its log any more; fencing again is a no-op.
+        assert_eq!(a0.next_block(&dpm), Err(ErrorCode::NoSuchLog));
+        assert_eq!(
+            dpm.execute(Request::FenceKn { kn_id: 3 }, &mut s),
+            Ok(Response::Fenced {
+                logs: 0,
+                entries: 0
+            })
+        );
+    }
+}
