@@ -849,6 +849,14 @@ impl Conn {
             format!("{:.2}", s.flushed_entries as f64 / s.flushes.max(1) as f64),
         );
         kv("wrong_owner", s.wrong_owner.to_string());
+        // Raw counters, so that a client can compute figures over an interval.
+        kv("read_rts", s.read_rts.to_string());
+        kv("write_rts", s.write_rts.to_string());
+        kv("maintenance_rts", s.maintenance_rts.to_string());
+        kv("hit_value", s.hit_value.to_string());
+        kv("hit_shortcut", s.hit_shortcut.to_string());
+        kv("hit_local", s.hit_local.to_string());
+        kv("miss", s.miss.to_string());
         kv(
             "fabric_bytes",
             (s.fabric.read_bytes + s.fabric.write_bytes).to_string(),

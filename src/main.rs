@@ -429,6 +429,17 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         // Fail on an unwritable path before spending minutes on the run.
         std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
     }
+    if let Some(t) = &a.target {
+        let targets: Vec<String> = t.split(',').map(|s| s.trim().to_string()).collect();
+        let r = dinomo::bench::target::run(&cfg, &targets)?;
+        print!("{}", dinomo::bench::target::render(&r));
+        if let Some(p) = &a.json {
+            let mut text = serde_json::to_string_pretty(&r)?;
+            text.push('\n');
+            std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        return Ok(());
+    }
     let r = dinomo::bench::run(&cfg)?;
     print!("{}", dinomo::bench::render(&r));
     if let Some(p) = &a.json {

@@ -458,6 +458,17 @@ impl Manager {
         }
     }
 
+    fn extend_leases(&self, by: Duration) {
+        let mut st = self.lock();
+        for k in st.kns.values_mut() {
+            k.expires += by;
+        }
+        tracing::warn!(
+            pause_ms = by.as_millis() as u64,
+            "manager paused; leases extended"
+        );
+    }
+
     /// Fences and removes every KN whose lease has expired, then publishes a new map.
     fn expire(&self) {
         let expired: Vec<(u16, KnInfo)> = {
@@ -554,8 +565,16 @@ pub fn serve(m: &Arc<Manager>, listener: TcpListener, stop: &AtomicBool) -> std:
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
-        if last_check.elapsed() >= tick {
-            m.expire();
+        let gap = last_check.elapsed();
+        if gap >= tick {
+            if gap > m.cfg.lease / 4 {
+                // This process was not scheduled for a while: renewals may be waiting
+                // unread, so a lease that looks expired may not be. Extend every lease by
+                // the pause instead of fencing live KNs.
+                m.extend_leases(gap);
+            } else {
+                m.expire();
+            }
             last_check = Instant::now();
         }
     }

@@ -16,7 +16,7 @@ use dinomo::manager::MgrClient;
 use dinomo::resp::{encode_command, parse_value, Limits, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const LEASE_MS: &str = "1500";
+const LEASE_MS: &str = "2000";
 
 struct Proc {
     child: Child,
@@ -370,6 +370,40 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     assert!(matches!(c.read(), Some(Value::Error(e)) if e.contains("Protocol error")));
     assert_eq!(c.read(), None);
     assert_eq!(cl.cmd(&addrs[0], &[b"GET", b"big"]), Value::Nil);
+
+    // `dinomo bench --target` drives the same cluster over RESP.
+    let json = dir.path().join("bench.json");
+    let st = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args([
+            "bench",
+            "--target",
+            &addrs[2],
+            "--keys",
+            "300",
+            "--ops",
+            "1000",
+            "--warmup",
+            "100",
+            "--clients",
+            "2",
+            "--value-size",
+            "64",
+            "--workload",
+            "write-heavy",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run dinomo bench --target");
+    assert!(st.success());
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("bench json")).expect("json");
+    assert_eq!(r["ops"], 1000, "{r}");
+    assert_eq!(r["missing"], 0, "{r}");
+    assert_eq!(r["nodes"], 3, "{r}");
+    assert!(r["rts_per_op"].as_f64().is_some(), "{r}");
 
     // Kill KN 1 after a last round of acknowledged writes (some of them its own, likely
     // not merged yet).

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Drive a running cluster over the Redis protocol instead of an in-process one:
+    /// HOST:PORT of one or more of its nodes, comma-separated (--kns, cache, NIC and DPM
+    /// options do not apply).
+    #[arg(long, conflicts_with = "sweep")]
+    pub target: Option<String>,
     /// Run every combination of --systems, --kns and --workloads; write one JSON line per
     /// point, a CSV table and the figure (SVG and PNG) into --out.
     #[arg(long)]

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod model;
 pub mod plot;
 pub mod sweep;
+pub mod target;
 pub mod workload;
 
 use std::sync::atomic::{AtomicU64, Ordering};
