@@ -2,7 +2,8 @@
 //! reached over the Redis protocol. Writes go through one KN and follow `MOVED`; reads go
 //! to the owners; bad input gets errors and writes nothing; one KN is killed with SIGKILL
 //! and, once its (short) lease expires, the others serve its slots with every acknowledged
-//! write present; finally everything stops cleanly.
+//! write present; another KN leaves gracefully and the last one serves everything; finally
+//! everything stops cleanly.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -449,7 +450,32 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
         );
     }
 
-    // Clean stop: KNs leave, then the manager, then the DPM merges and marks a clean shutdown.
+    // A graceful leave: KN 2 flushes, closes its logs and hands its slots back at once (no
+    // lease expiry); KN 0 then serves every key.
+    let leaving = kns[2].take().expect("KN 2");
+    assert!(leaving.terminate().success());
+    let last = wait_map(&mgr, 1);
+    assert_eq!(last.kns.len(), 1);
+    assert_eq!(last.addr_of(last.kns[0].0), Some(addrs[0].as_str()));
+    let mut cl = ClusterClient::new();
+    for (k, v) in &acked {
+        assert_eq!(
+            cl.cmd(&addrs[0], &[b"GET", k.as_bytes()]),
+            Value::Bulk(v.clone().into_bytes()),
+            "{k} lost after a graceful leave"
+        );
+    }
+    for i in 0..50 {
+        let k = format!("after:{i}");
+        assert_eq!(
+            cl.cmd(&addrs[0], &[b"GET", k.as_bytes()]),
+            Value::Bulk(b"v".to_vec())
+        );
+    }
+    assert_eq!(cl.moved, 0, "KN 0 owns every slot now");
+
+    // Clean stop: the last KN leaves, then the manager stops, then the DPM merges and marks
+    // a clean shutdown.
     for k in kns.into_iter().flatten() {
         assert!(k.terminate().success());
     }
