@@ -277,7 +277,11 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
             ],
         )?);
     }
-    let ready = wait_ready(cfg, stop, &mut [&mut dpm, &mut manager]);
+    let ready = {
+        let mut core: Vec<&mut Proc> = vec![&mut dpm, &mut manager];
+        core.extend(kns.iter_mut());
+        wait_ready(cfg, stop, &mut core)
+    };
     match &ready {
         Ok(()) => {
             println!(
@@ -325,13 +329,14 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     }
 }
 
-/// Waits until the manager's map holds every KN and is settled.
-fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, core: &mut [&mut Proc]) -> Result<(), UpError> {
+/// Waits until the manager's map holds every KN and is settled; fails as soon as one of
+/// `procs` exits (e.g. a KN whose port is taken).
+fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Result<(), UpError> {
     let t0 = Instant::now();
     let deadline = Duration::from_secs(60);
     let mut mgr: Option<MgrClient> = None;
     while t0.elapsed() < deadline && !stop.load(Ordering::Acquire) {
-        for p in core.iter_mut() {
+        for p in procs.iter_mut() {
             if let Some(s) = p.exited() {
                 return Err(UpError::Failed(format!("{} exited ({s})", p.name)));
             }
