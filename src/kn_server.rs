@@ -24,7 +24,7 @@ use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::slot::{key_slot, SLOTS};
 use host_kn::dac::DacConfig;
 use host_kn::ownership::shard_of;
-use host_kn::shard::{Msg, ReplyFn, Request};
+use host_kn::shard::{LeaseGate, Msg, ReplyFn, Request};
 use host_kn::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -106,9 +106,8 @@ struct Shared {
     shards: Vec<Sender<Msg>>,
     view: RwLock<Arc<View>>,
     version: AtomicU64,
-    /// Milliseconds since `base` until which the lease is surely still held.
-    lease_until: AtomicU64,
-    base: Instant,
+    /// The lease, shared with the shards (they check it before every flush).
+    lease: Arc<LeaseGate>,
     max_value: usize,
     limits: Limits,
     fenced: AtomicBool,
@@ -123,7 +122,7 @@ impl Shared {
         self.version.fetch_add(1, Ordering::AcqRel);
     }
     fn lease_ok(&self) -> bool {
-        (self.base.elapsed().as_millis() as u64) < self.lease_until.load(Ordering::Acquire)
+        self.lease.is_valid()
     }
     fn stats(&self) -> ShardStats {
         let mut total = ShardStats::default();
@@ -175,6 +174,9 @@ pub fn run(
         other => return Err(KnServerError::Manager(format!("{other:?}"))),
     };
     let registered_at = Instant::now();
+    let lease = Duration::from_millis(lease_ms);
+    // A flush waits for a late renewal only until the manager could expire the lease.
+    let gate = Arc::new(LeaseGate::new(lease / 4));
 
     let max_entry = geo.max_entry_len() as usize;
     let batch_bytes = 64 << 10;
@@ -195,6 +197,7 @@ pub fn run(
                 },
             );
             c.lease_epoch = lease_epoch;
+            c.lease = Some(Arc::clone(&gate));
             c.staging_bytes = staging;
             c.flush_bound = cfg.flush_bound;
             c
@@ -212,15 +215,13 @@ pub fn run(
         moving: Vec::new(),
     };
     let kn = Kn::start(configs, Arc::new(empty.slot_map()), connect)?;
-    let base = Instant::now();
     let shared = Arc::new(Shared {
         kn_id,
         addr: addr.to_string(),
         shards: kn.senders().to_vec(),
         view: RwLock::new(Arc::new(View::new(empty))),
         version: AtomicU64::new(0),
-        lease_until: AtomicU64::new(0),
-        base,
+        lease: gate,
         max_value,
         limits: Limits {
             max_bulk: max_value.max(MAX_KEY_LEN),
@@ -228,7 +229,6 @@ pub fn run(
         },
         fenced: AtomicBool::new(false),
     });
-    let lease = Duration::from_millis(lease_ms);
     set_lease(&shared, registered_at, lease);
 
     // Join the map, then follow it.
@@ -270,6 +270,11 @@ pub fn run(
     // tell the manager, which republishes the map without this KN.
     hb_stop.store(true, Ordering::Release);
     let mgr = hb.join().ok().flatten();
+    if !shared.lease.is_valid() {
+        // Without a lease nothing more may be made durable: staged writes are dropped
+        // (and were never acknowledged).
+        shared.lease.set_lost();
+    }
     let stats = kn.stop();
     tracing::info!(
         kn_id,
@@ -292,9 +297,7 @@ pub fn run(
 
 fn set_lease(shared: &Shared, sent: Instant, lease: Duration) {
     // Stop serving a quarter lease before the manager could expire it.
-    let until = sent + lease - lease / 4;
-    let ms = until.saturating_duration_since(shared.base).as_millis() as u64;
-    shared.lease_until.fetch_max(ms, Ordering::AcqRel);
+    shared.lease.extend_to(sent + lease - lease / 4);
 }
 
 /// Fetches the map; installs it if it is new (shards drop lost slots, flush, merge their
@@ -399,6 +402,7 @@ fn heartbeat(
             }
             Ok(MgrReply::Error { message }) => {
                 tracing::error!(%message, "lease refused: this KN was fenced");
+                shared.lease.set_lost();
                 shared.fenced.store(true, Ordering::Release);
                 return None;
             }
