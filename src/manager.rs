@@ -175,6 +175,9 @@ struct KnInfo {
     expires: Instant,
     joined: bool,
     acked: u64,
+    /// Being fenced or leaving: kept (it still owns slots in the current map) until the
+    /// map without it is published, so the map and its KN list change together.
+    gone: bool,
 }
 
 #[derive(Debug)]
@@ -314,7 +317,7 @@ impl Manager {
         let ids: Vec<u16> = st
             .kns
             .iter()
-            .filter(|(_, k)| k.joined)
+            .filter(|(_, k)| k.joined && !k.gone)
             .map(|(&id, _)| id)
             .collect();
         let epoch = st.map.epoch() + 1;
@@ -329,7 +332,7 @@ impl Manager {
         let all = st
             .kns
             .values()
-            .filter(|k| k.joined)
+            .filter(|k| k.joined && !k.gone)
             .all(|k| k.acked >= epoch);
         if all && !st.settled {
             st.settled_map = st.map.clone();
@@ -338,8 +341,13 @@ impl Manager {
         st.settled = all;
     }
 
+    /// Settled, and no KN is being fenced or leaving (its slots are about to move).
+    fn settled(st: &State) -> bool {
+        st.settled && !st.kns.values().any(|k| k.gone)
+    }
+
     fn map_msg(&self, st: &State) -> MapMsg {
-        let live = |kn: u16| st.kns.get(&kn).is_some_and(|k| k.joined);
+        let live = |kn: u16| st.kns.get(&kn).is_some_and(|k| k.joined && !k.gone);
         let moving = (0..SLOTS).map(|s| {
             let (new, old) = (st.map.owner(s), st.settled_map.owner(s));
             if !st.settled && new != old && old != NO_KN && live(old) {
@@ -350,7 +358,7 @@ impl Manager {
         });
         MapMsg {
             epoch: st.map.epoch(),
-            settled: st.settled,
+            settled: Self::settled(st),
             kns: st
                 .kns
                 .iter()
@@ -365,7 +373,7 @@ impl Manager {
     fn lease_reply(&self, st: &State) -> MgrReply {
         MgrReply::Lease {
             epoch: st.map.epoch(),
-            settled: st.settled,
+            settled: Self::settled(st),
             lease_ms: self.lease_ms(),
         }
     }
@@ -396,6 +404,7 @@ impl Manager {
                         expires: Instant::now() + self.cfg.lease,
                         joined: false,
                         acked: 0,
+                        gone: false,
                     },
                 );
                 tracing::info!(kn_id, %addr, lease_epoch, "KN registered");
@@ -406,7 +415,7 @@ impl Manager {
                 }
             }
             MgrRequest::Join { kn_id } => {
-                let Some(k) = st.kns.get_mut(&kn_id) else {
+                let Some(k) = st.kns.get_mut(&kn_id).filter(|k| !k.gone) else {
                     return unknown(kn_id);
                 };
                 if !k.joined {
@@ -419,7 +428,7 @@ impl Manager {
                 let Some(k) = st
                     .kns
                     .get_mut(&kn_id)
-                    .filter(|k| k.lease_epoch == lease_epoch)
+                    .filter(|k| k.lease_epoch == lease_epoch && !k.gone)
                 else {
                     return unknown(kn_id);
                 };
@@ -429,7 +438,7 @@ impl Manager {
                 self.lease_reply(&st)
             }
             MgrRequest::Ack { kn_id, epoch } => {
-                let Some(k) = st.kns.get_mut(&kn_id) else {
+                let Some(k) = st.kns.get_mut(&kn_id).filter(|k| !k.gone) else {
                     return unknown(kn_id);
                 };
                 k.acked = k.acked.max(epoch);
@@ -438,18 +447,21 @@ impl Manager {
             }
             MgrRequest::Map => MgrReply::Map(self.map_msg(&st)),
             MgrRequest::Leave { kn_id } => {
-                let Some(k) = st.kns.remove(&kn_id) else {
+                let Some(k) = st.kns.get_mut(&kn_id).filter(|k| !k.gone) else {
                     return unknown(kn_id);
                 };
+                k.gone = true;
+                let (lease_epoch, joined) = (k.lease_epoch, k.joined);
                 // The KN closed its logs before leaving; fencing again is a cheap no-op
                 // that also covers a KN that could not close them.
                 drop(st);
                 if let Err(e) = self.dpm.fence(kn_id) {
                     tracing::warn!(kn_id, error = %e, "fencing a leaving KN failed");
                 }
-                self.dpm.store_lease(kn_id, k.lease_epoch, 0);
+                self.dpm.store_lease(kn_id, lease_epoch, 0);
                 let mut st = self.lock();
-                if k.joined {
+                st.kns.remove(&kn_id);
+                if joined {
                     self.republish(&mut st);
                 }
                 tracing::info!(kn_id, "KN left");
@@ -471,26 +483,26 @@ impl Manager {
 
     /// Fences and removes every KN whose lease has expired, then publishes a new map.
     fn expire(&self) {
-        let expired: Vec<(u16, KnInfo)> = {
+        // (id, lease epoch, joined) of every KN whose lease ran out.
+        let expired: Vec<(u16, u32, bool)> = {
             let mut st = self.lock();
             let now = Instant::now();
-            let ids: Vec<u16> = st
-                .kns
-                .iter()
-                .filter(|(_, k)| k.expires <= now)
-                .map(|(&id, _)| id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| st.kns.remove(&id).map(|k| (id, k)))
+            st.kns
+                .iter_mut()
+                .filter(|(_, k)| !k.gone && k.expires <= now)
+                .map(|(&id, k)| {
+                    k.gone = true;
+                    (id, k.lease_epoch, k.joined)
+                })
                 .collect()
         };
         if expired.is_empty() {
             return;
         }
-        for (kn, k) in &expired {
+        for &(kn, lease_epoch, _) in &expired {
             // The slots must not change hands before the dead KN's log is merged.
             loop {
-                match self.dpm.fence(*kn) {
+                match self.dpm.fence(kn) {
                     Ok((logs, entries)) => {
                         tracing::warn!(kn, logs, entries, "lease expired: KN fenced");
                         break;
@@ -501,10 +513,14 @@ impl Manager {
                     }
                 }
             }
-            self.dpm.store_lease(*kn, k.lease_epoch, 0);
+            self.dpm.store_lease(kn, lease_epoch, 0);
         }
+        // Removing the fenced KNs and publishing the map without them is one step.
         let mut st = self.lock();
-        if expired.iter().any(|(_, k)| k.joined) {
+        for &(kn, _, _) in &expired {
+            st.kns.remove(&kn);
+        }
+        if expired.iter().any(|&(_, _, joined)| joined) {
             self.republish(&mut st);
         }
     }
