@@ -418,38 +418,47 @@ impl ControlServer {
             path: path.to_owned(),
             source,
         };
-        // A new file rather than truncating the old one: clients still mapping a previous
-        // file keep seeing it as stopped instead of having their slots wiped underneath them.
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("remove old", e)),
-        }
+        // The block is built under a temporary name and renamed into place once it is
+        // initialised, so a client that finds the file never sees a half-made block. A new
+        // file rather than truncating the old one: clients still mapping a previous file
+        // keep seeing it as stopped instead of having their slots wiped underneath them.
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)
+            .open(&tmp)
             .map_err(|e| io("create", e))?;
-        let len = block_bytes(slots, ring_capacity);
-        file.set_len(len as u64).map_err(|e| io("size", e))?;
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(|e| io("map", e))?;
-        let base = map.as_mut_ptr();
-        let mem = CtlMem {
-            backing: Backing::File {
-                _map: map,
-                _file: file,
-                path: path.to_owned(),
-            },
-            base,
-            len,
-            slots,
-            ring_capacity,
-        };
-        Self::start(mem, std::process::id())
+        let built = (|| {
+            let len = block_bytes(slots, ring_capacity);
+            file.set_len(len as u64).map_err(|e| io("size", e))?;
+            let map = MmapOptions::new()
+                .len(len)
+                .map_raw(&file)
+                .map_err(|e| io("map", e))?;
+            let base = map.as_mut_ptr();
+            let mem = CtlMem {
+                backing: Backing::File {
+                    _map: map,
+                    _file: file,
+                    path: path.to_owned(),
+                },
+                base,
+                len,
+                slots,
+                ring_capacity,
+            };
+            let server = Self::start(mem, std::process::id())?;
+            std::fs::rename(&tmp, path).map_err(|e| io("publish", e))?;
+            Ok(server)
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        built
     }
 
     /// A control block in this process's memory, for in-process clusters and tests.
