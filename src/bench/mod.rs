@@ -798,7 +798,10 @@ fn report(
         oracle_values: o.values,
         oracle_shortcuts: o.shortcuts,
         cache: CacheReport {
-            policy: cfg.policy.to_string(),
+            policy: match cfg.system {
+                System::Clover => "shortcut-only (LRU, Clover)".into(),
+                System::Dinomo | System::DinomoN => cfg.policy.to_string(),
+            },
             bytes_per_kn: cfg.cache_per_kn(),
             values: now.cache.values,
             shortcuts: now.cache.shortcuts,
@@ -864,7 +867,7 @@ pub fn render(r: &BenchResult) -> String {
         r.hit.miss * 100.0
     );
     let _ = writeln!(s, "cache      {} ({} per KN): {} values, {} shortcuts   oracle {:.3} RTs/op ({} values, {} shortcuts)", r.cache.policy, crate::size::human(r.cache.bytes_per_kn), r.cache.values, r.cache.shortcuts, r.oracle_rts_per_op, r.oracle_values, r.oracle_shortcuts);
-    if r.writes > 0 {
+    if r.writes > 0 && r.batching.flushes > 0 {
         let _ = writeln!(
             s,
             "batching   {} flushes, {:.1} entries per flush (limits {} entries / {})",

@@ -74,7 +74,9 @@ fn draw_on<DB: DrawingBackend>(
         .first()
         .map(|r| r.modeled.nic.clone())
         .unwrap_or_default();
-    let max_kns = results.iter().map(|r| r.kns).max().unwrap_or(1).max(2) as f64;
+    // KNs on a log2 axis: x = log2(KNs), labelled with the KN count.
+    let max_x = (results.iter().map(|r| r.kns).max().unwrap_or(1).max(2) as f64).log2();
+    let ticks = max_x.ceil() as usize + 1;
     let tputs = results.iter().flat_map(|r| {
         [Some(r.throughput_ops), r.modeled.throughput_ops]
             .into_iter()
@@ -105,7 +107,7 @@ fn draw_on<DB: DrawingBackend>(
             let mut v: Vec<(f64, f64)> = results
                 .iter()
                 .filter(|r| &r.workload == wl && r.system == sys)
-                .filter_map(|r| f(r).map(|y| (r.kns as f64, y)))
+                .filter_map(|r| f(r).map(|y| ((r.kns as f64).log2(), y)))
                 .collect();
             v.sort_by(|a, b| a.0.total_cmp(&b.0));
             v
@@ -116,13 +118,13 @@ fn draw_on<DB: DrawingBackend>(
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(70)
-            .build_cartesian_2d((1f64..max_kns).log_scale(), (lo..hi).log_scale())
+            .build_cartesian_2d(0f64..max_x, (lo..hi).log_scale())
             .map_err(err)?;
         ch.configure_mesh()
             .x_desc("KNs")
             .y_desc("ops/s (log)")
-            .x_labels(6)
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(ticks)
+            .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
             .y_label_formatter(&|y| format!("{y:.0e}"))
             .draw()
             .map_err(err)?;
@@ -165,13 +167,13 @@ fn draw_on<DB: DrawingBackend>(
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(70)
-            .build_cartesian_2d((1f64..max_kns).log_scale(), 0f64..rts_hi)
+            .build_cartesian_2d(0f64..max_x, 0f64..rts_hi)
             .map_err(err)?;
         ch.configure_mesh()
             .x_desc("KNs")
             .y_desc("RTs/op")
-            .x_labels(6)
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(ticks)
+            .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
             .draw()
             .map_err(err)?;
         for (i, sys) in systems.iter().enumerate() {

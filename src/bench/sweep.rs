@@ -41,7 +41,7 @@ impl fmt::Display for Preset {
 /// 45 points finish within 15 minutes on 2 cores).
 pub const FIG2_KEYS: u64 = 50_000;
 pub const FIG2_OPS: u64 = 150_000;
-pub const FIG2_WARMUP: u64 = 100_000;
+pub const FIG2_WARMUP: u64 = 200_000;
 pub const FIG2_CLIENTS: usize = 16;
 
 impl Preset {

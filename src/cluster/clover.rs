@@ -23,6 +23,14 @@
 //! * **Requests spread over KNs.** Any KN serves any key; each operation goes to the next KN
 //!   in round-robin order (see [`CloverClient`]).
 //!
+//! Reclamation has a known window, as in any epoch-free scheme: a pointer kept from before a
+//! slot's reuse (a stale shortcut, or a `next` word of a reclaimed version) can lead to the
+//! slot's new version, possibly before its writer has linked it. Keys are checked on every
+//! READ, so such a pointer never yields another key's data; a writer never links a version
+//! after itself; and the MS moves its index past a slot before reusing it. The quarantine
+//! makes the window rare (a slot is reused only after `QUARANTINE_PER_LANE` × lanes later
+//! reclamations).
+//!
 //! Counting: fabric round trips, verbs and bytes are counted per KN lane like DINOMO's; every
 //! MS request is one more round trip (a two-sided exchange with another machine) and is
 //! also counted on its own. Deletes are not implemented (the benchmarks do not issue them).
@@ -62,6 +70,8 @@ const DATA_BASE: u64 = 4096;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts before a read or write gives up on a chain that keeps changing under it.
 const MAX_RESTARTS: usize = 64;
+/// Versions one walk may follow before it gives up.
+const MAX_HOPS: u64 = 1 << 20;
 
 /// How to build a Clover cluster.
 #[derive(Clone, Debug)]
@@ -206,7 +216,8 @@ pub struct MsStats {
 #[derive(Default)]
 struct MsState {
     free: VecDeque<u64>,
-    quarantine: VecDeque<u64>,
+    /// Retired slots waiting for reuse, with the key whose version they held.
+    quarantine: VecDeque<(u64, Vec<u8>)>,
     /// Quarantined slot → the version that superseded it (its chain successor).
     successor: HashMap<u64, SlotGrant>,
     index: HashMap<Vec<u8>, SlotGrant>,
@@ -229,23 +240,17 @@ impl MsState {
     }
 
     fn take_quarantined(&mut self) -> Option<u64> {
-        let p = self.quarantine.pop_front()?;
+        let (p, key) = self.quarantine.pop_front()?;
+        // The index must never name a slot that is about to be reused.
+        self.advance_index(&key);
         self.successor.remove(&p);
         self.stats.reclaimed += 1;
         Some(p)
     }
 
-    fn retire(&mut self, r: Retire) {
-        self.successor.insert(r.old, r.new);
-        self.quarantine.push_back(r.old);
-        while self.quarantine.len() > self.quarantine_len {
-            if let Some(p) = self.take_quarantined() {
-                self.free.push_back(p);
-            }
-        }
-        if let Some(at) = self.index.get_mut(&r.key) {
-            // Move the index past every quarantined version: it must never point at a slot
-            // that may be reused.
+    /// Moves `key`'s index entry past every quarantined version.
+    fn advance_index(&mut self, key: &[u8]) {
+        if let Some(at) = self.index.get_mut(key) {
             let mut hops = 0;
             while let Some(s) = self.successor.get(&at.ptr) {
                 *at = *s;
@@ -257,20 +262,34 @@ impl MsState {
         }
     }
 
-    fn serve(&mut self, req: MsRequest) -> bool {
+    fn retire(&mut self, r: Retire) {
+        self.successor.insert(r.old, r.new);
+        self.advance_index(&r.key);
+        self.quarantine.push_back((r.old, r.key));
+        while self.quarantine.len() > self.quarantine_len {
+            if let Some(p) = self.take_quarantined() {
+                self.free.push_back(p);
+            }
+        }
+    }
+
+    /// Serves one request; returns its reply, to be delivered after the MS's CPU time is
+    /// taken (delivery stands in for posting a SEND on the MS's NIC, which is not the MS's
+    /// work to model), or `None` to stop.
+    fn serve(&mut self, req: MsRequest) -> Option<MsReply> {
         self.stats.requests += 1;
-        match req {
+        Some(match req {
             MsRequest::Alloc { n, retired, reply } => {
                 self.stats.allocs += 1;
                 for r in retired {
                     self.retire(r);
                 }
                 let grants: Option<Vec<SlotGrant>> = (0..n).map(|_| self.grant()).collect();
-                let _ = reply.send(grants.ok_or(CloverError::Full));
+                MsReply::Alloc(reply, grants.ok_or(CloverError::Full))
             }
             MsRequest::Lookup { key, reply } => {
                 self.stats.lookups += 1;
-                let _ = reply.send(self.index.get(&key).copied());
+                MsReply::Where(reply, self.index.get(&key).copied())
             }
             MsRequest::Insert { key, at, reply } => {
                 self.stats.inserts += 1;
@@ -281,11 +300,32 @@ impl MsState {
                         None
                     }
                 };
-                let _ = reply.send(prev);
+                MsReply::Where(reply, prev)
             }
-            MsRequest::Stop => return false,
+            MsRequest::Stop => return None,
+        })
+    }
+}
+
+/// A reply of the MS and where it goes.
+enum MsReply {
+    Alloc(
+        Sender<Result<Vec<SlotGrant>, CloverError>>,
+        Result<Vec<SlotGrant>, CloverError>,
+    ),
+    Where(Sender<Option<SlotGrant>>, Option<SlotGrant>),
+}
+
+impl MsReply {
+    fn deliver(self) {
+        match self {
+            Self::Alloc(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Self::Where(tx, r) => {
+                let _ = tx.send(r);
+            }
         }
-        true
     }
 }
 
@@ -478,7 +518,7 @@ impl Lane {
         key: &[u8],
         mut at: SlotGrant,
     ) -> Result<Option<(SlotGrant, Version)>, CloverError> {
-        loop {
+        for _ in 0..MAX_HOPS {
             let Some(v) = self.read_version(at.ptr)? else {
                 return Ok(None);
             };
@@ -495,6 +535,7 @@ impl Lane {
                 gen: 0,
             };
         }
+        Err(CloverError::Livelock)
     }
 
     fn get(
@@ -635,12 +676,23 @@ impl Lane {
         for _ in 0..MAX_RESTARTS {
             if tail.gen == 0 {
                 match self.walk(key, tail)? {
+                    // A stale pointer led to our own, not yet linked, version: the real
+                    // tail is elsewhere.
+                    Some((t, _)) if t.ptr == new.ptr => {
+                        tail = self.relookup(cache, key)?;
+                        continue;
+                    }
                     Some((t, _)) => tail = t,
                     None => {
                         tail = self.relookup(cache, key)?;
                         continue;
                     }
                 }
+            }
+            if tail.ptr == new.ptr {
+                // Never link a version after itself.
+                tail = self.relookup(cache, key)?;
+                continue;
             }
             let mut c = [empty_completion(), empty_completion()];
             execute(
@@ -789,11 +841,12 @@ impl CloverCluster {
             .spawn(move || {
                 while let Ok(req) = ms_rx.recv() {
                     let t0 = thread_cpu_ns();
-                    let go_on = ms.serve(req);
+                    let reply = ms.serve(req);
                     ms.stats.cpu_ns += thread_cpu_ns().saturating_sub(t0);
                     *lock(&shared) = ms.stats;
-                    if !go_on {
-                        break;
+                    match reply {
+                        Some(r) => r.deliver(),
+                        None => break,
                     }
                 }
                 ms.stats
