@@ -196,3 +196,34 @@ pub fn sweep(s: &SweepConfig) -> anyhow::Result<Vec<BenchResult>> {
     super::plot::draw(&out, &path("sweep.svg"), &path("sweep.png"), &title)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_fig2_fixes_the_cache_per_kn_at_half_the_data_over_16() {
+        let s = Preset::PaperFig2.apply(SweepConfig {
+            systems: vec![System::Dinomo],
+            kns: vec![2],
+            workloads: vec![Workload::InsertHeavy],
+            base: BenchConfig::default(),
+            out: PathBuf::from("x"),
+            command: String::new(),
+        });
+        assert_eq!(s.kns, [1, 2, 4, 8, 16]);
+        assert_eq!(s.systems, System::ALL);
+        assert_eq!(s.workloads.len(), 3);
+        let data = FIG2_KEYS * (8 + 1024);
+        for kns in [1u16, 16] {
+            let c = BenchConfig {
+                kns,
+                ..s.base.clone()
+            };
+            assert_eq!(c.cache_per_kn(), data / 32, "{kns} KNs");
+        }
+        // 16 KNs together cache half the data.
+        assert_eq!(16 * s.base.cache_per_kn(), data / 2);
+        assert!(s.validate().is_ok());
+    }
+}
