@@ -247,6 +247,18 @@ pub trait Fabric: Send {
     fn counters(&self) -> &FabricCounters;
 }
 
+/// Checks a [`Fabric::wait`] for `wanted` completions with `outstanding` work requests in
+/// flight: an error if more are wanted than were posted, `false` if there is nothing to wait
+/// for.
+pub(crate) fn wait_needed(wanted: usize, outstanding: usize) -> Result<bool, FabricError> {
+    if wanted > outstanding {
+        return Err(FabricError::Other(format!(
+            "waiting for {wanted} completions with only {outstanding} work requests outstanding"
+        )));
+    }
+    Ok(wanted > 0)
+}
+
 /// Posts `wrs` and waits for all their completions: one round trip. Nothing else may be
 /// outstanding, so that `out[i]` is the completion of `wrs[i]`.
 pub fn execute<F: Fabric + ?Sized>(

@@ -15,8 +15,8 @@ use dinomo_shared::msg::Frame;
 use super::ctl::{Backoff, ControlClient};
 use super::nic::{NicModel, NicProfile};
 use super::{
-    Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf, LocalSlice,
-    WorkRequest, WrId,
+    wait_needed, Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf,
+    LocalSlice, WorkRequest, WrId,
 };
 use crate::pmem::{Persist, Pmem};
 use crate::region_file::{FilePersist, RegionFile, RegionFileError};
@@ -308,13 +308,7 @@ impl<P: Persist> Fabric for ShmFabric<P> {
     /// Takes nothing unless all `out.len()` completions are ready, so a timeout loses none.
     fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError> {
         let n = out.len();
-        if n > self.pending.len() {
-            return Err(FabricError::Other(format!(
-                "waiting for {n} completions with only {} work requests outstanding",
-                self.pending.len()
-            )));
-        }
-        if n == 0 {
+        if !wait_needed(n, self.pending.len())? {
             return Ok(());
         }
         let start = Instant::now();

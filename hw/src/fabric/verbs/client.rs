@@ -17,8 +17,8 @@ use super::wr::{
 };
 use super::VerbsConfig;
 use crate::fabric::{
-    Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf, LocalSlice, Verb,
-    WorkRequest, WrId,
+    wait_needed, Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf,
+    LocalSlice, Verb, WorkRequest, WrId,
 };
 
 /// A posted (or locally failed) one-sided request, in posting order.
@@ -482,13 +482,7 @@ impl Fabric for VerbsFabric {
     /// `out.len()` completions are ready, so a timeout loses none.
     fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError> {
         let n = out.len();
-        if n > self.pending.len() {
-            return Err(FabricError::Other(format!(
-                "waiting for {n} completions with only {} work requests outstanding",
-                self.pending.len()
-            )));
-        }
-        if n == 0 {
+        if !wait_needed(n, self.pending.len())? {
             return Ok(());
         }
         let start = Instant::now();
