@@ -10,6 +10,7 @@
 //! flushes the batch, so no read ever returns a value that is not durable.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -325,8 +326,10 @@ pub struct Shard<F: Fabric> {
     reader: IndexReader,
     cache: DacCache,
     map: Arc<SlotMap>,
-    unmerged: HashMap<Box<[u8]>, Unmerged>,
-    unmerged_order: VecDeque<(u64, Box<[u8]>)>,
+    /// Own writes not yet merged; the key is shared with `unmerged_order` (one allocation
+    /// per write; a shard is one thread, so `Rc` suffices).
+    unmerged: HashMap<Rc<[u8]>, Unmerged>,
+    unmerged_order: VecDeque<(u64, Rc<[u8]>)>,
     pending: Vec<Pending>,
     staged_hashes: HashSet<u64>,
     first_staged: Option<Instant>,
@@ -645,13 +648,13 @@ impl<F: Fabric> Shard<F> {
                 self.stats.flushes += 1;
                 self.stats.flushed_entries += fl.entries;
                 for p in self.pending.drain(..) {
-                    let key: Box<[u8]> = p.key.into_boxed_slice();
+                    let key: Rc<[u8]> = Rc::from(p.key);
                     match &p.value {
                         Some(v) => self.cache.on_write(&key, v, p.eref),
                         None => self.cache.remove(&key),
                     }
                     let eref = p.value.as_ref().map(|_| p.eref);
-                    self.unmerged_order.push_back((p.seq, key.clone()));
+                    self.unmerged_order.push_back((p.seq, Rc::clone(&key)));
                     self.unmerged.insert(key, Unmerged { seq: p.seq, eref });
                     p.reply.send(Reply {
                         tag: p.tag,
@@ -713,8 +716,8 @@ impl<F: Fabric> Shard<F> {
             let Some((seq, key)) = self.unmerged_order.pop_front() else {
                 break;
             };
-            if self.unmerged.get(&key).is_some_and(|u| u.seq == seq) {
-                self.unmerged.remove(&key);
+            if self.unmerged.get(&*key).is_some_and(|u| u.seq == seq) {
+                self.unmerged.remove(&*key);
             }
         }
     }
