@@ -300,6 +300,8 @@ impl<P: Persist> Dpm<P> {
             }
             Request::CloseLog { log_id, generation } => self.close_log(log_id, generation, scratch),
             Request::FenceKn { kn_id } => self.fence_kn(kn_id, scratch),
+            // Indirect cells are not served yet.
+            Request::AllocCell { .. } | Request::FreeCell { .. } => Err(ErrorCode::UnknownMessage),
         }
     }
 

@@ -28,6 +28,10 @@ pub enum ErrorCode {
     Timeout = 9,
     /// The region's contents failed validation.
     Corrupt = 10,
+    /// Every indirect cell is in use.
+    NoFreeCell = 11,
+    /// The cell named by the request is not allocated.
+    NoSuchCell = 12,
 }
 
 impl ErrorCode {
@@ -45,6 +49,8 @@ impl ErrorCode {
             8 => Self::ShuttingDown,
             9 => Self::Timeout,
             10 => Self::Corrupt,
+            11 => Self::NoFreeCell,
+            12 => Self::NoSuchCell,
             _ => return None,
         })
     }
@@ -63,6 +69,8 @@ impl ErrorCode {
             Self::ShuttingDown => "the DPM is shutting down",
             Self::Timeout => "timed out",
             Self::Corrupt => "region contents are corrupt",
+            Self::NoFreeCell => "every indirect cell is in use",
+            Self::NoSuchCell => "no such indirect cell",
         }
     }
 }
@@ -79,10 +87,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for v in 0..=10u16 {
+        for v in 0..=12u16 {
             let c = ErrorCode::from_u16(v).expect("known code");
             assert_eq!(c as u16, v);
         }
-        assert_eq!(ErrorCode::from_u16(11), None);
+        assert_eq!(ErrorCode::from_u16(13), None);
     }
 }

@@ -42,6 +42,8 @@ const K_ALLOC_BLOCK: u16 = 4;
 const K_MERGE_ALL: u16 = 5;
 const K_CLOSE_LOG: u16 = 6;
 const K_FENCE_KN: u16 = 7;
+const K_ALLOC_CELL: u16 = 8;
+const K_FREE_CELL: u16 = 9;
 
 /// What a KN asks of the DPM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +77,20 @@ pub enum Request {
     /// KN and merge each to its committed tail, so its acknowledged writes are in the index
     /// before its slots are given to other KNs.
     FenceKn { kn_id: u32 },
+    /// Replicate a key through an indirect cell. `eref` is a packed entry reference to an
+    /// entry of the key in the owner's log `log_id` (its newest version, or a delete entry
+    /// if the key does not exist). The DPM merges that log to its tail, takes a free cell,
+    /// stores the key's newest entry reference in it (persisted) and from then on leaves
+    /// the key's entries out of the index: the cell is the key's only authority.
+    AllocCell {
+        log_id: u32,
+        generation: u64,
+        eref: u64,
+    },
+    /// End the replication of the key of `cell` (every replica has stopped writing it and
+    /// merged its logs): the DPM installs the cell's entry reference in the index and
+    /// frees the cell.
+    FreeCell { cell: u32 },
 }
 
 /// What the DPM answers on success.
@@ -105,6 +121,15 @@ pub enum Response {
     Fenced {
         logs: u32,
         entries: u64,
+    },
+    /// The key's indirect cell and the entry reference it holds.
+    CellAllocated {
+        cell: u32,
+        eref: u64,
+    },
+    /// The cell is free; `eref` is what the index now holds for the key.
+    CellFreed {
+        eref: u64,
     },
 }
 
@@ -155,6 +180,12 @@ impl Request {
             } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq]),
             Self::CloseLog { log_id, generation } => (K_CLOSE_LOG, [log_id as u64, generation, 0]),
             Self::FenceKn { kn_id } => (K_FENCE_KN, [kn_id as u64, 0, 0]),
+            Self::AllocCell {
+                log_id,
+                generation,
+                eref,
+            } => (K_ALLOC_CELL, [log_id as u64, generation, eref]),
+            Self::FreeCell { cell } => (K_FREE_CELL, [cell as u64, 0, 0]),
         };
         Frame {
             kind,
@@ -194,6 +225,14 @@ impl Request {
             K_FENCE_KN => Self::FenceKn {
                 kn_id: u32_arg(a[0])?,
             },
+            K_ALLOC_CELL => Self::AllocCell {
+                log_id: u32_arg(a[0])?,
+                generation: a[1],
+                eref: a[2],
+            },
+            K_FREE_CELL => Self::FreeCell {
+                cell: u32_arg(a[0])?,
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         })
     }
@@ -223,6 +262,8 @@ impl Response {
             Self::Merged { merged_seq } => (K_MERGE_ALL, [merged_seq, 0, 0, 0]),
             Self::Closed { merged_seq } => (K_CLOSE_LOG, [merged_seq, 0, 0, 0]),
             Self::Fenced { logs, entries } => (K_FENCE_KN, [logs as u64, entries, 0, 0]),
+            Self::CellAllocated { cell, eref } => (K_ALLOC_CELL, [cell as u64, eref, 0, 0]),
+            Self::CellFreed { eref } => (K_FREE_CELL, [eref, 0, 0, 0]),
         };
         Frame {
             kind,
@@ -272,6 +313,11 @@ impl Response {
                 logs: u32_arg(a[0])?,
                 entries: a[1],
             },
+            K_ALLOC_CELL => Self::CellAllocated {
+                cell: u32_arg(a[0])?,
+                eref: a[1],
+            },
+            K_FREE_CELL => Self::CellFreed { eref: a[0] },
             k => return Err(DecodeError::UnknownKind(k)),
         }))
     }
@@ -306,6 +352,12 @@ mod tests {
                 generation: 77,
             },
             Request::FenceKn { kn_id: 2 },
+            Request::AllocCell {
+                log_id: 3,
+                generation: 8,
+                eref: 0x1234_5678_9abc,
+            },
+            Request::FreeCell { cell: 17 },
         ];
         for (i, r) in reqs.iter().enumerate() {
             let f = Frame::from_bytes(&r.encode(i as u32).to_bytes());
@@ -338,6 +390,11 @@ mod tests {
                 logs: 2,
                 entries: 40,
             },
+            Response::CellAllocated {
+                cell: 5,
+                eref: 0xdead_beef,
+            },
+            Response::CellFreed { eref: 42 },
         ];
         for r in resps {
             assert_eq!(Response::decode(&r.encode(1)), Ok(Ok(r)));
