@@ -69,6 +69,8 @@ struct LogState {
     persisted_block: u32,
     persisted: Cursor,
     stall: Option<Stall>,
+    /// Seq of the last entry that may be merged (persisted in the log slot); set at close.
+    fence: Option<u64>,
 }
 
 /// Outcome of one merge step on one log.
@@ -94,8 +96,10 @@ pub struct LogStats {
     pub generation: u64,
     /// Seq of the last merged entry.
     pub merged_seq: u64,
-    /// Seq of the last committed entry in the log (merged or not).
+    /// Seq of the last committed entry in the log (merged or not), at most the fence.
     pub tail_seq: u64,
+    /// The log's fence point: no entry after this seq is ever merged.
+    pub fence_seq: Option<u64>,
     pub cursor: Cursor,
     pub blocks: u64,
     pub stall: Option<Stall>,
@@ -192,9 +196,16 @@ impl<P: Persist> Dpm<P> {
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
         let mut scratch = Scratch::default();
-        for log_id in 0..dpm.geo.max_logs {
+        for (log_id, slot) in dpm.logs.iter().enumerate() {
+            let log_id = log_id as u32;
+            let mut guard = slot.lock();
             // A stalled log stays stalled (and visible in stats); recovery does not fail.
-            let _ = dpm.merge_all(log_id, &mut scratch);
+            let _ = dpm.merge_locked(log_id, &mut guard, &mut scratch);
+            // A close cut short before its fence point was persisted: its writer is gone
+            // (or fenced), so its tail now is where it ends.
+            if matches!(guard.as_ref(), Some(st) if st.status == LOG_CLOSED) {
+                dpm.fence_locked(log_id, &mut guard, &mut scratch);
+            }
         }
         Ok(dpm)
     }
@@ -306,15 +317,19 @@ impl<P: Persist> Dpm<P> {
     }
 
     /// Closes every active log of `kn_id` and merges each to its committed tail (what the
-    /// KN acknowledged is durable in its logs, so after this it is in the index). A write
-    /// the KN stages later into a closed log is never merged, and its next block request
-    /// is refused.
+    /// KN acknowledged is durable in its logs, so after this it is in the index), then
+    /// persists that tail as the log's fence point before replying. A write the KN lands
+    /// later in a closed log is never merged, also after a restart, and its next block
+    /// request is refused. Logs of the KN closed without a fence point (a close cut short
+    /// by a crash) are fenced too.
     fn fence_kn(&self, kn_id: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
         let mut logs = 0;
         let mut entries = 0;
         for log_id in 0..self.geo.max_logs {
             let target = match &*self.logs[log_id as usize].lock() {
-                Some(st) if st.kn_id == kn_id && st.status == LOG_ACTIVE => {
+                Some(st)
+                    if st.kn_id == kn_id && (st.status == LOG_ACTIVE || st.fence.is_none()) =>
+                {
                     Some((st.generation, st.cursor.next_seq))
                 }
                 _ => None,
@@ -411,7 +426,9 @@ impl<P: Persist> Dpm<P> {
             head_block: block,
             tail_block: block,
             generation,
-            reserved: [0; 4],
+            fence: 0,
+            flags: 0,
+            reserved: [0; 2],
         };
         self.pm.write_pod(slot_off, &slot);
         self.pm.persist(slot_off, LogSlot::SIZE);
@@ -430,6 +447,7 @@ impl<P: Persist> Dpm<P> {
             persisted_block: block,
             persisted: cursor,
             stall: None,
+            fence: None,
         });
         Ok(Response::LogOpened {
             log_id,
@@ -464,27 +482,47 @@ impl<P: Persist> Dpm<P> {
         Ok(Response::BlockGranted { block, salt })
     }
 
+    /// Closes a log (its writer gets no more blocks), merges it to its committed tail and,
+    /// still holding it, persists that tail as its fence point.
     fn close_log(
         &self,
         log_id: u32,
         generation: u64,
         scratch: &mut Scratch,
     ) -> Result<Response, ErrorCode> {
-        {
-            let mut guard = self.slot(log_id)?.lock();
-            let st = match guard.as_mut() {
-                Some(st) if st.generation == generation => st,
-                _ => return Err(ErrorCode::NoSuchLog),
-            };
-            if st.status == LOG_ACTIVE {
-                let off = self.geo.log_slot_off(log_id);
-                self.pm.store_u32(off, LOG_CLOSED);
-                self.pm.persist(off, 4);
-                st.status = LOG_CLOSED;
+        let mut guard = self.slot(log_id)?.lock();
+        match guard.as_mut() {
+            Some(st) if st.generation == generation => {
+                if st.status == LOG_ACTIVE {
+                    let off = self.geo.log_slot_off(log_id);
+                    self.pm.store_u32(off, LOG_CLOSED);
+                    self.pm.persist(off, 4);
+                    st.status = LOG_CLOSED;
+                }
             }
+            _ => return Err(ErrorCode::NoSuchLog),
         }
-        let merged_seq = self.merge_all(log_id, scratch)?;
-        Ok(Response::Closed { merged_seq })
+        let merged = self.merge_locked(log_id, &mut guard, scratch);
+        self.fence_locked(log_id, &mut guard, scratch);
+        merged.map(|merged_seq| Response::Closed { merged_seq })
+    }
+
+    /// Persists the fence point of a log that has none: its tail as merged, or for a
+    /// stalled log as far as its entries verify (what was committed when it was closed).
+    /// A log whose slot was already released has nothing left to fence.
+    fn fence_locked(&self, log_id: u32, guard: &mut Option<LogState>, scratch: &mut Scratch) {
+        let Some(st) = guard.as_mut() else { return };
+        if st.fence.is_some() {
+            return;
+        }
+        let seq = match st.stall {
+            None => st.cursor.next_seq - 1,
+            Some(_) => self.tail_seq(log_id, st, scratch),
+        };
+        let off = self.geo.log_slot_off(log_id) + LogSlot::FENCE_OFFSET;
+        self.pm.store_u64(off, LogSlot::encode_fence(seq));
+        self.pm.persist(off, 8);
+        st.fence = Some(seq);
     }
 
     // ----- merging -----
@@ -510,8 +548,18 @@ impl<P: Persist> Dpm<P> {
     /// returns the seq of the last merged entry.
     pub fn merge_all(&self, log_id: u32, scratch: &mut Scratch) -> Result<u64, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
+        self.merge_locked(log_id, &mut guard, scratch)
+    }
+
+    /// [`Dpm::merge_all`] on a log the caller holds.
+    fn merge_locked(
+        &self,
+        log_id: u32,
+        guard: &mut Option<LogState>,
+        scratch: &mut Scratch,
+    ) -> Result<u64, ErrorCode> {
         loop {
-            let step = self.step_locked(log_id, &mut guard, u64::MAX, scratch);
+            let step = self.step_locked(log_id, guard, u64::MAX, scratch);
             match guard.as_ref() {
                 Some(st) if st.stall.is_some() => return Err(ErrorCode::Corrupt),
                 Some(_) if !step.at_tail => {}
@@ -552,6 +600,10 @@ impl<P: Persist> Dpm<P> {
         }
         let mut step = Step::default();
         while step.merged < budget {
+            if st.fence.is_some_and(|f| st.cursor.next_seq > f) {
+                step.at_tail = true;
+                break;
+            }
             match self.next_entry(log_id, st, scratch) {
                 Ok(Some((op, key_len, len))) => {
                     let c = st.cursor;
@@ -746,8 +798,8 @@ impl<P: Persist> Dpm<P> {
 
     // ----- figures -----
 
-    /// Seq of the last committed entry of a log, found by scanning from the merge cursor
-    /// without applying anything.
+    /// Seq of the last committed entry of a log (at most its fence point), found by
+    /// scanning from the merge cursor without applying anything.
     fn tail_seq(&self, log_id: u32, st: &LogState, scratch: &mut Scratch) -> u64 {
         let mut probe = LogState {
             status: st.status,
@@ -758,8 +810,12 @@ impl<P: Persist> Dpm<P> {
             persisted_block: st.persisted_block,
             persisted: st.persisted,
             stall: None,
+            fence: st.fence,
         };
         loop {
+            if probe.fence.is_some_and(|f| probe.cursor.next_seq > f) {
+                return probe.cursor.next_seq - 1;
+            }
             match self.next_entry(log_id, &mut probe, scratch) {
                 Ok(Some((_, _, len))) => {
                     probe.cursor.offset += len as u32;
@@ -809,6 +865,7 @@ impl<P: Persist> Dpm<P> {
                 generation: st.generation,
                 merged_seq: st.cursor.next_seq - 1,
                 tail_seq: self.tail_seq(log_id, st, &mut scratch),
+                fence_seq: st.fence,
                 cursor: st.cursor,
                 blocks: n,
                 stall: st.stall,
@@ -917,6 +974,7 @@ fn recover_log<P: Persist>(
         persisted_block: cursor.block,
         persisted: cursor,
         stall: None,
+        fence: slot.fence_seq(),
     }))
 }
 

@@ -28,16 +28,42 @@ pub struct LogSlot {
     pub tail_block: u32,
     /// Incarnation of this slot: bumped every time it is (re)opened.
     pub generation: u64,
-    pub reserved: [u64; 4],
+    /// The fence point: seq of the last entry that may ever be merged, plus one; 0 means
+    /// no fence (so regions written before fences existed stay valid). Set when the log is
+    /// closed, after it was merged to its committed tail: a writer that was paused rather
+    /// than gone may still land entries after it, and they must never reach the index.
+    pub fence: u64,
+    /// [`LOG_FLAG_FENCED`] and nothing else yet.
+    pub flags: u64,
+    pub reserved: [u64; 2],
 }
 assert_size!(LogSlot, 64);
 assert_offset!(LogSlot, head_block, 16);
 assert_offset!(LogSlot, generation, 24);
+assert_offset!(LogSlot, fence, 32);
+assert_offset!(LogSlot, flags, 40);
+
+/// `LogSlot::flags`: the log was closed by fencing its KN (lease expired), not by its
+/// writer; its blocks are quarantined before reuse since the writer may still be alive.
+pub const LOG_FLAG_FENCED: u64 = 1;
 
 impl LogSlot {
     pub const SIZE: u64 = 64;
     /// Offset within the slot of the `(head_block, tail_block)` pair, updated as one u64.
     pub const CHAIN_OFFSET: u64 = 16;
+    /// Offset within the slot of `fence`.
+    pub const FENCE_OFFSET: u64 = 32;
+    /// Offset within the slot of `flags`.
+    pub const FLAGS_OFFSET: u64 = 40;
+
+    /// The fence point's seq, if the log has one.
+    pub const fn fence_seq(&self) -> Option<u64> {
+        self.fence.checked_sub(1)
+    }
+    /// The stored form of a fence at `seq`.
+    pub const fn encode_fence(seq: u64) -> u64 {
+        seq.saturating_add(1)
+    }
 }
 
 /// One of the two alternating records of a log's merged position.
@@ -177,6 +203,7 @@ impl_pod!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pod::Pod;
 
     #[test]
     fn progress_picks_newest_valid_record() {
@@ -193,5 +220,15 @@ mod tests {
         assert_eq!(s.current(3).map(|(i, r)| (i, r.merged_seq)), Some((0, 5)));
         // Records of another generation do not count.
         assert_eq!(s.current(4), None);
+    }
+
+    #[test]
+    fn zero_fence_means_none() {
+        let mut slot = LogSlot::zeroed();
+        assert_eq!(slot.fence_seq(), None);
+        slot.fence = LogSlot::encode_fence(0);
+        assert_eq!(slot.fence_seq(), Some(0));
+        slot.fence = LogSlot::encode_fence(41);
+        assert_eq!(slot.fence_seq(), Some(41));
     }
 }
