@@ -15,6 +15,9 @@ pub enum KvError {
     ValueTooLarge { len: usize, max: usize },
     #[error("this node does not own the key's slot: KN {owner} does (cluster map epoch {epoch})")]
     WrongOwner { owner: u16, epoch: u64 },
+    /// The slot is changing owner; the client retries after a short pause.
+    #[error("TRYAGAIN slot {slot} is moving to another node")]
+    TryAgain { slot: u16 },
     #[error("the memory node has no free log block left")]
     RegionFull,
     #[error("the memory node refused the request: {0}")]
@@ -25,6 +28,14 @@ pub enum KvError {
     Corrupt(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+}
+
+impl KvError {
+    /// Whether the request was refused before it had any effect and may simply be sent
+    /// again once the cluster map has settled.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::TryAgain { .. } | Self::WrongOwner { .. })
+    }
 }
 
 impl From<FabricError> for KvError {

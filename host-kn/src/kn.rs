@@ -8,7 +8,7 @@ use dinomo_hw::fabric::Fabric;
 
 use crate::error::KvError;
 use crate::ownership::SlotMap;
-use crate::shard::{Msg, Shard, ShardConfig, ShardStats};
+use crate::shard::{Msg, ReleaseReport, Shard, ShardConfig, ShardStats};
 
 /// A running KN.
 #[derive(Debug)]
@@ -118,6 +118,38 @@ impl Kn {
     pub fn set_map(&self, map: &Arc<SlotMap>) {
         for tx in &self.senders {
             let _ = tx.send(Msg::SetMap(Arc::clone(map)));
+        }
+    }
+
+    /// Hands over the slots this KN loses under `map` (see [`Msg::Release`]), all shards at
+    /// once. The report adds up the entries merged; `merge` is the slowest shard's.
+    pub fn release(&self, map: &Arc<SlotMap>) -> Result<ReleaseReport, KvError> {
+        let mut waits = Vec::new();
+        for tx in &self.senders {
+            let (rtx, rrx) = mpsc::channel();
+            tx.send(Msg::Release {
+                map: Arc::clone(map),
+                reply: rtx,
+            })
+            .map_err(|_| KvError::ShuttingDown)?;
+            waits.push(rrx);
+        }
+        let mut total = ReleaseReport::default();
+        let mut first_err = None;
+        for w in waits {
+            match w.recv().map_err(|_| KvError::ShuttingDown).and_then(|r| r) {
+                Ok(r) => {
+                    total.entries_merged += r.entries_merged;
+                    total.merge = total.merge.max(r.merge);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
         }
     }
 

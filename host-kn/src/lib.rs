@@ -16,4 +16,4 @@ pub use client::{Client, Router};
 pub use error::KvError;
 pub use kn::Kn;
 pub use ownership::SlotMap;
-pub use shard::{ShardConfig, ShardStats};
+pub use shard::{ReleaseReport, ShardConfig, ShardStats};

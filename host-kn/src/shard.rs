@@ -204,12 +204,30 @@ pub enum Msg {
     },
     /// A new cluster map; entries of slots no longer owned are dropped from the cache.
     SetMap(Arc<SlotMap>),
+    /// Hand over the slots this shard loses under `map`: install it (so their requests are
+    /// refused from now on and their cached entries dropped), flush, have the DPM merge this
+    /// shard's log to its tail, then forget own unmerged writes of the lost slots. After the
+    /// reply, the index holds every write this shard acknowledged, so a new owner reading it
+    /// cold sees them all. Requests queued before this message are answered before it.
+    Release {
+        map: Arc<SlotMap>,
+        reply: Sender<Result<ReleaseReport, KvError>>,
+    },
     Stats(Sender<ShardStats>),
     /// Flush, have the DPM merge this shard's log to its tail, forget the merged own writes,
     /// then answer (used to start a measurement from a merged state).
     Sync(Sender<Result<(), KvError>>),
     /// Flush, close the log (the DPM merges it to its tail) and exit.
     Stop,
+}
+
+/// What handing over slots cost one shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseReport {
+    /// Log entries the DPM merged to bring the index up to the log's tail.
+    pub entries_merged: u64,
+    /// Time from the merge request to its reply.
+    pub merge: Duration,
 }
 
 /// Counters of one shard (add them up for a KN or a cluster).
@@ -234,6 +252,8 @@ pub struct ShardStats {
     pub flushes: u64,
     pub flushed_entries: u64,
     pub unmerged: u64,
+    /// Time the shard thread spent handling messages (not waiting for them), for occupancy.
+    pub busy_ns: u64,
     pub fabric: FabricCounters,
     pub cache: DacStats,
 }
@@ -257,6 +277,7 @@ impl ShardStats {
         self.flushes += o.flushes;
         self.flushed_entries += o.flushed_entries;
         self.unmerged += o.unmerged;
+        self.busy_ns += o.busy_ns;
         self.fabric.add(&o.fabric);
         self.cache.values += o.cache.values;
         self.cache.shortcuts += o.cache.shortcuts;
@@ -288,6 +309,7 @@ impl ShardStats {
             flushes: self.flushes - e.flushes,
             flushed_entries: self.flushed_entries - e.flushed_entries,
             unmerged: self.unmerged,
+            busy_ns: self.busy_ns - e.busy_ns,
             fabric: self.fabric.since(&e.fabric),
             cache: DacStats {
                 promotions: self.cache.promotions - e.cache.promotions,
@@ -695,22 +717,31 @@ impl<F: Fabric> Shard<F> {
         Ok(())
     }
 
-    /// Forgets own writes that the DPM has merged (one READ of the log's progress slot).
-    fn trim_unmerged(&mut self) {
+    /// The seq up to which the DPM has merged this shard's log (one READ of its progress
+    /// slot), if it can be read.
+    fn read_merged_seq(&mut self) -> Option<u64> {
         let t0 = self.rts();
         let line = self
             .reader
             .read_line(&mut self.f, self.geo.progress_off(self.log.log_id));
         self.stats.maintenance_rts += self.rts() - t0;
-        let Ok(line) = line else { return };
-        let Some(slot) = ProgressSlot::read_from(&line) else {
+        let slot = ProgressSlot::read_from(&line.ok()?)?;
+        slot.current(self.log.generation)
+            .map(|(_, rec)| rec.merged_seq)
+    }
+
+    /// Forgets own writes that the DPM has merged (one READ of the log's progress slot).
+    fn trim_unmerged(&mut self) {
+        let Some(merged_seq) = self.read_merged_seq() else {
             return;
         };
-        let Some((_, rec)) = slot.current(self.log.generation) else {
-            return;
-        };
+        self.forget_merged(merged_seq);
+    }
+
+    /// Forgets own writes up to `merged_seq`.
+    fn forget_merged(&mut self, merged_seq: u64) {
         while let Some((seq, _)) = self.unmerged_order.front() {
-            if *seq > rec.merged_seq {
+            if *seq > merged_seq {
                 break;
             }
             let Some((seq, key)) = self.unmerged_order.pop_front() else {
@@ -738,6 +769,55 @@ impl<F: Fabric> Shard<F> {
         self.map = map;
     }
 
+    /// See [`Msg::Release`]. On an error the lost slots stay refused but their unmerged own
+    /// writes are kept, so re-installing a map that gives them back is safe.
+    pub fn release(&mut self, map: Arc<SlotMap>) -> Result<ReleaseReport, KvError> {
+        self.set_map(map);
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let before = self.read_merged_seq();
+        let req = dinomo_shared::msg::Request::MergeAll {
+            log_id: self.log.log_id,
+            generation: self.log.generation,
+            upto_seq: self.log.durable_seq(),
+        };
+        let mut id = 1 << 29;
+        let t0 = Instant::now();
+        let resp = crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)?;
+        let merge = t0.elapsed();
+        let merged_seq = match resp {
+            dinomo_shared::msg::Response::Merged { merged_seq } => merged_seq,
+            r => {
+                return Err(KvError::Corrupt(format!(
+                    "unexpected reply {r:?} to MergeAll"
+                )))
+            }
+        };
+        if merged_seq < self.log.durable_seq() {
+            return Err(KvError::Corrupt(format!(
+                "the memory node merged log {} only to seq {merged_seq} of {}",
+                self.log.log_id,
+                self.log.durable_seq()
+            )));
+        }
+        self.forget_merged(merged_seq);
+        let (kn, shard, shards) = (
+            self.cfg.kn_id,
+            self.cfg.shard as usize,
+            self.cfg.shards as usize,
+        );
+        let map = Arc::clone(&self.map);
+        self.unmerged.retain(|k, _| {
+            let s = key_slot(k);
+            map.owner(s) == kn && shard_of(s, shards) == shard
+        });
+        Ok(ReleaseReport {
+            entries_merged: merged_seq.saturating_sub(before.unwrap_or(merged_seq)),
+            merge,
+        })
+    }
+
     /// Runs the shard until `Stop` or until every sender is gone.
     pub fn run(mut self, rx: Receiver<Msg>) -> ShardStats {
         loop {
@@ -757,14 +837,14 @@ impl<F: Fabric> Shard<F> {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             };
+            let busy_from = Instant::now();
             if !self.handle(msg) {
-                break;
+                return self.stop(&rx, busy_from);
             }
             // Take what is already waiting, then flush: no request is waiting any more.
             while let Ok(m) = rx.try_recv() {
                 if !self.handle(m) {
-                    self.flush();
-                    return self.close();
+                    return self.stop(&rx, busy_from);
                 }
                 if self
                     .first_staged
@@ -774,8 +854,22 @@ impl<F: Fabric> Shard<F> {
                 }
             }
             self.flush();
+            self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
         }
         self.flush();
+        self.close()
+    }
+
+    /// Answers what is still queued (requests of slots this shard no longer owns get
+    /// `WrongOwner`, so their clients retry elsewhere), then flushes and closes the log.
+    fn stop(mut self, rx: &Receiver<Msg>, busy_from: Instant) -> ShardStats {
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Req { .. } | Msg::ReqFn { .. } = m {
+                self.handle(m);
+            }
+        }
+        self.flush();
+        self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
         self.close()
     }
 
@@ -784,6 +878,10 @@ impl<F: Fabric> Shard<F> {
             Msg::Req { op, tag, reply } => self.request(op, tag, ReplyTo::Chan(reply)),
             Msg::ReqFn { op, tag, reply } => self.request(op, tag, ReplyTo::Fn(reply)),
             Msg::SetMap(m) => self.set_map(m),
+            Msg::Release { map, reply } => {
+                let r = self.release(map);
+                let _ = reply.send(r);
+            }
             Msg::Stats(tx) => {
                 let s = self.stats();
                 let _ = tx.send(s);
