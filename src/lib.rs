@@ -13,6 +13,7 @@ pub mod fabric_bench;
 pub mod inspect;
 pub mod kn_server;
 pub mod manager;
+pub mod policy;
 pub mod resp;
 pub mod size;
 pub mod up;
