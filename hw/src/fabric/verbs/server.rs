@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_shared::msg::Frame;
+use dinomo_shared::msg::{Frame, Request};
 
 use super::link::{CtlSlots, Device, Link};
 use super::sys::{Access, MemoryRegion, WorkCompletion};
@@ -24,6 +24,9 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 struct Endpoint {
     id: u64,
     peer: SocketAddr,
+    /// The KN this connection speaks for, learnt from its first control message that names
+    /// one (`Hello` or `OpenLog`), so that fencing the KN can revoke its access.
+    kn_id: Option<u32>,
     // Drop order: QP first.
     link: Link,
     ctl: CtlSlots,
@@ -135,6 +138,33 @@ impl VerbsServer {
         handled
     }
 
+    /// Revokes the access of every connection of KN `kn_id`: their queue pairs go to the
+    /// error state, so the KN's one-sided READs, WRITEs and atomics on the region fail from
+    /// now on (a KN that was only paused cannot land a write after it was fenced), and the
+    /// connections are dropped. Returns how many were revoked.
+    pub fn revoke(&mut self, kn_id: u32) -> usize {
+        let mut revoked = 0;
+        let mut i = 0;
+        while i < self.endpoints.len() {
+            if self.endpoints[i].kn_id != Some(kn_id) {
+                i += 1;
+                continue;
+            }
+            let ep = self.endpoints.swap_remove(i);
+            let how = match ep.link.qp.to_error() {
+                Ok(()) => "queue pair moved to error".to_string(),
+                // Dropping the endpoint destroys the QP, which revokes access as well.
+                Err(e) => format!("queue pair destroyed ({e})"),
+            };
+            self.events.push(format!(
+                "KN {kn_id} fenced: connection {} from {} revoked, {how}",
+                ep.id, ep.peer
+            ));
+            revoked += 1;
+        }
+        revoked
+    }
+
     fn accept_all(&mut self) {
         loop {
             match self.listener.accept() {
@@ -201,6 +231,7 @@ impl VerbsServer {
                 Ok(Endpoint {
                     id,
                     peer,
+                    kn_id: None,
                     link,
                     ctl,
                     tcp,
@@ -270,6 +301,9 @@ fn serve_endpoint(
             .take_frame(&mut ep.link.qp, wc.wr_id)
             .map_err(fabric)?;
         handled += 1;
+        if ep.kn_id.is_none() {
+            ep.kn_id = kn_of(&frame);
+        }
         if let Some(reply) = handler(ep.id, &frame) {
             if !ep.backlog.is_empty() || !ep.ctl.send(&mut ep.link.qp, &reply).map_err(fabric)? {
                 ep.backlog.push_back(reply);
@@ -277,6 +311,14 @@ fn serve_endpoint(
         }
     }
     Ok(handled)
+}
+
+/// The KN a control frame names, if it is one that does.
+fn kn_of(frame: &Frame) -> Option<u32> {
+    match Request::decode(frame).ok()? {
+        Request::Hello { kn_id } | Request::OpenLog { kn_id, .. } => Some(kn_id),
+        _ => None,
+    }
 }
 
 /// Why a KN's TCP stream is closed, if it is (the KN process exited or closed the fabric).
@@ -288,5 +330,24 @@ fn tcp_closed(tcp: &mut TcpStream) -> Option<String> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
         Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
         Err(e) => Some(format!("TCP: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_learns_its_kn_from_hello_or_open_log_only() {
+        assert_eq!(kn_of(&Request::Hello { kn_id: 7 }.encode(1)), Some(7));
+        let open = Request::OpenLog {
+            kn_id: 3,
+            shard: 1,
+            lease_epoch: 9,
+        };
+        assert_eq!(kn_of(&open.encode(2)), Some(3));
+        assert_eq!(kn_of(&Request::Ping.encode(3)), None);
+        assert_eq!(kn_of(&Request::FenceKn { kn_id: 3 }.encode(4)), None);
+        assert_eq!(kn_of(&Frame::default()), None);
     }
 }
