@@ -332,8 +332,8 @@ impl Cluster {
             let hs: Vec<_> = losers
                 .iter()
                 .map(|k| {
-                    let next = &next;
-                    s.spawn(move || k.release(next))
+                    let (cur, next) = (&cur, &next);
+                    s.spawn(move || k.release(cur, next))
                 })
                 .collect();
             hs.into_iter()
