@@ -138,6 +138,8 @@ pub struct Cluster {
     staging: usize,
     /// Counters of KNs stopped so far.
     retired: ShardStats,
+    /// Held for the whole of a move, so two never interleave.
+    moving: std::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -200,6 +202,7 @@ impl Cluster {
             control: handle,
             staging,
             retired: ShardStats::default(),
+            moving: std::sync::Mutex::new(()),
         };
         for kn in 0..cfg.kns {
             cluster.launch_kn(kn)?;
@@ -298,6 +301,7 @@ impl Cluster {
     }
 
     fn move_to(&self, next: Arc<SlotMap>) -> Result<ReconfigReport, ClusterError> {
+        let _one_at_a_time = self.moving.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.router.map();
         if next.epoch() <= cur.epoch() {
             return Err(ClusterError::Reconfig(format!(

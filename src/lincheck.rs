@@ -556,6 +556,14 @@ mod tests {
     }
 
     #[test]
+    fn histories_beyond_the_bound_are_refused_not_misjudged() {
+        let ops = (0..MAX_OPS_PER_KEY as u64 + 1)
+            .map(|i| get(None, 2 * i, 2 * i + 1))
+            .collect();
+        assert!(matches!(check(ops), Err(CheckError::TooLarge { .. })));
+    }
+
+    #[test]
     fn many_concurrent_operations_check_quickly() {
         // 4 "threads" writing unique values with overlapping windows, reads seeing the
         // latest completed write: linearizable, and the memo keeps the search small.
