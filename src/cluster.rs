@@ -5,23 +5,48 @@
 //!
 //! The baselines of the evaluation live beside it: [`clover`] (shared-everything) and
 //! [`dinomo_n`] (shared-nothing).
+//!
+//! # Moving slots
+//!
+//! [`Cluster::reconfigure`] moves slots to new owners while clients keep running. Only
+//! ownership moves; the data stays in the memory node. The danger is a new owner reading
+//! the index before the old owner's acknowledged writes are merged into it (or a KN that
+//! regains a slot trusting what it cached before). A move therefore goes:
+//!
+//! 1. The router marks the slots whose owner changes as *moving*: new requests for them are
+//!    refused with `TRYAGAIN` before reaching any KN, and clients retry after a short sleep.
+//!    Every other slot is served throughout.
+//! 2. Every old owner's shards get `Release(next)`. Requests queued before it are answered
+//!    first (queues are FIFO). The shard installs `next` (from now on it refuses the lost
+//!    slots with `WrongOwner` and has dropped their cache entries), flushes its batch, has
+//!    the memory node merge its log to the tail, and forgets its unmerged own writes of the
+//!    lost slots. After the replies the index holds every acknowledged write of the slots.
+//! 3. Every other KN installs `next`; new owners start cold (nothing of the moved slots is
+//!    in their caches: a KN drops a slot's entries when it releases it).
+//! 4. The router publishes `next` and clears *moving*; retried requests reach the new owner.
+//!
+//! A shard serves a slot only while its installed map says it owns it, and a new owner
+//! installs the map only after every old owner replied, so no two KNs ever serve a slot at
+//! once and no read returns a value older than an acknowledged write. Each move is measured
+//! in a [`ReconfigReport`].
 
 pub mod clover;
 pub mod dinomo_n;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::nic::{NicModel, NicProfile};
-use dinomo_hw::fabric::{ControlServer, ShmFabric};
+use dinomo_hw::fabric::{ControlHandle, ControlServer, ShmFabric};
 use dinomo_hw::heap::{HeapPersist, HeapRegion};
 use dinomo_hw::CpuPersist;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::geometry::{FormatParams, Geometry};
+use dinomo_shared::slot::SLOTS;
 use dpm_fw::runner::{DpmService, ServeConfig};
 use dpm_fw::Dpm;
 use host_kn::dac::{CachePolicy, DacConfig};
-use host_kn::{Client, Kn, KvError, Router, ShardConfig, ShardStats, SlotMap};
+use host_kn::{Client, Kn, KvError, ReleaseReport, Router, ShardConfig, ShardStats, SlotMap};
 
 /// The memory every node of an in-process cluster sees.
 pub type ClusterPersist = HeapPersist<CpuPersist>;
@@ -43,6 +68,8 @@ pub struct ClusterConfig {
     pub batch_bytes: usize,
     pub batch_entries: u64,
     pub flush_bound: Duration,
+    /// The most KNs that may ever run at once: the region's log table has room for them.
+    pub max_kns: u16,
 }
 
 impl Default for ClusterConfig {
@@ -59,6 +86,7 @@ impl Default for ClusterConfig {
             batch_bytes: 64 << 10,
             batch_entries: 256,
             flush_bound: Duration::from_micros(100),
+            max_kns: 16,
         }
     }
 }
@@ -74,16 +102,44 @@ pub enum ClusterError {
     Serve(#[from] dpm_fw::runner::ServeError),
     #[error("KVS node: {0}")]
     Kn(#[from] KvError),
+    #[error("invalid reconfiguration: {0}")]
+    Reconfig(String),
+}
+
+/// What one reconfiguration cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReconfigReport {
+    /// Epoch of the map now in force.
+    pub epoch: u64,
+    /// Slots whose owner changed.
+    pub slots_moved: usize,
+    /// How long the moving slots were refused (from marking them moving to publishing).
+    pub pause: Duration,
+    /// The slowest old owner's merge of its logs to their tails.
+    pub merge: Duration,
+    /// Log entries merged by the old owners during the move.
+    pub entries_merged: u64,
+    /// Data copied between nodes (always 0 here: only ownership moves).
+    pub bytes_moved: u64,
 }
 
 /// A running in-process cluster.
 #[derive(Debug)]
 pub struct Cluster {
     service: DpmService<ClusterPersist>,
+    /// Live KNs, by increasing id.
     kns: Vec<Kn>,
     router: Arc<Router>,
     geometry: Geometry,
     max_value: usize,
+    cfg: ClusterConfig,
+    region: Arc<HeapRegion>,
+    control: ControlHandle,
+    staging: usize,
+    /// Counters of KNs stopped so far.
+    retired: ShardStats,
+    /// Held for the whole of a move, so two never interleave.
+    moving: std::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -93,12 +149,19 @@ impl Cluster {
                 "at least one KN with one shard is needed".into(),
             ));
         }
+        if cfg.kns > cfg.max_kns {
+            return Err(ClusterError::Config(format!(
+                "{} KNs exceed max_kns = {}",
+                cfg.kns, cfg.max_kns
+            )));
+        }
         let region = HeapRegion::new(cfg.region_bytes);
         let mut params = FormatParams::for_size(cfg.region_bytes);
         if let Some(b) = cfg.block_size {
             params.block_size = b;
         }
-        let logs = cfg.kns as u32 * cfg.shards_per_kn as u32;
+        // Room for every KN that may run, plus as many closed logs still holding live entries.
+        let logs = cfg.max_kns as u32 * cfg.shards_per_kn as u32;
         params.max_logs = (2 * logs).max(16);
         let geometry =
             Geometry::compute(&params).map_err(|e| ClusterError::Config(e.to_string()))?;
@@ -122,50 +185,64 @@ impl Cluster {
             host_kn::ownership::DEFAULT_VNODES,
         ));
         let router = Arc::new(Router::new(Arc::clone(&map)));
-        let per_shard = cfg.cache_bytes_per_kn / cfg.shards_per_kn as u64;
         let max_entry = geometry.max_entry_len() as usize;
         let staging = (max_entry)
             .min(MAX_VALUE_LEN + MAX_KEY_LEN + 4096)
             .max(cfg.batch_bytes);
-        let mut kns = Vec::new();
-        for kn in 0..cfg.kns {
-            let configs = (0..cfg.shards_per_kn)
-                .map(|s| {
-                    let mut c = ShardConfig::new(
-                        kn,
-                        s,
-                        cfg.shards_per_kn,
-                        DacConfig {
-                            budget_bytes: per_shard,
-                            policy: cfg.policy,
-                            ..DacConfig::default()
-                        },
-                    );
-                    c.batch_bytes = cfg.batch_bytes;
-                    c.batch_entries = cfg.batch_entries;
-                    c.flush_bound = cfg.flush_bound;
-                    c.staging_bytes = staging;
-                    c
-                })
-                .collect();
-            let (region, handle, nic) = (Arc::clone(&region), handle.clone(), cfg.nic);
-            let connect = move |_shard: u16| -> Result<ShmFabric<ClusterPersist>, KvError> {
-                let pm = Arc::new(region.pmem(CpuPersist::detect()));
-                Ok(ShmFabric::new(pm, handle.client()?, NicModel::new(nic)))
-            };
-            let k = Kn::start(configs, Arc::clone(&map), connect)?;
-            router.add_kn(kn, k.senders().to_vec());
-            kns.push(k);
-        }
         let max_value =
             MAX_VALUE_LEN.min(staging.min(max_entry) - ENTRY_HEADER_SIZE - MAX_KEY_LEN) & !7;
-        Ok(Self {
+        let mut cluster = Self {
             service,
-            kns,
+            kns: Vec::new(),
             router,
             geometry,
             max_value,
-        })
+            cfg: cfg.clone(),
+            region,
+            control: handle,
+            staging,
+            retired: ShardStats::default(),
+            moving: std::sync::Mutex::new(()),
+        };
+        for kn in 0..cfg.kns {
+            cluster.launch_kn(kn)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts KN `kn` with the router's current map and registers its shards.
+    fn launch_kn(&mut self, kn: u16) -> Result<(), ClusterError> {
+        let cfg = &self.cfg;
+        let per_shard = cfg.cache_bytes_per_kn / cfg.shards_per_kn as u64;
+        let configs = (0..cfg.shards_per_kn)
+            .map(|s| {
+                let mut c = ShardConfig::new(
+                    kn,
+                    s,
+                    cfg.shards_per_kn,
+                    DacConfig {
+                        budget_bytes: per_shard,
+                        policy: cfg.policy,
+                        ..DacConfig::default()
+                    },
+                );
+                c.batch_bytes = cfg.batch_bytes;
+                c.batch_entries = cfg.batch_entries;
+                c.flush_bound = cfg.flush_bound;
+                c.staging_bytes = self.staging;
+                c
+            })
+            .collect();
+        let (region, handle, nic) = (Arc::clone(&self.region), self.control.clone(), cfg.nic);
+        let connect = move |_shard: u16| -> Result<ShmFabric<ClusterPersist>, KvError> {
+            let pm = Arc::new(region.pmem(CpuPersist::detect()));
+            Ok(ShmFabric::new(pm, handle.client()?, NicModel::new(nic)))
+        };
+        let k = Kn::start(configs, self.router.map(), connect)?;
+        self.router.add_kn(kn, k.senders().to_vec());
+        let at = self.kns.partition_point(|x| x.kn_id < kn);
+        self.kns.insert(at, k);
+        Ok(())
     }
 
     /// A new client (one per thread).
@@ -187,7 +264,17 @@ impl Cluster {
         self.max_value
     }
 
-    /// Counters of every shard of every KN, added up.
+    /// Ids of the running KNs, in increasing order.
+    pub fn live_kns(&self) -> Vec<u16> {
+        self.kns.iter().map(|k| k.kn_id).collect()
+    }
+
+    /// The router every client of this cluster uses.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Counters of every shard of every running KN, added up.
     pub fn stats(&self) -> ShardStats {
         let mut t = ShardStats::default();
         for k in &self.kns {
@@ -201,16 +288,167 @@ impl Cluster {
         self.kns.iter().try_for_each(Kn::sync)
     }
 
-    /// Installs a new cluster map on the router and every shard, and returns once every
-    /// shard has applied it (a stats request queued behind the map change is answered).
-    pub fn install_map(&self, map: &Arc<SlotMap>) {
-        self.router.set_map(Arc::clone(map));
-        for k in &self.kns {
-            k.set_map(map);
+    /// Moves to the map `next` (see the module documentation), safely with clients running.
+    /// `next` must have a higher epoch than the current map and give every slot to a running
+    /// KN. On an error the current map stays in force.
+    pub fn reconfigure(&mut self, next: SlotMap) -> Result<ReconfigReport, ClusterError> {
+        self.move_to(Arc::new(next))
+    }
+
+    /// [`Cluster::reconfigure`] with a shared map.
+    pub fn install_map(&self, map: &Arc<SlotMap>) -> Result<ReconfigReport, ClusterError> {
+        self.move_to(Arc::clone(map))
+    }
+
+    fn move_to(&self, next: Arc<SlotMap>) -> Result<ReconfigReport, ClusterError> {
+        let _one_at_a_time = self.moving.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.router.map();
+        if next.epoch() <= cur.epoch() {
+            return Err(ClusterError::Reconfig(format!(
+                "epoch {} is not after the current epoch {}",
+                next.epoch(),
+                cur.epoch()
+            )));
         }
-        for k in &self.kns {
-            let _ = k.stats();
+        let live = self.live_kns();
+        if let Some(slot) = (0..SLOTS).find(|&s| live.binary_search(&next.owner(s)).is_err()) {
+            return Err(ClusterError::Reconfig(format!(
+                "slot {slot} would belong to KN {}, which is not running",
+                next.owner(slot)
+            )));
         }
+        let moving: Vec<u16> = (0..SLOTS)
+            .filter(|&s| cur.owner(s) != next.owner(s))
+            .collect();
+        let losing: Vec<u16> = {
+            let mut v: Vec<u16> = moving.iter().map(|&s| cur.owner(s)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let t0 = Instant::now();
+        self.router.set_moving(&moving);
+        let (losers, others): (Vec<&Kn>, Vec<&Kn>) = self
+            .kns
+            .iter()
+            .partition(|k| losing.binary_search(&k.kn_id).is_ok());
+        let released: Vec<Result<ReleaseReport, KvError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = losers
+                .iter()
+                .map(|k| {
+                    let (cur, next) = (&cur, &next);
+                    s.spawn(move || k.release(cur, next))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(KvError::Fabric("release panicked".into())))
+                })
+                .collect()
+        });
+        let mut report = ReconfigReport {
+            epoch: next.epoch(),
+            slots_moved: moving.len(),
+            ..ReconfigReport::default()
+        };
+        for r in released {
+            match r {
+                Ok(r) => {
+                    report.entries_merged += r.entries_merged;
+                    report.merge = report.merge.max(r.merge);
+                }
+                Err(e) => {
+                    // Give the old owners their slots back (their unmerged writes are kept
+                    // on a failed release) and let clients through again.
+                    for k in &losers {
+                        k.set_map(&cur);
+                    }
+                    self.router.clear_moving();
+                    return Err(e.into());
+                }
+            }
+        }
+        for k in &others {
+            k.set_map(&next);
+        }
+        self.router.set_map(Arc::clone(&next));
+        self.router.clear_moving();
+        report.pause = t0.elapsed();
+        Ok(report)
+    }
+
+    /// Starts a new KN that owns no slots yet; returns its id (the lowest free one).
+    pub fn start_kn(&mut self) -> Result<u16, ClusterError> {
+        let live = self.live_kns();
+        let kn = (0..self.cfg.max_kns)
+            .find(|k| live.binary_search(k).is_err())
+            .ok_or_else(|| {
+                ClusterError::Reconfig(format!(
+                    "already running max_kns = {} KNs",
+                    self.cfg.max_kns
+                ))
+            })?;
+        self.launch_kn(kn)?;
+        Ok(kn)
+    }
+
+    /// Stops KN `kn`, which must own no slots (move them away first).
+    pub fn stop_kn(&mut self, kn: u16) -> Result<(), ClusterError> {
+        let at = self
+            .kns
+            .iter()
+            .position(|k| k.kn_id == kn)
+            .ok_or_else(|| ClusterError::Reconfig(format!("KN {kn} is not running")))?;
+        let owned = self.router.map().slots_of(kn);
+        if owned > 0 {
+            return Err(ClusterError::Reconfig(format!(
+                "KN {kn} still owns {owned} slots"
+            )));
+        }
+        self.router.remove_kn(kn);
+        let k = self.kns.remove(at);
+        self.retired.add(&k.stop());
+        Ok(())
+    }
+
+    /// Starts a KN and gives it its consistent-hashing share of the slots.
+    pub fn add_kn(&mut self) -> Result<(u16, ReconfigReport), ClusterError> {
+        let kn = self.start_kn()?;
+        let next = SlotMap::consistent(
+            self.router.map().epoch() + 1,
+            &self.live_kns(),
+            host_kn::ownership::DEFAULT_VNODES,
+        );
+        match self.reconfigure(next) {
+            Ok(r) => Ok((kn, r)),
+            Err(e) => {
+                let _ = self.stop_kn(kn);
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves KN `kn`'s slots to the others (consistent hashing over the rest), then stops it.
+    pub fn remove_kn(&mut self, kn: u16) -> Result<ReconfigReport, ClusterError> {
+        let live = self.live_kns();
+        if live.binary_search(&kn).is_err() {
+            return Err(ClusterError::Reconfig(format!("KN {kn} is not running")));
+        }
+        let rest: Vec<u16> = live.into_iter().filter(|&k| k != kn).collect();
+        if rest.is_empty() {
+            return Err(ClusterError::Reconfig(
+                "cannot remove the last running KN".into(),
+            ));
+        }
+        let next = SlotMap::consistent(
+            self.router.map().epoch() + 1,
+            &rest,
+            host_kn::ownership::DEFAULT_VNODES,
+        );
+        let report = self.reconfigure(next)?;
+        self.stop_kn(kn)?;
+        Ok(report)
     }
 
     /// Stops the memory node's merge workers (control messages are still served).
@@ -223,9 +461,10 @@ impl Cluster {
         Ok(self.service.resume_merging()?)
     }
 
-    /// Stops every KN (flushing and closing its logs), then the memory node.
+    /// Stops every KN (flushing and closing its logs), then the memory node. The counters
+    /// include KNs stopped earlier.
     pub fn stop(self) -> ShardStats {
-        let mut t = ShardStats::default();
+        let mut t = self.retired;
         for k in self.kns {
             t.add(&k.stop());
         }

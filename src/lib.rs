@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod fabric_bench;
 pub mod inspect;
 pub mod kn_server;
+pub mod lincheck;
 pub mod manager;
 pub mod policy;
 pub mod resp;

@@ -121,11 +121,19 @@ impl Kn {
         }
     }
 
-    /// Hands over the slots this KN loses under `map` (see [`Msg::Release`]), all shards at
-    /// once. The report adds up the entries merged; `merge` is the slowest shard's.
-    pub fn release(&self, map: &Arc<SlotMap>) -> Result<ReleaseReport, KvError> {
+    /// Hands over the slots this KN loses going from map `from` to `map`: the shards that
+    /// lose any get [`Msg::Release`] (all at once), the others just install `map`. The report
+    /// adds up the entries merged; `merge` is the slowest shard's.
+    pub fn release(&self, from: &SlotMap, map: &Arc<SlotMap>) -> Result<ReleaseReport, KvError> {
+        let n = self.senders.len();
+        let mut losing = vec![false; n];
+        for slot in 0..dinomo_shared::slot::SLOTS {
+            if from.owner(slot) == self.kn_id && map.owner(slot) != self.kn_id {
+                losing[crate::ownership::shard_of(slot, n)] = true;
+            }
+        }
         let mut waits = Vec::new();
-        for tx in &self.senders {
+        for (tx, _) in self.senders.iter().zip(&losing).filter(|(_, &l)| l) {
             let (rtx, rrx) = mpsc::channel();
             tx.send(Msg::Release {
                 map: Arc::clone(map),
@@ -133,6 +141,9 @@ impl Kn {
             })
             .map_err(|_| KvError::ShuttingDown)?;
             waits.push(rrx);
+        }
+        for (tx, _) in self.senders.iter().zip(&losing).filter(|(_, &l)| !l) {
+            let _ = tx.send(Msg::SetMap(Arc::clone(map)));
         }
         let mut total = ReleaseReport::default();
         let mut first_err = None;

@@ -113,6 +113,8 @@ pub enum DinomoNError {
     Key(usize),
     #[error("slot {0} or KN {1} does not exist")]
     BadMove(u16, u16),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 impl DinomoN {
@@ -183,7 +185,7 @@ impl DinomoN {
         let next = Arc::new(
             SlotMap::from_owners(map.epoch() + 1, owners).ok_or(DinomoNError::BadMove(slot, to))?,
         );
-        self.cluster.install_map(&next);
+        self.cluster.install_map(&next)?;
         // Copy in through the new owner, then drop the old partition's copies.
         let mut cl = self.cluster.client();
         for (k, v) in &copied {
