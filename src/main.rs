@@ -424,6 +424,26 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         dinomo::bench::sweep::sweep(&s)?;
         return Ok(());
     }
+    if a.scenario.is_some() {
+        let e = a.to_elastic().map_err(Usage)?;
+        if let Some(p) = &a.json {
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
+        }
+        let r = dinomo::bench::elastic::run(&e)?;
+        print!("{}", dinomo::bench::elastic::render(&r));
+        println!(
+            "wrote {}",
+            ["elastic.csv", "elastic.svg", "elastic.png"]
+                .map(|f| e.out.join(f).display().to_string())
+                .join(", ")
+        );
+        if let Some(p) = &a.json {
+            let mut text = serde_json::to_string_pretty(&r)?;
+            text.push('\n');
+            std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        return Ok(());
+    }
     let cfg = a.to_config().map_err(Usage)?;
     if let Some(p) = &a.json {
         // Fail on an unwritable path before spending minutes on the run.

@@ -7,9 +7,13 @@ use clap::Args;
 use dinomo_hw::fabric::nic::NicProfile;
 use host_kn::dac::CachePolicy;
 
+use super::elastic::load::LoadShape;
+use super::elastic::schedule::Schedule;
+use super::elastic::ElasticConfig;
 use super::sweep::{Preset, SweepConfig};
 use super::workload::{Distribution, Workload};
 use super::{BenchConfig, CacheSize, System};
+use crate::policy::PolicyConfig;
 
 /// Distribution names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,22 +28,25 @@ pub struct BenchArgs {
     /// dinomo, clover (shared-everything baseline) or dinomo-n (shared-nothing baseline).
     #[arg(long, default_value = "dinomo")]
     pub system: System,
-    /// KVS nodes; with --sweep a comma-separated list (e.g. 1,2,4,8,16).
-    #[arg(long, default_value = "2")]
-    pub kns: String,
+    /// KVS nodes; with --sweep a comma-separated list (e.g. 1,2,4,8,16); with --scenario
+    /// the KNs it starts with [default: 2; 1 with --scenario elastic].
+    #[arg(long)]
+    pub kns: Option<String>,
     /// Shards (worker threads) per KN.
     #[arg(long, default_value_t = 2)]
     pub threads_per_kn: u16,
     /// read-only (100/0), read-mostly (95/5), write-heavy (50/50 reads/updates) or
-    /// insert-heavy (50/50 reads/inserts of new keys).
-    #[arg(long, default_value = "read-mostly")]
-    pub workload: Workload,
+    /// insert-heavy (50/50 reads/inserts of new keys) [default: read-mostly; write-heavy
+    /// with --scenario elastic].
+    #[arg(long)]
+    pub workload: Option<Workload>,
     /// Key popularity.
     #[arg(long, value_enum, default_value_t = DistArg::Zipf)]
     pub dist: DistArg,
-    /// Zipf skew (YCSB scrambled Zipfian), in (0, 1).
-    #[arg(long, default_value_t = 0.99, allow_negative_numbers = true)]
-    pub zipf: f64,
+    /// Zipf skew (YCSB scrambled Zipfian), in (0, 1) [default: 0.99; 0.5 with --scenario
+    /// elastic].
+    #[arg(long, allow_negative_numbers = true)]
+    pub zipf: Option<f64>,
     /// Keys loaded before the run.
     #[arg(long, default_value_t = 100_000)]
     pub keys: u64,
@@ -95,15 +102,16 @@ pub struct BenchArgs {
     /// Drive a running cluster over the Redis protocol instead of an in-process one:
     /// HOST:PORT of one or more of its nodes, comma-separated (--kns, cache, NIC and DPM
     /// options do not apply).
-    #[arg(long, conflicts_with = "sweep")]
+    #[arg(long, conflicts_with_all = ["sweep", "scenario"])]
     pub target: Option<String>,
     /// Run every combination of --systems, --kns and --workloads; write one JSON line per
     /// point, a CSV table and the figure (SVG and PNG) into --out.
     #[arg(long)]
     pub sweep: bool,
-    /// Systems of a sweep, comma-separated.
-    #[arg(long, default_value = "dinomo,clover,dinomo-n", requires = "sweep")]
-    pub systems: String,
+    /// Systems of a sweep or a scenario, comma-separated [default: dinomo,clover,dinomo-n;
+    /// dinomo,dinomo-n with --scenario elastic].
+    #[arg(long)]
+    pub systems: Option<String>,
     /// Workloads of a sweep, comma-separated.
     #[arg(
         long,
@@ -115,9 +123,42 @@ pub struct BenchArgs {
     /// KNs, workloads, keys, ops, cache and skew, see docs/PERFORMANCE.md).
     #[arg(long, requires = "sweep")]
     pub preset: Option<Preset>,
-    /// Directory of the sweep's outputs.
-    #[arg(long, default_value = "bench-results", requires = "sweep")]
-    pub out: PathBuf,
+    /// Directory of the sweep's or scenario's outputs [default: bench-results].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A scenario over time instead of one measurement: elastic (the DINOMO paper's
+    /// Figure 3, scaled down: load x1, x`--burst`, x1 while KNs are added and removed; see
+    /// docs/PERFORMANCE.md).
+    #[arg(long, value_enum, conflicts_with = "sweep")]
+    pub scenario: Option<Scenario>,
+    /// Offered operations per second of the elastic scenario's base load (open loop).
+    #[arg(long, requires = "scenario")]
+    pub base_rate: Option<f64>,
+    /// The burst's load as a multiple of the base [default: 7].
+    #[arg(long, requires = "scenario")]
+    pub burst: Option<f64>,
+    /// Seconds at the base load, at the burst, and at the base again [default: 15,30,15].
+    #[arg(long, requires = "scenario")]
+    pub phases: Option<String>,
+    /// Fixed reconfigurations instead of the policy, e.g. "t=10:add,t=40:remove" (seconds
+    /// from the start of the run; remove takes the highest KN id, remove=<kn> a given one).
+    #[arg(long, requires = "scenario")]
+    pub schedule: Option<String>,
+    /// Seconds between policy decisions [default: 2].
+    #[arg(long, requires = "scenario")]
+    pub period: Option<f64>,
+    /// The policy's latency objective: p99 in milliseconds [default: 16].
+    #[arg(long, requires = "scenario")]
+    pub slo_p99_ms: Option<f64>,
+    /// The most KNs the policy may run [default: 4].
+    #[arg(long, requires = "scenario")]
+    pub max_kns: Option<usize>,
+}
+
+/// Scenarios over time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Elastic,
 }
 
 fn parse_list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>, String>
@@ -142,9 +183,10 @@ where
 impl BenchArgs {
     /// The configuration, or a message saying which option is wrong.
     pub fn to_config(&self) -> Result<BenchConfig, String> {
+        self.stray_options()?;
         let dist = match self.dist {
             DistArg::Uniform => Distribution::Uniform,
-            DistArg::Zipf => Distribution::Zipf(self.zipf),
+            DistArg::Zipf => Distribution::Zipf(self.zipf.unwrap_or(0.99)),
         };
         let duration = match self.duration {
             Some(s) if !(s.is_finite() && s > 0.0 && s < 1e6) => {
@@ -170,7 +212,7 @@ impl BenchArgs {
         } else {
             self.nic
         });
-        let kns: Vec<u16> = parse_list("--kns", &self.kns)?;
+        let kns: Vec<u16> = parse_list("--kns", self.kns.as_deref().unwrap_or("2"))?;
         if kns.len() > 1 && !self.sweep {
             return Err("--kns takes a list only with --sweep".into());
         }
@@ -178,7 +220,7 @@ impl BenchArgs {
             system: self.system,
             kns: kns[0],
             threads_per_kn: self.threads_per_kn,
-            workload: self.workload,
+            workload: self.workload.unwrap_or(Workload::ReadMostly),
             dist,
             keys: self.keys,
             key_size: self.key_size,
@@ -203,11 +245,14 @@ impl BenchArgs {
     pub fn to_sweep(&self) -> Result<SweepConfig, String> {
         let base = self.to_config()?;
         let s = SweepConfig {
-            systems: parse_list("--systems", &self.systems)?,
-            kns: parse_list("--kns", &self.kns)?,
+            systems: parse_list(
+                "--systems",
+                self.systems.as_deref().unwrap_or("dinomo,clover,dinomo-n"),
+            )?,
+            kns: parse_list("--kns", self.kns.as_deref().unwrap_or("2"))?,
             workloads: parse_list("--workloads", &self.workloads)?,
             base,
-            out: self.out.clone(),
+            out: self.out_dir(),
             command: String::new(),
         };
         let mut s = match self.preset {
@@ -217,6 +262,88 @@ impl BenchArgs {
         s.command = self.command_line();
         s.validate()?;
         Ok(s)
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("bench-results"))
+    }
+
+    /// The elastic scenario these arguments ask for (`--scenario elastic`).
+    pub fn to_elastic(&self) -> Result<ElasticConfig, String> {
+        let mut args = self.clone();
+        args.workload.get_or_insert(Workload::WriteHeavy);
+        args.zipf.get_or_insert(0.5);
+        args.kns.get_or_insert_with(|| "1".into());
+        let bench = args.to_config()?;
+        let secs = |what: &str, s: f64| -> Result<Duration, String> {
+            if s.is_finite() && s > 0.0 && s < 1e6 {
+                Ok(Duration::from_secs_f64(s))
+            } else {
+                Err(format!("{what} {s} must be a positive number of seconds"))
+            }
+        };
+        let phases: Vec<f64> =
+            parse_list("--phases", self.phases.as_deref().unwrap_or("15,30,15"))?;
+        let [base, burst, tail] = phases[..] else {
+            return Err(format!(
+                "--phases takes three durations (base, burst, base again), not {}",
+                phases.len()
+            ));
+        };
+        let shape = LoadShape {
+            base_rate: self.base_rate.unwrap_or(4000.0),
+            factor: self.burst.unwrap_or(7.0),
+            base: secs("--phases", base)?,
+            burst: secs("--phases", burst)?,
+            tail: secs("--phases", tail)?,
+        };
+        let period = secs("--period", self.period.unwrap_or(2.0))?;
+        let slo = self.slo_p99_ms.unwrap_or(16.0);
+        if !(slo.is_finite() && slo > 0.0 && slo < 1e6) {
+            return Err(format!("--slo-p99-ms {slo} must be a positive number"));
+        }
+        let policy = PolicyConfig {
+            period,
+            cooldown: period,
+            slo_p99: Duration::from_secs_f64(slo / 1e3),
+            max_kns: self.max_kns.unwrap_or(4),
+            ..PolicyConfig::default()
+        };
+        let schedule = match &self.schedule {
+            Some(s) => Some(s.parse::<Schedule>()?),
+            None => None,
+        };
+        let cfg = ElasticConfig {
+            systems: parse_list(
+                "--systems",
+                self.systems.as_deref().unwrap_or("dinomo,dinomo-n"),
+            )?,
+            bench,
+            shape,
+            schedule,
+            policy,
+            max_lag: Duration::from_millis(250),
+            out: self.out_dir(),
+            command: self.command_line(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Options that belong to a sweep or a scenario, given without one.
+    fn stray_options(&self) -> Result<(), String> {
+        if self.sweep || self.scenario.is_some() {
+            return Ok(());
+        }
+        if self.systems.is_some() {
+            return Err("--systems needs --sweep or --scenario".into());
+        }
+        if self.out.is_some() {
+            return Err("--out needs --sweep or --scenario".into());
+        }
+        Ok(())
     }
 
     /// The command line that reproduces these arguments (recorded next to sweep results).

@@ -3,6 +3,7 @@
 //! latency, a modelled throughput for a NIC profile, and the static-optimal cache bar.
 
 pub mod cli;
+pub mod elastic;
 pub mod model;
 pub mod plot;
 pub mod sweep;

@@ -14,7 +14,7 @@ use super::BenchResult;
 
 static FONT: OnceLock<Result<(), String>> = OnceLock::new();
 
-fn register_font() -> anyhow::Result<()> {
+pub(crate) fn register_font() -> anyhow::Result<()> {
     FONT.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
             .map_err(|_| "the compiled-in DejaVu Sans font does not load".to_owned())
@@ -23,14 +23,14 @@ fn register_font() -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)
 }
 
-const COLORS: [RGBColor; 4] = [
+pub(crate) const COLORS: [RGBColor; 4] = [
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x2c, 0xa0, 0x2c),
     RGBColor(0x94, 0x67, 0xbd),
 ];
 
-fn err(e: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("cannot draw the figure: {e}")
 }
 

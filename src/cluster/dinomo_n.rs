@@ -11,6 +11,7 @@
 //! only ownership. [`DinomoN::move_slot`] does that and counts the bytes.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dinomo_shared::block::BlockHeader;
 use dinomo_shared::entry::{self, Op, MAX_KEY_LEN};
@@ -131,11 +132,11 @@ impl DinomoN {
 
     /// A client (one per thread).
     pub fn client(&self) -> DinomoNClient {
-        DinomoNClient {
-            inner: self.cluster.client(),
-            router: Arc::clone(&self.cluster.router),
-            tags: Arc::clone(&self.tags),
-        }
+        DinomoNClient::new(
+            Arc::clone(&self.cluster.router),
+            Arc::clone(&self.tags),
+            self.cluster.max_value(),
+        )
     }
 
     /// Largest value a client may write.
@@ -244,36 +245,240 @@ impl DinomoN {
     }
 }
 
+/// What adding or removing a DINOMO-N KN cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResizeReport {
+    /// The KN added or removed.
+    pub kn: u16,
+    pub slots_moved: usize,
+    pub keys: u64,
+    /// Key + value bytes read from the old partitions plus those written to the new ones.
+    pub bytes_moved: u64,
+    /// How long the moved slots were refused (TRYAGAIN) while their data was copied.
+    pub pause: Duration,
+}
+
+/// Elastic reconfiguration: unlike DINOMO, whose moves hand over ownership only, every
+/// moved slot's data is copied into its new owner's partition while clients keep running;
+/// requests for the moving slots are refused with TRYAGAIN (and retried) until the copy
+/// is done.
+impl DinomoN {
+    /// Starts a KN and moves its consistent-hashing share of the slots, with their data, to
+    /// it.
+    pub fn add_kn(&mut self) -> Result<ResizeReport, DinomoNError> {
+        let kn = self.cluster.start_kn()?;
+        let next = SlotMap::consistent(
+            self.cluster.router.map().epoch() + 1,
+            &self.cluster.live_kns(),
+            host_kn::ownership::DEFAULT_VNODES,
+        );
+        match self.move_data(Arc::new(next)) {
+            Ok(r) => Ok(ResizeReport { kn, ..r }),
+            Err(e) => {
+                if self.cluster.router.map().slots_of(kn) == 0 {
+                    let _ = self.cluster.stop_kn(kn);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves KN `kn`'s slots and their data to the others (consistent hashing over the
+    /// rest), then stops it.
+    pub fn remove_kn(&mut self, kn: u16) -> Result<ResizeReport, DinomoNError> {
+        let live = self.cluster.live_kns();
+        let rest: Vec<u16> = live.iter().copied().filter(|&k| k != kn).collect();
+        if rest.len() == live.len() || rest.is_empty() {
+            return Err(DinomoNError::Cluster(ClusterError::Reconfig(format!(
+                "cannot remove KN {kn}: running KNs are {live:?}"
+            ))));
+        }
+        let next = SlotMap::consistent(
+            self.cluster.router.map().epoch() + 1,
+            &rest,
+            host_kn::ownership::DEFAULT_VNODES,
+        );
+        let r = self.move_data(Arc::new(next))?;
+        self.cluster.stop_kn(kn)?;
+        Ok(ResizeReport { kn, ..r })
+    }
+
+    /// Moves to `next`: marks the slots that change owner moving, has their old owners
+    /// release them (flush, merge to the tail, refuse them from now on), copies every live
+    /// key of theirs from the old owner's partition into the new owner's, deletes the old
+    /// copies, then publishes `next`. On an error before the deletes the old map stays.
+    fn move_data(&self, next: Arc<SlotMap>) -> Result<ResizeReport, DinomoNError> {
+        let _one_at_a_time = self
+            .cluster
+            .moving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let router = &self.cluster.router;
+        let cur = router.map();
+        let moving: Vec<u16> = (0..SLOTS)
+            .filter(|&s| cur.owner(s) != next.owner(s))
+            .collect();
+        let mut rep = ResizeReport {
+            slots_moved: moving.len(),
+            ..ResizeReport::default()
+        };
+        let t0 = Instant::now();
+        router.set_moving(&moving);
+        let revert = |e: DinomoNError| {
+            for k in &self.cluster.kns {
+                k.set_map(&cur);
+            }
+            router.clear_moving();
+            e
+        };
+        for k in &self.cluster.kns {
+            k.release(&cur, &next).map_err(|e| revert(e.into()))?;
+        }
+        // The index now holds every acknowledged write of the moving slots.
+        let mut is_moving = vec![false; SLOTS as usize];
+        for &s in &moving {
+            is_moving[s as usize] = true;
+        }
+        let entries = self.partition_entries(|slot, partition| {
+            is_moving[slot as usize] && partition == cur.owner(slot)
+        });
+        // Copy through a router that already routes by `next`; clients still see the old
+        // map and TRYAGAIN for these slots.
+        let copy_router = Arc::new(host_kn::Router::new(Arc::clone(&next)));
+        for k in &self.cluster.kns {
+            copy_router.add_kn(k.kn_id, k.senders().to_vec());
+        }
+        let mut cl = Client::new(copy_router, self.cluster.max_value());
+        for (slot, k, v) in &entries {
+            cl.put(&self.tags.stored_key(next.owner(*slot), k), v)
+                .map_err(|e| revert(e.into()))?;
+            rep.bytes_moved += 2 * (k.len() + v.len()) as u64;
+            rep.keys += 1;
+        }
+        let mut failed = None;
+        for (slot, k, _) in &entries {
+            if let Err(e) = cl.delete(&self.tags.stored_key(cur.owner(*slot), k)) {
+                failed.get_or_insert(e);
+            }
+        }
+        router.set_map(next);
+        router.clear_moving();
+        rep.pause = t0.elapsed();
+        match failed {
+            // The new copies are in place; old ones left behind are never read.
+            Some(e) => Err(e.into()),
+            None => Ok(rep),
+        }
+    }
+
+    /// (slot, user key, value) of every live key whose slot and partition `wanted` accepts,
+    /// read from the merged index.
+    fn partition_entries(&self, wanted: impl Fn(u16, u16) -> bool) -> Vec<(u16, Vec<u8>, Vec<u8>)> {
+        let dpm = self.cluster.dpm();
+        let (pm, geo) = (dpm.pmem(), dpm.geometry());
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        dpm.index().for_each(pm, |_, r| {
+            let (off, len) = (r.offset(), r.len());
+            let Some(block) = geo.block_of(off) else {
+                return;
+            };
+            if pm.check(off, len).is_err() {
+                return;
+            }
+            let h: BlockHeader = pm.read_pod(geo.block_off(block));
+            buf.resize(len as usize, 0);
+            pm.read(off, &mut buf);
+            let Ok(e) = entry::decode(&buf, h.salt) else {
+                return;
+            };
+            if e.op != Op::Put {
+                return;
+            }
+            let slot = key_slot(e.key);
+            if let Some((p, k)) = SlotTags::parse(e.key) {
+                if wanted(slot, p) {
+                    out.push((slot, k.to_vec(), e.value.to_vec()));
+                }
+            }
+        });
+        out
+    }
+}
+
 /// A DINOMO-N client: stores every key in its owner's partition.
+///
+/// The partition is part of the stored key, so a request refused because its slot is
+/// moving (TRYAGAIN) or changed owner is retried here, with the key rebuilt for the owner
+/// of the map then in force, rather than inside the inner client with the old key.
 #[derive(Debug)]
 pub struct DinomoNClient {
     inner: Client,
     router: Arc<host_kn::Router>,
     tags: Arc<SlotTags>,
+    retry_for: Duration,
 }
 
+/// Pauses between retries of a refused request.
+const RETRY_PAUSE_MIN: Duration = Duration::from_micros(50);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(2);
+
 impl DinomoNClient {
-    fn stored(&self, key: &[u8]) -> Result<Vec<u8>, DinomoNError> {
+    fn new(router: Arc<host_kn::Router>, tags: Arc<SlotTags>, max_value: usize) -> Self {
+        let mut inner = Client::new(Arc::clone(&router), max_value);
+        inner.set_retry_for(Duration::ZERO);
+        Self {
+            inner,
+            router,
+            tags,
+            retry_for: host_kn::client::DEFAULT_RETRY_FOR,
+        }
+    }
+
+    /// How long refused requests are retried before the refusal is returned.
+    pub fn set_retry_for(&mut self, d: Duration) {
+        self.retry_for = d;
+    }
+
+    fn call<T>(
+        &mut self,
+        key: &[u8],
+        op: impl Fn(&mut Client, &[u8]) -> Result<T, KvError>,
+    ) -> Result<T, DinomoNError> {
         if key.is_empty() || key.len() > MAX_KEY_LEN - MAX_KEY_OVERHEAD {
             return Err(DinomoNError::Key(key.len()));
         }
-        let owner = self.router.map().owner(key_slot(key));
-        Ok(self.tags.stored_key(owner, key))
+        let mut retrying: Option<(Instant, Duration)> = None;
+        loop {
+            let owner = self.router.map().owner(key_slot(key));
+            match op(&mut self.inner, &self.tags.stored_key(owner, key)) {
+                Err(e) if e.is_retryable() => {
+                    let (since, pause) = retrying.get_or_insert((Instant::now(), RETRY_PAUSE_MIN));
+                    if since.elapsed() >= self.retry_for {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(*pause);
+                    *pause = (*pause * 2).min(RETRY_PAUSE_MAX);
+                    // A fresh inner client routes by the map now in force.
+                    let max = self.inner.max_value();
+                    self.inner = Client::new(Arc::clone(&self.router), max);
+                    self.inner.set_retry_for(Duration::ZERO);
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DinomoNError> {
-        let k = self.stored(key)?;
-        Ok(self.inner.get(&k)?)
+        self.call(key, |c, k| c.get(k))
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DinomoNError> {
-        let k = self.stored(key)?;
-        Ok(self.inner.put(&k, value)?)
+        self.call(key, |c, k| c.put(k, value))
     }
 
     pub fn delete(&mut self, key: &[u8]) -> Result<(), DinomoNError> {
-        let k = self.stored(key)?;
-        Ok(self.inner.delete(&k)?)
+        self.call(key, |c, k| c.delete(k))
     }
 }
 
