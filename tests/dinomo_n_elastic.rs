@@ -71,7 +71,11 @@ fn add_and_remove_kn_move_the_data_while_clients_run() {
     stop.store(true, Ordering::Relaxed);
     let mut last = HashMap::new();
     for w in writers {
-        last.extend(w.join().expect("writer").expect("writer saw its own writes"));
+        last.extend(
+            w.join()
+                .expect("writer")
+                .expect("writer saw its own writes"),
+        );
     }
     // Every key reads back as last written, through a client made after the moves.
     let mut fresh = n.client();

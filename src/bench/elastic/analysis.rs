@@ -7,8 +7,9 @@
 //! - the *reference* is the median throughput of the up to [`REFERENCE_INTERVALS`]
 //!   intervals before the start, after the previous boundary: the steady throughput the
 //!   reconfiguration interrupted;
-//! - the *longest dip* is the longest run of consecutive intervals of the window below
-//!   [`DIP_FRACTION`] of the reference;
+//! - the *longest dip* is the longest run of consecutive intervals below [`DIP_FRACTION`]
+//!   of the reference, from the start until [`DIP_AFTER_INTERVALS`] after the
+//!   reconfiguration ended (within the window): later stalls are not its doing;
 //! - the *new steady level* is the median of the last [`REFERENCE_INTERVALS`] intervals of
 //!   the window (at most its second half);
 //! - the *time to steady state* is from the start to the first interval from which
@@ -19,6 +20,8 @@ use serde::Serialize;
 
 /// Intervals of the reference before a reconfiguration (2 s of 100 ms intervals).
 pub const REFERENCE_INTERVALS: usize = 20;
+/// How long after a reconfiguration's end a dip still counts as its own (2 s).
+pub const DIP_AFTER_INTERVALS: usize = 20;
 /// An interval is in a dip below this fraction of the reference.
 pub const DIP_FRACTION: f64 = 0.5;
 /// Steady means within this relative distance of the new level...
@@ -56,14 +59,15 @@ fn median(v: &[u64]) -> f64 {
     }
 }
 
-/// Analyses the reconfiguration that started in interval `start` (labelled `event`), with
-/// `prev_boundary` the first interval after the previous boundary and `next_boundary` the
-/// interval of the next one (or the series' length). `None` if no interval precedes it.
+/// Analyses the reconfiguration that started in interval `start` and ended in `finish`
+/// (labelled `event`), with `prev_boundary` the first interval after the previous boundary
+/// and `next_boundary` the interval of the next one (or the series' length). `None` if no
+/// interval precedes it.
 pub fn recovery(
     ops: &[u64],
     interval_s: f64,
     event: &str,
-    start: usize,
+    (start, finish): (usize, usize),
     prev_boundary: usize,
     next_boundary: usize,
 ) -> Option<Recovery> {
@@ -78,7 +82,8 @@ pub fn recovery(
     let window = &ops[start..end];
     let threshold = reference * DIP_FRACTION;
     let (mut longest, mut run) = (0usize, 0usize);
-    for &o in window {
+    let dip_end = (finish.max(start) + 1 + DIP_AFTER_INTERVALS).min(end);
+    for &o in &ops[start..dip_end] {
         if (o as f64) < threshold {
             run += 1;
             longest = longest.max(run);
@@ -123,7 +128,7 @@ mod tests {
 
     #[test]
     fn a_dip_is_the_longest_run_below_half_the_reference() {
-        let r = recovery(&series(7, 100), 0.1, "add", 30, 0, 80).expect("analysed");
+        let r = recovery(&series(7, 100), 0.1, "add", (30, 30), 0, 80).expect("analysed");
         assert_eq!(r.reference_ops, 1000.0);
         assert!((r.longest_dip_s - 0.7).abs() < 1e-9, "{r:?}");
         assert!((r.min_fraction - 0.1).abs() < 1e-9);
@@ -133,7 +138,7 @@ mod tests {
 
     #[test]
     fn half_the_reference_is_not_a_dip_and_a_shallow_one_still_takes_time() {
-        let r = recovery(&series(5, 500), 0.1, "add", 30, 0, 80).expect("analysed");
+        let r = recovery(&series(5, 500), 0.1, "add", (30, 30), 0, 80).expect("analysed");
         assert_eq!(r.longest_dip_s, 0.0);
         // 500 is 50% off the new level: not steady until it is over.
         assert!((r.to_steady_s.expect("steady") - 0.5).abs() < 1e-9);
@@ -145,7 +150,7 @@ mod tests {
         for o in &mut v[40..45] {
             *o = 0;
         }
-        let r = recovery(&v, 0.1, "add", 30, 0, 80).expect("analysed");
+        let r = recovery(&v, 0.1, "add", (30, 30), 0, 80).expect("analysed");
         assert!((r.longest_dip_s - 0.5).abs() < 1e-9);
         assert!((r.to_steady_s.expect("steady") - 1.5).abs() < 1e-9);
     }
@@ -157,11 +162,11 @@ mod tests {
         v.extend(vec![700; 5]);
         v.extend(vec![300; 4]);
         v.extend(vec![700; 30]);
-        let r = recovery(&v, 0.1, "add", 20, 15, v.len()).expect("analysed");
+        let r = recovery(&v, 0.1, "add", (20, 20), 15, v.len()).expect("analysed");
         assert_eq!(r.reference_ops, 700.0);
         assert!((r.longest_dip_s - 0.4).abs() < 1e-9);
         // Without the boundary the reference would be the old load, and no dip seen.
-        let r = recovery(&v, 0.1, "add", 20, 0, v.len()).expect("analysed");
+        let r = recovery(&v, 0.1, "add", (20, 20), 0, v.len()).expect("analysed");
         assert_eq!(r.reference_ops, 100.0);
         assert_eq!(r.longest_dip_s, 0.0);
     }
@@ -173,7 +178,7 @@ mod tests {
         v.extend(vec![0; 2]);
         v.extend(vec![600; 28]);
         v.extend(vec![0; 20]);
-        let r = recovery(&v, 0.1, "remove", 30, 0, 60).expect("analysed");
+        let r = recovery(&v, 0.1, "remove", (30, 30), 0, 60).expect("analysed");
         assert!((r.longest_dip_s - 0.2).abs() < 1e-9, "{r:?}");
         assert_eq!(r.new_steady_ops, 600.0);
         assert!((r.to_steady_s.expect("steady") - 0.2).abs() < 1e-9);
@@ -183,11 +188,26 @@ mod tests {
     fn never_steady_and_no_history() {
         let mut v = vec![1000; 30];
         v.extend((0..30).map(|i| if i % 2 == 0 { 100 } else { 1000 }));
-        let r = recovery(&v, 0.1, "add", 30, 0, 60).expect("analysed");
+        let r = recovery(&v, 0.1, "add", (30, 30), 0, 60).expect("analysed");
         assert_eq!(r.to_steady_s, None);
         assert!((r.longest_dip_s - 0.1).abs() < 1e-9);
-        assert_eq!(recovery(&v, 0.1, "add", 0, 0, 60), None);
-        assert_eq!(recovery(&v, 0.1, "add", 30, 0, 30), None);
+        assert_eq!(recovery(&v, 0.1, "add", (0, 0), 0, 60), None);
+        assert_eq!(recovery(&v, 0.1, "add", (30, 30), 0, 30), None);
+    }
+
+    #[test]
+    fn a_stall_long_after_the_reconfiguration_is_not_its_dip() {
+        // The reconfiguration takes 5 intervals (a 5-interval dip); a 10-interval stall
+        // comes 30 intervals after its end.
+        let mut v = series(5, 0);
+        for o in &mut v[65..75] {
+            *o = 0;
+        }
+        let r = recovery(&v, 0.1, "add", (30, 34), 0, 80).expect("analysed");
+        assert!((r.longest_dip_s - 0.5).abs() < 1e-9, "{r:?}");
+        // Counted when it comes within 2 s of the end.
+        let r = recovery(&v, 0.1, "add", (30, 55), 0, 80).expect("analysed");
+        assert!((r.longest_dip_s - 1.0).abs() < 1e-9, "{r:?}");
     }
 
     #[test]

@@ -58,13 +58,15 @@ fn draw_on<DB: DrawingBackend>(
     let root = root.titled(&title, ("sans-serif", 22)).map_err(err)?;
     let per_s = 1.0 / INTERVAL.as_secs_f64();
     let total: f64 = r.phases_s.iter().sum();
+    // Up to 1.6 times the burst: catch-up spikes after a stall run off the top.
+    let peak = r.base_rate * r.burst_factor;
     let y_hi = r
         .systems
         .iter()
         .flat_map(|s| s.samples.iter().map(|x| x.ops as f64 * per_s))
-        .chain(std::iter::once(r.base_rate * r.burst_factor))
         .fold(1.0, f64::max)
-        * 1.15;
+        .min(peak * 1.6)
+        .max(peak * 1.15);
     let kn_hi = r
         .systems
         .iter()
@@ -108,7 +110,7 @@ fn panel<DB: DrawingBackend>(
     ch.configure_mesh()
         .light_line_style(WHITE)
         .x_desc("time (s)")
-        .y_desc("ops/s (per 100 ms)")
+        .y_desc("ops/s (per 100 ms; spikes above the top are clipped)")
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
