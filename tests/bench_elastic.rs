@@ -132,6 +132,57 @@ fn a_short_scheduled_run_writes_csv_figure_and_json() {
 }
 
 #[test]
+fn without_a_schedule_the_policy_decides_every_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("elastic.json");
+    let o = bench(&[
+        "--systems",
+        "dinomo",
+        "--keys",
+        "1000",
+        "--value-size",
+        "128",
+        "--clients",
+        "2",
+        "--threads-per-kn",
+        "1",
+        "--base-rate",
+        "200",
+        "--phases",
+        "1,1.5,1",
+        "--period",
+        "0.5",
+        "--out",
+        dir.path().to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    assert_eq!(v["mode"], "policy");
+    assert_eq!(v["schedule"], serde_json::Value::Null);
+    assert_eq!(v["policy"]["period_s"], 0.5);
+    let s = &v["systems"][0];
+    let ticks = s["policy_log"].as_array().expect("policy_log");
+    // 3.5 s at one decision per 0.5 s (fewer if a reconfiguration took time).
+    assert!((3..=7).contains(&ticks.len()), "{} ticks", ticks.len());
+    for t in ticks {
+        let kns = t["kns"].as_array().expect("kns");
+        assert!(!kns.is_empty(), "{t}");
+        for k in kns {
+            let occ = k["occupancy"].as_f64().expect("occupancy");
+            assert!((0.0..=1.0).contains(&occ), "{t}");
+            assert!(k["ops_per_s"].as_f64().expect("ops") >= 0.0);
+        }
+    }
+    // Every decision taken shows up as a reconfiguration.
+    let decided = ticks.iter().filter(|t| !t["decision"].is_null()).count();
+    assert_eq!(decided, s["reconfigs"].as_array().expect("reconfigs").len());
+    assert_eq!(s["errors"], 0);
+}
+
+#[test]
 fn bad_scenario_input_exits_2_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
