@@ -553,6 +553,8 @@ fn run_system<S: Elastic>(
         .iter()
         .map(|d| {
             let start = idx(d.started);
+            // The reference starts after the latest earlier boundary and after the end of
+            // any earlier reconfiguration; the window ends at the next boundary.
             let prev = boundaries
                 .iter()
                 .copied()
