@@ -6,12 +6,13 @@
 //! parallel and meet only at the index's bucket locks.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dinomo_hw::{Persist, Pmem};
 use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE, BLOCK_MAGIC};
 use dinomo_shared::control::{
-    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FREE, NO_BLOCK,
+    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FLAG_FENCED, LOG_FREE,
+    NO_BLOCK,
 };
 use dinomo_shared::entry::{self, EntryError, Op, ENTRY_HEADER_SIZE};
 use dinomo_shared::geometry::{FormatParams, Geometry};
@@ -71,6 +72,8 @@ struct LogState {
     stall: Option<Stall>,
     /// Seq of the last entry that may be merged (persisted in the log slot); set at close.
     fence: Option<u64>,
+    /// For a log closed by fencing its KN: the clock reading its quarantine counts from.
+    quarantine_from: Option<u64>,
 }
 
 /// Outcome of one merge step on one log.
@@ -100,6 +103,8 @@ pub struct LogStats {
     pub tail_seq: u64,
     /// The log's fence point: no entry after this seq is ever merged.
     pub fence_seq: Option<u64>,
+    /// Closed by fencing its KN and still in quarantine: none of its blocks is reused yet.
+    pub quarantined: bool,
     pub cursor: Cursor,
     pub blocks: u64,
     pub stall: Option<Stall>,
@@ -131,6 +136,9 @@ pub struct Dpm<P: Persist> {
     logs: Vec<spin::Mutex<Option<LogState>>>,
     open_lock: spin::Mutex<()>,
     shutting_down: AtomicBool,
+    /// Milliseconds on the runner's clock (see [`Dpm::tick`]).
+    clock_ms: AtomicU64,
+    quarantine_ms: AtomicU64,
 }
 
 impl<P: Persist> core::fmt::Debug for Dpm<P> {
@@ -144,6 +152,11 @@ impl<P: Persist> core::fmt::Debug for Dpm<P> {
 
 /// Entries merged per step before a worker moves on to another log.
 pub const DEFAULT_STEP: u64 = 256;
+
+/// How long the blocks of a log closed by fencing its KN stay out of reuse: a KN that was
+/// paused, not dead, cannot be revoked on the shm fabric and may still land one WRITE in
+/// its last block; the quarantine outlasts such a straggler.
+pub const DEFAULT_QUARANTINE_MS: u64 = 10_000;
 
 impl<P: Persist> Dpm<P> {
     /// Formats `pm` and opens it.
@@ -192,6 +205,8 @@ impl<P: Persist> Dpm<P> {
             logs,
             open_lock: spin::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            clock_ms: AtomicU64::new(0),
+            quarantine_ms: AtomicU64::new(DEFAULT_QUARANTINE_MS),
         };
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
@@ -241,6 +256,31 @@ impl<P: Persist> Dpm<P> {
 
     fn header(&self, block: u32) -> BlockHeader {
         self.pm.read_pod(self.geo.block_off(block))
+    }
+
+    /// Advances the clock quarantines are measured on: milliseconds on a monotonic clock
+    /// that reads 0 (or less) when the region was opened, e.g. the time since the runner
+    /// started. The core has no clock of its own; a reading older than the last is ignored.
+    /// Logs found fenced at open count their quarantine from 0.
+    pub fn tick(&self, now_ms: u64) {
+        self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+    /// The clock as last ticked.
+    pub fn now_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::Relaxed)
+    }
+    /// Sets how long blocks of logs closed by fencing stay out of reuse (default
+    /// [`DEFAULT_QUARANTINE_MS`]).
+    pub fn set_quarantine_ms(&self, ms: u64) {
+        self.quarantine_ms.store(ms, Ordering::Relaxed);
+    }
+    pub fn quarantine_ms(&self) -> u64 {
+        self.quarantine_ms.load(Ordering::Relaxed)
+    }
+    fn in_quarantine(&self, st: &LogState) -> bool {
+        st.quarantine_from.is_some_and(|from| {
+            self.now_ms() < from.saturating_add(self.quarantine_ms.load(Ordering::Relaxed))
+        })
     }
 
     /// Asks every worker loop to stop taking new work.
@@ -309,7 +349,9 @@ impl<P: Persist> Dpm<P> {
                 self.merge_all(log_id, scratch)
                     .map(|merged_seq| Response::Merged { merged_seq })
             }
-            Request::CloseLog { log_id, generation } => self.close_log(log_id, generation, scratch),
+            Request::CloseLog { log_id, generation } => {
+                self.close_log(log_id, generation, false, scratch)
+            }
             Request::FenceKn { kn_id } => self.fence_kn(kn_id, scratch),
             // Indirect cells are not served yet.
             Request::AllocCell { .. } | Request::FreeCell { .. } => Err(ErrorCode::UnknownMessage),
@@ -321,7 +363,7 @@ impl<P: Persist> Dpm<P> {
     /// persists that tail as the log's fence point before replying. A write the KN lands
     /// later in a closed log is never merged, also after a restart, and its next block
     /// request is refused. Logs of the KN closed without a fence point (a close cut short
-    /// by a crash) are fenced too.
+    /// by a crash) are fenced too. The blocks of every fenced log are quarantined.
     fn fence_kn(&self, kn_id: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
         let mut logs = 0;
         let mut entries = 0;
@@ -337,7 +379,7 @@ impl<P: Persist> Dpm<P> {
             let Some((generation, next_seq)) = target else {
                 continue;
             };
-            match self.close_log(log_id, generation, scratch) {
+            match self.close_log(log_id, generation, true, scratch) {
                 Ok(Response::Closed { merged_seq }) => {
                     logs += 1;
                     entries += (merged_seq + 1).saturating_sub(next_seq);
@@ -448,6 +490,7 @@ impl<P: Persist> Dpm<P> {
             persisted: cursor,
             stall: None,
             fence: None,
+            quarantine_from: None,
         });
         Ok(Response::LogOpened {
             log_id,
@@ -483,16 +526,26 @@ impl<P: Persist> Dpm<P> {
     }
 
     /// Closes a log (its writer gets no more blocks), merges it to its committed tail and,
-    /// still holding it, persists that tail as its fence point.
+    /// still holding it, persists that tail as its fence point. `fenced`: closed because
+    /// its KN's lease expired, so its blocks are quarantined (recorded before the close,
+    /// so that a restart keeps the quarantine).
     fn close_log(
         &self,
         log_id: u32,
         generation: u64,
+        fenced: bool,
         scratch: &mut Scratch,
     ) -> Result<Response, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
         match guard.as_mut() {
             Some(st) if st.generation == generation => {
+                if fenced {
+                    let off = self.geo.log_slot_off(log_id) + LogSlot::FLAGS_OFFSET;
+                    self.pm
+                        .store_u64(off, self.pm.load_u64(off) | LOG_FLAG_FENCED);
+                    self.pm.persist(off, 8);
+                    st.quarantine_from = Some(self.now_ms());
+                }
                 if st.status == LOG_ACTIVE {
                     let off = self.geo.log_slot_off(log_id);
                     self.pm.store_u32(off, LOG_CLOSED);
@@ -747,6 +800,9 @@ impl<P: Persist> Dpm<P> {
     /// dead blocks, and its slot once the chain is empty.
     fn reclaim_log(&self, log_id: u32, guard: &mut Option<LogState>) {
         let Some(st) = guard.as_mut() else { return };
+        if st.status == LOG_CLOSED && self.in_quarantine(st) {
+            return;
+        }
         let closed_done = st.status == LOG_CLOSED && st.stall.is_none();
         let slot_off = self.geo.log_slot_off(log_id);
         let head_off = slot_off + LogSlot::CHAIN_OFFSET;
@@ -811,6 +867,7 @@ impl<P: Persist> Dpm<P> {
             persisted: st.persisted,
             stall: None,
             fence: st.fence,
+            quarantine_from: st.quarantine_from,
         };
         loop {
             if probe.fence.is_some_and(|f| probe.cursor.next_seq > f) {
@@ -866,6 +923,7 @@ impl<P: Persist> Dpm<P> {
                 merged_seq: st.cursor.next_seq - 1,
                 tail_seq: self.tail_seq(log_id, st, &mut scratch),
                 fence_seq: st.fence,
+                quarantined: st.status == LOG_CLOSED && self.in_quarantine(st),
                 cursor: st.cursor,
                 blocks: n,
                 stall: st.stall,
@@ -975,6 +1033,8 @@ fn recover_log<P: Persist>(
         persisted: cursor,
         stall: None,
         fence: slot.fence_seq(),
+        // The clock restarts at 0 with the open; the quarantine starts over.
+        quarantine_from: (slot.flags & LOG_FLAG_FENCED != 0).then_some(0),
     }))
 }
 

@@ -19,5 +19,5 @@ pub mod runner;
 #[cfg(feature = "std")]
 pub mod testkit;
 
-pub use dpm::{Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step};
+pub use dpm::{Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step, DEFAULT_QUARANTINE_MS};
 pub use region::{FormatError, OpenError};
