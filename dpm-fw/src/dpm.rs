@@ -4,7 +4,11 @@
 //! merged by one worker at a time (its state sits behind a per-log lock that workers only
 //! `try_lock`), so entries of one log are applied in log order; different logs proceed in
 //! parallel and meet only at the index's bucket locks.
+//!
+//! Indirect cells (see [`crate::cells`]) change only while every log is held, so a merge
+//! step sees a stable set of replicated keys.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -14,7 +18,7 @@ use dinomo_shared::control::{
     LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FLAG_FENCED, LOG_FREE,
     NO_BLOCK,
 };
-use dinomo_shared::entry::{self, EntryError, Op, ENTRY_HEADER_SIZE};
+use dinomo_shared::entry::{self, EntryError, Op, ENTRY_ALIGN, ENTRY_HEADER_SIZE};
 use dinomo_shared::geometry::{FormatParams, Geometry};
 use dinomo_shared::index::EntryRef;
 use dinomo_shared::msg::{Frame, Request, Response};
@@ -22,6 +26,7 @@ use dinomo_shared::superblock::FLAG_CLEAN_SHUTDOWN;
 use dinomo_shared::ErrorCode;
 
 use crate::blocks::Blocks;
+use crate::cells::Cells;
 use crate::index::{Index, IndexError, IndexStats};
 use crate::region::{self, FormatError, OpenError};
 
@@ -110,6 +115,18 @@ pub struct LogStats {
     pub stall: Option<Stall>,
 }
 
+/// An active indirect cell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellStats {
+    pub cell: u32,
+    /// The replicated key.
+    pub key: Vec<u8>,
+    /// The entry the cell names now.
+    pub eref: EntryRef,
+    /// Entries of the key kept out of the index and from reclaim while the cell is active.
+    pub pinned_entries: u64,
+}
+
 /// Region-wide figures.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DpmStats {
@@ -123,6 +140,7 @@ pub struct DpmStats {
     pub blocks_dead: u64,
     pub live_entries: u64,
     pub logs: Vec<LogStats>,
+    pub cells: Vec<CellStats>,
     pub index: IndexStats,
 }
 
@@ -133,6 +151,7 @@ pub struct Dpm<P: Persist> {
     region_id: u64,
     index: Index,
     blocks: Blocks,
+    cells: Cells,
     logs: Vec<spin::Mutex<Option<LogState>>>,
     open_lock: spin::Mutex<()>,
     shutting_down: AtomicBool,
@@ -191,6 +210,8 @@ impl<P: Persist> Dpm<P> {
                 blocks.inc_live(b);
             }
         });
+        // Before the logs are replayed: entries of replicated keys stay out of the index.
+        let cells = recover_cells(&pm, &geo, &used, &blocks)?;
         blocks.set_free(
             (0..geo.n_blocks as u32)
                 .filter(|&b| !used[b as usize])
@@ -202,6 +223,7 @@ impl<P: Persist> Dpm<P> {
             region_id: sb.region_id,
             index,
             blocks,
+            cells,
             logs,
             open_lock: spin::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
@@ -353,8 +375,12 @@ impl<P: Persist> Dpm<P> {
                 self.close_log(log_id, generation, false, scratch)
             }
             Request::FenceKn { kn_id } => self.fence_kn(kn_id, scratch),
-            // Indirect cells are not served yet.
-            Request::AllocCell { .. } | Request::FreeCell { .. } => Err(ErrorCode::UnknownMessage),
+            Request::AllocCell {
+                log_id,
+                generation,
+                eref,
+            } => self.alloc_cell(log_id, generation, EntryRef(eref), scratch),
+            Request::FreeCell { cell } => self.free_cell(cell, scratch),
         }
     }
 
@@ -663,7 +689,15 @@ impl<P: Persist> Dpm<P> {
                     let off = self.geo.block_off(c.block) + c.offset as u64;
                     let key = &scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + key_len];
                     let eref = EntryRef::new(off, len as u64);
+                    let replicated =
+                        self.cells.any_active() && self.cells.pin_if_active(key, c.block);
                     let applied = match (op, eref) {
+                        // The key's cell is its authority: the entry stays out of the index
+                        // and live in its block, as the cell may name it.
+                        _ if replicated => {
+                            self.blocks.inc_live(c.block);
+                            Ok(())
+                        }
                         (Op::Put, Some(r)) => self.index.upsert(&self.pm, key, r).map(|old| {
                             self.blocks.inc_live(c.block);
                             self.release(old);
@@ -942,9 +976,289 @@ impl<P: Persist> Dpm<P> {
                 .map(|b| self.blocks.live(b) as u64)
                 .sum(),
             logs,
+            cells: self
+                .cells
+                .list()
+                .into_iter()
+                .map(|(cell, key, pinned_entries)| CellStats {
+                    cell,
+                    key,
+                    eref: self.load_cell(cell),
+                    pinned_entries,
+                })
+                .collect(),
             index: self.index.stats(&self.pm),
         }
     }
+
+    // ----- indirect cells -----
+
+    /// The entry ref an active cell holds; `None` if the cell is not active.
+    pub fn cell_ref(&self, cell: u32) -> Option<EntryRef> {
+        self.cells.is_active(cell).then(|| self.load_cell(cell))
+    }
+
+    fn load_cell(&self, cell: u32) -> EntryRef {
+        EntryRef(self.pm.load_u64(self.geo.indirect_off(cell as u64)))
+    }
+
+    fn store_cell(&self, cell: u32, r: EntryRef) {
+        let off = self.geo.indirect_off(cell as u64);
+        self.pm.store_u64(off, r.0);
+        self.pm.persist(off, 8);
+    }
+
+    /// Every log, held in log order (the only place more than one is held at a time, so
+    /// this cannot deadlock). Merge workers skip held logs meanwhile.
+    fn lock_all_logs(&self) -> Vec<spin::MutexGuard<'_, Option<LogState>>> {
+        self.logs.iter().map(|l| l.lock()).collect()
+    }
+
+    /// The verified entry `r` names in a block that is in the chain of log `log_id` of
+    /// `generation` (a block reclaimed from the chain keeps its header until reused, so
+    /// the header alone does not say).
+    fn log_entry(
+        &self,
+        log_id: u32,
+        generation: u64,
+        r: EntryRef,
+        scratch: &mut Scratch,
+    ) -> Option<FoundEntry> {
+        let found = read_entry(&self.pm, &self.geo, r, &mut scratch.buf)?;
+        if found.header.log_id != log_id || found.header.log_generation != generation {
+            return None;
+        }
+        let mut b = self
+            .pm
+            .load_u32(self.geo.log_slot_off(log_id) + LogSlot::CHAIN_OFFSET);
+        for _ in 0..self.geo.n_blocks {
+            if b == NO_BLOCK || b as u64 >= self.geo.n_blocks {
+                return None;
+            }
+            if b == found.block {
+                return Some(found);
+            }
+            b = self.header(b).next;
+        }
+        None
+    }
+
+    /// Serves [`Request::AllocCell`]: the key of the entry `eref` (in log `log_id`) gets
+    /// a cell holding its newest entry ref; the key's entries stay out of the index from
+    /// then on. A key that has a cell gets that cell again.
+    fn alloc_cell(
+        &self,
+        log_id: u32,
+        generation: u64,
+        eref: EntryRef,
+        scratch: &mut Scratch,
+    ) -> Result<Response, ErrorCode> {
+        if self.is_shutting_down() {
+            return Err(ErrorCode::ShuttingDown);
+        }
+        // With the log held: check the entry, pin its block (merging may make it dead, and
+        // the cell may have to name it), merge to the tail.
+        let (key, block, seq) = {
+            let mut guard = self.slot(log_id)?.lock();
+            match guard.as_ref() {
+                Some(st) if st.generation == generation => {}
+                _ => return Err(ErrorCode::NoSuchLog),
+            }
+            let found = self
+                .log_entry(log_id, generation, eref, scratch)
+                .ok_or(ErrorCode::InvalidArgument)?;
+            let key = scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + found.key_len].to_vec();
+            self.blocks.inc_live(found.block);
+            if let Err(e) = self.merge_locked(log_id, &mut guard, scratch) {
+                self.blocks.dec_live(found.block);
+                return Err(e);
+            }
+            (key, found.block, found.seq)
+        };
+        let mut guards = self.lock_all_logs();
+        let named = NamedEntry {
+            eref,
+            key,
+            seq,
+            block,
+        };
+        let outcome = self.alloc_cell_held(&mut guards, log_id, generation, named, scratch);
+        drop(guards);
+        // The pin stays only if the new cell names `eref`.
+        if !matches!(outcome, Ok((_, _, true))) {
+            self.blocks.dec_live(block);
+        }
+        outcome.map(|(cell, r, _)| Response::CellAllocated { cell, eref: r.0 })
+    }
+
+    /// [`Dpm::alloc_cell`] with every log held. Returns the cell, what it holds, and
+    /// whether that is `eref` (whose block stays pinned).
+    fn alloc_cell_held(
+        &self,
+        guards: &mut [spin::MutexGuard<'_, Option<LogState>>],
+        log_id: u32,
+        generation: u64,
+        named: NamedEntry,
+        scratch: &mut Scratch,
+    ) -> Result<(u32, EntryRef, bool), ErrorCode> {
+        let NamedEntry {
+            eref,
+            key,
+            seq,
+            block,
+        } = named;
+        let guard = &mut guards[log_id as usize];
+        match guard.as_ref() {
+            Some(st) if st.generation == generation => {}
+            _ => return Err(ErrorCode::NoSuchLog),
+        }
+        let merged = self.merge_locked(log_id, guard, scratch)?;
+        if seq > merged {
+            // Verifies, but is not part of the committed log.
+            return Err(ErrorCode::InvalidArgument);
+        }
+        if let Some(cell) = self.cells.cell_of(&key) {
+            return Ok((cell, self.load_cell(cell), false));
+        }
+        let cell = self.cells.first_free().ok_or(ErrorCode::NoFreeCell)?;
+        let (value, names_eref) = match self.index.get(&self.pm, &key) {
+            // Counted live by the index, which keeps it while the cell is active.
+            Some(r) => (r, false),
+            None => (eref, true),
+        };
+        self.store_cell(cell, value);
+        let pins = if names_eref {
+            BTreeMap::from([(block, 1)])
+        } else {
+            BTreeMap::new()
+        };
+        self.cells.insert(cell, key, pins);
+        Ok((cell, value, names_eref))
+    }
+
+    /// Serves [`Request::FreeCell`]: installs the entry the cell names in the index (an
+    /// update, or a removal for a delete), releases the key's pinned entries and frees the
+    /// cell. Every replica must have stopped writing the key and merged its log first: an
+    /// entry of the key merged later goes to the index as usual.
+    fn free_cell(&self, cell: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
+        let guards = self.lock_all_logs();
+        let key = self.cells.key_of(cell).ok_or(ErrorCode::NoSuchCell)?;
+        let r = self.load_cell(cell);
+        let found = read_entry(&self.pm, &self.geo, r, &mut scratch.buf)
+            .filter(|f| scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + f.key_len] == key[..])
+            .ok_or(ErrorCode::Corrupt)?;
+        let installed = match found.op {
+            Op::Put => {
+                let old = self.index.upsert(&self.pm, &key, r).map_err(index_code)?;
+                self.blocks.inc_live(found.block);
+                self.release(old);
+                r
+            }
+            Op::Delete => {
+                let old = self.index.remove(&self.pm, &key).map_err(index_code)?;
+                self.release(old);
+                EntryRef(0)
+            }
+        };
+        // Installed first: a crash before the cell is zeroed leaves it active, and a
+        // repeated FreeCell installs the same ref again.
+        self.store_cell(cell, EntryRef(0));
+        if let Some(c) = self.cells.remove(cell) {
+            for (b, n) in c.pins {
+                self.blocks.sub_live(b, n);
+            }
+        }
+        drop(guards);
+        Ok(Response::CellFreed { eref: installed.0 })
+    }
+}
+
+fn index_code(e: IndexError) -> ErrorCode {
+    match e {
+        IndexError::Full => ErrorCode::IndexFull,
+        IndexError::Corrupt(_) => ErrorCode::Corrupt,
+    }
+}
+
+/// The entry an `AllocCell` names, checked.
+struct NamedEntry {
+    eref: EntryRef,
+    key: Vec<u8>,
+    seq: u64,
+    block: u32,
+}
+
+/// An entry found through an entry ref; its bytes are in the caller's buffer.
+struct FoundEntry {
+    block: u32,
+    header: BlockHeader,
+    op: Op,
+    seq: u64,
+    key_len: usize,
+}
+
+/// Reads and verifies the entry `r` names: inside one log block, after its header,
+/// aligned, CRC-valid with the block's salt, and exactly `r.len()` long.
+fn read_entry<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    r: EntryRef,
+    buf: &mut Vec<u8>,
+) -> Option<FoundEntry> {
+    let block = geo.block_of(r.offset())?;
+    let within = r.offset() - geo.block_off(block);
+    if within < BLOCK_HEADER_SIZE
+        || within % ENTRY_ALIGN as u64 != 0
+        || r.len() < ENTRY_HEADER_SIZE as u64
+        || within + r.len() > geo.block_size
+    {
+        return None;
+    }
+    let header: BlockHeader = pm.read_pod(geo.block_off(block));
+    if header.magic != BLOCK_MAGIC {
+        return None;
+    }
+    buf.resize(r.len() as usize, 0);
+    pm.read(r.offset(), buf);
+    let e = entry::decode(buf, header.salt).ok()?;
+    (e.len as u64 == r.len()).then_some(FoundEntry {
+        block,
+        header,
+        op: e.op,
+        seq: e.seq,
+        key_len: e.key.len(),
+    })
+}
+
+/// Rebuilds the active cells from the cells area: every non-zero cell names an entry of
+/// its key, counted live (pinned) in its block.
+fn recover_cells<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    used: &[bool],
+    blocks: &Blocks,
+) -> Result<Cells, OpenError> {
+    let cells = Cells::new(u32::try_from(geo.indirect_cells()).unwrap_or(u32::MAX));
+    let mut buf = Vec::new();
+    for cell in 0..cells.count() {
+        let v = pm.load_u64(geo.indirect_off(cell as u64));
+        if v == 0 {
+            continue;
+        }
+        let corrupt = |what| OpenError::CorruptCell { cell, what };
+        let found =
+            read_entry(pm, geo, EntryRef(v), &mut buf).ok_or(corrupt("it names no valid entry"))?;
+        if !used[found.block as usize] {
+            return Err(corrupt("its entry lies in a block of no log"));
+        }
+        let key = buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + found.key_len].to_vec();
+        if cells.cell_of(&key).is_some() {
+            return Err(corrupt("another cell replicates the same key"));
+        }
+        blocks.inc_live(found.block);
+        cells.insert(cell, key, BTreeMap::from([(found.block, 1)]));
+    }
+    Ok(cells)
 }
 
 /// What to do when the cursor holds no committed entry.
