@@ -170,3 +170,37 @@ fn region_full_while_only_quarantined_blocks_remain() {
     assert_eq!(dpm.get(&key(101)).map(|v| v.len()), Some(value.len()));
     assert!(dpm.stats().blocks_free >= 98);
 }
+
+#[test]
+fn the_runner_ticks_the_clock_and_applies_the_configured_quarantine() {
+    use dinomo_hw::fabric::ControlServer;
+    use dpm_fw::runner::{DpmService, ServeConfig};
+    use std::time::{Duration, Instant};
+
+    let (_r, dpm) = fresh();
+    let a = dead_log(&dpm);
+    let cfg = ServeConfig {
+        workers: 1,
+        pin: false,
+        quarantine: Duration::from_millis(50),
+        ..ServeConfig::default()
+    };
+    assert_eq!(
+        ServeConfig::default().quarantine,
+        Duration::from_millis(DEFAULT_QUARANTINE_MS)
+    );
+    let service =
+        DpmService::start(Arc::new(dpm), ControlServer::in_memory(4), &cfg).expect("start");
+    let dpm = service.dpm();
+    assert_eq!(dpm.quarantine_ms(), 50);
+    dpm.execute(Request::FenceKn { kn_id: 3 }, &mut Scratch::default())
+        .expect("fence");
+    // The merge workers free the dead log's blocks once the clock passes the quarantine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log_of(dpm, a.log_id).is_some() {
+        assert!(Instant::now() < deadline, "the quarantine never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dpm.now_ms() >= 50);
+    service.stop();
+}
