@@ -59,6 +59,23 @@ pub struct LogReport {
     pub merge_lag: u64,
     pub blocks: u64,
     pub stall: Option<String>,
+    /// Seq of the last entry that may be merged (set when the log was closed or fenced).
+    pub fence_seq: Option<u64>,
+    /// Closed by fencing its KN: its blocks are quarantined before reuse.
+    pub quarantined: bool,
+}
+
+/// An active indirect cell (a replicated key).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CellReport {
+    pub cell: u32,
+    /// The key, non-printable bytes escaped.
+    pub key: String,
+    /// The entry the cell names: region offset and length.
+    pub offset: u64,
+    pub len: u64,
+    /// Entries of the key kept out of the index (and from reclaim) while the cell is active.
+    pub pinned_entries: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -86,6 +103,7 @@ pub struct Report {
     pub blocks: Blocks,
     pub live_entries: u64,
     pub logs: Vec<LogReport>,
+    pub cells: Vec<CellReport>,
     pub index: IndexReport,
 }
 
@@ -133,7 +151,20 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
                 merge_lag: l.tail_seq.saturating_sub(before),
                 blocks: l.blocks,
                 stall: l.stall.map(describe_stall),
+                fence_seq: l.fence_seq,
+                quarantined: l.quarantined,
             }
+        })
+        .collect();
+    let cells = st
+        .cells
+        .iter()
+        .map(|c| CellReport {
+            cell: c.cell,
+            key: c.key.escape_ascii().to_string(),
+            offset: c.eref.offset(),
+            len: c.eref.len(),
+            pinned_entries: c.pinned_entries,
         })
         .collect();
     Ok(Report {
@@ -181,6 +212,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
         },
         live_entries: st.live_entries,
         logs,
+        cells,
         index: IndexReport {
             generation: st.index.generation,
             buckets: st.index.buckets,
@@ -262,12 +294,17 @@ pub fn render(r: &Report) -> String {
     } else {
         let _ = writeln!(
             s,
-            "\n log  state   kn shard   gen   merged     tail    lag  blocks"
+            "\n log  state   kn shard   gen   merged     tail    lag  blocks    fence"
         );
         for l in &r.logs {
+            // A quarantined log's fence is marked `q`.
+            let fence = l.fence_seq.map_or_else(
+                || "-".to_string(),
+                |f| format!("{f}{}", if l.quarantined { " q" } else { "" }),
+            );
             let _ = writeln!(
                 s,
-                "{:>4}  {:<6} {:>3} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7}{}",
+                "{:>4}  {:<6} {:>3} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>8}{}",
                 l.log_id,
                 l.state,
                 l.kn_id,
@@ -277,10 +314,27 @@ pub fn render(r: &Report) -> String {
                 l.tail_seq,
                 l.merge_lag,
                 l.blocks,
+                fence,
                 l.stall
                     .as_deref()
                     .map(|x| format!("  STALLED: {x}"))
                     .unwrap_or_default()
+            );
+        }
+    }
+    if r.cells.is_empty() {
+        let _ = writeln!(s, "\ncells       none active");
+    } else {
+        let _ = writeln!(
+            s,
+            "\n{:>4} {:>20} {:>7} {:>7}  key",
+            "cell", "entry offset", "len", "pinned"
+        );
+        for c in &r.cells {
+            let _ = writeln!(
+                s,
+                "{:>4} {:>20} {:>7} {:>7}  {}",
+                c.cell, c.offset, c.len, c.pinned_entries, c.key
             );
         }
     }

@@ -194,3 +194,69 @@ fn a_second_dpm_on_the_same_region_is_refused() {
         stderr(&o)
     );
 }
+
+#[test]
+fn inspect_shows_fence_points_quarantined_logs_and_active_cells() {
+    use dinomo_hw::region_file::RegionFile;
+    use dinomo_shared::geometry::FormatParams;
+    use dinomo_shared::index::EntryRef;
+    use dinomo_shared::msg::{Request, Response};
+    use dpm_fw::testkit::LogWriter;
+    use dpm_fw::{Dpm, Scratch};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path().join("r.region");
+    let size = 4 << 20;
+    let file = RegionFile::create(&r, size).expect("create");
+    let params = FormatParams {
+        block_size: 64 << 10,
+        ..FormatParams::for_size(size)
+    };
+    let dpm = Dpm::format(file.pmem(), &params, 5).expect("format");
+    let mut s = Scratch::default();
+    // KN 1's log is fenced at seq 2; KN 2's key "hot" is replicated through a cell.
+    let mut fenced = LogWriter::open(&dpm, 1, 0).expect("open");
+    fenced.put(b"a", b"1");
+    fenced.put(b"b", b"2");
+    fenced.flush(&dpm).expect("flush");
+    dpm.execute(Request::FenceKn { kn_id: 1 }, &mut s)
+        .expect("fence");
+    let mut owner = LogWriter::open(&dpm, 2, 0).expect("open");
+    let at = dpm.geometry().block_off(owner.block) + owner.offset;
+    owner.put(b"hot", b"v");
+    owner.flush(&dpm).expect("flush");
+    let eref = EntryRef::new(at, dinomo_shared::entry::padded_len(3, 1) as u64).expect("ref");
+    let req = Request::AllocCell {
+        log_id: owner.log_id,
+        generation: owner.generation,
+        eref: eref.0,
+    };
+    let Ok(Response::CellAllocated { cell, .. }) = dpm.execute(req, &mut s) else {
+        panic!("cell refused");
+    };
+    drop(dpm);
+    file.sync().expect("sync");
+    drop(file);
+    let o = dinomo(&["dpm", "inspect", "--path", p(&r), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let logs = v["logs"].as_array().expect("logs");
+    let log = |kn: u64| {
+        logs.iter()
+            .find(|l| l["kn_id"] == kn)
+            .unwrap_or_else(|| panic!("log of KN {kn}"))
+    };
+    assert_eq!(log(1)["fence_seq"], 2);
+    assert_eq!(log(1)["quarantined"], true);
+    assert_eq!(log(2)["fence_seq"], serde_json::Value::Null);
+    assert_eq!(log(2)["quarantined"], false);
+    let cells = v["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 1);
+    assert_eq!(cells[0]["cell"], cell);
+    assert_eq!(cells[0]["key"], "hot");
+    assert_eq!(cells[0]["offset"], eref.offset());
+    let o = dinomo(&["dpm", "inspect", "--path", p(&r)]);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(table.contains("2 q"), "{table}");
+    assert!(table.contains("hot"), "{table}");
+}

@@ -60,8 +60,13 @@ impl Blocks {
     }
 
     pub(crate) fn dec_live(&self, block: u32) {
-        let _ = self.live[block as usize]
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        self.sub_live(block, 1);
+    }
+
+    pub(crate) fn sub_live(&self, block: u32, n: u32) {
+        let _ = self.live[block as usize].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
     }
 
     /// A fresh salt for a block allocation, different from the block's previous one.

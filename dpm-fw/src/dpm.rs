@@ -4,16 +4,21 @@
 //! merged by one worker at a time (its state sits behind a per-log lock that workers only
 //! `try_lock`), so entries of one log are applied in log order; different logs proceed in
 //! parallel and meet only at the index's bucket locks.
+//!
+//! Indirect cells (see [`crate::cells`]) change only while every log is held, so a merge
+//! step sees a stable set of replicated keys.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dinomo_hw::{Persist, Pmem};
 use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE, BLOCK_MAGIC};
 use dinomo_shared::control::{
-    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FREE, NO_BLOCK,
+    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FLAG_FENCED, LOG_FREE,
+    NO_BLOCK,
 };
-use dinomo_shared::entry::{self, EntryError, Op, ENTRY_HEADER_SIZE};
+use dinomo_shared::entry::{self, EntryError, Op, ENTRY_ALIGN, ENTRY_HEADER_SIZE};
 use dinomo_shared::geometry::{FormatParams, Geometry};
 use dinomo_shared::index::EntryRef;
 use dinomo_shared::msg::{Frame, Request, Response};
@@ -21,6 +26,7 @@ use dinomo_shared::superblock::FLAG_CLEAN_SHUTDOWN;
 use dinomo_shared::ErrorCode;
 
 use crate::blocks::Blocks;
+use crate::cells::Cells;
 use crate::index::{Index, IndexError, IndexStats};
 use crate::region::{self, FormatError, OpenError};
 
@@ -71,6 +77,8 @@ struct LogState {
     stall: Option<Stall>,
     /// Seq of the last entry that may be merged (persisted in the log slot); set at close.
     fence: Option<u64>,
+    /// For a log closed by fencing its KN: the clock reading its quarantine counts from.
+    quarantine_from: Option<u64>,
 }
 
 /// Outcome of one merge step on one log.
@@ -100,9 +108,23 @@ pub struct LogStats {
     pub tail_seq: u64,
     /// The log's fence point: no entry after this seq is ever merged.
     pub fence_seq: Option<u64>,
+    /// Closed by fencing its KN and still in quarantine: none of its blocks is reused yet.
+    pub quarantined: bool,
     pub cursor: Cursor,
     pub blocks: u64,
     pub stall: Option<Stall>,
+}
+
+/// An active indirect cell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellStats {
+    pub cell: u32,
+    /// The replicated key.
+    pub key: Vec<u8>,
+    /// The entry the cell names now.
+    pub eref: EntryRef,
+    /// Entries of the key kept out of the index and from reclaim while the cell is active.
+    pub pinned_entries: u64,
 }
 
 /// Region-wide figures.
@@ -118,6 +140,7 @@ pub struct DpmStats {
     pub blocks_dead: u64,
     pub live_entries: u64,
     pub logs: Vec<LogStats>,
+    pub cells: Vec<CellStats>,
     pub index: IndexStats,
 }
 
@@ -128,9 +151,13 @@ pub struct Dpm<P: Persist> {
     region_id: u64,
     index: Index,
     blocks: Blocks,
+    cells: Cells,
     logs: Vec<spin::Mutex<Option<LogState>>>,
     open_lock: spin::Mutex<()>,
     shutting_down: AtomicBool,
+    /// Milliseconds on the runner's clock (see [`Dpm::tick`]).
+    clock_ms: AtomicU64,
+    quarantine_ms: AtomicU64,
 }
 
 impl<P: Persist> core::fmt::Debug for Dpm<P> {
@@ -144,6 +171,11 @@ impl<P: Persist> core::fmt::Debug for Dpm<P> {
 
 /// Entries merged per step before a worker moves on to another log.
 pub const DEFAULT_STEP: u64 = 256;
+
+/// How long the blocks of a log closed by fencing its KN stay out of reuse: a KN that was
+/// paused, not dead, cannot be revoked on the shm fabric and may still land one WRITE in
+/// its last block; the quarantine outlasts such a straggler.
+pub const DEFAULT_QUARANTINE_MS: u64 = 10_000;
 
 impl<P: Persist> Dpm<P> {
     /// Formats `pm` and opens it.
@@ -178,6 +210,8 @@ impl<P: Persist> Dpm<P> {
                 blocks.inc_live(b);
             }
         });
+        // Before the logs are replayed: entries of replicated keys stay out of the index.
+        let cells = recover_cells(&pm, &geo, &used, &blocks)?;
         blocks.set_free(
             (0..geo.n_blocks as u32)
                 .filter(|&b| !used[b as usize])
@@ -189,9 +223,12 @@ impl<P: Persist> Dpm<P> {
             region_id: sb.region_id,
             index,
             blocks,
+            cells,
             logs,
             open_lock: spin::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            clock_ms: AtomicU64::new(0),
+            quarantine_ms: AtomicU64::new(DEFAULT_QUARANTINE_MS),
         };
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
@@ -241,6 +278,31 @@ impl<P: Persist> Dpm<P> {
 
     fn header(&self, block: u32) -> BlockHeader {
         self.pm.read_pod(self.geo.block_off(block))
+    }
+
+    /// Advances the clock quarantines are measured on: milliseconds on a monotonic clock
+    /// that reads 0 (or less) when the region was opened, e.g. the time since the runner
+    /// started. The core has no clock of its own; a reading older than the last is ignored.
+    /// Logs found fenced at open count their quarantine from 0.
+    pub fn tick(&self, now_ms: u64) {
+        self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+    /// The clock as last ticked.
+    pub fn now_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::Relaxed)
+    }
+    /// Sets how long blocks of logs closed by fencing stay out of reuse (default
+    /// [`DEFAULT_QUARANTINE_MS`]).
+    pub fn set_quarantine_ms(&self, ms: u64) {
+        self.quarantine_ms.store(ms, Ordering::Relaxed);
+    }
+    pub fn quarantine_ms(&self) -> u64 {
+        self.quarantine_ms.load(Ordering::Relaxed)
+    }
+    fn in_quarantine(&self, st: &LogState) -> bool {
+        st.quarantine_from.is_some_and(|from| {
+            self.now_ms() < from.saturating_add(self.quarantine_ms.load(Ordering::Relaxed))
+        })
     }
 
     /// Asks every worker loop to stop taking new work.
@@ -309,10 +371,16 @@ impl<P: Persist> Dpm<P> {
                 self.merge_all(log_id, scratch)
                     .map(|merged_seq| Response::Merged { merged_seq })
             }
-            Request::CloseLog { log_id, generation } => self.close_log(log_id, generation, scratch),
+            Request::CloseLog { log_id, generation } => {
+                self.close_log(log_id, generation, false, scratch)
+            }
             Request::FenceKn { kn_id } => self.fence_kn(kn_id, scratch),
-            // Indirect cells are not served yet.
-            Request::AllocCell { .. } | Request::FreeCell { .. } => Err(ErrorCode::UnknownMessage),
+            Request::AllocCell {
+                log_id,
+                generation,
+                eref,
+            } => self.alloc_cell(log_id, generation, EntryRef(eref), scratch),
+            Request::FreeCell { cell } => self.free_cell(cell, scratch),
         }
     }
 
@@ -321,7 +389,7 @@ impl<P: Persist> Dpm<P> {
     /// persists that tail as the log's fence point before replying. A write the KN lands
     /// later in a closed log is never merged, also after a restart, and its next block
     /// request is refused. Logs of the KN closed without a fence point (a close cut short
-    /// by a crash) are fenced too.
+    /// by a crash) are fenced too. The blocks of every fenced log are quarantined.
     fn fence_kn(&self, kn_id: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
         let mut logs = 0;
         let mut entries = 0;
@@ -337,7 +405,7 @@ impl<P: Persist> Dpm<P> {
             let Some((generation, next_seq)) = target else {
                 continue;
             };
-            match self.close_log(log_id, generation, scratch) {
+            match self.close_log(log_id, generation, true, scratch) {
                 Ok(Response::Closed { merged_seq }) => {
                     logs += 1;
                     entries += (merged_seq + 1).saturating_sub(next_seq);
@@ -448,6 +516,7 @@ impl<P: Persist> Dpm<P> {
             persisted: cursor,
             stall: None,
             fence: None,
+            quarantine_from: None,
         });
         Ok(Response::LogOpened {
             log_id,
@@ -483,16 +552,26 @@ impl<P: Persist> Dpm<P> {
     }
 
     /// Closes a log (its writer gets no more blocks), merges it to its committed tail and,
-    /// still holding it, persists that tail as its fence point.
+    /// still holding it, persists that tail as its fence point. `fenced`: closed because
+    /// its KN's lease expired, so its blocks are quarantined (recorded before the close,
+    /// so that a restart keeps the quarantine).
     fn close_log(
         &self,
         log_id: u32,
         generation: u64,
+        fenced: bool,
         scratch: &mut Scratch,
     ) -> Result<Response, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
         match guard.as_mut() {
             Some(st) if st.generation == generation => {
+                if fenced {
+                    let off = self.geo.log_slot_off(log_id) + LogSlot::FLAGS_OFFSET;
+                    self.pm
+                        .store_u64(off, self.pm.load_u64(off) | LOG_FLAG_FENCED);
+                    self.pm.persist(off, 8);
+                    st.quarantine_from = Some(self.now_ms());
+                }
                 if st.status == LOG_ACTIVE {
                     let off = self.geo.log_slot_off(log_id);
                     self.pm.store_u32(off, LOG_CLOSED);
@@ -610,7 +689,15 @@ impl<P: Persist> Dpm<P> {
                     let off = self.geo.block_off(c.block) + c.offset as u64;
                     let key = &scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + key_len];
                     let eref = EntryRef::new(off, len as u64);
+                    let replicated =
+                        self.cells.any_active() && self.cells.pin_if_active(key, c.block);
                     let applied = match (op, eref) {
+                        // The key's cell is its authority: the entry stays out of the index
+                        // and live in its block, as the cell may name it.
+                        _ if replicated => {
+                            self.blocks.inc_live(c.block);
+                            Ok(())
+                        }
                         (Op::Put, Some(r)) => self.index.upsert(&self.pm, key, r).map(|old| {
                             self.blocks.inc_live(c.block);
                             self.release(old);
@@ -747,6 +834,9 @@ impl<P: Persist> Dpm<P> {
     /// dead blocks, and its slot once the chain is empty.
     fn reclaim_log(&self, log_id: u32, guard: &mut Option<LogState>) {
         let Some(st) = guard.as_mut() else { return };
+        if st.status == LOG_CLOSED && self.in_quarantine(st) {
+            return;
+        }
         let closed_done = st.status == LOG_CLOSED && st.stall.is_none();
         let slot_off = self.geo.log_slot_off(log_id);
         let head_off = slot_off + LogSlot::CHAIN_OFFSET;
@@ -811,6 +901,7 @@ impl<P: Persist> Dpm<P> {
             persisted: st.persisted,
             stall: None,
             fence: st.fence,
+            quarantine_from: st.quarantine_from,
         };
         loop {
             if probe.fence.is_some_and(|f| probe.cursor.next_seq > f) {
@@ -866,6 +957,7 @@ impl<P: Persist> Dpm<P> {
                 merged_seq: st.cursor.next_seq - 1,
                 tail_seq: self.tail_seq(log_id, st, &mut scratch),
                 fence_seq: st.fence,
+                quarantined: st.status == LOG_CLOSED && self.in_quarantine(st),
                 cursor: st.cursor,
                 blocks: n,
                 stall: st.stall,
@@ -884,9 +976,289 @@ impl<P: Persist> Dpm<P> {
                 .map(|b| self.blocks.live(b) as u64)
                 .sum(),
             logs,
+            cells: self
+                .cells
+                .list()
+                .into_iter()
+                .map(|(cell, key, pinned_entries)| CellStats {
+                    cell,
+                    key,
+                    eref: self.load_cell(cell),
+                    pinned_entries,
+                })
+                .collect(),
             index: self.index.stats(&self.pm),
         }
     }
+
+    // ----- indirect cells -----
+
+    /// The entry ref an active cell holds; `None` if the cell is not active.
+    pub fn cell_ref(&self, cell: u32) -> Option<EntryRef> {
+        self.cells.is_active(cell).then(|| self.load_cell(cell))
+    }
+
+    fn load_cell(&self, cell: u32) -> EntryRef {
+        EntryRef(self.pm.load_u64(self.geo.indirect_off(cell as u64)))
+    }
+
+    fn store_cell(&self, cell: u32, r: EntryRef) {
+        let off = self.geo.indirect_off(cell as u64);
+        self.pm.store_u64(off, r.0);
+        self.pm.persist(off, 8);
+    }
+
+    /// Every log, held in log order (the only place more than one is held at a time, so
+    /// this cannot deadlock). Merge workers skip held logs meanwhile.
+    fn lock_all_logs(&self) -> Vec<spin::MutexGuard<'_, Option<LogState>>> {
+        self.logs.iter().map(|l| l.lock()).collect()
+    }
+
+    /// The verified entry `r` names in a block that is in the chain of log `log_id` of
+    /// `generation` (a block reclaimed from the chain keeps its header until reused, so
+    /// the header alone does not say).
+    fn log_entry(
+        &self,
+        log_id: u32,
+        generation: u64,
+        r: EntryRef,
+        scratch: &mut Scratch,
+    ) -> Option<FoundEntry> {
+        let found = read_entry(&self.pm, &self.geo, r, &mut scratch.buf)?;
+        if found.header.log_id != log_id || found.header.log_generation != generation {
+            return None;
+        }
+        let mut b = self
+            .pm
+            .load_u32(self.geo.log_slot_off(log_id) + LogSlot::CHAIN_OFFSET);
+        for _ in 0..self.geo.n_blocks {
+            if b == NO_BLOCK || b as u64 >= self.geo.n_blocks {
+                return None;
+            }
+            if b == found.block {
+                return Some(found);
+            }
+            b = self.header(b).next;
+        }
+        None
+    }
+
+    /// Serves [`Request::AllocCell`]: the key of the entry `eref` (in log `log_id`) gets
+    /// a cell holding its newest entry ref; the key's entries stay out of the index from
+    /// then on. A key that has a cell gets that cell again.
+    fn alloc_cell(
+        &self,
+        log_id: u32,
+        generation: u64,
+        eref: EntryRef,
+        scratch: &mut Scratch,
+    ) -> Result<Response, ErrorCode> {
+        if self.is_shutting_down() {
+            return Err(ErrorCode::ShuttingDown);
+        }
+        // With the log held: check the entry, pin its block (merging may make it dead, and
+        // the cell may have to name it), merge to the tail.
+        let (key, block, seq) = {
+            let mut guard = self.slot(log_id)?.lock();
+            match guard.as_ref() {
+                Some(st) if st.generation == generation => {}
+                _ => return Err(ErrorCode::NoSuchLog),
+            }
+            let found = self
+                .log_entry(log_id, generation, eref, scratch)
+                .ok_or(ErrorCode::InvalidArgument)?;
+            let key = scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + found.key_len].to_vec();
+            self.blocks.inc_live(found.block);
+            if let Err(e) = self.merge_locked(log_id, &mut guard, scratch) {
+                self.blocks.dec_live(found.block);
+                return Err(e);
+            }
+            (key, found.block, found.seq)
+        };
+        let mut guards = self.lock_all_logs();
+        let named = NamedEntry {
+            eref,
+            key,
+            seq,
+            block,
+        };
+        let outcome = self.alloc_cell_held(&mut guards, log_id, generation, named, scratch);
+        drop(guards);
+        // The pin stays only if the new cell names `eref`.
+        if !matches!(outcome, Ok((_, _, true))) {
+            self.blocks.dec_live(block);
+        }
+        outcome.map(|(cell, r, _)| Response::CellAllocated { cell, eref: r.0 })
+    }
+
+    /// [`Dpm::alloc_cell`] with every log held. Returns the cell, what it holds, and
+    /// whether that is `eref` (whose block stays pinned).
+    fn alloc_cell_held(
+        &self,
+        guards: &mut [spin::MutexGuard<'_, Option<LogState>>],
+        log_id: u32,
+        generation: u64,
+        named: NamedEntry,
+        scratch: &mut Scratch,
+    ) -> Result<(u32, EntryRef, bool), ErrorCode> {
+        let NamedEntry {
+            eref,
+            key,
+            seq,
+            block,
+        } = named;
+        let guard = &mut guards[log_id as usize];
+        match guard.as_ref() {
+            Some(st) if st.generation == generation => {}
+            _ => return Err(ErrorCode::NoSuchLog),
+        }
+        let merged = self.merge_locked(log_id, guard, scratch)?;
+        if seq > merged {
+            // Verifies, but is not part of the committed log.
+            return Err(ErrorCode::InvalidArgument);
+        }
+        if let Some(cell) = self.cells.cell_of(&key) {
+            return Ok((cell, self.load_cell(cell), false));
+        }
+        let cell = self.cells.first_free().ok_or(ErrorCode::NoFreeCell)?;
+        let (value, names_eref) = match self.index.get(&self.pm, &key) {
+            // Counted live by the index, which keeps it while the cell is active.
+            Some(r) => (r, false),
+            None => (eref, true),
+        };
+        self.store_cell(cell, value);
+        let pins = if names_eref {
+            BTreeMap::from([(block, 1)])
+        } else {
+            BTreeMap::new()
+        };
+        self.cells.insert(cell, key, pins);
+        Ok((cell, value, names_eref))
+    }
+
+    /// Serves [`Request::FreeCell`]: installs the entry the cell names in the index (an
+    /// update, or a removal for a delete), releases the key's pinned entries and frees the
+    /// cell. Every replica must have stopped writing the key and merged its log first: an
+    /// entry of the key merged later goes to the index as usual.
+    fn free_cell(&self, cell: u32, scratch: &mut Scratch) -> Result<Response, ErrorCode> {
+        let guards = self.lock_all_logs();
+        let key = self.cells.key_of(cell).ok_or(ErrorCode::NoSuchCell)?;
+        let r = self.load_cell(cell);
+        let found = read_entry(&self.pm, &self.geo, r, &mut scratch.buf)
+            .filter(|f| scratch.buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + f.key_len] == key[..])
+            .ok_or(ErrorCode::Corrupt)?;
+        let installed = match found.op {
+            Op::Put => {
+                let old = self.index.upsert(&self.pm, &key, r).map_err(index_code)?;
+                self.blocks.inc_live(found.block);
+                self.release(old);
+                r
+            }
+            Op::Delete => {
+                let old = self.index.remove(&self.pm, &key).map_err(index_code)?;
+                self.release(old);
+                EntryRef(0)
+            }
+        };
+        // Installed first: a crash before the cell is zeroed leaves it active, and a
+        // repeated FreeCell installs the same ref again.
+        self.store_cell(cell, EntryRef(0));
+        if let Some(c) = self.cells.remove(cell) {
+            for (b, n) in c.pins {
+                self.blocks.sub_live(b, n);
+            }
+        }
+        drop(guards);
+        Ok(Response::CellFreed { eref: installed.0 })
+    }
+}
+
+fn index_code(e: IndexError) -> ErrorCode {
+    match e {
+        IndexError::Full => ErrorCode::IndexFull,
+        IndexError::Corrupt(_) => ErrorCode::Corrupt,
+    }
+}
+
+/// The entry an `AllocCell` names, checked.
+struct NamedEntry {
+    eref: EntryRef,
+    key: Vec<u8>,
+    seq: u64,
+    block: u32,
+}
+
+/// An entry found through an entry ref; its bytes are in the caller's buffer.
+struct FoundEntry {
+    block: u32,
+    header: BlockHeader,
+    op: Op,
+    seq: u64,
+    key_len: usize,
+}
+
+/// Reads and verifies the entry `r` names: inside one log block, after its header,
+/// aligned, CRC-valid with the block's salt, and exactly `r.len()` long.
+fn read_entry<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    r: EntryRef,
+    buf: &mut Vec<u8>,
+) -> Option<FoundEntry> {
+    let block = geo.block_of(r.offset())?;
+    let within = r.offset() - geo.block_off(block);
+    if within < BLOCK_HEADER_SIZE
+        || within % ENTRY_ALIGN as u64 != 0
+        || r.len() < ENTRY_HEADER_SIZE as u64
+        || within + r.len() > geo.block_size
+    {
+        return None;
+    }
+    let header: BlockHeader = pm.read_pod(geo.block_off(block));
+    if header.magic != BLOCK_MAGIC {
+        return None;
+    }
+    buf.resize(r.len() as usize, 0);
+    pm.read(r.offset(), buf);
+    let e = entry::decode(buf, header.salt).ok()?;
+    (e.len as u64 == r.len()).then_some(FoundEntry {
+        block,
+        header,
+        op: e.op,
+        seq: e.seq,
+        key_len: e.key.len(),
+    })
+}
+
+/// Rebuilds the active cells from the cells area: every non-zero cell names an entry of
+/// its key, counted live (pinned) in its block.
+fn recover_cells<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    used: &[bool],
+    blocks: &Blocks,
+) -> Result<Cells, OpenError> {
+    let cells = Cells::new(u32::try_from(geo.indirect_cells()).unwrap_or(u32::MAX));
+    let mut buf = Vec::new();
+    for cell in 0..cells.count() {
+        let v = pm.load_u64(geo.indirect_off(cell as u64));
+        if v == 0 {
+            continue;
+        }
+        let corrupt = |what| OpenError::CorruptCell { cell, what };
+        let found =
+            read_entry(pm, geo, EntryRef(v), &mut buf).ok_or(corrupt("it names no valid entry"))?;
+        if !used[found.block as usize] {
+            return Err(corrupt("its entry lies in a block of no log"));
+        }
+        let key = buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + found.key_len].to_vec();
+        if cells.cell_of(&key).is_some() {
+            return Err(corrupt("another cell replicates the same key"));
+        }
+        blocks.inc_live(found.block);
+        cells.insert(cell, key, BTreeMap::from([(found.block, 1)]));
+    }
+    Ok(cells)
 }
 
 /// What to do when the cursor holds no committed entry.
@@ -975,6 +1347,8 @@ fn recover_log<P: Persist>(
         persisted: cursor,
         stall: None,
         fence: slot.fence_seq(),
+        // The clock restarts at 0 with the open; the quarantine starts over.
+        quarantine_from: (slot.flags & LOG_FLAG_FENCED != 0).then_some(0),
     }))
 }
 

@@ -9,6 +9,7 @@
 extern crate alloc;
 
 mod blocks;
+mod cells;
 pub mod dpm;
 pub mod firmware;
 pub mod index;
@@ -19,5 +20,7 @@ pub mod runner;
 #[cfg(feature = "std")]
 pub mod testkit;
 
-pub use dpm::{Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step};
+pub use dpm::{
+    CellStats, Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step, DEFAULT_QUARANTINE_MS,
+};
 pub use region::{FormatError, OpenError};

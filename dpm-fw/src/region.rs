@@ -49,6 +49,11 @@ pub enum OpenError {
         log: u32,
         what: &'static str,
     },
+    /// An active indirect cell does not name a valid entry.
+    CorruptCell {
+        cell: u32,
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for OpenError {
@@ -58,6 +63,9 @@ impl fmt::Display for OpenError {
             Self::Superblock(e) => write!(f, "{e}"),
             Self::Index(e) => write!(f, "index: {e}"),
             Self::CorruptLog { log, what } => write!(f, "log {log} is corrupt: {what}"),
+            Self::CorruptCell { cell, what } => {
+                write!(f, "indirect cell {cell} is corrupt: {what}")
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
 use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
 use dinomo_hw::Persist;
 
-use crate::dpm::{Dpm, Scratch, DEFAULT_STEP};
+use crate::dpm::{Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
 use crate::region::OpenError;
 
 /// How the runner is set up.
@@ -27,6 +27,9 @@ pub struct ServeConfig {
     pub ctl_slots: u32,
     /// Control file path; default: the region path with `.ctl` appended.
     pub ctl_path: Option<PathBuf>,
+    /// How long blocks of a log closed by fencing its KN stay out of reuse (a paused KN
+    /// may still land a WRITE in them).
+    pub quarantine: Duration,
 }
 
 impl Default for ServeConfig {
@@ -37,6 +40,7 @@ impl Default for ServeConfig {
             step: DEFAULT_STEP,
             ctl_slots: 64,
             ctl_path: None,
+            quarantine: Duration::from_millis(DEFAULT_QUARANTINE_MS),
         }
     }
 }
@@ -76,11 +80,13 @@ pub struct MergeWorkers {
 }
 
 impl MergeWorkers {
-    /// Starts `cfg.workers` workers; worker `w` merges logs `w, w + workers, ...`.
+    /// Starts `cfg.workers` workers; worker `w` merges logs `w, w + workers, ...`. Each
+    /// pass ticks the DPM's clock with the time since `epoch`.
     pub fn start<P: Persist + 'static>(
         dpm: &Arc<Dpm<P>>,
         cfg: &ServeConfig,
         merged: &Arc<AtomicU64>,
+        epoch: Instant,
     ) -> Result<Self, ServeError> {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = cfg.workers.max(1) as u32;
@@ -99,6 +105,7 @@ impl MergeWorkers {
                     let mut scratch = Scratch::default();
                     let mut backoff = Backoff::new();
                     while !halt.load(Ordering::Acquire) {
+                        dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
                         if n == 0 {
                             backoff.snooze();
@@ -149,16 +156,19 @@ pub struct DpmService<P: Persist + 'static> {
 }
 
 impl<P: Persist + 'static> DpmService<P> {
-    /// Starts `cfg.workers` merge workers and a control thread polling `control`.
+    /// Starts `cfg.workers` merge workers and a control thread polling `control`. The
+    /// DPM's clock counts from here (see [`Dpm::tick`]).
     pub fn start(
         dpm: Arc<Dpm<P>>,
         mut control: ControlServer,
         cfg: &ServeConfig,
     ) -> Result<Self, ServeError> {
+        let started = Instant::now();
+        dpm.set_quarantine_ms(u64::try_from(cfg.quarantine.as_millis()).unwrap_or(u64::MAX));
         let stop = Arc::new(AtomicBool::new(false));
         let merged = Arc::new(AtomicU64::new(0));
         let messages = Arc::new(AtomicU64::new(0));
-        let workers = MergeWorkers::start(&dpm, cfg, &merged)?;
+        let workers = MergeWorkers::start(&dpm, cfg, &merged, started)?;
         let (cdpm, cstop, cmsgs) = (Arc::clone(&dpm), Arc::clone(&stop), Arc::clone(&messages));
         let pin = cfg.pin;
         let h = std::thread::Builder::new()
@@ -170,6 +180,8 @@ impl<P: Persist + 'static> DpmService<P> {
                 let mut scratch = Scratch::default();
                 let mut last_reap = Instant::now();
                 serve_loop(&cstop, &cmsgs, Backoff::new(), || {
+                    // Fencing reads the clock: keep it current for the control thread too.
+                    cdpm.tick(millis_since(started));
                     let n = control.poll(|_, frame| Some(cdpm.handle(frame, &mut scratch)));
                     if last_reap.elapsed() > Duration::from_millis(200) {
                         control.reap_dead();
@@ -187,7 +199,7 @@ impl<P: Persist + 'static> DpmService<P> {
             merged,
             messages,
             control: Some(h),
-            started: Instant::now(),
+            started,
         })
     }
 
@@ -211,7 +223,12 @@ impl<P: Persist + 'static> DpmService<P> {
     /// Starts the merge workers again after [`DpmService::pause_merging`].
     pub fn resume_merging(&mut self) -> Result<(), ServeError> {
         if self.workers.is_none() {
-            self.workers = Some(MergeWorkers::start(&self.dpm, &self.cfg, &self.merged)?);
+            self.workers = Some(MergeWorkers::start(
+                &self.dpm,
+                &self.cfg,
+                &self.merged,
+                self.started,
+            )?);
         }
         Ok(())
     }
@@ -261,6 +278,11 @@ fn serve_loop(
             backoff.reset();
         }
     }
+}
+
+/// Milliseconds since `epoch`, the DPM's clock reading.
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Pins the calling thread to `core`; a failure is logged and otherwise ignored (the

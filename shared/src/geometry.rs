@@ -323,6 +323,10 @@ impl Geometry {
     pub const fn indirect_off(&self, cell: u64) -> u64 {
         self.indirect_off + cell * 8
     }
+    /// Indirect cells in the region (the whole area, at least as many as formatted for).
+    pub const fn indirect_cells(&self) -> u64 {
+        self.indirect_len / 8
+    }
     /// Bytes of log space (all blocks).
     pub const fn log_capacity(&self) -> u64 {
         self.n_blocks * self.block_size

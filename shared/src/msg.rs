@@ -75,7 +75,9 @@ pub enum Request {
     CloseLog { log_id: u32, generation: u64 },
     /// A KN's lease expired (sent by the cluster manager): close every active log of the
     /// KN and merge each to its committed tail, so its acknowledged writes are in the index
-    /// before its slots are given to other KNs.
+    /// before its slots are given to other KNs. Each tail is persisted as the log's fence
+    /// point before the reply: nothing the KN lands later is ever merged, and the logs'
+    /// blocks are quarantined before reuse.
     FenceKn { kn_id: u32 },
     /// Replicate a key through an indirect cell. `eref` is a packed entry reference to an
     /// entry of the key in the owner's log `log_id` (its newest version, or a delete entry

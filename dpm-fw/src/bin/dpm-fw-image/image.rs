@@ -158,7 +158,12 @@ fn run(base: *mut u8, len: u64, persist: CpuPersist) -> ! {
         geo.block_size >> 10
     );
     let mut scratch = Scratch::default();
+    // Quarantines of fenced logs are measured from the mount.
+    let (mounted, _) = boot::counter();
     loop {
+        let (now, hz) = boot::counter();
+        let ms = u128::from(now.wrapping_sub(mounted)) * 1000 / u128::from(hz.max(1));
+        dpm.tick(u64::try_from(ms).unwrap_or(u64::MAX));
         if dpm.merge_pass(0, 1, DEFAULT_STEP, &mut scratch) == 0 {
             // Nothing to merge: back off briefly before polling the logs again.
             for _ in 0..1024 {
