@@ -158,7 +158,21 @@ pub struct Dpm<P: Persist> {
     /// Milliseconds on the runner's clock (see [`Dpm::tick`]).
     clock_ms: AtomicU64,
     quarantine_ms: AtomicU64,
+    /// KNs fenced so far, for a transport that can also revoke their access (verbs).
+    fences: spin::Mutex<FenceLog>,
+    /// How many fences `fences` has recorded; read without its lock to skip it when unchanged.
+    fence_count: AtomicU64,
 }
+
+/// The most recent fenced KNs, in a ring (a reader that falls more than its length behind
+/// is told so and revokes nothing it missed; fencing is rare).
+#[derive(Default)]
+struct FenceLog {
+    count: u64,
+    ring: [u32; FENCE_RING],
+}
+
+const FENCE_RING: usize = 32;
 
 impl<P: Persist> core::fmt::Debug for Dpm<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -229,6 +243,8 @@ impl<P: Persist> Dpm<P> {
             shutting_down: AtomicBool::new(false),
             clock_ms: AtomicU64::new(0),
             quarantine_ms: AtomicU64::new(DEFAULT_QUARANTINE_MS),
+            fences: spin::Mutex::new(FenceLog::default()),
+            fence_count: AtomicU64::new(0),
         };
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
@@ -416,7 +432,30 @@ impl<P: Persist> Dpm<P> {
                 Err(e) => return Err(e),
             }
         }
+        {
+            let mut f = self.fences.lock();
+            let at = (f.count % FENCE_RING as u64) as usize;
+            f.ring[at] = kn_id;
+            f.count += 1;
+            self.fence_count.store(f.count, Ordering::Release);
+        }
         Ok(Response::Fenced { logs, entries })
+    }
+
+    /// KNs fenced since `*cursor` (a count this call advances), oldest first, passed to
+    /// `revoke`. Returns how many fences were missed because the reader fell too far behind.
+    pub fn fenced_since(&self, cursor: &mut u64, mut revoke: impl FnMut(u32)) -> u64 {
+        if self.fence_count.load(Ordering::Acquire) == *cursor {
+            return 0;
+        }
+        let f = self.fences.lock();
+        let oldest = f.count.saturating_sub(FENCE_RING as u64);
+        let missed = oldest.saturating_sub(*cursor);
+        for n in (*cursor).max(oldest)..f.count {
+            revoke(f.ring[(n % FENCE_RING as u64) as usize]);
+        }
+        *cursor = f.count;
+        missed
     }
 
     fn slot(&self, log_id: u32) -> Result<&spin::Mutex<Option<LogState>>, ErrorCode> {

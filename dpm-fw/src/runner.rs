@@ -414,8 +414,19 @@ mod verbs_serve {
                     }
                     let mut scratch = Scratch::default();
                     let backoff = Backoff::with_max_sleep(Duration::from_micros(50));
+                    // Fences already recorded belong to connections that no longer exist.
+                    let mut fences = 0;
+                    dpm.fenced_since(&mut fences, |_| {});
                     super::serve_loop(&s, &m, backoff, || {
                         let n = server.poll(|_, frame| Some(dpm.handle(frame, &mut scratch)));
+                        // A fenced KN's queue pairs go to error: on verbs, unlike shm, a KN
+                        // that was only paused loses its access to the region.
+                        let missed = dpm.fenced_since(&mut fences, |kn| {
+                            server.revoke(kn);
+                        });
+                        if missed > 0 {
+                            tracing::warn!(missed, "fences were recorded faster than revoked");
+                        }
                         for e in server.drain_events() {
                             tracing::info!(device = server.device_name(), "{e}");
                         }

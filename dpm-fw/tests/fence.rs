@@ -163,3 +163,31 @@ fn recovery_fences_a_log_closed_without_a_fence_point() {
     let (_r3, dpm3) = reopen(&r2);
     assert_fenced_state(&dpm3, w.log_id);
 }
+
+/// A transport that can revoke access (verbs) learns every fenced KN once, in order, and
+/// is told when it fell too far behind to see some.
+#[test]
+fn fenced_kns_are_reported_once_to_a_revoking_transport() {
+    let (_r, dpm) = fresh();
+    let mut scratch = Scratch::default();
+    let mut cursor = 0;
+    let mut seen = Vec::new();
+    assert_eq!(dpm.fenced_since(&mut cursor, |kn| seen.push(kn)), 0);
+    assert!(seen.is_empty());
+    for kn in [3, 1] {
+        let r = dpm.execute(Request::FenceKn { kn_id: kn }, &mut scratch);
+        assert!(matches!(r, Ok(Response::Fenced { .. })), "{r:?}");
+    }
+    assert_eq!(dpm.fenced_since(&mut cursor, |kn| seen.push(kn)), 0);
+    assert_eq!(seen, [3, 1]);
+    assert_eq!(dpm.fenced_since(&mut cursor, |kn| seen.push(kn)), 0);
+    assert_eq!(seen, [3, 1], "nothing is reported twice");
+    for i in 0..40 {
+        let _ = dpm.execute(Request::FenceKn { kn_id: i % 4 }, &mut scratch);
+    }
+    seen.clear();
+    let missed = dpm.fenced_since(&mut cursor, |kn| seen.push(kn));
+    assert_eq!(missed, 8);
+    assert_eq!(seen.len(), 32);
+    assert_eq!(seen.last(), Some(&3));
+}
