@@ -32,6 +32,7 @@
 
 pub mod clover;
 pub mod dinomo_n;
+mod replication;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,6 +17,7 @@ use dinomo_shared::slot::{key_slot, SLOTS};
 
 use crate::error::KvError;
 use crate::ownership::{shard_of, SlotMap};
+use crate::replica::{ReplicaRoutes, ReplicaView, Replicas};
 use crate::shard::{validate_key, Msg, Reply, Request};
 
 /// Words of the moving-slots bitset.
@@ -31,6 +32,7 @@ pub struct Router {
     /// One bit per slot; read with a relaxed-cost atomic load on every request, written only
     /// by reconfiguration (no lock on the hot path).
     moving: Box<[AtomicU64]>,
+    replicas: ReplicaRoutes,
 }
 
 impl Router {
@@ -39,6 +41,7 @@ impl Router {
             map: RwLock::new(map),
             kns: RwLock::new(Vec::new()),
             moving: (0..MOVING_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            replicas: ReplicaRoutes::default(),
         }
     }
 
@@ -65,6 +68,27 @@ impl Router {
 
     pub fn set_map(&self, map: Arc<SlotMap>) {
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Publishes the replicated keys: from now on clients send each to one of its replicas.
+    pub fn set_replicas(&self, table: Arc<Replicas>) {
+        self.replicas.publish(table);
+    }
+
+    /// The replicated keys as published.
+    pub fn replicas(&self) -> Arc<Replicas> {
+        self.replicas.table()
+    }
+
+    /// The queue of the shard of replica KN `kn` that serves replicated `key`.
+    fn route_replica(&self, kn: u16, key: &[u8]) -> Result<Sender<Msg>, KvError> {
+        let slot = key_slot(key);
+        let kns = self.kns.read().unwrap_or_else(|e| e.into_inner());
+        let shards = kns
+            .get(kn as usize)
+            .filter(|s| !s.is_empty())
+            .ok_or(KvError::ShuttingDown)?;
+        Ok(shards[shard_of(slot, shards.len())].clone())
     }
 
     /// Marks `slots` as moving: requests for them get [`KvError::TryAgain`] until
@@ -137,6 +161,7 @@ pub struct Client {
     max_value: usize,
     retry_for: Duration,
     ignore_moving: bool,
+    replicas: ReplicaView,
 }
 
 impl Client {
@@ -152,6 +177,7 @@ impl Client {
             max_value,
             retry_for: DEFAULT_RETRY_FOR,
             ignore_moving: false,
+            replicas: ReplicaView::new(),
         }
     }
 
@@ -173,7 +199,11 @@ impl Client {
     }
 
     fn send(&mut self, key: &[u8], op: Request) -> Result<u64, KvError> {
-        let shard = self.router.route(&self.map, key, self.ignore_moving)?;
+        self.replicas.refresh(&self.router.replicas);
+        let shard = match self.replicas.pick(key) {
+            Some(kn) => self.router.route_replica(kn, key)?,
+            None => self.router.route(&self.map, key, self.ignore_moving)?,
+        };
         self.next_tag += 1;
         let tag = self.next_tag;
         let sent = shard.send(Msg::Req {
@@ -220,9 +250,11 @@ impl Client {
                         return Err(e);
                     }
                     let fresh = self.router.map();
-                    let changed = !Arc::ptr_eq(&fresh, &self.map);
+                    let changed = !Arc::ptr_eq(&fresh, &self.map)
+                        || self.replicas.is_stale(&self.router.replicas);
                     self.map = fresh;
-                    // A new map is worth trying at once; otherwise wait for the move to end.
+                    // A new map (or replica table) is worth trying at once; otherwise wait
+                    // for the move to end.
                     if !changed || matches!(e, KvError::TryAgain { .. }) {
                         std::thread::sleep(*pause);
                         *pause = (*pause * 2).min(RETRY_PAUSE_MAX);

@@ -26,6 +26,8 @@ pub enum KvError {
     Fabric(String),
     #[error("data read from the memory node failed validation: {0}")]
     Corrupt(String),
+    #[error("replication: {0}")]
+    Replication(String),
     #[error("the node is shutting down")]
     ShuttingDown,
 }

@@ -114,6 +114,23 @@ impl Kn {
         Ok(())
     }
 
+    /// The KN's hottest keys since the last call (each shard's sampled top-k, merged),
+    /// hottest first.
+    pub fn hot_keys(&self) -> Vec<(Vec<u8>, u64)> {
+        let mut all = Vec::new();
+        for tx in &self.senders {
+            let (htx, hrx) = mpsc::channel();
+            if tx.send(Msg::HotKeys(htx)).is_ok() {
+                if let Ok(h) = hrx.recv() {
+                    all.extend(h);
+                }
+            }
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(crate::replica::HOT_KEYS);
+        all
+    }
+
     /// Installs a new cluster map on every shard.
     pub fn set_map(&self, map: &Arc<SlotMap>) {
         for tx in &self.senders {

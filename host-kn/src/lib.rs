@@ -10,6 +10,7 @@ pub mod kn;
 pub mod log;
 pub mod ownership;
 pub mod reader;
+pub mod replica;
 pub mod shard;
 
 pub use client::{Client, Router};

@@ -134,6 +134,18 @@ impl IndexReader {
         key: &[u8],
         erefs: &[EntryRef],
     ) -> Result<Option<FoundEntry>, KvError> {
+        Ok(self.fetch_op(f, key, erefs, false)?.map(|(e, _)| e))
+    }
+
+    /// [`IndexReader::fetch`] that also accepts a delete of `key` when `deletes` is set
+    /// (an indirect cell may name one); returns the entry's op with it.
+    pub fn fetch_op<F: Fabric + ?Sized>(
+        &mut self,
+        f: &mut F,
+        key: &[u8],
+        erefs: &[EntryRef],
+        deletes: bool,
+    ) -> Result<Option<(FoundEntry, Op)>, KvError> {
         let erefs = &erefs[..erefs.len().min(3)];
         for attempt in 0..2 {
             let total: usize = erefs.iter().map(|r| r.len() as usize).sum();
@@ -195,13 +207,18 @@ impl IndexReader {
                 };
                 let bytes = &f.buf(self.entries)[at..at + len];
                 match entry::decode(bytes, salt) {
-                    Ok(e) if e.len == len && e.key == key && e.op == Op::Put => {
+                    Ok(e)
+                        if e.len == len
+                            && e.key == key
+                            && (e.op == Op::Put || (deletes && e.op == Op::Delete)) =>
+                    {
                         let value_at = at + entry::ENTRY_HEADER_SIZE + key.len();
-                        return Ok(Some(FoundEntry {
+                        let found = FoundEntry {
                             eref: *r,
                             value_at,
                             value_len: e.value.len(),
-                        }));
+                        };
+                        return Ok(Some((found, e.op)));
                     }
                     Ok(_) => {}
                     Err(entry::EntryError::BadChecksum) if blocks[i].1 == u32::MAX => {

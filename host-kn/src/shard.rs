@@ -28,6 +28,7 @@ use crate::error::KvError;
 use crate::log::{AppendError, LogArea, ShardLog};
 use crate::ownership::{shard_of, SlotMap};
 use crate::reader::IndexReader;
+use crate::replica::{HotKeys, ReplicaCtl, ReplicaStats, Replicas, ShardReplicas};
 
 /// How a shard behaves.
 #[derive(Clone, Debug)]
@@ -152,6 +153,14 @@ pub enum Request {
     Delete { key: Vec<u8> },
 }
 
+impl Request {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Self::Get { key } | Self::Put { key, .. } | Self::Delete { key } => key,
+        }
+    }
+}
+
 /// The answer to a request: the value for a get (None: absent), None for writes.
 #[derive(Debug)]
 pub struct Reply {
@@ -219,6 +228,12 @@ pub enum Msg {
     Sync(Sender<Result<(), KvError>>),
     /// Flush, close the log (the DPM merges it to its tail) and exit.
     Stop,
+    /// The replicated keys: this shard serves those of its slots listed for its KN.
+    SetReplicas(Arc<Replicas>),
+    /// Allocate or free a replicated key's cell (sent to the owning shard).
+    Replica(ReplicaCtl),
+    /// The shard's hottest keys since the last such request.
+    HotKeys(Sender<Vec<(Vec<u8>, u64)>>),
 }
 
 /// What handing over slots cost one shard.
@@ -256,6 +271,7 @@ pub struct ShardStats {
     pub busy_ns: u64,
     pub fabric: FabricCounters,
     pub cache: DacStats,
+    pub replica: ReplicaStats,
 }
 
 impl ShardStats {
@@ -279,6 +295,7 @@ impl ShardStats {
         self.unmerged += o.unmerged;
         self.busy_ns += o.busy_ns;
         self.fabric.add(&o.fabric);
+        self.replica.add(&o.replica);
         self.cache.values += o.cache.values;
         self.cache.shortcuts += o.cache.shortcuts;
         self.cache.value_bytes += o.cache.value_bytes;
@@ -311,6 +328,7 @@ impl ShardStats {
             unmerged: self.unmerged,
             busy_ns: self.busy_ns - e.busy_ns,
             fabric: self.fabric.since(&e.fabric),
+            replica: self.replica.since(&e.replica),
             cache: DacStats {
                 promotions: self.cache.promotions - e.cache.promotions,
                 demotions: self.cache.demotions - e.cache.demotions,
@@ -336,6 +354,8 @@ struct Pending {
     seq: u64,
     reply: ReplyTo,
     tag: u64,
+    /// A write of a replicated key: published through its cell, not cached.
+    replicated: bool,
 }
 
 /// One shard of a KN.
@@ -359,6 +379,8 @@ pub struct Shard<F: Fabric> {
     stats: ShardStats,
     misses_since_cost: u64,
     miss_rts_since_cost: u64,
+    replicas: ShardReplicas,
+    hot: HotKeys,
 }
 
 /// Reads the region's geometry through the fabric (one READ of the superblock).
@@ -416,6 +438,7 @@ impl<F: Fabric> Shard<F> {
         let (b, s) = log.current_block();
         reader.learn_salt(b, s);
         let cache = DacCache::new(cfg.cache.clone());
+        let replicas = ShardReplicas::new(&mut f)?;
         Ok(Self {
             cfg,
             f,
@@ -433,6 +456,8 @@ impl<F: Fabric> Shard<F> {
             stats: ShardStats::default(),
             misses_since_cost: 0,
             miss_rts_since_cost: 0,
+            replicas,
+            hot: HotKeys::default(),
         })
     }
 
@@ -447,6 +472,7 @@ impl<F: Fabric> Shard<F> {
         s.fabric = *self.f.counters();
         s.cache = self.cache.stats();
         s.unmerged = self.unmerged.len() as u64;
+        s.replica = self.replicas.stats;
         s
     }
 
@@ -473,7 +499,10 @@ impl<F: Fabric> Shard<F> {
 
     /// Serves one get.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.check_owner(key)?;
+        let replicated = self.replicas.serves(key);
+        if !replicated {
+            self.check_owner(key)?;
+        }
         self.stats.gets += 1;
         if !self.staged_hashes.is_empty()
             && self
@@ -483,7 +512,13 @@ impl<F: Fabric> Shard<F> {
             self.flush();
         }
         let t0 = self.rts();
-        let r = self.get_inner(key);
+        let r = if replicated {
+            let timeout = self.cfg.timeout;
+            self.replicas
+                .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)
+        } else {
+            self.get_inner(key)
+        };
         self.stats.read_rts += self.rts() - t0;
         r
     }
@@ -577,6 +612,7 @@ impl<F: Fabric> Shard<F> {
         self.staged_hashes
             .insert(dinomo_shared::hash::key_hash(&key));
         self.first_staged.get_or_insert_with(Instant::now);
+        let replicated = self.replicas.serves(&key);
         self.pending.push(Pending {
             key,
             value,
@@ -584,6 +620,7 @@ impl<F: Fabric> Shard<F> {
             seq,
             reply,
             tag,
+            replicated,
         });
         if self.log.staged_bytes() >= self.cfg.batch_bytes
             || self.log.staged_entries() >= self.cfg.batch_entries
@@ -594,7 +631,9 @@ impl<F: Fabric> Shard<F> {
 
     /// Appends the entry to the staged batch; returns its seq and where it will live.
     fn stage(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(u64, EntryRef), KvError> {
-        self.check_owner(key)?;
+        if !self.replicas.serves(key) {
+            self.check_owner(key)?;
+        }
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
@@ -669,7 +708,13 @@ impl<F: Fabric> Shard<F> {
             Ok(fl) => {
                 self.stats.flushes += 1;
                 self.stats.flushed_entries += fl.entries;
+                let published = self.publish_replicated();
                 for p in self.pending.drain(..) {
+                    if p.replicated {
+                        let result = published.clone().map(|()| None);
+                        p.reply.send(Reply { tag: p.tag, result });
+                        continue;
+                    }
                     let key: Rc<[u8]> = Rc::from(p.key);
                     match &p.value {
                         Some(v) => self.cache.on_write(&key, v, p.eref),
@@ -698,6 +743,107 @@ impl<F: Fabric> Shard<F> {
                 }
             }
         }
+    }
+
+    /// Swaps the cells of the batch's replicated writes (now durable) to their entries.
+    fn publish_replicated(&mut self) -> Result<(), KvError> {
+        if !self.pending.iter().any(|p| p.replicated) {
+            return Ok(());
+        }
+        for p in &self.pending {
+            if p.replicated {
+                self.replicas
+                    .stage_flushed(&p.key, p.eref, p.value.as_deref());
+            }
+        }
+        let t0 = self.rts();
+        let r = self
+            .replicas
+            .publish(&mut self.f, &self.geo, self.cfg.timeout);
+        self.stats.write_rts += self.rts() - t0;
+        r
+    }
+
+    /// See [`ReplicaCtl::Begin`]: the key's newest version gets a reference the DPM can
+    /// put in a cell (its own unmerged entry, its index entry, or a new delete entry).
+    fn begin_replication(&mut self, key: &[u8]) -> Result<u32, KvError> {
+        self.check_owner(key)?;
+        if self.replicas.serves(key) {
+            return Err(KvError::Replication("the key is already replicated".into()));
+        }
+        self.flush();
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let t0 = self.rts();
+        let newest = match self.unmerged.get(key) {
+            Some(u) => u.eref,
+            None => self
+                .reader
+                .lookup(&mut self.f, key)?
+                .map(|found| found.eref),
+        };
+        let eref = match newest {
+            Some(r) => r,
+            None => {
+                let (_, r) = self.stage(key, None)?;
+                self.flush();
+                if let Some(e) = &self.broken {
+                    return Err(e.clone());
+                }
+                r
+            }
+        };
+        let req = dinomo_shared::msg::Request::AllocCell {
+            log_id: self.log.log_id,
+            generation: self.log.generation,
+            eref: eref.0,
+        };
+        let mut id = 1 << 28;
+        let reply = crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout);
+        self.stats.maintenance_rts += self.rts() - t0;
+        let (cell, eref) = match reply? {
+            dinomo_shared::msg::Response::CellAllocated { cell, eref } => (cell, eref),
+            r => {
+                return Err(KvError::Corrupt(format!(
+                    "unexpected reply {r:?} to AllocCell"
+                )))
+            }
+        };
+        self.cache.remove(key);
+        self.unmerged.remove(key);
+        self.replicas.adopt(key, cell, eref);
+        Ok(cell)
+    }
+
+    /// See [`ReplicaCtl::End`].
+    fn end_replication(&mut self, key: &[u8]) -> Result<(), KvError> {
+        let Some(cell) = self.replicas.cell_of(key) else {
+            return Err(KvError::Replication("the key is not replicated".into()));
+        };
+        self.sync()?;
+        let mut id = 1 << 28;
+        let req = dinomo_shared::msg::Request::FreeCell { cell };
+        match crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)? {
+            dinomo_shared::msg::Response::CellFreed { .. } => {}
+            r => {
+                return Err(KvError::Corrupt(format!(
+                    "unexpected reply {r:?} to FreeCell"
+                )))
+            }
+        }
+        self.replicas.forget(key);
+        self.cache.remove(key);
+        Ok(())
+    }
+
+    /// Installs the replicated keys (flushing first if this shard stops serving one).
+    pub fn set_replicas(&mut self, table: Arc<Replicas>) {
+        if self.replicas.drops_any(&table, self.cfg.kn_id) {
+            self.flush();
+        }
+        let (kn, shard, shards) = (self.cfg.kn_id, self.cfg.shard, self.cfg.shards);
+        self.replicas.install(table, kn, shard, shards);
     }
 
     /// See [`Msg::Sync`].
@@ -891,11 +1037,22 @@ impl<F: Fabric> Shard<F> {
                 let _ = tx.send(r);
             }
             Msg::Stop => return false,
+            Msg::SetReplicas(t) => self.set_replicas(t),
+            Msg::Replica(ReplicaCtl::Begin { key, reply }) => {
+                let _ = reply.send(self.begin_replication(&key));
+            }
+            Msg::Replica(ReplicaCtl::End { key, reply }) => {
+                let _ = reply.send(self.end_replication(&key));
+            }
+            Msg::HotKeys(tx) => {
+                let _ = tx.send(self.hot.take());
+            }
         }
         true
     }
 
     fn request(&mut self, op: Request, tag: u64, reply: ReplyTo) {
+        self.hot.observe(op.key());
         match op {
             Request::Get { key } => {
                 let result = self.get(&key);
