@@ -181,6 +181,12 @@ impl Client {
         }
     }
 
+    /// Which replica this client sends replicated keys to: the `choice`-th of each key's
+    /// replicas, modulo their number (by default, clients take turns).
+    pub fn set_replica_choice(&mut self, choice: usize) {
+        self.replicas.choice = choice;
+    }
+
     /// Largest value accepted.
     pub fn max_value(&self) -> usize {
         self.max_value

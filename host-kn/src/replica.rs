@@ -103,7 +103,7 @@ pub(crate) struct ReplicaView {
     table: Arc<Replicas>,
     /// The routes' version `table` was taken at (`u64::MAX`: never taken).
     version: u64,
-    choice: usize,
+    pub(crate) choice: usize,
 }
 
 static NEXT_CHOICE: AtomicU64 = AtomicU64::new(0);

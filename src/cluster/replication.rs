@@ -126,6 +126,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The KN owning `key`'s slot under the current map.
+    pub fn owner_of(&self, key: &[u8]) -> u16 {
+        self.router.map().owner(key_slot(key))
+    }
+
     /// The replicated keys.
     pub fn replicated(&self) -> Vec<Vec<u8>> {
         let mut keys: Vec<Vec<u8>> = self
