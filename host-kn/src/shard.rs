@@ -776,44 +776,64 @@ impl<F: Fabric> Shard<F> {
             return Err(e.clone());
         }
         let t0 = self.rts();
-        let newest = match self.unmerged.get(key) {
-            Some(u) => u.eref,
-            None => self
-                .reader
-                .lookup(&mut self.f, key)?
-                .map(|found| found.eref),
+        let allocated = self.alloc_cell(key);
+        self.stats.maintenance_rts += self.rts() - t0;
+        let (cell, eref) = allocated?;
+        self.cache.remove(key);
+        self.unmerged.remove(key);
+        self.replicas.adopt(key, cell, eref);
+        Ok(cell)
+    }
+
+    /// Names the newest version of `key` by an entry in this shard's log (the DPM takes a
+    /// cell only for an entry of the asking log) and asks the DPM for the key's cell.
+    fn alloc_cell(&mut self, key: &[u8]) -> Result<(u32, u64), KvError> {
+        if let Some(u) = self.unmerged.get(key) {
+            let eref = match u.eref {
+                Some(r) => r,
+                None => self.append_now(key, None)?,
+            };
+            return self.request_cell(eref);
+        }
+        let Some(found) = self.reader.lookup(&mut self.f, key)? else {
+            let eref = self.append_now(key, None)?;
+            return self.request_cell(eref);
         };
-        let eref = match newest {
-            Some(r) => r,
-            None => {
-                let (_, r) = self.stage(key, None)?;
-                self.flush();
-                if let Some(e) = &self.broken {
-                    return Err(e.clone());
-                }
-                r
+        let value = self.value_of(found.value_at, found.value_len);
+        match self.request_cell(found.eref) {
+            // The index entry is in another log (an earlier owner's, or an earlier
+            // generation of this one): write the same value again into this log.
+            Err(KvError::Dpm(dinomo_shared::ErrorCode::InvalidArgument)) => {
+                let eref = self.append_now(key, Some(&value))?;
+                self.request_cell(eref)
             }
-        };
+            r => r,
+        }
+    }
+
+    /// Appends an entry of `key` and makes it durable at once.
+    fn append_now(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<EntryRef, KvError> {
+        let (_, eref) = self.stage(key, value)?;
+        self.flush();
+        match &self.broken {
+            Some(e) => Err(e.clone()),
+            None => Ok(eref),
+        }
+    }
+
+    fn request_cell(&mut self, eref: EntryRef) -> Result<(u32, u64), KvError> {
         let req = dinomo_shared::msg::Request::AllocCell {
             log_id: self.log.log_id,
             generation: self.log.generation,
             eref: eref.0,
         };
         let mut id = 1 << 28;
-        let reply = crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout);
-        self.stats.maintenance_rts += self.rts() - t0;
-        let (cell, eref) = match reply? {
-            dinomo_shared::msg::Response::CellAllocated { cell, eref } => (cell, eref),
-            r => {
-                return Err(KvError::Corrupt(format!(
-                    "unexpected reply {r:?} to AllocCell"
-                )))
-            }
-        };
-        self.cache.remove(key);
-        self.unmerged.remove(key);
-        self.replicas.adopt(key, cell, eref);
-        Ok(cell)
+        match crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)? {
+            dinomo_shared::msg::Response::CellAllocated { cell, eref } => Ok((cell, eref)),
+            r => Err(KvError::Corrupt(format!(
+                "unexpected reply {r:?} to AllocCell"
+            ))),
+        }
     }
 
     /// See [`ReplicaCtl::End`].
