@@ -94,6 +94,26 @@ impl Cluster {
     /// drop it and merge their logs, then the owner has the DPM free the cell (its entry
     /// goes back into the index) and serves the key as an ordinary owned key.
     pub fn dereplicate(&mut self, key: &[u8]) -> Result<(), ClusterError> {
+        self.end_replication(key)
+    }
+
+    /// Ends the replication of every key whose replica set `ends` says must change (before
+    /// its owner loses its slot, or a replica KN stops).
+    #[allow(dead_code)]
+    pub(crate) fn dereplicate_where(
+        &self,
+        ends: impl Fn(&[u8], &ReplicaSet) -> bool,
+    ) -> Result<(), ClusterError> {
+        let table = self.router.replicas();
+        for (key, set) in table.iter() {
+            if ends(key, set) {
+                self.end_replication(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_replication(&self, key: &[u8]) -> Result<(), ClusterError> {
         let table = self.router.replicas();
         let set = table
             .get(key)
