@@ -43,7 +43,7 @@ use dinomo_hw::heap::{HeapPersist, HeapRegion};
 use dinomo_hw::CpuPersist;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::geometry::{FormatParams, Geometry};
-use dinomo_shared::slot::SLOTS;
+use dinomo_shared::slot::{key_slot, SLOTS};
 use dpm_fw::runner::{DpmService, ServeConfig};
 use dpm_fw::Dpm;
 use host_kn::dac::{CachePolicy, DacConfig};
@@ -318,6 +318,8 @@ impl Cluster {
                 next.owner(slot)
             )));
         }
+        // A replicated key's cell belongs to its owner: end the replication first.
+        self.dereplicate_where(|key, set| next.owner(key_slot(key)) != set.owner)?;
         let moving: Vec<u16> = (0..SLOTS)
             .filter(|&s| cur.owner(s) != next.owner(s))
             .collect();
@@ -407,6 +409,7 @@ impl Cluster {
                 "KN {kn} still owns {owned} slots"
             )));
         }
+        self.dereplicate_where(|_, set| set.kns.contains(&kn))?;
         self.router.remove_kn(kn);
         let k = self.kns.remove(at);
         self.retired.add(&k.stop());

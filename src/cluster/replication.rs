@@ -99,7 +99,6 @@ impl Cluster {
 
     /// Ends the replication of every key whose replica set `ends` says must change (before
     /// its owner loses its slot, or a replica KN stops).
-    #[allow(dead_code)]
     pub(crate) fn dereplicate_where(
         &self,
         ends: impl Fn(&[u8], &ReplicaSet) -> bool,
