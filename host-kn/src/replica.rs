@@ -3,8 +3,9 @@
 //! A replicated key has one 8-byte cell in the DPM holding the packed reference of its
 //! newest entry; while the cell is active the DPM's merger leaves the key out of the index.
 //! Every replica KN may serve the key:
-//! - a read READs the cell (1 RT); if it equals the reference the shard cached for the key,
-//!   the cached value is the answer, else the entry is READ (1 RT more) and cached;
+//! - a read READs the cell (1 RT, with a FLUSH of the cell behind it so that nothing read
+//!   can be lost); if it equals the reference the shard cached for the key, the cached
+//!   value is the answer, else the entry is READ (1 RT more) and cached;
 //! - a write is staged and flushed with the shard's batch like any other, then the cell is
 //!   swapped from the last reference this shard saw to the new one by CAS (retried with the
 //!   value the failed CAS returned: the last CAS wins, and a write takes effect at its CAS),
@@ -330,19 +331,25 @@ impl ShardReplicas {
         cell: u32,
         timeout: Duration,
     ) -> Result<u64, KvError> {
-        let wr = [(
-            0,
-            WorkRequest::Read {
-                remote: geo.indirect_off(cell as u64),
-                local: self.cell_buf.slice(0, 8),
-            },
-        )];
-        let mut out = [done(0, Verb::Read)];
+        // The FLUSH behind the READ makes what was read durable before it is returned (a
+        // writer's CAS is visible before its own FLUSH completes): same round trip.
+        let remote = geo.indirect_off(cell as u64);
+        let wr = [
+            (
+                0,
+                WorkRequest::Read {
+                    remote,
+                    local: self.cell_buf.slice(0, 8),
+                },
+            ),
+            (1, WorkRequest::Flush { remote, len: 8 }),
+        ];
+        let mut out = [done(0, Verb::Read), done(1, Verb::Flush)];
         execute(f, &wr, &mut out, timeout)?;
-        if out[0].status != CompletionStatus::Success {
+        if let Some(bad) = out.iter().find(|c| c.status != CompletionStatus::Success) {
             return Err(KvError::Fabric(format!(
                 "reading cell {cell}: {}",
-                out[0].status
+                bad.status
             )));
         }
         let mut w = [0u8; 8];
