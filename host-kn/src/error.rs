@@ -30,6 +30,11 @@ pub enum KvError {
     Replication(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The lease lapsed while a batch was being written: the manager may have fenced this
+    /// node first, in which case the memory node never merges the batch. Its outcome is
+    /// unknown, and the node writes nothing more.
+    #[error("this node's lease lapsed during the write: its outcome is unknown")]
+    LeaseLapsed,
 }
 
 impl KvError {

@@ -702,6 +702,16 @@ impl<F: Fabric> Shard<F> {
         let t0 = self.rts();
         let r = self.log.flush(&mut self.f);
         self.stats.write_rts += self.rts() - t0;
+        // A shard paused between its lease check and its WRITE can land the batch after the
+        // manager fenced this KN, and the memory node never merges past a fence. So the batch
+        // is acknowledged (and replicated keys' cells swapped to it) only if the lease still
+        // holds now: it was renewed, hence never expired, hence no fence came before the WRITE.
+        let r = match r {
+            Ok(_) if self.cfg.lease.as_ref().is_some_and(|l| !l.wait_valid()) => {
+                Err(KvError::LeaseLapsed)
+            }
+            r => r,
+        };
         self.staged_hashes.clear();
         self.first_staged = None;
         match r {
