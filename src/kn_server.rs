@@ -28,7 +28,8 @@ use host_kn::shard::{LeaseGate, Msg, ReplyFn, Request};
 use host_kn::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::manager::{MapMsg, MgrClient, MgrReply, MgrRequest};
+use crate::latency::LatencyHist;
+use crate::manager::{LoadReport, MapMsg, MgrClient, MgrReply, MgrRequest};
 use crate::resp::{parse_command, Limits, Out, Proto};
 
 /// How a KN process runs.
@@ -111,6 +112,12 @@ struct Shared {
     max_value: usize,
     limits: Limits,
     fenced: AtomicBool,
+    /// The manager asked this KN to leave (`remove_kn`).
+    drain: AtomicBool,
+    /// Latency of requests in the connection tasks, drained at every renewal.
+    latency: LatencyHist,
+    /// Hands each connection its histogram stripe.
+    conns: AtomicU64,
 }
 
 impl Shared {
@@ -228,6 +235,9 @@ pub fn run(
             ..Limits::default()
         },
         fenced: AtomicBool::new(false),
+        drain: AtomicBool::new(false),
+        latency: LatencyHist::default(),
+        conns: AtomicU64::new(0),
     });
     set_lease(&shared, registered_at, lease);
 
@@ -310,7 +320,10 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     let view = View::new(msg);
     let map = Arc::clone(&view.map);
     shared.set_view(view);
+    let (mut release_us, mut entries_merged) = (0, 0);
     if new_map {
+        let t0 = Instant::now();
+        let unmerged_before = shared.stats().unmerged;
         for tx in &shared.shards {
             let _ = tx.send(Msg::SetMap(Arc::clone(&map)));
         }
@@ -331,19 +344,40 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
                 }
             }
         }
+        release_us = t0.elapsed().as_micros() as u64;
+        // Own writes the merge took out of the shards' unmerged-writes maps.
+        entries_merged = unmerged_before.saturating_sub(shared.stats().unmerged);
         tracing::info!(
             kn_id = shared.kn_id,
             epoch,
             slots = map.slots_of(shared.kn_id),
+            release_us,
+            entries_merged,
             "installed cluster map"
         );
     }
     match mgr.call(&MgrRequest::Ack {
         kn_id: shared.kn_id,
         epoch,
+        release_us,
+        entries_merged,
     })? {
         MgrReply::Lease { .. } => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
+    }
+}
+
+/// This KN's load since `since` (which it resets): ops/s and p99 from the connection
+/// tasks' histogram. Occupancy needs the shards' busy time, which they do not count yet: 0.
+fn load_report(shared: &Shared, since: &mut Instant) -> LoadReport {
+    let lat = shared.latency.take();
+    let secs = since.elapsed().as_secs_f64().max(1e-3);
+    *since = Instant::now();
+    LoadReport {
+        ops_per_sec: lat.count as f64 / secs,
+        occupancy: 0.0,
+        p99_us: lat.p99.as_micros() as u64,
+        hot_keys: Vec::new(),
     }
 }
 
@@ -359,6 +393,7 @@ fn heartbeat(
 ) -> Option<MgrClient> {
     let every = lease / 4;
     let mut last = Instant::now();
+    let mut last_report = Instant::now();
     let mut conn = Some(mgr);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10).min(every));
@@ -383,14 +418,24 @@ fn heartbeat(
                 Err(_) => continue,
             },
         };
+        let load = load_report(shared, &mut last_report);
         let sent = Instant::now();
         let r = m.call(&MgrRequest::Renew {
             kn_id: shared.kn_id,
             lease_epoch,
+            load: Some(load),
         });
         match r {
-            Ok(MgrReply::Lease { epoch, settled, .. }) => {
+            Ok(MgrReply::Lease {
+                epoch,
+                settled,
+                drain,
+                ..
+            }) => {
                 set_lease(shared, sent, lease);
+                if drain && !shared.drain.swap(true, Ordering::AcqRel) {
+                    tracing::info!(kn_id = shared.kn_id, "asked to leave: draining");
+                }
                 let v = shared.view();
                 let moving = v.moving.iter().any(|&b| b);
                 if v.map.epoch() != epoch || (moving && settled) || !v.msg.settled && settled {
@@ -434,7 +479,10 @@ async fn accept_loop(
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
             _ = tick.tick() => {
-                if stop.load(Ordering::Acquire) || shared.fenced.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire)
+                    || shared.fenced.load(Ordering::Acquire)
+                    || shared.drain.load(Ordering::Acquire)
+                {
                     return Ok(());
                 }
             }
@@ -452,6 +500,7 @@ struct Conn {
 
 async fn connection(shared: Arc<Shared>, mut sock: tokio::net::TcpStream) {
     let version = shared.version.load(Ordering::Acquire);
+    let stripe = shared.conns.fetch_add(1, Ordering::Relaxed) as usize;
     let mut c = Conn {
         view: shared.view(),
         shared,
@@ -471,7 +520,10 @@ async fn connection(shared: Arc<Shared>, mut sock: tokio::net::TcpStream) {
                     if args.is_empty() {
                         continue;
                     }
-                    if c.exec(&args, &mut out).await {
+                    let t0 = Instant::now();
+                    let quit = c.exec(&args, &mut out).await;
+                    c.shared.latency.record(stripe, t0.elapsed());
+                    if quit {
                         close = true;
                         break;
                     }

@@ -9,9 +9,11 @@ pub use host_kn;
 
 pub mod bench;
 pub mod cluster;
+pub mod ctl;
 pub mod fabric_bench;
 pub mod inspect;
 pub mod kn_server;
+pub mod latency;
 pub mod lincheck;
 pub mod manager;
 pub mod policy;

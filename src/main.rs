@@ -39,6 +39,8 @@ enum Command {
     Manager(ManagerArgs),
     /// A whole local cluster (DPM, manager, N KNs as child processes); Ctrl-C stops it.
     Up(UpArgs),
+    /// Operate a running cluster through its manager: status, add-kn, remove-kn, rebalance.
+    Ctl(CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +79,66 @@ struct ManagerArgs {
     /// Virtual nodes per KN on the hash ring.
     #[arg(long, default_value_t = host_kn::ownership::DEFAULT_VNODES)]
     vnodes: u32,
+    /// The `dinomo` executable to start new KNs with (`dinomo ctl add-kn`, the policy);
+    /// without it the manager cannot start KNs. `dinomo up` passes it.
+    #[arg(long)]
+    kn_exe: Option<PathBuf>,
+    /// Host KNs started by the manager listen on (any free port).
+    #[arg(long, default_value = "127.0.0.1")]
+    kn_host: String,
+    /// Shards of KNs started by the manager.
+    #[arg(long, default_value_t = 2)]
+    kn_threads: u16,
+    /// Connection threads of KNs started by the manager.
+    #[arg(long, default_value_t = 2)]
+    kn_io_threads: usize,
+    /// Cache of KNs started by the manager, e.g. 64M.
+    #[arg(long, default_value = "64M")]
+    kn_cache: String,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  dinomo ctl status                      KNs (slots, lease, load), map epoch, recent reconfigurations
+  dinomo ctl add-kn                      the manager starts a new KN; slots move to it
+  dinomo ctl remove-kn 2                 KN 2 merges its logs, leaves, its slots move
+  dinomo ctl rebalance                   recompute the map over the live KNs
+  dinomo ctl rebalance --slots 0-99 --to 1
+
+Reconfigurations show: slots moved, SETTLE_MS (publish to settled: how long moving slots
+were refused), RELEASE_MS (the slowest old owner's flush + merge), MERGED (own writes merged).
+Exit code 0 on success, 1 when the manager is unreachable or refuses (e.g. unknown KN).")]
+struct CtlArgs {
+    /// Manager address.
+    #[arg(long, default_value = "127.0.0.1:7000", global = true)]
+    manager: String,
+    /// Print the manager's reply as JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlSub,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlSub {
+    /// KNs, the map, and the recent reconfigurations with their measurements.
+    Status,
+    /// Start a new KN (the manager spawns it) and move slots to it.
+    AddKn,
+    /// Drain KN `ID`: it merges its logs and leaves; its slots move to the others.
+    RemoveKn {
+        /// KN id (see `status`).
+        id: u16,
+    },
+    /// Recompute the map over the live KNs, or move one slot range to one KN.
+    Rebalance {
+        /// Slot range FIRST-LAST to move (needs --to).
+        #[arg(long, value_parser = dinomo::ctl::parse_slot_range, requires = "to")]
+        slots: Option<(u16, u16)>,
+        /// KN to move --slots to.
+        #[arg(long, requires = "slots")]
+        to: Option<u16>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kn(a) => kn(a),
         Command::Manager(a) => manager(a),
         Command::Up(a) => up(a),
+        Command::Ctl(a) => ctl(a),
     }
 }
 
@@ -268,6 +331,10 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
     if a.lease_ms < 100 {
         return Err(Usage(format!("--lease-ms {} is below 100", a.lease_ms)).into());
     }
+    if a.kn_threads == 0 || a.kn_threads > 64 {
+        return Err(Usage(format!("--kn-threads {} is outside 1..=64", a.kn_threads)).into());
+    }
+    parse_size(&a.kn_cache).map_err(|e| Usage(format!("--kn-cache: {e}")))?;
     install_stop_handler()?;
     let cfg = dinomo::manager::ManagerConfig {
         region: a.dpm,
@@ -275,6 +342,13 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         lease: std::time::Duration::from_millis(a.lease_ms),
         vnodes: a.vnodes,
         connect_timeout: std::time::Duration::from_secs(30),
+        spawn: a.kn_exe.map(|exe| dinomo::manager::SpawnConfig {
+            exe,
+            host: a.kn_host,
+            threads: a.kn_threads,
+            io_threads: a.kn_io_threads,
+            cache: a.kn_cache,
+        }),
     };
     let (m, listener) = dinomo::manager::start(cfg)?;
     {
@@ -283,6 +357,20 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
     }
     dinomo::manager::serve(&m, listener, &STOP)?;
+    m.stop_spawned(std::time::Duration::from_secs(20));
+    Ok(())
+}
+
+fn ctl(a: CtlArgs) -> anyhow::Result<()> {
+    use dinomo::ctl::CtlCommand;
+    let cmd = match a.command {
+        CtlSub::Status => CtlCommand::Status,
+        CtlSub::AddKn => CtlCommand::AddKn,
+        CtlSub::RemoveKn { id } => CtlCommand::RemoveKn(id),
+        CtlSub::Rebalance { slots, to } => CtlCommand::Rebalance(slots.zip(to)),
+    };
+    let out = dinomo::ctl::run(&a.manager, &cmd, a.json)?;
+    print!("{out}");
     Ok(())
 }
 

@@ -15,6 +15,16 @@
 //! | `ack` | `kn_id`, `epoch` | `lease` |
 //! | `map` | — | `map`: `epoch`, `settled`, `kns` (`[id, addr]`), `ranges` and `moving` (`[first, last, kn]`) |
 //! | `leave` | `kn_id` | `ok` |
+//! | `status` | — | `status`: KNs (`kn_id`, `addr`, `lease_ms_left`, `slots`, `acked_epoch`, `draining`, `load`), `epoch`, `settled`, `reconfigs` |
+//! | `add_kn` | — | `added`: `kn_id`, `addr`, `reconfig` (once its map settled) |
+//! | `remove_kn` | `kn_id` | `removed`: `kn_id`, `reconfig` (once it left and the map settled) |
+//! | `rebalance` | optional `slots` (`[first, last]`) and `to` (a KN) | `rebalanced`: `reconfig` (`null`: nothing to move) |
+//!
+//! `renew` may carry a `load` report (ops/s, occupancy, p99 latency, hot keys) and `ack`
+//! the KN's measurements of installing that map (`release_us`: flush + merge of its logs,
+//! `entries_merged`). `lease` replies carry `drain`: the KN was asked to leave (`remove_kn`)
+//! and leaves through `leave`. `add_kn` needs a manager started with spawn settings
+//! ([`SpawnConfig`]); it starts a `dinomo kn` child process.
 //!
 //! Any request may get `error` with a `message`; a `renew` of a KN that is not registered
 //! (its lease expired and it was fenced) gets `error`, and the KN must stop serving.
@@ -29,12 +39,13 @@
 //! is first fenced (the DPM closes and merges its logs: `FenceKn`), so its slots need no
 //! acknowledgement from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dinomo_hw::fabric::{default_ctl_path, ControlClient};
@@ -48,19 +59,118 @@ use host_kn::SlotMap;
 use serde::{Deserialize, Serialize};
 
 /// A request to the manager.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MgrRequest {
-    Register { addr: String, shards: u16 },
-    Join { kn_id: u16 },
-    Renew { kn_id: u16, lease_epoch: u32 },
-    Ack { kn_id: u16, epoch: u64 },
+    Register {
+        addr: String,
+        shards: u16,
+    },
+    Join {
+        kn_id: u16,
+    },
+    Renew {
+        kn_id: u16,
+        lease_epoch: u32,
+        /// The KN's load since its previous renewal.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load: Option<LoadReport>,
+    },
+    Ack {
+        kn_id: u16,
+        epoch: u64,
+        /// Time the KN spent releasing slots for this map (flush + merge of its logs);
+        /// 0 when it had installed the map already.
+        #[serde(default)]
+        release_us: u64,
+        /// Own writes the DPM merged during that release.
+        #[serde(default)]
+        entries_merged: u64,
+    },
     Map,
-    Leave { kn_id: u16 },
+    Leave {
+        kn_id: u16,
+    },
+    Status,
+    AddKn,
+    RemoveKn {
+        kn_id: u16,
+    },
+    Rebalance {
+        /// Move only this range (`[first, last]`) ...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slots: Option<(u16, u16)>,
+        /// ... to this KN.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u16>,
+    },
+}
+
+/// A KN's load over the interval since its previous report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoadReport {
+    pub ops_per_sec: f64,
+    /// Share of the interval its shards were busy (0..1; 0 when not measured).
+    pub occupancy: f64,
+    /// 99th percentile of request latency in its connection tasks.
+    pub p99_us: u64,
+    /// Hottest keys (lossy UTF-8) with their counts.
+    #[serde(default)]
+    pub hot_keys: Vec<(String, u64)>,
+}
+
+/// One map change and how long it took.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Reconfig {
+    pub epoch: u64,
+    /// Why: "kn 3 joined", "rebalance", ...
+    pub reason: String,
+    /// KNs in the new map.
+    pub kns: usize,
+    /// Slots whose owner changed.
+    pub slots_moved: usize,
+    /// Publish time (ms since the Unix epoch).
+    pub published_ms: u64,
+    /// Publish to settled: how long moving slots were refused. `None`: not settled (yet),
+    /// or superseded by a newer map.
+    pub settle_ms: Option<f64>,
+    /// The slowest KN's release (flush + merge of its logs) for this map.
+    pub max_release_ms: f64,
+    /// Own writes merged by all releases for this map.
+    pub entries_merged: u64,
+}
+
+/// One KN as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KnStatus {
+    pub kn_id: u16,
+    pub addr: String,
+    pub lease_ms_left: u64,
+    pub joined: bool,
+    pub slots: usize,
+    pub acked_epoch: u64,
+    pub draining: bool,
+    /// Whether the manager started it (`add_kn`).
+    pub spawned: bool,
+    pub load: Option<LoadReport>,
+}
+
+/// The reply to `status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatusMsg {
+    pub epoch: u64,
+    pub settled: bool,
+    pub kns: Vec<KnStatus>,
+    /// The last map changes, oldest first.
+    pub reconfigs: Vec<Reconfig>,
+    /// Whether the manager can start KNs (`add_kn`).
+    pub can_spawn: bool,
+    /// Whether the load policy runs.
+    pub policy: bool,
 }
 
 /// A reply of the manager.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MgrReply {
     Registered {
@@ -72,9 +182,25 @@ pub enum MgrReply {
         epoch: u64,
         settled: bool,
         lease_ms: u64,
+        /// Leave the cluster (`remove_kn`).
+        #[serde(default)]
+        drain: bool,
     },
     Map(MapMsg),
     Ok,
+    Status(StatusMsg),
+    Added {
+        kn_id: u16,
+        addr: String,
+        reconfig: Option<Reconfig>,
+    },
+    Removed {
+        kn_id: u16,
+        reconfig: Option<Reconfig>,
+    },
+    Rebalanced {
+        reconfig: Option<Reconfig>,
+    },
     Error {
         message: String,
     },
@@ -154,7 +280,43 @@ pub struct ManagerConfig {
     pub vnodes: u32,
     /// How long to wait for the DPM to come up.
     pub connect_timeout: Duration,
+    /// How to start new KNs (`add_kn`, the policy); `None`: the manager cannot.
+    pub spawn: Option<SpawnConfig>,
 }
+
+/// What the manager needs to start a `dinomo kn` child process.
+#[derive(Clone, Debug)]
+pub struct SpawnConfig {
+    /// The `dinomo` executable.
+    pub exe: PathBuf,
+    /// Host the new KN listens on (any free port).
+    pub host: String,
+    pub threads: u16,
+    pub io_threads: usize,
+    /// Cache per KN, e.g. "64M".
+    pub cache: String,
+}
+
+/// What the load policy asks the manager to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    AddKn,
+    RemoveKn(u16),
+    /// Anything the multi-process cluster cannot do (logged, not acted on).
+    Unsupported(String),
+}
+
+/// A load policy as the manager drives it: every `period`, the latest load report of every
+/// live KN in, actions out.
+pub trait LoadPolicy: Send {
+    fn period(&self) -> Duration;
+    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction>;
+}
+
+/// Map changes kept for `status`.
+const RECONFIGS_KEPT: usize = 16;
+/// How long `add_kn`, `remove_kn` and `rebalance` wait for the new map to settle.
+const ADMIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Why the manager failed.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +340,9 @@ struct KnInfo {
     /// Being fenced or leaving: kept (it still owns slots in the current map) until the
     /// map without it is published, so the map and its KN list change together.
     gone: bool,
+    /// Asked to leave (`remove_kn`); told so in its next lease reply.
+    draining: bool,
+    load: Option<LoadReport>,
 }
 
 #[derive(Debug)]
@@ -187,6 +352,27 @@ struct State {
     /// The last map every live KN acknowledged.
     settled_map: SlotMap,
     settled: bool,
+    /// When the current map was published.
+    published: Instant,
+    reconfigs: VecDeque<Reconfig>,
+}
+
+impl State {
+    fn live(&self, kn: u16) -> bool {
+        self.kns.get(&kn).is_some_and(|k| k.joined && !k.gone)
+    }
+
+    fn live_ids(&self) -> Vec<u16> {
+        self.kns
+            .iter()
+            .filter(|(_, k)| k.joined && !k.gone)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    fn reconfig_mut(&mut self, epoch: u64) -> Option<&mut Reconfig> {
+        self.reconfigs.iter_mut().rev().find(|r| r.epoch == epoch)
+    }
 }
 
 /// Durable state in the DPM region and the DPM's control channel.
@@ -283,19 +469,43 @@ impl Dpm {
     }
 }
 
-/// A running manager.
+/// A KN process this manager started.
 #[derive(Debug)]
+struct SpawnedKn {
+    kn_id: Option<u16>,
+    child: Child,
+}
+
+/// A running manager.
 pub struct Manager {
     cfg: ManagerConfig,
     dpm: Dpm,
     state: Mutex<State>,
     addr: SocketAddr,
+    spawned: Mutex<Vec<SpawnedKn>>,
+    spawner: Spawner,
+    policy: Mutex<Option<Box<dyn LoadPolicy>>>,
+    /// A policy action (a KN being added or removed) is under way.
+    policy_busy: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("cfg", &self.cfg)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 impl Manager {
@@ -308,23 +518,47 @@ impl Manager {
         self.addr
     }
 
+    /// Runs `policy` every period (see [`serve`]).
+    pub fn set_policy(&self, policy: Box<dyn LoadPolicy>) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    }
+
     fn lease_ms(&self) -> u64 {
         self.cfg.lease.as_millis() as u64
     }
 
     /// Computes, stores and publishes a new map over the joined live KNs.
-    fn republish(&self, st: &mut State) {
-        let ids: Vec<u16> = st
-            .kns
-            .iter()
-            .filter(|(_, k)| k.joined && !k.gone)
-            .map(|(&id, _)| id)
-            .collect();
+    fn republish(&self, st: &mut State, reason: String) {
+        let ids = st.live_ids();
         let epoch = st.map.epoch() + 1;
-        st.map = SlotMap::consistent(epoch, &ids, self.cfg.vnodes);
+        let map = SlotMap::consistent(epoch, &ids, self.cfg.vnodes);
+        self.publish(st, map, reason);
+    }
+
+    /// Stores and publishes `map` (its epoch one above the current one) and starts its
+    /// record in the reconfiguration history.
+    fn publish(&self, st: &mut State, map: SlotMap, reason: String) {
+        let epoch = map.epoch();
+        let slots_moved = (0..SLOTS)
+            .filter(|&s| map.owner(s) != st.map.owner(s))
+            .count();
+        st.map = map;
+        st.published = Instant::now();
         self.dpm.store_map(&st.map);
+        let kns = st.live_ids();
+        tracing::info!(epoch, kns = ?kns, slots_moved, %reason, "published cluster map");
+        if st.reconfigs.len() == RECONFIGS_KEPT {
+            st.reconfigs.pop_front();
+        }
+        st.reconfigs.push_back(Reconfig {
+            epoch,
+            reason,
+            kns: kns.len(),
+            slots_moved,
+            published_ms: now_ms(),
+            ..Reconfig::default()
+        });
         self.update_settled(st);
-        tracing::info!(epoch, kns = ?ids, "published cluster map");
     }
 
     fn update_settled(&self, st: &mut State) {
@@ -336,7 +570,11 @@ impl Manager {
             .all(|k| k.acked >= epoch);
         if all && !st.settled {
             st.settled_map = st.map.clone();
-            tracing::info!(epoch, "cluster map settled");
+            let took = ms(st.published.elapsed());
+            if let Some(r) = st.reconfig_mut(epoch) {
+                r.settle_ms = Some(took);
+            }
+            tracing::info!(epoch, settle_ms = took, "cluster map settled");
         }
         st.settled = all;
     }
@@ -347,10 +585,9 @@ impl Manager {
     }
 
     fn map_msg(&self, st: &State) -> MapMsg {
-        let live = |kn: u16| st.kns.get(&kn).is_some_and(|k| k.joined && !k.gone);
         let moving = (0..SLOTS).map(|s| {
             let (new, old) = (st.map.owner(s), st.settled_map.owner(s));
-            if !st.settled && new != old && old != NO_KN && live(old) {
+            if !st.settled && new != old && old != NO_KN && st.live(old) {
                 new
             } else {
                 NO_KN
@@ -370,16 +607,83 @@ impl Manager {
         }
     }
 
-    fn lease_reply(&self, st: &State) -> MgrReply {
+    fn lease_reply(&self, st: &State, kn: u16) -> MgrReply {
         MgrReply::Lease {
             epoch: st.map.epoch(),
             settled: Self::settled(st),
             lease_ms: self.lease_ms(),
+            drain: st.kns.get(&kn).is_some_and(|k| k.draining),
+        }
+    }
+
+    fn status(&self) -> StatusMsg {
+        let spawned: Vec<u16> = self
+            .spawned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|c| c.kn_id)
+            .collect();
+        let st = self.lock();
+        let now = Instant::now();
+        StatusMsg {
+            epoch: st.map.epoch(),
+            settled: Self::settled(&st),
+            kns: st
+                .kns
+                .iter()
+                .filter(|(_, k)| !k.gone)
+                .map(|(&id, k)| KnStatus {
+                    kn_id: id,
+                    addr: k.addr.clone(),
+                    lease_ms_left: k.expires.saturating_duration_since(now).as_millis() as u64,
+                    joined: k.joined,
+                    slots: st.map.slots_of(id),
+                    acked_epoch: k.acked,
+                    draining: k.draining,
+                    spawned: spawned.contains(&id),
+                    load: k.load.clone(),
+                })
+                .collect(),
+            reconfigs: st.reconfigs.iter().cloned().collect(),
+            can_spawn: self.cfg.spawn.is_some(),
+            policy: self
+                .policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some(),
         }
     }
 
     /// Answers one request.
     pub fn handle(&self, req: MgrRequest) -> MgrReply {
+        let error = |message: String| MgrReply::Error { message };
+        match req {
+            MgrRequest::Status => return MgrReply::Status(self.status()),
+            MgrRequest::AddKn => {
+                return match self.add_kn() {
+                    Ok((kn_id, addr, reconfig)) => MgrReply::Added {
+                        kn_id,
+                        addr,
+                        reconfig,
+                    },
+                    Err(e) => error(e),
+                }
+            }
+            MgrRequest::RemoveKn { kn_id } => {
+                return match self.remove_kn(kn_id) {
+                    Ok(reconfig) => MgrReply::Removed { kn_id, reconfig },
+                    Err(e) => error(e),
+                }
+            }
+            MgrRequest::Rebalance { slots, to } => {
+                return match self.rebalance(slots, to) {
+                    Ok(reconfig) => MgrReply::Rebalanced { reconfig },
+                    Err(e) => error(e),
+                }
+            }
+            _ => {}
+        }
         let mut st = self.lock();
         let unknown = |kn| MgrReply::Error {
             message: format!("KN {kn} is not registered (lease expired?)"),
@@ -405,6 +709,8 @@ impl Manager {
                         joined: false,
                         acked: 0,
                         gone: false,
+                        draining: false,
+                        load: None,
                     },
                 );
                 tracing::info!(kn_id, %addr, lease_epoch, "KN registered");
@@ -420,11 +726,15 @@ impl Manager {
                 };
                 if !k.joined {
                     k.joined = true;
-                    self.republish(&mut st);
+                    self.republish(&mut st, format!("kn {kn_id} joined"));
                 }
-                self.lease_reply(&st)
+                self.lease_reply(&st, kn_id)
             }
-            MgrRequest::Renew { kn_id, lease_epoch } => {
+            MgrRequest::Renew {
+                kn_id,
+                lease_epoch,
+                load,
+            } => {
                 let Some(k) = st
                     .kns
                     .get_mut(&kn_id)
@@ -433,17 +743,29 @@ impl Manager {
                     return unknown(kn_id);
                 };
                 k.expires = Instant::now() + self.cfg.lease;
+                if load.is_some() {
+                    k.load = load;
+                }
                 self.dpm
                     .store_lease(kn_id, lease_epoch, now_ms() + self.lease_ms());
-                self.lease_reply(&st)
+                self.lease_reply(&st, kn_id)
             }
-            MgrRequest::Ack { kn_id, epoch } => {
+            MgrRequest::Ack {
+                kn_id,
+                epoch,
+                release_us,
+                entries_merged,
+            } => {
                 let Some(k) = st.kns.get_mut(&kn_id).filter(|k| !k.gone) else {
                     return unknown(kn_id);
                 };
                 k.acked = k.acked.max(epoch);
+                if let Some(r) = st.reconfig_mut(epoch) {
+                    r.max_release_ms = r.max_release_ms.max(release_us as f64 / 1e3);
+                    r.entries_merged += entries_merged;
+                }
                 self.update_settled(&mut st);
-                self.lease_reply(&st)
+                self.lease_reply(&st, kn_id)
             }
             MgrRequest::Map => MgrReply::Map(self.map_msg(&st)),
             MgrRequest::Leave { kn_id } => {
@@ -462,12 +784,214 @@ impl Manager {
                 let mut st = self.lock();
                 st.kns.remove(&kn_id);
                 if joined {
-                    self.republish(&mut st);
+                    self.republish(&mut st, format!("kn {kn_id} left"));
                 }
                 tracing::info!(kn_id, "KN left");
                 MgrReply::Ok
             }
+            MgrRequest::Status
+            | MgrRequest::AddKn
+            | MgrRequest::RemoveKn { .. }
+            | MgrRequest::Rebalance { .. } => error("unreachable".into()),
         }
+    }
+
+    /// Waits (bounded) until `done` holds for the state; `Err` with the last state's
+    /// epoch on timeout.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> Result<(), u64> {
+        let t0 = Instant::now();
+        loop {
+            {
+                let st = self.lock();
+                if done(&st) {
+                    return Ok(());
+                }
+                if t0.elapsed() >= timeout {
+                    return Err(st.map.epoch());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn reconfig_of(&self, epoch: u64) -> Option<Reconfig> {
+        self.lock().reconfig_mut(epoch).cloned()
+    }
+
+    /// Starts a `dinomo kn` child process and waits until it serves its slots.
+    fn add_kn(&self) -> Result<(u16, String, Option<Reconfig>), String> {
+        let Some(sp) = &self.cfg.spawn else {
+            return Err(
+                "this manager cannot start KNs: it was started without --kn-exe \
+                        (`dinomo up` passes it)"
+                    .into(),
+            );
+        };
+        let mut cmd = Command::new(&sp.exe);
+        cmd.arg("kn")
+            .arg("--dpm")
+            .arg(&self.cfg.region)
+            .args(["--listen", &format!("{}:0", sp.host)])
+            .args(["--manager", &self.addr.to_string()])
+            .args(["--threads", &sp.threads.to_string()])
+            .args(["--io-threads", &sp.io_threads.to_string()])
+            .args(["--cache", &sp.cache])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut child = self
+            .spawner
+            .spawn(cmd)
+            .map_err(|e| format!("cannot start {}: {e}", sp.exe.display()))?;
+        let ready = child.stdout.take().map(ready_line);
+        let pid = child.id();
+        let slot = {
+            let mut sp = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+            sp.push(SpawnedKn { kn_id: None, child });
+            sp.len() - 1
+        };
+        let line = ready.and_then(|rx| rx.recv_timeout(ADMIN_WAIT).ok());
+        // "kn <id> listening on <addr>"
+        let parsed = line.as_deref().and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["kn", id, "listening", "on", addr] => {
+                    Some((id.parse::<u16>().ok()?, addr.to_string()))
+                }
+                _ => None,
+            }
+        });
+        let Some((kn_id, addr)) = parsed else {
+            let mut list = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = list.iter().position(|c| c.child.id() == pid) {
+                let mut c = list.remove(i);
+                let _ = c.child.kill();
+                let status = c.child.wait();
+                return Err(format!(
+                    "the new KN did not start ({:?}); see the manager's log",
+                    status.map(|s| s.to_string())
+                ));
+            }
+            return Err("the new KN did not start; see the manager's log".into());
+        };
+        {
+            let mut list = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = list.get_mut(slot).filter(|c| c.child.id() == pid) {
+                c.kn_id = Some(kn_id);
+            } else if let Some(c) = list.iter_mut().find(|c| c.child.id() == pid) {
+                c.kn_id = Some(kn_id);
+            }
+        }
+        tracing::info!(kn_id, %addr, "started a KN");
+        let joined = self.wait_for(ADMIN_WAIT, |st| {
+            st.kns
+                .get(&kn_id)
+                .is_some_and(|k| k.joined && k.acked >= st.map.epoch())
+                && Self::settled(st)
+        });
+        match joined {
+            Ok(()) => {
+                let epoch = self.lock().map.epoch();
+                Ok((kn_id, addr, self.reconfig_of(epoch)))
+            }
+            Err(epoch) => Err(format!(
+                "KN {kn_id} ({addr}) started but the map (epoch {epoch}) did not settle within {}s",
+                ADMIN_WAIT.as_secs()
+            )),
+        }
+    }
+
+    /// Marks `kn` draining (it leaves on its next renewal) and waits until it has left
+    /// and the map without it settled.
+    fn remove_kn(&self, kn: u16) -> Result<Option<Reconfig>, String> {
+        {
+            let mut st = self.lock();
+            let live = st.live_ids();
+            let Some(k) = st.kns.get_mut(&kn).filter(|k| !k.gone) else {
+                return Err(format!("unknown KN {kn} (live KNs: {live:?})"));
+            };
+            if k.joined && !k.draining && live.len() <= 1 {
+                return Err(format!("KN {kn} is the last KN; it cannot be removed"));
+            }
+            k.draining = true;
+        }
+        tracing::info!(kn, "draining KN");
+        let left = self.wait_for(ADMIN_WAIT, |st| !st.kns.contains_key(&kn));
+        if left.is_err() {
+            return Err(format!(
+                "KN {kn} did not leave within {}s; it stays marked draining",
+                ADMIN_WAIT.as_secs()
+            ));
+        }
+        let _ = self.wait_for(ADMIN_WAIT, Self::settled);
+        let st = self.lock();
+        Ok(st
+            .reconfigs
+            .iter()
+            .rev()
+            .find(|r| r.reason.starts_with(&format!("kn {kn} ")))
+            .cloned())
+    }
+
+    /// Recomputes the map over the live KNs, or moves `slots` to `to`.
+    fn rebalance(
+        &self,
+        slots: Option<(u16, u16)>,
+        to: Option<u16>,
+    ) -> Result<Option<Reconfig>, String> {
+        let epoch = {
+            let mut st = self.lock();
+            if !Self::settled(&st) {
+                return Err(format!(
+                    "the map (epoch {}) is still settling; try again",
+                    st.map.epoch()
+                ));
+            }
+            let epoch = st.map.epoch() + 1;
+            let (next, reason) = match (slots, to) {
+                (None, None) => (
+                    SlotMap::consistent(epoch, &st.live_ids(), self.cfg.vnodes),
+                    "rebalance".to_string(),
+                ),
+                (Some((a, b)), Some(kn)) => {
+                    if a > b || b >= SLOTS {
+                        return Err(format!(
+                            "bad slot range {a}-{b}: need first <= last <= {}",
+                            SLOTS - 1
+                        ));
+                    }
+                    if !st.live(kn) || st.kns.get(&kn).is_some_and(|k| k.draining) {
+                        return Err(format!("unknown KN {kn} (live KNs: {:?})", st.live_ids()));
+                    }
+                    let owners = (0..SLOTS)
+                        .map(|s| {
+                            if (a..=b).contains(&s) {
+                                kn
+                            } else {
+                                st.map.owner(s)
+                            }
+                        })
+                        .collect();
+                    let Some(m) = SlotMap::from_owners(epoch, owners) else {
+                        return Err("cannot build the map".into());
+                    };
+                    (m, format!("move slots {a}-{b} to kn {kn}"))
+                }
+                _ => return Err("give both slots and to, or neither".into()),
+            };
+            if (0..SLOTS).all(|s| next.owner(s) == st.map.owner(s)) {
+                return Ok(None);
+            }
+            self.publish(&mut st, next, reason);
+            epoch
+        };
+        let settled = self.wait_for(ADMIN_WAIT, |st| st.map.epoch() != epoch || st.settled);
+        if settled.is_err() {
+            return Err(format!(
+                "map epoch {epoch} did not settle within {}s",
+                ADMIN_WAIT.as_secs()
+            ));
+        }
+        Ok(self.reconfig_of(epoch))
     }
 
     fn extend_leases(&self, by: Duration) {
@@ -520,9 +1044,158 @@ impl Manager {
         for &(kn, _, _) in &expired {
             st.kns.remove(&kn);
         }
-        if expired.iter().any(|&(_, _, joined)| joined) {
-            self.republish(&mut st);
+        let joined: Vec<u16> = expired
+            .iter()
+            .filter(|e| e.2)
+            .map(|&(kn, _, _)| kn)
+            .collect();
+        if !joined.is_empty() {
+            self.republish(&mut st, format!("kn {joined:?} fenced (lease expired)"));
         }
+    }
+
+    /// Reaps KN children that exited.
+    fn reap(&self) {
+        let mut list = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain_mut(|c| match c.child.try_wait() {
+            Ok(Some(status)) => {
+                tracing::info!(kn = ?c.kn_id, %status, "a KN the manager started exited");
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Asks every KN this manager started to leave (SIGTERM) and waits for them, up to
+    /// `grace`; kills the rest. The manager keeps answering them meanwhile.
+    pub fn stop_spawned(&self, grace: Duration) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let mut list = std::mem::take(&mut *self.spawned.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in &list {
+            let _ = kill(Pid::from_raw(c.child.id() as i32), Signal::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < grace && !list.is_empty() {
+            list.retain_mut(|c| !matches!(c.child.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for mut c in list {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+    }
+
+    /// One round of the load policy.
+    fn run_policy(self: &Arc<Self>) {
+        let loads: Vec<(u16, LoadReport)> = {
+            let st = self.lock();
+            st.kns
+                .iter()
+                .filter(|(_, k)| k.joined && !k.gone && !k.draining)
+                .filter_map(|(&id, k)| k.load.clone().map(|l| (id, l)))
+                .collect()
+        };
+        let actions = {
+            let mut p = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = p.as_mut() else { return };
+            p.decide(Instant::now(), &loads)
+        };
+        for a in actions {
+            if matches!(a, PolicyAction::Unsupported(_)) {
+                tracing::warn!(action = ?a, "policy: not supported in the multi-process cluster");
+                continue;
+            }
+            if self.policy_busy.swap(true, Ordering::AcqRel) {
+                tracing::info!(action = ?a, "policy: an earlier action is still under way");
+                continue;
+            }
+            tracing::info!(action = ?a, "policy decision");
+            let (m, busy) = (Arc::clone(self), Arc::clone(&self.policy_busy));
+            let spawned = std::thread::Builder::new()
+                .name("manager-policy".into())
+                .spawn(move || {
+                    let r = match a {
+                        PolicyAction::AddKn => m.add_kn().map(|_| ()),
+                        PolicyAction::RemoveKn(kn) => m.remove_kn(kn).map(|_| ()),
+                        PolicyAction::Unsupported(_) => Ok(()),
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "policy action failed");
+                    }
+                    busy.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.policy_busy.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Reads the first line of a child's stdout in a thread (and discards the rest, so the
+/// child never writes to a closed pipe).
+fn ready_line(out: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let _ = std::thread::Builder::new()
+        .name("kn-stdout".into())
+        .spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        });
+    rx
+}
+
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Starts child processes from one thread that lives as long as the manager: the
+/// parent-death signal fires when the *thread* that forked exits, so children must not be
+/// forked from short-lived connection threads.
+struct Spawner(Mutex<mpsc::Sender<SpawnJob>>);
+
+impl Spawner {
+    fn start() -> Self {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        let _ = std::thread::Builder::new()
+            .name("manager-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    die_with_parent(&mut cmd);
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        Self(Mutex::new(tx))
+    }
+
+    fn spawn(&self, cmd: Command) -> std::io::Result<Child> {
+        let (tx, rx) = mpsc::channel();
+        let sent = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((cmd, tx));
+        if sent.is_err() {
+            return Err(std::io::Error::other("the spawner thread is gone"));
+        }
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+    }
+}
+
+/// The child gets SIGTERM (and leaves the cluster) if the manager dies.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -557,8 +1230,14 @@ pub fn start(cfg: ManagerConfig) -> Result<(Arc<Manager>, TcpListener), ManagerE
             map: empty.clone(),
             settled_map: empty,
             settled: true,
+            published: Instant::now(),
+            reconfigs: VecDeque::new(),
         }),
         addr,
+        spawned: Mutex::new(Vec::new()),
+        spawner: Spawner::start(),
+        policy: Mutex::new(None),
+        policy_busy: Arc::new(AtomicBool::new(false)),
     };
     Ok((Arc::new(m), listener))
 }
@@ -568,6 +1247,7 @@ pub fn serve(m: &Arc<Manager>, listener: TcpListener, stop: &AtomicBool) -> std:
     listener.set_nonblocking(true)?;
     let tick = (m.cfg.lease / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
     let mut last_check = Instant::now();
+    let mut last_policy = Instant::now();
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((s, _)) => {
@@ -591,7 +1271,20 @@ pub fn serve(m: &Arc<Manager>, listener: TcpListener, stop: &AtomicBool) -> std:
             } else {
                 m.expire();
             }
+            m.reap();
             last_check = Instant::now();
+        }
+        let period = m
+            .policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p.period());
+        if let Some(p) = period {
+            if last_policy.elapsed() >= p {
+                m.run_policy();
+                last_policy = Instant::now();
+            }
         }
     }
     Ok(())
@@ -656,6 +1349,11 @@ impl MgrClient {
         })
     }
 
+    /// How long to wait for a reply (30 s unless set).
+    pub fn set_timeout(&mut self, d: Duration) -> std::io::Result<()> {
+        self.w.set_read_timeout(Some(d))
+    }
+
     /// Sends one request and reads its reply.
     pub fn call(&mut self, req: &MgrRequest) -> std::io::Result<MgrReply> {
         let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
@@ -711,7 +1409,8 @@ mod tests {
             req,
             MgrRequest::Renew {
                 kn_id: 2,
-                lease_epoch: 5
+                lease_epoch: 5,
+                load: None
             }
         );
     }

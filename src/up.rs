@@ -244,6 +244,10 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
             "--no-pin".into(),
         ],
     )?;
+    let exe = std::env::current_exe().map_err(|source| UpError::Io {
+        what: "cannot find this program".into(),
+        source,
+    })?;
     let mut manager = Proc::spawn(
         "manager",
         &[
@@ -254,6 +258,16 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
             cfg.manager_addr(),
             "--lease-ms".into(),
             cfg.lease_ms.to_string(),
+            "--kn-exe".into(),
+            exe.to_string_lossy().into_owned(),
+            "--kn-host".into(),
+            cfg.host.clone(),
+            "--kn-threads".into(),
+            cfg.threads.to_string(),
+            "--kn-io-threads".into(),
+            cfg.io_threads.to_string(),
+            "--kn-cache".into(),
+            cfg.cache.clone(),
         ],
     )?;
     let mut kns = Vec::new();

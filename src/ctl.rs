@@ -1,0 +1,182 @@
+//! `dinomo ctl`: operate a running cluster through its manager — show the KNs, the map and
+//! the recent reconfigurations with their measurements; add a KN, remove one, rebalance.
+
+use std::time::Duration;
+
+use crate::manager::{MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
+
+/// One `ctl` command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CtlCommand {
+    Status,
+    AddKn,
+    RemoveKn(u16),
+    /// Recompute the map, or move `slots` (first, last) to a KN.
+    Rebalance(Option<((u16, u16), u16)>),
+}
+
+/// Why a `ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the manager at {addr}")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the manager refused: {0}")]
+    Refused(String),
+    #[error("unexpected reply from the manager: {0}")]
+    Unexpected(String),
+}
+
+/// How long a command may take: adding or removing a KN waits for the map to settle.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Sends `cmd` to the manager at `addr`; the reply rendered as text, or as JSON.
+pub fn run(addr: &str, cmd: &CtlCommand, json: bool) -> Result<String, CtlError> {
+    let unreachable = |source| CtlError::Unreachable {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut m = MgrClient::connect(addr, Duration::from_secs(2)).map_err(unreachable)?;
+    m.set_timeout(REPLY_TIMEOUT).map_err(unreachable)?;
+    let req = match cmd {
+        CtlCommand::Status => MgrRequest::Status,
+        CtlCommand::AddKn => MgrRequest::AddKn,
+        CtlCommand::RemoveKn(kn_id) => MgrRequest::RemoveKn { kn_id: *kn_id },
+        CtlCommand::Rebalance(None) => MgrRequest::Rebalance {
+            slots: None,
+            to: None,
+        },
+        CtlCommand::Rebalance(Some((slots, to))) => MgrRequest::Rebalance {
+            slots: Some(*slots),
+            to: Some(*to),
+        },
+    };
+    let reply = m.call(&req).map_err(unreachable)?;
+    if let MgrReply::Error { message } = reply {
+        return Err(CtlError::Refused(message));
+    }
+    if json {
+        let mut t = serde_json::to_string_pretty(&reply)
+            .map_err(|e| CtlError::Unexpected(e.to_string()))?;
+        t.push('\n');
+        return Ok(t);
+    }
+    Ok(match reply {
+        MgrReply::Status(s) => render_status(&s),
+        MgrReply::Added {
+            kn_id,
+            addr,
+            reconfig,
+        } => format!(
+            "added KN {kn_id} at {addr}\n{}",
+            render_reconfigs(reconfig.as_slice())
+        ),
+        MgrReply::Removed { kn_id, reconfig } => format!(
+            "removed KN {kn_id}\n{}",
+            render_reconfigs(reconfig.as_slice())
+        ),
+        MgrReply::Rebalanced { reconfig: None } => "nothing to move\n".into(),
+        MgrReply::Rebalanced { reconfig: Some(r) } => {
+            format!("rebalanced\n{}", render_reconfigs(&[r]))
+        }
+        other => return Err(CtlError::Unexpected(format!("{other:?}"))),
+    })
+}
+
+/// Parses `A-B` (a slot range).
+pub fn parse_slot_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("bad slot range {s:?}: expected FIRST-LAST, e.g. 0-4095");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    Ok((a, b))
+}
+
+/// The `status` reply as tables.
+pub fn render_status(s: &StatusMsg) -> String {
+    let mut t = format!(
+        "map epoch {} ({}), {} KNs{}{}\n\n",
+        s.epoch,
+        if s.settled { "settled" } else { "settling" },
+        s.kns.len(),
+        if s.can_spawn {
+            ""
+        } else {
+            ", cannot start KNs"
+        },
+        if s.policy { ", policy on" } else { "" }
+    );
+    t.push_str(&format!(
+        "{:>4}  {:<22} {:>6} {:>9} {:>6} {:<9} {:>9} {:>6} {:>8}\n",
+        "KN", "ADDRESS", "SLOTS", "LEASE_MS", "ACKED", "STATE", "OPS/S", "OCC", "P99_US"
+    ));
+    for k in &s.kns {
+        let state = if k.draining {
+            "draining"
+        } else if !k.joined {
+            "joining"
+        } else {
+            "serving"
+        };
+        let (ops, occ, p99) = match &k.load {
+            Some(l) => (
+                format!("{:.0}", l.ops_per_sec),
+                format!("{:.2}", l.occupancy),
+                l.p99_us.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        t.push_str(&format!(
+            "{:>4}  {:<22} {:>6} {:>9} {:>6} {:<9} {:>9} {:>6} {:>8}\n",
+            k.kn_id, k.addr, k.slots, k.lease_ms_left, k.acked_epoch, state, ops, occ, p99
+        ));
+    }
+    t.push_str("\nrecent reconfigurations\n");
+    t.push_str(&render_reconfigs(&s.reconfigs));
+    t
+}
+
+/// Reconfiguration records as a table.
+pub fn render_reconfigs(rs: &[Reconfig]) -> String {
+    let mut t = format!(
+        "{:>6} {:>4} {:>7} {:>10} {:>11} {:>8}  {}\n",
+        "EPOCH", "KNS", "MOVED", "SETTLE_MS", "RELEASE_MS", "MERGED", "REASON"
+    );
+    for r in rs {
+        let settle = r
+            .settle_ms
+            .map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+        t.push_str(&format!(
+            "{:>6} {:>4} {:>7} {:>10} {:>11.1} {:>8}  {}\n",
+            r.epoch, r.kns, r.slots_moved, settle, r.max_release_ms, r.entries_merged, r.reason
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_ranges_parse_or_explain() {
+        assert_eq!(parse_slot_range("0-4095"), Ok((0, 4095)));
+        assert_eq!(parse_slot_range(" 7 - 7"), Ok((7, 7)));
+        for bad in ["", "5", "a-b", "1-", "-3", "1-70000"] {
+            assert!(parse_slot_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_manager_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        drop(l);
+        let e = run(&addr, &CtlCommand::Status, false).expect_err("nobody listens");
+        assert!(matches!(e, CtlError::Unreachable { .. }), "{e}");
+        assert!(e.to_string().contains("cannot reach the manager"), "{e}");
+    }
+}
