@@ -1,0 +1,644 @@
+//! Failover and reconfiguration of a cluster of processes (a DPM, a manager, KNs) on
+//! loopback, with short leases:
+//! - a KN killed with SIGKILL under a write load: every acknowledged write is readable
+//!   afterwards with its last acknowledged value, and no read returns a value never written;
+//! - a KN paused with SIGSTOP while a write to it sits in its socket: once the manager has
+//!   fenced it and the new owner has taken a newer write, resuming the paused KN neither
+//!   acknowledges nor applies the late write, and the paused KN stops serving;
+//! - `dinomo ctl add-kn`, `rebalance` and `remove-kn` on a running cluster with a writer:
+//!   every acknowledged write is readable at the end, and `status` shows the changes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use dinomo::manager::{MapMsg, MgrClient, StatusMsg};
+use dinomo::resp::{encode_command, parse_value, Limits, Value};
+use dinomo::shared::slot::key_slot;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const LEASE_MS: &str = "600";
+const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> (Self, ChildStdout) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dinomo");
+        let out = child.stdout.take().expect("stdout");
+        (Self { child }, out)
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).expect("signal");
+    }
+
+    /// Waits (bounded) for the exit status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(t0.elapsed() < DEADLINE, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every thread of the process is stopped (SIGSTOP is delivered
+    /// asynchronously: `kill` returns before the threads stop).
+    fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let t0 = Instant::now();
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).expect("tasks").all(|t| {
+                let stat = std::fs::read_to_string(t.expect("task").path().join("stat"))
+                    .unwrap_or_default();
+                // "pid (comm) S ...": the state follows the last ')'.
+                let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+                state.is_some_and(|r| r.starts_with('T') || r.starts_with('t'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(t0.elapsed() < DEADLINE, "process did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SIGKILL also ends a stopped process.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The first line the process prints.
+fn first_line(out: ChildStdout) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(DEADLINE)
+        .expect("process did not get ready")
+}
+
+fn last_word(line: &str) -> String {
+    line.split_whitespace()
+        .last()
+        .expect("an address")
+        .to_string()
+}
+
+/// A DPM, a manager (that can start KNs) and KNs.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    region: PathBuf,
+    dpm: Option<Proc>,
+    manager: Option<Proc>,
+    mgr: String,
+    /// (KN id, address, process) of the KNs the test started.
+    kns: Vec<(u16, String, Option<Proc>)>,
+}
+
+impl Cluster {
+    fn start(kns: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let region = dir.path().join("region");
+        common::format_region(&region, "64M", "1M");
+        let r = region.to_str().expect("utf-8").to_string();
+        let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", &r, "--workers", "1", "--no-pin"]);
+        let (manager, out) = Proc::spawn(&[
+            "manager",
+            "--dpm",
+            &r,
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ms",
+            LEASE_MS,
+            "--kn-exe",
+            BIN,
+            "--kn-threads",
+            "1",
+            "--kn-cache",
+            "2M",
+        ]);
+        let mgr = last_word(&first_line(out));
+        let mut c = Self {
+            _dir: dir,
+            region,
+            dpm: Some(dpm),
+            manager: Some(manager),
+            mgr,
+            kns: Vec::new(),
+        };
+        for _ in 0..kns {
+            c.start_kn();
+        }
+        c.wait_map(kns);
+        c
+    }
+
+    fn start_kn(&mut self) {
+        let r = self.region.to_str().expect("utf-8");
+        let (p, out) = Proc::spawn(&[
+            "kn",
+            "--dpm",
+            r,
+            "--listen",
+            "127.0.0.1:0",
+            "--manager",
+            &self.mgr,
+            "--threads",
+            "2",
+            "--cache",
+            "2M",
+        ]);
+        // "kn <id> listening on <addr>"
+        let line = first_line(out);
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let id = w[1].parse().expect("KN id");
+        self.kns.push((id, w[4].to_string(), Some(p)));
+    }
+
+    /// Waits until the map lists exactly `kns` KNs and is settled.
+    fn wait_map(&self, kns: usize) -> MapMsg {
+        let mut m = MgrClient::connect(&self.mgr, DEADLINE).expect("manager");
+        let t0 = Instant::now();
+        loop {
+            let map = m.map().expect("map");
+            if map.kns.len() == kns && map.settled {
+                return map;
+            }
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "map did not settle on {kns} KNs: {map:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        self.wait_map_any()
+            .kns
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect()
+    }
+
+    fn wait_map_any(&self) -> MapMsg {
+        MgrClient::connect(&self.mgr, DEADLINE)
+            .expect("manager")
+            .map()
+            .expect("map")
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["ctl", "--manager", &self.mgr])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run dinomo ctl")
+    }
+
+    fn status(&self) -> StatusMsg {
+        let o = self.ctl(&["status", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        match serde_json::from_slice(&o.stdout).expect("status json") {
+            dinomo::manager::MgrReply::Status(s) => s,
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    /// Every KN leaves, then the manager and the DPM stop cleanly.
+    fn stop(mut self) {
+        for (_, _, p) in &mut self.kns {
+            if let Some(p) = p.take() {
+                p.terminate();
+            }
+        }
+        assert!(self.manager.take().expect("manager").terminate().success());
+        assert!(self.dpm.take().expect("dpm").terminate().success());
+    }
+}
+
+/// One RESP connection.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn open(addr: &str, timeout: Duration) -> std::io::Result<Self> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Self { s, buf: Vec::new() })
+    }
+
+    /// One reply; `None` if the connection closed or failed.
+    fn read(&mut self) -> Option<Value> {
+        loop {
+            if let Some((v, n)) = parse_value(&self.buf, &Limits::default()).expect("valid reply") {
+                self.buf.drain(..n);
+                return Some(v);
+            }
+            let mut chunk = [0u8; 16384];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn send(&mut self, args: &[&[u8]]) -> bool {
+        let mut b = Vec::new();
+        encode_command(&mut b, args);
+        self.s.write_all(&b).is_ok()
+    }
+
+    fn cmd(&mut self, args: &[&[u8]]) -> Option<Value> {
+        if !self.send(args) {
+            return None;
+        }
+        self.read()
+    }
+}
+
+/// A client that follows `MOVED` and reports every other outcome to its caller.
+struct Client {
+    addrs: Vec<String>,
+    next: usize,
+    conns: HashMap<String, Conn>,
+}
+
+impl Client {
+    fn new(addrs: Vec<String>) -> Self {
+        Self {
+            addrs,
+            next: 0,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// One attempt: the reply (after following up to 4 `MOVED`), or `None` if a
+    /// connection failed (the command may or may not have been executed).
+    fn once(&mut self, args: &[&[u8]]) -> Option<Value> {
+        let mut addr = self.addrs[self.next % self.addrs.len()].clone();
+        for _ in 0..4 {
+            if !self.conns.contains_key(&addr) {
+                match Conn::open(&addr, Duration::from_secs(2)) {
+                    Ok(c) => {
+                        self.conns.insert(addr.clone(), c);
+                    }
+                    Err(_) => {
+                        self.next += 1;
+                        return None;
+                    }
+                }
+            }
+            let c = self.conns.get_mut(&addr).expect("conn");
+            match c.cmd(args) {
+                None => {
+                    self.conns.remove(&addr);
+                    self.next += 1;
+                    return None;
+                }
+                Some(Value::Error(e)) if e.starts_with("MOVED ") => {
+                    addr = e.split_whitespace().nth(2).expect("address").to_string();
+                }
+                Some(v) => return Some(v),
+            }
+        }
+        None
+    }
+
+    /// Retries until a reply that is not an error (bounded).
+    fn must(&mut self, args: &[&[u8]]) -> Value {
+        let t0 = Instant::now();
+        loop {
+            match self.once(args) {
+                Some(Value::Error(_)) | None => {
+                    assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some(v) => return v,
+            }
+        }
+    }
+}
+
+/// What a writer knows about one key.
+#[derive(Clone, Debug, Default)]
+struct KeyLog {
+    /// The last value whose SET got +OK.
+    acked: Option<String>,
+    /// Values written after it whose SET failed (they may or may not be durable).
+    uncertain: Vec<String>,
+}
+
+/// Writes `keys` keys round-robin (each value unique) until `stop`, retrying a failed
+/// value until it is acknowledged; returns what it knows.
+fn writer(
+    name: &str,
+    addrs: Vec<String>,
+    keys: usize,
+    stop: &AtomicBool,
+) -> HashMap<String, KeyLog> {
+    let mut cl = Client::new(addrs);
+    let mut log: HashMap<String, KeyLog> = HashMap::new();
+    let mut round = 0u64;
+    let mut acked = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        round += 1;
+        for i in 0..keys {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let k = format!("{name}:{i}");
+            let v = format!("{name}-{i}-r{round}");
+            let e = log.entry(k.clone()).or_default();
+            loop {
+                match cl.once(&[b"SET", k.as_bytes(), v.as_bytes()]) {
+                    Some(Value::Simple(ok)) if ok == "OK" => {
+                        e.acked = Some(v.clone());
+                        e.uncertain.clear();
+                        acked += 1;
+                        break;
+                    }
+                    Some(Value::Error(err)) if err.starts_with("CROSSSLOT") => {
+                        panic!("{err}")
+                    }
+                    // -TRYAGAIN, -CLUSTERDOWN, a dead or fenced node: not acknowledged.
+                    _ => {
+                        if !e.uncertain.contains(&v) {
+                            e.uncertain.push(v.clone());
+                        }
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+    }
+    assert!(acked > 0, "{name}: no write was acknowledged");
+    log
+}
+
+/// Every key reads as its last acknowledged value or a later failed write; never a value
+/// that was not written, never an acknowledged write lost.
+fn check(cl: &mut Client, logs: &HashMap<String, KeyLog>) {
+    for (k, l) in logs {
+        let got = match cl.must(&[b"GET", k.as_bytes()]) {
+            Value::Bulk(b) => Some(String::from_utf8(b).expect("utf-8")),
+            Value::Nil => None,
+            other => panic!("GET {k}: {other:?}"),
+        };
+        let ok = got == l.acked || got.as_ref().is_some_and(|g| l.uncertain.contains(g));
+        assert!(ok, "{k}: read {got:?}, last acknowledged {l:?}");
+    }
+}
+
+#[test]
+fn sigkill_under_a_write_load_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3);
+    let map = c.wait_map(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
+            std::thread::spawn(move || writer(&format!("w{w}"), addrs, 150, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let (victim, _, p) = &mut c.kns[1];
+    let victim = *victim;
+    assert!(map.slot_map().slots_of(victim) > 0);
+    let mut p = p.take().expect("KN");
+    p.signal(nix::sys::signal::Signal::SIGKILL);
+    p.wait();
+    // The writers keep going through the failover and a little after it.
+    let after = c.wait_map(2);
+    assert!(after.addr_of(victim).is_none());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let logs: HashMap<String, KeyLog> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("writer"))
+        .collect();
+    assert_eq!(logs.len(), 300);
+    let mut cl = Client::new(c.addrs());
+    check(&mut cl, &logs);
+    c.stop();
+}
+
+#[test]
+fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
+    let mut c = Cluster::start(2);
+    let map = c.wait_map(2);
+    let (victim, victim_addr) = (c.kns[0].0, c.kns[0].1.clone());
+    let owners = map.slot_map();
+    let key = (0..)
+        .map(|i| format!("paused:{i}"))
+        .find(|k| owners.owner(key_slot(k.as_bytes())) == victim)
+        .expect("a key of the victim");
+    let mut conn = Conn::open(&victim_addr, Duration::from_secs(30)).expect("connect");
+    assert_eq!(
+        conn.cmd(&[b"SET", key.as_bytes(), b"old"]),
+        Some(Value::Simple("OK".into()))
+    );
+
+    // Pause it, then send a SET the kernel buffers until it resumes.
+    let p = c.kns[0].2.take().expect("KN");
+    p.signal(nix::sys::signal::Signal::SIGSTOP);
+    p.wait_stopped();
+    assert!(conn.send(&[b"SET", key.as_bytes(), b"late"]));
+
+    // The manager fences it and the other KN takes its slots.
+    let after = c.wait_map(1);
+    assert!(after.addr_of(victim).is_none());
+    let status = c.status();
+    assert!(status.kns.iter().all(|k| k.kn_id != victim), "{status:?}");
+    let mut cl = Client::new(vec![c.kns[1].1.clone()]);
+    assert_eq!(
+        cl.must(&[b"SET", key.as_bytes(), b"new"]),
+        Value::Simple("OK".into())
+    );
+
+    // Resume it: the late SET is not acknowledged and the KN stops serving.
+    p.signal(nix::sys::signal::Signal::SIGCONT);
+    let late = conn.read();
+    assert!(
+        !matches!(&late, Some(Value::Simple(s)) if s == "OK"),
+        "the fenced KN acknowledged a late write: {late:?}"
+    );
+    let mut p = p;
+    let status = p.wait();
+    assert!(
+        !status.success(),
+        "a fenced KN exits with an error: {status}"
+    );
+    assert!(
+        Conn::open(&victim_addr, Duration::from_secs(1))
+            .ok()
+            .and_then(|mut c| c.cmd(&[b"GET", key.as_bytes()]))
+            .is_none(),
+        "the fenced KN still serves"
+    );
+
+    let read = |cl: &mut Client| cl.must(&[b"GET", key.as_bytes()]);
+    assert_eq!(read(&mut cl), Value::Bulk(b"new".to_vec()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(read(&mut cl), Value::Bulk(b"new".to_vec()));
+
+    // Once everything is merged: a new KN takes over (cold, reading the DPM's index) and
+    // the survivor leaves, merging and closing its logs.
+    let added = c.ctl(&["add-kn"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let survivor = c.kns[1].0;
+    let removed = c.ctl(&["remove-kn", &survivor.to_string()]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let _ = c.kns[1].2.take().expect("survivor").wait();
+    let last = c.wait_map(1);
+    let mut cl = Client::new(last.kns.iter().map(|(_, a)| a.clone()).collect());
+    assert_eq!(read(&mut cl), Value::Bulk(b"new".to_vec()));
+    c.stop();
+}
+
+#[test]
+fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
+    let c = Cluster::start(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
+        std::thread::spawn(move || writer("c", addrs, 200, &stop))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    let out = |o: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let added = c.ctl(&["add-kn"]);
+    assert!(added.status.success(), "{}", out(&added));
+    assert!(out(&added).contains("added KN"), "{}", out(&added));
+    let s = c.status();
+    assert_eq!(s.kns.len(), 3, "{s:?}");
+    let new = s
+        .kns
+        .iter()
+        .find(|k| k.spawned)
+        .expect("the added KN")
+        .kn_id;
+    assert!(s.kns.iter().all(|k| k.slots > 0), "{s:?}");
+
+    let moved = c.ctl(&["rebalance", "--slots", "0-99", "--to", &new.to_string()]);
+    assert!(moved.status.success(), "{}", out(&moved));
+    let map = c.wait_map(3).slot_map();
+    assert!((0..100).all(|s| map.owner(s) == new));
+    // Bad input: refused, nothing changes.
+    let epoch = c.status().epoch;
+    for bad in [
+        vec!["rebalance", "--slots", "9-3", "--to", "0"],
+        vec!["rebalance", "--slots", "0-9", "--to", "99"],
+        vec!["remove-kn", "99"],
+    ] {
+        let o = c.ctl(&bad);
+        assert!(!o.status.success(), "{bad:?}: {}", out(&o));
+        assert!(
+            out(&o).contains("bad slot range") || out(&o).contains("unknown KN"),
+            "{bad:?}: {}",
+            out(&o)
+        );
+    }
+    assert_eq!(c.status().epoch, epoch);
+
+    let rebalanced = c.ctl(&["rebalance"]);
+    assert!(rebalanced.status.success(), "{}", out(&rebalanced));
+    let first = c.kns[0].0;
+    let removed = c.ctl(&["remove-kn", &first.to_string()]);
+    assert!(removed.status.success(), "{}", out(&removed));
+    let s = c.status();
+    assert_eq!(s.kns.len(), 2, "{s:?}");
+    assert!(s.kns.iter().all(|k| k.kn_id != first));
+
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    let logs = w.join().expect("writer");
+    let mut cl = Client::new(s.kns.iter().map(|k| k.addr.clone()).collect());
+    check(&mut cl, &logs);
+
+    // The history: a join, an explicit move, a rebalance and a leave, each measured.
+    let reasons: Vec<&str> = s.reconfigs.iter().map(|r| r.reason.as_str()).collect();
+    for want in [
+        format!("kn {new} joined"),
+        format!("move slots 0-99 to kn {new}"),
+        "rebalance".into(),
+        format!("kn {first} left"),
+    ] {
+        assert!(
+            reasons.contains(&want.as_str()),
+            "{want} not in {reasons:?}"
+        );
+    }
+    for r in &s.reconfigs {
+        assert!(r.slots_moved > 0 && r.settle_ms.is_some(), "{r:?}");
+    }
+    assert!(
+        s.reconfigs.iter().map(|r| r.entries_merged).sum::<u64>() > 0,
+        "{:?}",
+        s.reconfigs
+    );
+    let table = c.ctl(&["status"]);
+    assert!(out(&table).contains("SETTLE_MS"), "{}", out(&table));
+    let mut c = c;
+    // KN `first` left on its own (exit code 0).
+    assert!(c.kns[0].2.take().expect("KN").wait().success());
+    c.stop();
+}
