@@ -906,11 +906,18 @@ impl Manager {
         {
             let mut st = self.lock();
             let live = st.live_ids();
+            let others = st
+                .kns
+                .iter()
+                .filter(|(&id, k)| id != kn && k.joined && !k.gone && !k.draining)
+                .count();
             let Some(k) = st.kns.get_mut(&kn).filter(|k| !k.gone) else {
                 return Err(format!("unknown KN {kn} (live KNs: {live:?})"));
             };
-            if k.joined && !k.draining && live.len() <= 1 {
-                return Err(format!("KN {kn} is the last KN; it cannot be removed"));
+            if k.joined && others == 0 {
+                return Err(format!(
+                    "KN {kn} is the last KN that is not leaving; it cannot be removed"
+                ));
             }
             k.draining = true;
         }
@@ -1044,13 +1051,14 @@ impl Manager {
         for &(kn, _, _) in &expired {
             st.kns.remove(&kn);
         }
-        let joined: Vec<u16> = expired
+        let joined: Vec<String> = expired
             .iter()
             .filter(|e| e.2)
-            .map(|&(kn, _, _)| kn)
+            .map(|&(kn, _, _)| kn.to_string())
             .collect();
         if !joined.is_empty() {
-            self.republish(&mut st, format!("kn {joined:?} fenced (lease expired)"));
+            let reason = format!("kn {} fenced (lease expired)", joined.join(", "));
+            self.republish(&mut st, reason);
         }
     }
 

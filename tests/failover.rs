@@ -135,12 +135,17 @@ struct Cluster {
 
 impl Cluster {
     fn start(kns: usize) -> Self {
+        Self::start_with(kns, true)
+    }
+
+    /// `spawn`: whether the manager gets what it needs to start KNs.
+    fn start_with(kns: usize, spawn: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let region = dir.path().join("region");
         common::format_region(&region, "64M", "1M");
         let r = region.to_str().expect("utf-8").to_string();
         let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", &r, "--workers", "1", "--no-pin"]);
-        let (manager, out) = Proc::spawn(&[
+        let mut args = vec![
             "manager",
             "--dpm",
             &r,
@@ -148,13 +153,15 @@ impl Cluster {
             "127.0.0.1:0",
             "--lease-ms",
             LEASE_MS,
-            "--kn-exe",
-            BIN,
             "--kn-threads",
             "1",
             "--kn-cache",
             "2M",
-        ]);
+        ];
+        if spawn {
+            args.extend(["--kn-exe", BIN]);
+        }
+        let (manager, out) = Proc::spawn(&args);
         let mgr = last_word(&first_line(out));
         let mut c = Self {
             _dir: dir,
@@ -641,4 +648,30 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
     // KN `first` left on its own (exit code 0).
     assert!(c.kns[0].2.take().expect("KN").wait().success());
     c.stop();
+}
+
+#[test]
+fn ctl_refuses_what_the_cluster_cannot_do() {
+    let c = Cluster::start_with(1, false);
+    let text = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = c.ctl(&["add-kn"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot start KNs"), "{}", text(&o));
+    let only = c.kns[0].0.to_string();
+    let o = c.ctl(&["remove-kn", &only]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("last KN"), "{}", text(&o));
+    let o = c.ctl(&["rebalance"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to move"));
+    let s = c.status();
+    assert!(!s.can_spawn && s.kns.len() == 1 && !s.kns[0].draining, "{s:?}");
+    c.stop();
+    // No manager: a clear error and a failing exit code.
+    let o = Command::new(BIN)
+        .args(["ctl", "--manager", "127.0.0.1:1", "status"])
+        .output()
+        .expect("run dinomo ctl");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot reach the manager"), "{}", text(&o));
 }
