@@ -322,21 +322,22 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     shared.set_view(view);
     let (mut release_us, mut entries_merged) = (0, 0);
     if new_map {
+        // Every shard at once: install, flush, merge its log to its tail.
         let t0 = Instant::now();
-        let unmerged_before = shared.stats().unmerged;
-        for tx in &shared.shards {
-            let _ = tx.send(Msg::SetMap(Arc::clone(&map)));
-        }
         let mut waits = Vec::new();
         for tx in &shared.shards {
-            let (stx, srx) = mpsc::channel();
-            if tx.send(Msg::Sync(stx)).is_ok() {
-                waits.push(srx);
+            let (rtx, rrx) = mpsc::channel();
+            let release = Msg::Release {
+                map: Arc::clone(&map),
+                reply: rtx,
+            };
+            if tx.send(release).is_ok() {
+                waits.push(rrx);
             }
         }
         for w in waits {
             match w.recv_timeout(Duration::from_secs(60)) {
-                Ok(Ok(())) => {}
+                Ok(Ok(r)) => entries_merged += r.entries_merged,
                 other => {
                     return Err(std::io::Error::other(format!(
                         "a shard could not merge its log: {other:?}"
@@ -345,8 +346,6 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
             }
         }
         release_us = t0.elapsed().as_micros() as u64;
-        // Own writes the merge took out of the shards' unmerged-writes maps.
-        entries_merged = unmerged_before.saturating_sub(shared.stats().unmerged);
         tracing::info!(
             kn_id = shared.kn_id,
             epoch,
@@ -367,18 +366,46 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     }
 }
 
-/// This KN's load since `since` (which it resets): ops/s and p99 from the connection
-/// tasks' histogram. Occupancy needs the shards' busy time, which they do not count yet: 0.
-fn load_report(shared: &Shared, since: &mut Instant) -> LoadReport {
+/// Where the previous load report ended.
+struct LoadMark {
+    at: Instant,
+    busy_ns: u64,
+}
+
+/// The time all shards spent handling messages, if every shard answers within `timeout`
+/// (the lease thread must not wait long for a shard that itself waits for the lease).
+fn busy_ns(shared: &Shared, timeout: Duration) -> Option<u64> {
+    let mut waits = Vec::with_capacity(shared.shards.len());
+    for tx in &shared.shards {
+        let (stx, srx) = mpsc::channel();
+        tx.send(Msg::Stats(stx)).ok()?;
+        waits.push(srx);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut total = 0;
+    for w in waits {
+        let left = deadline.saturating_duration_since(Instant::now());
+        total += w.recv_timeout(left).ok()?.busy_ns;
+    }
+    Some(total)
+}
+
+/// This KN's load since `mark` (which it moves): ops/s and p99 from the connection tasks'
+/// histogram, occupancy from the time its shards spent handling messages. `None` (and the
+/// mark stays) if a shard is too slow to say.
+fn load_report(shared: &Shared, mark: &mut LoadMark, timeout: Duration) -> Option<LoadReport> {
+    let busy_ns = busy_ns(shared, timeout)?;
     let lat = shared.latency.take();
-    let secs = since.elapsed().as_secs_f64().max(1e-3);
-    *since = Instant::now();
-    LoadReport {
+    let now = Instant::now();
+    let secs = now.duration_since(mark.at).as_secs_f64().max(1e-3);
+    let busy = busy_ns.saturating_sub(mark.busy_ns) as f64 / 1e9;
+    *mark = LoadMark { at: now, busy_ns };
+    Some(LoadReport {
         ops_per_sec: lat.count as f64 / secs,
-        occupancy: 0.0,
+        occupancy: (busy / (secs * shared.shards.len().max(1) as f64)).clamp(0.0, 1.0),
         p99_us: lat.p99.as_micros() as u64,
         hot_keys: Vec::new(),
-    }
+    })
 }
 
 /// Renews the lease every quarter lease and follows map changes. Returns the manager
@@ -393,7 +420,10 @@ fn heartbeat(
 ) -> Option<MgrClient> {
     let every = lease / 4;
     let mut last = Instant::now();
-    let mut last_report = Instant::now();
+    let mut last_report = LoadMark {
+        at: Instant::now(),
+        busy_ns: busy_ns(shared, lease / 8).unwrap_or(0),
+    };
     let mut conn = Some(mgr);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10).min(every));
@@ -418,12 +448,12 @@ fn heartbeat(
                 Err(_) => continue,
             },
         };
-        let load = load_report(shared, &mut last_report);
+        let load = load_report(shared, &mut last_report, lease / 8);
         let sent = Instant::now();
         let r = m.call(&MgrRequest::Renew {
             kn_id: shared.kn_id,
             lease_epoch,
-            load: Some(load),
+            load,
         });
         match r {
             Ok(MgrReply::Lease {
@@ -589,6 +619,7 @@ async fn call(tx: &Sender<Msg>, op: Request) -> Result<Option<Vec<u8>>, KvError>
 fn kv_error(e: &KvError) -> String {
     match e {
         KvError::WrongOwner { .. } => "TRYAGAIN the slot is changing owner".into(),
+        e @ KvError::TryAgain { .. } => e.to_string(),
         KvError::ShuttingDown => "TRYAGAIN the node is shutting down".into(),
         e => format!("ERR {e}"),
     }

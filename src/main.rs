@@ -95,6 +95,107 @@ struct ManagerArgs {
     /// Cache of KNs started by the manager, e.g. 64M.
     #[arg(long, default_value = "64M")]
     kn_cache: String,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// The elasticity policy in the manager (off unless --policy); unset thresholds take the
+/// policy's defaults.
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// Run the elasticity policy: add a KN when p99 misses the objective and a KN is busy,
+    /// remove the least occupied KN when all are idle (needs --kn-exe to add).
+    #[arg(long)]
+    policy: bool,
+    /// Decision period in milliseconds [default: 2000].
+    #[arg(long)]
+    policy_period_ms: Option<u64>,
+    /// Latency objective (p99) in milliseconds [default: 16].
+    #[arg(long)]
+    slo_p99_ms: Option<f64>,
+    /// Occupancy (0..1) above which a KN counts as busy [default: 0.20].
+    #[arg(long)]
+    busy_add: Option<f64>,
+    /// Occupancy (0..1) below which a KN counts as idle [default: 0.15].
+    #[arg(long)]
+    idle_remove: Option<f64>,
+    /// Hot-key threshold in standard deviations above the mean [default: 3].
+    #[arg(long)]
+    hot_sigmas: Option<f64>,
+    /// Cold-key threshold in standard deviations below the mean [default: 1].
+    #[arg(long)]
+    cold_sigmas: Option<f64>,
+    /// Never remove below this many KNs [default: 1].
+    #[arg(long)]
+    min_kns: Option<usize>,
+    /// Never add beyond this many KNs [default: 16].
+    #[arg(long)]
+    max_kns: Option<usize>,
+    /// Quiet time after an add or remove, in milliseconds [default: one period].
+    #[arg(long)]
+    cooldown_ms: Option<u64>,
+}
+
+impl PolicyArgs {
+    /// The policy's configuration, or `None` when --policy is off.
+    fn config(&self) -> Result<Option<dinomo::policy::PolicyConfig>, Usage> {
+        use std::time::Duration;
+        if !self.policy {
+            return Ok(None);
+        }
+        let mut c = dinomo::policy::PolicyConfig::default();
+        if let Some(v) = self.policy_period_ms {
+            if v == 0 {
+                return Err(Usage("--policy-period-ms must be above 0".into()));
+            }
+            c.period = Duration::from_millis(v);
+            c.cooldown = c.period;
+        }
+        if let Some(v) = self.slo_p99_ms {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Usage(format!("--slo-p99-ms {v} is not a duration")));
+            }
+            c.slo_p99 = Duration::from_secs_f64(v / 1e3);
+        }
+        for (name, v, dst) in [
+            ("--busy-add", self.busy_add, &mut c.busy_add),
+            ("--idle-remove", self.idle_remove, &mut c.idle_remove),
+        ] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(Usage(format!("{name} {v} is outside 0..=1")));
+                }
+                *dst = v;
+            }
+        }
+        for (name, v, dst) in [
+            ("--hot-sigmas", self.hot_sigmas, &mut c.hot_sigmas),
+            ("--cold-sigmas", self.cold_sigmas, &mut c.cold_sigmas),
+        ] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(Usage(format!("{name} {v} must be a number >= 0")));
+                }
+                *dst = v;
+            }
+        }
+        if let Some(v) = self.min_kns {
+            c.min_kns = v.max(1);
+        }
+        if let Some(v) = self.max_kns {
+            c.max_kns = v;
+        }
+        if c.min_kns > c.max_kns {
+            return Err(Usage(format!(
+                "--min-kns {} is above --max-kns {}",
+                c.min_kns, c.max_kns
+            )));
+        }
+        if let Some(v) = self.cooldown_ms {
+            c.cooldown = Duration::from_millis(v);
+        }
+        Ok(Some(c))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +271,9 @@ struct UpArgs {
     /// Lease length in milliseconds.
     #[arg(long)]
     lease_ms: Option<u64>,
+    /// Run the elasticity policy in the manager (adds and removes KNs by load).
+    #[arg(long)]
+    policy: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -335,6 +439,7 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         return Err(Usage(format!("--kn-threads {} is outside 1..=64", a.kn_threads)).into());
     }
     parse_size(&a.kn_cache).map_err(|e| Usage(format!("--kn-cache: {e}")))?;
+    let policy = a.policy.config()?;
     install_stop_handler()?;
     let cfg = dinomo::manager::ManagerConfig {
         region: a.dpm,
@@ -351,6 +456,10 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         }),
     };
     let (m, listener) = dinomo::manager::start(cfg)?;
+    if let Some(p) = policy {
+        tracing::info!(config = ?p, "elasticity policy on");
+        m.set_policy(Box::new(dinomo::policy::Policy::new(p)));
+    }
     {
         use std::io::Write;
         println!("manager listening on {}", m.addr());
@@ -390,6 +499,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         cfg.region_size = v;
     }
     cfg.fresh |= a.fresh;
+    cfg.policy |= a.policy;
     if let Some(v) = a.manager_port {
         cfg.manager_port = v;
     }

@@ -313,6 +313,42 @@ pub trait LoadPolicy: Send {
     fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction>;
 }
 
+/// The elasticity policy drives the multi-process cluster: it adds and removes KNs; keys
+/// cannot be replicated across KN processes, so replication decisions are only logged.
+impl LoadPolicy for crate::policy::Policy {
+    fn period(&self) -> Duration {
+        self.config().period
+    }
+
+    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction> {
+        use crate::policy::{Decision, KnReport};
+        let reports: Vec<KnReport> = loads
+            .iter()
+            .map(|(kn, l)| KnReport {
+                kn: *kn,
+                ops_per_sec: l.ops_per_sec,
+                occupancy: l.occupancy,
+                p99: Duration::from_micros(l.p99_us),
+                hot_keys: l
+                    .hot_keys
+                    .iter()
+                    .map(|(k, c)| (k.as_bytes().to_vec(), *c))
+                    .collect(),
+            })
+            .collect();
+        crate::policy::Policy::decide(self, now, &reports, &[])
+            .into_iter()
+            .map(|d| match d {
+                Decision::AddKn => PolicyAction::AddKn,
+                Decision::RemoveKn(kn) => PolicyAction::RemoveKn(kn),
+                d @ (Decision::Replicate(_) | Decision::Dereplicate(_)) => {
+                    PolicyAction::Unsupported(format!("{d:?}"))
+                }
+            })
+            .collect()
+    }
+}
+
 /// Map changes kept for `status`.
 const RECONFIGS_KEPT: usize = 16;
 /// How long `add_kn`, `remove_kn` and `rebalance` wait for the new map to settle.

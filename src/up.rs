@@ -43,6 +43,8 @@ pub struct UpConfig {
     pub cache: String,
     pub lease_ms: u64,
     pub dpm_workers: usize,
+    /// Run the elasticity policy in the manager (with its default thresholds).
+    pub policy: bool,
 }
 
 impl Default for UpConfig {
@@ -67,6 +69,7 @@ impl Default for UpConfig {
             cache: "64M".into(),
             lease_ms: 3000,
             dpm_workers: 1,
+            policy: false,
         }
     }
 }
@@ -248,28 +251,29 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
         what: "cannot find this program".into(),
         source,
     })?;
-    let mut manager = Proc::spawn(
-        "manager",
-        &[
-            "manager".into(),
-            "--dpm".into(),
-            region_s.clone(),
-            "--listen".into(),
-            cfg.manager_addr(),
-            "--lease-ms".into(),
-            cfg.lease_ms.to_string(),
-            "--kn-exe".into(),
-            exe.to_string_lossy().into_owned(),
-            "--kn-host".into(),
-            cfg.host.clone(),
-            "--kn-threads".into(),
-            cfg.threads.to_string(),
-            "--kn-io-threads".into(),
-            cfg.io_threads.to_string(),
-            "--kn-cache".into(),
-            cfg.cache.clone(),
-        ],
-    )?;
+    let mut manager_args: Vec<String> = vec![
+        "manager".into(),
+        "--dpm".into(),
+        region_s.clone(),
+        "--listen".into(),
+        cfg.manager_addr(),
+        "--lease-ms".into(),
+        cfg.lease_ms.to_string(),
+        "--kn-exe".into(),
+        exe.to_string_lossy().into_owned(),
+        "--kn-host".into(),
+        cfg.host.clone(),
+        "--kn-threads".into(),
+        cfg.threads.to_string(),
+        "--kn-io-threads".into(),
+        cfg.io_threads.to_string(),
+        "--kn-cache".into(),
+        cfg.cache.clone(),
+    ];
+    if cfg.policy {
+        manager_args.push("--policy".into());
+    }
+    let mut manager = Proc::spawn("manager", &manager_args)?;
     let mut kns = Vec::new();
     for i in 0..cfg.kns {
         kns.push(Proc::spawn(

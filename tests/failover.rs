@@ -6,7 +6,9 @@
 //!   fenced it and the new owner has taken a newer write, resuming the paused KN neither
 //!   acknowledges nor applies the late write, and the paused KN stops serving;
 //! - `dinomo ctl add-kn`, `rebalance` and `remove-kn` on a running cluster with a writer:
-//!   every acknowledged write is readable at the end, and `status` shows the changes.
+//!   every acknowledged write is readable at the end, and `status` shows the changes;
+//! - the elasticity policy in the manager: it adds a KN when the latency objective is missed
+//!   by a busy KN and removes idle KNs (thresholds set so that the outcome is certain).
 
 mod common;
 
@@ -140,6 +142,11 @@ impl Cluster {
 
     /// `spawn`: whether the manager gets what it needs to start KNs.
     fn start_with(kns: usize, spawn: bool) -> Self {
+        Self::start_opts(kns, spawn, &[])
+    }
+
+    /// `manager_args`: more flags for the manager.
+    fn start_opts(kns: usize, spawn: bool, manager_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let region = dir.path().join("region");
         common::format_region(&region, "64M", "1M");
@@ -161,6 +168,7 @@ impl Cluster {
         if spawn {
             args.extend(["--kn-exe", BIN]);
         }
+        args.extend(manager_args);
         let (manager, out) = Proc::spawn(&args);
         let mgr = last_word(&first_line(out));
         let mut c = Self {
@@ -665,7 +673,10 @@ fn ctl_refuses_what_the_cluster_cannot_do() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to move"));
     let s = c.status();
-    assert!(!s.can_spawn && s.kns.len() == 1 && !s.kns[0].draining, "{s:?}");
+    assert!(
+        !s.can_spawn && s.kns.len() == 1 && !s.kns[0].draining,
+        "{s:?}"
+    );
     c.stop();
     // No manager: a clear error and a failing exit code.
     let o = Command::new(BIN)
@@ -673,5 +684,100 @@ fn ctl_refuses_what_the_cluster_cannot_do() {
         .output()
         .expect("run dinomo ctl");
     assert!(!o.status.success());
-    assert!(text(&o).contains("cannot reach the manager"), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot reach the manager"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Waits until `status` satisfies `done`.
+fn wait_status(c: &Cluster, done: impl Fn(&StatusMsg) -> bool) -> StatusMsg {
+    let t0 = Instant::now();
+    loop {
+        let s = c.status();
+        if done(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < DEADLINE, "status never got there: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
+    // Any latency misses a 0 ms objective and any work makes a KN busy: a KN is added (up
+    // to 2); nothing is ever idle enough to be removed.
+    let c = Cluster::start_opts(
+        1,
+        true,
+        &[
+            "--policy",
+            "--policy-period-ms",
+            "300",
+            "--slo-p99-ms",
+            "0",
+            "--busy-add",
+            "0",
+            "--idle-remove",
+            "0",
+            "--max-kns",
+            "2",
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
+        std::thread::spawn(move || writer("p", addrs, 100, &stop))
+    };
+    let s = wait_status(&c, |s| s.kns.len() == 2 && s.settled);
+    assert!(s.policy);
+    let added = s
+        .kns
+        .iter()
+        .find(|k| k.spawned)
+        .expect("a KN the policy added");
+    assert!(added.slots > 0, "{s:?}");
+    let first = s.kns.iter().find(|k| !k.spawned).expect("the first KN");
+    let load = first.load.as_ref().expect("the first KN reported its load");
+    assert!(
+        load.ops_per_sec > 0.0 && load.occupancy > 0.0 && load.p99_us > 0,
+        "{load:?}"
+    );
+    stop.store(true, Ordering::Release);
+    let logs = w.join().expect("writer");
+    let mut cl = Client::new(s.kns.iter().map(|k| k.addr.clone()).collect());
+    check(&mut cl, &logs);
+    c.stop();
+
+    // Every KN is idle below an occupancy of 1: KNs are removed down to the minimum.
+    let mut c = Cluster::start_opts(
+        3,
+        true,
+        &[
+            "--policy",
+            "--policy-period-ms",
+            "300",
+            "--idle-remove",
+            "1",
+            "--min-kns",
+            "2",
+        ],
+    );
+    let s = wait_status(&c, |s| s.kns.len() == 2 && s.settled);
+    let gone: Vec<u16> = c
+        .kns
+        .iter()
+        .map(|k| k.0)
+        .filter(|id| s.kns.iter().all(|k| k.kn_id != *id))
+        .collect();
+    assert_eq!(gone.len(), 1, "{s:?}");
+    let reason = format!("kn {} left", gone[0]);
+    assert!(s.reconfigs.iter().any(|r| r.reason == reason), "{s:?}");
+    // It left on its own (exit code 0) and the policy stops at the minimum.
+    let i = c.kns.iter().position(|k| k.0 == gone[0]).expect("KN");
+    assert!(c.kns[i].2.take().expect("KN").wait().success());
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(c.status().kns.len(), 2);
+    c.stop();
 }
