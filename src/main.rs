@@ -207,7 +207,7 @@ impl PolicyArgs {
   dinomo ctl rebalance --slots 0-99 --to 1
 
 Reconfigurations show: slots moved, SETTLE_MS (publish to settled: how long moving slots
-were refused), RELEASE_MS (the slowest old owner's flush + merge), MERGED (own writes merged).
+were refused), RELEASE_MS (the slowest old owner's flush + merge), MERGED (log entries merged).
 Exit code 0 on success, 1 when the manager is unreachable or refuses (e.g. unknown KN).")]
 struct CtlArgs {
     /// Manager address.

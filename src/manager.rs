@@ -11,8 +11,8 @@
 //! |---|---|---|
 //! | `register` | `addr` (client address of the KN), `shards` | `registered`: `kn_id`, `lease_epoch`, `lease_ms` |
 //! | `join` | `kn_id` | `lease` (the KN is in the map from the epoch it names) |
-//! | `renew` | `kn_id`, `lease_epoch` | `lease`: `epoch` (current map), `settled`, `lease_ms` |
-//! | `ack` | `kn_id`, `epoch` | `lease` |
+//! | `renew` | `kn_id`, `lease_epoch`, optional `load` | `lease`: `epoch` (current map), `settled`, `lease_ms`, `drain` |
+//! | `ack` | `kn_id`, `epoch`, `release_us`, `entries_merged` | `lease` |
 //! | `map` | — | `map`: `epoch`, `settled`, `kns` (`[id, addr]`), `ranges` and `moving` (`[first, last, kn]`) |
 //! | `leave` | `kn_id` | `ok` |
 //! | `status` | — | `status`: KNs (`kn_id`, `addr`, `lease_ms_left`, `slots`, `acked_epoch`, `draining`, `load`), `epoch`, `settled`, `reconfigs` |
@@ -20,11 +20,12 @@
 //! | `remove_kn` | `kn_id` | `removed`: `kn_id`, `reconfig` (once it left and the map settled) |
 //! | `rebalance` | optional `slots` (`[first, last]`) and `to` (a KN) | `rebalanced`: `reconfig` (`null`: nothing to move) |
 //!
-//! `renew` may carry a `load` report (ops/s, occupancy, p99 latency, hot keys) and `ack`
-//! the KN's measurements of installing that map (`release_us`: flush + merge of its logs,
-//! `entries_merged`). `lease` replies carry `drain`: the KN was asked to leave (`remove_kn`)
-//! and leaves through `leave`. `add_kn` needs a manager started with spawn settings
-//! ([`SpawnConfig`]); it starts a `dinomo kn` child process.
+//! `load` is the KN's load since its previous renewal (ops/s, occupancy, p99 latency, hot
+//! keys); `ack` carries the KN's measurements of installing that map (`release_us`: flush +
+//! merge of its logs, `entries_merged`: log entries the merges took in). `drain`: the KN was
+//! asked to leave (`remove_kn`) and leaves through `leave`. `add_kn` needs a manager started
+//! with spawn settings ([`SpawnConfig`]); it starts a `dinomo kn` child process. With a
+//! [`LoadPolicy`] set, the manager also adds and removes KNs by itself every policy period.
 //!
 //! Any request may get `error` with a `message`; a `renew` of a KN that is not registered
 //! (its lease expired and it was fenced) gets `error`, and the KN must stop serving.
@@ -83,7 +84,7 @@ pub enum MgrRequest {
         /// 0 when it had installed the map already.
         #[serde(default)]
         release_us: u64,
-        /// Own writes the DPM merged during that release.
+        /// Log entries the DPM merged during that release (its MergeAll replies).
         #[serde(default)]
         entries_merged: u64,
     },
@@ -136,7 +137,7 @@ pub struct Reconfig {
     pub settle_ms: Option<f64>,
     /// The slowest KN's release (flush + merge of its logs) for this map.
     pub max_release_ms: f64,
-    /// Own writes merged by all releases for this map.
+    /// Log entries merged by all releases for this map.
     pub entries_merged: u64,
 }
 
@@ -828,7 +829,7 @@ impl Manager {
             MgrRequest::Status
             | MgrRequest::AddKn
             | MgrRequest::RemoveKn { .. }
-            | MgrRequest::Rebalance { .. } => error("unreachable".into()),
+            | MgrRequest::Rebalance { .. } => error("answered above".into()),
         }
     }
 
@@ -1134,9 +1135,16 @@ impl Manager {
     fn run_policy(self: &Arc<Self>) {
         let loads: Vec<(u16, LoadReport)> = {
             let st = self.lock();
-            st.kns
+            let live: Vec<_> = st
+                .kns
                 .iter()
                 .filter(|(_, k)| k.joined && !k.gone && !k.draining)
+                .collect();
+            // The policy counts KNs by their reports: wait until every KN has reported.
+            if live.iter().any(|(_, k)| k.load.is_none()) {
+                return;
+            }
+            live.into_iter()
                 .filter_map(|(&id, k)| k.load.clone().map(|l| (id, l)))
                 .collect()
         };
