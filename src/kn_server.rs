@@ -118,6 +118,8 @@ struct Shared {
     latency: LatencyHist,
     /// Hands each connection its histogram stripe.
     conns: AtomicU64,
+    /// The epoch of the last map every shard released slots for.
+    released: AtomicU64,
 }
 
 impl Shared {
@@ -238,6 +240,7 @@ pub fn run(
         drain: AtomicBool::new(false),
         latency: LatencyHist::default(),
         conns: AtomicU64::new(0),
+        released: AtomicU64::new(0),
     });
     set_lease(&shared, registered_at, lease);
 
@@ -314,9 +317,9 @@ fn set_lease(shared: &Shared, sent: Instant, lease: Duration) {
 /// logs), and acknowledges its epoch.
 fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     let msg = mgr.map()?;
-    let old = shared.view();
     let epoch = msg.epoch;
-    let new_map = old.map.epoch() != epoch;
+    // Not the view's epoch: a release that failed must be retried before the ack.
+    let new_map = shared.released.load(Ordering::Acquire) != epoch;
     let view = View::new(msg);
     let map = Arc::clone(&view.map);
     shared.set_view(view);
@@ -346,6 +349,7 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
             }
         }
         release_us = t0.elapsed().as_micros() as u64;
+        shared.released.store(epoch, Ordering::Release);
         tracing::info!(
             kn_id = shared.kn_id,
             epoch,
@@ -468,7 +472,12 @@ fn heartbeat(
                 }
                 let v = shared.view();
                 let moving = v.moving.iter().any(|&b| b);
-                if v.map.epoch() != epoch || (moving && settled) || !v.msg.settled && settled {
+                let unreleased = shared.released.load(Ordering::Acquire) != epoch;
+                if v.map.epoch() != epoch
+                    || unreleased
+                    || (moving && settled)
+                    || !v.msg.settled && settled
+                {
                     if let Err(e) = follow_map(shared, m) {
                         tracing::warn!(error = %e, "cannot follow the cluster map");
                         conn = None;
