@@ -120,6 +120,8 @@ struct Shared {
     conns: AtomicU64,
     /// The epoch of the last map every shard released slots for.
     released: AtomicU64,
+    lease_epoch: u32,
+    lease_len: Duration,
 }
 
 impl Shared {
@@ -241,6 +243,8 @@ pub fn run(
         latency: LatencyHist::default(),
         conns: AtomicU64::new(0),
         released: AtomicU64::new(0),
+        lease_epoch,
+        lease_len: lease,
     });
     set_lease(&shared, registered_at, lease);
 
@@ -338,13 +342,25 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
                 waits.push(rrx);
             }
         }
+        // A shard's flush waits for a valid lease, so keep renewing it meanwhile (this
+        // thread is the one that renews).
         for w in waits {
-            match w.recv_timeout(Duration::from_secs(60)) {
-                Ok(Ok(r)) => entries_merged += r.entries_merged,
-                other => {
-                    return Err(std::io::Error::other(format!(
-                        "a shard could not merge its log: {other:?}"
-                    )))
+            loop {
+                match w.recv_timeout(shared.lease_len / 8) {
+                    Ok(Ok(r)) => {
+                        entries_merged += r.entries_merged;
+                        break;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                        if t0.elapsed() < Duration::from_secs(60) =>
+                    {
+                        renew_only(shared, mgr)?;
+                    }
+                    other => {
+                        return Err(std::io::Error::other(format!(
+                            "a shard could not merge its log: {other:?}"
+                        )))
+                    }
                 }
             }
         }
@@ -367,6 +383,27 @@ fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     })? {
         MgrReply::Lease { .. } => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
+    }
+}
+
+/// Renews the lease (nothing else); a refusal means this KN was fenced.
+fn renew_only(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
+    let sent = Instant::now();
+    match mgr.call(&MgrRequest::Renew {
+        kn_id: shared.kn_id,
+        lease_epoch: shared.lease_epoch,
+        load: None,
+    })? {
+        MgrReply::Lease { .. } => {
+            set_lease(shared, sent, shared.lease_len);
+            Ok(())
+        }
+        other => {
+            tracing::error!(reply = ?other, "lease refused: this KN was fenced");
+            shared.lease.set_lost();
+            shared.fenced.store(true, Ordering::Release);
+            Err(std::io::Error::other(format!("{other:?}")))
+        }
     }
 }
 
@@ -430,16 +467,21 @@ fn heartbeat(
     };
     let mut conn = Some(mgr);
     while !stop.load(Ordering::Acquire) {
+        if shared.fenced.load(Ordering::Acquire) {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(10).min(every));
         // While slots are moving, ask often: they are refused until the map settles.
         let unsettled = {
             let v = shared.view();
             !v.msg.settled || v.moving.iter().any(|&b| b)
         };
+        // Otherwise often enough that a new map (which KNs learn of from renewals) is
+        // picked up within ~100 ms: until then the slots it moves are refused.
         let period = if unsettled {
             every.min(Duration::from_millis(50))
         } else {
-            every
+            every.min(Duration::from_millis(100))
         };
         if last.elapsed() < period {
             continue;
@@ -452,7 +494,12 @@ fn heartbeat(
                 Err(_) => continue,
             },
         };
-        let load = load_report(shared, &mut last_report, lease / 8);
+        // The load over at least a quarter lease, so its p99 means something.
+        let load = if last_report.at.elapsed() >= every {
+            load_report(shared, &mut last_report, lease / 8)
+        } else {
+            None
+        };
         let sent = Instant::now();
         let r = m.call(&MgrRequest::Renew {
             kn_id: shared.kn_id,

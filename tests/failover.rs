@@ -26,7 +26,11 @@ use dinomo::resp::{encode_command, parse_value, Limits, Value};
 use dinomo::shared::slot::key_slot;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Leases of the failover tests: a dead KN's slots move within about a second.
 const LEASE_MS: &str = "600";
+/// Leases of the tests that need no expiry: long enough that a KN starved of CPU on a
+/// loaded machine is not fenced by mistake.
+const CALM_LEASE_MS: &str = "2000";
 const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
 
 /// A child process, killed when dropped.
@@ -136,17 +140,18 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// With short leases.
     fn start(kns: usize) -> Self {
-        Self::start_with(kns, true)
+        Self::start_opts(kns, LEASE_MS, true, &[])
     }
 
-    /// `spawn`: whether the manager gets what it needs to start KNs.
-    fn start_with(kns: usize, spawn: bool) -> Self {
-        Self::start_opts(kns, spawn, &[])
+    /// With long leases; `spawn`: whether the manager gets what it needs to start KNs.
+    fn start_calm(kns: usize, spawn: bool) -> Self {
+        Self::start_opts(kns, CALM_LEASE_MS, spawn, &[])
     }
 
     /// `manager_args`: more flags for the manager.
-    fn start_opts(kns: usize, spawn: bool, manager_args: &[&str]) -> Self {
+    fn start_opts(kns: usize, lease_ms: &str, spawn: bool, manager_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let region = dir.path().join("region");
         common::format_region(&region, "64M", "1M");
@@ -159,7 +164,7 @@ impl Cluster {
             "--listen",
             "127.0.0.1:0",
             "--lease-ms",
-            LEASE_MS,
+            lease_ms,
             "--kn-threads",
             "1",
             "--kn-cache",
@@ -565,7 +570,7 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
 
 #[test]
 fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
-    let c = Cluster::start(2);
+    let c = Cluster::start_calm(2, true);
     let stop = Arc::new(AtomicBool::new(false));
     let w = {
         let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
@@ -642,14 +647,14 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
             "{want} not in {reasons:?}"
         );
     }
+    // Every KN releases (flushes and merges) for every new map. How many entries those
+    // merges take in depends on how far the DPM's background merger got: not checked.
     for r in &s.reconfigs {
-        assert!(r.slots_moved > 0 && r.settle_ms.is_some(), "{r:?}");
+        assert!(
+            r.slots_moved > 0 && r.settle_ms.is_some() && r.max_release_ms > 0.0,
+            "{r:?}"
+        );
     }
-    assert!(
-        s.reconfigs.iter().map(|r| r.entries_merged).sum::<u64>() > 0,
-        "{:?}",
-        s.reconfigs
-    );
     let table = c.ctl(&["status"]);
     assert!(out(&table).contains("SETTLE_MS"), "{}", out(&table));
     let mut c = c;
@@ -660,7 +665,7 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
 
 #[test]
 fn ctl_refuses_what_the_cluster_cannot_do() {
-    let c = Cluster::start_with(1, false);
+    let c = Cluster::start_calm(1, false);
     let text = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     let o = c.ctl(&["add-kn"]);
     assert!(!o.status.success());
@@ -710,6 +715,7 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
     // to 2); nothing is ever idle enough to be removed.
     let c = Cluster::start_opts(
         1,
+        CALM_LEASE_MS,
         true,
         &[
             "--policy",
@@ -730,7 +736,10 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
         let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
         std::thread::spawn(move || writer("p", addrs, 100, &stop))
     };
-    let s = wait_status(&c, |s| s.kns.len() == 2 && s.settled);
+    // (A KN counts as started by the manager once the manager read its ready line.)
+    let s = wait_status(&c, |s| {
+        s.kns.len() == 2 && s.settled && s.kns.iter().any(|k| k.spawned)
+    });
     assert!(s.policy);
     let added = s
         .kns
@@ -753,6 +762,7 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
     // Every KN is idle below an occupancy of 1: KNs are removed down to the minimum.
     let mut c = Cluster::start_opts(
         3,
+        CALM_LEASE_MS,
         true,
         &[
             "--policy",
