@@ -683,6 +683,21 @@ fn ctl_refuses_what_the_cluster_cannot_do() {
         "{s:?}"
     );
     c.stop();
+    let help = Command::new(BIN)
+        .args(["ctl", "--help"])
+        .output()
+        .expect("run dinomo ctl --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for word in [
+        "status",
+        "add-kn",
+        "remove-kn",
+        "rebalance",
+        "--json",
+        "SETTLE_MS",
+    ] {
+        assert!(help.contains(word), "{word} not in {help}");
+    }
     // No manager: a clear error and a failing exit code.
     let o = Command::new(BIN)
         .args(["ctl", "--manager", "127.0.0.1:1", "status"])
