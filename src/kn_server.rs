@@ -449,8 +449,9 @@ fn load_report(shared: &Shared, mark: &mut LoadMark, timeout: Duration) -> Optio
     })
 }
 
-/// Renews the lease every quarter lease and follows map changes. Returns the manager
-/// connection for the final `leave`.
+/// Renews the lease every 100 ms (a quarter lease if shorter), follows map changes and
+/// reports the load every quarter lease. Returns the manager connection for the final
+/// `leave`.
 fn heartbeat(
     shared: &Shared,
     mut mgr: MgrClient,

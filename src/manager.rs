@@ -275,7 +275,7 @@ pub struct ManagerConfig {
     /// Region file of the DPM (shm fabric); the control file is derived from it.
     pub region: PathBuf,
     pub listen: SocketAddr,
-    /// Lease length; a KN renews it every quarter of it.
+    /// Lease length; a KN renews it every 100 ms (every quarter lease if shorter).
     pub lease: Duration,
     /// Virtual nodes per KN on the hash ring.
     pub vnodes: u32,
