@@ -171,6 +171,56 @@ mod tests {
     }
 
     #[test]
+    fn status_renders_kns_and_reconfigurations() {
+        use crate::manager::{KnStatus, LoadReport};
+        let s = StatusMsg {
+            epoch: 7,
+            settled: false,
+            kns: vec![KnStatus {
+                kn_id: 3,
+                addr: "127.0.0.1:7003".into(),
+                lease_ms_left: 2500,
+                joined: true,
+                slots: 8192,
+                acked_epoch: 6,
+                draining: true,
+                spawned: false,
+                load: Some(LoadReport {
+                    ops_per_sec: 1234.4,
+                    occupancy: 0.25,
+                    p99_us: 800,
+                    hot_keys: Vec::new(),
+                }),
+            }],
+            reconfigs: vec![Reconfig {
+                epoch: 7,
+                reason: "kn 3 joined".into(),
+                kns: 2,
+                slots_moved: 8192,
+                settle_ms: None,
+                max_release_ms: 1.25,
+                ..Reconfig::default()
+            }],
+            can_spawn: false,
+            policy: true,
+        };
+        let t = render_status(&s);
+        assert!(t.starts_with("map epoch 7 (settling), 1 KNs, cannot start KNs, policy on"));
+        let row = t
+            .lines()
+            .find(|l| l.contains("127.0.0.1:7003"))
+            .expect("KN row");
+        for f in ["8192", "2500", "draining", "1234", "0.25", "800"] {
+            assert!(row.contains(f), "{f} not in {row}");
+        }
+        let row = t
+            .lines()
+            .find(|l| l.contains("kn 3 joined"))
+            .expect("reconfig row");
+        assert!(row.contains(" - ") && row.contains("1.2"), "{row}");
+    }
+
+    #[test]
     fn an_unreachable_manager_is_an_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
