@@ -134,6 +134,13 @@ pub fn render_status(s: &StatusMsg) -> String {
             k.kn_id, k.addr, k.slots, k.lease_ms_left, k.acked_epoch, state, ops, occ, p99
         ));
     }
+    for k in &s.kns {
+        let hot = k.load.iter().flat_map(|l| &l.hot_keys).take(5);
+        let hot: Vec<String> = hot.map(|(key, n)| format!("{key} ({n})")).collect();
+        if !hot.is_empty() {
+            t.push_str(&format!("KN {} hot keys: {}\n", k.kn_id, hot.join(", ")));
+        }
+    }
     t.push_str("\nrecent reconfigurations\n");
     t.push_str(&render_reconfigs(&s.reconfigs));
     t
@@ -189,7 +196,7 @@ mod tests {
                     ops_per_sec: 1234.4,
                     occupancy: 0.25,
                     p99_us: 800,
-                    hot_keys: Vec::new(),
+                    hot_keys: vec![("user:7".into(), 96)],
                 }),
             }],
             reconfigs: vec![Reconfig {
@@ -213,6 +220,7 @@ mod tests {
         for f in ["8192", "2500", "draining", "1234", "0.25", "800"] {
             assert!(row.contains(f), "{f} not in {row}");
         }
+        assert!(t.contains("KN 3 hot keys: user:7 (96)"), "{t}");
         let row = t
             .lines()
             .find(|l| l.contains("kn 3 joined"))

@@ -431,9 +431,34 @@ fn busy_ns(shared: &Shared, timeout: Duration) -> Option<u64> {
     Some(total)
 }
 
+/// The KN's hottest keys since the last call (each key lives in one shard, so the shards'
+/// lists are disjoint): the top 16, from the shards that answer within `timeout`.
+fn hot_keys(shared: &Shared, timeout: Duration) -> Vec<(String, u64)> {
+    let mut waits = Vec::with_capacity(shared.shards.len());
+    for tx in &shared.shards {
+        let (htx, hrx) = mpsc::channel();
+        if tx.send(Msg::HotKeys(htx)).is_ok() {
+            waits.push(hrx);
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    let mut all: Vec<(Vec<u8>, u64)> = Vec::new();
+    for w in waits {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(keys) = w.recv_timeout(left) {
+            all.extend(keys);
+        }
+    }
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    all.truncate(16);
+    all.into_iter()
+        .map(|(k, c)| (String::from_utf8_lossy(&k).into_owned(), c))
+        .collect()
+}
+
 /// This KN's load since `mark` (which it moves): ops/s and p99 from the connection tasks'
-/// histogram, occupancy from the time its shards spent handling messages. `None` (and the
-/// mark stays) if a shard is too slow to say.
+/// histogram, occupancy from the time its shards spent handling messages, its hottest
+/// keys. `None` (and the mark stays) if a shard is too slow to say.
 fn load_report(shared: &Shared, mark: &mut LoadMark, timeout: Duration) -> Option<LoadReport> {
     let busy_ns = busy_ns(shared, timeout)?;
     let lat = shared.latency.take();
@@ -445,7 +470,7 @@ fn load_report(shared: &Shared, mark: &mut LoadMark, timeout: Duration) -> Optio
         ops_per_sec: lat.count as f64 / secs,
         occupancy: (busy / (secs * shared.shards.len().max(1) as f64)).clamp(0.0, 1.0),
         p99_us: lat.p99.as_micros() as u64,
-        hot_keys: Vec::new(),
+        hot_keys: hot_keys(shared, timeout),
     })
 }
 

@@ -768,6 +768,17 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
         load.ops_per_sec > 0.0 && load.occupancy > 0.0 && load.p99_us > 0,
         "{load:?}"
     );
+    // The shards' hot keys come with the load (sampled: wait for a report that has some).
+    let s = wait_status(&c, |s| {
+        s.kns
+            .iter()
+            .any(|k| k.load.as_ref().is_some_and(|l| !l.hot_keys.is_empty()))
+    });
+    for k in &s.kns {
+        for (key, count) in k.load.iter().flat_map(|l| &l.hot_keys) {
+            assert!(key.starts_with("p:") && *count > 0, "{key} {count}");
+        }
+    }
     stop.store(true, Ordering::Release);
     let logs = w.join().expect("writer");
     let mut cl = Client::new(s.kns.iter().map(|k| k.addr.clone()).collect());
