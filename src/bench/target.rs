@@ -43,6 +43,8 @@ pub struct TargetResult {
     pub missing: u64,
     pub moved: u64,
     pub tryagain: u64,
+    /// Commands sent again because their node left or died (its connection failed).
+    pub reconnects: u64,
     pub elapsed_s: f64,
     /// Measured at the clients, over loopback TCP.
     pub throughput_ops: f64,
@@ -64,6 +66,8 @@ struct RespClient {
     slots: Vec<usize>,
     moved: u64,
     tryagain: u64,
+    /// Commands sent again because their node's connection failed.
+    reconnects: u64,
     req: Vec<u8>,
 }
 
@@ -75,6 +79,7 @@ impl RespClient {
             slots: vec![0; SLOTS as usize],
             moved: 0,
             tryagain: 0,
+            reconnects: 0,
             req: Vec::new(),
         };
         c.load_slots()?;
@@ -91,9 +96,26 @@ impl RespClient {
         }
     }
 
-    /// Fills the slot table from `CLUSTER SLOTS` of the first node that answers it.
+    /// Fills the slot table from `CLUSTER SLOTS` of the first node that answers it (a node
+    /// may have left the cluster or died since it was learnt).
     fn load_slots(&mut self) -> anyhow::Result<()> {
-        match self.call_on(0, &[b"CLUSTER", b"SLOTS"])? {
+        let mut answer = None;
+        let mut last_err = None;
+        for node in 0..self.nodes.len() {
+            match self.call_on(node, &[b"CLUSTER", b"SLOTS"]) {
+                Ok(v) => {
+                    answer = Some(v);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let answer = match (answer, last_err) {
+            (Some(v), _) => v,
+            (None, Some(e)) => return Err(e.context("no node answers CLUSTER SLOTS")),
+            (None, None) => bail!("no node to ask for the slot table"),
+        };
+        match answer {
             Value::Array(ranges) => {
                 for r in ranges {
                     let Value::Array(v) = r else { continue };
@@ -159,7 +181,18 @@ impl RespClient {
         let slot = key_slot(key) as usize;
         for _ in 0..RETRIES {
             let node = self.slots[slot];
-            match self.call_on(node, args)? {
+            let reply = match self.call_on(node, args) {
+                Ok(v) => v,
+                // The node left or died: its slots have (or soon will have) a new owner.
+                // The command is sent again; a benchmark's writes are idempotent.
+                Err(_) => {
+                    self.reconnects += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = self.load_slots();
+                    continue;
+                }
+            };
+            match reply {
                 Value::Error(e) if e.starts_with("MOVED ") => {
                     self.moved += 1;
                     let addr = e
@@ -235,6 +268,7 @@ struct ClientOut {
     missing: u64,
     moved: u64,
     tryagain: u64,
+    reconnects: u64,
 }
 
 /// Loads the keys, warms up, measures; `targets` are `host:port` seeds.
@@ -269,11 +303,16 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
             .try_for_each(|h| h.join().map_err(|_| anyhow!("a client panicked"))?)
     });
     loaded.context("loading")?;
-    // Warm up, then measure.
-    phase(cfg, targets, clients, cfg.warmup_ops, None, 1)?;
+    // Warm up, then measure. Each phase's clients start from every node known so far, so
+    // a seed that has left the cluster meanwhile is not needed.
+    let seeds = |probe: &mut RespClient| {
+        let _ = probe.load_slots();
+        probe.nodes.clone()
+    };
+    phase(cfg, &seeds(&mut probe), clients, cfg.warmup_ops, None, 1)?;
     let before = kn_counters(&mut probe);
     let t0 = Instant::now();
-    let outs = phase(cfg, targets, clients, cfg.ops, cfg.duration, 2)?;
+    let outs = phase(cfg, &seeds(&mut probe), clients, cfg.ops, cfg.duration, 2)?;
     let elapsed = t0.elapsed().as_secs_f64();
     let after = kn_counters(&mut probe);
 
@@ -332,6 +371,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
         missing: outs.iter().map(|o| o.missing).sum(),
         moved: outs.iter().map(|o| o.moved).sum(),
         tryagain: outs.iter().map(|o| o.tryagain).sum(),
+        reconnects: outs.iter().map(|o| o.reconnects).sum(),
         elapsed_s: elapsed,
         throughput_ops: ops as f64 / elapsed.max(1e-9),
         latency_us: Latency {
@@ -409,6 +449,7 @@ fn phase(
                     }
                     out.moved = c.moved;
                     out.tryagain = c.tryagain;
+                    out.reconnects = c.reconnects;
                     Ok(out)
                 })
             })
@@ -439,8 +480,8 @@ pub fn render(r: &TargetResult) -> String {
         r.latency_us.p999, r.latency_us.mean
     );
     s += &format!(
-        "redirections: {} MOVED, {} TRYAGAIN; reads of loaded keys that found nothing: {}\n",
-        r.moved, r.tryagain, r.missing
+        "redirections: {} MOVED, {} TRYAGAIN, {} resent after a node left; reads of loaded keys that found nothing: {}\n",
+        r.moved, r.tryagain, r.reconnects, r.missing
     );
     match (r.rts_per_op, r.hit) {
         (Some(rts), Some(h)) => {
