@@ -751,8 +751,8 @@ impl Log<'_> {
     }
 }
 
-/// The controller: applies the schedule, or asks the policy every period (and acts on its
-/// replication decisions at once, the add or remove after them).
+/// The controller: applies the schedule, or asks the policy every period and acts on its
+/// decisions (an add or remove, then replication changes).
 fn control<S: Elastic>(
     sys: &mut S,
     cfg: &ElasticConfig,
@@ -791,8 +791,8 @@ fn control<S: Elastic>(
         if shared.t0.elapsed() >= total {
             return Ok(());
         }
-        let action = match steps.as_mut() {
-            Some(st) => st.next().map(|step| step.action),
+        let (action, decisions) = match steps.as_mut() {
+            Some(st) => (st.next().map(|step| step.action), Vec::new()),
             None => {
                 next_tick = Instant::now() + cfg.policy.period;
                 let now = Instant::now();
@@ -829,62 +829,75 @@ fn control<S: Elastic>(
                         })
                         .collect(),
                 });
-                // Replication first (it takes milliseconds); an add or remove after it ends
-                // the replication of keys whose slot moves or whose replica stops, and
-                // that is recorded below.
-                let changes = replication::act(sys, &decisions, clock);
-                log.replicated(shared, pb, changes);
-                action
+                (action, decisions)
             }
         };
-        let Some(action) = action else { continue };
-        let replicated_before = sys.replicated();
-        let (name, started, result) = match action {
-            Action::Add => {
-                let t = shared.event("add start".into());
-                ("add", t, sys.add_kn())
-            }
-            Action::Remove(which) => {
-                let live = sys.live_kns();
-                let kn = which.or(live.iter().copied().max()).unwrap_or(0);
-                let t = shared.event(format!("remove kn{kn} start"));
-                ("remove", t, sys.remove_kn(kn))
-            }
-        };
-        let r = result?;
-        let finished = shared.event(format!("{name} kn{} done", r.kn));
-        shared
-            .live_kns
-            .store(sys.live_kns().len(), Ordering::Relaxed);
-        pb.println(format!(
-            "{:>8} t={started:.1}s {name} kn{}: {:.0} ms, {} slots, {} moved",
-            "",
-            r.kn,
-            (finished - started) * 1e3,
-            r.slots_moved,
-            crate::size::human(r.bytes_moved)
-        ));
-        let ended = replication::ended_by(
-            &replicated_before,
-            &sys.replicated(),
-            &format!("{name} kn{}", r.kn),
-            started,
-        );
-        log.replicated(shared, pb, ended);
-        log.done.push(Done {
-            action: name,
-            started,
-            finished,
-            r,
-        });
-        // The policy's next window starts after the change.
-        last = sys
-            .live_kns()
-            .into_iter()
-            .filter_map(|k| sys.kn_stats(k).map(|s| (k, s)))
-            .collect();
-        last_at = Instant::now();
+        // The add or remove first, as the policy orders them: it ends the replication of
+        // keys whose slot moves or whose replica stops, and replicating after it reaches
+        // the KNs live from now on.
+        if let Some(action) = action {
+            reconfigure(sys, action, shared, log, pb)?;
+            // The policy's next window starts after the change.
+            last = sys
+                .live_kns()
+                .into_iter()
+                .filter_map(|k| sys.kn_stats(k).map(|s| (k, s)))
+                .collect();
+            last_at = Instant::now();
+        }
+        let changes = replication::act(sys, &decisions, clock);
+        log.replicated(shared, pb, changes);
     }
+}
+
+/// Adds or removes a KN and records it, with the replications it ended.
+fn reconfigure<S: Elastic>(
+    sys: &mut S,
+    action: Action,
+    shared: &Shared,
+    log: &mut Log<'_>,
+    pb: &ProgressBar,
+) -> anyhow::Result<()> {
+    let replicated_before = sys.replicated();
+    let (name, started, result) = match action {
+        Action::Add => {
+            let t = shared.event("add start".into());
+            ("add", t, sys.add_kn())
+        }
+        Action::Remove(which) => {
+            let live = sys.live_kns();
+            let kn = which.or(live.iter().copied().max()).unwrap_or(0);
+            let t = shared.event(format!("remove kn{kn} start"));
+            ("remove", t, sys.remove_kn(kn))
+        }
+    };
+    let r = result?;
+    let finished = shared.event(format!("{name} kn{} done", r.kn));
+    shared
+        .live_kns
+        .store(sys.live_kns().len(), Ordering::Relaxed);
+    pb.println(format!(
+        "{:>8} t={started:.1}s {name} kn{}: {:.0} ms, {} slots, {} moved",
+        "",
+        r.kn,
+        (finished - started) * 1e3,
+        r.slots_moved,
+        crate::size::human(r.bytes_moved)
+    ));
+    let ended = replication::ended_by(
+        &replicated_before,
+        &sys.replicated(),
+        &format!("{name} kn{}", r.kn),
+        started,
+    );
+    log.replicated(shared, pb, ended);
+    log.done.push(Done {
+        action: name,
+        started,
+        finished,
+        r,
+    });
+    Ok(())
 }
 
 /// One report per live KN over the last `elapsed`: operations, occupancy from the shards'
@@ -975,20 +988,23 @@ pub fn render_system(r: &SystemResult) -> String {
             .filter(|x| x.done())
             .map(|x| x.took_s * 1e3)
             .collect();
-        let max = took.iter().copied().fold(0.0, f64::max);
+        let longest = match took.iter().copied().reduce(f64::max) {
+            Some(max) => format!(" (longest {max:.2} ms)"),
+            None => String::new(),
+        };
         s += &format!(
-            "          replication: {} replicated, {} dereplicated (longest {max:.2} ms), {} ended by reconfiguration, {} skipped, {} failed; {} replicated at the end\n",
+            "          replication: {} replicated, {} dereplicated{longest}, {} ended by reconfiguration, {} skipped, {} failed; {} replicated at the end\n",
             c.replicated, c.dereplicated, c.ended_by_reconfig, c.skipped, c.failed, c.at_end
         );
-        if let Some(x) = r
+        let mut reasons: Vec<&str> = r
             .replications
             .iter()
-            .find(|x| x.outcome.starts_with("skipped"))
-        {
-            s += &format!(
-                "          replication skipped: {}\n",
-                &x.outcome["skipped: ".len()..]
-            );
+            .filter_map(|x| x.outcome.strip_prefix("skipped: "))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for why in reasons {
+            s += &format!("          replication skipped: {why}\n");
         }
     }
     s += &format!(

@@ -1,6 +1,7 @@
 //! Hot-key replication in the scenario's policy mode: the policy's `Replicate(key)` is
-//! acted on by replicating the key to every live KN (its owner included), `Dereplicate(key)`
-//! by ending that. Every change, refusal and failure is recorded, never dropped; a failure
+//! acted on by replicating the key to every live KN (its owner included; skipped while only
+//! one KN is live, where a replica set would be the owner alone), `Dereplicate(key)` by
+//! ending that. Every change, refusal and failure is recorded, never dropped; a failure
 //! does not end the run. DINOMO-N has no indirect cells, so its replications are recorded as
 //! skipped. Which keys are replicated is always asked of the system, because a
 //! reconfiguration ends the replication of keys whose owner or replicas change.
@@ -132,6 +133,10 @@ pub(super) fn act<R: Replicator>(
         let r = match d {
             Decision::Replicate(_) => {
                 let kns = sys.live_kns();
+                if kns.len() < 2 {
+                    out.push(result(0, "skipped: one live KN".into(), started));
+                    continue;
+                }
                 sys.replicate(key, &kns).map(|()| kns.len())
             }
             _ => {
@@ -315,6 +320,18 @@ mod tests {
             (counts.skipped, counts.replicated, counts.failed),
             (1, 0, 0)
         );
+    }
+
+    #[test]
+    fn with_one_live_kn_a_replication_is_skipped() {
+        let mut sys = Fake {
+            kns: vec![1],
+            ..skewed()
+        };
+        let log = act(&mut sys, &[Decision::Replicate(b"hot".to_vec())], || 0.0);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].outcome, "skipped: one live KN");
+        assert!(sys.replicated.is_empty());
     }
 
     #[test]
