@@ -209,8 +209,9 @@ fn in_policy_mode_a_skewed_load_gets_its_hot_key_replicated() {
         "1",
         "--zipf",
         "0.99",
+        // Enough operations for the one-in-16 sample to single out the hottest key.
         "--base-rate",
-        "400",
+        "1000",
         "--burst",
         "2",
         "--phases",
