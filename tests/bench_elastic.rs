@@ -1,6 +1,8 @@
 //! `dinomo bench --scenario elastic`: a few seconds of the scenario on a fixed schedule
 //! writes a CSV, a figure and JSON of the expected shape, with the reconfigurations in
 //! them; bad schedules and options are refused with exit code 2 before anything is written.
+//! In policy mode a skewed load gets its hottest key replicated on DINOMO (and the decision
+//! recorded as skipped on DINOMO-N).
 
 use std::process::Command;
 
@@ -180,6 +182,118 @@ fn without_a_schedule_the_policy_decides_every_period() {
     let decided = ticks.iter().filter(|t| !t["decision"].is_null()).count();
     assert_eq!(decided, s["reconfigs"].as_array().expect("reconfigs").len());
     assert_eq!(s["errors"], 0);
+}
+
+#[test]
+fn in_policy_mode_a_skewed_load_gets_its_hot_key_replicated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("elastic.json");
+    // Two KNs, never idle nor busy enough to change (--idle-remove 0, --busy-add 1);
+    // zipf 0.99 over 1000 keys: the hottest key is an outlier among the hot keys.
+    let o = bench(&[
+        "--systems",
+        "dinomo,dinomo-n",
+        "--keys",
+        "1000",
+        "--value-size",
+        "128",
+        "--clients",
+        "2",
+        "--kns",
+        "2",
+        "--idle-remove",
+        "0",
+        "--busy-add",
+        "1",
+        "--threads-per-kn",
+        "1",
+        "--zipf",
+        "0.99",
+        // Enough operations for the one-in-16 sample to single out the hottest key.
+        "--base-rate",
+        "1000",
+        "--burst",
+        "2",
+        "--phases",
+        "1,1,1",
+        "--period",
+        "0.5",
+        "--out",
+        dir.path().to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("replicated"), "{stdout}");
+    assert!(stdout.contains("shared-nothing"), "{stdout}");
+
+    let csv = std::fs::read_to_string(dir.path().join("elastic.csv")).expect("csv written");
+    let events = |system: &str| -> Vec<String> {
+        csv.lines()
+            .skip(1)
+            .map(|l| l.splitn(5, ',').collect::<Vec<_>>())
+            .filter(|r| r[1] == system)
+            .flat_map(|r| r[4].split(';').map(str::to_owned).collect::<Vec<_>>())
+            .filter(|e| e.starts_with("replicate:"))
+            .collect()
+    };
+    let dinomo = events("dinomo");
+    assert!(
+        dinomo.iter().any(|e| e.ends_with(" ms")),
+        "a replicate event with its time: {dinomo:?}"
+    );
+    let dinomo_n = events("dinomo-n");
+    assert!(
+        !dinomo_n.is_empty() && dinomo_n.iter().all(|e| e.contains("skipped")),
+        "{dinomo_n:?}"
+    );
+
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    for s in v["systems"].as_array().expect("systems") {
+        let name = s["system"].as_str().expect("name");
+        assert_eq!(s["errors"], 0, "{name}");
+        assert_eq!(s["final_kns"], 2, "{name}");
+        let log = s["replications"].as_array().expect("replications");
+        let counts = &s["replication"];
+        assert_eq!(counts["failed"], 0, "{name}: {log:?}");
+        let replicates: Vec<&serde_json::Value> =
+            log.iter().filter(|r| r["action"] == "replicate").collect();
+        assert!(!replicates.is_empty(), "{name}");
+        // Every decision is recorded in the policy log too.
+        let decided: usize = s["policy_log"]
+            .as_array()
+            .expect("policy_log")
+            .iter()
+            .filter_map(|t| t["replication"].as_array())
+            .map(Vec::len)
+            .sum();
+        assert_eq!(decided, log.len(), "{name}");
+        match name {
+            "dinomo" => {
+                let done: Vec<_> = replicates
+                    .iter()
+                    .filter(|r| r["outcome"] == "done")
+                    .collect();
+                assert!(!done.is_empty(), "{log:?}");
+                for r in done {
+                    assert_eq!(r["kns"], 2, "to every live KN: {r}");
+                    assert!(r["took_s"].as_f64().is_some());
+                }
+                assert!(counts["replicated"].as_u64().expect("count") >= 1);
+                assert_eq!(counts["skipped"], 0);
+            }
+            _ => {
+                assert_eq!(counts["replicated"], 0);
+                assert_eq!(counts["skipped"].as_u64(), Some(log.len() as u64));
+            }
+        }
+    }
 }
 
 #[test]

@@ -144,7 +144,8 @@ pub struct BenchArgs {
     /// from the start of the run; remove takes the highest KN id, remove=<kn> a given one).
     #[arg(long, requires = "scenario")]
     pub schedule: Option<String>,
-    /// Seconds between policy decisions [default: 2].
+    /// Seconds between policy decisions [default: 2]. Each decision may also replicate a
+    /// hot key (or end that); --zipf makes hot keys (e.g. 0.99).
     #[arg(long, requires = "scenario")]
     pub period: Option<f64>,
     /// The policy's latency objective: p99 in milliseconds, measured by the open-loop

@@ -4,11 +4,13 @@
 //! every period) or on a fixed `--schedule`, while clients keep running. Throughput is
 //! sampled every 100 ms into a CSV and a figure, and every reconfiguration is judged by its
 //! dip and the time to a new steady state ([`analysis`]). DINOMO moves only ownership;
-//! DINOMO-N copies the moved slots' data and its clients wait meanwhile.
+//! DINOMO-N copies the moved slots' data and its clients wait meanwhile. In policy mode the
+//! KNs' hot keys are reported too and outliers are replicated ([`replication`]).
 
 pub mod analysis;
 pub mod load;
 pub mod plot;
+pub mod replication;
 pub mod schedule;
 mod systems;
 
@@ -30,6 +32,7 @@ use crate::cluster::ClusterConfig;
 use crate::policy::{Decision, KnReport, Policy, PolicyConfig};
 use analysis::Recovery;
 use load::{ClientCounters, LoadShape, BUCKETS};
+use replication::{ReplicationCounts, ReplicationResult, Replicator};
 use schedule::{Action, Schedule};
 
 /// The most KNs a scenario may grow to (the region is formatted with room for their logs).
@@ -164,13 +167,13 @@ pub struct Reconfig {
     pub bytes_moved: u64,
 }
 
-/// A system the scenario can grow and shrink while clients run.
-trait Elastic: Target {
-    /// A client that keeps retrying a moving slot for as long as any move can take.
-    fn patient_client(&self) -> Self::C;
+/// A system the scenario can grow and shrink (and replicate keys of) while clients run.
+trait Elastic: Target + Replicator {
+    /// Client `i`: it keeps retrying a moving slot for as long as any move can take, and
+    /// clients spread over the replicas of a replicated key.
+    fn patient_client(&self, i: usize) -> Self::C;
     /// The router clients route by (to attribute latencies to the owning KN).
     fn router(&self) -> Arc<Router>;
-    fn live_kns(&self) -> Vec<u16>;
     /// Counters of one KN (all its shards).
     fn kn_stats(&self, kn: u16) -> Option<ShardStats>;
     fn add_kn(&mut self) -> anyhow::Result<Reconfig>;
@@ -217,6 +220,9 @@ pub struct PolicyTick {
     pub kns: Vec<KnSeen>,
     /// The add or remove it decided, if any.
     pub decision: Option<String>,
+    /// The replications it decided (`replicate:<key>`, `dereplicate:<key>`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replication: Vec<String>,
 }
 
 /// One KN's report as the policy saw it.
@@ -247,6 +253,10 @@ pub struct SystemResult {
     pub bytes_moved: u64,
     /// Every policy decision with the reports behind it (policy mode).
     pub policy_log: Vec<PolicyTick>,
+    /// Replication changes, counted (policy mode).
+    pub replication: ReplicationCounts,
+    /// Every replication change, refusal and failure, in order.
+    pub replications: Vec<ReplicationResult>,
     #[serde(skip)]
     pub samples: Vec<Sample>,
 }
@@ -464,11 +474,12 @@ fn run_system<S: Elastic>(
     };
     let total = cfg.shape.total();
     let pb = bar(b.progress, total.as_secs().max(1), system.name());
-    let clients: Vec<S::C> = (0..b.clients).map(|_| sys.patient_client()).collect();
+    let clients: Vec<S::C> = (0..b.clients).map(|i| sys.patient_client(i)).collect();
     let router = sys.router();
     let chooser = KeyChooser::new(b.dist, b.keys);
     let mut done: Vec<Done> = Vec::new();
     let mut ticks: Vec<PolicyTick> = Vec::new();
+    let mut replications: Vec<ReplicationResult> = Vec::new();
     let mut latency = [0u64; BUCKETS];
     let samples = std::thread::scope(|s| -> anyhow::Result<Vec<(u64, usize)>> {
         let shared = &shared;
@@ -481,7 +492,12 @@ fn run_system<S: Elastic>(
             })
             .collect();
         let sampler = s.spawn(|| sample_loop(shared, total, &pb));
-        let controlled = control(sys, cfg, shared, &mut done, &mut ticks, &mut latency, &pb);
+        let mut log = Log {
+            done: &mut done,
+            ticks: &mut ticks,
+            replications: &mut replications,
+        };
+        let controlled = control(sys, cfg, shared, &mut log, &mut latency, &pb);
         shared.stop.store(true, Ordering::Release);
         for h in handles {
             h.join()
@@ -612,6 +628,8 @@ fn run_system<S: Elastic>(
         bytes_moved: reconfigs.iter().map(|r| r.bytes_moved).sum(),
         reconfigs,
         policy_log: ticks,
+        replication: ReplicationCounts::of(&replications, sys.replicated().len()),
+        replications,
         samples: rows,
     })
 }
@@ -711,13 +729,35 @@ fn sample_loop(shared: &Shared, total: Duration, pb: &ProgressBar) -> Vec<(u64, 
     out
 }
 
-/// The controller: applies the schedule, or asks the policy every period.
+/// What the controller records.
+struct Log<'a> {
+    done: &'a mut Vec<Done>,
+    ticks: &'a mut Vec<PolicyTick>,
+    replications: &'a mut Vec<ReplicationResult>,
+}
+
+impl Log<'_> {
+    /// Records replication changes, as results and as events of the time series.
+    fn replicated(&mut self, shared: &Shared, pb: &ProgressBar, rs: Vec<ReplicationResult>) {
+        for r in rs {
+            pb.println(format!("{:>8} t={:.1}s {}", "", r.started_s, r.event()));
+            shared
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((r.started_s, r.event()));
+            self.replications.push(r);
+        }
+    }
+}
+
+/// The controller: applies the schedule, or asks the policy every period and acts on its
+/// decisions (an add or remove, then replication changes).
 fn control<S: Elastic>(
     sys: &mut S,
     cfg: &ElasticConfig,
     shared: &Shared,
-    done: &mut Vec<Done>,
-    ticks: &mut Vec<PolicyTick>,
+    log: &mut Log<'_>,
     latency: &mut [u64; BUCKETS],
     pb: &ProgressBar,
 ) -> anyhow::Result<()> {
@@ -729,8 +769,13 @@ fn control<S: Elastic>(
         .into_iter()
         .filter_map(|k| sys.kn_stats(k).map(|s| (k, s)))
         .collect();
+    // The first period's hot keys start now, not with the load before the run.
+    for kn in sys.live_kns() {
+        sys.hot_keys(kn);
+    }
     let mut last_at = Instant::now();
     let mut next_tick = shared.t0 + cfg.policy.period;
+    let clock = || shared.t0.elapsed().as_secs_f64();
     loop {
         let wake = match steps.as_mut() {
             Some(st) => match st.peek() {
@@ -746,24 +791,20 @@ fn control<S: Elastic>(
         if shared.t0.elapsed() >= total {
             return Ok(());
         }
-        let action = match steps.as_mut() {
-            Some(st) => st.next().map(|step| step.action),
+        let (action, decisions) = match steps.as_mut() {
+            Some(st) => (st.next().map(|step| step.action), Vec::new()),
             None => {
                 next_tick = Instant::now() + cfg.policy.period;
                 let now = Instant::now();
                 let reports = reports(sys, cfg, shared, &mut last, now - last_at, latency);
                 last_at = now;
-                let action = policy
-                    .decide(now, &reports, &[])
-                    .into_iter()
-                    .find_map(|d| match d {
-                        Decision::AddKn => Some(Action::Add),
-                        Decision::RemoveKn(kn) => Some(Action::Remove(Some(kn))),
-                        // The scenario measures scaling; replication is left to the cluster
-                        // manager.
-                        Decision::Replicate(_) | Decision::Dereplicate(_) => None,
-                    });
-                ticks.push(PolicyTick {
+                let decisions = policy.decide(now, &reports, &sys.replicated());
+                let action = decisions.iter().find_map(|d| match d {
+                    Decision::AddKn => Some(Action::Add),
+                    Decision::RemoveKn(kn) => Some(Action::Remove(Some(*kn))),
+                    Decision::Replicate(_) | Decision::Dereplicate(_) => None,
+                });
+                log.ticks.push(PolicyTick {
                     t_s: round_ms(shared.t0.elapsed().as_secs_f64()),
                     kns: reports
                         .iter()
@@ -775,54 +816,92 @@ fn control<S: Elastic>(
                         })
                         .collect(),
                     decision: action.map(|a| a.to_string()),
+                    replication: decisions
+                        .iter()
+                        .filter_map(|d| match d {
+                            Decision::Replicate(k) => {
+                                Some(format!("replicate:{}", replication::show_key(k)))
+                            }
+                            Decision::Dereplicate(k) => {
+                                Some(format!("dereplicate:{}", replication::show_key(k)))
+                            }
+                            Decision::AddKn | Decision::RemoveKn(_) => None,
+                        })
+                        .collect(),
                 });
-                action
+                (action, decisions)
             }
         };
-        let Some(action) = action else { continue };
-        let (name, started, result) = match action {
-            Action::Add => {
-                let t = shared.event("add start".into());
-                ("add", t, sys.add_kn())
-            }
-            Action::Remove(which) => {
-                let live = sys.live_kns();
-                let kn = which.or(live.iter().copied().max()).unwrap_or(0);
-                let t = shared.event(format!("remove kn{kn} start"));
-                ("remove", t, sys.remove_kn(kn))
-            }
-        };
-        let r = result?;
-        let finished = shared.event(format!("{name} kn{} done", r.kn));
-        shared
-            .live_kns
-            .store(sys.live_kns().len(), Ordering::Relaxed);
-        pb.println(format!(
-            "{:>8} t={started:.1}s {name} kn{}: {:.0} ms, {} slots, {} moved",
-            "",
-            r.kn,
-            (finished - started) * 1e3,
-            r.slots_moved,
-            crate::size::human(r.bytes_moved)
-        ));
-        done.push(Done {
-            action: name,
-            started,
-            finished,
-            r,
-        });
-        // The policy's next window starts after the change.
-        last = sys
-            .live_kns()
-            .into_iter()
-            .filter_map(|k| sys.kn_stats(k).map(|s| (k, s)))
-            .collect();
-        last_at = Instant::now();
+        // The add or remove first, as the policy orders them: it ends the replication of
+        // keys whose slot moves or whose replica stops, and replicating after it reaches
+        // the KNs live from now on.
+        if let Some(action) = action {
+            reconfigure(sys, action, shared, log, pb)?;
+            // The policy's next window starts after the change.
+            last = sys
+                .live_kns()
+                .into_iter()
+                .filter_map(|k| sys.kn_stats(k).map(|s| (k, s)))
+                .collect();
+            last_at = Instant::now();
+        }
+        let changes = replication::act(sys, &decisions, clock);
+        log.replicated(shared, pb, changes);
     }
 }
 
+/// Adds or removes a KN and records it, with the replications it ended.
+fn reconfigure<S: Elastic>(
+    sys: &mut S,
+    action: Action,
+    shared: &Shared,
+    log: &mut Log<'_>,
+    pb: &ProgressBar,
+) -> anyhow::Result<()> {
+    let replicated_before = sys.replicated();
+    let (name, started, result) = match action {
+        Action::Add => {
+            let t = shared.event("add start".into());
+            ("add", t, sys.add_kn())
+        }
+        Action::Remove(which) => {
+            let live = sys.live_kns();
+            let kn = which.or(live.iter().copied().max()).unwrap_or(0);
+            let t = shared.event(format!("remove kn{kn} start"));
+            ("remove", t, sys.remove_kn(kn))
+        }
+    };
+    let r = result?;
+    let finished = shared.event(format!("{name} kn{} done", r.kn));
+    shared
+        .live_kns
+        .store(sys.live_kns().len(), Ordering::Relaxed);
+    pb.println(format!(
+        "{:>8} t={started:.1}s {name} kn{}: {:.0} ms, {} slots, {} moved",
+        "",
+        r.kn,
+        (finished - started) * 1e3,
+        r.slots_moved,
+        crate::size::human(r.bytes_moved)
+    ));
+    let ended = replication::ended_by(
+        &replicated_before,
+        &sys.replicated(),
+        &format!("{name} kn{}", r.kn),
+        started,
+    );
+    log.replicated(shared, pb, ended);
+    log.done.push(Done {
+        action: name,
+        started,
+        finished,
+        r,
+    });
+    Ok(())
+}
+
 /// One report per live KN over the last `elapsed`: operations, occupancy from the shards'
-/// busy time, and the p99 latency clients saw for keys it owned.
+/// busy time, the p99 latency clients saw for keys it owned, and its sampled hot keys.
 fn reports<S: Elastic>(
     sys: &S,
     cfg: &ElasticConfig,
@@ -859,7 +938,7 @@ fn reports<S: Elastic>(
             ops_per_sec: (d.gets + d.puts + d.deletes) as f64 / secs,
             occupancy: (d.busy_ns as f64 / 1e9 / secs / shards).clamp(0.0, 1.0),
             p99: load::quantile(&counts, 0.99),
-            hot_keys: Vec::new(),
+            hot_keys: sys.hot_keys(kn),
         });
         now.push((kn, stats));
     }
@@ -900,6 +979,33 @@ pub fn render_system(r: &SystemResult) -> String {
             c.slots_moved,
             crate::size::human(c.bytes_moved)
         );
+    }
+    let c = &r.replication;
+    if !r.replications.is_empty() {
+        let took: Vec<f64> = r
+            .replications
+            .iter()
+            .filter(|x| x.done())
+            .map(|x| x.took_s * 1e3)
+            .collect();
+        let longest = match took.iter().copied().reduce(f64::max) {
+            Some(max) => format!(" (longest {max:.2} ms)"),
+            None => String::new(),
+        };
+        s += &format!(
+            "          replication: {} replicated, {} dereplicated{longest}, {} ended by reconfiguration, {} skipped, {} failed; {} replicated at the end\n",
+            c.replicated, c.dereplicated, c.ended_by_reconfig, c.skipped, c.failed, c.at_end
+        );
+        let mut reasons: Vec<&str> = r
+            .replications
+            .iter()
+            .filter_map(|x| x.outcome.strip_prefix("skipped: "))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for why in reasons {
+            s += &format!("          replication skipped: {why}\n");
+        }
     }
     s += &format!(
         "          longest dip {:.1} s, {} moved in all\n",
