@@ -203,30 +203,10 @@ impl DinomoN {
 
     /// User keys of `slot` stored in `partition`, found by scanning the merged index.
     fn partition_keys(&self, slot: u16, partition: u16) -> Vec<Vec<u8>> {
-        let dpm = self.cluster.dpm();
-        let (pm, geo) = (dpm.pmem(), dpm.geometry());
         let mut out = Vec::new();
-        dpm.index().for_each(pm, |_, r| {
-            let (off, len) = (r.offset(), r.len());
-            let Some(block) = geo.block_of(off) else {
-                return;
-            };
-            if pm.check(off, len).is_err() {
-                return;
-            }
-            let h: BlockHeader = pm.read_pod(geo.block_off(block));
-            let mut buf = vec![0u8; len as usize];
-            pm.read(off, &mut buf);
-            let Ok(e) = entry::decode(&buf, h.salt) else {
-                return;
-            };
-            if e.op != Op::Put || key_slot(e.key) != slot {
-                return;
-            }
-            if let Some((p, k)) = SlotTags::parse(e.key) {
-                if p == partition {
-                    out.push(k.to_vec());
-                }
+        self.for_each_stored(|s, p, k, _| {
+            if s == slot && p == partition {
+                out.push(k.to_vec());
             }
         });
         out
@@ -374,9 +354,20 @@ impl DinomoN {
     /// (slot, user key, value) of every live key whose slot and partition `wanted` accepts,
     /// read from the merged index.
     fn partition_entries(&self, wanted: impl Fn(u16, u16) -> bool) -> Vec<(u16, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        self.for_each_stored(|slot, p, k, v| {
+            if wanted(slot, p) {
+                out.push((slot, k.to_vec(), v.to_vec()));
+            }
+        });
+        out
+    }
+
+    /// Calls `f(slot, partition, user key, value)` for every intact put in the merged index
+    /// whose stored key carries a partition tag; one scan, one reused read buffer.
+    fn for_each_stored(&self, mut f: impl FnMut(u16, u16, &[u8], &[u8])) {
         let dpm = self.cluster.dpm();
         let (pm, geo) = (dpm.pmem(), dpm.geometry());
-        let mut out = Vec::new();
         let mut buf = Vec::new();
         dpm.index().for_each(pm, |_, r| {
             let (off, len) = (r.offset(), r.len());
@@ -395,14 +386,10 @@ impl DinomoN {
             if e.op != Op::Put {
                 return;
             }
-            let slot = key_slot(e.key);
             if let Some((p, k)) = SlotTags::parse(e.key) {
-                if wanted(slot, p) {
-                    out.push((slot, k.to_vec(), e.value.to_vec()));
-                }
+                f(key_slot(e.key), p, k, e.value);
             }
         });
-        out
     }
 }
 
