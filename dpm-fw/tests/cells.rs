@@ -2,41 +2,20 @@
 //! their blocks out of reuse while its cell is active; freeing the cell installs what it
 //! names; recovery rebuilds the active cells; bad requests change nothing.
 
-use std::sync::Arc;
+mod common;
 
+use common::{fresh, reopen, TestDpm};
 use dinomo_hw::shadow::ShadowRegion;
 use dinomo_shared::block::BLOCK_HEADER_SIZE;
 use dinomo_shared::entry::{self, Op};
-use dinomo_shared::geometry::FormatParams;
 use dinomo_shared::index::EntryRef;
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ErrorCode;
 use dpm_fw::testkit::LogWriter;
 use dpm_fw::{Dpm, Scratch};
 
-const REGION: u64 = 2 << 20;
+const REGION_ID: u64 = 13;
 const HOT: &[u8] = b"hot-key";
-
-type TestDpm = Dpm<Arc<ShadowRegion>>;
-
-fn fresh() -> (Arc<ShadowRegion>, TestDpm) {
-    let params = FormatParams {
-        block_size: 4096,
-        max_logs: 8,
-        max_kns: 4,
-        indirect_cells: 16,
-        ..FormatParams::for_size(REGION)
-    };
-    let r = ShadowRegion::new(REGION);
-    let dpm = Dpm::format(r.pmem(), &params, 13).expect("format");
-    (r, dpm)
-}
-
-fn reopen(r: &ShadowRegion) -> (Arc<ShadowRegion>, TestDpm) {
-    let r2 = ShadowRegion::from_image(&r.durable_image());
-    let dpm = Dpm::open(r2.pmem()).expect("recovery");
-    (r2, dpm)
-}
 
 /// Appends one entry and makes it durable, as a KN's write does; returns its ref.
 fn write(w: &mut LogWriter, dpm: &TestDpm, op: Op, key: &[u8], value: &[u8]) -> EntryRef {
@@ -135,7 +114,7 @@ fn allocated(dpm: &TestDpm) -> (LogWriter, EntryRef, u32) {
 
 #[test]
 fn replica_writes_stay_out_of_the_index_and_free_installs_the_cell() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let (mut owner, r0, cell) = allocated(&dpm);
     // The same key again: the same cell.
     assert_eq!(
@@ -192,7 +171,7 @@ fn replica_writes_stay_out_of_the_index_and_free_installs_the_cell() {
 
 #[test]
 fn a_cell_naming_a_delete_removes_the_key_when_freed() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let (_owner, r0, cell) = allocated(&dpm);
     let mut a = LogWriter::open(&dpm, 2, 0).expect("open");
     let rd = write(&mut a, &dpm, Op::Delete, HOT, b"");
@@ -206,7 +185,7 @@ fn a_cell_naming_a_delete_removes_the_key_when_freed() {
 
 #[test]
 fn a_key_without_an_index_entry_gets_a_cell_naming_its_delete() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut owner = LogWriter::open(&dpm, 1, 0).expect("open");
     write(&mut owner, &dpm, Op::Put, HOT, b"v0");
     let rd = write(&mut owner, &dpm, Op::Delete, HOT, b"");
@@ -225,7 +204,7 @@ fn a_key_without_an_index_entry_gets_a_cell_naming_its_delete() {
 
 #[test]
 fn recovery_rebuilds_active_cells() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let (owner, r0, cell) = allocated(&dpm);
     let mut a = LogWriter::open(&dpm, 2, 0).expect("open");
     let ra = write(&mut a, &dpm, Op::Put, HOT, b"va");
@@ -257,7 +236,7 @@ fn recovery_rebuilds_active_cells() {
 
 #[test]
 fn bad_cells_and_bad_entry_refs_change_nothing() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let mut owner = LogWriter::open(&dpm, 1, 0).expect("open");
     let mut other = LogWriter::open(&dpm, 2, 0).expect("open");
     let r0 = write(&mut owner, &dpm, Op::Put, HOT, b"v0");
@@ -324,7 +303,7 @@ fn bad_cells_and_bad_entry_refs_change_nothing() {
 
 #[test]
 fn cells_run_out_with_no_free_cell() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let cells = dpm.geometry().indirect_cells();
     let mut owner = LogWriter::open(&dpm, 1, 0).expect("open");
     let mut s = Scratch::default();
@@ -383,12 +362,12 @@ fn cell_script(dpm: &TestDpm, refs: &mut Vec<EntryRef>, done: &mut bool) {
 
 #[test]
 fn power_failure_at_every_persist_point_of_a_cells_lifetime() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let base = r.fences();
     cell_script(&dpm, &mut Vec::new(), &mut false);
     let total = r.fences() - base;
     for k in 0..=total {
-        let (r, dpm) = fresh();
+        let (r, dpm) = fresh(REGION_ID);
         r.set_crash_after(Some(k));
         let (mut refs, mut done) = (Vec::new(), false);
         let res =

@@ -1,37 +1,15 @@
 //! Fence points: once a log is closed (by its writer or by fencing its KN), entries its
 //! writer lands later are never merged, also after a restart.
 
-use std::sync::Arc;
+mod common;
 
-use dinomo_hw::shadow::ShadowRegion;
+use common::{fresh, reopen, TestDpm};
 use dinomo_shared::control::{LogSlot, LOG_CLOSED};
-use dinomo_shared::geometry::FormatParams;
 use dinomo_shared::msg::{Request, Response};
 use dpm_fw::testkit::LogWriter;
-use dpm_fw::{Dpm, Scratch};
+use dpm_fw::Scratch;
 
-const REGION: u64 = 2 << 20;
-
-type TestDpm = Dpm<Arc<ShadowRegion>>;
-
-fn fresh() -> (Arc<ShadowRegion>, TestDpm) {
-    let params = FormatParams {
-        block_size: 4096,
-        max_logs: 8,
-        max_kns: 4,
-        indirect_cells: 16,
-        ..FormatParams::for_size(REGION)
-    };
-    let r = ShadowRegion::new(REGION);
-    let dpm = Dpm::format(r.pmem(), &params, 11).expect("format");
-    (r, dpm)
-}
-
-fn reopen(r: &ShadowRegion) -> (Arc<ShadowRegion>, TestDpm) {
-    let r2 = ShadowRegion::from_image(&r.durable_image());
-    let dpm = Dpm::open(r2.pmem()).expect("recovery");
-    (r2, dpm)
-}
+const REGION_ID: u64 = 11;
 
 fn key(i: u32) -> Vec<u8> {
     format!("key-{i:03}").into_bytes()
@@ -86,7 +64,7 @@ fn merge_passes(dpm: &TestDpm) {
 
 #[test]
 fn fenced_kn_entries_after_the_fence_point_are_never_merged() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let mut s = Scratch::default();
     let mut w = LogWriter::open(&dpm, 3, 0).expect("open");
     let mut other = LogWriter::open(&dpm, 4, 0).expect("open");
@@ -122,7 +100,7 @@ fn fenced_kn_entries_after_the_fence_point_are_never_merged() {
 
 #[test]
 fn a_closed_log_has_a_fence_point_too() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let mut s = Scratch::default();
     let mut w = LogWriter::open(&dpm, 3, 0).expect("open");
     write_first(&mut w, &dpm);
@@ -143,7 +121,7 @@ fn a_closed_log_has_a_fence_point_too() {
 
 #[test]
 fn recovery_fences_a_log_closed_without_a_fence_point() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 3, 0).expect("open");
     write_first(&mut w, &dpm);
     // A close cut short by a crash: the slot says closed, no fence point was persisted.
@@ -168,7 +146,7 @@ fn recovery_fences_a_log_closed_without_a_fence_point() {
 /// is told when it fell too far behind to see some.
 #[test]
 fn fenced_kns_are_reported_once_to_a_revoking_transport() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut scratch = Scratch::default();
     let mut cursor = 0;
     let mut seen = Vec::new();

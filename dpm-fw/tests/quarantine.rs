@@ -1,31 +1,17 @@
 //! Quarantine: blocks of a log closed by fencing its KN are not reused until the quarantine
 //! has passed on the DPM's clock; blocks of a log its writer closed are reused at once.
 
+mod common;
+
 use std::sync::Arc;
 
-use dinomo_hw::shadow::ShadowRegion;
-use dinomo_shared::geometry::FormatParams;
+use common::{fresh, reopen, TestDpm};
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ErrorCode;
 use dpm_fw::testkit::LogWriter;
-use dpm_fw::{Dpm, LogStats, Scratch, DEFAULT_QUARANTINE_MS};
+use dpm_fw::{LogStats, Scratch, DEFAULT_QUARANTINE_MS};
 
-const REGION: u64 = 2 << 20;
-
-type TestDpm = Dpm<Arc<ShadowRegion>>;
-
-fn fresh() -> (Arc<ShadowRegion>, TestDpm) {
-    let params = FormatParams {
-        block_size: 4096,
-        max_logs: 8,
-        max_kns: 4,
-        indirect_cells: 16,
-        ..FormatParams::for_size(REGION)
-    };
-    let r = ShadowRegion::new(REGION);
-    let dpm = Dpm::format(r.pmem(), &params, 12).expect("format");
-    (r, dpm)
-}
+const REGION_ID: u64 = 12;
 
 fn key(i: u64) -> Vec<u8> {
     format!("key-{i:04}").into_bytes()
@@ -60,7 +46,7 @@ fn dead_log(dpm: &TestDpm) -> LogWriter {
 
 #[test]
 fn blocks_of_a_fenced_log_wait_out_the_quarantine() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     assert_eq!(dpm.quarantine_ms(), DEFAULT_QUARANTINE_MS);
     dpm.tick(1_000);
     let mut s = Scratch::default();
@@ -95,7 +81,7 @@ fn blocks_of_a_fenced_log_wait_out_the_quarantine() {
 
 #[test]
 fn blocks_of_a_log_its_writer_closed_are_reused_at_once() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut s = Scratch::default();
     let a = dead_log(&dpm);
     let blocks = log_of(&dpm, a.log_id).expect("log").blocks;
@@ -111,13 +97,12 @@ fn blocks_of_a_log_its_writer_closed_are_reused_at_once() {
 
 #[test]
 fn quarantine_survives_a_restart() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     dpm.set_quarantine_ms(500);
     let a = dead_log(&dpm);
     dpm.execute(Request::FenceKn { kn_id: 3 }, &mut Scratch::default())
         .expect("fence");
-    let r2 = ShadowRegion::from_image(&r.durable_image());
-    let dpm2: TestDpm = Dpm::open(r2.pmem()).expect("recovery");
+    let (_r2, dpm2) = reopen(&r);
     dpm2.set_quarantine_ms(500);
     // The clock of the reopened region starts at 0: the quarantine starts over.
     pass(&dpm2);
@@ -132,7 +117,7 @@ fn quarantine_survives_a_restart() {
 
 #[test]
 fn region_full_while_only_quarantined_blocks_remain() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut s = Scratch::default();
     // KN 4's log exists first, so it has a block with room for the deletes below.
     let mut b = LogWriter::open(&dpm, 4, 0).expect("open");
@@ -177,7 +162,7 @@ fn the_runner_ticks_the_clock_and_applies_the_configured_quarantine() {
     use dpm_fw::runner::{DpmService, ServeConfig};
     use std::time::{Duration, Instant};
 
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let a = dead_log(&dpm);
     let cfg = ServeConfig {
         workers: 1,
