@@ -13,120 +13,24 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc, BIN, DEADLINE};
 use dinomo::manager::{MapMsg, MgrClient, StatusMsg};
-use dinomo::resp::{encode_command, parse_value, Limits, Value};
+use dinomo::resp::Value;
 use dinomo::shared::slot::key_slot;
 
-const DEADLINE: Duration = Duration::from_secs(60);
 /// Leases of the failover tests: a dead KN's slots move within about a second.
 const LEASE_MS: &str = "600";
 /// Leases of the tests that need no expiry: long enough that a KN starved of CPU on a
 /// loaded machine is not fenced by mistake.
 const CALM_LEASE_MS: &str = "2000";
-const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
-
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> (Self, ChildStdout) {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dinomo");
-        let out = child.stdout.take().expect("stdout");
-        (Self { child }, out)
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(self.pid(), sig).expect("signal");
-    }
-
-    /// Waits (bounded) for the exit status.
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(t0.elapsed() < DEADLINE, "process did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until every thread of the process is stopped (SIGSTOP is delivered
-    /// asynchronously: `kill` returns before the threads stop).
-    fn wait_stopped(&self) {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        let t0 = Instant::now();
-        loop {
-            let all_stopped = std::fs::read_dir(&tasks).expect("tasks").all(|t| {
-                let stat = std::fs::read_to_string(t.expect("task").path().join("stat"))
-                    .unwrap_or_default();
-                // "pid (comm) S ...": the state follows the last ')'.
-                let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
-                state.is_some_and(|r| r.starts_with('T') || r.starts_with('t'))
-            });
-            if all_stopped {
-                return;
-            }
-            assert!(t0.elapsed() < DEADLINE, "process did not stop");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // SIGKILL also ends a stopped process.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The first line the process prints.
-fn first_line(out: ChildStdout) -> String {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(out).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(DEADLINE)
-        .expect("process did not get ready")
-}
-
-fn last_word(line: &str) -> String {
-    line.split_whitespace()
-        .last()
-        .expect("an address")
-        .to_string()
-}
+/// How long a client waits for one reply before it counts the connection as failed.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A DPM, a manager (that can start KNs) and KNs.
 struct Cluster {
@@ -175,7 +79,7 @@ impl Cluster {
         }
         args.extend(manager_args);
         let (manager, out) = Proc::spawn(&args);
-        let mgr = last_word(&first_line(out));
+        let mgr = ready_addr(out);
         let mut c = Self {
             _dir: dir,
             region,
@@ -215,19 +119,7 @@ impl Cluster {
 
     /// Waits until the map lists exactly `kns` KNs and is settled.
     fn wait_map(&self, kns: usize) -> MapMsg {
-        let mut m = MgrClient::connect(&self.mgr, DEADLINE).expect("manager");
-        let t0 = Instant::now();
-        loop {
-            let map = m.map().expect("map");
-            if map.kns.len() == kns && map.settled {
-                return map;
-            }
-            assert!(
-                t0.elapsed() < DEADLINE,
-                "map did not settle on {kns} KNs: {map:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_map(&self.mgr, kns)
     }
 
     fn addrs(&self) -> Vec<String> {
@@ -275,112 +167,6 @@ impl Cluster {
     }
 }
 
-/// One RESP connection.
-struct Conn {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    fn open(addr: &str, timeout: Duration) -> std::io::Result<Self> {
-        let s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_nodelay(true)?;
-        Ok(Self { s, buf: Vec::new() })
-    }
-
-    /// One reply; `None` if the connection closed or failed.
-    fn read(&mut self) -> Option<Value> {
-        loop {
-            if let Some((v, n)) = parse_value(&self.buf, &Limits::default()).expect("valid reply") {
-                self.buf.drain(..n);
-                return Some(v);
-            }
-            let mut chunk = [0u8; 16384];
-            match self.s.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    fn send(&mut self, args: &[&[u8]]) -> bool {
-        let mut b = Vec::new();
-        encode_command(&mut b, args);
-        self.s.write_all(&b).is_ok()
-    }
-
-    fn cmd(&mut self, args: &[&[u8]]) -> Option<Value> {
-        if !self.send(args) {
-            return None;
-        }
-        self.read()
-    }
-}
-
-/// A client that follows `MOVED` and reports every other outcome to its caller.
-struct Client {
-    addrs: Vec<String>,
-    next: usize,
-    conns: HashMap<String, Conn>,
-}
-
-impl Client {
-    fn new(addrs: Vec<String>) -> Self {
-        Self {
-            addrs,
-            next: 0,
-            conns: HashMap::new(),
-        }
-    }
-
-    /// One attempt: the reply (after following up to 4 `MOVED`), or `None` if a
-    /// connection failed (the command may or may not have been executed).
-    fn once(&mut self, args: &[&[u8]]) -> Option<Value> {
-        let mut addr = self.addrs[self.next % self.addrs.len()].clone();
-        for _ in 0..4 {
-            if !self.conns.contains_key(&addr) {
-                match Conn::open(&addr, Duration::from_secs(2)) {
-                    Ok(c) => {
-                        self.conns.insert(addr.clone(), c);
-                    }
-                    Err(_) => {
-                        self.next += 1;
-                        return None;
-                    }
-                }
-            }
-            let c = self.conns.get_mut(&addr).expect("conn");
-            match c.cmd(args) {
-                None => {
-                    self.conns.remove(&addr);
-                    self.next += 1;
-                    return None;
-                }
-                Some(Value::Error(e)) if e.starts_with("MOVED ") => {
-                    addr = e.split_whitespace().nth(2).expect("address").to_string();
-                }
-                Some(v) => return Some(v),
-            }
-        }
-        None
-    }
-
-    /// Retries until a reply that is not an error (bounded).
-    fn must(&mut self, args: &[&[u8]]) -> Value {
-        let t0 = Instant::now();
-        loop {
-            match self.once(args) {
-                Some(Value::Error(_)) | None => {
-                    assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Some(v) => return v,
-            }
-        }
-    }
-}
-
 /// What a writer knows about one key.
 #[derive(Clone, Debug, Default)]
 struct KeyLog {
@@ -398,7 +184,7 @@ fn writer(
     keys: usize,
     stop: &AtomicBool,
 ) -> HashMap<String, KeyLog> {
-    let mut cl = Client::new(addrs);
+    let mut cl = Client::new(addrs, REPLY_TIMEOUT);
     let mut log: HashMap<String, KeyLog> = HashMap::new();
     let mut round = 0u64;
     let mut acked = 0u64;
@@ -482,7 +268,7 @@ fn sigkill_under_a_write_load_loses_no_acknowledged_write() {
         .flat_map(|w| w.join().expect("writer"))
         .collect();
     assert_eq!(logs.len(), 300);
-    let mut cl = Client::new(c.addrs());
+    let mut cl = Client::new(c.addrs(), REPLY_TIMEOUT);
     check(&mut cl, &logs);
     c.stop();
 }
@@ -514,7 +300,7 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
     assert!(after.addr_of(victim).is_none());
     let status = c.status();
     assert!(status.kns.iter().all(|k| k.kn_id != victim), "{status:?}");
-    let mut cl = Client::new(vec![c.kns[1].1.clone()]);
+    let mut cl = Client::new(vec![c.kns[1].1.clone()], REPLY_TIMEOUT);
     assert_eq!(
         cl.must(&[b"SET", key.as_bytes(), b"new"]),
         Value::Simple("OK".into())
@@ -563,7 +349,10 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
     );
     let _ = c.kns[1].2.take().expect("survivor").wait();
     let last = c.wait_map(1);
-    let mut cl = Client::new(last.kns.iter().map(|(_, a)| a.clone()).collect());
+    let mut cl = Client::new(
+        last.kns.iter().map(|(_, a)| a.clone()).collect(),
+        REPLY_TIMEOUT,
+    );
     assert_eq!(read(&mut cl), Value::Bulk(b"new".to_vec()));
     c.stop();
 }
@@ -631,7 +420,10 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Release);
     let logs = w.join().expect("writer");
-    let mut cl = Client::new(s.kns.iter().map(|k| k.addr.clone()).collect());
+    let mut cl = Client::new(
+        s.kns.iter().map(|k| k.addr.clone()).collect(),
+        REPLY_TIMEOUT,
+    );
     check(&mut cl, &logs);
 
     // The history: a join, an explicit move, a rebalance and a leave, each measured.
@@ -781,7 +573,10 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
     }
     stop.store(true, Ordering::Release);
     let logs = w.join().expect("writer");
-    let mut cl = Client::new(s.kns.iter().map(|k| k.addr.clone()).collect());
+    let mut cl = Client::new(
+        s.kns.iter().map(|k| k.addr.clone()).collect(),
+        REPLY_TIMEOUT,
+    );
     check(&mut cl, &logs);
     c.stop();
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the tests that run the memory node as a separate process.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::Path;
 use std::process::{Child, Command};
 

@@ -1,0 +1,305 @@
+//! Scaffolding of the tests that run a whole cluster as processes: the `dinomo` processes,
+//! their ready lines, RESP connections to the KNs and the manager's map.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use dinomo::manager::{MapMsg, MgrClient};
+use dinomo::resp::{encode_command, parse_value, Limits, Value};
+use nix::sys::signal::Signal;
+
+/// How long any one step (a process getting ready, a map settling, a reply) may take.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+pub const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+
+/// A `dinomo` process, killed (SIGKILL, which also ends a stopped process) when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `dinomo <args>` with its stdout piped back to the caller.
+    pub fn spawn(args: &[&str]) -> (Self, ChildStdout) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dinomo");
+        let out = child.stdout.take().expect("stdout");
+        (Self { child }, out)
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        nix::sys::signal::kill(self.pid(), sig).expect("signal");
+    }
+
+    /// Waits (bounded) for the exit status.
+    pub fn wait(&mut self) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(t0.elapsed() < DEADLINE, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every thread of the process is stopped (SIGSTOP is delivered
+    /// asynchronously: `kill` returns before the threads stop).
+    pub fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let t0 = Instant::now();
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).expect("tasks").all(|t| {
+                let stat = std::fs::read_to_string(t.expect("task").path().join("stat"))
+                    .unwrap_or_default();
+                // "pid (comm) S ...": the state follows the last ')'.
+                let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+                state.is_some_and(|r| r.starts_with('T') || r.starts_with('t'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(t0.elapsed() < DEADLINE, "process did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The first line the process prints (its ready line), waited for at most `DEADLINE`.
+pub fn first_line(out: ChildStdout) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(DEADLINE)
+        .expect("process did not get ready")
+}
+
+pub fn last_word(line: &str) -> String {
+    line.split_whitespace()
+        .last()
+        .expect("an address")
+        .to_string()
+}
+
+/// The address a ready line ends in.
+pub fn ready_addr(out: ChildStdout) -> String {
+    last_word(&first_line(out))
+}
+
+/// Waits until the manager's map lists exactly `kns` KNs and is settled.
+pub fn wait_map(mgr: &str, kns: usize) -> MapMsg {
+    let mut m = MgrClient::connect(mgr, DEADLINE).expect("manager");
+    let t0 = Instant::now();
+    loop {
+        let map = m.map().expect("map");
+        if map.kns.len() == kns && map.settled {
+            return map;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "map did not settle on {kns} KNs: {map:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One RESP connection.
+pub struct Conn {
+    s: TcpStream,
+    /// Received bytes not parsed yet.
+    buf: Vec<u8>,
+    /// The command being sent, reused.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// `timeout`: how long one read may wait.
+    pub fn open(addr: &str, timeout: Duration) -> std::io::Result<Self> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            s,
+            buf: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Writes `bytes` as they are; false if the connection failed.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> bool {
+        self.s.write_all(bytes).is_ok()
+    }
+
+    /// Sends one command without waiting for its reply; false if the connection failed.
+    pub fn send(&mut self, args: &[&[u8]]) -> bool {
+        self.out.clear();
+        encode_command(&mut self.out, args);
+        self.s.write_all(&self.out).is_ok()
+    }
+
+    /// One reply; `Ok(None)` if the peer closed the connection.
+    fn try_read(&mut self) -> std::io::Result<Option<Value>> {
+        loop {
+            if let Some((v, n)) = parse_value(&self.buf, &Limits::default()).expect("valid reply") {
+                self.buf.drain(..n);
+                return Ok(Some(v));
+            }
+            let mut chunk = [0u8; 16384];
+            match self.s.read(&mut chunk)? {
+                0 => return Ok(None),
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// One reply; `None` if the connection closed or failed (or the read timed out).
+    pub fn read(&mut self) -> Option<Value> {
+        self.try_read().ok().flatten()
+    }
+
+    /// Asserts that the peer closed the connection: neither a reply nor a timeout.
+    pub fn assert_closed(&mut self) {
+        match self.try_read() {
+            Ok(None) => {}
+            other => panic!("the connection is still open: {other:?}"),
+        }
+    }
+
+    /// One command and its reply; `None` if the connection closed or failed.
+    pub fn cmd(&mut self, args: &[&[u8]]) -> Option<Value> {
+        if !self.send(args) {
+            return None;
+        }
+        self.read()
+    }
+
+    /// One command and its reply, which must come.
+    pub fn call(&mut self, args: &[&[u8]]) -> Value {
+        self.cmd(args).expect("a reply")
+    }
+}
+
+/// A client of the KNs: connections by address, following `MOVED`.
+pub struct Client {
+    addrs: Vec<String>,
+    next: usize,
+    reply_timeout: Duration,
+    conns: HashMap<String, Conn>,
+    /// `MOVED` replies followed so far.
+    pub moved: u64,
+}
+
+impl Client {
+    /// `addrs`: where `once` and `must` start, in turn; `reply_timeout`: how long one
+    /// reply may take before the connection counts as failed.
+    pub fn new(addrs: Vec<String>, reply_timeout: Duration) -> Self {
+        Self {
+            addrs,
+            next: 0,
+            reply_timeout,
+            conns: HashMap::new(),
+            moved: 0,
+        }
+    }
+
+    /// One attempt starting at `addr`: the reply (after following up to 4 `MOVED`), or
+    /// `None` if a connection failed (the command may or may not have been executed; the
+    /// next `once` starts at another address) or there were more `MOVED`.
+    pub fn once_at(&mut self, addr: &str, args: &[&[u8]]) -> Option<Value> {
+        let mut addr = addr.to_string();
+        for _ in 0..4 {
+            if !self.conns.contains_key(&addr) {
+                match Conn::open(&addr, self.reply_timeout) {
+                    Ok(c) => {
+                        self.conns.insert(addr.clone(), c);
+                    }
+                    Err(_) => {
+                        self.next += 1;
+                        return None;
+                    }
+                }
+            }
+            let c = self.conns.get_mut(&addr).expect("conn");
+            match c.cmd(args) {
+                None => {
+                    self.conns.remove(&addr);
+                    self.next += 1;
+                    return None;
+                }
+                Some(Value::Error(e)) if e.starts_with("MOVED ") => {
+                    self.moved += 1;
+                    addr = e.split_whitespace().nth(2).expect("address").to_string();
+                }
+                Some(v) => return Some(v),
+            }
+        }
+        None
+    }
+
+    /// `once_at` the current one of its addresses; every outcome goes to the caller.
+    pub fn once(&mut self, args: &[&[u8]]) -> Option<Value> {
+        let addr = self.addrs[self.next % self.addrs.len()].clone();
+        self.once_at(&addr, args)
+    }
+
+    /// Retries (bounded) until a reply that is not an error.
+    pub fn must(&mut self, args: &[&[u8]]) -> Value {
+        let t0 = Instant::now();
+        loop {
+            match self.once(args) {
+                Some(Value::Error(_)) | None => {
+                    assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some(v) => return v,
+            }
+        }
+    }
+
+    /// Sends to `first`, retrying (bounded) failed connections (a KN that just died),
+    /// `TRYAGAIN` and `CLUSTERDOWN`; returns any other reply, errors included.
+    pub fn cmd_at(&mut self, first: &str, args: &[&[u8]]) -> Value {
+        let t0 = Instant::now();
+        loop {
+            match self.once_at(first, args) {
+                Some(Value::Error(e))
+                    if e.starts_with("TRYAGAIN") || e.starts_with("CLUSTERDOWN") => {}
+                Some(v) => return v,
+                None => {}
+            }
+            assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
