@@ -382,7 +382,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -390,6 +390,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line. Many errors already print their cause in their own
+/// message (`cannot open region X: {source}`); a cause the line already ends with is not
+/// repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.ends_with(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -590,9 +605,8 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
     p.index_percent = a.index_percent;
     // Validate everything before touching the file system.
     let geo = Geometry::compute(&p).map_err(|e| Usage(e.to_string()))?;
-    if a.force && a.path.exists() {
-        std::fs::remove_file(&a.path)
-            .with_context(|| format!("cannot remove {}", a.path.display()))?;
+    if a.force {
+        dinomo_hw::region_file::remove_unserved(&a.path)?;
     }
     let file = RegionFile::create(&a.path, a.size)?;
     let region_id = random_id();

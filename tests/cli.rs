@@ -157,6 +157,52 @@ fn serve_refuses_a_missing_region() {
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }
 
+/// Serve refuses a foreign, a truncated and a damaged region in one line that names the
+/// reason once, and leaves each file as it was.
+#[test]
+fn serve_refuses_damaged_regions_in_one_line_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path().join("r.region");
+    let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let good = std::fs::read(&r).expect("read region");
+
+    let foreign = dir.path().join("foreign");
+    std::fs::write(&foreign, vec![0x5au8; 1 << 20]).expect("write foreign");
+    let truncated = dir.path().join("truncated");
+    std::fs::write(&truncated, &good[..4096]).expect("write truncated");
+    let damaged = dir.path().join("damaged");
+    let mut bytes = good.clone();
+    bytes[16..24].copy_from_slice(b"XXXXXXXX");
+    std::fs::write(&damaged, &bytes).expect("write damaged");
+
+    for (file, reason) in [
+        (&foreign, "not a DINOMO region"),
+        (&truncated, "region is truncated"),
+        (&damaged, "checksum mismatch"),
+    ] {
+        let before = std::fs::read(file).expect("read");
+        let o = dinomo(&["dpm", "serve", "--path", p(file), "--no-pin"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.matches(reason).count(), 1, "reason said once: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert_eq!(std::fs::read(file).expect("read"), before, "{reason}");
+    }
+
+    let o = dinomo(&[
+        "dpm",
+        "format",
+        "--path",
+        p(&dir.path().join("no-such-dir").join("r")),
+        "--size",
+        "16M",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "cause said once: {err}");
+}
+
 #[test]
 fn a_second_dpm_on_the_same_region_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -185,6 +231,12 @@ fn a_second_dpm_on_the_same_region_is_refused() {
     }
     assert!(ctl.exists(), "the first server did not come up");
     let o = dinomo(&["dpm", "serve", "--path", p(&r), "--no-pin"]);
+    // Nor may `format --force` replace the region under the running server.
+    use std::os::unix::fs::MetadataExt;
+    let inode = |f: &Path| std::fs::metadata(f).expect("stat region").ino();
+    let before = inode(&r);
+    let forced = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M", "--force"]);
+    let after = inode(&r);
     let _ = first.kill();
     let _ = first.wait();
     assert_eq!(o.status.code(), Some(1));
@@ -192,6 +244,16 @@ fn a_second_dpm_on_the_same_region_is_refused() {
         stderr(&o).contains("already being served"),
         "{}",
         stderr(&o)
+    );
+    assert_eq!(forced.status.code(), Some(1), "{}", stderr(&forced));
+    assert!(
+        stderr(&forced).contains("already being served"),
+        "{}",
+        stderr(&forced)
+    );
+    assert_eq!(
+        before, after,
+        "a refused format --force replaced the region file"
     );
 }
 

@@ -129,24 +129,7 @@ impl RegionFile {
     /// that no second memory node serves the same region; fails at once if another process
     /// holds it. KNs and `inspect` map the file without taking it.
     pub fn lock_exclusive(&self) -> Result<(), RegionFileError> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: `flock` on a file descriptor this struct owns; it has no memory effects.
-        let rc = unsafe { libc::flock(self._file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Err(RegionFileError::Busy {
-                path: self.path.clone(),
-            })
-        } else {
-            Err(RegionFileError::Io {
-                what: "lock",
-                path: self.path.clone(),
-                source: e,
-            })
-        }
+        try_lock(&self._file, &self.path)
     }
 
     /// Asks the kernel to write the mapping back to the file (for a clean shutdown when the
@@ -164,6 +147,53 @@ impl RegionFile {
         // SAFETY: the mapping is page aligned, `len` bytes long, and kept alive by the `Arc`
         // inside `persist`; other processes access it atomically or as byte copies.
         unsafe { Pmem::new(self.map.as_mut_ptr(), self.len, persist) }
+    }
+}
+
+/// Removes the region file at `path` (for `format --force`), refusing with
+/// [`RegionFileError::Busy`] while a memory node serves it: the server would go on with the
+/// unlinked file while KNs attach to the new one. The lock is held across the unlink so no
+/// server can start on the old file in between. A missing file is not an error.
+pub fn remove_unserved(path: &Path) -> Result<(), RegionFileError> {
+    let file = match OpenOptions::new().read(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(RegionFileError::Io {
+                what: "open",
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    try_lock(&file, path)?;
+    std::fs::remove_file(path).map_err(|source| RegionFileError::Io {
+        what: "remove",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Takes the exclusive advisory lock a serving memory node holds; fails at once if another
+/// process holds it.
+fn try_lock(file: &File, path: &Path) -> Result<(), RegionFileError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` on a file descriptor the caller owns; it has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Err(RegionFileError::Busy {
+            path: path.to_owned(),
+        })
+    } else {
+        Err(RegionFileError::Io {
+            what: "lock",
+            path: path.to_owned(),
+            source: e,
+        })
     }
 }
 
