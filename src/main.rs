@@ -1,6 +1,6 @@
 //! The `dinomo` command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -638,10 +638,8 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
     }
     if a.scenario.is_some() {
         let e = a.to_elastic().map_err(Usage)?;
-        if let Some(p) = &a.json {
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
-        }
-        let r = dinomo::bench::elastic::run(&e)?;
+        let json = JsonOut::check(a.json.as_deref())?;
+        let r = json.on_error(dinomo::bench::elastic::run(&e))?;
         print!("{}", dinomo::bench::elastic::render(&r));
         println!(
             "wrote {}",
@@ -657,13 +655,10 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let cfg = a.to_config().map_err(Usage)?;
-    if let Some(p) = &a.json {
-        // Fail on an unwritable path before spending minutes on the run.
-        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?;
-    }
+    let json = JsonOut::check(a.json.as_deref())?;
     if let Some(t) = &a.target {
         let targets: Vec<String> = t.split(',').map(|s| s.trim().to_string()).collect();
-        let r = dinomo::bench::target::run(&cfg, &targets)?;
+        let r = json.on_error(dinomo::bench::target::run(&cfg, &targets))?;
         print!("{}", dinomo::bench::target::render(&r));
         if let Some(p) = &a.json {
             let mut text = serde_json::to_string_pretty(&r)?;
@@ -672,7 +667,7 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let r = dinomo::bench::run(&cfg)?;
+    let r = json.on_error(dinomo::bench::run(&cfg).map_err(anyhow::Error::from))?;
     print!("{}", dinomo::bench::render(&r));
     if let Some(p) = &a.json {
         let mut text = serde_json::to_string_pretty(&r)?;
@@ -680,6 +675,36 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The `--json` file of a run: checked writable before the run (which may take minutes), and
+/// left as it was if the run fails (an existing file is not truncated; a new one is removed).
+struct JsonOut<'a> {
+    path: Option<&'a Path>,
+    created: bool,
+}
+
+impl<'a> JsonOut<'a> {
+    fn check(path: Option<&'a Path>) -> anyhow::Result<Self> {
+        let mut created = false;
+        if let Some(p) = path {
+            created = !p.exists();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .with_context(|| format!("cannot create {}", p.display()))?;
+        }
+        Ok(Self { path, created })
+    }
+
+    fn on_error<T>(&self, r: anyhow::Result<T>) -> anyhow::Result<T> {
+        if let (Err(_), Some(p), true) = (&r, self.path, self.created) {
+            let _ = std::fs::remove_file(p);
+        }
+        r
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

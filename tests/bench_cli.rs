@@ -125,3 +125,30 @@ fn a_small_run_reports_the_contract_fields() {
     assert!(v["modeled"]["throughput_ops"].as_f64().expect("modelled") > 0.0);
     assert_eq!(v["modeled"]["nic"], "cx3-fdr");
 }
+
+/// A run that fails (here: no node at `--target`) leaves `--json` as it was: a new file is
+/// not left behind empty, an existing one is not truncated.
+#[test]
+fn an_unreachable_target_fails_and_leaves_the_json_file_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let new = dir.path().join("new.json");
+    let old = dir.path().join("old.json");
+    std::fs::write(&old, b"previous result\n").expect("write");
+    for j in [&new, &old] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+            .args(["bench", "--quiet", "--target", "127.0.0.1:1", "--json"])
+            .arg(j)
+            .output()
+            .expect("run dinomo bench");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("no node answers CLUSTER SLOTS"), "{err}");
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+    }
+    assert!(!new.exists(), "a failed run left a JSON file behind");
+    assert_eq!(
+        std::fs::read(&old).expect("read"),
+        b"previous result\n",
+        "a failed run truncated the JSON file"
+    );
+}
