@@ -134,8 +134,15 @@ pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolErro
         let Some((len, start)) = length_line(buf, at, b'$', limits)? else {
             return Ok(None);
         };
-        if len < 0 || len as u64 > limits.max_bulk as u64 {
+        if len < 0 {
             return perr("invalid bulk length");
+        }
+        if len as u64 > limits.max_bulk as u64 {
+            // Say why: a value over the node's limit is refused here, from its header.
+            return perr(format!(
+                "bulk length {len} exceeds the limit of {} bytes",
+                limits.max_bulk
+            ));
         }
         let end = start + len as usize;
         if buf.len() < end + 2 {
@@ -403,7 +410,13 @@ mod tests {
             max_inline: 64,
         };
         // An oversized bulk is refused from its header alone.
-        assert!(parse_command(b"*1\r\n$17\r\n", &l).is_err());
+        let Err(e) = parse_command(b"*1\r\n$17\r\n", &l) else {
+            panic!("an oversized bulk was accepted");
+        };
+        assert_eq!(
+            e.to_string(),
+            "Protocol error: bulk length 17 exceeds the limit of 16 bytes"
+        );
         assert!(parse_command(b"*5\r\n", &l).is_err());
         assert!(parse_command(b"*1\r\n$-1\r\n", &l).is_err());
         assert!(parse_command(b"*1\r\n+OK\r\n", &l).is_err());
