@@ -667,7 +667,7 @@ fn bench(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let r = json.on_error(dinomo::bench::run(&cfg).map_err(anyhow::Error::from))?;
+    let r = json.on_error(dinomo::bench::run(&cfg))?;
     print!("{}", dinomo::bench::render(&r));
     if let Some(p) = &a.json {
         let mut text = serde_json::to_string_pretty(&r)?;
