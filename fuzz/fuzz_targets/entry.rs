@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 fn check_entry(bytes: &[u8], salt: u32, e: &entry::Entry<'_>) {
     let raw = raw_len(e.key.len(), e.value.len());
     assert!(raw <= bytes.len());
-    assert!(e.len >= raw && e.len < raw + ENTRY_ALIGN && e.len % ENTRY_ALIGN == 0);
+    assert!(e.len >= raw && e.len < raw + ENTRY_ALIGN && e.len.is_multiple_of(ENTRY_ALIGN));
     assert_eq!(entry::peek_len(bytes), Some(e.len));
     let mut again = vec![0u8; e.len];
     let n = entry::encode(&mut again, salt, e.op, e.epoch, e.seq, e.key, e.value)

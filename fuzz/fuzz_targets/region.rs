@@ -125,13 +125,11 @@ fn apply(image: &mut [u8], geo: &Geometry, mut input: &[u8]) {
         input = &input[4 + data.len()..];
         reseal &= sel & 0x80 == 0;
         let (start, len) = area(geo, sel & 0x7F, offset);
-        let mut at = start + usize::from(offset) % len;
-        for &b in data {
-            if at >= start + len || at >= image.len() {
-                break;
-            }
-            image[at] = b;
-            at += 1;
+        let at = start + usize::from(offset) % len;
+        let end = (start + len).min(image.len());
+        if at < end {
+            let n = data.len().min(end - at);
+            image[at..at + n].copy_from_slice(&data[..n]);
         }
     }
     if reseal {
