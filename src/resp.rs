@@ -296,7 +296,8 @@ fn parse_value_at(
     let Some(end) = line_end(buf, at, limits.max_inline)? else {
         return Ok(None);
     };
-    if end == at || buf[end - 1] != b'\r' {
+    // The line needs its type byte before the CR: a bare "\r\n" is not a reply.
+    if end < at + 2 || buf[end - 1] != b'\r' {
         return perr("reply line not terminated by CRLF");
     }
     let body = &buf[at + 1..end - 1];
@@ -326,6 +327,9 @@ fn parse_value_at(
             let stop = next + n as usize;
             if buf.len() < stop + 2 {
                 return Ok(None);
+            }
+            if &buf[stop..stop + 2] != b"\r\n" {
+                return perr("bulk string not terminated by CRLF");
             }
             let data = buf[next..stop].to_vec();
             let v = match buf[at] {
@@ -424,6 +428,21 @@ mod tests {
         assert!(parse_command(b"*1\r\n$2\r\nabcd", &l).is_err());
         assert!(parse_command(&[b'a'; 100], &l).is_err());
         assert!(parse_command(b"*99999999999999999999\r\n", &l).is_err());
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        let l = Limits::default();
+        // Found by the `resp` fuzz target: an empty line inside an array, reached after a
+        // bulk string whose length did not match its data.
+        assert!(parse_value(b"*2\r\n$1\r\nSET\r\n$-1\r\n", &l).is_err());
+        assert!(parse_value(b"\r\n", &l).is_err());
+        assert!(parse_value(b"*1\r\n\r\n", &l).is_err());
+        assert!(parse_value(b"$1\r\nab\r\n", &l).is_err());
+        assert_eq!(
+            parse_value(b"$2\r\nab\r\n", &l),
+            Ok(Some((Value::Bulk(b"ab".to_vec()), 8)))
+        );
     }
 
     #[test]

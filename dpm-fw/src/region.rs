@@ -141,10 +141,11 @@ pub fn set_clean<P: Persist>(pm: &Pmem<P>, clean: bool) {
     pm.persist(off, 8);
 }
 
-/// Counts one more mount (persisted).
+/// Counts one more mount (persisted). The count only varies block salts between mounts,
+/// so it wraps rather than refusing a region whose stored count is at its limit.
 pub fn bump_mount_count<P: Persist>(pm: &Pmem<P>) -> u64 {
     let off = STATE_OFFSET + core::mem::offset_of!(SuperState, mount_count) as u64;
-    let n = pm.load_u64(off) + 1;
+    let n = pm.load_u64(off).wrapping_add(1);
     pm.store_u64(off, n);
     pm.persist(off, 8);
     n
@@ -154,3 +155,34 @@ pub fn bump_mount_count<P: Persist>(pm: &Pmem<P>) -> u64 {
 impl std::error::Error for FormatError {}
 #[cfg(feature = "std")]
 impl std::error::Error for OpenError {}
+
+#[cfg(test)]
+mod tests {
+    use dinomo_hw::heap::HeapRegion;
+    use dinomo_hw::NoPersist;
+    use dinomo_shared::geometry::FormatParams;
+    use dinomo_shared::superblock::{SuperState, STATE_OFFSET};
+
+    use crate::Dpm;
+
+    /// Found by the `region` fuzz target: a stored mount count of `u64::MAX` made `open`
+    /// panic on overflow.
+    #[test]
+    fn a_mount_count_at_its_limit_wraps() {
+        const REGION: u64 = 4 << 20;
+        let mem = HeapRegion::new(REGION);
+        let params = FormatParams {
+            block_size: 4096,
+            max_logs: 4,
+            max_kns: 2,
+            indirect_cells: 16,
+            ..FormatParams::for_size(REGION)
+        };
+        drop(Dpm::format(mem.pmem(NoPersist), &params, 1).expect("format"));
+        let off = STATE_OFFSET + core::mem::offset_of!(SuperState, mount_count) as u64;
+        let pm = mem.pmem(NoPersist);
+        pm.store_u64(off, u64::MAX);
+        let dpm = Dpm::open(mem.pmem(NoPersist)).expect("open");
+        assert_eq!(super::state(dpm.pmem()).mount_count, 0);
+    }
+}

@@ -85,6 +85,8 @@ pub enum GeometryError {
     TooManyKns(u32),
     IndexPercentOutOfRange(u32),
     RegionTooLarge(u64),
+    /// More indirect cells than the largest region could hold.
+    TooManyIndirectCells(u64),
     /// The region cannot hold the metadata plus [`MIN_BLOCKS`] blocks; `needed` is the least
     /// size that would.
     RegionTooSmall {
@@ -112,6 +114,10 @@ impl fmt::Display for GeometryError {
                     "region size {s} exceeds the largest addressable ({MAX_REGION_SIZE})"
                 )
             }
+            Self::TooManyIndirectCells(n) => write!(
+                f,
+                "{n} indirect cells do not fit in the largest region ({MAX_REGION_SIZE} bytes)"
+            ),
             Self::RegionTooSmall { size, needed } => write!(
                 f,
                 "region size {size} is too small: at least {needed} bytes are needed \
@@ -158,6 +164,10 @@ impl Geometry {
         }
         if p.region_size > MAX_REGION_SIZE {
             return Err(GeometryError::RegionTooLarge(p.region_size));
+        }
+        // Bounded before the layout arithmetic below, which would otherwise overflow.
+        if p.indirect_cells > MAX_REGION_SIZE / 8 {
+            return Err(GeometryError::TooManyIndirectCells(p.indirect_cells));
         }
         let control_off = SUPERBLOCK_AREA;
         let control_len = align_up(control_area_bytes(p.max_logs, p.max_kns), AREA_ALIGN);
@@ -250,6 +260,10 @@ impl Geometry {
             indirect_cells: sb.indirect_len / 8,
         };
         let mut g = Self::compute(&p).map_err(SuperblockError::Geometry)?;
+        // Bounded before it is added to offsets (which would otherwise overflow).
+        if sb.index_len > sb.region_size {
+            return Err(SuperblockError::Inconsistent);
+        }
         // The index share is not stored; take the recorded length and re-derive the rest.
         g.index_len = sb.index_len;
         g.indirect_off = g.index_off + g.index_len;
@@ -434,5 +448,45 @@ mod tests {
             Geometry::from_superblock(&sb, 4 << 20),
             Err(SuperblockError::Truncated { .. })
         ));
+    }
+
+    /// Found by the `region` fuzz target: huge recorded lengths overflowed the layout
+    /// arithmetic (a panic with overflow checks, a wrong geometry without).
+    #[test]
+    fn huge_lengths_are_refused_without_overflow() {
+        let g = Geometry::compute(&FormatParams::for_size(8 << 20)).expect("geometry");
+        for indirect_len in [
+            u64::MAX,
+            u64::MAX - 4095,
+            1 << 62,
+            (MAX_REGION_SIZE / 8 + 1) * 8,
+        ] {
+            let mut bad = g.superblock(1);
+            bad.indirect_len = indirect_len;
+            bad.seal();
+            assert_eq!(
+                Geometry::from_superblock(&bad, 8 << 20),
+                Err(SuperblockError::Geometry(
+                    GeometryError::TooManyIndirectCells(indirect_len / 8)
+                ))
+            );
+        }
+        for index_len in [u64::MAX, u64::MAX - 4095, 1 << 62] {
+            let mut bad = g.superblock(1);
+            bad.index_len = index_len;
+            bad.seal();
+            assert_eq!(
+                Geometry::from_superblock(&bad, 8 << 20),
+                Err(SuperblockError::Inconsistent)
+            );
+        }
+        let p = FormatParams {
+            indirect_cells: u64::MAX,
+            ..FormatParams::for_size(8 << 20)
+        };
+        assert_eq!(
+            Geometry::compute(&p),
+            Err(GeometryError::TooManyIndirectCells(u64::MAX))
+        );
     }
 }

@@ -1,0 +1,69 @@
+//! The RESP command parser (what the KN server reads from clients) and the reply parser
+//! (what `dinomo bench --target` and the tests read from servers), fed arbitrary bytes
+//! under the default limits and under tight ones.
+//!
+//! Checked besides "no panic": a parsed command or reply reports a length within the input
+//! and parses the same from exactly that many bytes; a command honours the limits; a
+//! command re-encoded as an array of bulk strings parses back to the same arguments.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+// The module is compiled in directly (it needs only std), so the fuzz build does not pull
+// in the server's runtime dependencies.
+#[allow(dead_code)]
+#[path = "../../src/resp.rs"]
+mod resp;
+
+use resp::{encode_command, parse_command, parse_value, Limits};
+
+fn check_stream(data: &[u8], limits: &Limits) {
+    let mut at = 0;
+    while at < data.len() {
+        let buf = &data[at..];
+        let Ok(Some((args, n))) = parse_command(buf, limits) else {
+            break;
+        };
+        assert!(n > 0 && n <= buf.len(), "consumed {n} of {}", buf.len());
+        assert!(args.len() <= limits.max_args, "{} arguments", args.len());
+        if buf[0] == b'*' {
+            assert!(args.iter().all(|a| a.len() <= limits.max_bulk));
+        }
+        assert_eq!(
+            parse_command(&buf[..n], limits),
+            Ok(Some((args.clone(), n))),
+            "a command must not depend on the bytes after it"
+        );
+        if !args.is_empty() {
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let mut enc = Vec::new();
+            encode_command(&mut enc, &refs);
+            let roomy = Limits {
+                max_bulk: usize::MAX,
+                max_args: usize::MAX,
+                max_inline: usize::MAX,
+            };
+            assert_eq!(
+                parse_command(&enc, &roomy),
+                Ok(Some((args, enc.len()))),
+                "re-encoded command"
+            );
+        }
+        at += n;
+    }
+
+    if let Ok(Some((v, n))) = parse_value(data, limits) {
+        assert!(n > 0 && n <= data.len(), "reply took {n} of {}", data.len());
+        assert_eq!(parse_value(&data[..n], limits), Ok(Some((v, n))));
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    check_stream(data, &Limits::default());
+    let tight = Limits {
+        max_bulk: 16,
+        max_args: 4,
+        max_inline: 32,
+    };
+    check_stream(data, &tight);
+});
