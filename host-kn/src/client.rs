@@ -82,13 +82,14 @@ impl Router {
 
     /// The queue of the shard of replica KN `kn` that serves replicated `key`.
     fn route_replica(&self, kn: u16, key: &[u8]) -> Result<Sender<Msg>, KvError> {
-        let slot = key_slot(key);
+        self.shard(kn, key_slot(key)).ok_or(KvError::ShuttingDown)
+    }
+
+    /// The queue of the shard of KN `kn` that serves `slot`, if the KN is running.
+    fn shard(&self, kn: u16, slot: u16) -> Option<Sender<Msg>> {
         let kns = self.kns.read().unwrap_or_else(|e| e.into_inner());
-        let shards = kns
-            .get(kn as usize)
-            .filter(|s| !s.is_empty())
-            .ok_or(KvError::ShuttingDown)?;
-        Ok(shards[shard_of(slot, shards.len())].clone())
+        let shards = kns.get(kn as usize).filter(|s| !s.is_empty())?;
+        Some(shards[shard_of(slot, shards.len())].clone())
     }
 
     /// Marks `slots` as moving: requests for them get [`KvError::TryAgain`] until
@@ -127,15 +128,10 @@ impl Router {
             return Err(KvError::TryAgain { slot });
         }
         let owner = map.owner(slot);
-        let kns = self.kns.read().unwrap_or_else(|e| e.into_inner());
-        let shards =
-            kns.get(owner as usize)
-                .filter(|s| !s.is_empty())
-                .ok_or(KvError::WrongOwner {
-                    owner,
-                    epoch: map.epoch(),
-                })?;
-        Ok(shards[shard_of(slot, shards.len())].clone())
+        self.shard(owner, slot).ok_or(KvError::WrongOwner {
+            owner,
+            epoch: map.epoch(),
+        })
     }
 }
 
