@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dinomo_hw::fabric::{default_ctl_path, ControlClient};
+use dinomo_hw::fabric::{default_ctl_path, ControlClient, FabricError};
 use dinomo_hw::region_file::{FilePersist, RegionFile};
 use dinomo_hw::Pmem;
 use dinomo_shared::control::{ClusterMapHeader, KnLease, CLUSTER_MAP_BYTES, NO_KN};
@@ -492,12 +492,18 @@ impl Dpm {
         self.pm.persist(off, KnLease::SIZE);
     }
 
+    /// Fences `kn` at the DPM. A DPM that went away (crashed, restarting) is waited for and
+    /// asked again: fencing is repeatable.
     fn fence(&self, kn: u16) -> Result<(u32, u64), String> {
         let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        match c.call(
-            &Request::FenceKn { kn_id: kn as u32 },
-            Duration::from_secs(30),
-        ) {
+        let req = Request::FenceKn { kn_id: kn as u32 };
+        let mut reply = c.call(&req, FENCE_TIMEOUT);
+        if let Err(FabricError::Disconnected(why) | FabricError::NotRunning(why)) = &reply {
+            tracing::warn!(kn, %why, "the DPM went away; reconnecting to fence");
+            c.reconnect(RECONNECT_WAIT).map_err(|e| e.to_string())?;
+            reply = c.call(&req, FENCE_TIMEOUT);
+        }
+        match reply {
             Ok(Ok(Response::Fenced { logs, entries })) => Ok((logs, entries)),
             Ok(Ok(r)) => Err(format!("unexpected reply {r:?}")),
             Ok(Err(code)) => Err(format!("DPM refused: {code:?}")),
@@ -505,6 +511,11 @@ impl Dpm {
         }
     }
 }
+
+/// How long the DPM may take to fence a KN (it merges the KN's logs first).
+const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a fence waits for a DPM that went away to come back.
+const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 
 /// A KN process this manager started.
 #[derive(Debug)]

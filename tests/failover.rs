@@ -8,7 +8,10 @@
 //! - `dinomo ctl add-kn`, `rebalance` and `remove-kn` on a running cluster with a writer:
 //!   every acknowledged write is readable at the end, and `status` shows the changes;
 //! - the elasticity policy in the manager: it adds a KN when the latency objective is missed
-//!   by a busy KN and removes idle KNs (thresholds set so that the outcome is certain).
+//!   by a busy KN and removes idle KNs (thresholds set so that the outcome is certain);
+//! - the DPM killed with SIGKILL and restarted under a write load: the KNs and the manager
+//!   reconnect by themselves, writes that need new log blocks resume, a KN killed afterwards
+//!   is fenced through the restarted DPM, and no acknowledged write is lost.
 
 mod common;
 
@@ -56,9 +59,20 @@ impl Cluster {
 
     /// `manager_args`: more flags for the manager.
     fn start_opts(kns: usize, lease_ms: &str, spawn: bool, manager_args: &[&str]) -> Self {
+        Self::start_with(kns, lease_ms, spawn, manager_args, "1M")
+    }
+
+    /// `block`: the region's log block size.
+    fn start_with(
+        kns: usize,
+        lease_ms: &str,
+        spawn: bool,
+        manager_args: &[&str],
+        block: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let region = dir.path().join("region");
-        common::format_region(&region, "64M", "1M");
+        common::format_region(&region, "64M", block);
         let r = region.to_str().expect("utf-8").to_string();
         let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", &r, "--workers", "1", "--no-pin"]);
         let mut args = vec![
@@ -115,6 +129,13 @@ impl Cluster {
         let w: Vec<&str> = line.split_whitespace().collect();
         let id = w[1].parse().expect("KN id");
         self.kns.push((id, w[4].to_string(), Some(p)));
+    }
+
+    /// Starts the DPM process on the region (again).
+    fn start_dpm(&mut self) {
+        let r = self.region.to_str().expect("utf-8");
+        let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", r, "--workers", "1", "--no-pin"]);
+        self.dpm = Some(dpm);
     }
 
     /// Waits until the map lists exactly `kns` KNs and is settled.
@@ -610,5 +631,97 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
     assert!(c.kns[i].2.take().expect("KN").wait().success());
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(c.status().kns.len(), 2);
+    c.stop();
+}
+
+/// Writes `bulk:<i>` with values of `len` bytes, each key once, until `stop`; `acked` counts
+/// the acknowledged ones. Returns what it knows of every key.
+fn bulk_writer(
+    addrs: Vec<String>,
+    len: usize,
+    acked: &std::sync::atomic::AtomicU64,
+    stop: &AtomicBool,
+) -> HashMap<String, KeyLog> {
+    let mut cl = Client::new(addrs, REPLY_TIMEOUT);
+    let mut log: HashMap<String, KeyLog> = HashMap::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Acquire) {
+        let k = format!("bulk:{i}");
+        let v = format!("{i:08}{}", "v".repeat(len - 8));
+        let e = log.entry(k.clone()).or_default();
+        match cl.once(&[b"SET", k.as_bytes(), v.as_bytes()]) {
+            Some(Value::Simple(ok)) if ok == "OK" => {
+                e.acked = Some(v);
+                acked.fetch_add(1, Ordering::AcqRel);
+            }
+            _ => {
+                e.uncertain.push(v);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        i += 1;
+    }
+    log
+}
+
+#[test]
+fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
+    // Small blocks, so that writes after the restart need new ones from the new DPM.
+    let mut c = Cluster::start_with(2, LEASE_MS, false, &[], "64K");
+    c.wait_map(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk_acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (addrs, stop) = (c.addrs(), Arc::clone(&stop));
+            std::thread::spawn(move || writer(&format!("d{w}"), addrs, 100, &stop))
+        })
+        .collect();
+    let bulk = {
+        let (addrs, stop, acked) = (c.addrs(), Arc::clone(&stop), Arc::clone(&bulk_acked));
+        std::thread::spawn(move || bulk_writer(addrs, 2048, &acked, &stop))
+    };
+    let wait_bulk = |n: u64| {
+        let (t0, from) = (Instant::now(), bulk_acked.load(Ordering::Acquire));
+        while bulk_acked.load(Ordering::Acquire) < from + n {
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "bulk writes stopped being acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_bulk(100);
+
+    let mut dpm = c.dpm.take().expect("DPM");
+    dpm.signal(nix::sys::signal::Signal::SIGKILL);
+    dpm.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_dpm();
+    // 400 values of 2 KiB after the restart: 800 KiB over four logs of 64 KiB blocks, so
+    // every log needs blocks the restarted DPM grants.
+    wait_bulk(400);
+
+    // A KN killed now is fenced through the restarted DPM, and its slots move.
+    let (victim, _, p) = &mut c.kns[1];
+    let victim = *victim;
+    let mut p = p.take().expect("KN");
+    p.signal(nix::sys::signal::Signal::SIGKILL);
+    p.wait();
+    let after = c.wait_map(1);
+    assert!(after.addr_of(victim).is_none());
+    wait_bulk(50);
+    stop.store(true, Ordering::Release);
+    let mut logs: HashMap<String, KeyLog> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("writer"))
+        .collect();
+    logs.extend(bulk.join().expect("bulk writer"));
+    assert!(
+        c.kns[0].2.as_mut().expect("KN 0").try_wait().is_none(),
+        "the surviving KN rode out the DPM restart in the same process"
+    );
+    let mut cl = Client::new(c.addrs(), REPLY_TIMEOUT);
+    check(&mut cl, &logs);
     c.stop();
 }

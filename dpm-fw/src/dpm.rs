@@ -374,11 +374,12 @@ impl<P: Persist> Dpm<P> {
                 log_id,
                 generation,
                 next_seq,
+                last_block,
             } => {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
-                self.alloc_block(log_id, generation, next_seq)
+                self.alloc_block(log_id, generation, next_seq, last_block)
             }
             Request::MergeAll {
                 log_id, generation, ..
@@ -565,11 +566,17 @@ impl<P: Persist> Dpm<P> {
         })
     }
 
+    /// Serves [`Request::AllocBlock`]. `last_block` must be the log's tail. If a block is
+    /// already linked after it for the same `next_seq` and still untouched, the request is a
+    /// retry whose reply was lost (this DPM restarted, or the connection broke) and gets that
+    /// block again: linking a second one after it would leave an empty block in the chain,
+    /// which the merger would take as the log's end.
     fn alloc_block(
         &self,
         log_id: u32,
         generation: u64,
         next_seq: u64,
+        last_block: u32,
     ) -> Result<Response, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
         let st = match guard.as_mut() {
@@ -578,16 +585,56 @@ impl<P: Persist> Dpm<P> {
         };
         let slot_off = self.geo.log_slot_off(log_id);
         let slot: LogSlot = self.pm.read_pod(slot_off);
+        if last_block as u64 >= self.geo.n_blocks {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let last = self.header(last_block);
+        if last.magic != BLOCK_MAGIC || last.log_id != log_id || last.log_generation != generation {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        if slot.tail_block != last_block {
+            return match self.granted_after(&slot, &last, log_id, generation, next_seq) {
+                Some(granted) => Ok(granted),
+                None => Err(ErrorCode::InvalidArgument),
+            };
+        }
         let (block, salt) = self.take_block(log_id, st.generation, next_seq)?;
         // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
         // link is the commit; the hint is only a shortcut.
-        let link = self.geo.block_off(slot.tail_block) + BlockHeader::NEXT_OFFSET;
+        let link = self.geo.block_off(last_block) + BlockHeader::NEXT_OFFSET;
         self.pm.store_u32(link, block);
         self.pm.persist(link, 4);
         let tail = slot_off + core::mem::offset_of!(LogSlot, tail_block) as u64;
         self.pm.store_u32(tail, block);
         self.pm.persist(tail, 4);
         Ok(Response::BlockGranted { block, salt })
+    }
+
+    /// The block granted by an earlier `AllocBlock` with the same arguments, if the log's
+    /// tail is that block, linked right after `last`, and nothing was written to it.
+    fn granted_after(
+        &self,
+        slot: &LogSlot,
+        last: &BlockHeader,
+        log_id: u32,
+        generation: u64,
+        next_seq: u64,
+    ) -> Option<Response> {
+        let b = last.next;
+        if b != slot.tail_block || b as u64 >= self.geo.n_blocks {
+            return None;
+        }
+        let h = self.header(b);
+        let untouched = h.magic == BLOCK_MAGIC
+            && h.log_id == log_id
+            && h.log_generation == generation
+            && h.first_seq == next_seq
+            && h.sealed_len == 0
+            && h.next == NO_BLOCK;
+        untouched.then_some(Response::BlockGranted {
+            block: b,
+            salt: h.salt,
+        })
     }
 
     /// Closes a log (its writer gets no more blocks), merges it to its committed tail and,

@@ -157,6 +157,7 @@ impl LogWriter {
             log_id: self.log_id,
             generation: self.generation,
             next_seq: self.next_seq,
+            last_block: self.block,
         };
         let (block, salt) = match dpm.execute(req, &mut Scratch::default())? {
             Response::BlockGranted { block, salt } => (block, salt),

@@ -2,18 +2,72 @@
 
 use std::time::{Duration, Instant};
 
-use dinomo_hw::fabric::Fabric;
+use dinomo_hw::fabric::{Fabric, FabricError};
 use dinomo_shared::msg::{Request, Response};
 
 use crate::error::KvError;
 
+/// How long a request waits for a DPM that went away to come back (a restart recovers the
+/// region before it answers, which takes longer than a reply).
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+
 /// Sends `req` and waits for its reply, skipping stale replies to earlier requests.
+///
+/// If the DPM went away (it crashed or was restarted), a request that is safe to repeat is
+/// sent again over a new control connection once the DPM answers, waiting up to
+/// [`RECONNECT_WAIT`]: a block request names the block it follows and gets the same block
+/// again, merges, closes and fences are repeatable, and a key keeps its cell. Opening a log
+/// and freeing a cell are not repeated (a second open would strand the first log; a second
+/// free finds no cell): they fail as before.
 pub fn call<F: Fabric + ?Sized>(
     f: &mut F,
     next_id: &mut u32,
     req: Request,
     timeout: Duration,
 ) -> Result<Response, KvError> {
+    let mut reconnected = !repeatable(&req);
+    loop {
+        match call_once(f, next_id, &req, timeout) {
+            Err(Lost::Gone(e)) if !reconnected => {
+                tracing::warn!(error = %e, ?req, "the DPM went away; reconnecting");
+                if let Err(again) = f.reconnect(RECONNECT_WAIT) {
+                    return Err(KvError::Fabric(format!("{e} (reconnecting: {again})")));
+                }
+                tracing::info!(?req, "reconnected to the DPM; sending again");
+                reconnected = true;
+            }
+            Err(Lost::Gone(e)) => return Err(e.into()),
+            Err(Lost::Kv(e)) => return Err(e),
+            Ok(r) => return Ok(r),
+        }
+    }
+}
+
+fn repeatable(req: &Request) -> bool {
+    !matches!(req, Request::OpenLog { .. } | Request::FreeCell { .. })
+}
+
+/// Why one attempt failed: the DPM is gone (worth a reconnect), or anything else.
+enum Lost {
+    Gone(FabricError),
+    Kv(KvError),
+}
+
+impl From<FabricError> for Lost {
+    fn from(e: FabricError) -> Self {
+        match e {
+            FabricError::Disconnected(_) | FabricError::NotRunning(_) => Self::Gone(e),
+            e => Self::Kv(e.into()),
+        }
+    }
+}
+
+fn call_once<F: Fabric + ?Sized>(
+    f: &mut F,
+    next_id: &mut u32,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, Lost> {
     *next_id = next_id.wrapping_add(1);
     let id = *next_id;
     f.send(&req.encode(id))?;
@@ -24,15 +78,15 @@ pub fn call<F: Fabric + ?Sized>(
             Some(frame) if frame.req_id == id => {
                 return match Response::decode(&frame) {
                     Ok(Ok(r)) => Ok(r),
-                    Ok(Err(code)) => Err(code.into()),
-                    Err(e) => Err(KvError::Corrupt(format!("control reply: {e}"))),
+                    Ok(Err(code)) => Err(Lost::Kv(code.into())),
+                    Err(e) => Err(Lost::Kv(KvError::Corrupt(format!("control reply: {e}")))),
                 };
             }
             Some(_) => continue,
             None => {
-                return Err(KvError::Fabric(format!(
+                return Err(Lost::Kv(KvError::Fabric(format!(
                     "no reply to {req:?} within {timeout:?}"
-                )))
+                ))))
             }
         }
     }

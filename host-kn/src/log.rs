@@ -157,6 +157,7 @@ impl ShardLog {
             log_id: self.log_id,
             generation: self.generation,
             next_seq: self.next_seq,
+            last_block: self.block,
         };
         match control::call(f, &mut self.req_id, req, self.timeout)? {
             Response::BlockGranted { block, salt } => {

@@ -59,11 +59,14 @@ pub enum Request {
         lease_epoch: u32,
     },
     /// Give the log another block, linked after its current tail; `next_seq` is the seq
-    /// the first entry in it will carry.
+    /// the first entry in it will carry. `last_block` is the log's last block as the writer
+    /// knows it: a retry of a request whose reply was lost (the DPM restarted) gets the block
+    /// granted the first time instead of a second one linked after it.
     AllocBlock {
         log_id: u32,
         generation: u64,
         next_seq: u64,
+        last_block: u32,
     },
     /// Merge the log up to its committed tail (at least `upto_seq`) before replying.
     MergeAll {
@@ -162,38 +165,47 @@ fn u32_arg(v: u64) -> Result<u32, DecodeError> {
 impl Request {
     /// Encodes the request as a frame with id `req_id`.
     pub fn encode(&self, req_id: u32) -> Frame {
-        let (kind, a): (u16, [u64; 3]) = match *self {
-            Self::Ping => (K_PING, [0; 3]),
-            Self::Hello { kn_id } => (K_HELLO, [kn_id as u64, 0, 0]),
+        let (kind, a): (u16, [u64; 4]) = match *self {
+            Self::Ping => (K_PING, [0; 4]),
+            Self::Hello { kn_id } => (K_HELLO, [kn_id as u64, 0, 0, 0]),
             Self::OpenLog {
                 kn_id,
                 shard,
                 lease_epoch,
-            } => (K_OPEN_LOG, [kn_id as u64, shard as u64, lease_epoch as u64]),
+            } => (
+                K_OPEN_LOG,
+                [kn_id as u64, shard as u64, lease_epoch as u64, 0],
+            ),
             Self::AllocBlock {
                 log_id,
                 generation,
                 next_seq,
-            } => (K_ALLOC_BLOCK, [log_id as u64, generation, next_seq]),
+                last_block,
+            } => (
+                K_ALLOC_BLOCK,
+                [log_id as u64, generation, next_seq, last_block as u64],
+            ),
             Self::MergeAll {
                 log_id,
                 generation,
                 upto_seq,
-            } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq]),
-            Self::CloseLog { log_id, generation } => (K_CLOSE_LOG, [log_id as u64, generation, 0]),
-            Self::FenceKn { kn_id } => (K_FENCE_KN, [kn_id as u64, 0, 0]),
+            } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq, 0]),
+            Self::CloseLog { log_id, generation } => {
+                (K_CLOSE_LOG, [log_id as u64, generation, 0, 0])
+            }
+            Self::FenceKn { kn_id } => (K_FENCE_KN, [kn_id as u64, 0, 0, 0]),
             Self::AllocCell {
                 log_id,
                 generation,
                 eref,
-            } => (K_ALLOC_CELL, [log_id as u64, generation, eref]),
-            Self::FreeCell { cell } => (K_FREE_CELL, [cell as u64, 0, 0]),
+            } => (K_ALLOC_CELL, [log_id as u64, generation, eref, 0]),
+            Self::FreeCell { cell } => (K_FREE_CELL, [cell as u64, 0, 0, 0]),
         };
         Frame {
             kind,
             status: 0,
             req_id,
-            args: [a[0], a[1], a[2], 0, 0, 0, 0],
+            args: [a[0], a[1], a[2], a[3], 0, 0, 0],
         }
     }
 
@@ -214,6 +226,7 @@ impl Request {
                 log_id: u32_arg(a[0])?,
                 generation: a[1],
                 next_seq: a[2],
+                last_block: u32_arg(a[3])?,
             },
             K_MERGE_ALL => Self::MergeAll {
                 log_id: u32_arg(a[0])?,
@@ -343,6 +356,7 @@ mod tests {
                 log_id: 4,
                 generation: 77,
                 next_seq: 1000,
+                last_block: 12,
             },
             Request::MergeAll {
                 log_id: 4,

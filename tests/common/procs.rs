@@ -44,6 +44,11 @@ impl Proc {
         nix::sys::signal::kill(self.pid(), sig).expect("signal");
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+
     /// Waits (bounded) for the exit status.
     pub fn wait(&mut self) -> ExitStatus {
         let t0 = Instant::now();

@@ -640,6 +640,12 @@ pub struct ControlClient {
 // is only accessed atomically.
 unsafe impl Send for ControlClient {}
 
+/// Bounds of the ping that checks a reconnected DPM answers.
+const PING_MIN: Duration = Duration::from_millis(100);
+const PING_MAX: Duration = Duration::from_secs(2);
+/// Pause between attempts to reach a restarting DPM.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
+
 impl ControlClient {
     /// Connects through the control file at `path` (made by the DPM).
     pub fn connect(path: &Path) -> Result<Self, FabricError> {
@@ -738,6 +744,37 @@ impl ControlClient {
             }
         }
         Err(FabricError::NoFreeSlot { slots: mem.slots })
+    }
+
+    /// Connects again through the same control file, waiting up to `timeout` for a DPM
+    /// that answers a ping: a DPM that restarted made a new control file, and the old
+    /// connection's slot went with the old one. Frames not yet received are lost with the
+    /// old connection. Only a client made by [`ControlClient::connect`] can reconnect.
+    pub fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
+        let path = self.mem.path().map(Path::to_path_buf).ok_or_else(|| {
+            FabricError::Other("an in-process control connection cannot reconnect".into())
+        })?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let err = match Self::connect(&path) {
+                Ok(mut c) => match c.call(&Request::Ping, left.clamp(PING_MIN, PING_MAX)) {
+                    Ok(Ok(Response::Pong)) => {
+                        *self = c;
+                        return Ok(());
+                    }
+                    Ok(other) => {
+                        FabricError::Other(format!("unexpected reply to a ping: {other:?}"))
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if left.is_zero() {
+                return Err(err);
+            }
+            std::thread::sleep(RECONNECT_PAUSE.min(left));
+        }
     }
 
     /// This connection as the server sees it.

@@ -245,6 +245,17 @@ pub trait Fabric: Send {
 
     /// The counters of this connection.
     fn counters(&self) -> &FabricCounters;
+
+    /// Re-establishes the control channel after the DPM restarted, waiting up to `timeout`
+    /// for one that answers; registered buffers and one-sided access stay as they are.
+    /// A transport whose connection cannot be re-established in place (a queue pair dies
+    /// with its peer) says so with an error, and the caller gives up as before.
+    fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
+        let _ = timeout;
+        Err(FabricError::Other(
+            "this fabric cannot re-establish a connection in place".into(),
+        ))
+    }
 }
 
 /// Checks a [`Fabric::wait`] for `wanted` completions with `outstanding` work requests in

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_shared::msg::Frame;
+use dinomo_shared::msg::{Frame, Request, Response};
+use dinomo_shared::superblock::Superblock;
 
 use super::ctl::{Backoff, ControlClient};
 use super::nic::{NicModel, NicProfile};
@@ -357,6 +358,27 @@ impl<P: Persist> Fabric for ShmFabric<P> {
             self.counters.recvs += 1;
         }
         Ok(f)
+    }
+
+    /// The region stays mapped (a restarted DPM serves the same file); only the control
+    /// connection is made again, and the DPM must serve the region this fabric maps.
+    fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
+        self.control.reconnect(timeout)?;
+        let ours: Superblock = self.pmem.read_pod(0);
+        match self.control.call(&Request::Hello { kn_id: 0 }, timeout) {
+            Ok(Ok(Response::Hello {
+                region_id,
+                region_size,
+            })) if region_id == ours.region_id && region_size == self.pmem.len() => Ok(()),
+            Ok(Ok(Response::Hello { region_id, .. })) => Err(FabricError::Other(format!(
+                "the restarted DPM serves another region ({region_id:#x}, not {:#x})",
+                ours.region_id
+            ))),
+            Ok(other) => Err(FabricError::Other(format!(
+                "unexpected reply to Hello: {other:?}"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     fn counters(&self) -> &FabricCounters {
