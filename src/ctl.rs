@@ -92,6 +92,12 @@ pub fn parse_slot_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or_else(bad)?;
     let a: u16 = a.trim().parse().map_err(|_| bad())?;
     let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    let last = dinomo_shared::slot::SLOTS - 1;
+    if a > b || b > last {
+        return Err(format!(
+            "bad slot range {s:?}: FIRST must not be above LAST, and LAST at most {last}"
+        ));
+    }
     Ok((a, b))
 }
 
@@ -172,7 +178,7 @@ mod tests {
     fn slot_ranges_parse_or_explain() {
         assert_eq!(parse_slot_range("0-4095"), Ok((0, 4095)));
         assert_eq!(parse_slot_range(" 7 - 7"), Ok((7, 7)));
-        for bad in ["", "5", "a-b", "1-", "-3", "1-70000"] {
+        for bad in ["", "5", "a-b", "1-", "-3", "1-70000", "5-2", "0-16384"] {
             assert!(parse_slot_range(bad).is_err(), "{bad}");
         }
     }

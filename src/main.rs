@@ -55,12 +55,12 @@ struct KnArgs {
     #[arg(long, default_value = "127.0.0.1:7000")]
     manager: String,
     /// Shards (threads, each with its own fabric connection, log and cache).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one::<u16>)]
     threads: u16,
     /// Threads serving client connections.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one::<usize>)]
     io_threads: usize,
-    /// Cache size of the whole KN, e.g. 64M.
+    /// Cache size of the whole KN, e.g. 64M (0: no cache, every read goes to the DPM).
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     cache: u64,
 }
@@ -77,7 +77,7 @@ struct ManagerArgs {
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
     /// Virtual nodes per KN on the hash ring.
-    #[arg(long, default_value_t = host_kn::ownership::DEFAULT_VNODES)]
+    #[arg(long, default_value_t = host_kn::ownership::DEFAULT_VNODES, value_parser = at_least_one::<u32>)]
     vnodes: u32,
     /// The `dinomo` executable to start new KNs with (`dinomo ctl add-kn`, the policy);
     /// without it the manager cannot start KNs. `dinomo up` passes it.
@@ -87,10 +87,10 @@ struct ManagerArgs {
     #[arg(long, default_value = "127.0.0.1")]
     kn_host: String,
     /// Shards of KNs started by the manager.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one::<u16>)]
     kn_threads: u16,
     /// Connection threads of KNs started by the manager.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one::<usize>)]
     kn_io_threads: usize,
     /// Cache of KNs started by the manager, e.g. 64M.
     #[arg(long, default_value = "64M")]
@@ -108,31 +108,31 @@ struct PolicyArgs {
     #[arg(long)]
     policy: bool,
     /// Decision period in milliseconds [default: 2000].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     policy_period_ms: Option<u64>,
     /// Latency objective (p99) in milliseconds [default: 16].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     slo_p99_ms: Option<f64>,
     /// Occupancy (0..1) above which a KN counts as busy [default: 0.20].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     busy_add: Option<f64>,
     /// Occupancy (0..1) below which a KN counts as idle [default: 0.15].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     idle_remove: Option<f64>,
     /// Hot-key threshold in standard deviations above the mean [default: 3].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     hot_sigmas: Option<f64>,
     /// Cold-key threshold in standard deviations below the mean [default: 1].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     cold_sigmas: Option<f64>,
     /// Never remove below this many KNs [default: 1].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     min_kns: Option<usize>,
     /// Never add beyond this many KNs [default: 16].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     max_kns: Option<usize>,
     /// Quiet time after an add or remove, in milliseconds [default: one period].
-    #[arg(long)]
+    #[arg(long, requires = "policy")]
     cooldown_ms: Option<u64>,
 }
 
@@ -350,6 +350,18 @@ struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A count that must be at least 1 (0 threads or 0 virtual nodes cannot work).
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+{
+    match s.trim().parse::<T>() {
+        Ok(v) if v >= T::from(1) => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
 }
 
 fn default_workers() -> usize {

@@ -207,6 +207,34 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `dinomo dpm format`; its output is shown on success, and its error becomes this
+/// one's cause (one error line, not the child's and then ours).
+fn format_region(region: &str, args: &[String]) -> Result<(), UpError> {
+    let exe = std::env::current_exe().map_err(|source| UpError::Io {
+        what: "cannot find this program".into(),
+        source,
+    })?;
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| UpError::Io {
+            what: "cannot start dpm format".into(),
+            source,
+        })?;
+    if out.status.success() {
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr);
+    let why = why.trim().trim_start_matches("error:").trim();
+    Err(UpError::Failed(if why.is_empty() {
+        format!("cannot format {region} ({})", out.status)
+    } else {
+        format!("cannot format {region}: {why}")
+    }))
+}
+
 /// Starts the cluster, waits for `stop`, then stops it in order.
 pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     cfg.validate()?;
@@ -229,11 +257,7 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
         if let Some(b) = &cfg.block_size {
             args.extend(["--block-size".into(), b.clone()]);
         }
-        let mut p = Proc::spawn("dpm format", &args)?;
-        let ok = p.child.wait().is_ok_and(|s| s.success());
-        if !ok {
-            return Err(UpError::Failed(format!("cannot format {region_s}")));
-        }
+        format_region(&region_s, &args)?;
     }
     let mut dpm = Proc::spawn(
         "dpm",

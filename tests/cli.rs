@@ -322,3 +322,78 @@ fn inspect_shows_fence_points_quarantined_logs_and_active_cells() {
     assert!(table.contains("2 q"), "{table}");
     assert!(table.contains("hot"), "{table}");
 }
+
+/// Counts that cannot work, policy thresholds without the policy and reversed slot ranges
+/// are refused as usage errors (exit 2) before anything starts or connects.
+#[test]
+fn unusable_counts_and_options_are_usage_errors() {
+    let region = "/nonexistent/region";
+    for (args, says) in [
+        (
+            vec![
+                "kn",
+                "--dpm",
+                region,
+                "--listen",
+                "127.0.0.1:0",
+                "--io-threads",
+                "0",
+            ],
+            "must be at least 1",
+        ),
+        (
+            vec![
+                "kn",
+                "--dpm",
+                region,
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "0",
+            ],
+            "must be at least 1",
+        ),
+        (
+            vec!["manager", "--dpm", region, "--vnodes", "0"],
+            "must be at least 1",
+        ),
+        (
+            vec!["manager", "--dpm", region, "--kn-io-threads", "0"],
+            "must be at least 1",
+        ),
+        (
+            vec!["manager", "--dpm", region, "--busy-add", "0.5"],
+            "--policy",
+        ),
+        (
+            vec!["ctl", "rebalance", "--slots", "5-2", "--to", "0"],
+            "FIRST must not be above LAST",
+        ),
+    ] {
+        let o = dinomo(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// `up` with a region too small to format says why in one error line and starts nothing.
+#[test]
+fn up_reports_a_failed_format_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = dinomo(&[
+        "up",
+        "--region-size",
+        "1K",
+        "--dir",
+        p(dir.path()),
+        "--fresh",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(
+        err.contains("cannot format") && err.contains("too small"),
+        "{err}"
+    );
+    assert!(!dir.path().join("region").exists(), "no region was made");
+}
