@@ -916,8 +916,9 @@ impl<P: Persist> Dpm<P> {
     // ----- reclaiming dead blocks -----
 
     /// Unlinks and frees the dead blocks of `log_id`: those before the persisted merge
-    /// position with no live entry. A closed log that is merged to its tail gives up all its
-    /// dead blocks, and its slot once the chain is empty.
+    /// position with no live entry. A closed log that is merged to its tail gives up its
+    /// last block (the one its progress names) once it is the only one left, and then its
+    /// slot.
     fn reclaim_log(&self, log_id: u32, guard: &mut Option<LogState>) {
         let Some(st) = guard.as_mut() else { return };
         if st.status == LOG_CLOSED && self.in_quarantine(st) {
@@ -932,8 +933,13 @@ impl<P: Persist> Dpm<P> {
         while b != NO_BLOCK && (b as u64) < self.geo.n_blocks {
             let next = self.header(b).next;
             let before_cursor = b != st.persisted_block;
-            let at_end =
-                !before_cursor && closed_done && next == NO_BLOCK && st.cursor == st.persisted;
+            // The block the persisted progress names goes last, with the whole chain:
+            // recovery needs it in the chain as long as the log has a chain at all.
+            let at_end = !before_cursor
+                && closed_done
+                && next == NO_BLOCK
+                && st.cursor == st.persisted
+                && prev.is_none();
             if (before_cursor || at_end) && self.blocks.live(b) == 0 {
                 match prev {
                     None => {
@@ -1405,6 +1411,22 @@ fn recover_log<P: Persist>(
         tail = b;
         b = h.next;
     }
+    let cursor = match (cursor, slot.fence_seq()) {
+        (Some(c), _) => Some(c),
+        // A closed log merged to its fence point whose last block was reclaimed before the
+        // blocks ahead of it (earlier versions did that): nothing of it is ever merged
+        // again, so the cursor can stand past its fence at its tail.
+        (None, Some(fence)) if slot.state == LOG_CLOSED && tail != NO_BLOCK => {
+            let h: BlockHeader = pm.read_pod(geo.block_off(tail));
+            Some(Cursor {
+                block: tail,
+                offset: BLOCK_HEADER_SIZE as u32,
+                salt: h.salt,
+                next_seq: fence + 1,
+            })
+        }
+        (None, _) => None,
+    };
     let Some(cursor) = cursor else {
         if slot.head_block == NO_BLOCK && slot.state == LOG_CLOSED {
             // A closed log whose every block was reclaimed; finish releasing the slot.

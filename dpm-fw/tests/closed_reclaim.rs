@@ -1,0 +1,127 @@
+//! A closed log keeps the block its persisted merge progress names while any earlier block
+//! of it still holds live entries: unlinking that last block first left the progress
+//! pointing outside the chain, and the region would not open again (found by crash
+//! torture: `log N is corrupt: progress points outside the chain`).
+
+mod common;
+
+use common::{fresh, reopen};
+use dinomo_shared::msg::{Request, Response};
+use dpm_fw::testkit::LogWriter;
+use dpm_fw::Scratch;
+
+#[test]
+fn a_closed_log_with_live_entries_early_and_a_dead_last_block_reopens() {
+    let (r, dpm) = fresh(31);
+    let mut s = Scratch::default();
+    let mut a = LogWriter::open(&dpm, 1, 0).expect("log a");
+    a.put(b"cold", b"written once, early");
+    // Enough updates of one key to fill several 4 KiB blocks.
+    for i in 0..120u32 {
+        a.put(b"hot", format!("a-{i:04}-{}", "x".repeat(60)).as_bytes());
+    }
+    let tail = a.flush(&dpm).expect("flush a");
+    let closed = dpm
+        .execute(
+            Request::CloseLog {
+                log_id: a.log_id,
+                generation: a.generation,
+            },
+            &mut s,
+        )
+        .expect("close a");
+    assert_eq!(closed, Response::Closed { merged_seq: tail });
+    let blocks_of_a = || {
+        dpm.stats()
+            .logs
+            .iter()
+            .find(|l| l.log_id == a.log_id)
+            .map_or(0, |l| l.blocks)
+    };
+    assert!(
+        blocks_of_a() >= 2,
+        "log a keeps its first and its last block"
+    );
+
+    // Another log supersedes `hot`: every block of `a` but the first is now dead.
+    let mut b = LogWriter::open(&dpm, 2, 0).expect("log b");
+    b.put(b"hot", b"b");
+    b.flush(&dpm).expect("flush b");
+    dpm.merge_all(b.log_id, &mut s).expect("merge b");
+    dpm.reclaim_all();
+    assert!(blocks_of_a() >= 1, "the block holding `cold` stays");
+
+    for image in [r.durable_image(), r.crash_image(7, 50)] {
+        let r2 = dinomo_hw::shadow::ShadowRegion::from_image(&image);
+        let dpm2 = dpm_fw::Dpm::open(r2.pmem()).expect("the region opens again");
+        assert_eq!(dpm2.get(b"cold"), Some(b"written once, early".to_vec()));
+        assert_eq!(dpm2.get(b"hot"), Some(b"b".to_vec()));
+    }
+    let _ = reopen(&r);
+}
+
+/// A region left by the earlier behaviour (the last block of a closed, fenced log unlinked
+/// while an earlier one stays) opens: the log is past its fence point, so its cursor is
+/// put at its tail and nothing of it is merged again.
+#[test]
+fn a_region_with_the_last_block_already_unlinked_is_repaired_at_open() {
+    let (r, dpm) = fresh(32);
+    let mut s = Scratch::default();
+    let mut a = LogWriter::open(&dpm, 1, 0).expect("log a");
+    a.put(b"cold", b"early");
+    for i in 0..120u32 {
+        a.put(b"hot", format!("a-{i:04}-{}", "x".repeat(60)).as_bytes());
+    }
+    a.flush(&dpm).expect("flush a");
+    dpm.execute(
+        Request::CloseLog {
+            log_id: a.log_id,
+            generation: a.generation,
+        },
+        &mut s,
+    )
+    .expect("close a");
+    // Unlink the chain's last block by hand, as the earlier reclaim did.
+    let geo = *dpm.geometry();
+    let head = dpm
+        .pmem()
+        .load_u32(geo.log_slot_off(a.log_id) + dinomo_shared::control::LogSlot::CHAIN_OFFSET);
+    let mut chain = vec![head];
+    loop {
+        let h: dinomo_shared::block::BlockHeader = dpm
+            .pmem()
+            .read_pod(geo.block_off(*chain.last().expect("block")));
+        if h.next == dinomo_shared::control::NO_BLOCK {
+            break;
+        }
+        chain.push(h.next);
+    }
+    assert!(chain.len() >= 2, "{chain:?}");
+    let before_last = chain[chain.len() - 2];
+    let link = geo.block_off(before_last) + dinomo_shared::block::BlockHeader::NEXT_OFFSET;
+    dpm.pmem().store_u32(link, dinomo_shared::control::NO_BLOCK);
+    dpm.pmem().persist(link, 4);
+    drop(dpm);
+
+    let (r2, dpm) = reopen(&r);
+    assert_eq!(dpm.get(b"cold"), Some(b"early".to_vec()));
+    assert_eq!(
+        dpm.get(b"hot").map(|v| v[..6].to_vec()),
+        Some(b"a-0119".to_vec())
+    );
+    let log = dpm
+        .stats()
+        .logs
+        .into_iter()
+        .find(|l| l.log_id == a.log_id)
+        .expect("the closed log is kept");
+    assert_eq!(log.stall, None);
+    assert!(log.merged_seq >= log.fence_seq.expect("fenced"));
+    // It keeps working: new writes merge, and a restart opens again.
+    let mut b = LogWriter::open(&dpm, 2, 0).expect("log b");
+    b.put(b"hot", b"b");
+    b.flush(&dpm).expect("flush b");
+    dpm.merge_all(b.log_id, &mut s).expect("merge b");
+    let (_r3, dpm) = reopen(&r2);
+    assert_eq!(dpm.get(b"hot"), Some(b"b".to_vec()));
+}
