@@ -11,7 +11,7 @@ use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
 use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
 use dinomo_hw::Persist;
 
-use crate::dpm::{Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
+use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
 use crate::region::OpenError;
 
 /// How the runner is set up.
@@ -30,6 +30,9 @@ pub struct ServeConfig {
     /// How long blocks of a log closed by fencing its KN stay out of reuse (a paused KN
     /// may still land a WRITE in them).
     pub quarantine: Duration,
+    /// Compaction settings; `None`: [`CompactConfig::default_for`] the region. Workers
+    /// compact while free blocks are below the low watermark.
+    pub compaction: Option<CompactConfig>,
 }
 
 impl Default for ServeConfig {
@@ -41,6 +44,7 @@ impl Default for ServeConfig {
             ctl_slots: 64,
             ctl_path: None,
             quarantine: Duration::from_millis(DEFAULT_QUARANTINE_MS),
+            compaction: None,
         }
     }
 }
@@ -88,6 +92,9 @@ impl MergeWorkers {
         merged: &Arc<AtomicU64>,
         epoch: Instant,
     ) -> Result<Self, ServeError> {
+        if let Some(c) = cfg.compaction {
+            dpm.set_compaction_config(c);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let workers = cfg.workers.max(1) as u32;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -107,8 +114,18 @@ impl MergeWorkers {
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
-                        if n == 0 {
+                        // One victim per pass at most, by one worker at a time; a failed
+                        // step (no free log slot, index error) is retried on a later pass.
+                        let mut compacted = false;
+                        if dpm.compaction_due() {
+                            if let Ok(c) = dpm.compact_step(false, &mut scratch) {
+                                compacted = c.entries_moved > 0 || c.freed;
+                            }
+                        }
+                        if n == 0 && !compacted {
                             backoff.snooze();
+                        } else if n == 0 {
+                            backoff.reset();
                         } else {
                             merged.fetch_add(n, Ordering::Relaxed);
                             backoff.reset();
