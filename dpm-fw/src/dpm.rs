@@ -194,6 +194,9 @@ impl<P: Persist> core::fmt::Debug for Dpm<P> {
     }
 }
 
+/// Free blocks only the compaction log may take (one step needs at most one new block).
+pub const COMPACTION_RESERVE: u64 = 2;
+
 /// Entries merged per step before a worker moves on to another log.
 pub const DEFAULT_STEP: u64 = 256;
 
@@ -385,6 +388,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
+                self.make_room(scratch);
                 self.open_log(kn_id, shard, lease_epoch)
             }
             Request::AllocBlock {
@@ -395,6 +399,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
+                self.make_room(scratch);
                 self.alloc_block(log_id, generation, next_seq)
             }
             Request::MergeAll {
@@ -491,13 +496,21 @@ impl<P: Persist> Dpm<P> {
     }
 
     /// Takes a free block and writes its header (persisted). Reclaims dead blocks first if
-    /// the free list is empty.
+    /// the free list is empty. Only the compaction log may take the last
+    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to.
     fn take_block(
         &self,
         log_id: u32,
         generation: u64,
         first_seq: u64,
+        reserve: u64,
     ) -> Result<(u32, u32), ErrorCode> {
+        if self.blocks.free_count() <= reserve {
+            self.reclaim_all();
+            if self.blocks.free_count() <= reserve {
+                return Err(ErrorCode::RegionFull);
+            }
+        }
         let block = match self.blocks.pop_free() {
             Some(b) => b,
             None => {
@@ -548,7 +561,12 @@ impl<P: Persist> Dpm<P> {
         let slot_off = self.geo.log_slot_off(log_id);
         let old: LogSlot = self.pm.read_pod(slot_off);
         let generation = old.generation + 1;
-        let (block, salt) = self.take_block(log_id, generation, 1)?;
+        let reserve = if flags & LOG_FLAG_COMPACTION != 0 {
+            0
+        } else {
+            COMPACTION_RESERVE
+        };
+        let (block, salt) = self.take_block(log_id, generation, 1, reserve)?;
         // Progress first, then the slot: the slot store is the commit of the open.
         let rec = ProgressRecord::new(0, block, BLOCK_HEADER_SIZE as u32, generation);
         let poff = self.geo.progress_off(log_id);
@@ -617,7 +635,7 @@ impl<P: Persist> Dpm<P> {
         };
         let slot_off = self.geo.log_slot_off(log_id);
         let slot: LogSlot = self.pm.read_pod(slot_off);
-        let (block, salt) = self.take_block(log_id, st.generation, next_seq)?;
+        let (block, salt) = self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE)?;
         // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
         // link is the commit; the hint is only a shortcut.
         let link = self.geo.block_off(slot.tail_block) + BlockHeader::NEXT_OFFSET;

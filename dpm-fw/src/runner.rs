@@ -76,6 +76,10 @@ pub struct ServeReport {
     pub uptime: Duration,
 }
 
+/// Compaction steps a merge worker may run per pass while free blocks are below the low
+/// watermark: enough to free blocks as fast as a pass merges them in.
+pub const COMPACT_STEPS_PER_PASS: usize = 8;
+
 /// Merge worker threads over a shared [`Dpm`]; stopped (and joined) on drop.
 #[derive(Debug)]
 pub struct MergeWorkers {
@@ -114,12 +118,18 @@ impl MergeWorkers {
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
-                        // One victim per pass at most, by one worker at a time; a failed
-                        // step (no free log slot, index error) is retried on a later pass.
+                        // While free blocks are short: up to COMPACT_STEPS_PER_PASS victims
+                        // per pass (one block's entries each, by one worker at a time), so
+                        // the merge of this worker's logs waits a bounded time. A failed step
+                        // (no free log slot, index error) is retried on a later pass.
                         let mut compacted = false;
-                        if dpm.compaction_due() {
-                            if let Ok(c) = dpm.compact_step(false, &mut scratch) {
-                                compacted = c.entries_moved > 0 || c.freed;
+                        for _ in 0..COMPACT_STEPS_PER_PASS {
+                            if !dpm.compaction_due() {
+                                break;
+                            }
+                            match dpm.compact_step(false, &mut scratch) {
+                                Ok(c) if c.victim.is_some() => compacted = true,
+                                _ => break,
                             }
                         }
                         if n == 0 && !compacted {

@@ -35,6 +35,9 @@ use super::{index_code, Cursor, Dpm, LogState, Scratch};
 use crate::region::OpenError;
 use dinomo_hw::Pmem;
 
+/// Steps [`Dpm::make_room`] tries before the writer gets `RegionFull`.
+const MAKE_ROOM_TRIES: usize = 4096;
+
 /// When and what to compact.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompactConfig {
@@ -188,7 +191,14 @@ impl<P: Persist> Dpm<P> {
             return Ok(CompactStep::default());
         };
         let clog = self.ensure_compaction_log()?;
-        let mut cguard = self.logs[clog as usize].lock();
+        // Never waits for a log: the caller may hold one (see `make_room`), and a holder of
+        // every log may be waiting for it.
+        let Some(mut cguard) = self.logs[clog as usize].try_lock() else {
+            return Ok(CompactStep {
+                busy: true,
+                ..CompactStep::default()
+            });
+        };
         let mut vguard = if vlog == clog {
             None
         } else {
@@ -227,6 +237,26 @@ impl<P: Persist> Dpm<P> {
         drop(cguard);
         self.count_step(&step);
         moved.map(|()| step)
+    }
+
+    /// Back-pressure for a writer asking for a block while the free list is at the
+    /// compaction reserve: compacts (in the caller's thread) until a block is free beyond
+    /// the reserve, there is nothing left to compact, or a bounded number of tries passed.
+    pub(super) fn make_room(&self, scratch: &mut Scratch) {
+        for _ in 0..MAKE_ROOM_TRIES {
+            if self.blocks.free_count() > super::COMPACTION_RESERVE {
+                return;
+            }
+            self.reclaim_all();
+            if self.blocks.free_count() > super::COMPACTION_RESERVE {
+                return;
+            }
+            match self.compact_step(true, scratch) {
+                Ok(s) if s.busy => core::hint::spin_loop(),
+                Ok(s) if s.victim.is_some() => {}
+                _ => return,
+            }
+        }
     }
 
     /// The block with the fewest live bytes under the threshold among all logs' blocks
@@ -408,7 +438,7 @@ impl<P: Persist> Dpm<P> {
 
     /// Links a new block after the compaction log's tail, then seals the old tail.
     fn next_compaction_block(&self, clog: u32, cst: &mut LogState) -> Result<(), ErrorCode> {
-        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq)?;
+        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq, 0)?;
         let old = cst.cursor.block;
         let link = self.geo.block_off(old) + BlockHeader::NEXT_OFFSET;
         self.pm.store_u32(link, block);
