@@ -128,3 +128,79 @@ fn a_small_soak_neither_fills_the_region_nor_keeps_growing() {
         report.peak_used_after
     );
 }
+
+#[test]
+fn inspect_shows_the_live_share_and_compaction_totals_and_a_rate_between_two_samples() {
+    use dinomo_hw::region_file::RegionFile;
+    use dinomo_shared::geometry::FormatParams;
+    use dpm_fw::testkit::LogWriter;
+    use dpm_fw::Dpm;
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("r.region");
+    {
+        let file = RegionFile::create(&path, 4 << 20).expect("create");
+        let params = FormatParams {
+            block_size: 16 << 10,
+            ..FormatParams::for_size(4 << 20)
+        };
+        let dpm = Dpm::format(file.pmem(), &params, 5).expect("format");
+        let mut w = LogWriter::open(&dpm, 1, 0).expect("open");
+        let mut s = Scratch::default();
+        for round in 0..2u8 {
+            for i in 0..600u64 {
+                // Every tenth key is written once only.
+                if round == 0 || i % 10 != 0 {
+                    w.put(&filler(i), &[b'a' + round; 100]);
+                }
+            }
+            w.flush(&dpm).expect("flush");
+        }
+        dpm.merge_all(w.log_id, &mut s).expect("merge");
+        while dpm
+            .compact_step(true, &mut s)
+            .expect("compact")
+            .victim
+            .is_some()
+        {}
+        assert!(dpm.compaction_totals().blocks_freed > 0);
+        file.sync().expect("sync");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args(["dpm", "inspect", "--json", "--interval", "20ms", "--path"])
+        .arg(&path)
+        .output()
+        .expect("run dinomo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let c = &j["compaction"];
+    assert!(c["blocks_freed"].as_u64().expect("blocks_freed") > 0, "{c}");
+    assert!(
+        c["entries_moved"].as_u64().expect("entries_moved") >= 50,
+        "{c}"
+    );
+    assert!(c["log_id"].as_u64().is_some(), "{c}");
+    // Nothing compacts between the two samples of a region nobody serves.
+    assert_eq!(c["rate"]["blocks_per_sec"].as_f64(), Some(0.0), "{c}");
+    let live = j["space"]["live_fraction"].as_f64().expect("live_fraction");
+    assert!(live > 0.0 && live <= 1.0, "{live}");
+    // The table names the same figures; a bad interval is refused.
+    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args(["dpm", "inspect", "--path"])
+        .arg(&path)
+        .output()
+        .expect("run dinomo");
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("compaction") && table.contains("% live"),
+        "{table}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
+        .args(["dpm", "inspect", "--interval", "soon", "--path"])
+        .arg(&path)
+        .output()
+        .expect("run dinomo");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid interval"));
+}
