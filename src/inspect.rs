@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dinomo_hw::region_file::RegionFile;
-use dinomo_shared::control::{LOG_ACTIVE, LOG_CLOSED};
+use dinomo_shared::control::{COMPACTION_KN, LOG_ACTIVE, LOG_CLOSED};
 use dpm_fw::{region, Dpm, DpmStats, Stall};
 use serde::Serialize;
 
@@ -84,6 +84,7 @@ pub struct CompactionRate {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LogReport {
     pub log_id: u32,
+    /// `active`, `closed`, or `dpm` for the memory node's compaction log.
     pub state: &'static str,
     pub kn_id: u32,
     pub shard: u32,
@@ -178,6 +179,8 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
             LogReport {
                 log_id: l.log_id,
                 state: match l.state {
+                    // The memory node's own log of moved entries.
+                    _ if l.kn_id == COMPACTION_KN => "dpm",
                     LOG_ACTIVE => "active",
                     LOG_CLOSED => "closed",
                     _ => "free",
@@ -422,7 +425,12 @@ pub fn render(r: &Report) -> String {
             "\n log  state   kn shard   gen   merged     tail    lag  blocks    fence"
         );
         for l in &r.logs {
-            // A quarantined log's fence is marked `q`.
+            // A quarantined log's fence is marked `q`; the compaction log has no KN.
+            let kn = if l.state == "dpm" {
+                "-".to_string()
+            } else {
+                l.kn_id.to_string()
+            };
             let fence = l.fence_seq.map_or_else(
                 || "-".to_string(),
                 |f| format!("{f}{}", if l.quarantined { " q" } else { "" }),
@@ -432,7 +440,7 @@ pub fn render(r: &Report) -> String {
                 "{:>4}  {:<6} {:>3} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>8}{}",
                 l.log_id,
                 l.state,
-                l.kn_id,
+                kn,
                 l.shard,
                 l.generation,
                 l.persisted_merged_seq,

@@ -730,6 +730,17 @@ fn soak(a: &SoakArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    println!(
+        "settled (merged, compacted): {} blocks used, bound {}",
+        report.settled_used, report.settled_bound
+    );
+    if report.settled_used > report.settled_bound {
+        anyhow::bail!(
+            "{} blocks still used after compacting everything, more than the bound {}",
+            report.settled_used,
+            report.settled_bound
+        );
+    }
     if report.still_growing() {
         anyhow::bail!(
             "the footprint kept growing: {} blocks in the first half after the warm-up, {} in the second",

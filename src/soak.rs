@@ -90,6 +90,13 @@ pub struct SoakReport {
     pub peak_used_first_half: u64,
     pub peak_used_second_half: u64,
     pub puts: u64,
+    /// Blocks in use after the run, once every log is merged and compaction found no
+    /// victim left.
+    pub settled_used: u64,
+    /// What that may be at most, whatever the timing: blocks at most `live_pct` live are
+    /// all compacted, so the rest hold more than `live_pct` of a payload of live bytes
+    /// each, plus a writing block and a spare per log and the compaction log's own.
+    pub settled_bound: u64,
     pub elapsed_secs: f64,
 }
 
@@ -308,6 +315,10 @@ pub fn run(cfg: &SoakConfig, mut on_sample: impl FnMut(&Sample)) -> Result<SoakR
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let (settled_used, settled_bound) = settle(&cluster).map_err(|source| SoakError::Write {
+        written: written.load(Ordering::Relaxed),
+        source,
+    })?;
     let _ = cluster.stop();
     let warm = target / 4;
     let mid = warm + (target - warm) / 2;
@@ -329,9 +340,35 @@ pub fn run(cfg: &SoakConfig, mut on_sample: impl FnMut(&Sample)) -> Result<SoakR
         peak_used_first_half: peak(&|s| s.bytes_written >= warm && s.bytes_written < mid),
         peak_used_second_half: peak(&|s| s.bytes_written >= mid),
         puts: puts.load(Ordering::Relaxed),
+        settled_used,
+        settled_bound,
         elapsed_secs: elapsed,
         samples,
     })
+}
+
+/// Merges everything, compacts until no victim is left, and returns the blocks in use and
+/// their structural bound (see [`SoakReport::settled_bound`]).
+fn settle(cluster: &Cluster) -> Result<(u64, u64), KvError> {
+    cluster.sync()?;
+    let dpm = cluster.dpm();
+    let mut scratch = dpm_fw::Scratch::default();
+    // Bounded: each step frees a block or finds none; a busy answer (a merge worker holds
+    // the victim's log for a moment) is retried.
+    for _ in 0..dpm.geometry().n_blocks * 64 {
+        match dpm.compact_step(true, &mut scratch) {
+            Ok(s) if s.busy => std::thread::yield_now(),
+            Ok(s) if s.victim.is_some() => {}
+            _ => break,
+        }
+    }
+    let st = dpm.stats();
+    let geo = dpm.geometry();
+    let payload = geo.block_size - dinomo_shared::block::BLOCK_HEADER_SIZE;
+    let limit = (payload * dpm.compaction_config().live_pct as u64 / 100).max(1);
+    let open_logs = st.logs.len() as u64;
+    let bound = st.live_bytes.div_ceil(limit) + 3 * open_logs + 1;
+    Ok((geo.n_blocks - st.blocks_free, bound))
 }
 
 /// One sample as a table row.
