@@ -71,6 +71,8 @@ pub struct ClusterConfig {
     pub flush_bound: Duration,
     /// The most KNs that may ever run at once: the region's log table has room for them.
     pub max_kns: u16,
+    /// Compaction settings of the memory node; `None`: its defaults for the region.
+    pub compaction: Option<dpm_fw::CompactConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -88,6 +90,7 @@ impl Default for ClusterConfig {
             batch_entries: 256,
             flush_bound: Duration::from_micros(100),
             max_kns: 16,
+            compaction: None,
         }
     }
 }
@@ -161,9 +164,10 @@ impl Cluster {
         if let Some(b) = cfg.block_size {
             params.block_size = b;
         }
-        // Room for every KN that may run, plus as many closed logs still holding live entries.
+        // Room for every KN that may run, as many closed logs still holding live entries,
+        // and the compaction log.
         let logs = cfg.max_kns as u32 * cfg.shards_per_kn as u32;
-        params.max_logs = (2 * logs).max(16);
+        params.max_logs = (2 * logs + 1).max(16);
         let geometry =
             Geometry::compute(&params).map_err(|e| ClusterError::Config(e.to_string()))?;
         let dpm = Dpm::format(
@@ -176,6 +180,7 @@ impl Cluster {
         let serve = ServeConfig {
             workers: cfg.dpm_workers,
             pin: false,
+            compaction: cfg.compaction,
             ..ServeConfig::default()
         };
         let service = DpmService::start(Arc::new(dpm), control, &serve)?;

@@ -1,9 +1,10 @@
 //! `dinomo dpm inspect`: what a region holds, as a table or JSON.
 
 use std::path::Path;
+use std::time::Duration;
 
 use dinomo_hw::region_file::RegionFile;
-use dinomo_shared::control::{LOG_ACTIVE, LOG_CLOSED};
+use dinomo_shared::control::{COMPACTION_KN, LOG_ACTIVE, LOG_CLOSED};
 use dpm_fw::{region, Dpm, DpmStats, Stall};
 use serde::Serialize;
 
@@ -44,9 +45,46 @@ pub struct Capacity {
     pub used_fraction: f64,
 }
 
+/// Live versus dead log space.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Space {
+    /// Bytes of the entries the index holds.
+    pub live_bytes: u64,
+    /// Bytes of the blocks in log chains.
+    pub used_log_bytes: u64,
+    /// `live_bytes / used_log_bytes` (0 when nothing is used).
+    pub live_fraction: f64,
+    /// Used blocks with no live entry.
+    pub dead_blocks: u64,
+}
+
+/// Compaction totals since format, and between two inspections when sampled twice.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompactionReport {
+    /// The memory node's compaction log, once opened.
+    pub log_id: Option<u32>,
+    pub entries_moved: u64,
+    pub bytes_moved: u64,
+    pub blocks_freed: u64,
+    /// Moves that lost to a newer version merged meanwhile.
+    pub cas_failures: u64,
+    /// Set by [`with_rate`]: the rate between two inspections.
+    pub rate: Option<CompactionRate>,
+}
+
+/// Compaction between two inspections.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompactionRate {
+    pub interval_secs: f64,
+    pub blocks_per_sec: f64,
+    pub entries_per_sec: f64,
+    pub mib_per_sec: f64,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LogReport {
     pub log_id: u32,
+    /// `active`, `closed`, or `dpm` for the memory node's compaction log.
     pub state: &'static str,
     pub kn_id: u32,
     pub shard: u32,
@@ -102,6 +140,8 @@ pub struct Report {
     pub capacity: Capacity,
     pub blocks: Blocks,
     pub live_entries: u64,
+    pub space: Space,
+    pub compaction: CompactionReport,
     pub logs: Vec<LogReport>,
     pub cells: Vec<CellReport>,
     pub index: IndexReport,
@@ -139,6 +179,8 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
             LogReport {
                 log_id: l.log_id,
                 state: match l.state {
+                    // The memory node's own log of moved entries.
+                    _ if l.kn_id == COMPACTION_KN => "dpm",
                     LOG_ACTIVE => "active",
                     LOG_CLOSED => "closed",
                     _ => "free",
@@ -211,6 +253,24 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
             dead: st.blocks_dead,
         },
         live_entries: st.live_entries,
+        space: Space {
+            live_bytes: st.live_bytes,
+            used_log_bytes: used_bytes,
+            live_fraction: if used_bytes == 0 {
+                0.0
+            } else {
+                st.live_bytes as f64 / used_bytes as f64
+            },
+            dead_blocks: st.blocks_dead,
+        },
+        compaction: CompactionReport {
+            log_id: dpm.compaction_log(),
+            entries_moved: st.compaction.entries_moved,
+            bytes_moved: st.compaction.bytes_moved,
+            blocks_freed: st.compaction.blocks_freed,
+            cas_failures: st.compaction.cas_failures,
+            rate: None,
+        },
         logs,
         cells,
         index: IndexReport {
@@ -223,6 +283,49 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
             used_bytes: st.index.used_bytes,
         },
     })
+}
+
+/// `later` with the compaction rate since `earlier`, inspected `interval` before it.
+pub fn with_rate(earlier: &Report, mut later: Report, interval: Duration) -> Report {
+    let secs = interval.as_secs_f64().max(f64::MIN_POSITIVE);
+    let (a, b) = (&earlier.compaction, &later.compaction);
+    let per_sec = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
+    later.compaction.rate = Some(CompactionRate {
+        interval_secs: secs,
+        blocks_per_sec: per_sec(a.blocks_freed, b.blocks_freed),
+        entries_per_sec: per_sec(a.entries_moved, b.entries_moved),
+        mib_per_sec: per_sec(a.bytes_moved, b.bytes_moved) / (1u64 << 20) as f64,
+    });
+    later
+}
+
+/// Parses an interval: `1s`, `500ms`, `2m`, or plain seconds (`1.5`).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" | "min" => 60.0,
+        _ => {
+            return Err(format!(
+                "invalid interval {s:?}: expected e.g. 1s, 500ms, 2m"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid interval {s:?}: expected e.g. 1s, 500ms, 2m"))?;
+    let secs = v * scale;
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!(
+            "invalid interval {s:?}: must be more than 0 and at most a day"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn describe_stall(s: Stall) -> String {
@@ -277,7 +380,32 @@ pub fn render(r: &Report) -> String {
         human(r.capacity.used_bytes),
         r.capacity.used_fraction * 100.0
     );
-    let _ = writeln!(s, "live        {} entries", r.live_entries);
+    let _ = writeln!(
+        s,
+        "live        {} entries  {} of {} in log chains ({:.1}% live)  dead blocks {}",
+        r.live_entries,
+        human(r.space.live_bytes),
+        human(r.space.used_log_bytes),
+        r.space.live_fraction * 100.0,
+        r.space.dead_blocks
+    );
+    let c = &r.compaction;
+    let _ = writeln!(
+        s,
+        "compaction  {} blocks freed  {} entries / {} moved  {} lost to newer versions{}",
+        c.blocks_freed,
+        c.entries_moved,
+        human(c.bytes_moved),
+        c.cas_failures,
+        c.log_id.map(|l| format!("  (log {l})")).unwrap_or_default()
+    );
+    if let Some(rate) = &c.rate {
+        let _ = writeln!(
+            s,
+            "            over {:.1}s: {:.1} blocks/s  {:.1} entries/s  {:.2} MiB/s",
+            rate.interval_secs, rate.blocks_per_sec, rate.entries_per_sec, rate.mib_per_sec
+        );
+    }
     let _ = writeln!(
         s,
         "index       gen {}  {} buckets + {} overflow  {} items  load {:.2}  {} of {} used",
@@ -297,7 +425,12 @@ pub fn render(r: &Report) -> String {
             "\n log  state   kn shard   gen   merged     tail    lag  blocks    fence"
         );
         for l in &r.logs {
-            // A quarantined log's fence is marked `q`.
+            // A quarantined log's fence is marked `q`; the compaction log has no KN.
+            let kn = if l.state == "dpm" {
+                "-".to_string()
+            } else {
+                l.kn_id.to_string()
+            };
             let fence = l.fence_seq.map_or_else(
                 || "-".to_string(),
                 |f| format!("{f}{}", if l.quarantined { " q" } else { "" }),
@@ -307,7 +440,7 @@ pub fn render(r: &Report) -> String {
                 "{:>4}  {:<6} {:>3} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>8}{}",
                 l.log_id,
                 l.state,
-                l.kn_id,
+                kn,
                 l.shard,
                 l.generation,
                 l.persisted_merged_seq,

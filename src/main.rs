@@ -32,6 +32,10 @@ enum Command {
     /// Load, then run a YCSB-style workload against an in-process cluster and report
     /// throughput, latency, round trips, verbs and bytes per operation.
     Bench(Box<dinomo::bench::cli::BenchArgs>),
+    /// Update-only load of many times the region's log capacity through an in-process
+    /// cluster (merge workers with compaction, KN shards over the shm fabric); fails on
+    /// RegionFull, a lost value, or a footprint that keeps growing.
+    Soak(SoakArgs),
     /// A KVS node: attaches to the DPM, joins the cluster through the manager, and serves
     /// clients over the Redis protocol.
     Kn(KnArgs),
@@ -350,6 +354,41 @@ struct InspectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Inspect twice this far apart (e.g. 1s, 500ms) and add the compaction rate between
+    /// the two samples; without it, totals only.
+    #[arg(long, value_parser = dinomo::inspect::parse_interval)]
+    interval: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// Region size, e.g. 32M.
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    region_size: u64,
+    /// Log block size, e.g. 64K.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    block_size: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 20_000)]
+    keys: u64,
+    /// Bytes of entries to write, as a multiple of the region's log capacity.
+    #[arg(long, default_value_t = 20.0)]
+    write_factor: f64,
+    /// Zipfian skew of the updates (0 < s < 1, e.g. 0.99); uniform without it.
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Value size in bytes.
+    #[arg(long, value_parser = parse_size, default_value = "256")]
+    value_size: u64,
+    /// Client threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Compaction victim threshold: live share of a block, in percent.
+    #[arg(long)]
+    live_pct: Option<u32>,
+    /// Also write the samples and summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// A count that must be at least 1 (0 threads or 0 virtual nodes cannot work).
@@ -422,10 +461,16 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(a) => bench(&a),
+        Command::Soak(a) => soak(&a),
         Command::Dpm(DpmCommand::Format(a)) => format(a),
         Command::Dpm(DpmCommand::Serve(a)) => serve(a),
         Command::Dpm(DpmCommand::Inspect(a)) => {
-            let report = dinomo::inspect::inspect(&a.path)?;
+            let mut report = dinomo::inspect::inspect(&a.path)?;
+            if let Some(interval) = a.interval {
+                std::thread::sleep(interval);
+                let later = dinomo::inspect::inspect(&a.path)?;
+                report = dinomo::inspect::with_rate(&report, later, interval);
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -639,6 +684,82 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         human(geo.index_len),
         geo.max_logs
     );
+    Ok(())
+}
+
+fn soak(a: &SoakArgs) -> anyhow::Result<()> {
+    use dinomo::soak::{self, SoakConfig};
+    use std::io::IsTerminal;
+    let cfg = SoakConfig {
+        region_bytes: a.region_size,
+        block_size: a.block_size,
+        keys: a.keys,
+        write_factor: a.write_factor,
+        zipf: a.zipf,
+        value_bytes: usize::try_from(a.value_size).context("value size")?,
+        threads: a.threads,
+        live_pct: a.live_pct,
+        ..SoakConfig::default()
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("soak [{bar:40}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    println!(
+        "{:>8} {:>10} {:>7}  blocks / live share / compaction (entries, bytes, blocks freed, compare failures)",
+        "time", "written", "x cap"
+    );
+    let report = soak::run(&cfg, |s| {
+        bar.set_position((s.capacity_multiple / cfg.write_factor * 1000.0).min(1000.0) as u64);
+        bar.set_message(format!(
+            "{:.1}x  used {}",
+            s.capacity_multiple, s.blocks_used
+        ));
+        bar.suspend(|| println!("{}", soak::render_sample(s)));
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    println!(
+        "{} blocks ({} log capacity), low watermark {}; peak used: warm-up {}, then {} (first half {}, second half {}); {} puts in {:.1}s",
+        report.n_blocks,
+        human(report.log_capacity),
+        report.low_watermark,
+        report.peak_used_warmup,
+        report.peak_used_after,
+        report.peak_used_first_half,
+        report.peak_used_second_half,
+        report.puts,
+        report.elapsed_secs
+    );
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "settled (merged, compacted): {} blocks used, bound {}",
+        report.settled_used, report.settled_bound
+    );
+    if report.settled_used > report.settled_bound {
+        anyhow::bail!(
+            "{} blocks still used after compacting everything, more than the bound {}",
+            report.settled_used,
+            report.settled_bound
+        );
+    }
+    if report.still_growing() {
+        anyhow::bail!(
+            "the footprint kept growing: {} blocks in the first half after the warm-up, {} in the second",
+            report.peak_used_first_half,
+            report.peak_used_second_half
+        );
+    }
     Ok(())
 }
 

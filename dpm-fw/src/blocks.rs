@@ -1,9 +1,12 @@
-//! Volatile bookkeeping of log blocks: the free list, per-block live counts, salts.
+//! Volatile bookkeeping of log blocks: the free list, per-block live counts and live bytes,
+//! salts.
 //!
 //! Nothing here is persisted: at recovery the free list is every block not reachable from a
-//! log chain, and a block's live count is the number of index refs pointing into it. A
-//! block whose entries are all merged and whose live count is zero is dead and returns to
-//! the free list once unlinked from its chain.
+//! log chain, and a block's live count is the number of index refs pointing into it (plus
+//! entries pinned by indirect cells). A block whose entries are all merged and whose live
+//! count is zero is dead and returns to the free list once unlinked from its chain. Live
+//! bytes (of index-held entries only) let compaction pick mostly-dead blocks without
+//! reading them.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -13,6 +16,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub(crate) struct Blocks {
     free: spin::Mutex<Vec<u32>>,
     live: Vec<AtomicU32>,
+    live_bytes: Vec<AtomicU32>,
     salt_seed: u64,
     salt_counter: AtomicU64,
 }
@@ -23,6 +27,7 @@ impl Blocks {
         Self {
             free: spin::Mutex::new(Vec::new()),
             live: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            live_bytes: (0..n).map(|_| AtomicU32::new(0)).collect(),
             salt_seed,
             salt_counter: AtomicU64::new(0),
         }
@@ -44,6 +49,7 @@ impl Blocks {
 
     pub(crate) fn push_free(&self, block: u32) {
         self.live[block as usize].store(0, Ordering::Relaxed);
+        self.live_bytes[block as usize].store(0, Ordering::Relaxed);
         self.free.lock().push(block);
     }
 
@@ -55,6 +61,29 @@ impl Blocks {
         self.live[block as usize].load(Ordering::Relaxed)
     }
 
+    /// Bytes of the index-held entries in `block`.
+    pub(crate) fn live_bytes(&self, block: u32) -> u32 {
+        self.live_bytes[block as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts an index-held entry of `len` bytes in `block`.
+    pub(crate) fn add_ref(&self, block: u32, len: u64) {
+        self.inc_live(block);
+        self.live_bytes[block as usize].fetch_add(len as u32, Ordering::Relaxed);
+    }
+
+    /// Releases an index-held entry of `len` bytes in `block`.
+    pub(crate) fn release_ref(&self, block: u32, len: u64) {
+        self.dec_live(block);
+        let _ = self.live_bytes[block as usize].fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |v| Some(v.saturating_sub(len as u32)),
+        );
+    }
+
+    /// Counts an entry pinned by an indirect cell (its bytes are not tracked: a block with
+    /// pins is never compacted).
     pub(crate) fn inc_live(&self, block: u32) {
         self.live[block as usize].fetch_add(1, Ordering::Relaxed);
     }

@@ -96,6 +96,24 @@ impl Cells {
     }
 
     /// The active cell of `key`.
+    /// Calls `f(block, entries)` for every pin of every active cell.
+    pub(crate) fn for_each_pin(&self, mut f: impl FnMut(u32, u32)) {
+        for c in self.table.lock().cells.values() {
+            for (&b, &n) in &c.pins {
+                f(b, n);
+            }
+        }
+    }
+
+    /// Whether any active cell pins an entry in `block`.
+    pub(crate) fn pins_block(&self, block: u32) -> bool {
+        self.table
+            .lock()
+            .cells
+            .values()
+            .any(|c| c.pins.contains_key(&block))
+    }
+
     pub(crate) fn cell_of(&self, key: &[u8]) -> Option<u32> {
         self.table.lock().by_key.get(key).copied()
     }

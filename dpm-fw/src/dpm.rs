@@ -15,8 +15,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use dinomo_hw::{Persist, Pmem};
 use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE, BLOCK_MAGIC};
 use dinomo_shared::control::{
-    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FLAG_FENCED, LOG_FREE,
-    NO_BLOCK,
+    LogSlot, ProgressRecord, ProgressSlot, LOG_ACTIVE, LOG_CLOSED, LOG_FLAG_COMPACTION,
+    LOG_FLAG_FENCED, LOG_FREE, NO_BLOCK,
 };
 use dinomo_shared::entry::{self, EntryError, Op, ENTRY_ALIGN, ENTRY_HEADER_SIZE};
 use dinomo_shared::geometry::{FormatParams, Geometry};
@@ -29,6 +29,9 @@ use crate::blocks::Blocks;
 use crate::cells::Cells;
 use crate::index::{Index, IndexError, IndexStats};
 use crate::region::{self, FormatError, OpenError};
+
+mod compact;
+pub use compact::{CompactConfig, CompactStep, CompactTotals, LiveMismatch};
 
 /// Reusable buffer for reading entries; one per worker thread.
 #[derive(Debug, Default)]
@@ -79,6 +82,9 @@ struct LogState {
     fence: Option<u64>,
     /// For a log closed by fencing its KN: the clock reading its quarantine counts from.
     quarantine_from: Option<u64>,
+    /// The DPM's compaction log: never merged; `cursor` is where the next moved entry is
+    /// written and `persisted_block` the block being written (kept from reclaim).
+    compaction: bool,
 }
 
 /// Outcome of one merge step on one log.
@@ -139,6 +145,10 @@ pub struct DpmStats {
     /// Used blocks that are fully merged and hold no live entry (about to be reclaimed).
     pub blocks_dead: u64,
     pub live_entries: u64,
+    /// Bytes of the entries the index holds (what compaction would have to move).
+    pub live_bytes: u64,
+    /// Compaction totals since format (persisted once per step).
+    pub compaction: CompactTotals,
     pub logs: Vec<LogStats>,
     pub cells: Vec<CellStats>,
     pub index: IndexStats,
@@ -162,6 +172,7 @@ pub struct Dpm<P: Persist> {
     fences: spin::Mutex<FenceLog>,
     /// How many fences `fences` has recorded; read without its lock to skip it when unchanged.
     fence_count: AtomicU64,
+    compaction: compact::Compaction,
 }
 
 /// The most recent fenced KNs, in a ring (a reader that falls more than its length behind
@@ -182,6 +193,9 @@ impl<P: Persist> core::fmt::Debug for Dpm<P> {
             .finish()
     }
 }
+
+/// Free blocks only the compaction log may take (one step needs at most one new block).
+pub const COMPACTION_RESERVE: u64 = 2;
 
 /// Entries merged per step before a worker moves on to another log.
 pub const DEFAULT_STEP: u64 = 256;
@@ -211,17 +225,22 @@ impl<P: Persist> Dpm<P> {
         let geo = region::read_geometry(&pm)?;
         let sb = region::superblock(&pm);
         let index = Index::open(&pm, &geo).map_err(OpenError::Index)?;
-        let mount = region::state(&pm).mount_count;
+        let sstate = region::state(&pm);
+        let mount = sstate.mount_count;
         let blocks = Blocks::new(geo.n_blocks, sb.region_id ^ mount.rotate_left(32));
         let mut used = alloc::vec![false; geo.n_blocks as usize];
         let mut logs = Vec::with_capacity(geo.max_logs as usize);
+        let mut compaction_log = None;
         for log_id in 0..geo.max_logs {
             let st = recover_log(&pm, &geo, log_id, &mut used)?;
+            if st.as_ref().is_some_and(|s| s.compaction) {
+                compaction_log = Some(log_id);
+            }
             logs.push(spin::Mutex::new(st));
         }
         index.for_each(&pm, |_, r| {
             if let Some(b) = geo.block_of(r.offset()) {
-                blocks.inc_live(b);
+                blocks.add_ref(b, r.len());
             }
         });
         // Before the logs are replayed: entries of replicated keys stay out of the index.
@@ -245,6 +264,7 @@ impl<P: Persist> Dpm<P> {
             quarantine_ms: AtomicU64::new(DEFAULT_QUARANTINE_MS),
             fences: spin::Mutex::new(FenceLog::default()),
             fence_count: AtomicU64::new(0),
+            compaction: compact::Compaction::new(&geo, compaction_log, &sstate),
         };
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
@@ -368,6 +388,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
+                self.make_room(scratch);
                 self.open_log(kn_id, shard, lease_epoch)
             }
             Request::AllocBlock {
@@ -379,6 +400,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
+                self.make_room(scratch);
                 self.alloc_block(log_id, generation, next_seq, last_block)
             }
             Request::MergeAll {
@@ -413,7 +435,9 @@ impl<P: Persist> Dpm<P> {
         for log_id in 0..self.geo.max_logs {
             let target = match &*self.logs[log_id as usize].lock() {
                 Some(st)
-                    if st.kn_id == kn_id && (st.status == LOG_ACTIVE || st.fence.is_none()) =>
+                    if st.kn_id == kn_id
+                        && !st.compaction
+                        && (st.status == LOG_ACTIVE || st.fence.is_none()) =>
                 {
                     Some((st.generation, st.cursor.next_seq))
                 }
@@ -467,19 +491,27 @@ impl<P: Persist> Dpm<P> {
 
     fn check_log(&self, log_id: u32, generation: u64) -> Result<(), ErrorCode> {
         match &*self.slot(log_id)?.lock() {
-            Some(st) if st.generation == generation => Ok(()),
+            Some(st) if st.generation == generation && !st.compaction => Ok(()),
             _ => Err(ErrorCode::NoSuchLog),
         }
     }
 
     /// Takes a free block and writes its header (persisted). Reclaims dead blocks first if
-    /// the free list is empty.
+    /// the free list is empty. Only the compaction log may take the last
+    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to.
     fn take_block(
         &self,
         log_id: u32,
         generation: u64,
         first_seq: u64,
+        reserve: u64,
     ) -> Result<(u32, u32), ErrorCode> {
+        if self.blocks.free_count() <= reserve {
+            self.reclaim_all();
+            if self.blocks.free_count() <= reserve {
+                return Err(ErrorCode::RegionFull);
+            }
+        }
         let block = match self.blocks.pop_free() {
             Some(b) => b,
             None => {
@@ -507,6 +539,21 @@ impl<P: Persist> Dpm<P> {
     }
 
     fn open_log(&self, kn_id: u32, shard: u32, lease_epoch: u32) -> Result<Response, ErrorCode> {
+        if kn_id == dinomo_shared::control::COMPACTION_KN {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        self.open_log_flagged(kn_id, shard, lease_epoch, 0)
+    }
+
+    /// Opens a log; `flags` go to its slot with the commit ([`LOG_FLAG_COMPACTION`] for
+    /// the DPM's own compaction log).
+    fn open_log_flagged(
+        &self,
+        kn_id: u32,
+        shard: u32,
+        lease_epoch: u32,
+        flags: u64,
+    ) -> Result<Response, ErrorCode> {
         let _g = self.open_lock.lock();
         let log_id = (0..self.geo.max_logs)
             .find(|&l| self.logs[l as usize].lock().is_none())
@@ -515,7 +562,12 @@ impl<P: Persist> Dpm<P> {
         let slot_off = self.geo.log_slot_off(log_id);
         let old: LogSlot = self.pm.read_pod(slot_off);
         let generation = old.generation + 1;
-        let (block, salt) = self.take_block(log_id, generation, 1)?;
+        let reserve = if flags & LOG_FLAG_COMPACTION != 0 {
+            0
+        } else {
+            COMPACTION_RESERVE
+        };
+        let (block, salt) = self.take_block(log_id, generation, 1, reserve)?;
         // Progress first, then the slot: the slot store is the commit of the open.
         let rec = ProgressRecord::new(0, block, BLOCK_HEADER_SIZE as u32, generation);
         let poff = self.geo.progress_off(log_id);
@@ -535,7 +587,7 @@ impl<P: Persist> Dpm<P> {
             tail_block: block,
             generation,
             fence: 0,
-            flags: 0,
+            flags,
             reserved: [0; 2],
         };
         self.pm.write_pod(slot_off, &slot);
@@ -557,6 +609,7 @@ impl<P: Persist> Dpm<P> {
             stall: None,
             fence: None,
             quarantine_from: None,
+            compaction: flags & LOG_FLAG_COMPACTION != 0,
         });
         Ok(Response::LogOpened {
             log_id,
@@ -580,7 +633,11 @@ impl<P: Persist> Dpm<P> {
     ) -> Result<Response, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
         let st = match guard.as_mut() {
-            Some(st) if st.generation == generation && st.status == LOG_ACTIVE => st,
+            Some(st)
+                if st.generation == generation && st.status == LOG_ACTIVE && !st.compaction =>
+            {
+                st
+            }
             _ => return Err(ErrorCode::NoSuchLog),
         };
         let slot_off = self.geo.log_slot_off(log_id);
@@ -598,7 +655,7 @@ impl<P: Persist> Dpm<P> {
                 None => Err(ErrorCode::InvalidArgument),
             };
         }
-        let (block, salt) = self.take_block(log_id, st.generation, next_seq)?;
+        let (block, salt) = self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE)?;
         // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
         // link is the commit; the hint is only a shortcut.
         let link = self.geo.block_off(last_block) + BlockHeader::NEXT_OFFSET;
@@ -650,7 +707,7 @@ impl<P: Persist> Dpm<P> {
     ) -> Result<Response, ErrorCode> {
         let mut guard = self.slot(log_id)?.lock();
         match guard.as_mut() {
-            Some(st) if st.generation == generation => {
+            Some(st) if st.generation == generation && !st.compaction => {
                 if fenced {
                     let off = self.geo.log_slot_off(log_id) + LogSlot::FLAGS_OFFSET;
                     self.pm
@@ -763,6 +820,14 @@ impl<P: Persist> Dpm<P> {
                 ..Step::default()
             };
         }
+        if st.compaction {
+            // Its entries reach the index only by compaction's compare-and-replace.
+            self.reclaim_log(log_id, guard);
+            return Step {
+                at_tail: true,
+                ..Step::default()
+            };
+        }
         let mut step = Step::default();
         while step.merged < budget {
             if st.fence.is_some_and(|f| st.cursor.next_seq > f) {
@@ -785,7 +850,7 @@ impl<P: Persist> Dpm<P> {
                             Ok(())
                         }
                         (Op::Put, Some(r)) => self.index.upsert(&self.pm, key, r).map(|old| {
-                            self.blocks.inc_live(c.block);
+                            self.blocks.add_ref(c.block, r.len());
                             self.release(old);
                         }),
                         (Op::Delete, _) => self
@@ -824,8 +889,10 @@ impl<P: Persist> Dpm<P> {
     }
 
     fn release(&self, old: Option<EntryRef>) {
-        if let Some(b) = old.and_then(|o| self.geo.block_of(o.offset())) {
-            self.blocks.dec_live(b);
+        if let Some(o) = old {
+            if let Some(b) = self.geo.block_of(o.offset()) {
+                self.blocks.release_ref(b, o.len());
+            }
         }
     }
 
@@ -994,7 +1061,11 @@ impl<P: Persist> Dpm<P> {
             stall: None,
             fence: st.fence,
             quarantine_from: st.quarantine_from,
+            compaction: st.compaction,
         };
+        if st.compaction {
+            return st.cursor.next_seq - 1;
+        }
         loop {
             if probe.fence.is_some_and(|f| probe.cursor.next_seq > f) {
                 return probe.cursor.next_seq - 1;
@@ -1067,6 +1138,10 @@ impl<P: Persist> Dpm<P> {
             live_entries: (0..self.blocks.len() as u32)
                 .map(|b| self.blocks.live(b) as u64)
                 .sum(),
+            live_bytes: (0..self.blocks.len() as u32)
+                .map(|b| self.blocks.live_bytes(b) as u64)
+                .sum(),
+            compaction: self.compaction.totals(),
             logs,
             cells: self
                 .cells
@@ -1153,7 +1228,7 @@ impl<P: Persist> Dpm<P> {
         let (key, block, seq) = {
             let mut guard = self.slot(log_id)?.lock();
             match guard.as_ref() {
-                Some(st) if st.generation == generation => {}
+                Some(st) if st.generation == generation && !st.compaction => {}
                 _ => return Err(ErrorCode::NoSuchLog),
             }
             let found = self
@@ -1242,7 +1317,7 @@ impl<P: Persist> Dpm<P> {
         let installed = match found.op {
             Op::Put => {
                 let old = self.index.upsert(&self.pm, &key, r).map_err(index_code)?;
-                self.blocks.inc_live(found.block);
+                self.blocks.add_ref(found.block, r.len());
                 self.release(old);
                 r
             }
@@ -1375,6 +1450,9 @@ fn recover_log<P: Persist>(
         LOG_ACTIVE | LOG_CLOSED => {}
         _ => return Err(corrupt("unknown log state")),
     }
+    if slot.flags & LOG_FLAG_COMPACTION != 0 {
+        return compact::recover_compaction_log(pm, geo, log_id, &slot, used).map(Some);
+    }
     let prog: ProgressSlot = pm.read_pod(geo.progress_off(log_id));
     let (_, rec) = prog
         .current(slot.generation)
@@ -1454,6 +1532,7 @@ fn recover_log<P: Persist>(
         persisted_block: cursor.block,
         persisted: cursor,
         stall: None,
+        compaction: false,
         fence: slot.fence_seq(),
         // The clock restarts at 0 with the open; the quarantine starts over.
         quarantine_from: (slot.flags & LOG_FLAG_FENCED != 0).then_some(0),

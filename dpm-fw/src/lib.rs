@@ -21,6 +21,7 @@ pub mod runner;
 pub mod testkit;
 
 pub use dpm::{
-    CellStats, Cursor, Dpm, DpmStats, LogStats, Scratch, Stall, Step, DEFAULT_QUARANTINE_MS,
+    CellStats, CompactConfig, CompactStep, CompactTotals, Cursor, Dpm, DpmStats, LiveMismatch,
+    LogStats, Scratch, Stall, Step, DEFAULT_QUARANTINE_MS,
 };
 pub use region::{FormatError, OpenError};

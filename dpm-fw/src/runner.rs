@@ -11,7 +11,7 @@ use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
 use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
 use dinomo_hw::Persist;
 
-use crate::dpm::{Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
+use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
 use crate::region::OpenError;
 
 /// How the runner is set up.
@@ -30,6 +30,9 @@ pub struct ServeConfig {
     /// How long blocks of a log closed by fencing its KN stay out of reuse (a paused KN
     /// may still land a WRITE in them).
     pub quarantine: Duration,
+    /// Compaction settings; `None`: [`CompactConfig::default_for`] the region. Workers
+    /// compact while free blocks are below the low watermark.
+    pub compaction: Option<CompactConfig>,
 }
 
 impl Default for ServeConfig {
@@ -41,6 +44,7 @@ impl Default for ServeConfig {
             ctl_slots: 64,
             ctl_path: None,
             quarantine: Duration::from_millis(DEFAULT_QUARANTINE_MS),
+            compaction: None,
         }
     }
 }
@@ -72,6 +76,10 @@ pub struct ServeReport {
     pub uptime: Duration,
 }
 
+/// Compaction steps a merge worker may run per pass while free blocks are below the low
+/// watermark: enough to free blocks as fast as a pass merges them in.
+pub const COMPACT_STEPS_PER_PASS: usize = 8;
+
 /// Merge worker threads over a shared [`Dpm`]; stopped (and joined) on drop.
 #[derive(Debug)]
 pub struct MergeWorkers {
@@ -88,6 +96,9 @@ impl MergeWorkers {
         merged: &Arc<AtomicU64>,
         epoch: Instant,
     ) -> Result<Self, ServeError> {
+        if let Some(c) = cfg.compaction {
+            dpm.set_compaction_config(c);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let workers = cfg.workers.max(1) as u32;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -107,8 +118,24 @@ impl MergeWorkers {
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
-                        if n == 0 {
+                        // While free blocks are short: up to COMPACT_STEPS_PER_PASS victims
+                        // per pass (one block's entries each, by one worker at a time), so
+                        // the merge of this worker's logs waits a bounded time. A failed step
+                        // (no free log slot, index error) is retried on a later pass.
+                        let mut compacted = false;
+                        for _ in 0..COMPACT_STEPS_PER_PASS {
+                            if !dpm.compaction_due() {
+                                break;
+                            }
+                            match dpm.compact_step(false, &mut scratch) {
+                                Ok(c) if c.victim.is_some() => compacted = true,
+                                _ => break,
+                            }
+                        }
+                        if n == 0 && !compacted {
                             backoff.snooze();
+                        } else if n == 0 {
+                            backoff.reset();
                         } else {
                             merged.fetch_add(n, Ordering::Relaxed);
                             backoff.reset();

@@ -33,7 +33,7 @@ pub struct LogSlot {
     /// closed, after it was merged to its committed tail: a writer that was paused rather
     /// than gone may still land entries after it, and they must never reach the index.
     pub fence: u64,
-    /// [`LOG_FLAG_FENCED`] and nothing else yet.
+    /// [`LOG_FLAG_FENCED`], [`LOG_FLAG_COMPACTION`].
     pub flags: u64,
     pub reserved: [u64; 2],
 }
@@ -46,6 +46,15 @@ assert_offset!(LogSlot, flags, 40);
 /// `LogSlot::flags`: the log was closed by fencing its KN (lease expired), not by its
 /// writer; its blocks are quarantined before reuse since the writer may still be alive.
 pub const LOG_FLAG_FENCED: u64 = 1;
+
+/// `LogSlot::flags`: the memory node's own compaction log (its `kn_id` is
+/// [`COMPACTION_KN`]). It holds live entries moved out of mostly-dead blocks; they reach the
+/// index only by a compare-and-replace, so recovery never replays it, it only finds its
+/// tail. Regions written before compaction existed have no slot with this flag.
+pub const LOG_FLAG_COMPACTION: u64 = 2;
+
+/// The `kn_id` the compaction log is opened under (no KN has it).
+pub const COMPACTION_KN: u32 = u32::MAX;
 
 impl LogSlot {
     pub const SIZE: u64 = 64;

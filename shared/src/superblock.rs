@@ -58,9 +58,18 @@ pub struct SuperState {
     pub cluster_epoch: u64,
     /// Incremented each time the region is opened for service.
     pub mount_count: u64,
-    pub reserved: [u64; 5],
+    /// Compaction totals since format: entries and bytes moved, blocks freed, compare
+    /// failures (a newer version was merged while an entry was being moved). Written once
+    /// per compaction step, so a crash may lose the last step's share. These words were
+    /// reserved (zero) before compaction existed, so older regions read as "none yet".
+    pub compact_entries: u64,
+    pub compact_bytes: u64,
+    pub compact_blocks: u64,
+    pub compact_cas_failures: u64,
+    pub reserved: [u64; 1],
 }
 assert_size!(SuperState, 64);
+assert_offset!(SuperState, compact_entries, 24);
 impl_pod!(Superblock, SuperState);
 
 impl Superblock {
