@@ -19,4 +19,5 @@ pub mod manager;
 pub mod policy;
 pub mod resp;
 pub mod size;
+pub mod torture;
 pub mod up;
