@@ -399,11 +399,11 @@ pub fn run(
                 Ok(o) => {
                     ops.add(&o.counts);
                     for (k, why) in o.bad_values {
-                        round_violations.push(format!("round {round}: read of {k}: {why}"));
+                        round_violations.push(format!("round {}: read of {k}: {why}", round + 1));
                     }
                     recorders.push(o.recorder);
                 }
-                Err(_) => round_violations.push(format!("round {round}: a client panicked")),
+                Err(_) => round_violations.push(format!("round {}: a client panicked", round + 1)),
             }
         }
         if fatal.is_none() {
@@ -423,7 +423,8 @@ pub fn run(
                     Ok(Value::Bulk(v)) => {
                         if let Err(why) = value::decode(&key, &v) {
                             round_violations.push(format!(
-                                "round {round}: read-back of {}: {why}",
+                                "round {}: read-back of {}: {why}",
+                                round + 1,
                                 String::from_utf8_lossy(&key)
                             ));
                         }
@@ -431,11 +432,13 @@ pub fn run(
                         *f = Some(Some(v));
                     }
                     Ok(other) => round_violations.push(format!(
-                        "round {round}: read-back of {}: unexpected reply {other:?}",
+                        "round {}: read-back of {}: unexpected reply {other:?}",
+                        round + 1,
                         String::from_utf8_lossy(&key)
                     )),
                     Err(e) => round_violations.push(format!(
-                        "round {round}: read-back of {} failed: {}",
+                        "round {}: read-back of {} failed: {}",
+                        round + 1,
                         String::from_utf8_lossy(&key),
                         match e {
                             Failure::NotSent => "no node served it within 60 s".into(),
@@ -449,10 +452,11 @@ pub fn run(
             round_violations.extend(check_last_writes(round, &history, &finals));
             let t_check = Instant::now();
             if let Err(e) = history.check() {
-                round_violations.push(format!("round {round}: lincheck: {e}"));
+                round_violations.push(format!("round {}: lincheck: {e}", round + 1));
                 if let crate::lincheck::CheckError::NotLinearizable { ops, .. } = &e {
                     let text: String = ops.iter().map(|o| format!("{o}\n")).collect();
-                    let _ = std::fs::write(dir.join(format!("round-{round}-history.txt")), text);
+                    let name = format!("round-{}-history.txt", round + 1);
+                    let _ = std::fs::write(dir.join(name), text);
                 }
             }
             lincheck_time += t_check.elapsed();
@@ -569,11 +573,15 @@ fn check_last_writes(
         allowed.extend(writes[after..].iter().map(|o| value_of(o)));
         if !allowed.contains(found) {
             let show = |v: &Option<Vec<u8>>| match v {
-                Some(v) => String::from_utf8_lossy(v).into_owned(),
+                Some(v) => match value::decode(&key, v) {
+                    Ok((writer, seq)) => format!("writer {writer}'s write {seq:#x}"),
+                    Err(why) => format!("a bad value ({why})"),
+                },
                 None => "absent".into(),
             };
             out.push(format!(
-                "round {round}: key {} reads {} but its last acknowledged write left {}",
+                "round {}: key {} reads {} but its last acknowledged write left {}",
+                round + 1,
                 String::from_utf8_lossy(&key),
                 show(found),
                 show(&allowed[0])
