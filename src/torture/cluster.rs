@@ -165,6 +165,7 @@ impl Cluster {
         // Since when each process (manager, then KNs) has been attached to a control block
         // a DPM that no longer runs left behind.
         let mut stale_since: Vec<Option<Instant>> = vec![None; 1 + self.kns.len()];
+        let mut dpm_exits = 0u32;
         let mut dpm_seen =
             ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
         loop {
@@ -174,6 +175,16 @@ impl Cluster {
             for (role, kn) in procs {
                 let since_start = self.last_start[slot_of(role, kn)].elapsed();
                 if since_start > RESTART_PAUSE && self.proc_mut(role, kn).exited().is_some() {
+                    if role == Role::Dpm {
+                        dpm_exits += 1;
+                        if dpm_exits >= MAX_DPM_EXITS {
+                            return Err(UpError::Failed(format!(
+                                "the DPM exited {dpm_exits} times in a row after being started \
+                                 (see {})",
+                                self.log.display()
+                            )));
+                        }
+                    }
                     self.restart_collateral(role, kn, "exited")?;
                     acted = true;
                 }
@@ -313,6 +324,9 @@ impl Cluster {
             .is_some_and(|s| s.success())
     }
 }
+
+/// A DPM that exits this many times in a row within one recovery cannot open its region.
+const MAX_DPM_EXITS: u32 = 5;
 
 /// Shortest time between two starts of one process by the supervisor.
 const RESTART_PAUSE: Duration = Duration::from_millis(500);

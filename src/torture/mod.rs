@@ -324,6 +324,7 @@ pub fn run(
     let mut time_limit_reached = false;
     let op_timeout = Duration::from_millis(cfg.lease_ms * 3).max(Duration::from_secs(3));
     let mut fatal: Option<TortureError> = None;
+    let mut stuck = false;
     for (round, &role) in plan.iter().enumerate() {
         if t_run.elapsed() >= cfg.time_limit {
             time_limit_reached = true;
@@ -388,8 +389,19 @@ pub fn run(
                     .push(d.as_secs_f64() * 1e3);
                 Some(d)
             }
-            Err(e) => {
+            Err(e) if interrupt.load(Ordering::Acquire) => {
                 fatal = Some(e.into());
+                None
+            }
+            Err(e) => {
+                // A cluster that cannot serve again is a failure of the store (e.g. a
+                // region the DPM cannot open any more): reported, and the run ends.
+                round_violations.push(format!(
+                    "round {}: the cluster did not recover after the kill of {}: {e}",
+                    round + 1,
+                    role.name()
+                ));
+                stuck = true;
                 None
             }
         };
@@ -406,7 +418,7 @@ pub fn run(
                 Err(_) => round_violations.push(format!("round {}: a client panicked", round + 1)),
             }
         }
-        if fatal.is_none() {
+        if fatal.is_none() && !stuck {
             // Read back every key.
             let mut reader = Recorder::new(clock);
             let mut c = ClusterClient::new(&seeds, op_timeout);
@@ -491,7 +503,7 @@ pub fn run(
             }
         }
         progress(round as u32 + 1, &summary);
-        if fatal.is_some() {
+        if fatal.is_some() || stuck {
             break;
         }
     }
@@ -513,7 +525,7 @@ pub fn run(
     if let Some(e) = fatal {
         return Err(e);
     }
-    if !stopped_cleanly {
+    if !stopped_cleanly && !stuck {
         violation_count += 1;
         violations.push("the DPM did not stop cleanly at the end of the run".into());
     }
