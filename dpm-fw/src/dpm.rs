@@ -885,8 +885,15 @@ impl<P: Persist> Dpm<P> {
         while b != NO_BLOCK && (b as u64) < self.geo.n_blocks {
             let next = self.header(b).next;
             let before_cursor = b != st.persisted_block;
-            let at_end =
-                !before_cursor && closed_done && next == NO_BLOCK && st.cursor == st.persisted;
+            // The block holding the persisted merge progress goes only with the whole
+            // chain: were it unlinked while an earlier block stays (it still holds live
+            // entries), the progress would point outside the chain and the region could
+            // not be opened again.
+            let at_end = !before_cursor
+                && closed_done
+                && next == NO_BLOCK
+                && st.cursor == st.persisted
+                && prev.is_none();
             if (before_cursor || at_end) && self.blocks.live(b) == 0 {
                 match prev {
                     None => {
