@@ -134,6 +134,8 @@ pub struct TortureReport {
     pub rounds: u32,
     /// Rounds were cut short by the time limit.
     pub time_limit_reached: bool,
+    /// Rounds were cut short by Ctrl-C.
+    pub interrupted: bool,
     pub elapsed_s: f64,
     pub kns: u16,
     pub keys: u64,
@@ -323,14 +325,15 @@ pub fn run(
     let mut rounds_done = 0u32;
     let mut time_limit_reached = false;
     let op_timeout = Duration::from_millis(cfg.lease_ms * 3).max(Duration::from_secs(3));
-    let mut fatal: Option<TortureError> = None;
     let mut stuck = false;
+    let mut interrupted = false;
     for (round, &role) in plan.iter().enumerate() {
         if t_run.elapsed() >= cfg.time_limit {
             time_limit_reached = true;
             break;
         }
         if interrupt.load(Ordering::Acquire) {
+            interrupted = true;
             break;
         }
         let mut round_violations: Vec<String> = Vec::new();
@@ -389,9 +392,11 @@ pub fn run(
                     .push(d.as_secs_f64() * 1e3);
                 Some(d)
             }
-            Err(e) if interrupt.load(Ordering::Acquire) => {
-                fatal = Some(e.into());
-                None
+            // Interrupted (Ctrl-C): this round is not counted; the report covers the
+            // rounds before it.
+            Err(_) if interrupt.load(Ordering::Acquire) => {
+                interrupted = true;
+                break;
             }
             Err(e) => {
                 // A cluster that cannot serve again is a failure of the store (e.g. a
@@ -418,7 +423,7 @@ pub fn run(
                 Err(_) => round_violations.push(format!("round {}: a client panicked", round + 1)),
             }
         }
-        if fatal.is_none() && !stuck {
+        if !stuck {
             // Read back every key.
             let mut reader = Recorder::new(clock);
             let mut c = ClusterClient::new(&seeds, op_timeout);
@@ -503,7 +508,7 @@ pub fn run(
             }
         }
         progress(round as u32 + 1, &summary);
-        if fatal.is_some() || stuck {
+        if stuck {
             break;
         }
     }
@@ -522,9 +527,6 @@ pub fn run(
         })
         .collect();
     let stopped_cleanly = cluster.stop();
-    if let Some(e) = fatal {
-        return Err(e);
-    }
     if !stopped_cleanly && !stuck {
         violation_count += 1;
         violations.push("the DPM did not stop cleanly at the end of the run".into());
@@ -537,6 +539,7 @@ pub fn run(
         rounds_requested: cfg.rounds,
         rounds: rounds_done,
         time_limit_reached,
+        interrupted,
         elapsed_s: t_run.elapsed().as_secs_f64(),
         kns: cfg.kns,
         keys: cfg.keys,
@@ -616,6 +619,8 @@ pub fn render(r: &TortureReport) -> String {
         r.clients,
         if r.time_limit_reached {
             "; stopped by the time limit"
+        } else if r.interrupted {
+            "; interrupted"
         } else {
             ""
         }
