@@ -20,4 +20,5 @@ pub mod policy;
 pub mod resp;
 pub mod size;
 pub mod soak;
+pub mod torture;
 pub mod up;

@@ -1262,13 +1262,43 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Starts the manager: connects to the DPM, fences KNs left over from an earlier run,
+/// Longest wait for the leases of an earlier manager's KNs to lapse (an expiry further
+/// ahead comes from a clock that jumped).
+const MAX_LEFTOVER_LEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Slack between the wall clock of stored expiries and the KNs' monotonic clocks.
+const LEASE_CLOCK_MARGIN: Duration = Duration::from_millis(50);
+
+/// Starts the manager: connects to the DPM, fences KNs left over from an earlier run
+/// (once their leases lapsed),
 /// and listens. Returns once listening; `serve` runs it.
 pub fn start(cfg: ManagerConfig) -> Result<(Arc<Manager>, TcpListener), ManagerError> {
     let dpm = Dpm::connect(&cfg.region, cfg.connect_timeout)?;
-    // KNs of an earlier run of the cluster are gone: merge whatever they left.
+    // KNs of an earlier run of the cluster are gone, or soon will be: merge whatever they
+    // left. A KN of a manager that was killed may still be running and count its lease as
+    // held; fencing it before that lease lapsed would merge and close its logs while it
+    // still acknowledges writes into them, and those writes would be lost. Its lease
+    // expires (as it counts it: from before its last renewal was sent) no later than the
+    // expiry the earlier manager stored, so fencing waits for that.
     let old = dpm.header();
-    for kn in 0..(dpm.geo.max_kns.min(NO_KN as u32) as u16) {
+    let max_kns = dpm.geo.max_kns.min(NO_KN as u32) as u16;
+    let last_expiry = (0..max_kns)
+        .map(|kn| dpm.lease(kn))
+        .filter(|l| l.kn_id != 0)
+        .map(|l| l.expires_ms)
+        .max();
+    if let Some(expires_ms) = last_expiry {
+        let wait =
+            Duration::from_millis(expires_ms.saturating_sub(now_ms())).min(MAX_LEFTOVER_LEASE_WAIT);
+        if !wait.is_zero() {
+            tracing::info!(
+                ?wait,
+                "KNs of an earlier manager hold leases: fencing once they lapse"
+            );
+            std::thread::sleep(wait + LEASE_CLOCK_MARGIN);
+        }
+    }
+    for kn in 0..max_kns {
         if dpm.lease(kn).kn_id != 0 {
             let _ = dpm.fence(kn);
             dpm.store_lease(kn, dpm.lease(kn).lease_epoch, 0);

@@ -124,6 +124,90 @@ impl UpConfig {
     pub fn kn_addr(&self, i: u16) -> String {
         format!("{}:{}", self.host, self.base_port + i)
     }
+
+    fn region_arg(&self) -> String {
+        self.region_path().to_string_lossy().into_owned()
+    }
+
+    /// Arguments of `dinomo dpm format` for a new region (replacing any old one).
+    pub fn format_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "dpm".into(),
+            "format".into(),
+            "--path".into(),
+            self.region_arg(),
+            "--size".into(),
+            self.region_size.clone(),
+            "--force".into(),
+        ];
+        if let Some(b) = &self.block_size {
+            args.extend(["--block-size".into(), b.clone()]);
+        }
+        args
+    }
+
+    /// Arguments of `dinomo dpm serve`.
+    pub fn dpm_args(&self) -> Vec<String> {
+        vec![
+            "dpm".into(),
+            "serve".into(),
+            "--path".into(),
+            self.region_arg(),
+            "--workers".into(),
+            self.dpm_workers.to_string(),
+            "--no-pin".into(),
+        ]
+    }
+
+    /// Arguments of `dinomo manager` (it starts KNs with this same program).
+    pub fn manager_args(&self) -> Result<Vec<String>, UpError> {
+        let exe = std::env::current_exe().map_err(|source| UpError::Io {
+            what: "cannot find this program".into(),
+            source,
+        })?;
+        let mut args: Vec<String> = vec![
+            "manager".into(),
+            "--dpm".into(),
+            self.region_arg(),
+            "--listen".into(),
+            self.manager_addr(),
+            "--lease-ms".into(),
+            self.lease_ms.to_string(),
+            "--kn-exe".into(),
+            exe.to_string_lossy().into_owned(),
+            "--kn-host".into(),
+            self.host.clone(),
+            "--kn-threads".into(),
+            self.threads.to_string(),
+            "--kn-io-threads".into(),
+            self.io_threads.to_string(),
+            "--kn-cache".into(),
+            self.cache.clone(),
+        ];
+        if self.policy {
+            args.push("--policy".into());
+        }
+        Ok(args)
+    }
+
+    /// Arguments of `dinomo kn` for KN `i` (listening on `kn_addr(i)`).
+    pub fn kn_args(&self, i: u16) -> Vec<String> {
+        vec![
+            "kn".into(),
+            "--dpm".into(),
+            self.region_arg(),
+            "--listen".into(),
+            self.kn_addr(i),
+            "--manager".into(),
+            self.manager_addr(),
+            "--threads".into(),
+            self.threads.to_string(),
+            "--io-threads".into(),
+            self.io_threads.to_string(),
+            "--cache".into(),
+            self.cache.clone(),
+        ]
+    }
 }
 
 /// Why the cluster could not run.
@@ -144,21 +228,47 @@ pub enum UpError {
 
 /// A child process, killed if still running when dropped.
 #[derive(Debug)]
-struct Proc {
-    name: String,
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
 }
 
 impl Proc {
     fn spawn(name: &str, args: &[String]) -> Result<Self, UpError> {
+        Self::spawn_logged(name, args, None)
+    }
+
+    /// Like `spawn`; with `log`, the child's stdout and stderr go to that file (appended)
+    /// and its log level defaults to `warn`.
+    pub(crate) fn spawn_logged(
+        name: &str,
+        args: &[String],
+        log: Option<&Path>,
+    ) -> Result<Self, UpError> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().map_err(|source| UpError::Io {
             what: "cannot find this program".into(),
             source,
         })?;
-        let child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(exe);
+        cmd.args(args).stdin(Stdio::null());
+        if let Some(path) = log {
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| UpError::Io {
+                        what: format!("cannot open {}", path.display()),
+                        source,
+                    })
+            };
+            cmd.stdout(open()?).stderr(open()?);
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn");
+            }
+        }
+        let child = cmd
             // Its own process group: Ctrl-C reaches only `up`, which stops the cluster in order.
             .process_group(0)
             .spawn()
@@ -172,12 +282,12 @@ impl Proc {
         })
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
-    fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         if let Some(s) = self.exited() {
@@ -245,79 +355,13 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     let region = cfg.region_path();
     let region_s = region.to_string_lossy().into_owned();
     if cfg.fresh || !region.exists() {
-        let mut args = vec![
-            "dpm".into(),
-            "format".into(),
-            "--path".into(),
-            region_s.clone(),
-            "--size".into(),
-            cfg.region_size.clone(),
-            "--force".into(),
-        ];
-        if let Some(b) = &cfg.block_size {
-            args.extend(["--block-size".into(), b.clone()]);
-        }
-        format_region(&region_s, &args)?;
+        format_region(&region_s, &cfg.format_args())?;
     }
-    let mut dpm = Proc::spawn(
-        "dpm",
-        &[
-            "dpm".into(),
-            "serve".into(),
-            "--path".into(),
-            region_s.clone(),
-            "--workers".into(),
-            cfg.dpm_workers.to_string(),
-            "--no-pin".into(),
-        ],
-    )?;
-    let exe = std::env::current_exe().map_err(|source| UpError::Io {
-        what: "cannot find this program".into(),
-        source,
-    })?;
-    let mut manager_args: Vec<String> = vec![
-        "manager".into(),
-        "--dpm".into(),
-        region_s.clone(),
-        "--listen".into(),
-        cfg.manager_addr(),
-        "--lease-ms".into(),
-        cfg.lease_ms.to_string(),
-        "--kn-exe".into(),
-        exe.to_string_lossy().into_owned(),
-        "--kn-host".into(),
-        cfg.host.clone(),
-        "--kn-threads".into(),
-        cfg.threads.to_string(),
-        "--kn-io-threads".into(),
-        cfg.io_threads.to_string(),
-        "--kn-cache".into(),
-        cfg.cache.clone(),
-    ];
-    if cfg.policy {
-        manager_args.push("--policy".into());
-    }
-    let mut manager = Proc::spawn("manager", &manager_args)?;
+    let mut dpm = Proc::spawn("dpm", &cfg.dpm_args())?;
+    let mut manager = Proc::spawn("manager", &cfg.manager_args()?)?;
     let mut kns = Vec::new();
     for i in 0..cfg.kns {
-        kns.push(Proc::spawn(
-            &format!("kn {i}"),
-            &[
-                "kn".into(),
-                "--dpm".into(),
-                region_s.clone(),
-                "--listen".into(),
-                cfg.kn_addr(i),
-                "--manager".into(),
-                cfg.manager_addr(),
-                "--threads".into(),
-                cfg.threads.to_string(),
-                "--io-threads".into(),
-                cfg.io_threads.to_string(),
-                "--cache".into(),
-                cfg.cache.clone(),
-            ],
-        )?);
+        kns.push(Proc::spawn(&format!("kn {i}"), &cfg.kn_args(i))?);
     }
     let ready = {
         let mut core: Vec<&mut Proc> = vec![&mut dpm, &mut manager];
@@ -405,7 +449,7 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Res
 }
 
 /// Whether the KN at `addr` serves map `epoch`, settled (asked with `INFO`).
-fn kn_settled(addr: &str, epoch: u64) -> bool {
+pub(crate) fn kn_settled(addr: &str, epoch: u64) -> bool {
     use crate::resp::{encode_command, parse_value, Limits, Value};
     use std::io::{Read, Write};
     let Ok(a) = addr.parse::<SocketAddr>() else {

@@ -1,0 +1,401 @@
+//! The supervised process cluster of a torture run: a DPM, a manager and K KNs started
+//! with the pieces of `dinomo up`, killed on request, and brought back until every slot is
+//! served again. A process that exits, or does not serve within a deadline, is restarted
+//! too (a collateral restart): e.g. KNs fenced by a restarted manager, or processes whose
+//! control connection died with the DPM.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::Role;
+use crate::manager::MgrClient;
+use crate::resp::{encode_command, parse_value, Limits, Value};
+use crate::up::{Proc, UpConfig, UpError};
+use dinomo_shared::slot::{key_slot, SLOTS};
+
+/// Processes of the cluster, by role.
+pub struct Cluster {
+    pub cfg: UpConfig,
+    log: PathBuf,
+    dpm: Proc,
+    manager: Proc,
+    kns: Vec<Proc>,
+    /// A key of every slot, for probes (never one of the load's keys).
+    probe_keys: Vec<Vec<u8>>,
+    /// Restarts the supervisor made beyond the planned one, by role.
+    pub collateral: [u64; 3],
+    started: Instant,
+    /// Inode of the control file when the running DPM was started: the DPM serves once it
+    /// has published a new one.
+    ctl_inode_before_dpm: Option<u64>,
+    /// When each process was last started (DPM, manager, KNs): one that exits right away
+    /// (e.g. while the DPM is still recovering) is started again after a pause, not in a
+    /// tight loop.
+    last_start: Vec<Instant>,
+}
+
+/// What a probe sweep found.
+struct Sweep {
+    ok: bool,
+    /// The manager did not answer.
+    manager_down: bool,
+    /// KNs (by index) that did not answer a probe, or are missing from the map.
+    failed_kns: Vec<usize>,
+}
+
+impl Cluster {
+    /// Formats a fresh region and starts every process; returns once every slot is served.
+    pub fn start(cfg: UpConfig, stop: &AtomicBool) -> Result<Self, UpError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| UpError::Io {
+            what: format!("cannot create {}", cfg.dir.display()),
+            source,
+        })?;
+        let log = cfg.dir.join("cluster.log");
+        let mut format = Proc::spawn_logged("dpm format", &cfg.format_args(), Some(&log))?;
+        if !format.child.wait().is_ok_and(|s| s.success()) {
+            return Err(UpError::Failed(format!(
+                "cannot format {} (see {})",
+                cfg.region_path().display(),
+                log.display()
+            )));
+        }
+        let ctl_inode_before_dpm = ctl_inode(&cfg);
+        let dpm = Proc::spawn_logged("dpm", &cfg.dpm_args(), Some(&log))?;
+        let manager = Proc::spawn_logged("manager", &cfg.manager_args()?, Some(&log))?;
+        let mut kns = Vec::new();
+        for i in 0..cfg.kns {
+            kns.push(Proc::spawn_logged(
+                &format!("kn {i}"),
+                &cfg.kn_args(i),
+                Some(&log),
+            )?);
+        }
+        let cfg_kns = cfg.kns;
+        let mut c = Self {
+            cfg,
+            log,
+            dpm,
+            manager,
+            kns,
+            probe_keys: probe_keys(),
+            collateral: [0; 3],
+            started: Instant::now(),
+            ctl_inode_before_dpm,
+            last_start: vec![Instant::now(); 2 + usize::from(cfg_kns)],
+        };
+        c.recover(Duration::from_secs(120), stop)?;
+        c.collateral = [0; 3];
+        Ok(c)
+    }
+
+    /// The client addresses of the KNs.
+    pub fn kn_addrs(&self) -> Vec<String> {
+        (0..self.cfg.kns).map(|i| self.cfg.kn_addr(i)).collect()
+    }
+
+    fn proc_mut(&mut self, role: Role, kn: usize) -> &mut Proc {
+        match role {
+            Role::Dpm => &mut self.dpm,
+            Role::Manager => &mut self.manager,
+            Role::Kn => &mut self.kns[kn],
+        }
+    }
+
+    /// Appends a line about what the supervisor did to the processes' log.
+    pub fn note(&self, what: &str) {
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(
+                f,
+                "torture {:.3}s: {what}",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// SIGKILLs the process and waits until it is gone.
+    pub fn kill(&mut self, role: Role, kn: usize) {
+        self.note(&format!("SIGKILL {} {kn}", role.name()));
+        let p = self.proc_mut(role, kn);
+        if p.exited().is_none() {
+            let _ = p.child.kill();
+        }
+        let _ = p.child.wait();
+    }
+
+    /// Starts the process of `role` again (the old one must be gone).
+    pub fn restart(&mut self, role: Role, kn: usize) -> Result<(), UpError> {
+        let (name, args) = match role {
+            Role::Dpm => ("dpm".to_string(), self.cfg.dpm_args()),
+            Role::Manager => ("manager".to_string(), self.cfg.manager_args()?),
+            Role::Kn => (format!("kn {kn}"), self.cfg.kn_args(kn as u16)),
+        };
+        self.note(&format!("start {name}"));
+        self.last_start[slot_of(role, kn)] = Instant::now();
+        if role == Role::Dpm {
+            self.ctl_inode_before_dpm = ctl_inode(&self.cfg);
+        }
+        let p = Proc::spawn_logged(&name, &args, Some(&self.log))?;
+        *self.proc_mut(role, kn) = p;
+        Ok(())
+    }
+
+    /// Kills and restarts one process as a collateral restart.
+    fn restart_collateral(&mut self, role: Role, kn: usize, why: &str) -> Result<(), UpError> {
+        self.note(&format!(
+            "collateral restart of {} {kn}: {why}",
+            role.name()
+        ));
+        self.kill(role, kn);
+        self.collateral[role as usize] += 1;
+        self.restart(role, kn)
+    }
+
+    /// Supervises until a probe sweep succeeds: restarts processes that exit, and, when the
+    /// cluster does not serve within a stall deadline, the processes that do not answer
+    /// (escalating to the manager and every KN). Fails after `limit`.
+    pub fn recover(&mut self, limit: Duration, stop: &AtomicBool) -> Result<(), UpError> {
+        let t0 = Instant::now();
+        let stall = Duration::from_millis(self.cfg.lease_ms * 4).max(Duration::from_secs(5));
+        let mut last_action = Instant::now();
+        let mut escalations = 0u32;
+        let stale_grace = Duration::from_millis(self.cfg.lease_ms * 2).max(Duration::from_secs(2));
+        // Since when each process (manager, then KNs) has been attached to a control block
+        // a DPM that no longer runs left behind.
+        let mut stale_since: Vec<Option<Instant>> = vec![None; 1 + self.kns.len()];
+        let mut dpm_exits = 0u32;
+        let mut dpm_seen =
+            ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
+        loop {
+            let mut acted = false;
+            let mut procs = vec![(Role::Dpm, 0), (Role::Manager, 0)];
+            procs.extend((0..self.kns.len()).map(|i| (Role::Kn, i)));
+            for (role, kn) in procs {
+                let since_start = self.last_start[slot_of(role, kn)].elapsed();
+                if since_start > RESTART_PAUSE && self.proc_mut(role, kn).exited().is_some() {
+                    if role == Role::Dpm {
+                        dpm_exits += 1;
+                        if dpm_exits >= MAX_DPM_EXITS {
+                            return Err(UpError::Failed(format!(
+                                "the DPM exited {dpm_exits} times in a row after being started \
+                                 (see {})",
+                                self.log.display()
+                            )));
+                        }
+                    }
+                    self.restart_collateral(role, kn, "exited")?;
+                    acted = true;
+                }
+            }
+            let ctl = dinomo_hw::fabric::default_ctl_path(&self.cfg.region_path());
+            let mut any_stale = false;
+            for (i, since) in stale_since.iter_mut().enumerate() {
+                let (role, kn) = if i == 0 {
+                    (Role::Manager, 0)
+                } else {
+                    (Role::Kn, i - 1)
+                };
+                if !maps_deleted(self.proc_mut(role, kn).child.id(), &ctl) {
+                    *since = None;
+                    continue;
+                }
+                any_stale = true;
+                let t = *since.get_or_insert_with(Instant::now);
+                if t.elapsed() > stale_grace {
+                    self.restart_collateral(role, kn, "attached to a stopped DPM")?;
+                    *since = None;
+                    acted = true;
+                }
+            }
+            if acted {
+                last_action = Instant::now();
+            }
+            let dpm_published =
+                ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
+            if dpm_published && !dpm_seen {
+                self.note("the DPM serves (it published its control file)");
+                dpm_seen = true;
+            }
+            if !dpm_published {
+                // Nothing can serve before the DPM does; its recovery is not a stall.
+                last_action = Instant::now();
+            }
+            let sweep = self.sweep();
+            if sweep.ok && !any_stale && dpm_published {
+                self.note("every slot served");
+                return Ok(());
+            }
+            if stop.load(Ordering::Acquire) {
+                return Err(UpError::Failed("interrupted".into()));
+            }
+            if t0.elapsed() > limit {
+                return Err(UpError::Failed(format!(
+                    "the cluster did not serve every slot within {limit:?} (see {})",
+                    self.log.display()
+                )));
+            }
+            if last_action.elapsed() > stall {
+                escalations += 1;
+                if sweep.manager_down || escalations % 3 == 0 {
+                    self.restart_collateral(Role::Manager, 0, "no service within the deadline")?;
+                }
+                let kns: Vec<usize> = if sweep.failed_kns.is_empty() || escalations % 2 == 0 {
+                    (0..self.kns.len()).collect()
+                } else {
+                    sweep.failed_kns
+                };
+                for i in kns {
+                    self.restart_collateral(Role::Kn, i, "no service within the deadline")?;
+                }
+                last_action = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One probe sweep: the manager's map is settled with every KN, and a SET of a probe key
+    /// in every slot range succeeds at the range's owner.
+    fn sweep(&mut self) -> Sweep {
+        let mut s = Sweep {
+            ok: false,
+            manager_down: false,
+            failed_kns: Vec::new(),
+        };
+        let map = MgrClient::connect(&self.cfg.manager_addr(), Duration::from_millis(300))
+            .and_then(|mut m| {
+                m.set_timeout(Duration::from_secs(2))?;
+                m.map()
+            });
+        let Ok(map) = map else {
+            s.manager_down = true;
+            return s;
+        };
+        let addrs = self.kn_addrs();
+        for (i, a) in addrs.iter().enumerate() {
+            if !map.kns.iter().any(|(_, m)| m == a) {
+                s.failed_kns.push(i);
+            }
+        }
+        if map.kns.len() != addrs.len() || !map.settled || !s.failed_kns.is_empty() {
+            return s;
+        }
+        let mut conns: Vec<Option<TcpStream>> = addrs.iter().map(|a| connect(a)).collect();
+        let mut covered = 0usize;
+        for &(first, last, kn) in &map.ranges {
+            covered += usize::from(last - first) + 1;
+            let Some(i) = map
+                .addr_of(kn)
+                .and_then(|a| addrs.iter().position(|x| x == a))
+            else {
+                return s;
+            };
+            let key = &self.probe_keys[first as usize];
+            let ok = conns[i]
+                .as_mut()
+                .is_some_and(|c| probe(c, key).is_some_and(|v| v == Value::Simple("OK".into())));
+            if !ok {
+                conns[i] = None;
+                if !s.failed_kns.contains(&i) {
+                    s.failed_kns.push(i);
+                }
+            }
+        }
+        s.ok = s.failed_kns.is_empty() && covered == SLOTS as usize;
+        s
+    }
+
+    /// Stops every process in order (KNs, manager, DPM); whether the DPM stopped cleanly.
+    pub fn stop(mut self) -> bool {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for k in &mut self.kns {
+            if k.exited().is_none() {
+                let _ = kill(Pid::from_raw(k.child.id() as i32), Signal::SIGTERM);
+            }
+        }
+        for k in &mut self.kns {
+            k.stop(Duration::from_secs(20));
+        }
+        self.manager.stop(Duration::from_secs(10));
+        self.dpm
+            .stop(Duration::from_secs(60))
+            .is_some_and(|s| s.success())
+    }
+}
+
+/// A DPM that exits this many times in a row within one recovery cannot open its region.
+const MAX_DPM_EXITS: u32 = 5;
+
+/// Shortest time between two starts of one process by the supervisor.
+const RESTART_PAUSE: Duration = Duration::from_millis(500);
+
+/// Index of a process in per-process tables: DPM, manager, then KNs.
+fn slot_of(role: Role, kn: usize) -> usize {
+    match role {
+        Role::Dpm => 0,
+        Role::Manager => 1,
+        Role::Kn => 2 + kn,
+    }
+}
+
+/// The inode of the DPM's control file, if there is one.
+fn ctl_inode(cfg: &UpConfig) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let ctl = dinomo_hw::fabric::default_ctl_path(&cfg.region_path());
+    std::fs::metadata(ctl).ok().map(|m| m.ino())
+}
+
+/// Whether process `pid` maps `ctl` after it was replaced: it is still attached to the
+/// control block of a DPM that has stopped (a restarted DPM publishes a new file).
+fn maps_deleted(pid: u32, ctl: &std::path::Path) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let stale = format!("{} (deleted)", ctl.display());
+    maps.lines().any(|l| l.ends_with(&stale))
+}
+
+/// A key of every slot: `probe:N` for the first N that lands in it.
+fn probe_keys() -> Vec<Vec<u8>> {
+    let mut keys: Vec<Option<Vec<u8>>> = vec![None; SLOTS as usize];
+    let mut left = SLOTS as usize;
+    let mut n = 0u64;
+    while left > 0 {
+        let k = format!("probe:{n}").into_bytes();
+        let slot = key_slot(&k) as usize;
+        if keys[slot].is_none() {
+            keys[slot] = Some(k);
+            left -= 1;
+        }
+        n += 1;
+    }
+    keys.into_iter().flatten().collect()
+}
+
+fn connect(addr: &str) -> Option<TcpStream> {
+    let a: SocketAddr = addr.parse().ok()?;
+    let s = TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_nodelay(true).ok()?;
+    Some(s)
+}
+
+/// `SET key probe` on one connection; the reply, `None` if the connection failed.
+fn probe(s: &mut TcpStream, key: &[u8]) -> Option<Value> {
+    let mut req = Vec::new();
+    encode_command(&mut req, &[b"SET", key, b"probe"]);
+    s.write_all(&req).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Ok(Some((v, _))) = parse_value(&buf, &Limits::default()) {
+            return Some(v);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
