@@ -161,10 +161,6 @@ impl Cluster {
         let stall = Duration::from_millis(self.cfg.lease_ms * 4).max(Duration::from_secs(5));
         let mut last_action = Instant::now();
         let mut escalations = 0u32;
-        let stale_grace = Duration::from_millis(self.cfg.lease_ms * 2).max(Duration::from_secs(2));
-        // Since when each process (manager, then KNs) has been attached to a control block
-        // a DPM that no longer runs left behind.
-        let mut stale_since: Vec<Option<Instant>> = vec![None; 1 + self.kns.len()];
         let mut dpm_exits = 0u32;
         let mut dpm_seen =
             ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
@@ -189,26 +185,6 @@ impl Cluster {
                     acted = true;
                 }
             }
-            let ctl = dinomo_hw::fabric::default_ctl_path(&self.cfg.region_path());
-            let mut any_stale = false;
-            for (i, since) in stale_since.iter_mut().enumerate() {
-                let (role, kn) = if i == 0 {
-                    (Role::Manager, 0)
-                } else {
-                    (Role::Kn, i - 1)
-                };
-                if !maps_deleted(self.proc_mut(role, kn).child.id(), &ctl) {
-                    *since = None;
-                    continue;
-                }
-                any_stale = true;
-                let t = *since.get_or_insert_with(Instant::now);
-                if t.elapsed() > stale_grace {
-                    self.restart_collateral(role, kn, "attached to a stopped DPM")?;
-                    *since = None;
-                    acted = true;
-                }
-            }
             if acted {
                 last_action = Instant::now();
             }
@@ -223,7 +199,7 @@ impl Cluster {
                 last_action = Instant::now();
             }
             let sweep = self.sweep();
-            if sweep.ok && !any_stale && dpm_published {
+            if sweep.ok && dpm_published {
                 self.note("every slot served");
                 return Ok(());
             }
@@ -345,16 +321,6 @@ fn ctl_inode(cfg: &UpConfig) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let ctl = dinomo_hw::fabric::default_ctl_path(&cfg.region_path());
     std::fs::metadata(ctl).ok().map(|m| m.ino())
-}
-
-/// Whether process `pid` maps `ctl` after it was replaced: it is still attached to the
-/// control block of a DPM that has stopped (a restarted DPM publishes a new file).
-fn maps_deleted(pid: u32, ctl: &std::path::Path) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return false;
-    };
-    let stale = format!("{} (deleted)", ctl.display());
-    maps.lines().any(|l| l.ends_with(&stale))
 }
 
 /// A key of every slot: `probe:N` for the first N that lands in it.
