@@ -28,9 +28,6 @@ pub struct Cluster {
     /// Restarts the supervisor made beyond the planned one, by role.
     pub collateral: [u64; 3],
     started: Instant,
-    /// Inode of the control file when the running DPM was started: the DPM serves once it
-    /// has published a new one.
-    ctl_inode_before_dpm: Option<u64>,
     /// When each process was last started (DPM, manager, KNs): one that exits right away
     /// (e.g. while the DPM is still recovering) is started again after a pause, not in a
     /// tight loop.
@@ -62,7 +59,6 @@ impl Cluster {
                 log.display()
             )));
         }
-        let ctl_inode_before_dpm = ctl_inode(&cfg);
         let dpm = Proc::spawn_logged("dpm", &cfg.dpm_args(), Some(&log))?;
         let manager = Proc::spawn_logged("manager", &cfg.manager_args()?, Some(&log))?;
         let mut kns = Vec::new();
@@ -83,7 +79,6 @@ impl Cluster {
             probe_keys: probe_keys(),
             collateral: [0; 3],
             started: Instant::now(),
-            ctl_inode_before_dpm,
             last_start: vec![Instant::now(); 2 + usize::from(cfg_kns)],
         };
         c.recover(Duration::from_secs(120), stop)?;
@@ -134,9 +129,6 @@ impl Cluster {
         };
         self.note(&format!("start {name}"));
         self.last_start[slot_of(role, kn)] = Instant::now();
-        if role == Role::Dpm {
-            self.ctl_inode_before_dpm = ctl_inode(&self.cfg);
-        }
         let p = Proc::spawn_logged(&name, &args, Some(&self.log))?;
         *self.proc_mut(role, kn) = p;
         Ok(())
@@ -162,8 +154,7 @@ impl Cluster {
         let mut last_action = Instant::now();
         let mut escalations = 0u32;
         let mut dpm_exits = 0u32;
-        let mut dpm_seen =
-            ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
+        let mut dpm_seen = false;
         loop {
             let mut acted = false;
             let mut procs = vec![(Role::Dpm, 0), (Role::Manager, 0)];
@@ -188,8 +179,7 @@ impl Cluster {
             if acted {
                 last_action = Instant::now();
             }
-            let dpm_published =
-                ctl_inode(&self.cfg).is_some_and(|i| Some(i) != self.ctl_inode_before_dpm);
+            let dpm_published = dpm_answers(&self.cfg);
             if dpm_published && !dpm_seen {
                 self.note("the DPM serves (it published its control file)");
                 dpm_seen = true;
@@ -316,11 +306,17 @@ fn slot_of(role: Role, kn: usize) -> usize {
     }
 }
 
-/// The inode of the DPM's control file, if there is one.
-fn ctl_inode(cfg: &UpConfig) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
+/// Whether a DPM answers a ping on the region's control file (a killed DPM leaves its
+/// file behind, and a new one may get the same inode, so the file alone does not say).
+fn dpm_answers(cfg: &UpConfig) -> bool {
+    use dinomo_shared::msg::{Request, Response};
     let ctl = dinomo_hw::fabric::default_ctl_path(&cfg.region_path());
-    std::fs::metadata(ctl).ok().map(|m| m.ino())
+    dinomo_hw::fabric::ControlClient::connect(&ctl).is_ok_and(|mut c| {
+        matches!(
+            c.call(&Request::Ping, Duration::from_millis(200)),
+            Ok(Ok(Response::Pong))
+        )
+    })
 }
 
 /// A key of every slot: `probe:N` for the first N that lands in it.
