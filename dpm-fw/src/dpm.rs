@@ -1435,6 +1435,49 @@ enum Advance {
     Damaged(Stall),
 }
 
+/// Walks the chain of log `log_id` from its slot's head: every block must be in range,
+/// belong to the log's generation and appear once (marked in `used`). `visit` sees each
+/// block; returns the last one with its header.
+fn walk_chain<P: Persist>(
+    pm: &Pmem<P>,
+    geo: &Geometry,
+    log_id: u32,
+    slot: &LogSlot,
+    used: &mut [bool],
+    mut visit: impl FnMut(u32, &BlockHeader) -> Result<(), OpenError>,
+) -> Result<Option<(u32, BlockHeader)>, OpenError> {
+    let corrupt = |what| OpenError::CorruptLog { log: log_id, what };
+    let mut b = slot.head_block;
+    let mut tail = None;
+    while b != NO_BLOCK {
+        if b as u64 >= geo.n_blocks {
+            return Err(corrupt("block link out of range"));
+        }
+        if used[b as usize] {
+            return Err(corrupt("block chain loops or is shared"));
+        }
+        used[b as usize] = true;
+        let h: BlockHeader = pm.read_pod(geo.block_off(b));
+        if h.magic != BLOCK_MAGIC || h.log_id != log_id || h.log_generation != slot.generation {
+            return Err(corrupt("block header does not belong to the log"));
+        }
+        visit(b, &h)?;
+        tail = Some((b, h));
+        b = h.next;
+    }
+    Ok(tail)
+}
+
+/// Points the slot's tail hint at `tail` if it says otherwise (a crash between linking a
+/// block and moving the hint).
+fn fix_tail_hint<P: Persist>(pm: &Pmem<P>, geo: &Geometry, log_id: u32, slot: &LogSlot, tail: u32) {
+    if slot.tail_block != tail {
+        let off = geo.log_slot_off(log_id) + core::mem::offset_of!(LogSlot, tail_block) as u64;
+        pm.store_u32(off, tail);
+        pm.persist(off, 4);
+    }
+}
+
 /// Validates one log's chain and progress; marks its blocks used. `None` for a free slot.
 fn recover_log<P: Persist>(
     pm: &Pmem<P>,
@@ -1457,23 +1500,9 @@ fn recover_log<P: Persist>(
     let (_, rec) = prog
         .current(slot.generation)
         .ok_or(corrupt("no valid progress record"))?;
-    // Walk the chain: every block must be in range, belong to this log, and appear once.
-    let mut b = slot.head_block;
-    let mut tail = NO_BLOCK;
     let mut cursor = None;
     let mut seen_progress_block = false;
-    while b != NO_BLOCK {
-        if b as u64 >= geo.n_blocks {
-            return Err(corrupt("block link out of range"));
-        }
-        if used[b as usize] {
-            return Err(corrupt("block chain loops or is shared"));
-        }
-        used[b as usize] = true;
-        let h: BlockHeader = pm.read_pod(geo.block_off(b));
-        if h.magic != BLOCK_MAGIC || h.log_id != log_id || h.log_generation != slot.generation {
-            return Err(corrupt("block header does not belong to the log"));
-        }
+    let tail = walk_chain(pm, geo, log_id, &slot, used, |b, h| {
         if b == rec.block {
             seen_progress_block = true;
             if rec.offset as u64 > geo.block_size || (rec.offset as u64) < BLOCK_HEADER_SIZE {
@@ -1486,9 +1515,9 @@ fn recover_log<P: Persist>(
                 next_seq: rec.merged_seq + 1,
             });
         }
-        tail = b;
-        b = h.next;
-    }
+        Ok(())
+    })?
+    .map_or(NO_BLOCK, |(b, _)| b);
     let cursor = match (cursor, slot.fence_seq()) {
         (Some(c), _) => Some(c),
         // A closed log merged to its fence point whose last block was reclaimed before the
@@ -1518,11 +1547,7 @@ fn recover_log<P: Persist>(
             "progress points outside the chain"
         }));
     };
-    if slot.tail_block != tail {
-        let off = slot_off + core::mem::offset_of!(LogSlot, tail_block) as u64;
-        pm.store_u32(off, tail);
-        pm.persist(off, 4);
-    }
+    fix_tail_hint(pm, geo, log_id, &slot, tail);
     Ok(Some(LogState {
         status: slot.state,
         kn_id: slot.kn_id,

@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use alloc::vec::Vec;
 
 use dinomo_hw::Persist;
-use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE, BLOCK_MAGIC};
+use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE};
 use dinomo_shared::control::{LogSlot, COMPACTION_KN, LOG_CLOSED, LOG_FLAG_COMPACTION, NO_BLOCK};
 use dinomo_shared::entry::{self, Op, ENTRY_HEADER_SIZE};
 use dinomo_shared::geometry::Geometry;
@@ -526,23 +526,7 @@ pub(super) fn recover_compaction_log<P: Persist>(
     used: &mut [bool],
 ) -> Result<LogState, OpenError> {
     let corrupt = |what| OpenError::CorruptLog { log: log_id, what };
-    let mut b = slot.head_block;
-    let mut tail = None;
-    while b != NO_BLOCK {
-        if b as u64 >= geo.n_blocks {
-            return Err(corrupt("block link out of range"));
-        }
-        if used[b as usize] {
-            return Err(corrupt("block chain loops or is shared"));
-        }
-        used[b as usize] = true;
-        let h: BlockHeader = pm.read_pod(geo.block_off(b));
-        if h.magic != BLOCK_MAGIC || h.log_id != log_id || h.log_generation != slot.generation {
-            return Err(corrupt("block header does not belong to the log"));
-        }
-        tail = Some((b, h));
-        b = h.next;
-    }
+    let tail = super::walk_chain(pm, geo, log_id, slot, used, |_, _| Ok(()))?;
     let (tail, h) = tail.ok_or(corrupt("compaction log has no block"))?;
     let base = geo.block_off(tail);
     let mut at = BLOCK_HEADER_SIZE;
@@ -560,11 +544,7 @@ pub(super) fn recover_compaction_log<P: Persist>(
         }
         at += len as u64;
     }
-    if slot.tail_block != tail {
-        let off = geo.log_slot_off(log_id) + core::mem::offset_of!(LogSlot, tail_block) as u64;
-        pm.store_u32(off, tail);
-        pm.persist(off, 4);
-    }
+    super::fix_tail_hint(pm, geo, log_id, slot, tail);
     let cursor = Cursor {
         block: tail,
         offset: at as u32,
