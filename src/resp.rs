@@ -248,6 +248,35 @@ impl Out<'_> {
     }
 }
 
+/// The slot ranges of a `CLUSTER SLOTS` reply as `(first, last, "host:port")`, slots
+/// clamped to the slot space; entries that are not ranges are skipped. `None` if the reply
+/// is not an array (a node that is not in cluster mode).
+pub fn cluster_slot_ranges(reply: &Value) -> Option<Vec<(u16, u16, String)>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let last_slot = i64::from(dinomo_shared::slot::SLOTS) - 1;
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let Value::Array(v) = r else { continue };
+        let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(n))) =
+            (v.first(), v.get(1), v.get(2))
+        else {
+            continue;
+        };
+        let (Some(Value::Bulk(host)), Some(Value::Int(port))) = (n.first(), n.get(1)) else {
+            continue;
+        };
+        let (a, b) = ((*a).clamp(0, last_slot), (*b).clamp(0, last_slot));
+        if a > b {
+            continue;
+        }
+        let addr = format!("{}:{port}", String::from_utf8_lossy(host));
+        out.push((a as u16, b as u16, addr));
+    }
+    Some(out)
+}
+
 /// Encodes a command as a RESP array of bulk strings.
 pub fn encode_command(buf: &mut Vec<u8>, args: &[&[u8]]) {
     let mut o = Out {
@@ -377,6 +406,32 @@ fn parse_value_at(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn cluster_slots_replies_become_ranges() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::Bulk(host.as_bytes().to_vec()),
+                Value::Int(port),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![Value::Int(0), Value::Int(99), node("127.0.0.1", 7001)]),
+            // Clamped to the slot space; a reversed or malformed entry is skipped.
+            Value::Array(vec![Value::Int(100), Value::Int(99_999), node("h", 7002)]),
+            Value::Array(vec![Value::Int(9), Value::Int(3), node("h", 7003)]),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Int(5),
+        ]);
+        assert_eq!(
+            cluster_slot_ranges(&reply),
+            Some(vec![
+                (0, 99, "127.0.0.1:7001".to_string()),
+                (100, 16383, "h:7002".to_string()),
+            ])
+        );
+        assert_eq!(cluster_slot_ranges(&Value::Error("ERR".into())), None);
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -115,28 +115,15 @@ impl RespClient {
             (None, Some(e)) => return Err(e.context("no node answers CLUSTER SLOTS")),
             (None, None) => bail!("no node to ask for the slot table"),
         };
-        match answer {
-            Value::Array(ranges) => {
-                for r in ranges {
-                    let Value::Array(v) = r else { continue };
-                    let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(n))) =
-                        (v.first(), v.get(1), v.get(2))
-                    else {
-                        continue;
-                    };
-                    let (Some(Value::Bulk(host)), Some(Value::Int(port))) = (n.first(), n.get(1))
-                    else {
-                        continue;
-                    };
-                    let addr = format!("{}:{port}", String::from_utf8_lossy(host));
+        match crate::resp::cluster_slot_ranges(&answer) {
+            Some(ranges) => {
+                for (a, b, addr) in ranges {
                     let i = self.node(&addr);
-                    for s in (*a).max(0)..=(*b).min(SLOTS as i64 - 1) {
-                        self.slots[s as usize] = i;
-                    }
+                    self.slots[a as usize..=b as usize].fill(i);
                 }
             }
             // Not a cluster: the first node serves everything.
-            _ => self.slots.fill(0),
+            None => self.slots.fill(0),
         }
         Ok(())
     }

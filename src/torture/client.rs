@@ -61,26 +61,17 @@ impl ClusterClient {
     /// Fills the slot table from the first node that answers `CLUSTER SLOTS`.
     fn load_slots(&mut self) -> bool {
         for node in 0..self.nodes.len() {
-            let Ok(Value::Array(ranges)) = self.call_on(node, &[b"CLUSTER", b"SLOTS"]) else {
+            let Some(ranges) = self
+                .call_on(node, &[b"CLUSTER", b"SLOTS"])
+                .ok()
+                .and_then(|v| crate::resp::cluster_slot_ranges(&v))
+            else {
                 continue;
             };
             self.slots.fill(None);
-            for r in ranges {
-                let Value::Array(v) = r else { continue };
-                let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(n))) =
-                    (v.first(), v.get(1), v.get(2))
-                else {
-                    continue;
-                };
-                let (Some(Value::Bulk(host)), Some(Value::Int(port))) = (n.first(), n.get(1))
-                else {
-                    continue;
-                };
-                let addr = format!("{}:{port}", String::from_utf8_lossy(host));
+            for (a, b, addr) in ranges {
                 let i = self.node(&addr);
-                for s in (*a).max(0)..=(*b).min(SLOTS as i64 - 1) {
-                    self.slots[s as usize] = Some(i);
-                }
+                self.slots[a as usize..=b as usize].fill(Some(i));
             }
             return true;
         }
