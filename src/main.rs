@@ -807,11 +807,17 @@ fn soak(a: &SoakArgs) -> anyhow::Result<()> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    println!(
-        "{:>8} {:>10} {:>7}  blocks / live share / compaction (entries, bytes, blocks freed, compare failures)",
-        "time", "written", "x cap"
-    );
+    cfg.validate().map_err(|e| Usage(e.to_string()))?;
+    let mut header = false;
     let report = soak::run(&cfg, |s| {
+        if !std::mem::replace(&mut header, true) {
+            bar.suspend(|| {
+                println!(
+                    "{:>8} {:>10} {:>7}  blocks / live share / compaction (entries, bytes, blocks freed, compare failures)",
+                    "time", "written", "x cap"
+                )
+            });
+        }
         bar.set_position((s.capacity_multiple / cfg.write_factor * 1000.0).min(1000.0) as u64);
         bar.set_message(format!(
             "{:.1}x  used {}",

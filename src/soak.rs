@@ -143,25 +143,33 @@ fn version_of(v: &[u8]) -> Option<u64> {
     s.split(' ').nth(1)?.strip_prefix('v')?.parse().ok()
 }
 
+impl SoakConfig {
+    /// Checks the settings that need no cluster to check.
+    pub fn validate(&self) -> Result<(), SoakError> {
+        if self.keys == 0 || self.threads == 0 || self.value_bytes == 0 {
+            return Err(SoakError::Config(
+                "keys, threads and value size must be positive".into(),
+            ));
+        }
+        if !(self.write_factor > 0.0 && self.write_factor.is_finite()) {
+            return Err(SoakError::Config(
+                "the write factor must be positive".into(),
+            ));
+        }
+        if let Some(z) = self.zipf {
+            if !(z > 0.0 && z < 1.0) {
+                return Err(SoakError::Config(format!(
+                    "zipf skew {z} must lie strictly between 0 and 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs a soak; `on_sample` sees each sample as it is taken.
 pub fn run(cfg: &SoakConfig, mut on_sample: impl FnMut(&Sample)) -> Result<SoakReport, SoakError> {
-    if cfg.keys == 0 || cfg.threads == 0 || cfg.value_bytes == 0 {
-        return Err(SoakError::Config(
-            "keys, threads and value size must be positive".into(),
-        ));
-    }
-    if !(cfg.write_factor > 0.0 && cfg.write_factor.is_finite()) {
-        return Err(SoakError::Config(
-            "the write factor must be positive".into(),
-        ));
-    }
-    if let Some(z) = cfg.zipf {
-        if !(z > 0.0 && z < 1.0) {
-            return Err(SoakError::Config(format!(
-                "zipf skew {z} must lie strictly between 0 and 1"
-            )));
-        }
-    }
+    cfg.validate()?;
     let cluster = Cluster::start(&ClusterConfig {
         kns: cfg.kns,
         shards_per_kn: cfg.shards_per_kn,

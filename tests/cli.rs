@@ -397,3 +397,24 @@ fn up_reports_a_failed_format_once() {
     );
     assert!(!dir.path().join("region").exists(), "no region was made");
 }
+
+/// `soak` refuses settings it cannot run with before it prints anything or starts a cluster.
+#[test]
+fn soak_refuses_unusable_settings_before_starting() {
+    for (args, says) in [
+        (
+            vec!["soak", "--write-factor", "0"],
+            "write factor must be positive",
+        ),
+        (vec!["soak", "--keys", "0"], "must be positive"),
+    ] {
+        let o = dinomo(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty(), "{args:?} printed {:?}", o.stdout);
+    }
+    let o = dinomo(&["soak", "--region-size", "1K"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("too small"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+}
