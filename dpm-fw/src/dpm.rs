@@ -998,8 +998,17 @@ impl<P: Persist> Dpm<P> {
         let mut b = self.pm.load_u32(head_off);
         let mut remaining = 0u64;
         while b != NO_BLOCK && (b as u64) < self.geo.n_blocks {
-            let next = self.header(b).next;
+            let mut next = self.header(b).next;
             let before_cursor = b != st.persisted_block;
+            if !before_cursor
+                && next != NO_BLOCK
+                && closed_done
+                && st.fence.is_some()
+                && st.cursor == st.persisted
+                && self.cut_after(log_id, b)
+            {
+                next = NO_BLOCK;
+            }
             // The block the persisted progress names goes last, with the whole chain:
             // recovery needs it in the chain as long as the log has a chain at all.
             let at_end = !before_cursor
@@ -1034,6 +1043,39 @@ impl<P: Persist> Dpm<P> {
             self.pm.persist(slot_off, 4);
             *guard = None;
         }
+    }
+
+    /// Frees the blocks of a closed log after `last`, the block its merge stopped in at its
+    /// fence point: the spare block its writer was granted, and anything a fenced writer
+    /// put there after the fence, which is never merged. Without this a closed log kept
+    /// its spare forever, and the block before it too. Returns whether it cut.
+    fn cut_after(&self, log_id: u32, last: u32) -> bool {
+        let mut cut = Vec::new();
+        let mut b = self.header(last).next;
+        while b != NO_BLOCK
+            && (b as u64) < self.geo.n_blocks
+            && cut.len() < self.geo.n_blocks as usize
+        {
+            let h = self.header(b);
+            // Nothing after the merge position can be live; a count says otherwise only if
+            // the chain is not what it seems, so leave it alone.
+            if h.log_id != log_id || self.blocks.live(b) != 0 {
+                return false;
+            }
+            cut.push(b);
+            b = h.next;
+        }
+        let link = self.geo.block_off(last) + BlockHeader::NEXT_OFFSET;
+        self.pm.store_u32(link, NO_BLOCK);
+        self.pm.persist(link, 4);
+        let tail =
+            self.geo.log_slot_off(log_id) + core::mem::offset_of!(LogSlot, tail_block) as u64;
+        self.pm.store_u32(tail, last);
+        self.pm.persist(tail, 4);
+        for b in cut {
+            self.blocks.push_free(b);
+        }
+        true
     }
 
     /// Reclaims dead blocks of every log not held by a worker.

@@ -125,3 +125,65 @@ fn a_region_with_the_last_block_already_unlinked_is_repaired_at_open() {
     let (_r3, dpm) = reopen(&r2);
     assert_eq!(dpm.get(b"hot"), Some(b"b".to_vec()));
 }
+
+/// A closed log gives back the spare block its writer was granted but never wrote, and
+/// then, once its last written block is dead, that block and its slot: a KN that leaves or
+/// is fenced with a spare in hand left both blocks behind for good before.
+#[test]
+fn a_closed_log_gives_back_its_unwritten_spare_and_then_everything() {
+    let (r, dpm) = fresh(33);
+    let mut s = Scratch::default();
+    let free_at_start = dpm.stats().blocks_free;
+    let mut a = LogWriter::open(&dpm, 1, 0).expect("log a");
+    a.put(b"k", b"a");
+    a.flush(&dpm).expect("flush a");
+    // The spare a KN asks for ahead of need.
+    let spare = dpm
+        .execute(
+            Request::AllocBlock {
+                log_id: a.log_id,
+                generation: a.generation,
+                next_seq: a.next_seq,
+                last_block: a.block,
+            },
+            &mut s,
+        )
+        .expect("spare");
+    assert!(matches!(spare, Response::BlockGranted { .. }));
+    dpm.execute(
+        Request::CloseLog {
+            log_id: a.log_id,
+            generation: a.generation,
+        },
+        &mut s,
+    )
+    .expect("close a");
+    dpm.reclaim_all();
+    let log_blocks = |dpm: &common::TestDpm| {
+        dpm.stats()
+            .logs
+            .iter()
+            .find(|l| l.log_id == a.log_id)
+            .map(|l| l.blocks)
+    };
+    assert_eq!(
+        log_blocks(&dpm),
+        Some(1),
+        "the unwritten spare is given back"
+    );
+
+    // Another log supersedes `k`: the closed log's last block is dead and goes too.
+    let mut b = LogWriter::open(&dpm, 2, 0).expect("log b");
+    b.put(b"k", b"b");
+    b.flush(&dpm).expect("flush b");
+    dpm.merge_all(b.log_id, &mut s).expect("merge b");
+    dpm.reclaim_all();
+    assert_eq!(log_blocks(&dpm), None, "the closed log is gone");
+    assert_eq!(
+        dpm.stats().blocks_free,
+        free_at_start - 1,
+        "only log b's block is in use"
+    );
+    let (_r2, dpm) = reopen(&r);
+    assert_eq!(dpm.get(b"k"), Some(b"b".to_vec()));
+}
