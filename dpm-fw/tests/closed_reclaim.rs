@@ -5,32 +5,38 @@
 
 mod common;
 
-use common::{fresh, reopen};
+use common::{fresh, reopen, TestDpm};
 use dinomo_shared::msg::{Request, Response};
 use dpm_fw::testkit::LogWriter;
 use dpm_fw::Scratch;
+
+/// Closes `w`'s log (merged to its tail, which becomes its fence point).
+fn close(dpm: &TestDpm, w: &LogWriter) -> Response {
+    let req = Request::CloseLog {
+        log_id: w.log_id,
+        generation: w.generation,
+    };
+    dpm.execute(req, &mut Scratch::default()).expect("close")
+}
+
+/// A log of KN 1 holding `cold` once, then enough updates of `hot` to fill several 4 KiB
+/// blocks, flushed and closed; with the seq of its last entry.
+fn closed_log_with_a_cold_key(dpm: &TestDpm, cold: &[u8]) -> (LogWriter, u64) {
+    let mut a = LogWriter::open(dpm, 1, 0).expect("log a");
+    a.put(b"cold", cold);
+    for i in 0..120u32 {
+        a.put(b"hot", format!("a-{i:04}-{}", "x".repeat(60)).as_bytes());
+    }
+    let tail = a.flush(dpm).expect("flush a");
+    assert_eq!(close(dpm, &a), Response::Closed { merged_seq: tail });
+    (a, tail)
+}
 
 #[test]
 fn a_closed_log_with_live_entries_early_and_a_dead_last_block_reopens() {
     let (r, dpm) = fresh(31);
     let mut s = Scratch::default();
-    let mut a = LogWriter::open(&dpm, 1, 0).expect("log a");
-    a.put(b"cold", b"written once, early");
-    // Enough updates of one key to fill several 4 KiB blocks.
-    for i in 0..120u32 {
-        a.put(b"hot", format!("a-{i:04}-{}", "x".repeat(60)).as_bytes());
-    }
-    let tail = a.flush(&dpm).expect("flush a");
-    let closed = dpm
-        .execute(
-            Request::CloseLog {
-                log_id: a.log_id,
-                generation: a.generation,
-            },
-            &mut s,
-        )
-        .expect("close a");
-    assert_eq!(closed, Response::Closed { merged_seq: tail });
+    let (a, _) = closed_log_with_a_cold_key(&dpm, b"written once, early");
     let blocks_of_a = || {
         dpm.stats()
             .logs
@@ -67,20 +73,7 @@ fn a_closed_log_with_live_entries_early_and_a_dead_last_block_reopens() {
 fn a_region_with_the_last_block_already_unlinked_is_repaired_at_open() {
     let (r, dpm) = fresh(32);
     let mut s = Scratch::default();
-    let mut a = LogWriter::open(&dpm, 1, 0).expect("log a");
-    a.put(b"cold", b"early");
-    for i in 0..120u32 {
-        a.put(b"hot", format!("a-{i:04}-{}", "x".repeat(60)).as_bytes());
-    }
-    a.flush(&dpm).expect("flush a");
-    dpm.execute(
-        Request::CloseLog {
-            log_id: a.log_id,
-            generation: a.generation,
-        },
-        &mut s,
-    )
-    .expect("close a");
+    let (a, _) = closed_log_with_a_cold_key(&dpm, b"early");
     // Unlink the chain's last block by hand, as the earlier reclaim did.
     let geo = *dpm.geometry();
     let head = dpm
@@ -150,16 +143,9 @@ fn a_closed_log_gives_back_its_unwritten_spare_and_then_everything() {
         )
         .expect("spare");
     assert!(matches!(spare, Response::BlockGranted { .. }));
-    dpm.execute(
-        Request::CloseLog {
-            log_id: a.log_id,
-            generation: a.generation,
-        },
-        &mut s,
-    )
-    .expect("close a");
+    close(&dpm, &a);
     dpm.reclaim_all();
-    let log_blocks = |dpm: &common::TestDpm| {
+    let log_blocks = |dpm: &TestDpm| {
         dpm.stats()
             .logs
             .iter()
