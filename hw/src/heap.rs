@@ -16,7 +16,7 @@ pub struct HeapRegion {
     len: u64,
 }
 
-// SAFETY: the memory is only reached through `Pmem`, whose accesses are atomic or copies.
+// SAFETY: the memory is only reached through `Pmem`, whose accesses are whole-word atomics.
 unsafe impl Send for HeapRegion {}
 // SAFETY: as above.
 unsafe impl Sync for HeapRegion {}
@@ -52,16 +52,22 @@ impl HeapRegion {
         Arc::new(Self { base, layout, len })
     }
 
-    /// A [`Pmem`] over this memory with persistence backend `persist`.
+    /// A [`Pmem`] over this memory with persistence backend `persist`. Its length is `len`
+    /// rounded up to a multiple of 8 (a [`Pmem`] is made of whole words); the extra bytes
+    /// are part of the allocation and zeroed like the rest.
     pub fn pmem<P: Persist>(self: &Arc<Self>, persist: P) -> Pmem<HeapPersist<P>> {
         let base = self.base.as_ptr();
+        let len = self.len.next_multiple_of(8);
+        debug_assert!(len as usize <= self.layout.size());
         let persist = HeapPersist {
             _mem: Arc::clone(self),
             inner: persist,
         };
-        // SAFETY: `base` is 64-byte aligned, at least `len` bytes, only accessed atomically
-        // or by copies, and kept alive by the `Arc` inside the returned `Pmem`.
-        unsafe { Pmem::new(base, self.len, persist) }
+        // SAFETY: `base` is 64-byte aligned and the allocation is `len` rounded up to whole
+        // cache lines, so at least `len` (rounded up to whole words) bytes; it is only
+        // accessed through `Pmem` (whole-word atomics) and kept alive by the `Arc` inside
+        // the returned `Pmem`.
+        unsafe { Pmem::new(base, len, persist) }
     }
 }
 
@@ -103,5 +109,17 @@ mod tests {
         let mut out = [0u8; 3];
         pm.read(100, &mut out);
         assert_eq!(&out, b"abc");
+    }
+
+    #[test]
+    fn a_length_that_is_not_whole_words_is_rounded_up() {
+        let r = HeapRegion::new(1001);
+        let pm = r.pmem(NoPersist);
+        assert_eq!(pm.len(), 1008);
+        pm.write(1000, &[7; 8]);
+        let mut out = [0u8; 9];
+        pm.read(999, &mut out);
+        assert_eq!(out, [0, 7, 7, 7, 7, 7, 7, 7, 7]);
+        assert!(pm.check(1008, 1).is_err());
     }
 }

@@ -19,6 +19,9 @@ pub enum RegionFileError {
     AlreadyExists { path: PathBuf },
     #[error("region file {path} is {len} bytes, too small to hold a region")]
     TooSmall { path: PathBuf, len: u64 },
+    /// A region is made of whole 8-byte words (see [`Pmem`]).
+    #[error("region file {path} is {len} bytes, not a multiple of 8")]
+    NotWholeWords { path: PathBuf, len: u64 },
     #[error("region file {path} is already being served by another process")]
     Busy { path: PathBuf },
     #[error("cannot {what} region file {path}: {source}")]
@@ -42,8 +45,10 @@ pub struct RegionFile {
 pub const MIN_FILE_LEN: u64 = 4096;
 
 impl RegionFile {
-    /// Creates a new zero-filled file of `len` bytes and maps it. Never overwrites.
+    /// Creates a new zero-filled file of `len` bytes and maps it. Never overwrites. `len`
+    /// must be a multiple of 8 ([`RegionFileError::NotWholeWords`] otherwise).
     pub fn create(path: &Path, len: u64) -> Result<Arc<Self>, RegionFileError> {
+        check_whole_words(path, len)?;
         let io = |what, source| RegionFileError::Io {
             what,
             path: path.to_owned(),
@@ -70,14 +75,16 @@ impl RegionFile {
         Self::map(file, path, len)
     }
 
-    /// Maps an existing file.
+    /// Maps an existing file. Its length must be a multiple of 8
+    /// ([`RegionFileError::NotWholeWords`] otherwise).
     pub fn open(path: &Path) -> Result<Arc<Self>, RegionFileError> {
         let (file, len) = open_existing(path, true)?;
         Self::map(file, path, len)
     }
 
     /// Maps an existing file copy-on-write: changes stay in this process and never reach
-    /// the file (for inspecting a region, even one being served, without touching it).
+    /// the file (for inspecting a region, even one being served, without touching it). Its
+    /// length must be a multiple of 8, as for [`RegionFile::open`].
     pub fn open_private(path: &Path) -> Result<Arc<Self>, RegionFileError> {
         let (file, len) = open_existing(path, false)?;
         let io = |what, source| RegionFileError::Io {
@@ -86,7 +93,7 @@ impl RegionFile {
             source,
         };
         // SAFETY: another process may change the file while it is mapped; every access to the
-        // mapping goes through `Pmem`, which reads and writes with atomics or byte copies and
+        // mapping goes through `Pmem`, which reads and writes with whole-word atomics and
         // never assumes the bytes stay the same, so concurrent changes cannot cause UB.
         let map = unsafe { MmapOptions::new().len(len as usize).map_copy(&file) }
             .map_err(|e| io("map", e))?;
@@ -144,8 +151,9 @@ impl RegionFile {
             file: Arc::clone(self),
             cpu: CpuPersist::detect(),
         };
-        // SAFETY: the mapping is page aligned, `len` bytes long, and kept alive by the `Arc`
-        // inside `persist`; other processes access it atomically or as byte copies.
+        // SAFETY: the mapping is page aligned, `len` bytes long (a multiple of 8, checked
+        // when the file was created or opened), and kept alive by the `Arc` inside
+        // `persist`; other processes reach it only through `Pmem` too (whole-word atomics).
         unsafe { Pmem::new(self.map.as_mut_ptr(), self.len, persist) }
     }
 }
@@ -224,7 +232,20 @@ fn open_existing(path: &Path, write: bool) -> Result<(File, u64), RegionFileErro
             len,
         });
     }
+    check_whole_words(path, len)?;
     Ok((file, len))
+}
+
+/// A [`Pmem`] is made of whole 8-byte words, so a region's length must be a multiple of 8.
+fn check_whole_words(path: &Path, len: u64) -> Result<(), RegionFileError> {
+    if len % 8 == 0 {
+        Ok(())
+    } else {
+        Err(RegionFileError::NotWholeWords {
+            path: path.to_owned(),
+            len,
+        })
+    }
 }
 
 /// CPU write-back for a mapped file; holds the mapping alive.
@@ -295,5 +316,28 @@ mod tests {
             RegionFile::open(&dir.path().join("missing")),
             Err(RegionFileError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_length_that_is_not_whole_words_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("r");
+        assert!(matches!(
+            RegionFile::create(&p, 4097),
+            Err(RegionFileError::NotWholeWords { len: 4097, .. })
+        ));
+        assert!(!p.exists(), "nothing is created for a refused length");
+        std::fs::write(&p, vec![0u8; 4100]).expect("write");
+        assert!(matches!(
+            RegionFile::open(&p),
+            Err(RegionFileError::NotWholeWords { len: 4100, .. })
+        ));
+        assert!(matches!(
+            RegionFile::open_private(&p),
+            Err(RegionFileError::NotWholeWords { len: 4100, .. })
+        ));
+        std::fs::write(&p, vec![0u8; 4104]).expect("write");
+        let r = RegionFile::open(&p).expect("a whole number of words opens");
+        assert_eq!(r.pmem().len(), 4104);
     }
 }

@@ -86,12 +86,17 @@ impl ShadowRegion {
         })
     }
 
-    /// A [`Pmem`] over the working memory that persists into this shadow.
+    /// A [`Pmem`] over the working memory that persists into this shadow. Its length is the
+    /// region's rounded up to a multiple of 8 (a [`Pmem`] is made of whole words); the
+    /// images stay the region's length.
     pub fn pmem(self: &Arc<Self>) -> Pmem<Arc<Self>> {
         let base = self.working.as_ptr() as *mut u8;
-        // SAFETY: `working` is 64-byte aligned (`Line` is), `len` bytes long, only accessed
-        // atomically, and kept alive by the `Arc` held inside the returned `Pmem`.
-        unsafe { Pmem::new(base, self.len, Arc::clone(self)) }
+        let len = self.len.next_multiple_of(8);
+        // SAFETY: `working` is 64-byte aligned (`Line` is) and `len` rounded up to whole
+        // cache lines long, so it holds `len` rounded up to whole words; it is only
+        // accessed atomically, with whole words, and kept alive by the `Arc` held inside
+        // the returned `Pmem`.
+        unsafe { Pmem::new(base, len, Arc::clone(self)) }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
