@@ -11,7 +11,8 @@
 //! This module holds the [`Dpm`] itself, opening a region and the dispatch of control
 //! messages; each concern lives in a submodule: `logs` (opening, extending and closing
 //! logs), `merge`, `reclaim` (dead blocks and quarantine), `fence`, `cells` (indirect
-//! cells), `compact`, `recovery` (what `open` rebuilds) and `stats`.
+//! cells), `compact`, `recovery` (what `open` rebuilds), `stats`, and `cluster_state`
+//! (the cluster map and KN leases the manager keeps in the control area).
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use crate::index::{Index, IndexError};
 use crate::region::{self, FormatError, OpenError};
 
 mod cells;
+mod cluster_state;
 mod compact;
 mod fence;
 mod logs;
@@ -94,6 +96,8 @@ pub struct Dpm<P: Persist> {
     /// How many fences `fences` has recorded; read without its lock to skip it when unchanged.
     fence_count: AtomicU64,
     compaction: compact::Compaction,
+    /// The cluster map being staged by `MapBegin`/`MapRanges`, if any.
+    staged_map: spin::Mutex<Option<cluster_state::StagedMap>>,
 }
 
 impl<P: Persist> core::fmt::Debug for Dpm<P> {
@@ -165,6 +169,7 @@ impl<P: Persist> Dpm<P> {
             fences: spin::Mutex::new(FenceLog::default()),
             fence_count: AtomicU64::new(0),
             compaction: compact::Compaction::new(&geo, compaction_log, &sstate),
+            staged_map: spin::Mutex::new(None),
         };
         region::bump_mount_count(&dpm.pm);
         region::set_clean(&dpm.pm, false);
@@ -297,6 +302,18 @@ impl<P: Persist> Dpm<P> {
                 eref,
             } => self.alloc_cell(log_id, generation, EntryRef(eref), scratch),
             Request::FreeCell { cell } => self.free_cell(cell, scratch),
+            // The manager's durable state: only the control area, so also served while
+            // merging is paused and during shutdown.
+            Request::ClusterInfo => Ok(self.cluster_info()),
+            Request::ReadLease { kn } => self.read_lease(kn),
+            Request::StoreLease {
+                kn,
+                lease_epoch,
+                expires_ms,
+            } => self.store_lease(kn, lease_epoch, expires_ms),
+            Request::MapBegin { epoch } => self.map_begin(epoch),
+            Request::MapRanges { epoch, ranges } => self.map_ranges(epoch, &ranges),
+            Request::MapCommit { epoch, crc } => self.map_commit(epoch, crc),
         }
     }
 }
