@@ -1,16 +1,14 @@
 //! The cluster manager's durable state through control messages: KN leases, and cluster
 //! maps staged in ranges and committed with a CRC, across restarts and power failures.
 
-mod common;
-
-use common::{fresh, reopen, TestDpm};
-use dinomo_hw::shadow::{catch_power_failure, ShadowRegion};
+use dinomo_hw::shadow::catch_power_failure;
 use dinomo_shared::cluster_map::{map_ranges, owners_crc, range_frames, SlotRange};
 use dinomo_shared::control::{KnLease, NO_KN};
 use dinomo_shared::msg::{Frame, Request, Response};
 use dinomo_shared::slot::SLOTS;
 use dinomo_shared::ErrorCode;
-use dpm_fw::{Dpm, Scratch};
+use dpm_fw::testkit::{fresh, open_image, reopen, TestDpm};
+use dpm_fw::Scratch;
 use proptest::prelude::*;
 
 const REGION_ID: u64 = 21;
@@ -477,8 +475,7 @@ fn a_map_staged_but_not_committed_is_lost_in_a_crash() {
         ("every dirty line written back", r.crash_image(3, 100)),
         ("some dirty lines written back", r.crash_image(4, 50)),
     ] {
-        let r2 = ShadowRegion::from_image(&image);
-        let dpm = Dpm::open(r2.pmem()).expect("recovery");
+        let (_r2, dpm) = open_image(&image);
         assert_eq!(dpm.stored_map(), (1, map_a()), "{what}");
         assert_eq!(epoch_of(&dpm), 1, "{what}");
         // Staging is volatile: the restarted DPM stages nothing.
@@ -513,8 +510,7 @@ fn power_cut_after_commit_keeps_the_new_map_and_before_the_header_store_the_old(
     let base = r.durable_image();
     // Persist points of a whole map store: the table, then the header word.
     let points = {
-        let r = ShadowRegion::from_image(&base);
-        let dpm = Dpm::open(r.pmem()).expect("open");
+        let (r, dpm) = open_image(&base);
         let before = r.fences();
         assert_eq!(
             send_map(&dpm, 2, &map_b()),
@@ -524,8 +520,7 @@ fn power_cut_after_commit_keeps_the_new_map_and_before_the_header_store_the_old(
     };
     assert_eq!(points, 2);
     for k in 0..=points {
-        let r = ShadowRegion::from_image(&base);
-        let dpm = Dpm::open(r.pmem()).expect("open");
+        let (r, dpm) = open_image(&base);
         r.set_crash_after(Some(k));
         let res = catch_power_failure(|| send_map(&dpm, 2, &map_b()));
         drop(dpm);
@@ -545,8 +540,7 @@ fn power_cut_after_commit_keeps_the_new_map_and_before_the_header_store_the_old(
             ("every dirty line written back", r.crash_image(k + 1, 100)),
             ("some dirty lines written back", r.crash_image(k + 7, 50)),
         ] {
-            let r2 = ShadowRegion::from_image(&image);
-            let rec = Dpm::open(r2.pmem()).expect("recovery");
+            let (_r2, rec) = open_image(&image);
             let (epoch, owners) = rec.stored_map();
             match epoch {
                 1 => assert_eq!(owners, map_a(), "cut after {k}, {what}"),

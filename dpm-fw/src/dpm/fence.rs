@@ -110,28 +110,15 @@ impl<P: Persist> Dpm<P> {
 
 #[cfg(all(test, feature = "std"))]
 mod fence_tests {
-    use std::sync::Arc;
-
-    use dinomo_hw::shadow::ShadowRegion;
-    use dinomo_shared::geometry::FormatParams;
     use dinomo_shared::msg::{Request, Response};
     use dinomo_shared::ErrorCode;
 
-    use super::{Dpm, Scratch};
-    use crate::testkit::LogWriter;
+    use super::Scratch;
+    use crate::testkit::{fresh, LogWriter};
 
     #[test]
     fn fence_merges_and_closes_only_the_fenced_kns_logs() {
-        const REGION: u64 = 4 << 20;
-        let params = FormatParams {
-            block_size: 4096,
-            max_logs: 8,
-            max_kns: 4,
-            indirect_cells: 16,
-            ..FormatParams::for_size(REGION)
-        };
-        let r = ShadowRegion::new(REGION);
-        let dpm: Dpm<Arc<ShadowRegion>> = Dpm::format(r.pmem(), &params, 9).expect("format");
+        let (_r, dpm) = fresh(9);
         let mut s = Scratch::default();
         // No merge workers run: everything written stays unmerged until the fence.
         let mut a0 = LogWriter::open(&dpm, 3, 0).expect("open");
