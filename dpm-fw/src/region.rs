@@ -156,33 +156,23 @@ impl std::error::Error for FormatError {}
 #[cfg(feature = "std")]
 impl std::error::Error for OpenError {}
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
-    use dinomo_hw::heap::HeapRegion;
-    use dinomo_hw::NoPersist;
-    use dinomo_shared::geometry::FormatParams;
     use dinomo_shared::superblock::{SuperState, STATE_OFFSET};
 
+    use crate::testkit::fresh;
     use crate::Dpm;
 
     /// Found by the `region` fuzz target: a stored mount count of `u64::MAX` made `open`
     /// panic on overflow.
     #[test]
     fn a_mount_count_at_its_limit_wraps() {
-        const REGION: u64 = 4 << 20;
-        let mem = HeapRegion::new(REGION);
-        let params = FormatParams {
-            block_size: 4096,
-            max_logs: 4,
-            max_kns: 2,
-            indirect_cells: 16,
-            ..FormatParams::for_size(REGION)
-        };
-        drop(Dpm::format(mem.pmem(NoPersist), &params, 1).expect("format"));
+        let (r, dpm) = fresh(1);
+        drop(dpm);
         let off = STATE_OFFSET + core::mem::offset_of!(SuperState, mount_count) as u64;
-        let pm = mem.pmem(NoPersist);
+        let pm = r.pmem();
         pm.store_u64(off, u64::MAX);
-        let dpm = Dpm::open(mem.pmem(NoPersist)).expect("open");
+        let dpm = Dpm::open(r.pmem()).expect("open");
         assert_eq!(super::state(dpm.pmem()).mount_count, 0);
     }
 }

@@ -2,13 +2,10 @@
 //! the block granted the first time, so the log's chain never holds an empty block before
 //! the one its writer fills; requests that do not name the log's tail are refused.
 
-mod common;
-
-use common::{fresh, reopen, TestDpm};
 use dinomo_shared::block::{BlockHeader, BLOCK_HEADER_SIZE};
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ErrorCode;
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, reopen, LogWriter, TestDpm};
 use dpm_fw::Scratch;
 
 fn alloc(dpm: &TestDpm, w: &LogWriter, last_block: u32) -> Result<(u32, u32), ErrorCode> {

@@ -2,16 +2,13 @@
 //! their blocks out of reuse while its cell is active; freeing the cell installs what it
 //! names; recovery rebuilds the active cells; bad requests change nothing.
 
-mod common;
-
-use common::{fresh, reopen, TestDpm};
 use dinomo_hw::shadow::ShadowRegion;
 use dinomo_shared::block::BLOCK_HEADER_SIZE;
 use dinomo_shared::entry::{self, Op};
 use dinomo_shared::index::EntryRef;
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ErrorCode;
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, reopen, LogWriter, TestDpm};
 use dpm_fw::{Dpm, Scratch};
 
 const REGION_ID: u64 = 13;

@@ -3,11 +3,8 @@
 //! pointing outside the chain, and the region would not open again (found by crash
 //! torture: `log N is corrupt: progress points outside the chain`).
 
-mod common;
-
-use common::{fresh, reopen, TestDpm};
 use dinomo_shared::msg::{Request, Response};
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, open_image, reopen, LogWriter, TestDpm};
 use dpm_fw::Scratch;
 
 /// Closes `w`'s log (merged to its tail, which becomes its fence point).
@@ -58,8 +55,7 @@ fn a_closed_log_with_live_entries_early_and_a_dead_last_block_reopens() {
     assert!(blocks_of_a() >= 1, "the block holding `cold` stays");
 
     for image in [r.durable_image(), r.crash_image(7, 50)] {
-        let r2 = dinomo_hw::shadow::ShadowRegion::from_image(&image);
-        let dpm2 = dpm_fw::Dpm::open(r2.pmem()).expect("the region opens again");
+        let (_r2, dpm2) = open_image(&image);
         assert_eq!(dpm2.get(b"cold"), Some(b"written once, early".to_vec()));
         assert_eq!(dpm2.get(b"hot"), Some(b"b".to_vec()));
     }

@@ -1,18 +1,15 @@
 //! Compaction of mostly-dead blocks: moves, the compare that lets newer versions win,
 //! bounded space, recovery, and power failures at random points of a mixed workload.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{fresh, reopen, TestDpm};
 use dinomo_hw::shadow::{catch_power_failure, ShadowRegion};
 use dinomo_shared::control::COMPACTION_KN;
 use dinomo_shared::geometry::FormatParams;
 use dinomo_shared::ErrorCode;
 use dpm_fw::index::Index;
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, fresh_with, open_image, reopen, small_params, LogWriter, TestDpm};
 use dpm_fw::{CompactConfig, Dpm, Scratch};
 
 fn key(i: u64) -> Vec<u8> {
@@ -420,8 +417,7 @@ fn power_failure_at_random_points_of_merges_resizes_reuse_and_compaction() {
             } else {
                 r.crash_image(k * 31 + 1, 50)
             };
-            let r2 = ShadowRegion::from_image(&image);
-            let rec = Dpm::open(r2.pmem()).expect("recovery");
+            let (_r2, rec) = open_image(&image);
             check_recovered(&rec, &model, &format!("seed {seed}, crash at {k}"));
         }
     }
@@ -454,8 +450,7 @@ fn power_failure_at_every_persist_point_of_a_compaction_step() {
         assert_eq!(res.is_err(), k < total, "crash at {k} of {total}");
         drop(dpm);
         for image in [r.durable_image(), r.crash_image(k + 7, 50)] {
-            let r2 = ShadowRegion::from_image(&image);
-            let rec = Dpm::open(r2.pmem()).expect("recovery");
+            let (_r2, rec) = open_image(&image);
             for i in 0..300 {
                 assert_eq!(rec.get(&key(i)), Some(expected(i)), "crash at {k}: key {i}");
             }
@@ -478,14 +473,12 @@ fn power_failure_at_every_persist_point_of_a_compaction_step() {
 #[test]
 fn a_region_without_a_compaction_log_opens_and_compaction_is_configurable() {
     let params = FormatParams {
-        block_size: 4096,
         max_logs: 2,
         max_kns: 2,
         indirect_cells: 4,
-        ..FormatParams::for_size(common::REGION)
+        ..small_params()
     };
-    let r = ShadowRegion::new(common::REGION);
-    let dpm: TestDpm = Dpm::format(r.pmem(), &params, 35).expect("format");
+    let (_r, dpm) = fresh_with(&params, 35);
     let cfg = dpm.compaction_config();
     assert!(cfg.low_watermark >= 4 && cfg.live_pct > 0 && cfg.live_pct <= 100);
     dpm.set_compaction_config(CompactConfig {

@@ -2,39 +2,15 @@
 //! block reuse, recovery, and power failure at every persist point.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use dinomo_hw::shadow::{catch_power_failure, ShadowRegion};
 use dinomo_shared::block::BlockHeader;
 use dinomo_shared::entry::{self, Op};
-use dinomo_shared::geometry::FormatParams;
 use dinomo_shared::ErrorCode;
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, open_image, LogWriter, TestDpm, SMALL_REGION};
 use dpm_fw::{Dpm, Scratch, Stall};
 
-const REGION: u64 = 2 << 20;
-
-fn params() -> FormatParams {
-    FormatParams {
-        block_size: 4096,
-        max_logs: 8,
-        max_kns: 4,
-        indirect_cells: 16,
-        ..FormatParams::for_size(REGION)
-    }
-}
-
-fn fresh() -> (Arc<ShadowRegion>, Dpm<Arc<ShadowRegion>>) {
-    let r = ShadowRegion::new(REGION);
-    let dpm = Dpm::format(r.pmem(), &params(), 7).expect("format");
-    (r, dpm)
-}
-
-fn reopen(image: &[u8]) -> (Arc<ShadowRegion>, Dpm<Arc<ShadowRegion>>) {
-    let r = ShadowRegion::from_image(image);
-    let dpm = Dpm::open(r.pmem()).expect("recovery must succeed");
-    (r, dpm)
-}
+const REGION_ID: u64 = 7;
 
 fn key(i: u64) -> Vec<u8> {
     format!("key-{i:05}").into_bytes()
@@ -44,7 +20,7 @@ fn value(i: u64, version: u64) -> Vec<u8> {
     format!("value {i} v{version} {}", "x".repeat((i % 50) as usize)).into_bytes()
 }
 
-fn check_model(dpm: &Dpm<Arc<ShadowRegion>>, model: &BTreeMap<Vec<u8>, Vec<u8>>, keys: u64) {
+fn check_model(dpm: &TestDpm, model: &BTreeMap<Vec<u8>, Vec<u8>>, keys: u64) {
     for i in 0..keys {
         let k = key(i);
         assert_eq!(dpm.get(&k), model.get(&k).cloned(), "key {i}");
@@ -53,7 +29,7 @@ fn check_model(dpm: &Dpm<Arc<ShadowRegion>>, model: &BTreeMap<Vec<u8>, Vec<u8>>,
 
 #[test]
 fn merges_puts_updates_and_deletes_across_blocks() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     let mut model = BTreeMap::new();
     for round in 0..4u64 {
@@ -98,7 +74,7 @@ fn torn_batches_are_never_merged() {
         2 * entry_len + 30,
         batch - 1,
     ] {
-        let (_r, dpm) = fresh();
+        let (_r, dpm) = fresh(REGION_ID);
         let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
         for i in 0..10 {
             w.put(&key(i), &value(i, 0));
@@ -125,7 +101,7 @@ fn torn_batches_are_never_merged() {
         }
     }
     // A bit flip in an otherwise complete batch stops the merge right there.
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     for i in 0..5 {
         w.put(&key(i), &v);
@@ -143,7 +119,7 @@ fn torn_batches_are_never_merged() {
 
 #[test]
 fn corruption_inside_a_sealed_block_stalls_the_log_and_is_reported() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     for i in 0..100 {
         w.put(&key(i), &value(i, 0));
@@ -168,7 +144,7 @@ fn corruption_inside_a_sealed_block_stalls_the_log_and_is_reported() {
 
 #[test]
 fn dead_blocks_are_reused_so_updates_never_fill_the_region() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     let mut s = Scratch::default();
     let capacity = dpm.geometry().log_capacity();
@@ -200,7 +176,7 @@ fn dead_blocks_are_reused_so_updates_never_fill_the_region() {
 
 #[test]
 fn region_full_is_reported_when_live_data_exceeds_the_log() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     let mut s = Scratch::default();
     let mut i = 0;
@@ -226,7 +202,7 @@ fn region_full_is_reported_when_live_data_exceeds_the_log() {
 
 #[test]
 fn close_log_merges_and_releases_dead_blocks() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut s = Scratch::default();
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     for i in 0..30 {
@@ -264,7 +240,7 @@ fn close_log_merges_and_releases_dead_blocks() {
 
 #[test]
 fn recovery_after_clean_shutdown_and_after_crash() {
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     let mut model = BTreeMap::new();
     for i in 0..300 {
@@ -275,7 +251,7 @@ fn recovery_after_clean_shutdown_and_after_crash() {
     let mut s = Scratch::default();
     // Merge only part of it: recovery must finish the rest.
     dpm.merge_step(w.log_id, 100, &mut s);
-    let (_r2, dpm2) = reopen(&r.durable_image());
+    let (_r2, dpm2) = open_image(&r.durable_image());
     check_model(&dpm2, &model, 300);
     assert!(!dpm2.stats().clean_shutdown);
     dpm2.shutdown_clean(&mut s);
@@ -284,7 +260,7 @@ fn recovery_after_clean_shutdown_and_after_crash() {
 
 #[test]
 fn open_refuses_garbage_and_foreign_regions() {
-    let mut img = vec![0u8; REGION as usize];
+    let mut img = vec![0u8; SMALL_REGION as usize];
     let r = ShadowRegion::from_image(&img);
     assert!(Dpm::open(r.pmem()).is_err());
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -298,7 +274,7 @@ fn open_refuses_garbage_and_foreign_regions() {
     let err = Dpm::open(r.pmem()).expect_err("random bytes are not a region");
     assert!(err.to_string().contains("not a DINOMO region"), "{err}");
     // A valid superblock over a corrupted log table is refused, not trusted.
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let w = LogWriter::open(&dpm, 1, 0).expect("open log");
     let slot = dpm.geometry().log_slot_off(w.log_id) + 16;
     dpm.pmem().store_u32(slot, 0xFFFF_FFF0);
@@ -310,7 +286,7 @@ fn open_refuses_garbage_and_foreign_regions() {
 
 /// A scripted workload: batches of puts, updates and deletes with merges, block switches,
 /// block reuse and an index resize. Returns the seq acknowledged before each step.
-fn scripted(dpm: &Dpm<Arc<ShadowRegion>>, ops: &[(Op, u64, u64)], acked: &mut u64) {
+fn scripted(dpm: &TestDpm, ops: &[(Op, u64, u64)], acked: &mut u64) {
     let mut s = Scratch::default();
     let mut w = LogWriter::open(dpm, 1, 0).expect("open log");
     for (n, chunk) in ops.chunks(12).enumerate() {
@@ -361,7 +337,7 @@ fn model_after(ops: &[(Op, u64, u64)], n: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
 fn power_failure_at_every_persist_point_recovers_the_committed_prefix() {
     let ops = script();
     // Count the persist points of a full run.
-    let (r, dpm) = fresh();
+    let (r, dpm) = fresh(REGION_ID);
     let base = r.fences();
     let mut acked = 0;
     scripted(&dpm, &ops, &mut acked);
@@ -372,7 +348,7 @@ fn power_failure_at_every_persist_point_recovers_the_committed_prefix() {
         "the script should exercise many persist points ({total})"
     );
     for k in 0..=total {
-        let (r, dpm) = fresh();
+        let (r, dpm) = fresh(REGION_ID);
         r.set_crash_after(Some(k));
         let mut acked = 0;
         let res = catch_power_failure(|| scripted(&dpm, &ops, &mut acked));
@@ -384,7 +360,7 @@ fn power_failure_at_every_persist_point_recovers_the_committed_prefix() {
             ("durable", r.durable_image()),
             ("evicted", r.crash_image(k * 31 + 1, 50)),
         ] {
-            let (_r2, rec) = reopen(&image);
+            let (_r2, rec) = open_image(&image);
             let st = rec.stats();
             let merged = st.logs.first().map_or(0, |l| l.merged_seq);
             let tail = st.logs.first().map_or(0, |l| l.tail_seq);
@@ -418,7 +394,7 @@ fn power_failure_at_every_persist_point_recovers_the_committed_prefix() {
 
 #[test]
 fn seal_written_without_successor_is_a_tail_not_damage() {
-    let (_r, dpm) = fresh();
+    let (_r, dpm) = fresh(REGION_ID);
     let mut w = LogWriter::open(&dpm, 1, 0).expect("open log");
     w.put(b"a", b"1");
     w.flush(&dpm).expect("flush");

@@ -1,12 +1,9 @@
 //! Fence points: once a log is closed (by its writer or by fencing its KN), entries its
 //! writer lands later are never merged, also after a restart.
 
-mod common;
-
-use common::{fresh, reopen, TestDpm};
 use dinomo_shared::control::{LogSlot, LOG_CLOSED};
 use dinomo_shared::msg::{Request, Response};
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, reopen, LogWriter, TestDpm};
 use dpm_fw::Scratch;
 
 const REGION_ID: u64 = 11;

@@ -1,14 +1,11 @@
 //! Quarantine: blocks of a log closed by fencing its KN are not reused until the quarantine
 //! has passed on the DPM's clock; blocks of a log its writer closed are reused at once.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{fresh, reopen, TestDpm};
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ErrorCode;
-use dpm_fw::testkit::LogWriter;
+use dpm_fw::testkit::{fresh, reopen, LogWriter, TestDpm};
 use dpm_fw::{LogStats, Scratch, DEFAULT_QUARANTINE_MS};
 
 const REGION_ID: u64 = 12;

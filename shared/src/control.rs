@@ -194,7 +194,14 @@ impl ClusterMapHeader {
     pub const fn active_copy(&self) -> u32 {
         (self.epoch_active & 1) as u32
     }
+    /// The header word naming copy `copy` (0 or 1) as the map of `epoch`.
+    pub const fn word(epoch: u64, copy: u32) -> u64 {
+        epoch << 1 | (copy & 1) as u64
+    }
 }
+
+/// The highest epoch the header word can hold (it gives one bit to the copy).
+pub const MAX_MAP_EPOCH: u64 = u64::MAX >> 1;
 
 /// Bytes of one cluster-map copy: a little-endian `u16` KN id per slot.
 pub const CLUSTER_MAP_BYTES: u64 = crate::slot::SLOTS as u64 * 2;

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     NoFreeCell = 11,
     /// The cell named by the request is not allocated.
     NoSuchCell = 12,
+    /// The epoch is not newer than the stored one (a cluster map from an older manager).
+    StaleEpoch = 13,
 }
 
 impl ErrorCode {
@@ -51,6 +53,7 @@ impl ErrorCode {
             10 => Self::Corrupt,
             11 => Self::NoFreeCell,
             12 => Self::NoSuchCell,
+            13 => Self::StaleEpoch,
             _ => return None,
         })
     }
@@ -71,6 +74,7 @@ impl ErrorCode {
             Self::Corrupt => "region contents are corrupt",
             Self::NoFreeCell => "every indirect cell is in use",
             Self::NoSuchCell => "no such indirect cell",
+            Self::StaleEpoch => "the epoch is not newer than the stored one",
         }
     }
 }
@@ -87,10 +91,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for v in 0..=12u16 {
+        for v in 0..=13u16 {
             let c = ErrorCode::from_u16(v).expect("known code");
             assert_eq!(c as u16, v);
         }
-        assert_eq!(ErrorCode::from_u16(13), None);
+        assert_eq!(ErrorCode::from_u16(14), None);
     }
 }

@@ -10,6 +10,7 @@
 compile_error!("DINOMO's on-DPM layouts are little-endian; big-endian targets are not supported");
 
 pub mod block;
+pub mod cluster_map;
 pub mod control;
 pub mod crc;
 pub mod entry;

@@ -1,10 +1,12 @@
-//! Control messages between KNs and the DPM: fixed 64-byte frames.
+//! Control messages between KNs (and the cluster manager) and the DPM: fixed 64-byte frames.
 //!
 //! Frame: `kind: u16, status: u16, req_id: u32, args: [u64; 7]`. Requests carry
 //! `status = 0`; a reply repeats the request's kind and id and carries an [`ErrorCode`].
 
 use core::fmt;
 
+use crate::cluster_map::{SlotRange, RANGES_PER_FRAME};
+use crate::control::MAX_MAP_EPOCH;
 use crate::{assert_size, impl_pod, pod::Pod, ErrorCode};
 
 /// Bytes of one control frame.
@@ -44,8 +46,14 @@ const K_CLOSE_LOG: u16 = 6;
 const K_FENCE_KN: u16 = 7;
 const K_ALLOC_CELL: u16 = 8;
 const K_FREE_CELL: u16 = 9;
+const K_CLUSTER_INFO: u16 = 10;
+const K_READ_LEASE: u16 = 11;
+const K_STORE_LEASE: u16 = 12;
+const K_MAP_BEGIN: u16 = 13;
+const K_MAP_RANGES: u16 = 14;
+const K_MAP_COMMIT: u16 = 15;
 
-/// What a KN asks of the DPM.
+/// What a KN, or the cluster manager, asks of the DPM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Liveness check.
@@ -96,6 +104,32 @@ pub enum Request {
     /// merged its logs): the DPM installs the cell's entry reference in the index and
     /// frees the cell.
     FreeCell { cell: u32 },
+    /// The region's KN count and the epoch of the stored cluster map (sent by the manager,
+    /// which keeps its durable state in the DPM's control area).
+    ClusterInfo,
+    /// The stored lease of KN `kn` (`kn < max_kns`).
+    ReadLease { kn: u32 },
+    /// Store the lease of KN `kn` (marking its row in use), persisted before the reply.
+    StoreLease {
+        kn: u32,
+        lease_epoch: u32,
+        expires_ms: u64,
+    },
+    /// Start staging the cluster map of `epoch` (newer than the stored one): the copy the
+    /// header does not name is cleared to no owner for any slot. A later `MapBegin`
+    /// replaces a map still being staged.
+    MapBegin { epoch: u64 },
+    /// Set owners in the map being staged under `epoch`: each non-zero word is a packed
+    /// [`SlotRange`]; zero words carry nothing.
+    MapRanges {
+        epoch: u64,
+        ranges: [u64; RANGES_PER_FRAME],
+    },
+    /// Commit the map staged under `epoch` if the CRC-32C of its owner table (see
+    /// [`owners_crc`](crate::cluster_map::owners_crc)) is `crc`: the table is persisted,
+    /// then one persisted store of the header word makes it the stored map. Until that
+    /// store, a crash leaves the previous map in force.
+    MapCommit { epoch: u64, crc: u32 },
 }
 
 /// What the DPM answers on success.
@@ -136,6 +170,24 @@ pub enum Response {
     CellFreed {
         eref: u64,
     },
+    ClusterInfo {
+        max_kns: u32,
+        map_epoch: u64,
+    },
+    /// A lease row; `in_use` is false for a KN id never given a lease.
+    Lease {
+        kn: u32,
+        in_use: bool,
+        lease_epoch: u32,
+        expires_ms: u64,
+    },
+    LeaseStored,
+    MapBegun,
+    MapRangesStored,
+    /// The map of `epoch` is the stored one now.
+    MapStored {
+        epoch: u64,
+    },
 }
 
 /// A frame that is not a valid message.
@@ -162,19 +214,59 @@ fn u32_arg(v: u64) -> Result<u32, DecodeError> {
     u32::try_from(v).map_err(|_| DecodeError::BadArgument)
 }
 
+fn bool_arg(v: u64) -> Result<bool, DecodeError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::BadArgument),
+    }
+}
+
+/// A cluster-map epoch: the header word has room for [`MAX_MAP_EPOCH`] at most.
+fn epoch_arg(v: u64) -> Result<u64, DecodeError> {
+    if v > MAX_MAP_EPOCH {
+        return Err(DecodeError::BadArgument);
+    }
+    Ok(v)
+}
+
+/// Packed ranges: each word zero or a packed [`SlotRange`].
+fn ranges_arg(words: &[u64]) -> Result<[u64; RANGES_PER_FRAME], DecodeError> {
+    let mut ranges = [0; RANGES_PER_FRAME];
+    if words.len() != RANGES_PER_FRAME {
+        return Err(DecodeError::BadArgument);
+    }
+    for (r, &w) in ranges.iter_mut().zip(words) {
+        if w != 0 && SlotRange::unpack(w).is_none() {
+            return Err(DecodeError::BadArgument);
+        }
+        *r = w;
+    }
+    Ok(ranges)
+}
+
+/// A frame's arguments: `a` first, the rest zero.
+fn args(a: &[u64]) -> [u64; 7] {
+    let mut out = [0; 7];
+    for (o, &v) in out.iter_mut().zip(a) {
+        *o = v;
+    }
+    out
+}
+
 impl Request {
     /// Encodes the request as a frame with id `req_id`.
     pub fn encode(&self, req_id: u32) -> Frame {
-        let (kind, a): (u16, [u64; 4]) = match *self {
-            Self::Ping => (K_PING, [0; 4]),
-            Self::Hello { kn_id } => (K_HELLO, [kn_id as u64, 0, 0, 0]),
+        let (kind, a) = match *self {
+            Self::Ping => (K_PING, args(&[])),
+            Self::Hello { kn_id } => (K_HELLO, args(&[kn_id as u64])),
             Self::OpenLog {
                 kn_id,
                 shard,
                 lease_epoch,
             } => (
                 K_OPEN_LOG,
-                [kn_id as u64, shard as u64, lease_epoch as u64, 0],
+                args(&[kn_id as u64, shard as u64, lease_epoch as u64]),
             ),
             Self::AllocBlock {
                 log_id,
@@ -183,29 +275,46 @@ impl Request {
                 last_block,
             } => (
                 K_ALLOC_BLOCK,
-                [log_id as u64, generation, next_seq, last_block as u64],
+                args(&[log_id as u64, generation, next_seq, last_block as u64]),
             ),
             Self::MergeAll {
                 log_id,
                 generation,
                 upto_seq,
-            } => (K_MERGE_ALL, [log_id as u64, generation, upto_seq, 0]),
+            } => (K_MERGE_ALL, args(&[log_id as u64, generation, upto_seq])),
             Self::CloseLog { log_id, generation } => {
-                (K_CLOSE_LOG, [log_id as u64, generation, 0, 0])
+                (K_CLOSE_LOG, args(&[log_id as u64, generation]))
             }
-            Self::FenceKn { kn_id } => (K_FENCE_KN, [kn_id as u64, 0, 0, 0]),
+            Self::FenceKn { kn_id } => (K_FENCE_KN, args(&[kn_id as u64])),
             Self::AllocCell {
                 log_id,
                 generation,
                 eref,
-            } => (K_ALLOC_CELL, [log_id as u64, generation, eref, 0]),
-            Self::FreeCell { cell } => (K_FREE_CELL, [cell as u64, 0, 0, 0]),
+            } => (K_ALLOC_CELL, args(&[log_id as u64, generation, eref])),
+            Self::FreeCell { cell } => (K_FREE_CELL, args(&[cell as u64])),
+            Self::ClusterInfo => (K_CLUSTER_INFO, args(&[])),
+            Self::ReadLease { kn } => (K_READ_LEASE, args(&[kn as u64])),
+            Self::StoreLease {
+                kn,
+                lease_epoch,
+                expires_ms,
+            } => (
+                K_STORE_LEASE,
+                args(&[kn as u64, lease_epoch as u64, expires_ms]),
+            ),
+            Self::MapBegin { epoch } => (K_MAP_BEGIN, args(&[epoch])),
+            Self::MapRanges { epoch, ranges } => {
+                let mut a = [epoch, 0, 0, 0, 0, 0, 0];
+                a[1..].copy_from_slice(&ranges);
+                (K_MAP_RANGES, a)
+            }
+            Self::MapCommit { epoch, crc } => (K_MAP_COMMIT, args(&[epoch, crc as u64])),
         };
         Frame {
             kind,
             status: 0,
             req_id,
-            args: [a[0], a[1], a[2], a[3], 0, 0, 0],
+            args: a,
         }
     }
 
@@ -248,6 +357,24 @@ impl Request {
             K_FREE_CELL => Self::FreeCell {
                 cell: u32_arg(a[0])?,
             },
+            K_CLUSTER_INFO => Self::ClusterInfo,
+            K_READ_LEASE => Self::ReadLease { kn: u32_arg(a[0])? },
+            K_STORE_LEASE => Self::StoreLease {
+                kn: u32_arg(a[0])?,
+                lease_epoch: u32_arg(a[1])?,
+                expires_ms: a[2],
+            },
+            K_MAP_BEGIN => Self::MapBegin {
+                epoch: epoch_arg(a[0])?,
+            },
+            K_MAP_RANGES => Self::MapRanges {
+                epoch: epoch_arg(a[0])?,
+                ranges: ranges_arg(&a[1..])?,
+            },
+            K_MAP_COMMIT => Self::MapCommit {
+                epoch: epoch_arg(a[0])?,
+                crc: u32_arg(a[1])?,
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         })
     }
@@ -256,12 +383,12 @@ impl Request {
 impl Response {
     /// Encodes a successful reply to the request `kind`/`req_id`.
     pub fn encode(&self, req_id: u32) -> Frame {
-        let (kind, a): (u16, [u64; 4]) = match *self {
-            Self::Pong => (K_PING, [0; 4]),
+        let (kind, a) = match *self {
+            Self::Pong => (K_PING, args(&[])),
             Self::Hello {
                 region_id,
                 region_size,
-            } => (K_HELLO, [region_id, region_size, 0, 0]),
+            } => (K_HELLO, args(&[region_id, region_size])),
             Self::LogOpened {
                 log_id,
                 generation,
@@ -269,22 +396,38 @@ impl Response {
                 salt,
             } => (
                 K_OPEN_LOG,
-                [log_id as u64, generation, block as u64, salt as u64],
+                args(&[log_id as u64, generation, block as u64, salt as u64]),
             ),
             Self::BlockGranted { block, salt } => {
-                (K_ALLOC_BLOCK, [block as u64, salt as u64, 0, 0])
+                (K_ALLOC_BLOCK, args(&[block as u64, salt as u64]))
             }
-            Self::Merged { merged_seq } => (K_MERGE_ALL, [merged_seq, 0, 0, 0]),
-            Self::Closed { merged_seq } => (K_CLOSE_LOG, [merged_seq, 0, 0, 0]),
-            Self::Fenced { logs, entries } => (K_FENCE_KN, [logs as u64, entries, 0, 0]),
-            Self::CellAllocated { cell, eref } => (K_ALLOC_CELL, [cell as u64, eref, 0, 0]),
-            Self::CellFreed { eref } => (K_FREE_CELL, [eref, 0, 0, 0]),
+            Self::Merged { merged_seq } => (K_MERGE_ALL, args(&[merged_seq])),
+            Self::Closed { merged_seq } => (K_CLOSE_LOG, args(&[merged_seq])),
+            Self::Fenced { logs, entries } => (K_FENCE_KN, args(&[logs as u64, entries])),
+            Self::CellAllocated { cell, eref } => (K_ALLOC_CELL, args(&[cell as u64, eref])),
+            Self::CellFreed { eref } => (K_FREE_CELL, args(&[eref])),
+            Self::ClusterInfo { max_kns, map_epoch } => {
+                (K_CLUSTER_INFO, args(&[max_kns as u64, map_epoch]))
+            }
+            Self::Lease {
+                kn,
+                in_use,
+                lease_epoch,
+                expires_ms,
+            } => (
+                K_READ_LEASE,
+                args(&[kn as u64, in_use as u64, lease_epoch as u64, expires_ms]),
+            ),
+            Self::LeaseStored => (K_STORE_LEASE, args(&[])),
+            Self::MapBegun => (K_MAP_BEGIN, args(&[])),
+            Self::MapRangesStored => (K_MAP_RANGES, args(&[])),
+            Self::MapStored { epoch } => (K_MAP_COMMIT, args(&[epoch])),
         };
         Frame {
             kind,
             status: 0,
             req_id,
-            args: [a[0], a[1], a[2], a[3], 0, 0, 0],
+            args: a,
         }
     }
 
@@ -333,6 +476,22 @@ impl Response {
                 eref: a[1],
             },
             K_FREE_CELL => Self::CellFreed { eref: a[0] },
+            K_CLUSTER_INFO => Self::ClusterInfo {
+                max_kns: u32_arg(a[0])?,
+                map_epoch: epoch_arg(a[1])?,
+            },
+            K_READ_LEASE => Self::Lease {
+                kn: u32_arg(a[0])?,
+                in_use: bool_arg(a[1])?,
+                lease_epoch: u32_arg(a[2])?,
+                expires_ms: a[3],
+            },
+            K_STORE_LEASE => Self::LeaseStored,
+            K_MAP_BEGIN => Self::MapBegun,
+            K_MAP_RANGES => Self::MapRangesStored,
+            K_MAP_COMMIT => Self::MapStored {
+                epoch: epoch_arg(a[0])?,
+            },
             k => return Err(DecodeError::UnknownKind(k)),
         }))
     }
@@ -374,6 +533,41 @@ mod tests {
                 eref: 0x1234_5678_9abc,
             },
             Request::FreeCell { cell: 17 },
+            Request::ClusterInfo,
+            Request::ReadLease { kn: 3 },
+            Request::StoreLease {
+                kn: 2,
+                lease_epoch: u32::MAX,
+                expires_ms: 1_700_000_000_000,
+            },
+            Request::MapBegin {
+                epoch: MAX_MAP_EPOCH,
+            },
+            Request::MapRanges {
+                epoch: 7,
+                ranges: [
+                    SlotRange {
+                        first: 0,
+                        last: 99,
+                        kn: 1,
+                    }
+                    .pack(),
+                    0,
+                    SlotRange {
+                        first: 100,
+                        last: 16383,
+                        kn: 0xFFFF,
+                    }
+                    .pack(),
+                    0,
+                    0,
+                    0,
+                ],
+            },
+            Request::MapCommit {
+                epoch: 7,
+                crc: 0xE306_9283,
+            },
         ];
         for (i, r) in reqs.iter().enumerate() {
             let f = Frame::from_bytes(&r.encode(i as u32).to_bytes());
@@ -411,6 +605,26 @@ mod tests {
                 eref: 0xdead_beef,
             },
             Response::CellFreed { eref: 42 },
+            Response::ClusterInfo {
+                max_kns: 64,
+                map_epoch: 12,
+            },
+            Response::Lease {
+                kn: 5,
+                in_use: true,
+                lease_epoch: 3,
+                expires_ms: u64::MAX,
+            },
+            Response::Lease {
+                kn: 0,
+                in_use: false,
+                lease_epoch: 0,
+                expires_ms: 0,
+            },
+            Response::LeaseStored,
+            Response::MapBegun,
+            Response::MapRangesStored,
+            Response::MapStored { epoch: 13 },
         ];
         for r in resps {
             assert_eq!(Response::decode(&r.encode(1)), Ok(Ok(r)));
@@ -440,5 +654,44 @@ mod tests {
             ..Frame::default()
         };
         assert_eq!(Response::decode(&f), Err(DecodeError::UnknownStatus(500)));
+    }
+
+    #[test]
+    fn cluster_state_arguments_out_of_range_are_refused() {
+        let bad_requests = [
+            (K_READ_LEASE, [1 << 32, 0, 0, 0, 0, 0, 0]),
+            (K_STORE_LEASE, [0, 1 << 32, 0, 0, 0, 0, 0]),
+            // The header word has no room for the top bit of an epoch.
+            (K_MAP_BEGIN, [MAX_MAP_EPOCH + 1, 0, 0, 0, 0, 0, 0]),
+            (K_MAP_RANGES, [u64::MAX, 0, 0, 0, 0, 0, 0]),
+            // A word that is not a packed range: present bit clear, then a reserved bit set.
+            (K_MAP_RANGES, [1, 0, 0, 0, 0, 0, 5]),
+            (K_MAP_RANGES, [1, 1 << 63 | 1 << 48, 0, 0, 0, 0, 0]),
+            (K_MAP_COMMIT, [1, 1 << 32, 0, 0, 0, 0, 0]),
+        ];
+        for (kind, args) in bad_requests {
+            let f = Frame {
+                kind,
+                args,
+                ..Frame::default()
+            };
+            assert_eq!(Request::decode(&f), Err(DecodeError::BadArgument), "{f:?}");
+        }
+        let bad_replies = [
+            (K_CLUSTER_INFO, [1 << 32, 0, 0, 0, 0, 0, 0]),
+            (K_READ_LEASE, [0, 2, 0, 0, 0, 0, 0]),
+            (K_MAP_COMMIT, [u64::MAX, 0, 0, 0, 0, 0, 0]),
+        ];
+        for (kind, args) in bad_replies {
+            let f = Frame {
+                kind,
+                args,
+                ..Frame::default()
+            };
+            assert_eq!(Response::decode(&f), Err(DecodeError::BadArgument), "{f:?}");
+        }
+        let req = Request::MapCommit { epoch: 3, crc: 1 }.encode(4);
+        let e = Response::error(&req, ErrorCode::StaleEpoch);
+        assert_eq!(Response::decode(&e), Ok(Err(ErrorCode::StaleEpoch)));
     }
 }

@@ -526,7 +526,7 @@ pub(super) fn recover_compaction_log<P: Persist>(
     used: &mut [bool],
 ) -> Result<LogState, OpenError> {
     let corrupt = |what| OpenError::CorruptLog { log: log_id, what };
-    let tail = super::walk_chain(pm, geo, log_id, slot, used, |_, _| Ok(()))?;
+    let tail = super::recovery::walk_chain(pm, geo, log_id, slot, used, |_, _| Ok(()))?;
     let (tail, h) = tail.ok_or(corrupt("compaction log has no block"))?;
     let base = geo.block_off(tail);
     let mut at = BLOCK_HEADER_SIZE;
@@ -544,7 +544,7 @@ pub(super) fn recover_compaction_log<P: Persist>(
         }
         at += len as u64;
     }
-    super::fix_tail_hint(pm, geo, log_id, slot, tail);
+    super::recovery::fix_tail_hint(pm, geo, log_id, slot, tail);
     let cursor = Cursor {
         block: tail,
         offset: at as u32,
