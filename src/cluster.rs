@@ -37,8 +37,8 @@ mod replication;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_hw::fabric::nic::{NicModel, NicProfile};
-use dinomo_hw::fabric::{ControlHandle, ControlServer, ShmFabric};
+use dinomo_hw::fabric::nic::NicProfile;
+use dinomo_hw::fabric::{ControlServer, DpmSpec, LocalDpm};
 use dinomo_hw::heap::{HeapPersist, HeapRegion};
 use dinomo_hw::CpuPersist;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
@@ -137,8 +137,9 @@ pub struct Cluster {
     geometry: Geometry,
     max_value: usize,
     cfg: ClusterConfig,
-    region: Arc<HeapRegion>,
-    control: ControlHandle,
+    /// How KN shards reach the memory node: its region and control switchboard, in this
+    /// process.
+    dpm: DpmSpec,
     staging: usize,
     /// Counters of KNs stopped so far.
     retired: ShardStats,
@@ -204,8 +205,11 @@ impl Cluster {
             geometry,
             max_value,
             cfg: cfg.clone(),
-            region,
-            control: handle,
+            dpm: DpmSpec::Local(LocalDpm {
+                region,
+                control: handle,
+                nic: cfg.nic,
+            }),
             staging,
             retired: ShardStats::default(),
             moving: std::sync::Mutex::new(()),
@@ -239,11 +243,8 @@ impl Cluster {
                 c
             })
             .collect();
-        let (region, handle, nic) = (Arc::clone(&self.region), self.control.clone(), cfg.nic);
-        let connect = move |_shard: u16| -> Result<ShmFabric<ClusterPersist>, KvError> {
-            let pm = Arc::new(region.pmem(CpuPersist::detect()));
-            Ok(ShmFabric::new(pm, handle.client()?, NicModel::new(nic)))
-        };
+        let spec = self.dpm.clone();
+        let connect = move |_shard: u16| Ok(spec.connect()?);
         let k = Kn::start(configs, self.router.map(), connect)?;
         self.router.add_kn(kn, k.senders().to_vec());
         let at = self.kns.partition_point(|x| x.kn_id < kn);

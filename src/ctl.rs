@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::manager::{MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
+use dinomo_shared::manager_proto::{MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
 
 /// One `ctl` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn status_renders_kns_and_reconfigurations() {
-        use crate::manager::{KnStatus, LoadReport};
+        use dinomo_shared::manager_proto::{KnStatus, LoadReport};
         let s = StatusMsg {
             epoch: 7,
             settled: false,

@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dinomo_hw::fabric::connect::{parse_kind, DEFAULT_VERBS_PORT};
 use dinomo_hw::fabric::nic::{NicModel, NicProfile};
 use dinomo_hw::fabric::shm::ShmFabric;
 use dinomo_hw::fabric::{
-    default_ctl_path, Completion, CompletionStatus, ControlServer, Fabric, FabricError, Verb,
-    WorkRequest,
+    default_ctl_path, Completion, CompletionStatus, ControlServer, DpmSpec, Fabric, FabricError,
+    FabricKind, Verb, WorkRequest,
 };
 use dinomo_hw::heap::HeapRegion;
 use dinomo_hw::region_file::RegionFile;
@@ -40,17 +41,7 @@ pub const MAX_SIZE: u64 = 65536;
 /// Largest `--depth`.
 pub const MAX_DEPTH: usize = 4096;
 /// Default TCP port of the verbs server.
-pub const DEFAULT_PORT: u16 = 18515;
-
-/// Which fabric backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FabricKind {
-    /// Shared memory (one machine).
-    Shm,
-    /// RDMA verbs (needs a build with `--features rdma` and a device).
-    Verbs,
-}
+pub const DEFAULT_PORT: u16 = DEFAULT_VERBS_PORT;
 
 /// The verb measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -72,16 +63,11 @@ impl BenchOp {
     }
 }
 
-/// The message for `--fabric verbs` in a build without the `rdma` feature.
-pub const NO_RDMA_SUPPORT: &str = "this dinomo was built without RDMA support; rebuild with \
-`cargo build --release --features rdma` (needs libibverbs-dev, librdmacm-dev, libclang-dev and \
-pkg-config), or use `--fabric shm`";
-
 /// Arguments of `dinomo fabric-bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Fabric backend.
-    #[arg(long, value_enum, default_value_t = FabricKind::Shm)]
+    /// Fabric backend: shm or verbs.
+    #[arg(long, default_value = "shm", value_parser = parse_kind)]
     pub fabric: FabricKind,
     /// RDMA device (verbs; default: the first).
     #[arg(long)]
@@ -253,6 +239,7 @@ pub fn gbps(ops: u64, bytes_per_op: u32, elapsed: Duration) -> f64 {
 /// A benchmark result.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BenchReport {
+    #[serde(serialize_with = "kind_name")]
     pub fabric: FabricKind,
     pub op: BenchOp,
     pub bytes: u32,
@@ -264,6 +251,10 @@ pub struct BenchReport {
     pub ops_per_sec: f64,
     pub gbps: f64,
     pub round_trips: u64,
+}
+
+fn kind_name<S: serde::Serializer>(k: &FabricKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(k.as_str())
 }
 
 impl BenchReport {
@@ -284,7 +275,7 @@ impl BenchReport {
             "t_max[us]",
             "ops/s",
             "BW[Gb/s]",
-            format!("{:?}", self.fabric).to_lowercase(),
+            self.fabric.as_str(),
             format!("{:?}", self.op).to_lowercase(),
             self.bytes,
             self.depth,
@@ -474,8 +465,12 @@ fn shm(
             Ok(None)
         }
         (Some(path), false) => {
-            let mut f = ShmFabric::connect_file(path, &default_ctl_path(path), profile)?
-                .with_queue_depth(p.depth);
+            let spec = DpmSpec::Shm {
+                region: path.clone(),
+                ctl: default_ctl_path(path),
+                nic: profile,
+            };
+            let mut f = spec.connect_with_queue_depth(p.depth)?;
             run(&mut f, FabricKind::Shm, p).map(Some)
         }
         (None, false) => {
@@ -498,7 +493,9 @@ fn verbs(
     _: &BenchParams,
     _: &AtomicBool,
 ) -> Result<Option<BenchReport>, BenchError> {
-    Err(BenchError::Other(NO_RDMA_SUPPORT.into()))
+    Err(BenchError::Other(
+        dinomo_hw::fabric::connect::NO_RDMA_SUPPORT.into(),
+    ))
 }
 
 #[cfg(feature = "rdma")]
@@ -508,6 +505,7 @@ fn verbs(
     stop: &AtomicBool,
 ) -> Result<Option<BenchReport>, BenchError> {
     use dinomo_hw::fabric::verbs::{VerbsConfig, VerbsFabric, VerbsServer};
+    use dinomo_hw::fabric::{DpmSpec, VerbsDevice};
     use std::net::SocketAddr;
     let cfg = VerbsConfig {
         gid_index: a.gid_index,
@@ -538,7 +536,16 @@ fn verbs(
         return Ok(None);
     }
     if let Some(addr) = &a.connect {
-        let mut f = VerbsFabric::connect(addr, device, &cfg)?;
+        let spec = DpmSpec::parse(
+            FabricKind::Verbs,
+            addr,
+            VerbsDevice {
+                name: a.device.clone(),
+                gid_index: a.gid_index,
+            },
+        )
+        .map_err(|e| BenchError::Usage(e.0))?;
+        let mut f = spec.connect_with_queue_depth(p.depth)?;
         return run(&mut f, FabricKind::Verbs, p).map(Some);
     }
     // Loopback: both ends in this process.

@@ -12,9 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use dinomo_hw::fabric::{DpmSpec, FabricKind, ServeSpec, SpecError, VerbsDevice};
 use serde::{Deserialize, Serialize};
 
-use crate::manager::MgrClient;
+use dinomo_shared::manager_proto::MgrClient;
 
 /// Settings of a local cluster (the TOML file holds any subset of them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,14 @@ pub struct UpConfig {
     pub dpm_workers: usize,
     /// Run the elasticity policy in the manager (with its default thresholds).
     pub policy: bool,
+    /// Fabric the KNs and the manager reach the DPM through: "shm" or "verbs".
+    pub fabric: String,
+    /// Verbs: address of the DPM's connection exchange.
+    pub dpm_listen: String,
+    /// Verbs: RDMA device (default: the first one found).
+    pub device: Option<String>,
+    /// Verbs: GID index.
+    pub gid_index: u8,
 }
 
 impl Default for UpConfig {
@@ -70,6 +79,13 @@ impl Default for UpConfig {
             lease_ms: 3000,
             dpm_workers: 1,
             policy: false,
+            fabric: "shm".into(),
+            dpm_listen: format!(
+                "127.0.0.1:{}",
+                dinomo_hw::fabric::connect::DEFAULT_VERBS_PORT
+            ),
+            device: None,
+            gid_index: 0,
         }
     }
 }
@@ -112,7 +128,37 @@ impl UpConfig {
         {
             crate::size::parse_size(s).map_err(|e| UpError::Invalid(e.to_string()))?;
         }
+        self.serve_spec()?;
         Ok(())
+    }
+
+    /// How the DPM serves the region.
+    pub fn serve_spec(&self) -> Result<ServeSpec, UpError> {
+        let bad = |e: SpecError| UpError::Invalid(e.0);
+        let kind: FabricKind = self.fabric.parse().map_err(bad)?;
+        let listen: SocketAddr = self.dpm_listen.parse().map_err(|_| {
+            UpError::Invalid(format!(
+                "dpm_listen = {:?} is not HOST:PORT",
+                self.dpm_listen
+            ))
+        })?;
+        let device = VerbsDevice {
+            name: self.device.clone(),
+            gid_index: self.gid_index,
+        };
+        ServeSpec::parse(kind, listen, device).map_err(bad)
+    }
+
+    /// How the manager and the KNs reach the DPM.
+    pub fn dpm_spec(&self) -> Result<DpmSpec, UpError> {
+        Ok(self.serve_spec()?.local_client(self.region_path()))
+    }
+
+    /// The words that name the DPM to the manager and the KNs.
+    fn dpm_words(&self) -> Result<Vec<String>, UpError> {
+        let spec = self.dpm_spec()?;
+        spec.to_args()
+            .ok_or_else(|| UpError::Invalid(format!("the DPM {spec} cannot be named to a process")))
     }
 
     pub fn region_path(&self) -> PathBuf {
@@ -147,8 +193,8 @@ impl UpConfig {
     }
 
     /// Arguments of `dinomo dpm serve`.
-    pub fn dpm_args(&self) -> Vec<String> {
-        vec![
+    pub fn dpm_args(&self) -> Result<Vec<String>, UpError> {
+        let mut args: Vec<String> = vec![
             "dpm".into(),
             "serve".into(),
             "--path".into(),
@@ -156,7 +202,9 @@ impl UpConfig {
             "--workers".into(),
             self.dpm_workers.to_string(),
             "--no-pin".into(),
-        ]
+        ];
+        args.extend(self.serve_spec()?.to_args());
+        Ok(args)
     }
 
     /// Arguments of `dinomo manager` (it starts KNs with this same program).
@@ -165,10 +213,9 @@ impl UpConfig {
             what: "cannot find this program".into(),
             source,
         })?;
-        let mut args: Vec<String> = vec![
-            "manager".into(),
-            "--dpm".into(),
-            self.region_arg(),
+        let mut args: Vec<String> = vec!["manager".into()];
+        args.extend(self.dpm_words()?);
+        args.extend([
             "--listen".into(),
             self.manager_addr(),
             "--lease-ms".into(),
@@ -183,7 +230,7 @@ impl UpConfig {
             self.io_threads.to_string(),
             "--kn-cache".into(),
             self.cache.clone(),
-        ];
+        ]);
         if self.policy {
             args.push("--policy".into());
         }
@@ -191,11 +238,10 @@ impl UpConfig {
     }
 
     /// Arguments of `dinomo kn` for KN `i` (listening on `kn_addr(i)`).
-    pub fn kn_args(&self, i: u16) -> Vec<String> {
-        vec![
-            "kn".into(),
-            "--dpm".into(),
-            self.region_arg(),
+    pub fn kn_args(&self, i: u16) -> Result<Vec<String>, UpError> {
+        let mut args: Vec<String> = vec!["kn".into()];
+        args.extend(self.dpm_words()?);
+        args.extend([
             "--listen".into(),
             self.kn_addr(i),
             "--manager".into(),
@@ -206,7 +252,8 @@ impl UpConfig {
             self.io_threads.to_string(),
             "--cache".into(),
             self.cache.clone(),
-        ]
+        ]);
+        Ok(args)
     }
 }
 
@@ -357,11 +404,11 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     if cfg.fresh || !region.exists() {
         format_region(&region_s, &cfg.format_args())?;
     }
-    let mut dpm = Proc::spawn("dpm", &cfg.dpm_args())?;
+    let mut dpm = Proc::spawn("dpm", &cfg.dpm_args()?)?;
     let mut manager = Proc::spawn("manager", &cfg.manager_args()?)?;
     let mut kns = Vec::new();
     for i in 0..cfg.kns {
-        kns.push(Proc::spawn(&format!("kn {i}"), &cfg.kn_args(i))?);
+        kns.push(Proc::spawn(&format!("kn {i}"), &cfg.kn_args(i)?)?);
     }
     let ready = {
         let mut core: Vec<&mut Proc> = vec![&mut dpm, &mut manager];

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{format_region, geometry, log_area, put_all, ChildGuard};
 use dinomo::hw::fabric::nic::NicProfile;
 use dinomo::hw::fabric::shm::ShmFabric;
-use dinomo::hw::fabric::{default_ctl_path, Fabric};
+use dinomo::hw::fabric::{default_ctl_path, ControlChannel, Fabric};
 use dinomo::hw::region_file::{FilePersist, RegionFile};
 use dinomo::shared::msg::{Request, Response};
 use dpm_fw::Dpm;

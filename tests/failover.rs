@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc, BIN, DEADLINE};
-use dinomo::manager::{MapMsg, MgrClient, StatusMsg};
 use dinomo::resp::Value;
+use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
 use dinomo::shared::slot::key_slot;
 
 /// Leases of the failover tests: a dead KN's slots move within about a second.
@@ -171,7 +171,7 @@ impl Cluster {
         let o = self.ctl(&["status", "--json"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         match serde_json::from_slice(&o.stdout).expect("status json") {
-            dinomo::manager::MgrReply::Status(s) => s,
+            dinomo::shared::manager_proto::MgrReply::Status(s) => s,
             other => panic!("not a status: {other:?}"),
         }
     }

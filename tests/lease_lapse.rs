@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::nic::{NicModel, NicProfile};
 use dinomo_hw::fabric::{
-    Completion, ControlServer, Fabric, FabricCounters, FabricError, LocalBuf, ShmFabric,
-    WorkRequest, WrId,
+    Completion, ControlChannel, ControlServer, Fabric, FabricCounters, FabricError, LocalBuf,
+    ShmFabric, WorkRequest, WrId,
 };
 use dinomo_hw::heap::{HeapPersist, HeapRegion};
 use dinomo_hw::CpuPersist;
@@ -63,14 +63,20 @@ impl Fabric for LapseOnWrite {
     fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError> {
         self.inner.wait(out, timeout)
     }
+    fn counters(&self) -> &FabricCounters {
+        self.inner.counters()
+    }
+}
+
+impl ControlChannel for LapseOnWrite {
     fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
         self.inner.send(frame)
     }
     fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
         self.inner.recv(timeout)
     }
-    fn counters(&self) -> &FabricCounters {
-        self.inner.counters()
+    fn next_request_id(&mut self) -> u32 {
+        self.inner.next_request_id()
     }
 }
 

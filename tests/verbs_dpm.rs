@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{format_region, geometry, log_area, put_all, ChildGuard};
 use dinomo::hw::fabric::verbs::{VerbsConfig, VerbsFabric};
-use dinomo::hw::fabric::Fabric;
+use dinomo::hw::fabric::{ControlChannel, Fabric};
 use dinomo::hw::region_file::{FilePersist, RegionFile};
 use dinomo::shared::msg::{Request, Response};
 use dpm_fw::Dpm;

@@ -87,13 +87,15 @@ fn leases_round_trip_and_survive_a_restart() {
             kn: 2,
             in_use: false,
             lease_epoch: 0,
-            expires_ms: 0
+            expires_ms: 0,
+            lease_ms: 0,
         })
     );
     let store = Request::StoreLease {
         kn: 2,
         lease_epoch: 7,
         expires_ms: 1_700_000_000_123,
+        lease_ms: 2500,
     };
     assert_eq!(call(&dpm, store), Ok(Response::LeaseStored));
     let stored = Ok(Response::Lease {
@@ -101,6 +103,7 @@ fn leases_round_trip_and_survive_a_restart() {
         in_use: true,
         lease_epoch: 7,
         expires_ms: 1_700_000_000_123,
+        lease_ms: 2500,
     });
     assert_eq!(call(&dpm, Request::ReadLease { kn: 2 }), stored);
     assert_eq!(
@@ -109,7 +112,8 @@ fn leases_round_trip_and_survive_a_restart() {
             kn_id: 3,
             lease_epoch: 7,
             expires_ms: 1_700_000_000_123,
-            reserved: [0; 6],
+            lease_ms: 2500,
+            reserved: [0; 5],
         })
     );
     // Other rows are untouched; rows past max_kns do not exist.
@@ -121,11 +125,13 @@ fn leases_round_trip_and_survive_a_restart() {
             kn: MAX_KNS as u32,
             lease_epoch: 1,
             expires_ms: 1,
+            lease_ms: 1,
         },
         Request::StoreLease {
             kn: u32::MAX,
             lease_epoch: 1,
             expires_ms: 1,
+            lease_ms: 1,
         },
     ] {
         assert_eq!(call(&dpm, req), Err(ErrorCode::InvalidArgument), "{req:?}");
@@ -139,6 +145,7 @@ fn leases_round_trip_and_survive_a_restart() {
         kn: 2,
         lease_epoch: 8,
         expires_ms: 0,
+        lease_ms: 2500,
     };
     assert_eq!(exec(&dpm, renew), Ok(Response::LeaseStored));
     assert_eq!(
@@ -450,6 +457,7 @@ fn cluster_state_is_served_during_shutdown() {
         kn: 0,
         lease_epoch: 2,
         expires_ms: 0,
+        lease_ms: 0,
     };
     assert_eq!(call(&dpm, store), Ok(Response::LeaseStored));
     assert_eq!(

@@ -1,8 +1,8 @@
 //! Control requests to the memory node over a fabric connection.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dinomo_hw::fabric::{Fabric, FabricError};
+use dinomo_hw::fabric::{ControlChannel, FabricError};
 use dinomo_shared::msg::{Request, Response};
 
 use crate::error::KvError;
@@ -19,15 +19,14 @@ pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// again, merges, closes and fences are repeatable, and a key keeps its cell. Opening a log
 /// and freeing a cell are not repeated (a second open would strand the first log; a second
 /// free finds no cell): they fail as before.
-pub fn call<F: Fabric + ?Sized>(
-    f: &mut F,
-    next_id: &mut u32,
+pub fn call<C: ControlChannel + ?Sized>(
+    f: &mut C,
     req: Request,
     timeout: Duration,
 ) -> Result<Response, KvError> {
     let mut reconnected = !repeatable(&req);
     loop {
-        match call_once(f, next_id, &req, timeout) {
+        match call_once(f, &req, timeout) {
             Err(Lost::Gone(e)) if !reconnected => {
                 tracing::warn!(error = %e, ?req, "the DPM went away; reconnecting");
                 if let Err(again) = f.reconnect(RECONNECT_WAIT) {
@@ -62,32 +61,17 @@ impl From<FabricError> for Lost {
     }
 }
 
-fn call_once<F: Fabric + ?Sized>(
-    f: &mut F,
-    next_id: &mut u32,
+fn call_once<C: ControlChannel + ?Sized>(
+    f: &mut C,
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, Lost> {
-    *next_id = next_id.wrapping_add(1);
-    let id = *next_id;
-    f.send(&req.encode(id))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match f.recv(left)? {
-            Some(frame) if frame.req_id == id => {
-                return match Response::decode(&frame) {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(code)) => Err(Lost::Kv(code.into())),
-                    Err(e) => Err(Lost::Kv(KvError::Corrupt(format!("control reply: {e}")))),
-                };
-            }
-            Some(_) => continue,
-            None => {
-                return Err(Lost::Kv(KvError::Fabric(format!(
-                    "no reply to {req:?} within {timeout:?}"
-                ))))
-            }
-        }
+    match f.call(req, timeout) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(code)) => Err(Lost::Kv(code.into())),
+        Err(FabricError::Timeout(_)) => Err(Lost::Kv(KvError::Fabric(format!(
+            "no reply to {req:?} within {timeout:?}"
+        )))),
+        Err(e) => Err(e.into()),
     }
 }

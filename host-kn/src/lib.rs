@@ -1,5 +1,7 @@
 //! The KVS node (KN): ownership of slots, per-shard logs with group commit, the DAC cache,
-//! and reads over one-sided verbs — everything a KN does, over any [`dinomo_hw::fabric::Fabric`].
+//! and reads over one-sided verbs — everything a KN does, over any [`dinomo_hw::fabric::Fabric`] —
+//! and the KN process around it ([`server`]): the Redis-protocol front end, lease keeping
+//! and map following.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod client;
@@ -11,6 +13,7 @@ pub mod log;
 pub mod ownership;
 pub mod reader;
 pub mod replica;
+pub mod server;
 pub mod shard;
 
 pub use client::{Client, Router};

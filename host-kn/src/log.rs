@@ -83,7 +83,6 @@ pub struct ShardLog {
     seal_buf: LocalBuf,
     next_seq: u64,
     durable_seq: u64,
-    req_id: u32,
     timeout: Duration,
 }
 
@@ -98,10 +97,8 @@ impl ShardLog {
         staging_cap: usize,
         timeout: Duration,
     ) -> Result<Self, KvError> {
-        let mut req_id = 0;
         let (log_id, generation, block, salt) = match control::call(
             f,
-            &mut req_id,
             Request::OpenLog {
                 kn_id,
                 shard,
@@ -141,7 +138,6 @@ impl ShardLog {
             seal_buf,
             next_seq: 1,
             durable_seq: 0,
-            req_id,
             timeout,
         };
         // A missing spare is not fatal here: the next block switch asks again.
@@ -159,7 +155,7 @@ impl ShardLog {
             next_seq: self.next_seq,
             last_block: self.block,
         };
-        match control::call(f, &mut self.req_id, req, self.timeout)? {
+        match control::call(f, req, self.timeout)? {
             Response::BlockGranted { block, salt } => {
                 self.spare = Some((block, salt));
                 Ok(())

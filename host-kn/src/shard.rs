@@ -837,8 +837,7 @@ impl<F: Fabric> Shard<F> {
             generation: self.log.generation,
             eref: eref.0,
         };
-        let mut id = 1 << 28;
-        match crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)? {
+        match crate::control::call(&mut self.f, req, self.cfg.timeout)? {
             dinomo_shared::msg::Response::CellAllocated { cell, eref } => Ok((cell, eref)),
             r => Err(KvError::Corrupt(format!(
                 "unexpected reply {r:?} to AllocCell"
@@ -852,9 +851,8 @@ impl<F: Fabric> Shard<F> {
             return Err(KvError::Replication("the key is not replicated".into()));
         };
         self.sync()?;
-        let mut id = 1 << 28;
         let req = dinomo_shared::msg::Request::FreeCell { cell };
-        match crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)? {
+        match crate::control::call(&mut self.f, req, self.cfg.timeout)? {
             dinomo_shared::msg::Response::CellFreed { .. } => {}
             r => {
                 return Err(KvError::Corrupt(format!(
@@ -887,8 +885,7 @@ impl<F: Fabric> Shard<F> {
             generation: self.log.generation,
             upto_seq: self.log.durable_seq(),
         };
-        let mut id = 1 << 29;
-        crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)?;
+        crate::control::call(&mut self.f, req, self.cfg.timeout)?;
         self.trim_unmerged();
         Ok(())
     }
@@ -958,9 +955,8 @@ impl<F: Fabric> Shard<F> {
             generation: self.log.generation,
             upto_seq: self.log.durable_seq(),
         };
-        let mut id = 1 << 29;
         let t0 = Instant::now();
-        let resp = crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout)?;
+        let resp = crate::control::call(&mut self.f, req, self.cfg.timeout)?;
         let merge = t0.elapsed();
         let merged_seq = match resp {
             dinomo_shared::msg::Response::Merged { merged_seq } => merged_seq,
@@ -1098,8 +1094,7 @@ impl<F: Fabric> Shard<F> {
             log_id: self.log.log_id,
             generation: self.log.generation,
         };
-        let mut id = 1 << 30;
-        let _ = crate::control::call(&mut self.f, &mut id, req, self.cfg.timeout);
+        let _ = crate::control::call(&mut self.f, req, self.cfg.timeout);
         self.stats()
     }
 }

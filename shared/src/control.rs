@@ -156,19 +156,26 @@ impl ProgressSlot {
     }
 }
 
-/// A KN's lease, renewed by the manager; expiry fences the KN.
+/// A KN's lease as the manager records it; the manager renews leases in its memory and a
+/// manager that takes over reads these rows to know whom to fence, and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KnLease {
     /// Non-zero when the slot is in use.
     pub kn_id: u32,
-    /// Bumped whenever the KN is fenced; flushes carry the epoch they were granted.
+    /// Bumped at every registration of the KN id; log entries carry it.
     pub lease_epoch: u32,
-    /// Lease expiry, milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch until which the KN held its lease when the row
+    /// was written; 0 once the lease ended (the KN left or was fenced).
     pub expires_ms: u64,
-    pub reserved: [u64; 6],
+    /// Length of the leases the manager grants, in ms: a KN stops serving at most this long
+    /// after the last renewal of a manager that died. 0 in rows written before it was kept
+    /// (whose `expires_ms` was rewritten at every renewal instead).
+    pub lease_ms: u64,
+    pub reserved: [u64; 5],
 }
 assert_size!(KnLease, 64);
+assert_offset!(KnLease, lease_ms, 16);
 
 impl KnLease {
     pub const SIZE: u64 = 64;

@@ -3,6 +3,10 @@
 //! All on-DPM structures are `repr(C)`, little-endian, and checked at compile time for size
 //! and field offsets. Offsets, never pointers, are stored in the region, so any process can
 //! map it at any address. A layout constant lives here and only here.
+//!
+//! With feature `std`, the protocols between host processes live here too, each defined
+//! once for both of its sides: the cluster map ([`ownership`]), the manager's protocol
+//! ([`manager_proto`]) and the Redis protocol KNs serve ([`resp`]).
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -18,8 +22,14 @@ pub mod error;
 pub mod geometry;
 pub mod hash;
 pub mod index;
+#[cfg(any(feature = "std", test))]
+pub mod manager_proto;
 pub mod msg;
+#[cfg(any(feature = "std", test))]
+pub mod ownership;
 pub mod pod;
+#[cfg(any(feature = "std", test))]
+pub mod resp;
 pub mod slot;
 pub mod superblock;
 

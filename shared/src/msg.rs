@@ -114,6 +114,7 @@ pub enum Request {
         kn: u32,
         lease_epoch: u32,
         expires_ms: u64,
+        lease_ms: u64,
     },
     /// Start staging the cluster map of `epoch` (newer than the stored one): the copy the
     /// header does not name is cleared to no owner for any slot. A later `MapBegin`
@@ -180,6 +181,7 @@ pub enum Response {
         in_use: bool,
         lease_epoch: u32,
         expires_ms: u64,
+        lease_ms: u64,
     },
     LeaseStored,
     MapBegun,
@@ -298,9 +300,10 @@ impl Request {
                 kn,
                 lease_epoch,
                 expires_ms,
+                lease_ms,
             } => (
                 K_STORE_LEASE,
-                args(&[kn as u64, lease_epoch as u64, expires_ms]),
+                args(&[kn as u64, lease_epoch as u64, expires_ms, lease_ms]),
             ),
             Self::MapBegin { epoch } => (K_MAP_BEGIN, args(&[epoch])),
             Self::MapRanges { epoch, ranges } => {
@@ -363,6 +366,7 @@ impl Request {
                 kn: u32_arg(a[0])?,
                 lease_epoch: u32_arg(a[1])?,
                 expires_ms: a[2],
+                lease_ms: a[3],
             },
             K_MAP_BEGIN => Self::MapBegin {
                 epoch: epoch_arg(a[0])?,
@@ -414,9 +418,16 @@ impl Response {
                 in_use,
                 lease_epoch,
                 expires_ms,
+                lease_ms,
             } => (
                 K_READ_LEASE,
-                args(&[kn as u64, in_use as u64, lease_epoch as u64, expires_ms]),
+                args(&[
+                    kn as u64,
+                    in_use as u64,
+                    lease_epoch as u64,
+                    expires_ms,
+                    lease_ms,
+                ]),
             ),
             Self::LeaseStored => (K_STORE_LEASE, args(&[])),
             Self::MapBegun => (K_MAP_BEGIN, args(&[])),
@@ -485,6 +496,7 @@ impl Response {
                 in_use: bool_arg(a[1])?,
                 lease_epoch: u32_arg(a[2])?,
                 expires_ms: a[3],
+                lease_ms: a[4],
             },
             K_STORE_LEASE => Self::LeaseStored,
             K_MAP_BEGIN => Self::MapBegun,
@@ -539,6 +551,7 @@ mod tests {
                 kn: 2,
                 lease_epoch: u32::MAX,
                 expires_ms: 1_700_000_000_000,
+                lease_ms: 3000,
             },
             Request::MapBegin {
                 epoch: MAX_MAP_EPOCH,
@@ -614,12 +627,14 @@ mod tests {
                 in_use: true,
                 lease_epoch: 3,
                 expires_ms: u64::MAX,
+                lease_ms: 1000,
             },
             Response::Lease {
                 kn: 0,
                 in_use: false,
                 lease_epoch: 0,
                 expires_ms: 0,
+                lease_ms: 0,
             },
             Response::LeaseStored,
             Response::MapBegun,

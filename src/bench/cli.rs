@@ -13,7 +13,7 @@ use super::elastic::ElasticConfig;
 use super::sweep::{Preset, SweepConfig};
 use super::workload::{Distribution, Workload};
 use super::{BenchConfig, CacheSize, System};
-use crate::policy::PolicyConfig;
+use dinomo_manager::policy::PolicyConfig;
 
 /// Distribution names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

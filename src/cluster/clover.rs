@@ -42,19 +42,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dinomo_hw::fabric::nic::{NicModel, NicProfile};
+use dinomo_hw::fabric::nic::NicProfile;
 use dinomo_hw::fabric::{
-    execute, Completion, CompletionStatus, ControlServer, Fabric, FabricCounters, LocalBuf,
-    ShmFabric, Verb, WorkRequest,
+    execute, Completion, CompletionStatus, Connection, ControlServer, DpmSpec, Fabric,
+    FabricCounters, LocalBuf, LocalDpm, Verb, WorkRequest,
 };
 use dinomo_hw::heap::HeapRegion;
-use dinomo_hw::CpuPersist;
 use dinomo_shared::crc::crc32c_seeded;
 use dinomo_shared::entry::MAX_KEY_LEN;
 use host_kn::dac::{DacConfig, DacStats};
 use host_kn::ShardStats;
-
-use super::ClusterPersist;
 
 /// `next` word of a tail version: this bit set, the slot's generation in the low bits.
 pub const TAIL: u64 = 1 << 63;
@@ -432,7 +429,7 @@ struct LaneStats {
 
 /// One worker of a KN: a connection, a slot pool, and a buffer.
 struct Lane {
-    f: ShmFabric<ClusterPersist>,
+    f: Connection,
     buf: LocalBuf,
     pool: Vec<SlotGrant>,
     retired: Vec<Retire>,
@@ -852,14 +849,18 @@ impl CloverCluster {
                 ms.stats
             })
             .map_err(|e| CloverError::Config(format!("cannot start the metadata server: {e}")))?;
+        let dpm = DpmSpec::Local(LocalDpm {
+            region,
+            control: handle,
+            nic: cfg.nic,
+        });
         let dac = DacConfig::default();
         let charge = dac.shortcut_charge_for(cfg.max_key);
         let mut kns = Vec::new();
         for _ in 0..cfg.kns {
             let mut ls = Vec::new();
             for _ in 0..cfg.lanes_per_kn {
-                let pm = Arc::new(region.pmem(CpuPersist::detect()));
-                let mut f = ShmFabric::new(pm, handle.client()?, NicModel::new(cfg.nic));
+                let mut f = dpm.connect()?;
                 let buf = f.alloc_buf(slot as usize)?;
                 ls.push(Mutex::new(Lane {
                     f,

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Role;
-use crate::manager::MgrClient;
 use crate::resp::{encode_command, parse_value, Limits, Value};
 use crate::up::{Proc, UpConfig, UpError};
+use dinomo_shared::manager_proto::MgrClient;
 use dinomo_shared::slot::{key_slot, SLOTS};
 
 /// Processes of the cluster, by role.
@@ -59,13 +59,13 @@ impl Cluster {
                 log.display()
             )));
         }
-        let dpm = Proc::spawn_logged("dpm", &cfg.dpm_args(), Some(&log))?;
+        let dpm = Proc::spawn_logged("dpm", &cfg.dpm_args()?, Some(&log))?;
         let manager = Proc::spawn_logged("manager", &cfg.manager_args()?, Some(&log))?;
         let mut kns = Vec::new();
         for i in 0..cfg.kns {
             kns.push(Proc::spawn_logged(
                 &format!("kn {i}"),
-                &cfg.kn_args(i),
+                &cfg.kn_args(i)?,
                 Some(&log),
             )?);
         }
@@ -123,9 +123,9 @@ impl Cluster {
     /// Starts the process of `role` again (the old one must be gone).
     pub fn restart(&mut self, role: Role, kn: usize) -> Result<(), UpError> {
         let (name, args) = match role {
-            Role::Dpm => ("dpm".to_string(), self.cfg.dpm_args()),
+            Role::Dpm => ("dpm".to_string(), self.cfg.dpm_args()?),
             Role::Manager => ("manager".to_string(), self.cfg.manager_args()?),
-            Role::Kn => (format!("kn {kn}"), self.cfg.kn_args(kn as u16)),
+            Role::Kn => (format!("kn {kn}"), self.cfg.kn_args(kn as u16)?),
         };
         self.note(&format!("start {name}"));
         self.last_start[slot_of(role, kn)] = Instant::now();
@@ -306,12 +306,14 @@ fn slot_of(role: Role, kn: usize) -> usize {
     }
 }
 
-/// Whether a DPM answers a ping on the region's control file (a killed DPM leaves its
-/// file behind, and a new one may get the same inode, so the file alone does not say).
+/// Whether a DPM answers a ping (a killed DPM leaves its control file behind, and a new
+/// one may get the same inode, so the file alone does not say).
 fn dpm_answers(cfg: &UpConfig) -> bool {
     use dinomo_shared::msg::{Request, Response};
-    let ctl = dinomo_hw::fabric::default_ctl_path(&cfg.region_path());
-    dinomo_hw::fabric::ControlClient::connect(&ctl).is_ok_and(|mut c| {
+    let Ok(spec) = cfg.dpm_spec() else {
+        return false;
+    };
+    spec.control().is_ok_and(|mut c| {
         matches!(
             c.call(&Request::Ping, Duration::from_millis(200)),
             Ok(Ok(Response::Pong))

@@ -307,6 +307,7 @@ pub fn run(
         lease_ms: cfg.lease_ms,
         dpm_workers: 1,
         policy: false,
+        ..UpConfig::default()
     };
     let mut cluster = Cluster::start(up, interrupt)?;
     let seeds = cluster.kn_addrs();

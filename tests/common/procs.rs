@@ -8,8 +8,8 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dinomo::manager::{MapMsg, MgrClient};
 use dinomo::resp::{encode_command, parse_value, Limits, Value};
+use dinomo::shared::manager_proto::{MapMsg, MgrClient};
 use nix::sys::signal::Signal;
 
 /// How long any one step (a process getting ready, a map settling, a reply) may take.

@@ -76,6 +76,7 @@ impl<P: Persist> Dpm<P> {
             in_use: l.kn_id != 0,
             lease_epoch: l.lease_epoch,
             expires_ms: l.expires_ms,
+            lease_ms: l.lease_ms,
         })
     }
 
@@ -86,6 +87,7 @@ impl<P: Persist> Dpm<P> {
         kn: u32,
         lease_epoch: u32,
         expires_ms: u64,
+        lease_ms: u64,
     ) -> Result<Response, ErrorCode> {
         if kn >= self.geo.max_kns {
             return Err(ErrorCode::InvalidArgument);
@@ -95,7 +97,8 @@ impl<P: Persist> Dpm<P> {
             kn_id: kn + 1,
             lease_epoch,
             expires_ms,
-            reserved: [0; 6],
+            lease_ms,
+            reserved: [0; 5],
         };
         self.pm.write_pod(off, &l);
         self.pm.persist(off, KnLease::SIZE);

@@ -31,11 +31,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dinomo_shared::msg::{Frame, Request, Response};
-use dinomo_shared::ErrorCode;
 use memmap2::{MmapOptions, MmapRaw};
 
 use super::ring::{ring_bytes, HeapBlock, RingView};
-use super::FabricError;
+use super::{ControlChannel, FabricError};
 
 /// Identifies an initialised control block ("DNMOCTL1").
 pub const CTL_MAGIC: u64 = u64::from_le_bytes(*b"DNMOCTL1");
@@ -632,8 +631,6 @@ pub struct ControlClient {
     index: u32,
     claim: u64,
     next_req_id: u32,
-    /// Frames received while [`ControlClient::call`] looked for its reply.
-    stash: VecDeque<Frame>,
 }
 
 // SAFETY: the raw pointers in `slot` point into `mem`, which the client keeps alive and which
@@ -739,7 +736,6 @@ impl ControlClient {
                     index: i,
                     claim,
                     next_req_id,
-                    stash: VecDeque::new(),
                 });
             }
         }
@@ -785,8 +781,23 @@ impl ControlClient {
         }
     }
 
+    /// Takes a frame from the DPM without waiting.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        self.slot.resp.pop()
+    }
+
+    /// Why this connection can no longer work, if it cannot.
+    fn lost(&self) -> Option<String> {
+        if self.slot.state().load(Ordering::Acquire) != self.claim {
+            return Some(format!("control slot {} was taken away", self.index));
+        }
+        self.mem.server_gone()
+    }
+}
+
+impl ControlChannel for ControlClient {
     /// Queues a frame for the DPM.
-    pub fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
+    fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
         if let Some(why) = self.lost() {
             return Err(FabricError::Disconnected(why));
         }
@@ -797,14 +808,9 @@ impl ControlClient {
         }
     }
 
-    /// Takes a frame from the DPM without waiting.
-    pub fn try_recv(&mut self) -> Option<Frame> {
-        self.stash.pop_front().or_else(|| self.slot.resp.pop())
-    }
-
     /// Receives a frame from the DPM, waiting up to `timeout`. `Ok(None)` on timeout;
     /// an error if the DPM is gone.
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new();
         loop {
@@ -823,45 +829,14 @@ impl ControlClient {
         }
     }
 
-    /// Sends `req` with a fresh id and waits for the reply carrying that id. Frames with
-    /// other ids are kept for [`ControlClient::recv`].
-    pub fn call(
-        &mut self,
-        req: &Request,
-        timeout: Duration,
-    ) -> Result<Result<Response, ErrorCode>, FabricError> {
+    fn next_request_id(&mut self) -> u32 {
         let id = self.next_req_id;
         self.next_req_id = self.next_req_id.wrapping_add(1);
-        self.send(&req.encode(id))?;
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new();
-        loop {
-            while let Some(f) = self.slot.resp.pop() {
-                if f.req_id == id {
-                    return Response::decode(&f)
-                        .map_err(|e| FabricError::Other(format!("bad reply to {req:?}: {e}")));
-                }
-                self.stash.push_back(f);
-                backoff.reset();
-            }
-            if backoff.is_sleeping() {
-                if let Some(why) = self.lost() {
-                    return Err(FabricError::Disconnected(why));
-                }
-                if Instant::now() >= deadline {
-                    return Err(FabricError::Timeout(timeout));
-                }
-            }
-            backoff.snooze();
-        }
+        id
     }
 
-    /// Why this connection can no longer work, if it cannot.
-    fn lost(&self) -> Option<String> {
-        if self.slot.state().load(Ordering::Acquire) != self.claim {
-            return Some(format!("control slot {} was taken away", self.index));
-        }
-        self.mem.server_gone()
+    fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
+        ControlClient::reconnect(self, timeout)
     }
 }
 
@@ -896,6 +871,7 @@ impl Drop for ControlClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dinomo_shared::ErrorCode;
 
     fn ping_server(server: &mut ControlServer) -> usize {
         server.poll(|_, f| match Request::decode(f) {
@@ -1020,11 +996,11 @@ mod tests {
             .expect("close"),
             Err(ErrorCode::InvalidArgument)
         );
-        // A frame sent by hand, then a call: the call's reply is matched by id and the
-        // other reply stays for recv.
+        // A frame sent by hand (a request whose caller gave up), then a call: the call's
+        // reply is matched by id, and the earlier reply is skipped, not left behind.
         c.send(&Request::Ping.encode(5)).expect("send");
         assert_eq!(c.call(&Request::Ping, t).expect("ping"), Ok(Response::Pong));
-        assert_eq!(c.recv(t).expect("recv").map(|f| f.req_id), Some(5));
+        assert_eq!(c.recv(Duration::from_millis(50)).expect("recv"), None);
         drop(c);
         stop.store(true, Ordering::Release);
         let (server, handled) = served.join().expect("server thread");

@@ -17,8 +17,8 @@ use core::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dinomo_shared::msg::Frame;
-
+pub mod channel;
+pub mod connect;
 pub mod ctl;
 pub mod nic;
 pub mod ring;
@@ -26,6 +26,10 @@ pub mod shm;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 
+pub use channel::ControlChannel;
+pub use connect::{
+    Connection, DpmSpec, FabricKind, LocalDpm, ServeSpec, SpecError, VerbsDevice, VerbsSpec,
+};
 pub use ctl::{default_ctl_path, Backoff, ConnId, ControlClient, ControlHandle, ControlServer};
 pub use nic::{
     modeled_ops_per_sec, Clock, ManualClock, MonotonicClock, NicModel, NicParams, NicProfile,
@@ -216,8 +220,9 @@ pub enum FabricError {
     Other(String),
 }
 
-/// One connection from a KN shard to the DPM.
-pub trait Fabric: Send {
+/// One connection from a KN shard to the DPM: one-sided verbs on the region, and control
+/// frames ([`ControlChannel`]).
+pub trait Fabric: ControlChannel {
     /// Bytes of the remote region.
     fn region_len(&self) -> u64;
 
@@ -238,24 +243,8 @@ pub trait Fabric: Send {
     /// Waits until `out.len()` completions have been taken, or `timeout` passes.
     fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError>;
 
-    /// Sends a control frame to the DPM.
-    fn send(&mut self, frame: &Frame) -> Result<(), FabricError>;
-    /// Receives a control frame from the DPM, waiting up to `timeout`.
-    fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError>;
-
     /// The counters of this connection.
     fn counters(&self) -> &FabricCounters;
-
-    /// Re-establishes the control channel after the DPM restarted, waiting up to `timeout`
-    /// for one that answers; registered buffers and one-sided access stay as they are.
-    /// A transport whose connection cannot be re-established in place (a queue pair dies
-    /// with its peer) says so with an error, and the caller gives up as before.
-    fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
-        let _ = timeout;
-        Err(FabricError::Other(
-            "this fabric cannot re-establish a connection in place".into(),
-        ))
-    }
 }
 
 /// Checks a [`Fabric::wait`] for `wanted` completions with `outstanding` work requests in

@@ -16,8 +16,8 @@ use dinomo_shared::superblock::Superblock;
 use super::ctl::{Backoff, ControlClient};
 use super::nic::{NicModel, NicProfile};
 use super::{
-    wait_needed, Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf,
-    LocalSlice, WorkRequest, WrId,
+    wait_needed, Completion, CompletionStatus, ControlChannel, Fabric, FabricCounters, FabricError,
+    LocalBuf, LocalSlice, WorkRequest, WrId,
 };
 use crate::pmem::{Persist, Pmem};
 use crate::region_file::{FilePersist, RegionFile, RegionFileError};
@@ -346,6 +346,12 @@ impl<P: Persist> Fabric for ShmFabric<P> {
         Ok(())
     }
 
+    fn counters(&self) -> &FabricCounters {
+        &self.counters
+    }
+}
+
+impl<P: Persist> ControlChannel for ShmFabric<P> {
     fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
         self.control.send(frame)?;
         self.counters.sends += 1;
@@ -365,7 +371,7 @@ impl<P: Persist> Fabric for ShmFabric<P> {
     fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
         self.control.reconnect(timeout)?;
         let ours: Superblock = self.pmem.read_pod(0);
-        match self.control.call(&Request::Hello { kn_id: 0 }, timeout) {
+        match ControlChannel::call(&mut self.control, &Request::Hello { kn_id: 0 }, timeout) {
             Ok(Ok(Response::Hello {
                 region_id,
                 region_size,
@@ -381,8 +387,8 @@ impl<P: Persist> Fabric for ShmFabric<P> {
         }
     }
 
-    fn counters(&self) -> &FabricCounters {
-        &self.counters
+    fn next_request_id(&mut self) -> u32 {
+        self.control.next_request_id()
     }
 }
 

@@ -1,6 +1,6 @@
 //! `dinomo bench --scenario elastic`: the DINOMO paper's Figure 3, scaled down. A write-heavy,
 //! low-skew, open-loop load at a base rate, then `factor` times the base, then the base
-//! again; KNs are added and removed by the policy ([`crate::policy`], fed per-KN reports
+//! again; KNs are added and removed by the policy ([`dinomo_manager::policy`], fed per-KN reports
 //! every period) or on a fixed `--schedule`, while clients keep running. Throughput is
 //! sampled every 100 ms into a CSV and a figure, and every reconfiguration is judged by its
 //! dip and the time to a new steady state ([`analysis`]). DINOMO moves only ownership;
@@ -29,8 +29,8 @@ use serde::Serialize;
 use super::workload::{key_into, value_into, Distribution, KeyChooser, Rng, Workload};
 use super::{bar, load as load_keys, BenchConfig, Ops, System, Target};
 use crate::cluster::ClusterConfig;
-use crate::policy::{Decision, KnReport, Policy, PolicyConfig};
 use analysis::Recovery;
+use dinomo_manager::policy::{Decision, KnReport, Policy, PolicyConfig};
 use load::{ClientCounters, LoadShape, BUCKETS};
 use replication::{ReplicationCounts, ReplicationResult, Replicator};
 use schedule::{Action, Schedule};

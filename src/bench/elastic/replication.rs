@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use crate::policy::Decision;
+use dinomo_manager::policy::Decision;
 
 /// What the scenario needs of a system to replicate keys.
 pub(super) trait Replicator {
@@ -186,7 +186,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::policy::{KnReport, Policy, PolicyConfig};
+    use dinomo_manager::policy::{KnReport, Policy, PolicyConfig};
 
     /// A KN's hot keys with their counts.
     type Hot = Vec<(Vec<u8>, u64)>;

@@ -5,8 +5,7 @@ use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use dinomo_shared::msg::{Frame, Request, Response};
-use dinomo_shared::ErrorCode;
+use dinomo_shared::msg::Frame;
 
 use super::link::{CtlSlots, Device, Link};
 use super::sys::{Access, MemoryRegion, WorkCompletion};
@@ -17,8 +16,8 @@ use super::wr::{
 };
 use super::VerbsConfig;
 use crate::fabric::{
-    wait_needed, Completion, CompletionStatus, Fabric, FabricCounters, FabricError, LocalBuf,
-    LocalSlice, Verb, WorkRequest, WrId,
+    wait_needed, Completion, CompletionStatus, ControlChannel, Fabric, FabricCounters, FabricError,
+    LocalBuf, LocalSlice, Verb, WorkRequest, WrId,
 };
 
 /// A posted (or locally failed) one-sided request, in posting order.
@@ -213,38 +212,6 @@ impl VerbsFabric {
     /// Why the connection does not work, if it does not.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_ref().map(|b| b.message.as_str())
-    }
-
-    /// Sends `req` with a fresh id and waits for the reply carrying that id; other frames
-    /// are kept for [`Fabric::recv`].
-    pub fn call(
-        &mut self,
-        req: &Request,
-        timeout: Duration,
-    ) -> Result<Result<Response, ErrorCode>, FabricError> {
-        let id = self.next_req_id;
-        self.next_req_id = self.next_req_id.wrapping_add(1);
-        self.send(&req.encode(id))?;
-        let deadline = Instant::now() + timeout;
-        let mut stash = Vec::new();
-        let result = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.recv(left) {
-                Ok(Some(f)) if f.req_id == id => {
-                    break Response::decode(&f)
-                        .map_err(|e| FabricError::Other(format!("bad reply to {req:?}: {e}")));
-                }
-                Ok(Some(f)) => stash.push(f),
-                Ok(None) => break Err(FabricError::Timeout(timeout)),
-                Err(e) => break Err(e),
-            }
-        };
-        // Frames kept for later are counted when `recv` hands them out.
-        self.counters.recvs -= stash.len() as u64;
-        for f in stash.into_iter().rev() {
-            self.rx.push_front(f);
-        }
-        result
     }
 
     fn lost_error(&self) -> Option<FabricError> {
@@ -506,6 +473,12 @@ impl Fabric for VerbsFabric {
         self.poll(out).map(|_| ())
     }
 
+    fn counters(&self) -> &FabricCounters {
+        &self.counters
+    }
+}
+
+impl ControlChannel for VerbsFabric {
     fn send(&mut self, frame: &Frame) -> Result<(), FabricError> {
         if let Some(b) = &self.broken {
             return Err(FabricError::Disconnected(b.message.clone()));
@@ -580,7 +553,9 @@ impl Fabric for VerbsFabric {
         }
     }
 
-    fn counters(&self) -> &FabricCounters {
-        &self.counters
+    fn next_request_id(&mut self) -> u32 {
+        let id = self.next_req_id;
+        self.next_req_id = self.next_req_id.wrapping_add(1);
+        id
     }
 }

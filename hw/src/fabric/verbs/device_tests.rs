@@ -13,7 +13,7 @@ use dinomo_shared::msg::{Request, Response};
 
 use super::{VerbsConfig, VerbsFabric, VerbsServer};
 use crate::fabric::{
-    execute, Completion, CompletionStatus, Fabric, FabricError, Verb, WorkRequest,
+    execute, Completion, CompletionStatus, ControlChannel, Fabric, FabricError, Verb, WorkRequest,
 };
 use crate::heap::{HeapPersist, HeapRegion};
 use crate::pmem::{NoPersist, Pmem};

@@ -255,7 +255,7 @@ pub fn cluster_slot_ranges(reply: &Value) -> Option<Vec<(u16, u16, String)>> {
     let Value::Array(ranges) = reply else {
         return None;
     };
-    let last_slot = i64::from(dinomo_shared::slot::SLOTS) - 1;
+    let last_slot = i64::from(crate::slot::SLOTS) - 1;
     let mut out = Vec::with_capacity(ranges.len());
     for r in ranges {
         let Value::Array(v) = r else { continue };

@@ -13,6 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use dinomo_shared::manager_proto::LoadReport;
+
 /// The policy's thresholds. `Default` gives the values the system is tuned for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
@@ -198,6 +200,57 @@ fn mean_stddev(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let mean = values.clone().sum::<f64>() / n as f64;
     let var = values.map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
     (mean, var.sqrt())
+}
+
+/// What the load policy asks the manager to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    AddKn,
+    RemoveKn(u16),
+    /// Anything the multi-process cluster cannot do (logged, not acted on).
+    Unsupported(String),
+}
+
+/// A load policy as the manager drives it: every `period`, the latest load report of every
+/// live KN in, actions out.
+pub trait LoadPolicy: Send {
+    fn period(&self) -> Duration;
+    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction>;
+}
+
+/// The elasticity policy drives the multi-process cluster: it adds and removes KNs; keys
+/// cannot be replicated across KN processes yet, so replication decisions are only logged.
+impl LoadPolicy for Policy {
+    fn period(&self) -> Duration {
+        self.config().period
+    }
+
+    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction> {
+        let reports: Vec<KnReport> = loads
+            .iter()
+            .map(|(kn, l)| KnReport {
+                kn: *kn,
+                ops_per_sec: l.ops_per_sec,
+                occupancy: l.occupancy,
+                p99: Duration::from_micros(l.p99_us),
+                hot_keys: l
+                    .hot_keys
+                    .iter()
+                    .map(|(k, c)| (k.as_bytes().to_vec(), *c))
+                    .collect(),
+            })
+            .collect();
+        Policy::decide(self, now, &reports, &[])
+            .into_iter()
+            .map(|d| match d {
+                Decision::AddKn => PolicyAction::AddKn,
+                Decision::RemoveKn(kn) => PolicyAction::RemoveKn(kn),
+                d @ (Decision::Replicate(_) | Decision::Dereplicate(_)) => {
+                    PolicyAction::Unsupported(format!("{d:?}"))
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,254 @@
+//! Membership: the lease (renewed with the manager), following the cluster map (install,
+//! release lost slots, acknowledge), and the final leave.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use dinomo_shared::manager_proto::{MgrClient, MgrReply, MgrRequest};
+
+use super::load::{busy_ns, load_report, LoadMark};
+use crate::shard::LeaseGate;
+use super::{Shared, View};
+use crate::shard::Msg;
+
+pub(super) fn set_lease(shared: &Shared, sent: Instant, lease: Duration) {
+    // Stop serving a quarter lease before the manager could expire it.
+    shared.lease.extend_to(sent + lease - lease / 4);
+}
+
+/// Fetches the map; installs it if it is new (shards drop lost slots, flush, merge their
+/// logs), and acknowledges its epoch.
+pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
+    let msg = mgr.map()?;
+    let epoch = msg.epoch;
+    // Not the view's epoch: a release that failed must be retried before the ack.
+    let new_map = shared.released.load(Ordering::Acquire) != epoch;
+    let view = View::new(msg);
+    let map = Arc::clone(&view.map);
+    shared.set_view(view);
+    let (mut release_us, mut entries_merged) = (0, 0);
+    if new_map {
+        // Every shard at once: install, flush, merge its log to its tail.
+        let t0 = Instant::now();
+        let mut waits = Vec::new();
+        for tx in &shared.shards {
+            let (rtx, rrx) = mpsc::channel();
+            let release = Msg::Release {
+                map: Arc::clone(&map),
+                reply: rtx,
+            };
+            if tx.send(release).is_ok() {
+                waits.push(rrx);
+            }
+        }
+        // A shard's flush waits for a valid lease, so keep renewing it meanwhile (this
+        // thread is the one that renews).
+        for w in waits {
+            loop {
+                match w.recv_timeout(shared.lease_len / 8) {
+                    Ok(Ok(r)) => {
+                        entries_merged += r.entries_merged;
+                        break;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                        if t0.elapsed() < Duration::from_secs(60) =>
+                    {
+                        renew_only(shared, mgr)?;
+                    }
+                    other => {
+                        return Err(std::io::Error::other(format!(
+                            "a shard could not merge its log: {other:?}"
+                        )))
+                    }
+                }
+            }
+        }
+        release_us = t0.elapsed().as_micros() as u64;
+        shared.released.store(epoch, Ordering::Release);
+        tracing::info!(
+            kn_id = shared.kn_id,
+            epoch,
+            slots = map.slots_of(shared.kn_id),
+            release_us,
+            entries_merged,
+            "installed cluster map"
+        );
+    }
+    match mgr.call(&MgrRequest::Ack {
+        kn_id: shared.kn_id,
+        epoch,
+        release_us,
+        entries_merged,
+    })? {
+        MgrReply::Lease { .. } => Ok(()),
+        other => Err(std::io::Error::other(format!("{other:?}"))),
+    }
+}
+
+/// Renews the lease (nothing else); a refusal means this KN was fenced.
+fn renew_only(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
+    let sent = Instant::now();
+    match mgr.call(&MgrRequest::Renew {
+        kn_id: shared.kn_id,
+        lease_epoch: shared.lease_epoch,
+        load: None,
+    })? {
+        MgrReply::Lease { .. } => {
+            set_lease(shared, sent, shared.lease_len);
+            Ok(())
+        }
+        other => {
+            tracing::error!(reply = ?other, "lease refused: this KN was fenced");
+            shared.lease.set_lost();
+            shared.fenced.store(true, Ordering::Release);
+            Err(std::io::Error::other(format!("{other:?}")))
+        }
+    }
+}
+
+/// Renews the lease every 100 ms (a quarter lease if shorter), follows map changes and
+/// reports the load every quarter lease. Returns the manager connection for the final
+/// `leave`.
+pub(super) fn heartbeat(
+    shared: &Shared,
+    mut mgr: MgrClient,
+    manager: &str,
+    lease_epoch: u32,
+    lease: Duration,
+    stop: &AtomicBool,
+) -> Option<MgrClient> {
+    let every = lease / 4;
+    let mut last = Instant::now();
+    let mut last_report = LoadMark {
+        at: Instant::now(),
+        busy_ns: busy_ns(shared, lease / 8).unwrap_or(0),
+    };
+    let mut conn = Some(mgr);
+    while !stop.load(Ordering::Acquire) {
+        if shared.fenced.load(Ordering::Acquire) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(every));
+        // While slots are moving, ask often: they are refused until the map settles.
+        let unsettled = {
+            let v = shared.view();
+            !v.msg.settled || v.moving.iter().any(|&b| b)
+        };
+        // Otherwise often enough that a new map (which KNs learn of from renewals) is
+        // picked up within ~100 ms: until then the slots it moves are refused.
+        let period = if unsettled {
+            every.min(Duration::from_millis(50))
+        } else {
+            every.min(Duration::from_millis(100))
+        };
+        if last.elapsed() < period {
+            continue;
+        }
+        last = Instant::now();
+        let m = match conn.as_mut() {
+            Some(m) => m,
+            None => match MgrClient::connect(manager, Duration::from_millis(200)) {
+                Ok(m) => conn.insert(m),
+                Err(_) => continue,
+            },
+        };
+        // The load over at least a quarter lease, so its p99 means something.
+        let load = if last_report.at.elapsed() >= every {
+            load_report(shared, &mut last_report, lease / 8)
+        } else {
+            None
+        };
+        let sent = Instant::now();
+        let r = m.call(&MgrRequest::Renew {
+            kn_id: shared.kn_id,
+            lease_epoch,
+            load,
+        });
+        match r {
+            Ok(MgrReply::Lease {
+                epoch,
+                settled,
+                drain,
+                ..
+            }) => {
+                set_lease(shared, sent, lease);
+                if drain && !shared.drain.swap(true, Ordering::AcqRel) {
+                    tracing::info!(kn_id = shared.kn_id, "asked to leave: draining");
+                }
+                let v = shared.view();
+                let moving = v.moving.iter().any(|&b| b);
+                let unreleased = shared.released.load(Ordering::Acquire) != epoch;
+                if v.map.epoch() != epoch
+                    || unreleased
+                    || (moving && settled)
+                    || !v.msg.settled && settled
+                {
+                    if let Err(e) = follow_map(shared, m) {
+                        tracing::warn!(error = %e, "cannot follow the cluster map");
+                        conn = None;
+                    }
+                }
+            }
+            Ok(MgrReply::Error { message }) => {
+                tracing::error!(%message, "lease refused: this KN was fenced");
+                shared.lease.set_lost();
+                shared.fenced.store(true, Ordering::Release);
+                return None;
+            }
+            Ok(other) => tracing::warn!(reply = ?other, "unexpected manager reply"),
+            Err(e) => {
+                tracing::warn!(error = %e, "manager unreachable");
+                conn = None;
+            }
+        }
+    }
+    mgr = conn?;
+    Some(mgr)
+}
+
+/// Runs `f` while a thread renews the lease of KN `kn_id` over `mgr` every quarter lease
+/// (moving `gate` forward); returns `f`'s result, the manager connection, and whether
+/// every renewal was granted.
+pub(super) fn keep_lease_while<T: Send>(
+    mgr: MgrClient,
+    kn_id: u16,
+    lease_epoch: u32,
+    lease: Duration,
+    gate: &LeaseGate,
+    f: impl FnOnce() -> T + Send,
+) -> (T, MgrClient, Result<(), String>) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let renewer = s.spawn(|| {
+            let mut mgr = mgr;
+            let mut last = Instant::now();
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(10).min(lease / 8));
+                if last.elapsed() < lease / 4 {
+                    continue;
+                }
+                last = Instant::now();
+                let sent = Instant::now();
+                let req = MgrRequest::Renew {
+                    kn_id,
+                    lease_epoch,
+                    load: None,
+                };
+                match mgr.call(&req) {
+                    Ok(MgrReply::Lease { .. }) => gate.extend_to(sent + lease - lease / 4),
+                    Ok(other) => return (mgr, Err(format!("lease refused while starting: {other:?}"))),
+                    // Unreachable for now: the lease lapses if it stays so.
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the lease while starting"),
+                }
+            }
+            (mgr, Ok(()))
+        });
+        let r = f();
+        done.store(true, Ordering::Release);
+        match renewer.join() {
+            Ok((mgr, renewed)) => (r, mgr, renewed),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}

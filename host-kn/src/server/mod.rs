@@ -1,0 +1,323 @@
+//! A KVS node as a process (`dinomo kn`): attaches to the DPM over the fabric its
+//! [`DpmSpec`] names (one connection per shard), registers with the cluster manager, keeps its lease, follows the cluster map, and
+//! serves clients over the Redis protocol (RESP2/RESP3) with tokio.
+//!
+//! A request goes from its connection task straight to the owner shard's queue (no lock
+//! on the way: each connection keeps its own copy of the current view and reloads it only
+//! when a version counter moves); the shard answers through a callback that completes a
+//! oneshot channel. Keys whose slot another KN owns get `-MOVED slot host:port`; slots that
+//! are still moving to this KN, and every slot once the lease could have lapsed, get
+//! `-TRYAGAIN`.
+
+mod commands;
+mod conn;
+pub mod latency;
+mod load;
+mod membership;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dinomo_hw::fabric::DpmSpec;
+use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
+use dinomo_shared::manager_proto::{MapMsg, MgrClient, MgrReply, MgrRequest};
+use dinomo_shared::resp::Limits;
+
+use crate::dac::DacConfig;
+use crate::shard::{read_geometry, LeaseGate, Msg};
+use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
+use latency::LatencyHist;
+use membership::{follow_map, heartbeat, keep_lease_while, set_lease};
+
+/// How a KN process runs.
+#[derive(Clone, Debug)]
+pub struct KnConfig {
+    /// The DPM and the fabric to reach it.
+    pub dpm: DpmSpec,
+    /// Client address (port 0: any free port; the bound address is registered).
+    pub listen: SocketAddr,
+    /// Manager address.
+    pub manager: String,
+    /// Shards (threads with their own fabric connection, log and cache).
+    pub threads: u16,
+    /// Cache bytes for the whole KN.
+    pub cache_bytes: u64,
+    /// Threads serving client connections.
+    pub io_threads: usize,
+    /// Group-commit bound.
+    pub flush_bound: Duration,
+}
+
+impl KnConfig {
+    pub fn new(dpm: DpmSpec, listen: SocketAddr, manager: String) -> Self {
+        Self {
+            dpm,
+            listen,
+            manager,
+            threads: 2,
+            cache_bytes: 64 << 20,
+            io_threads: 2,
+            flush_bound: Duration::from_micros(100),
+        }
+    }
+}
+
+/// Why a KN stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum KnServerError {
+    #[error("cannot reach the DPM ({dpm}): {why}")]
+    Dpm { dpm: String, why: String },
+    #[error("manager: {0}")]
+    Manager(String),
+    #[error("KVS node: {0}")]
+    Kn(#[from] KvError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the lease was lost: the manager fenced this KN")]
+    Fenced,
+}
+
+/// What this KN believes about the cluster.
+#[derive(Debug)]
+struct View {
+    msg: MapMsg,
+    map: Arc<SlotMap>,
+    moving: Vec<bool>,
+    addrs: HashMap<u16, String>,
+}
+
+impl View {
+    fn new(msg: MapMsg) -> Self {
+        Self {
+            map: Arc::new(msg.slot_map()),
+            moving: msg.moving_slots(),
+            addrs: msg.kns.iter().cloned().collect(),
+            msg,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    kn_id: u16,
+    addr: String,
+    shards: Vec<Sender<Msg>>,
+    view: RwLock<Arc<View>>,
+    version: AtomicU64,
+    /// The lease, shared with the shards (they check it before every flush).
+    lease: Arc<LeaseGate>,
+    max_value: usize,
+    limits: Limits,
+    fenced: AtomicBool,
+    /// The manager asked this KN to leave (`remove_kn`).
+    drain: AtomicBool,
+    /// Latency of requests in the connection tasks, drained at every renewal.
+    latency: LatencyHist,
+    /// Hands each connection its histogram stripe.
+    conns: AtomicU64,
+    /// The epoch of the last map every shard released slots for.
+    released: AtomicU64,
+    lease_epoch: u32,
+    lease_len: Duration,
+}
+
+impl Shared {
+    fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn set_view(&self, v: View) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+    fn lease_ok(&self) -> bool {
+        self.lease.is_valid()
+    }
+    fn stats(&self) -> ShardStats {
+        let mut total = ShardStats::default();
+        for tx in &self.shards {
+            let (stx, srx) = mpsc::channel();
+            if tx.send(Msg::Stats(stx)).is_ok() {
+                if let Ok(s) = srx.recv_timeout(Duration::from_secs(5)) {
+                    total.add(&s);
+                }
+            }
+        }
+        total
+    }
+}
+
+/// How long reading the region's geometry may take.
+const GEOMETRY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A 40-hex-digit node id, as Redis Cluster expects.
+pub fn node_id(kn: u16) -> String {
+    format!("{:040x}", 0xd1_0000_0000u64 + kn as u64)
+}
+
+/// Runs a KN until `stop` is set (then leaves the cluster cleanly) or its lease is lost.
+/// `on_ready` gets the KN id and the bound client address once it serves.
+pub fn run(
+    cfg: &KnConfig,
+    stop: &AtomicBool,
+    on_ready: impl FnOnce(u16, SocketAddr),
+) -> Result<(), KnServerError> {
+    // Reach the DPM first: a KN that cannot is no use to the manager.
+    let dpm_err = |why: String| KnServerError::Dpm {
+        dpm: cfg.dpm.to_string(),
+        why,
+    };
+    let mut probe = cfg.dpm.connect().map_err(|e| dpm_err(e.to_string()))?;
+    let geo = read_geometry(&mut probe, GEOMETRY_TIMEOUT).map_err(|e| dpm_err(e.to_string()))?;
+    drop(probe);
+    let listener = std::net::TcpListener::bind(cfg.listen)?;
+    let addr = listener.local_addr()?;
+    let mgr_err = |e: std::io::Error| KnServerError::Manager(e.to_string());
+    let mut mgr = MgrClient::connect(&cfg.manager, Duration::from_secs(20)).map_err(mgr_err)?;
+    let shards = cfg.threads.max(1);
+    let (kn_id, lease_epoch, lease_ms) = match mgr
+        .call(&MgrRequest::Register {
+            addr: addr.to_string(),
+            shards,
+        })
+        .map_err(mgr_err)?
+    {
+        MgrReply::Registered {
+            kn_id,
+            lease_epoch,
+            lease_ms,
+        } => (kn_id, lease_epoch, lease_ms),
+        other => return Err(KnServerError::Manager(format!("{other:?}"))),
+    };
+    let registered_at = Instant::now();
+    let lease = Duration::from_millis(lease_ms);
+    // A flush waits for a late renewal only until the manager could expire the lease.
+    let gate = Arc::new(LeaseGate::new(lease / 4));
+
+    let max_entry = geo.max_entry_len() as usize;
+    let batch_bytes = 64 << 10;
+    let staging = max_entry
+        .min(MAX_VALUE_LEN + MAX_KEY_LEN + 4096)
+        .max(batch_bytes);
+    let max_value =
+        MAX_VALUE_LEN.min(staging.min(max_entry) - ENTRY_HEADER_SIZE - MAX_KEY_LEN) & !7;
+    let configs = (0..shards)
+        .map(|s| {
+            let mut c = ShardConfig::new(
+                kn_id,
+                s,
+                shards,
+                DacConfig {
+                    budget_bytes: cfg.cache_bytes / shards as u64,
+                    ..DacConfig::default()
+                },
+            );
+            c.lease_epoch = lease_epoch;
+            c.lease = Some(Arc::clone(&gate));
+            c.staging_bytes = staging;
+            c.flush_bound = cfg.flush_bound;
+            c
+        })
+        .collect();
+    let spec = cfg.dpm.clone();
+    let connect = move |_shard: u16| Ok(spec.connect()?);
+    let empty = MapMsg::empty();
+    // The shards open their logs at the DPM, which can take longer than a lease on a
+    // loaded machine: keep the lease meanwhile.
+    gate.extend_to(registered_at + lease - lease / 4);
+    let (started, mut mgr, renewed) = keep_lease_while(mgr, kn_id, lease_epoch, lease, &gate, || {
+        Kn::start(configs, Arc::new(empty.slot_map()), connect)
+    });
+    let kn = started?;
+    if let Err(why) = renewed {
+        kn.stop();
+        return Err(KnServerError::Manager(why));
+    }
+    let shared = Arc::new(Shared {
+        kn_id,
+        addr: addr.to_string(),
+        shards: kn.senders().to_vec(),
+        view: RwLock::new(Arc::new(View::new(empty))),
+        version: AtomicU64::new(0),
+        lease: gate,
+        max_value,
+        limits: Limits {
+            max_bulk: max_value.max(MAX_KEY_LEN),
+            ..Limits::default()
+        },
+        fenced: AtomicBool::new(false),
+        drain: AtomicBool::new(false),
+        latency: LatencyHist::default(),
+        conns: AtomicU64::new(0),
+        released: AtomicU64::new(0),
+        lease_epoch,
+        lease_len: lease,
+    });
+    set_lease(&shared, registered_at, lease);
+
+    // Join the map, then follow it.
+    let joined = (|| -> std::io::Result<()> {
+        let sent = Instant::now();
+        match mgr.call(&MgrRequest::Join { kn_id })? {
+            MgrReply::Lease { .. } => set_lease(&shared, sent, lease),
+            other => return Err(std::io::Error::other(format!("{other:?}"))),
+        }
+        follow_map(&shared, &mut mgr)
+    })();
+    if let Err(e) = joined {
+        kn.stop();
+        return Err(KnServerError::Manager(e.to_string()));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.io_threads.max(1))
+        .thread_name("kn-io")
+        .enable_all()
+        .build()?;
+    listener.set_nonblocking(true)?;
+    let hb_stop = Arc::new(AtomicBool::new(false));
+    let hb = {
+        let (shared, hb_stop, manager) = (
+            Arc::clone(&shared),
+            Arc::clone(&hb_stop),
+            cfg.manager.clone(),
+        );
+        std::thread::Builder::new()
+            .name("kn-lease".into())
+            .spawn(move || heartbeat(&shared, mgr, &manager, lease_epoch, lease, &hb_stop))?
+    };
+    on_ready(kn_id, addr);
+    tracing::info!(kn_id, %addr, "KN serving");
+    let served = rt.block_on(conn::accept_loop(Arc::clone(&shared), listener, stop));
+
+    // Leave: stop the lease thread, flush and close every log (the DPM merges them), then
+    // tell the manager, which republishes the map without this KN.
+    hb_stop.store(true, Ordering::Release);
+    let mgr = hb.join().ok().flatten();
+    if !shared.lease.is_valid() {
+        // Without a lease nothing more may be made durable: staged writes are dropped
+        // (and were never acknowledged).
+        shared.lease.set_lost();
+    }
+    let stats = kn.stop();
+    tracing::info!(
+        kn_id,
+        gets = stats.gets,
+        puts = stats.puts,
+        "KN stopped its shards"
+    );
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if shared.fenced.load(Ordering::Acquire) {
+        return Err(KnServerError::Fenced);
+    }
+    if let Some(mut m) = mgr {
+        match m.call(&MgrRequest::Leave { kn_id }) {
+            Ok(MgrReply::Ok) => tracing::info!(kn_id, "left the cluster"),
+            r => tracing::warn!(kn_id, reply = ?r, "leaving the cluster failed"),
+        }
+    }
+    served.map_err(KnServerError::Io)
+}

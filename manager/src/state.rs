@@ -1,0 +1,920 @@
+//! The manager's state machine: membership, leases, the map and its epochs, settling, and
+//! the order of fencing. It does no I/O of its own: the durable store (the DPM), the clock
+//! and the KN spawner are injected, and nothing here waits, so tests drive it request by
+//! request without processes or sockets. The TCP service ([`crate::service`]) runs it.
+//!
+//! Store calls (a control message to the DPM each) never run under the state lock: a DPM
+//! that is restarting must not hold up lease renewals, which need no store call at all.
+//!
+//! # Leases
+//!
+//! A renewal extends a KN's lease in memory. What is recorded at the DPM is the lease
+//! epoch and length, once per registration, and the end of the lease when the KN is
+//! fenced or leaves: a manager that takes over after a crash waits one lease length before
+//! it fences the KNs it finds still holding leases (every lease the dead manager granted
+//! ends by then), and needs no record of each renewal.
+//!
+//! # Fencing order
+//!
+//! A KN that left or whose lease expired is marked *gone*; its slots stay where they are
+//! until the DPM has fenced it (closed and merged its logs). Only then is it removed and a
+//! map without it stored and published. A fence that fails is retried at every tick.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dinomo_shared::control::NO_KN;
+use dinomo_shared::manager_proto::{
+    ranges_of, KnStatus, LoadReport, MapMsg, MgrReply, MgrRequest, Reconfig, StatusMsg,
+};
+use dinomo_shared::ownership::SlotMap;
+use dinomo_shared::slot::SLOTS;
+use dinomo_shared::ErrorCode;
+
+use crate::clock::Clock;
+use crate::policy::{LoadPolicy, PolicyAction};
+use crate::spawner::KnSpawner;
+use crate::store::{DurableStore, LeaseRecord, StoreError, Stored};
+
+/// How the manager runs.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Lease length; a KN renews it every 100 ms (every quarter lease if shorter).
+    pub lease: Duration,
+    /// Virtual nodes per KN on the hash ring.
+    pub vnodes: u32,
+}
+
+/// Map changes kept for `status`.
+const RECONFIGS_KEPT: usize = 16;
+
+/// Longest wait for the leases of an earlier manager's KNs to lapse (a record further
+/// ahead comes from a clock that jumped).
+pub const MAX_LEFTOVER_LEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Slack between the manager's clocks and the KNs' monotonic clocks.
+pub const LEASE_CLOCK_MARGIN: Duration = Duration::from_millis(50);
+
+/// Why the manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("cannot read the cluster state from the DPM: {0}")]
+    Load(StoreError),
+    #[error("cannot fence KN {kn} left over from an earlier manager: {source}")]
+    Leftover { kn: u16, source: StoreError },
+}
+
+/// Why a KN is leaving the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Left,
+    Expired,
+}
+
+#[derive(Debug)]
+struct KnInfo {
+    addr: String,
+    lease_epoch: u32,
+    expires: Instant,
+    joined: bool,
+    acked: u64,
+    /// Leaving or expired: kept (it may still own slots in the current map) until it is
+    /// fenced and the map without it is published, so the map and its KN list change
+    /// together.
+    gone: Option<Exit>,
+    /// A fence of it is under way.
+    fencing: bool,
+    /// Fenced at the DPM: removed with the next map change.
+    fenced: bool,
+    /// Asked to leave (`remove_kn`); told so in its next lease reply.
+    draining: bool,
+    load: Option<LoadReport>,
+}
+
+impl KnInfo {
+    fn live(&self) -> bool {
+        self.joined && self.gone.is_none()
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    kns: BTreeMap<u16, KnInfo>,
+    /// Ids being registered (their lease is being recorded).
+    registering: BTreeSet<u16>,
+    /// The last lease epoch handed out per KN id.
+    lease_epochs: BTreeMap<u16, u32>,
+    map: SlotMap,
+    /// The last map every live KN acknowledged.
+    settled_map: SlotMap,
+    settled: bool,
+    /// When the current map was published.
+    published: Instant,
+    reconfigs: VecDeque<Reconfig>,
+    /// A map change that could not be stored yet; retried at every tick.
+    pending_republish: Option<String>,
+    /// The stored epoch is at least this (a store whose reply was lost may have stored
+    /// a map this manager does not know of).
+    epoch_floor: u64,
+}
+
+impl State {
+    fn live(&self, kn: u16) -> bool {
+        self.kns.get(&kn).is_some_and(KnInfo::live)
+    }
+
+    fn live_ids(&self) -> Vec<u16> {
+        self.kns
+            .iter()
+            .filter(|(_, k)| k.live())
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.map.epoch().max(self.epoch_floor) + 1
+    }
+
+    fn reconfig_mut(&mut self, epoch: u64) -> Option<&mut Reconfig> {
+        self.reconfigs.iter_mut().rev().find(|r| r.epoch == epoch)
+    }
+
+    /// Settled, and no KN is being fenced or leaving (its slots are about to move).
+    fn settled_now(&self) -> bool {
+        self.settled && !self.kns.values().any(|k| k.gone.is_some())
+    }
+
+    fn update_settled(&mut self, now: Instant) {
+        let epoch = self.map.epoch();
+        let all = self
+            .kns
+            .values()
+            .filter(|k| k.live())
+            .all(|k| k.acked >= epoch);
+        if all && !self.settled {
+            self.settled_map = self.map.clone();
+            let took = ms(now.saturating_duration_since(self.published));
+            if let Some(r) = self.reconfig_mut(epoch) {
+                r.settle_ms = Some(took);
+            }
+            tracing::info!(epoch, settle_ms = took, "cluster map settled");
+        }
+        self.settled = all;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The running manager.
+pub struct Manager {
+    cfg: ManagerConfig,
+    clock: Arc<dyn Clock>,
+    store: Mutex<Box<dyn DurableStore>>,
+    spawner: Option<Arc<dyn KnSpawner>>,
+    /// KN ids the region has lease rows for.
+    max_kns: u16,
+    /// The lease records found at start that may still be held (fenced by
+    /// [`Manager::fence_leftovers`]).
+    leftovers: Mutex<Vec<(u16, LeaseRecord)>>,
+    leftover_wait: Duration,
+    state: Mutex<State>,
+    /// One map change at a time, from computing it to publishing it.
+    publishing: Mutex<()>,
+    policy: Mutex<Option<Box<dyn LoadPolicy>>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("cfg", &self.cfg)
+            .field("max_kns", &self.max_kns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a manager starting at wall time `now_ms`, granting leases of `lease`, waits
+/// before it fences the KNs `stored` shows holding leases: one lease length of the manager
+/// that granted them (whichever is longer), or, for records that do not say it, until
+/// their recorded expiry. Zero when no lease may be held.
+pub fn leftover_wait(stored: &Stored, now_ms: u64, lease: Duration) -> Duration {
+    stored
+        .leases
+        .iter()
+        .filter(|(_, r)| r.is_live())
+        .map(|(_, r)| {
+            if r.lease_ms > 0 {
+                Duration::from_millis(r.lease_ms).max(lease)
+            } else {
+                Duration::from_millis(r.expires_ms.saturating_sub(now_ms))
+            }
+        })
+        .max()
+        .map_or(Duration::ZERO, |w| {
+            (w + LEASE_CLOCK_MARGIN).min(MAX_LEFTOVER_LEASE_WAIT)
+        })
+}
+
+impl Manager {
+    /// A manager over `store`: reads the stored map epoch and lease records. KNs of an
+    /// earlier manager may still hold leases: wait [`Manager::leftover_wait`], then
+    /// [`Manager::fence_leftovers`] before serving.
+    pub fn new(
+        cfg: ManagerConfig,
+        mut store: Box<dyn DurableStore>,
+        clock: Arc<dyn Clock>,
+        spawner: Option<Arc<dyn KnSpawner>>,
+    ) -> Result<Self, ManagerError> {
+        let stored = store.load().map_err(ManagerError::Load)?;
+        let wait = leftover_wait(&stored, clock.wall_ms(), cfg.lease);
+        let now = clock.now();
+        let empty = SlotMap::consistent(stored.map_epoch, &[], 1);
+        let lease_epochs = stored
+            .leases
+            .iter()
+            .map(|(kn, r)| (*kn, r.lease_epoch))
+            .collect();
+        Ok(Self {
+            max_kns: stored.max_kns,
+            leftovers: Mutex::new(stored.leases),
+            leftover_wait: wait,
+            cfg,
+            clock,
+            store: Mutex::new(store),
+            spawner,
+            state: Mutex::new(State {
+                kns: BTreeMap::new(),
+                registering: BTreeSet::new(),
+                lease_epochs,
+                map: empty.clone(),
+                settled_map: empty,
+                settled: true,
+                published: now,
+                reconfigs: VecDeque::new(),
+                pending_republish: None,
+                epoch_floor: stored.map_epoch,
+            }),
+            publishing: Mutex::new(()),
+            policy: Mutex::new(None),
+        })
+    }
+
+    /// How long to wait before [`Manager::fence_leftovers`] (see [`leftover_wait`]).
+    pub fn leftover_wait(&self) -> Duration {
+        self.leftover_wait
+    }
+
+    /// Fences every KN an earlier manager registered and records its lease as ended: the
+    /// DPM merges whatever they left. Call once their leases have lapsed.
+    pub fn fence_leftovers(&self) -> Result<(), ManagerError> {
+        let mut left = self.leftovers.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&(kn, record)) = left.first() {
+            let fenced = self
+                .store()
+                .fence(kn)
+                .map_err(|source| ManagerError::Leftover { kn, source })?;
+            if record.is_live() {
+                tracing::info!(
+                    kn,
+                    logs = fenced.logs,
+                    entries = fenced.entries,
+                    "fenced a KN of an earlier manager"
+                );
+            }
+            let ended = LeaseRecord {
+                expires_ms: 0,
+                ..record
+            };
+            if let Err(e) = self.store().store_lease(kn, &ended) {
+                tracing::warn!(kn, error = %e, "cannot record the end of a leftover lease");
+            }
+            left.remove(0);
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self) -> MutexGuard<'_, Box<dyn DurableStore>> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Runs `policy` every period (see [`Manager::policy_actions`]).
+    pub fn set_policy(&self, policy: Box<dyn LoadPolicy>) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    }
+
+    /// The policy's decision period, if a policy is set.
+    pub fn policy_period(&self) -> Option<Duration> {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|p| p.period())
+    }
+
+    fn lease_ms(&self) -> u64 {
+        millis(self.cfg.lease)
+    }
+
+    /// Answers one request of a KN or a tool. The administrative requests (`add_kn`,
+    /// `remove_kn`, `rebalance`) take a while and are carried out by the service with the
+    /// steps below ([`Manager::spawn_kn`], [`Manager::mark_draining`],
+    /// [`Manager::rebalance`]); here they get an error.
+    pub fn handle(&self, req: MgrRequest) -> MgrReply {
+        match req {
+            MgrRequest::Register { addr, shards } => self.register(addr, shards),
+            MgrRequest::Join { kn_id } => self.join(kn_id),
+            MgrRequest::Renew {
+                kn_id,
+                lease_epoch,
+                load,
+            } => self.renew(kn_id, lease_epoch, load),
+            MgrRequest::Ack {
+                kn_id,
+                epoch,
+                release_us,
+                entries_merged,
+            } => self.ack(kn_id, epoch, release_us, entries_merged),
+            MgrRequest::Map => MgrReply::Map(self.map()),
+            MgrRequest::Leave { kn_id } => self.leave(kn_id),
+            MgrRequest::Status => MgrReply::Status(self.status()),
+            MgrRequest::AddKn | MgrRequest::RemoveKn { .. } | MgrRequest::Rebalance { .. } => {
+                MgrReply::Error {
+                    message: "administrative requests are served by the manager's service".into(),
+                }
+            }
+        }
+    }
+
+    fn unknown(kn: u16) -> MgrReply {
+        MgrReply::Error {
+            message: format!("KN {kn} is not registered (lease expired?)"),
+        }
+    }
+
+    fn lease_reply(&self, st: &State, kn: u16) -> MgrReply {
+        MgrReply::Lease {
+            epoch: st.map.epoch(),
+            settled: st.settled_now(),
+            lease_ms: self.lease_ms(),
+            drain: st.kns.get(&kn).is_some_and(|k| k.draining),
+        }
+    }
+
+    fn register(&self, addr: String, shards: u16) -> MgrReply {
+        let _ = shards;
+        let (kn_id, lease_epoch) = {
+            let mut st = self.lock();
+            let free = (0..self.max_kns)
+                .find(|id| !st.kns.contains_key(id) && !st.registering.contains(id));
+            let Some(kn_id) = free else {
+                return MgrReply::Error {
+                    message: format!("all {} KN slots are taken", self.max_kns),
+                };
+            };
+            let epoch = st
+                .lease_epochs
+                .get(&kn_id)
+                .copied()
+                .unwrap_or(0)
+                .wrapping_add(1)
+                .max(1);
+            st.registering.insert(kn_id);
+            (kn_id, epoch)
+        };
+        let record = LeaseRecord {
+            lease_epoch,
+            expires_ms: self.clock.wall_ms().saturating_add(self.lease_ms()),
+            lease_ms: self.lease_ms(),
+        };
+        let stored = self.store().store_lease(kn_id, &record);
+        let mut st = self.lock();
+        st.registering.remove(&kn_id);
+        if let Err(e) = stored {
+            return MgrReply::Error {
+                message: format!("cannot record the lease at the DPM: {e}"),
+            };
+        }
+        st.lease_epochs.insert(kn_id, lease_epoch);
+        st.kns.insert(
+            kn_id,
+            KnInfo {
+                addr: addr.clone(),
+                lease_epoch,
+                expires: self.clock.now() + self.cfg.lease,
+                joined: false,
+                acked: 0,
+                gone: None,
+                fencing: false,
+                fenced: false,
+                draining: false,
+                load: None,
+            },
+        );
+        tracing::info!(kn_id, %addr, lease_epoch, "KN registered");
+        MgrReply::Registered {
+            kn_id,
+            lease_epoch,
+            lease_ms: self.lease_ms(),
+        }
+    }
+
+    fn join(&self, kn_id: u16) -> MgrReply {
+        {
+            let mut st = self.lock();
+            let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
+                return Self::unknown(kn_id);
+            };
+            if k.joined {
+                return self.lease_reply(&st, kn_id);
+            }
+            k.joined = true;
+        }
+        if let Err(e) = self.republish(format!("kn {kn_id} joined")) {
+            if let Some(k) = self.lock().kns.get_mut(&kn_id) {
+                k.joined = false;
+            }
+            return MgrReply::Error {
+                message: format!("cannot store the map with KN {kn_id} at the DPM: {e}"),
+            };
+        }
+        let st = self.lock();
+        self.lease_reply(&st, kn_id)
+    }
+
+    fn renew(&self, kn_id: u16, lease_epoch: u32, load: Option<LoadReport>) -> MgrReply {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let Some(k) = st
+            .kns
+            .get_mut(&kn_id)
+            .filter(|k| k.lease_epoch == lease_epoch && k.gone.is_none())
+        else {
+            return Self::unknown(kn_id);
+        };
+        k.expires = now + self.cfg.lease;
+        if load.is_some() {
+            k.load = load;
+        }
+        self.lease_reply(&st, kn_id)
+    }
+
+    fn ack(&self, kn_id: u16, epoch: u64, release_us: u64, entries_merged: u64) -> MgrReply {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let current = st.map.epoch();
+        let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
+            return Self::unknown(kn_id);
+        };
+        if epoch > current {
+            return MgrReply::Error {
+                message: format!("epoch {epoch} is ahead of the current map ({current})"),
+            };
+        }
+        k.acked = k.acked.max(epoch);
+        if let Some(r) = st.reconfig_mut(epoch) {
+            r.max_release_ms = r.max_release_ms.max(release_us as f64 / 1e3);
+            r.entries_merged = r.entries_merged.saturating_add(entries_merged);
+        }
+        st.update_settled(now);
+        self.lease_reply(&st, kn_id)
+    }
+
+    fn leave(&self, kn_id: u16) -> MgrReply {
+        {
+            let mut st = self.lock();
+            let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
+                return Self::unknown(kn_id);
+            };
+            k.gone = Some(Exit::Left);
+        }
+        // The KN closed its logs before leaving; fencing it anyway is a cheap no-op that
+        // also covers a KN that could not close them. A fence that fails is retried by
+        // the ticks; the KN is done either way.
+        self.retire_gone();
+        tracing::info!(kn_id, "KN left");
+        MgrReply::Ok
+    }
+
+    /// The current map as KNs and clients see it.
+    pub fn map(&self) -> MapMsg {
+        let st = self.lock();
+        let moving = (0..SLOTS).map(|s| {
+            let (new, old) = (st.map.owner(s), st.settled_map.owner(s));
+            if !st.settled && new != old && old != NO_KN && st.live(old) {
+                new
+            } else {
+                NO_KN
+            }
+        });
+        MapMsg {
+            epoch: st.map.epoch(),
+            settled: st.settled_now(),
+            kns: st
+                .kns
+                .iter()
+                .filter(|(_, k)| k.joined)
+                .map(|(&id, k)| (id, k.addr.clone()))
+                .collect(),
+            ranges: ranges_of(st.map.owners().iter().copied()),
+            moving: ranges_of(moving),
+        }
+    }
+
+    /// The reply to `status`.
+    pub fn status(&self) -> StatusMsg {
+        let spawned = self.spawner.as_ref().map_or_else(Vec::new, |s| s.spawned());
+        let policy = self
+            .policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let st = self.lock();
+        let now = self.clock.now();
+        StatusMsg {
+            epoch: st.map.epoch(),
+            settled: st.settled_now(),
+            kns: st
+                .kns
+                .iter()
+                .filter(|(_, k)| k.gone.is_none())
+                .map(|(&id, k)| KnStatus {
+                    kn_id: id,
+                    addr: k.addr.clone(),
+                    lease_ms_left: millis(k.expires.saturating_duration_since(now)),
+                    joined: k.joined,
+                    slots: st.map.slots_of(id),
+                    acked_epoch: k.acked,
+                    draining: k.draining,
+                    spawned: spawned.contains(&id),
+                    load: k.load.clone(),
+                })
+                .collect(),
+            reconfigs: st.reconfigs.iter().cloned().collect(),
+            can_spawn: self.spawner.is_some(),
+            policy,
+        }
+    }
+
+    /// Computes, stores and publishes a new map over the joined live KNs.
+    fn republish(&self, reason: String) -> Result<(), StoreError> {
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let next = {
+            let st = self.lock();
+            SlotMap::consistent(st.next_epoch(), &st.live_ids(), self.cfg.vnodes)
+        };
+        let r = self.install(next, reason.clone());
+        let mut st = self.lock();
+        st.pending_republish = r.is_err().then_some(reason);
+        r
+    }
+
+    /// Stores `next` at the DPM, then publishes it and starts its record in the
+    /// reconfiguration history. The caller holds `publishing`.
+    fn install(&self, next: SlotMap, reason: String) -> Result<(), StoreError> {
+        let stored = self.store().store_map(&next);
+        if let Err(e) = stored {
+            if matches!(
+                e,
+                StoreError::Refused {
+                    code: ErrorCode::StaleEpoch,
+                    ..
+                }
+            ) {
+                // The DPM holds a newer map than this manager knows (a store whose reply
+                // was lost): publish above it next time.
+                if let Ok(stored) = self.store().load() {
+                    let mut st = self.lock();
+                    st.epoch_floor = st.epoch_floor.max(stored.map_epoch);
+                }
+            }
+            tracing::warn!(epoch = next.epoch(), %reason, error = %e, "cannot store the new map");
+            return Err(e);
+        }
+        let now = self.clock.now();
+        let wall = self.clock.wall_ms();
+        let mut st = self.lock();
+        let epoch = next.epoch();
+        let slots_moved = next.moved_slots(&st.map);
+        st.map = next;
+        // KNs that were fenced leave the KN list with the map that no longer has them.
+        st.kns.retain(|_, k| !k.fenced);
+        st.published = now;
+        st.settled = false;
+        let kns = st.live_ids();
+        tracing::info!(epoch, kns = ?kns, slots_moved, %reason, "published cluster map");
+        if st.reconfigs.len() == RECONFIGS_KEPT {
+            st.reconfigs.pop_front();
+        }
+        st.reconfigs.push_back(Reconfig {
+            epoch,
+            reason,
+            kns: kns.len(),
+            slots_moved,
+            published_ms: wall,
+            ..Reconfig::default()
+        });
+        st.update_settled(now);
+        Ok(())
+    }
+
+    /// One round of upkeep: expires leases, fences and removes KNs that are gone, stores a
+    /// map change that failed before, forgets exited children.
+    pub fn tick(&self) {
+        self.expire();
+        self.retire_gone();
+        let pending = self.lock().pending_republish.clone();
+        if let Some(reason) = pending {
+            let _ = self.republish(reason);
+        }
+        if let Some(s) = &self.spawner {
+            s.reap();
+        }
+    }
+
+    /// This process was not scheduled for `by` (renewals may be waiting unread, so a lease
+    /// that looks expired may not be): extends every lease by the pause instead of
+    /// fencing live KNs.
+    pub fn extend_leases(&self, by: Duration) {
+        let mut st = self.lock();
+        for k in st.kns.values_mut() {
+            k.expires += by;
+        }
+        tracing::warn!(pause_ms = millis(by), "manager paused; leases extended");
+    }
+
+    /// Marks every KN whose lease has expired as gone.
+    fn expire(&self) {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        for (&id, k) in st.kns.iter_mut() {
+            if k.gone.is_none() && k.expires <= now {
+                tracing::warn!(kn = id, "lease expired");
+                k.gone = Some(Exit::Expired);
+            }
+        }
+    }
+
+    /// Fences every gone KN at the DPM, records its lease as ended, then stores and
+    /// publishes the map without it (which removes it from the KN list). The slots of a KN
+    /// change hands only after its fence succeeded; one that fails is tried again at the
+    /// next call, and so is a map that could not be stored.
+    fn retire_gone(&self) {
+        let todo: Vec<(u16, u32, Exit)> = {
+            let mut st = self.lock();
+            st.kns
+                .iter_mut()
+                .filter(|(_, k)| !k.fencing && !k.fenced)
+                .filter_map(|(&id, k)| {
+                    let exit = k.gone?;
+                    k.fencing = true;
+                    Some((id, k.lease_epoch, exit))
+                })
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        for (kn, lease_epoch, exit) in todo {
+            let fenced = self.store().fence(kn);
+            match fenced {
+                Ok(f) => {
+                    if exit == Exit::Expired {
+                        tracing::warn!(kn, logs = f.logs, entries = f.entries, "lease expired: KN fenced");
+                    }
+                    let ended = LeaseRecord {
+                        lease_epoch,
+                        expires_ms: 0,
+                        lease_ms: self.lease_ms(),
+                    };
+                    if let Err(e) = self.store().store_lease(kn, &ended) {
+                        tracing::warn!(kn, error = %e, "cannot record the end of a lease");
+                    }
+                    done.push((kn, exit));
+                }
+                Err(e) => tracing::error!(kn, error = %e, "cannot fence KN; retrying"),
+            }
+        }
+        let reasons: Vec<String> = {
+            let mut st = self.lock();
+            for k in st.kns.values_mut() {
+                k.fencing = false;
+            }
+            let mut reasons = Vec::new();
+            for (kn, exit) in done {
+                let Some(k) = st.kns.get_mut(&kn) else {
+                    continue;
+                };
+                k.fenced = true;
+                if k.joined {
+                    reasons.push(match exit {
+                        Exit::Left => format!("kn {kn} left"),
+                        Exit::Expired => format!("kn {kn} fenced (lease expired)"),
+                    });
+                } else {
+                    // Never in a map: nothing to publish.
+                    st.kns.remove(&kn);
+                }
+            }
+            reasons
+        };
+        if !reasons.is_empty() {
+            let _ = self.republish(reasons.join(", "));
+        }
+    }
+
+    // ----- administrative steps (the service waits between them) -----
+
+    /// Whether this manager can start KNs.
+    pub fn can_spawn(&self) -> bool {
+        self.spawner.is_some()
+    }
+
+    /// Starts a KN (through the spawner) that registers with the manager at `manager`;
+    /// returns its id and address once it serves.
+    pub fn spawn_kn(&self, manager: std::net::SocketAddr) -> Result<(u16, String), String> {
+        let Some(s) = &self.spawner else {
+            return Err(
+                "this manager cannot start KNs: it was started without --kn-exe \
+                        (`dinomo up` passes it)"
+                    .into(),
+            );
+        };
+        let (kn, addr) = s.spawn(manager)?;
+        tracing::info!(kn_id = kn, %addr, "started a KN");
+        Ok((kn, addr))
+    }
+
+    /// Whether KN `kn` is in the current map, has installed it, and the map settled.
+    pub fn kn_serving(&self, kn: u16) -> bool {
+        let st = self.lock();
+        st.kns
+            .get(&kn)
+            .is_some_and(|k| k.live() && k.acked >= st.map.epoch())
+            && st.settled_now()
+    }
+
+    /// Whether KN `kn` is registered (and not yet removed).
+    pub fn has_kn(&self, kn: u16) -> bool {
+        self.lock().kns.contains_key(&kn)
+    }
+
+    /// Settled, and no KN is leaving.
+    pub fn is_settled(&self) -> bool {
+        self.lock().settled_now()
+    }
+
+    /// The current map's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.lock().map.epoch()
+    }
+
+    /// The record of the map change to `epoch`, if it is still kept.
+    pub fn reconfig(&self, epoch: u64) -> Option<Reconfig> {
+        self.lock().reconfig_mut(epoch).cloned()
+    }
+
+    /// The last map change that moved KN `kn` out of the map.
+    pub fn departure_of(&self, kn: u16) -> Option<Reconfig> {
+        let st = self.lock();
+        let (left, fenced) = (format!("kn {kn} left"), format!("kn {kn} fenced"));
+        st.reconfigs
+            .iter()
+            .rev()
+            .find(|r| r.reason.contains(&left) || r.reason.contains(&fenced))
+            .cloned()
+    }
+
+    /// Asks KN `kn` to leave (told in its next lease reply); it then leaves by itself.
+    pub fn mark_draining(&self, kn: u16) -> Result<(), String> {
+        let mut st = self.lock();
+        let live = st.live_ids();
+        let others = st
+            .kns
+            .iter()
+            .filter(|(&id, k)| id != kn && k.live() && !k.draining)
+            .count();
+        let Some(k) = st.kns.get_mut(&kn).filter(|k| k.gone.is_none()) else {
+            return Err(format!("unknown KN {kn} (live KNs: {live:?})"));
+        };
+        if k.joined && others == 0 {
+            return Err(format!(
+                "KN {kn} is the last KN that is not leaving; it cannot be removed"
+            ));
+        }
+        k.draining = true;
+        tracing::info!(kn, "draining KN");
+        Ok(())
+    }
+
+    /// Recomputes the map over the live KNs, or moves `slots` to `to`; stores and
+    /// publishes it. `Ok(None)`: nothing would move. Otherwise the new epoch.
+    pub fn rebalance(
+        &self,
+        slots: Option<(u16, u16)>,
+        to: Option<u16>,
+    ) -> Result<Option<u64>, String> {
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, reason) = {
+            let st = self.lock();
+            if !st.settled_now() {
+                return Err(format!(
+                    "the map (epoch {}) is still settling; try again",
+                    st.map.epoch()
+                ));
+            }
+            let epoch = st.next_epoch();
+            let (next, reason) = match (slots, to) {
+                (None, None) => (
+                    SlotMap::consistent(epoch, &st.live_ids(), self.cfg.vnodes),
+                    "rebalance".to_string(),
+                ),
+                (Some((a, b)), Some(kn)) => {
+                    if a > b || b >= SLOTS {
+                        return Err(format!(
+                            "bad slot range {a}-{b}: need first <= last <= {}",
+                            SLOTS - 1
+                        ));
+                    }
+                    if !st.live(kn) || st.kns.get(&kn).is_some_and(|k| k.draining) {
+                        return Err(format!("unknown KN {kn} (live KNs: {:?})", st.live_ids()));
+                    }
+                    let owners = (0..SLOTS)
+                        .map(|s| {
+                            if (a..=b).contains(&s) {
+                                kn
+                            } else {
+                                st.map.owner(s)
+                            }
+                        })
+                        .collect();
+                    let Some(m) = SlotMap::from_owners(epoch, owners) else {
+                        return Err("cannot build the map".into());
+                    };
+                    (m, format!("move slots {a}-{b} to kn {kn}"))
+                }
+                _ => return Err("give both slots and to, or neither".into()),
+            };
+            if next.moved_slots(&st.map) == 0 {
+                return Ok(None);
+            }
+            (next, reason)
+        };
+        let epoch = next.epoch();
+        self.install(next, reason)
+            .map_err(|e| format!("cannot store the new map at the DPM: {e}"))?;
+        Ok(Some(epoch))
+    }
+
+    /// Whether the map of `epoch` settled or was superseded.
+    pub fn settled_or_superseded(&self, epoch: u64) -> bool {
+        let st = self.lock();
+        st.map.epoch() != epoch || st.settled
+    }
+
+    /// One round of the load policy: the latest report of every live KN in, actions out.
+    /// Nothing until every such KN has reported.
+    pub fn policy_actions(&self) -> Vec<PolicyAction> {
+        let loads: Vec<(u16, LoadReport)> = {
+            let st = self.lock();
+            let live: Vec<_> = st
+                .kns
+                .iter()
+                .filter(|(_, k)| k.live() && !k.draining)
+                .collect();
+            if live.iter().any(|(_, k)| k.load.is_none()) {
+                return Vec::new();
+            }
+            live.into_iter()
+                .filter_map(|(&id, k)| k.load.clone().map(|l| (id, l)))
+                .collect()
+        };
+        let now = self.clock.now();
+        let mut p = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        match p.as_mut() {
+            Some(p) => p.decide(now, &loads),
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,60 @@
+//! `dinomo ctl`: operate a running cluster through its manager.
+
+use clap::{Args, Subcommand};
+use dinomo::ctl::CtlCommand;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  dinomo ctl status                      KNs (slots, lease, load), map epoch, recent reconfigurations
+  dinomo ctl add-kn                      the manager starts a new KN; slots move to it
+  dinomo ctl remove-kn 2                 KN 2 merges its logs, leaves, its slots move
+  dinomo ctl rebalance                   recompute the map over the live KNs
+  dinomo ctl rebalance --slots 0-99 --to 1
+
+Reconfigurations show: slots moved, SETTLE_MS (publish to settled: how long moving slots
+were refused), RELEASE_MS (the slowest old owner's flush + merge), MERGED (log entries merged).
+Exit code 0 on success, 1 when the manager is unreachable or refuses (e.g. unknown KN).")]
+pub(crate) struct CtlArgs {
+    /// Manager address.
+    #[arg(long, default_value = "127.0.0.1:7000", global = true)]
+    manager: String,
+    /// Print the manager's reply as JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlSub,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlSub {
+    /// KNs, the map, and the recent reconfigurations with their measurements.
+    Status,
+    /// Start a new KN (the manager spawns it) and move slots to it.
+    AddKn,
+    /// Drain KN `ID`: it merges its logs and leaves; its slots move to the others.
+    RemoveKn {
+        /// KN id (see `status`).
+        id: u16,
+    },
+    /// Recompute the map over the live KNs, or move one slot range to one KN.
+    Rebalance {
+        /// Slot range FIRST-LAST to move (needs --to).
+        #[arg(long, value_parser = dinomo::ctl::parse_slot_range, requires = "to")]
+        slots: Option<(u16, u16)>,
+        /// KN to move --slots to.
+        #[arg(long, requires = "slots")]
+        to: Option<u16>,
+    },
+}
+
+pub(crate) fn run(a: CtlArgs) -> anyhow::Result<()> {
+    let cmd = match a.command {
+        CtlSub::Status => CtlCommand::Status,
+        CtlSub::AddKn => CtlCommand::AddKn,
+        CtlSub::RemoveKn { id } => CtlCommand::RemoveKn(id),
+        CtlSub::Rebalance { slots, to } => CtlCommand::Rebalance(slots.zip(to)),
+    };
+    let out = dinomo::ctl::run(&a.manager, &cmd, a.json)?;
+    print!("{out}");
+    Ok(())
+}

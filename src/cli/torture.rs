@@ -1,0 +1,94 @@
+//! `dinomo torture`: the crash torture of a process cluster (see `dinomo::torture`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{install_stop_handler, JsonOut, Usage, STOP};
+
+#[derive(Args, Debug)]
+pub(crate) struct TortureArgs {
+    /// Rounds (one kill each).
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+    /// Seed of the kill schedule and the load.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// KVS nodes.
+    #[arg(long, default_value_t = 2)]
+    kns: u16,
+    /// Keys of the load.
+    #[arg(long, default_value_t = 256)]
+    keys: u64,
+    /// Client threads.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Load time of a round in milliseconds (the kill falls inside it).
+    #[arg(long, default_value_t = 1500)]
+    round_ms: u64,
+    /// No round starts after this long, e.g. 9m, 90s, 1h.
+    #[arg(long, default_value = "9m", value_parser = dinomo::torture::parse_duration)]
+    time_limit: std::time::Duration,
+    /// Lease length in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    lease_ms: u64,
+    /// Working folder (default: a new one in /dev/shm or the temp dir, removed after a
+    /// passing run).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Roles to kill, e.g. dpm,manager,kn.
+    #[arg(long, default_value = "dpm,manager,kn", value_parser = dinomo::torture::Role::parse_list)]
+    roles: RoleList,
+}
+
+type RoleList = Vec<dinomo::torture::Role>;
+
+pub(crate) fn run(a: TortureArgs) -> anyhow::Result<()> {
+    use dinomo::torture::{TortureConfig, TortureError};
+    use std::io::IsTerminal;
+    let cfg = TortureConfig {
+        rounds: a.rounds,
+        seed: a.seed,
+        kns: a.kns,
+        keys: a.keys,
+        clients: a.clients,
+        round: std::time::Duration::from_millis(a.round_ms),
+        time_limit: a.time_limit,
+        lease_ms: a.lease_ms,
+        dir: a.dir,
+        roles: a.roles,
+    };
+    let json = JsonOut::check(a.json.as_deref())?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(u64::from(cfg.rounds));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rounds {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    install_stop_handler()?;
+    let r = dinomo::torture::run(&cfg, &STOP, |done, line| match &bar {
+        Some(b) => {
+            b.set_position(u64::from(done));
+            b.set_message(line.to_string());
+        }
+        None => eprintln!("{line}"),
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = match r {
+        Err(TortureError::Invalid(m)) => return json.on_error(Err(Usage(m).into())),
+        r => json.on_error(r.map_err(anyhow::Error::from))?,
+    };
+    print!("{}", dinomo::torture::render(&r));
+    json.write(&r)?;
+    if r.violations > 0 {
+        anyhow::bail!("{} violations", r.violations);
+    }
+    Ok(())
+}
