@@ -4,6 +4,8 @@
 //! and, once its (short) lease expires, the others serve its slots with every acknowledged
 //! write present; a new KN joins and serves moved slots with every write present; another
 //! KN leaves gracefully and the rest serve everything; finally everything stops cleanly.
+//! Throughout, the manager neither maps nor opens the region file (`/proc/<pid>/maps` and
+//! `/proc/<pid>/fd`).
 
 mod common;
 
@@ -11,8 +13,8 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::format_region;
 use common::procs::{ready_addr, wait_map, Client, Conn, Proc, BIN};
+use common::{format_region, proc_files};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
 
@@ -66,6 +68,20 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     }
     let map = wait_map(&mgr, 3);
     assert!(map.epoch >= 3, "{map:?}");
+
+    // The manager reaches the DPM through control messages only: it neither maps nor
+    // opens the region file. A KN on the shm fabric maps it, which shows the check sees a
+    // mapping when there is one.
+    let manager_pid = manager.pid().as_raw() as u32;
+    assert!(
+        !proc_files::touches(manager_pid, &region),
+        "the manager maps or opens {}: {:?} {:?}",
+        region.display(),
+        proc_files::mapped_files(manager_pid),
+        proc_files::open_files(manager_pid)
+    );
+    let kn0 = kns[0].as_ref().expect("KN 0").pid().as_raw() as u32;
+    assert!(proc_files::touches(kn0, &region), "a KN maps the region");
 
     // Writes through KN 0, following MOVED.
     let mut cl = Client::new(addrs.clone(), REPLY_TIMEOUT);
@@ -330,6 +346,9 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
             Value::Bulk(b"v".to_vec())
         );
     }
+
+    // Through a SIGKILLed KN, a join and a leave, the manager never touched the region.
+    assert!(!proc_files::touches(manager_pid, &region));
 
     // Clean stop: the last KN leaves, then the manager stops, then the DPM merges and marks
     // a clean shutdown.

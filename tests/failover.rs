@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::proc_files;
 use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc, BIN, DEADLINE};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
@@ -176,8 +177,14 @@ impl Cluster {
         }
     }
 
-    /// Every KN leaves, then the manager and the DPM stop cleanly.
+    /// Every KN leaves, then the manager and the DPM stop cleanly. Whatever the test did,
+    /// the manager never mapped or opened the region file.
     fn stop(mut self) {
+        let pid = self.manager.as_ref().expect("manager").pid().as_raw() as u32;
+        assert!(
+            !proc_files::touches(pid, &self.region),
+            "the manager touched the region"
+        );
         for (_, _, p) in &mut self.kns {
             if let Some(p) = p.take() {
                 p.terminate();

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::proc_files;
 use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
@@ -69,7 +70,7 @@ fn writes_acknowledged_by_a_kn_of_a_killed_manager_survive_the_new_manager() {
     let mut old_manager = old_manager;
     old_manager.wait();
     // The old KN cannot renew any more (it knows only the old manager's address).
-    let (_manager, mgr) = manager(r);
+    let (new_manager, mgr) = manager(r);
     // The new manager is up (and has fenced the old KN): whatever the old KN still
     // acknowledges must be durable.
     let late = set(&mut conn, b"late");
@@ -77,6 +78,13 @@ fn writes_acknowledged_by_a_kn_of_a_killed_manager_survive_the_new_manager() {
 
     let (_kn, addr) = kn(r, &mgr);
     wait_map(&mgr, 1);
+    // The new manager found the old KN's lease and fenced it through control messages,
+    // without ever mapping or opening the region file.
+    let pid = new_manager.pid().as_raw() as u32;
+    assert!(
+        !proc_files::touches(pid, &region),
+        "the manager touched the region"
+    );
     let mut cl = Client::new(vec![addr], Duration::from_secs(5));
     let got = cl.must(&[b"GET", b"k"]);
     if acknowledged {

@@ -87,6 +87,9 @@ struct KnInfo {
     fencing: bool,
     /// Fenced at the DPM: removed with the next map change.
     fenced: bool,
+    /// Its join is being served (the map with it is being stored): it cannot renew until
+    /// the reply, so its lease does not run out meanwhile.
+    joining: bool,
     /// Asked to leave (`remove_kn`); told so in its next lease reply.
     draining: bool,
     load: Option<LoadReport>,
@@ -424,6 +427,7 @@ impl Manager {
                 gone: None,
                 fencing: false,
                 fenced: false,
+                joining: false,
                 draining: false,
                 load: None,
             },
@@ -446,16 +450,25 @@ impl Manager {
                 return self.lease_reply(&st, kn_id);
             }
             k.joined = true;
+            k.joining = true;
         }
-        if let Err(e) = self.republish(format!("kn {kn_id} joined")) {
-            if let Some(k) = self.lock().kns.get_mut(&kn_id) {
+        let published = self.republish(format!("kn {kn_id} joined"));
+        // The KN could not renew while it waited for this reply (storing the map takes a
+        // round trip to the DPM per frame): its lease counts from now.
+        let now = self.clock.now();
+        let mut st = self.lock();
+        if let Some(k) = st.kns.get_mut(&kn_id) {
+            k.joining = false;
+            k.expires = k.expires.max(now + self.cfg.lease);
+            if published.is_err() {
                 k.joined = false;
             }
+        }
+        if let Err(e) = published {
             return MgrReply::Error {
                 message: format!("cannot store the map with KN {kn_id} at the DPM: {e}"),
             };
         }
-        let st = self.lock();
         self.lease_reply(&st, kn_id)
     }
 
@@ -665,7 +678,7 @@ impl Manager {
         let now = self.clock.now();
         let mut st = self.lock();
         for (&id, k) in st.kns.iter_mut() {
-            if k.gone.is_none() && k.expires <= now {
+            if k.gone.is_none() && !k.joining && k.expires <= now {
                 tracing::warn!(kn = id, "lease expired");
                 k.gone = Some(Exit::Expired);
             }
@@ -698,7 +711,12 @@ impl Manager {
             match fenced {
                 Ok(f) => {
                     if exit == Exit::Expired {
-                        tracing::warn!(kn, logs = f.logs, entries = f.entries, "lease expired: KN fenced");
+                        tracing::warn!(
+                            kn,
+                            logs = f.logs,
+                            entries = f.entries,
+                            "lease expired: KN fenced"
+                        );
                     }
                     let ended = LeaseRecord {
                         lease_epoch,

@@ -1,6 +1,7 @@
 //! Helpers shared by the tests that run the memory node as a separate process.
 #![allow(dead_code)]
 
+pub mod proc_files;
 pub mod procs;
 
 use std::path::Path;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use dinomo_shared::manager_proto::{MgrClient, MgrReply, MgrRequest};
 
 use super::load::{busy_ns, load_report, LoadMark};
-use crate::shard::LeaseGate;
 use super::{Shared, View};
+use crate::shard::LeaseGate;
 use crate::shard::Msg;
 
 pub(super) fn set_lease(shared: &Shared, sent: Instant, lease: Duration) {
@@ -237,7 +237,9 @@ pub(super) fn keep_lease_while<T: Send>(
                 };
                 match mgr.call(&req) {
                     Ok(MgrReply::Lease { .. }) => gate.extend_to(sent + lease - lease / 4),
-                    Ok(other) => return (mgr, Err(format!("lease refused while starting: {other:?}"))),
+                    Ok(other) => {
+                        return (mgr, Err(format!("lease refused while starting: {other:?}")))
+                    }
                     // Unreachable for now: the lease lapses if it stays so.
                     Err(e) => tracing::warn!(error = %e, "cannot renew the lease while starting"),
                 }

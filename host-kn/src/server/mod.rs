@@ -228,9 +228,10 @@ pub fn run(
     // The shards open their logs at the DPM, which can take longer than a lease on a
     // loaded machine: keep the lease meanwhile.
     gate.extend_to(registered_at + lease - lease / 4);
-    let (started, mut mgr, renewed) = keep_lease_while(mgr, kn_id, lease_epoch, lease, &gate, || {
-        Kn::start(configs, Arc::new(empty.slot_map()), connect)
-    });
+    let (started, mut mgr, renewed) =
+        keep_lease_while(mgr, kn_id, lease_epoch, lease, &gate, || {
+            Kn::start(configs, Arc::new(empty.slot_map()), connect)
+        });
     let kn = started?;
     if let Err(why) = renewed {
         kn.stop();

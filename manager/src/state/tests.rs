@@ -337,7 +337,11 @@ fn a_leaving_kn_is_fenced_and_removed_and_a_map_that_cannot_be_stored_is_retried
         "the map could not be stored: not published"
     );
     let map = h.m.map();
-    assert_eq!(map.kns.len(), 2, "b stays listed while the map still has it");
+    assert_eq!(
+        map.kns.len(),
+        2,
+        "b stays listed while the map still has it"
+    );
     assert!(!map.settled, "b's slots are about to move");
     h.store.world().fail_map = false;
     h.m.tick();
