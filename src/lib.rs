@@ -17,6 +17,7 @@ pub mod latency;
 pub mod lincheck;
 pub mod manager;
 pub mod policy;
+pub mod redis_client;
 pub mod resp;
 pub mod size;
 pub mod soak;

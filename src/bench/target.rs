@@ -8,9 +8,6 @@
 //! counters before and after the measured phase (absent for servers that do not report
 //! them).
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,8 +16,8 @@ use serde::Serialize;
 
 use super::workload::{key_into, value_into, KeyChooser, Rng, Workload};
 use super::{BenchConfig, Hits, Latency};
-use crate::resp::{encode_command, parse_value, Limits, Value};
-use dinomo_shared::slot::{key_slot, SLOTS};
+use crate::redis_client::{Attempt, ClusterClient, Timeouts};
+use crate::resp::Value;
 
 /// The result of a run against a running cluster. Field names follow
 /// [`super::BenchResult`] where they mean the same.
@@ -59,142 +56,42 @@ pub struct TargetResult {
 
 const RETRIES: u32 = 2000;
 
-/// One client: connections by node address and the slot table.
+/// One client thread's cluster client: resends after a failed connection (a benchmark's
+/// writes are idempotent) and retries `TRYAGAIN`.
 struct RespClient {
-    nodes: Vec<String>,
-    conns: HashMap<usize, (TcpStream, Vec<u8>)>,
-    slots: Vec<usize>,
-    moved: u64,
-    tryagain: u64,
+    c: ClusterClient,
     /// Commands sent again because their node's connection failed.
     reconnects: u64,
-    req: Vec<u8>,
 }
 
 impl RespClient {
+    /// Connects to the first seed that answers `CLUSTER SLOTS`.
     fn new(seeds: &[String]) -> anyhow::Result<Self> {
-        let mut c = Self {
-            nodes: seeds.to_vec(),
-            conns: HashMap::new(),
-            slots: vec![0; SLOTS as usize],
-            moved: 0,
-            tryagain: 0,
-            reconnects: 0,
-            req: Vec::new(),
+        let timeouts = Timeouts {
+            connect: None,
+            reply: Some(Duration::from_secs(30)),
         };
+        let mut c = ClusterClient::new(seeds, timeouts);
         c.load_slots()?;
-        Ok(c)
-    }
-
-    fn node(&mut self, addr: &str) -> usize {
-        match self.nodes.iter().position(|a| a == addr) {
-            Some(i) => i,
-            None => {
-                self.nodes.push(addr.to_string());
-                self.nodes.len() - 1
-            }
-        }
-    }
-
-    /// Fills the slot table from `CLUSTER SLOTS` of the first node that answers it (a node
-    /// may have left the cluster or died since it was learnt).
-    fn load_slots(&mut self) -> anyhow::Result<()> {
-        let mut answer = None;
-        let mut last_err = None;
-        for node in 0..self.nodes.len() {
-            match self.call_on(node, &[b"CLUSTER", b"SLOTS"]) {
-                Ok(v) => {
-                    answer = Some(v);
-                    break;
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        let answer = match (answer, last_err) {
-            (Some(v), _) => v,
-            (None, Some(e)) => return Err(e.context("no node answers CLUSTER SLOTS")),
-            (None, None) => bail!("no node to ask for the slot table"),
-        };
-        match crate::resp::cluster_slot_ranges(&answer) {
-            Some(ranges) => {
-                for (a, b, addr) in ranges {
-                    let i = self.node(&addr);
-                    self.slots[a as usize..=b as usize].fill(i);
-                }
-            }
-            // Not a cluster: the first node serves everything.
-            None => self.slots.fill(0),
-        }
-        Ok(())
-    }
-
-    fn call_on(&mut self, node: usize, args: &[&[u8]]) -> anyhow::Result<Value> {
-        if !self.conns.contains_key(&node) {
-            let addr = &self.nodes[node];
-            let s =
-                TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            self.conns.insert(node, (s, Vec::with_capacity(4096)));
-        }
-        self.req.clear();
-        encode_command(&mut self.req, args);
-        let Some((s, buf)) = self.conns.get_mut(&node) else {
-            bail!("no connection");
-        };
-        let r = (|| -> anyhow::Result<Value> {
-            s.write_all(&self.req)?;
-            let mut chunk = [0u8; 16384];
-            loop {
-                if let Some((v, n)) = parse_value(buf, &Limits::default())? {
-                    buf.drain(..n);
-                    return Ok(v);
-                }
-                let n = s.read(&mut chunk)?;
-                if n == 0 {
-                    bail!("the server closed the connection");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })();
-        if r.is_err() {
-            self.conns.remove(&node);
-        }
-        r
+        Ok(Self { c, reconnects: 0 })
     }
 
     /// Sends a single-key command to the key's node, following MOVED and retrying TRYAGAIN.
     fn call(&mut self, key: &[u8], args: &[&[u8]]) -> anyhow::Result<Value> {
-        let slot = key_slot(key) as usize;
         for _ in 0..RETRIES {
-            let node = self.slots[slot];
-            let reply = match self.call_on(node, args) {
-                Ok(v) => v,
+            match self.c.attempt(key, args) {
+                Attempt::Reply(Value::Error(e)) | Attempt::ClusterDown(e) => bail!("{e}"),
+                Attempt::Reply(v) => return Ok(v),
+                Attempt::Moved => {}
+                Attempt::TryAgain(_) => std::thread::sleep(Duration::from_millis(5)),
+                // The slot has no known owner yet (the table was just reloaded).
+                Attempt::NoRoute => std::thread::sleep(Duration::from_millis(20)),
                 // The node left or died: its slots have (or soon will have) a new owner.
-                // The command is sent again; a benchmark's writes are idempotent.
-                Err(_) => {
+                Attempt::Failed(_) => {
                     self.reconnects += 1;
                     std::thread::sleep(Duration::from_millis(20));
-                    let _ = self.load_slots();
-                    continue;
+                    let _ = self.c.load_slots();
                 }
-            };
-            match reply {
-                Value::Error(e) if e.starts_with("MOVED ") => {
-                    self.moved += 1;
-                    let addr = e
-                        .split_whitespace()
-                        .nth(2)
-                        .ok_or_else(|| anyhow!("bad MOVED reply {e:?}"))?;
-                    let i = self.node(addr);
-                    self.slots[slot] = i;
-                }
-                Value::Error(e) if e.starts_with("TRYAGAIN") => {
-                    self.tryagain += 1;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Value::Error(e) => bail!("{e}"),
-                v => return Ok(v),
             }
         }
         bail!("no answer after {RETRIES} redirections or retries")
@@ -219,8 +116,8 @@ struct KnCounters {
 fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     let mut total = KnCounters::default();
     let mut any = false;
-    for node in 0..c.nodes.len() {
-        let Ok(Value::Bulk(b)) = c.call_on(node, &[b"INFO"]) else {
+    for node in 0..c.c.nodes().len() {
+        let Ok(Value::Bulk(b)) = c.c.call_node(node, &[b"INFO"]) else {
             continue;
         };
         let text = String::from_utf8_lossy(&b);
@@ -293,8 +190,8 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     // Warm up, then measure. Each phase's clients start from every node known so far, so
     // a seed that has left the cluster meanwhile is not needed.
     let seeds = |probe: &mut RespClient| {
-        let _ = probe.load_slots();
-        probe.nodes.clone()
+        let _ = probe.c.load_slots();
+        probe.c.nodes().to_vec()
     };
     phase(cfg, &seeds(&mut probe), clients, cfg.warmup_ops, None, 1)?;
     let before = kn_counters(&mut probe);
@@ -344,7 +241,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     Ok(TargetResult {
         system: "resp",
         target: targets.join(","),
-        nodes: probe.nodes.len(),
+        nodes: probe.c.nodes().len(),
         clients,
         workload: cfg.workload.name().to_string(),
         dist,
@@ -434,8 +331,9 @@ fn phase(
                         out.latencies_ns
                             .push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32);
                     }
-                    out.moved = c.moved;
-                    out.tryagain = c.tryagain;
+                    let counters = c.c.counters();
+                    out.moved = counters.moved;
+                    out.tryagain = counters.tryagain;
                     out.reconnects = c.reconnects;
                     Ok(out)
                 })

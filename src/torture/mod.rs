@@ -24,7 +24,7 @@ use crate::bench::workload::Rng;
 use crate::lincheck::{Clock, History, Op, Recorder};
 use crate::resp::Value;
 use crate::up::UpConfig;
-use client::{ClusterClient, Failure};
+use client::{Client, Failure};
 use cluster::Cluster;
 use load::{ClientSpec, OpCounts};
 
@@ -426,7 +426,7 @@ pub fn run(
         if !stuck {
             // Read back every key.
             let mut reader = Recorder::new(clock);
-            let mut c = ClusterClient::new(&seeds, op_timeout);
+            let mut c = Client::new(&seeds, op_timeout);
             let mut finals: Vec<Option<Option<Vec<u8>>>> = vec![None; cfg.keys as usize];
             for (i, f) in finals.iter_mut().enumerate() {
                 let key = load::key_name(i as u64);
