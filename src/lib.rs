@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cluster;
 pub mod ctl;
 pub mod fabric_bench;
+pub mod histogram;
 pub mod inspect;
 pub mod kn_server;
 pub mod latency;

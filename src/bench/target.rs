@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::workload::{key_into, value_into, KeyChooser, Rng, Workload};
 use super::{BenchConfig, Hits, Latency};
+use crate::histogram::{self, Histogram};
 use crate::redis_client::{Attempt, ClusterClient, Timeouts};
 use crate::resp::Value;
 
@@ -144,9 +145,8 @@ fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     any.then_some(total)
 }
 
-#[derive(Default)]
 struct ClientOut {
-    latencies_ns: Vec<u32>,
+    latency_ns: Histogram,
     reads: u64,
     writes: u64,
     missing: u64,
@@ -200,19 +200,10 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     let elapsed = t0.elapsed().as_secs_f64();
     let after = kn_counters(&mut probe);
 
-    let mut lat: Vec<u32> = outs
-        .iter()
-        .flat_map(|o| o.latencies_ns.iter().copied())
-        .collect();
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
-        lat[i] as f64 / 1e3
-    };
-    let mean = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len().max(1) as f64 / 1e3;
+    let mut lat = histogram::new();
+    for o in &outs {
+        histogram::merge(&mut lat, &o.latency_ns);
+    }
     let (reads, writes) = outs
         .iter()
         .fold((0, 0), |(r, w), o| (r + o.reads, w + o.writes));
@@ -258,12 +249,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
         reconnects: outs.iter().map(|o| o.reconnects).sum(),
         elapsed_s: elapsed,
         throughput_ops: ops as f64 / elapsed.max(1e-9),
-        latency_us: Latency {
-            p50: pct(0.50),
-            p99: pct(0.99),
-            p999: pct(0.999),
-            mean,
-        },
+        latency_us: super::latency_us(&lat),
         rts_per_op: ratio(all_rts, gets.zip(kwrites).map(|(g, w)| g + w)),
         read_rts_per_read: ratio(d(|c| c.read_rts), gets),
         write_rts_per_write: ratio(d(|c| c.write_rts), kwrites),
@@ -294,7 +280,15 @@ fn phase(
                     let mut c = RespClient::new(targets)?;
                     let mut rng = Rng::new(cfg.seed ^ (salt << 32) ^ ((id as u64 + 1) * 0x9E37));
                     let (mut k, mut v) = (vec![0u8; cfg.key_size], vec![0u8; cfg.value_size]);
-                    let mut out = ClientOut::default();
+                    let mut out = ClientOut {
+                        latency_ns: histogram::new(),
+                        reads: 0,
+                        writes: 0,
+                        missing: 0,
+                        moved: 0,
+                        tryagain: 0,
+                        reconnects: 0,
+                    };
                     let t0 = Instant::now();
                     let mut inserted = 0u64;
                     for n in 0.. {
@@ -328,8 +322,7 @@ fn phase(
                             c.call(&k, &[b"SET", &k, &v])?;
                             out.writes += 1;
                         }
-                        out.latencies_ns
-                            .push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                        histogram::record_ns(&mut out.latency_ns, start.elapsed());
                     }
                     let counters = c.c.counters();
                     out.moved = counters.moved;
