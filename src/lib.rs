@@ -10,6 +10,7 @@ pub use host_kn;
 pub mod bench;
 pub mod cluster;
 pub mod ctl;
+pub mod duration;
 pub mod fabric_bench;
 pub mod histogram;
 pub mod inspect;
