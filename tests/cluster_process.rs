@@ -8,11 +8,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::format_region;
-use common::procs::{ready_addr, wait_map, Client, Conn, Proc, BIN};
+use common::procs::{ready_addr, wait_map, Client, Conn, Proc};
+use common::{dinomo, dinomo_cmd, format_region};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
 
@@ -198,30 +198,29 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
 
     // `dinomo bench --target` drives the same cluster over RESP.
     let json = dir.path().join("bench.json");
-    let st = Command::new(BIN)
-        .args([
-            "bench",
-            "--target",
-            &addrs[2],
-            "--keys",
-            "300",
-            "--ops",
-            "1000",
-            "--warmup",
-            "100",
-            "--clients",
-            "2",
-            "--value-size",
-            "64",
-            "--workload",
-            "write-heavy",
-            "--quiet",
-            "--json",
-        ])
-        .arg(&json)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run dinomo bench --target");
+    let st = dinomo_cmd([
+        "bench",
+        "--target",
+        &addrs[2],
+        "--keys",
+        "300",
+        "--ops",
+        "1000",
+        "--warmup",
+        "100",
+        "--clients",
+        "2",
+        "--value-size",
+        "64",
+        "--workload",
+        "write-heavy",
+        "--quiet",
+        "--json",
+    ])
+    .arg(&json)
+    .stdout(Stdio::null())
+    .status()
+    .expect("run dinomo bench --target");
     assert!(st.success());
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("bench json")).expect("json");
@@ -338,10 +337,7 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     }
     assert!(manager.terminate().success());
     assert!(dpm.terminate().success());
-    let out = Command::new(BIN)
-        .args(["dpm", "inspect", "--json", "--path", &region_s])
-        .output()
-        .expect("inspect");
+    let out = dinomo(&["dpm", "inspect", "--json", "--path", &region_s]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let text = report.to_string();
     assert!(

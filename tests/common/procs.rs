@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 /// How long any one step (a process getting ready, a map settling, a reply) may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
-pub const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+pub use super::BIN;
 
 /// A `dinomo` process, killed (SIGKILL, which also ends a stopped process) when dropped.
 pub struct Proc {
