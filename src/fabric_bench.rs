@@ -33,6 +33,7 @@ use dinomo_hw::region_file::RegionFile;
 use dinomo_hw::NoPersist;
 use dinomo_shared::msg::{Request, Response};
 
+use crate::histogram::{self, Histogram};
 use crate::size::parse_size;
 
 /// Smallest and largest `--size`.
@@ -182,7 +183,7 @@ impl BenchParams {
     }
 }
 
-/// Latency summary in nanoseconds.
+/// Latency summary in nanoseconds: nearest-rank percentiles, to 3 significant digits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LatencyStats {
     pub min_ns: u64,
@@ -193,30 +194,19 @@ pub struct LatencyStats {
     pub mean_ns: f64,
 }
 
-/// The nearest-rank `p`-th percentile of sorted samples (0 for none).
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 impl LatencyStats {
-    /// Summarizes `samples` (sorted in place).
-    pub fn from_samples(samples: &mut [u64]) -> Self {
-        if samples.is_empty() {
+    /// Summarizes a histogram of latencies in nanoseconds (all zero for none).
+    pub fn from_histogram(h: &Histogram) -> Self {
+        if h.is_empty() {
             return Self::default();
         }
-        samples.sort_unstable();
-        let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
         Self {
-            min_ns: samples[0],
-            p50_ns: percentile(samples, 50.0),
-            p99_ns: percentile(samples, 99.0),
-            p999_ns: percentile(samples, 99.9),
-            max_ns: samples[samples.len() - 1],
-            mean_ns: sum as f64 / samples.len() as f64,
+            min_ns: h.min(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+            mean_ns: h.mean(),
         }
     }
 }
@@ -335,7 +325,7 @@ pub fn run(
         p.depth
     ];
     let mut wrs = Vec::with_capacity(p.depth);
-    let mut samples = Vec::with_capacity(p.iters as usize);
+    let mut samples = histogram::new();
     let (mut posted, mut completed) = (0u64, 0u64);
     let mut start = now;
     let mut last_progress = Instant::now();
@@ -376,7 +366,7 @@ pub fn run(
             }
             if completed >= p.warmup {
                 let at = posted_at[(c.wr_id % p.depth as u64) as usize];
-                samples.push(t.duration_since(at).as_nanos() as u64);
+                histogram::record_ns(&mut samples, t.duration_since(at));
             }
             completed += 1;
             if completed == p.warmup {
@@ -386,7 +376,7 @@ pub fn run(
         }
     }
     let elapsed = start.elapsed();
-    let latency = LatencyStats::from_samples(&mut samples);
+    let latency = LatencyStats::from_histogram(&samples);
     Ok(BenchReport {
         fabric,
         op: p.op,
@@ -589,20 +579,32 @@ mod tests {
 
     #[test]
     fn percentiles_use_the_nearest_rank() {
-        let mut s: Vec<u64> = (1..=100).rev().collect();
-        let st = LatencyStats::from_samples(&mut s);
+        let of = |samples: &[u64]| {
+            let mut h = histogram::new();
+            for &s in samples {
+                histogram::record(&mut h, s);
+            }
+            h
+        };
+        let s: Vec<u64> = (1..=100).rev().collect();
+        let st = LatencyStats::from_histogram(&of(&s));
         assert_eq!(
             (st.min_ns, st.p50_ns, st.p99_ns, st.max_ns),
             (1, 50, 99, 100)
         );
         assert_eq!(st.p999_ns, 100);
         assert!((st.mean_ns - 50.5).abs() < 1e-9);
-        assert_eq!(percentile(&[7], 50.0), 7);
-        assert_eq!(percentile(&[7], 0.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
-        assert_eq!(percentile(&[1, 2, 3, 4], 50.0), 2);
-        assert_eq!(percentile(&[1, 2, 3, 4], 51.0), 3);
-        assert_eq!(LatencyStats::from_samples(&mut []), LatencyStats::default());
+        assert_eq!(of(&[7]).value_at_quantile(0.5), 7);
+        assert_eq!(of(&[7]).value_at_quantile(0.0), 7);
+        assert_eq!(of(&[]).value_at_quantile(0.5), 0);
+        assert_eq!(of(&[1, 2, 3, 4]).value_at_quantile(0.5), 2);
+        assert_eq!(of(&[1, 2, 3, 4]).value_at_quantile(0.51), 3);
+        let one = LatencyStats::from_histogram(&of(&[7]));
+        assert_eq!((one.min_ns, one.p999_ns, one.max_ns), (7, 7, 7));
+        assert_eq!(
+            LatencyStats::from_histogram(&of(&[])),
+            LatencyStats::default()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use dinomo_shared::control::{COMPACTION_KN, LOG_ACTIVE, LOG_CLOSED};
 use dpm_fw::{region, Dpm, DpmStats, Stall};
 use serde::Serialize;
 
+/// `--interval`'s parser, where `main` finds it.
 use crate::size::human;
 
 /// Where one area lies.
@@ -297,35 +298,6 @@ pub fn with_rate(earlier: &Report, mut later: Report, interval: Duration) -> Rep
         mib_per_sec: per_sec(a.bytes_moved, b.bytes_moved) / (1u64 << 20) as f64,
     });
     later
-}
-
-/// Parses an interval: `1s`, `500ms`, `2m`, or plain seconds (`1.5`).
-pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let scale = match unit {
-        "" | "s" => 1.0,
-        "ms" => 1e-3,
-        "m" | "min" => 60.0,
-        _ => {
-            return Err(format!(
-                "invalid interval {s:?}: expected e.g. 1s, 500ms, 2m"
-            ))
-        }
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid interval {s:?}: expected e.g. 1s, 500ms, 2m"))?;
-    let secs = v * scale;
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-        return Err(format!(
-            "invalid interval {s:?}: must be more than 0 and at most a day"
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn describe_stall(s: Stall) -> String {

@@ -497,36 +497,18 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Res
 
 /// Whether the KN at `addr` serves map `epoch`, settled (asked with `INFO`).
 pub(crate) fn kn_settled(addr: &str, epoch: u64) -> bool {
-    use crate::resp::{encode_command, parse_value, Limits, Value};
-    use std::io::{Read, Write};
-    let Ok(a) = addr.parse::<SocketAddr>() else {
-        return false;
+    use crate::redis_client::{Conn, Timeouts};
+    use dinomo_shared::resp::Value;
+    let timeouts = Timeouts {
+        connect: Some(Duration::from_secs(1)),
+        reply: Some(Duration::from_secs(2)),
     };
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut req = Vec::new();
-    encode_command(&mut req, &[b"INFO"]);
-    if s.write_all(&req).is_err() {
-        return false;
-    }
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match parse_value(&buf, &Limits::default()) {
-            Ok(Some((Value::Bulk(b), _))) => {
-                let t = String::from_utf8_lossy(&b);
-                return t.contains(&format!("map_epoch:{epoch}\r\n"))
-                    && t.contains("map_settled:1");
-            }
-            Ok(None) => {}
-            _ => return false,
+    match Conn::connect(addr, timeouts).map(|mut c| c.call(&[b"INFO"])) {
+        Ok(Ok(Value::Bulk(b))) => {
+            let t = String::from_utf8_lossy(&b);
+            t.contains(&format!("map_epoch:{epoch}\r\n")) && t.contains("map_settled:1")
         }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
+        _ => false,
     }
 }
 

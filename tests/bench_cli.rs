@@ -1,16 +1,9 @@
 //! `dinomo bench`: bad input is refused with exit code 2 before anything is written; a
 //! small run prints a table and writes the JSON fields the contract names.
 
-use std::process::Command;
+mod common;
 
-fn bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .arg("bench")
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("run dinomo bench")
-}
+use common::{bench, dinomo_cmd, stderr, stdout};
 
 #[test]
 fn bad_input_exits_2_and_writes_nothing() {
@@ -38,7 +31,7 @@ fn bad_input_exits_2_and_writes_nothing() {
         let mut a = args.to_vec();
         a.extend(["--json", j]);
         let o = bench(&a);
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(
             err.contains(needle),
@@ -73,8 +66,8 @@ fn a_small_run_reports_the_contract_fields() {
         "--json",
         json.to_str().expect("utf-8"),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
     assert!(
         table.contains("ops/s") && table.contains("RTs/op"),
         "{table}"
@@ -135,12 +128,11 @@ fn an_unreachable_target_fails_and_leaves_the_json_file_alone() {
     let old = dir.path().join("old.json");
     std::fs::write(&old, b"previous result\n").expect("write");
     for j in [&new, &old] {
-        let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-            .args(["bench", "--quiet", "--target", "127.0.0.1:1", "--json"])
+        let o = dinomo_cmd(["bench", "--quiet", "--target", "127.0.0.1:1", "--json"])
             .arg(j)
             .output()
             .expect("run dinomo bench");
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains("no node answers CLUSTER SLOTS"), "{err}");
         assert!(err.contains("127.0.0.1:1"), "{err}");

@@ -4,14 +4,15 @@
 //! In policy mode a skewed load gets its hottest key replicated on DINOMO (and the decision
 //! recorded as skipped on DINOMO-N).
 
-use std::process::Command;
+mod common;
 
-fn bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(["bench", "--quiet", "--scenario", "elastic"])
-        .args(args)
-        .output()
-        .expect("run dinomo bench")
+use std::process::Output;
+
+use common::{stderr, stdout};
+
+/// `dinomo bench --quiet --scenario elastic <args>`.
+fn elastic(args: &[&str]) -> Output {
+    common::bench(&[&["--scenario", "elastic"], args].concat())
 }
 
 #[test]
@@ -19,7 +20,7 @@ fn a_short_scheduled_run_writes_csv_figure_and_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
     let json = dir.path().join("elastic.json");
-    let o = bench(&[
+    let o = elastic(&[
         "--systems",
         "dinomo,dinomo-n",
         "--keys",
@@ -43,12 +44,8 @@ fn a_short_scheduled_run_writes_csv_figure_and_json() {
         "--json",
         json.to_str().expect("utf-8"),
     ]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let stdout = stdout(&o);
+    assert!(o.status.success(), "{stdout}\n{}", stderr(&o));
     assert!(stdout.contains("longest dip"), "{stdout}");
 
     let csv = std::fs::read_to_string(out.join("elastic.csv")).expect("csv written");
@@ -137,7 +134,7 @@ fn a_short_scheduled_run_writes_csv_figure_and_json() {
 fn without_a_schedule_the_policy_decides_every_period() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("elastic.json");
-    let o = bench(&[
+    let o = elastic(&[
         "--systems",
         "dinomo",
         "--keys",
@@ -159,7 +156,7 @@ fn without_a_schedule_the_policy_decides_every_period() {
         "--json",
         json.to_str().expect("utf-8"),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
     assert_eq!(v["mode"], "policy");
@@ -190,7 +187,7 @@ fn in_policy_mode_a_skewed_load_gets_its_hot_key_replicated() {
     let json = dir.path().join("elastic.json");
     // Two KNs, never idle nor busy enough to change (--idle-remove 0, --busy-add 1);
     // zipf 0.99 over 1000 keys: the hottest key is an outlier among the hot keys.
-    let o = bench(&[
+    let o = elastic(&[
         "--systems",
         "dinomo,dinomo-n",
         "--keys",
@@ -223,12 +220,8 @@ fn in_policy_mode_a_skewed_load_gets_its_hot_key_replicated() {
         "--json",
         json.to_str().expect("utf-8"),
     ]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let stdout = stdout(&o);
+    assert!(o.status.success(), "{stdout}\n{}", stderr(&o));
     assert!(stdout.contains("replicated"), "{stdout}");
     assert!(stdout.contains("shared-nothing"), "{stdout}");
 
@@ -331,8 +324,8 @@ fn bad_scenario_input_exits_2_and_writes_nothing() {
         let mut a = args.to_vec();
         a.extend(["--out", out.to_str().expect("utf-8")]);
         a.extend(["--json", json.to_str().expect("utf-8")]);
-        let o = bench(&a);
-        let err = String::from_utf8_lossy(&o.stderr);
+        let o = elastic(&a);
+        let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(
             err.contains(needle),
@@ -352,15 +345,8 @@ fn scenario_options_need_the_scenario() {
         &["--base-rate", "100"],
         &["--phases", "1,1,1"],
     ] {
-        let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-            .args(["bench", "--quiet"])
-            .args(args)
-            .output()
-            .expect("run dinomo bench");
+        let o = common::bench(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("--scenario"),
-            "{args:?}"
-        );
+        assert!(stderr(&o).contains("--scenario"), "{args:?}");
     }
 }

@@ -2,16 +2,9 @@
 //! report the same JSON fields; a sweep writes one JSON line and one CSV row per point and
 //! draws the figure as SVG and PNG.
 
-use std::process::Command;
+mod common;
 
-fn bench(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .arg("bench")
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("run dinomo bench")
-}
+use common::{bench, stderr};
 
 const SMALL: &[&str] = &[
     "--keys",
@@ -42,7 +35,7 @@ fn clover_reports_metadata_server_requests_and_chain_walks() {
         json.to_str().expect("utf-8"),
     ]);
     let o = bench(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
     assert_eq!(v["system"], "clover");
@@ -76,7 +69,7 @@ fn a_sweep_writes_a_line_and_a_row_per_point_and_the_figure() {
         out.to_str().expect("utf-8"),
     ]);
     let o = bench(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let lines = std::fs::read_to_string(out.join("sweep.jsonl")).expect("jsonl");
     let points: Vec<serde_json::Value> = lines
         .lines()
@@ -121,10 +114,10 @@ fn a_sweep_writes_a_line_and_a_row_per_point_and_the_figure() {
 fn sweep_options_are_refused_without_sweep_and_lists_without_it() {
     let o = bench(&["--kns", "1,2"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--sweep"));
+    assert!(stderr(&o).contains("--sweep"));
     let o = bench(&["--systems", "clover"]);
     assert_eq!(o.status.code(), Some(2));
     let o = bench(&["--system", "anna"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown system"));
+    assert!(stderr(&o).contains("unknown system"));
 }

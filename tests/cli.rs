@@ -1,18 +1,10 @@
 //! The `dinomo` binary: formatting, inspecting, and refusing bad input clearly.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn dinomo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(args)
-        .output()
-        .expect("run dinomo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{dinomo, dinomo_cmd, stderr, stdout};
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
@@ -65,7 +57,7 @@ fn format_then_inspect_json_prints_the_layout() {
     let before = std::fs::read(&r).expect("read region");
     let o = dinomo(&["dpm", "inspect", "--path", p(&r)]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("blocks      free"));
+    assert!(stdout(&o).contains("blocks      free"));
     assert_eq!(
         std::fs::read(&r).expect("read region"),
         before,
@@ -209,20 +201,19 @@ fn a_second_dpm_on_the_same_region_is_refused() {
     let r = dir.path().join("r.region");
     let o = dinomo(&["dpm", "format", "--path", p(&r), "--size", "16M"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut first = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args([
-            "dpm",
-            "serve",
-            "--path",
-            p(&r),
-            "--no-pin",
-            "--workers",
-            "1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn first server");
+    let mut first = dinomo_cmd([
+        "dpm",
+        "serve",
+        "--path",
+        p(&r),
+        "--no-pin",
+        "--workers",
+        "1",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn first server");
     // Wait until the first server is up (its control file exists).
     let ctl = dinomo::hw::fabric::default_ctl_path(&r);
     let t0 = std::time::Instant::now();
@@ -318,7 +309,7 @@ fn inspect_shows_fence_points_quarantined_logs_and_active_cells() {
     assert_eq!(cells[0]["key"], "hot");
     assert_eq!(cells[0]["offset"], eref.offset());
     let o = dinomo(&["dpm", "inspect", "--path", p(&r)]);
-    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    let table = stdout(&o);
     assert!(table.contains("2 q"), "{table}");
     assert!(table.contains("hot"), "{table}");
 }

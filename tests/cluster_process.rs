@@ -10,11 +10,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::procs::{ready_addr, wait_map, Client, Conn, Proc, BIN};
-use common::{format_region, proc_files};
+use common::procs::{ready_addr, wait_map, Client, Conn, Proc};
+use common::{dinomo, dinomo_cmd, format_region, proc_files};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
 
@@ -98,9 +98,9 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
         acked.insert(k, v);
     }
     assert!(
-        cl.moved > 100,
+        cl.moved() > 100,
         "only {} MOVED for 300 keys over 3 KNs",
-        cl.moved
+        cl.moved()
     );
     // Reads through the owners (starting from KN 1).
     for (k, v) in &acked {
@@ -214,30 +214,29 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
 
     // `dinomo bench --target` drives the same cluster over RESP.
     let json = dir.path().join("bench.json");
-    let st = Command::new(BIN)
-        .args([
-            "bench",
-            "--target",
-            &addrs[2],
-            "--keys",
-            "300",
-            "--ops",
-            "1000",
-            "--warmup",
-            "100",
-            "--clients",
-            "2",
-            "--value-size",
-            "64",
-            "--workload",
-            "write-heavy",
-            "--quiet",
-            "--json",
-        ])
-        .arg(&json)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run dinomo bench --target");
+    let st = dinomo_cmd([
+        "bench",
+        "--target",
+        &addrs[2],
+        "--keys",
+        "300",
+        "--ops",
+        "1000",
+        "--warmup",
+        "100",
+        "--clients",
+        "2",
+        "--value-size",
+        "64",
+        "--workload",
+        "write-heavy",
+        "--quiet",
+        "--json",
+    ])
+    .arg(&json)
+    .stdout(Stdio::null())
+    .status()
+    .expect("run dinomo bench --target");
     assert!(st.success());
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("bench json")).expect("json");
@@ -357,10 +356,7 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     }
     assert!(manager.terminate().success());
     assert!(dpm.terminate().success());
-    let out = Command::new(BIN)
-        .args(["dpm", "inspect", "--json", "--path", &region_s])
-        .output()
-        .expect("inspect");
+    let out = dinomo(&["dpm", "inspect", "--json", "--path", &region_s]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let text = report.to_string();
     assert!(

@@ -2,6 +2,9 @@
 //! whose block was then reused) falls back to the miss path; a soak of several times the
 //! region's log capacity neither fills the region nor keeps growing its footprint.
 
+mod common;
+
+use common::{dinomo_cmd, stderr, stdout};
 use dinomo::cluster::{Cluster, ClusterConfig};
 use dinomo::soak::{self, SoakConfig};
 use dinomo_shared::block::BlockHeader;
@@ -135,7 +138,6 @@ fn inspect_shows_the_live_share_and_compaction_totals_and_a_rate_between_two_sam
     use dinomo_shared::geometry::FormatParams;
     use dpm_fw::testkit::LogWriter;
     use dpm_fw::Dpm;
-    use std::process::Command;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("r.region");
@@ -167,12 +169,11 @@ fn inspect_shows_the_live_share_and_compaction_totals_and_a_rate_between_two_sam
         assert!(dpm.compaction_totals().blocks_freed > 0);
         file.sync().expect("sync");
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(["dpm", "inspect", "--json", "--interval", "20ms", "--path"])
+    let o = dinomo_cmd(["dpm", "inspect", "--json", "--interval", "20ms", "--path"])
         .arg(&path)
         .output()
         .expect("run dinomo");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     let c = &j["compaction"];
     assert!(c["blocks_freed"].as_u64().expect("blocks_freed") > 0, "{c}");
@@ -186,12 +187,11 @@ fn inspect_shows_the_live_share_and_compaction_totals_and_a_rate_between_two_sam
     let live = j["space"]["live_fraction"].as_f64().expect("live_fraction");
     assert!(live > 0.0 && live <= 1.0, "{live}");
     // The table names the same figures; a bad interval is refused.
-    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(["dpm", "inspect", "--path"])
+    let o = dinomo_cmd(["dpm", "inspect", "--path"])
         .arg(&path)
         .output()
         .expect("run dinomo");
-    let table = String::from_utf8_lossy(&o.stdout);
+    let table = stdout(&o);
     assert!(
         table.contains("compaction") && table.contains("% live"),
         "{table}"
@@ -200,11 +200,10 @@ fn inspect_shows_the_live_share_and_compaction_totals_and_a_rate_between_two_sam
         table.contains(" dpm "),
         "the compaction log is listed: {table}"
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(["dpm", "inspect", "--interval", "soon", "--path"])
+    let o = dinomo_cmd(["dpm", "inspect", "--interval", "soon", "--path"])
         .arg(&path)
         .output()
         .expect("run dinomo");
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid interval"));
+    assert!(stderr(&o).contains("invalid interval"));
 }

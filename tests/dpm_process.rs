@@ -5,10 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{format_region, geometry, log_area, put_all, ChildGuard};
+use common::{dinomo_cmd, format_region, geometry, log_area, put_all, ChildGuard};
 use dinomo::hw::fabric::nic::NicProfile;
 use dinomo::hw::fabric::shm::ShmFabric;
 use dinomo::hw::fabric::{default_ctl_path, ControlChannel, Fabric};
@@ -20,16 +20,8 @@ use host_kn::log::ShardLog;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn start(region: &Path) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args([
-            "dpm",
-            "serve",
-            "--path",
-            region.to_str().expect("utf-8"),
-            "--workers",
-            "2",
-            "--no-pin",
-        ])
+    let path = region.to_str().expect("utf-8");
+    let child = dinomo_cmd(["dpm", "serve", "--path", path, "--workers", "2", "--no-pin"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -2,21 +2,13 @@
 //! argument errors, the shm benchmark in one and in two processes, and the one-line errors
 //! of `--fabric verbs` on a host without RDMA (or a build without it).
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn dinomo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run dinomo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{dinomo, dinomo_cmd, stderr, stdout};
 
 /// Whether this host has RDMA devices (then the no-device message cannot be checked).
 fn host_has_rdma() -> bool {
@@ -101,7 +93,7 @@ fn shm_bench_prints_a_table_and_writes_json() {
         json.to_str().expect("utf-8"),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = stdout(&o);
     assert!(
         out.contains("t_p99[us]") && out.contains("BW[Gb/s]"),
         "{out}"
@@ -119,20 +111,19 @@ fn shm_bench_across_two_processes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let region = dir.path().join("bench.region");
     let path = region.to_str().expect("utf-8");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args([
-            "fabric-bench",
-            "--server",
-            "--path",
-            path,
-            "--region-size",
-            "4M",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn server");
+    let mut server = dinomo_cmd([
+        "fabric-bench",
+        "--server",
+        "--path",
+        path,
+        "--region-size",
+        "4M",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn server");
     let ctl = dir.path().join("bench.region.ctl");
     let t0 = Instant::now();
     while !ctl.exists() {
@@ -158,7 +149,7 @@ fn shm_bench_across_two_processes() {
     .expect("signal");
     let status = server.wait().expect("wait");
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("faa"));
+    assert!(stdout(&o).contains("faa"));
     assert!(
         status.success(),
         "the server stops cleanly on SIGTERM: {status}"

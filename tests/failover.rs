@@ -17,13 +17,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proc_files;
 use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc, BIN, DEADLINE};
+use common::{dinomo, dinomo_cmd, stderr, stdout};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
 use dinomo::shared::slot::key_slot;
@@ -160,8 +161,7 @@ impl Cluster {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(["ctl", "--manager", &self.mgr])
+        dinomo_cmd(["ctl", "--manager", &self.mgr])
             .args(args)
             .env("RUST_LOG", "warn")
             .output()
@@ -170,7 +170,7 @@ impl Cluster {
 
     fn status(&self) -> StatusMsg {
         let o = self.ctl(&["status", "--json"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{}", stderr(&o));
         match serde_json::from_slice(&o.stdout).expect("status json") {
             dinomo::shared::manager_proto::MgrReply::Status(s) => s,
             other => panic!("not a status: {other:?}"),
@@ -363,18 +363,10 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
     // Once everything is merged: a new KN takes over (cold, reading the DPM's index) and
     // the survivor leaves, merging and closing its logs.
     let added = c.ctl(&["add-kn"]);
-    assert!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    assert!(added.status.success(), "{}", stderr(&added));
     let survivor = c.kns[1].0;
     let removed = c.ctl(&["remove-kn", &survivor.to_string()]);
-    assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
-    );
+    assert!(removed.status.success(), "{}", stderr(&removed));
     let _ = c.kns[1].2.take().expect("survivor").wait();
     let last = c.wait_map(1);
     let mut cl = Client::new(
@@ -395,13 +387,7 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
     };
     std::thread::sleep(Duration::from_millis(300));
 
-    let out = |o: &Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
+    let out = |o: &Output| format!("{}{}", stdout(o), stderr(o));
     let added = c.ctl(&["add-kn"]);
     assert!(added.status.success(), "{}", out(&added));
     assert!(out(&added).contains("added KN"), "{}", out(&added));
@@ -486,28 +472,23 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
 #[test]
 fn ctl_refuses_what_the_cluster_cannot_do() {
     let c = Cluster::start_calm(1, false);
-    let text = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     let o = c.ctl(&["add-kn"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("cannot start KNs"), "{}", text(&o));
+    assert!(stderr(&o).contains("cannot start KNs"), "{}", stderr(&o));
     let only = c.kns[0].0.to_string();
     let o = c.ctl(&["remove-kn", &only]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("last KN"), "{}", text(&o));
+    assert!(stderr(&o).contains("last KN"), "{}", stderr(&o));
     let o = c.ctl(&["rebalance"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to move"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("nothing to move"));
     let s = c.status();
     assert!(
         !s.can_spawn && s.kns.len() == 1 && !s.kns[0].draining,
         "{s:?}"
     );
     c.stop();
-    let help = Command::new(BIN)
-        .args(["ctl", "--help"])
-        .output()
-        .expect("run dinomo ctl --help");
-    let help = String::from_utf8_lossy(&help.stdout);
+    let help = stdout(&dinomo(&["ctl", "--help"]));
     for word in [
         "status",
         "add-kn",
@@ -519,15 +500,12 @@ fn ctl_refuses_what_the_cluster_cannot_do() {
         assert!(help.contains(word), "{word} not in {help}");
     }
     // No manager: a clear error and a failing exit code.
-    let o = Command::new(BIN)
-        .args(["ctl", "--manager", "127.0.0.1:1", "status"])
-        .output()
-        .expect("run dinomo ctl");
+    let o = dinomo(&["ctl", "--manager", "127.0.0.1:1", "status"]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("cannot reach the manager"),
+        stderr(&o).contains("cannot reach the manager"),
         "{}",
-        text(&o)
+        stderr(&o)
     );
 }
 

@@ -1,44 +1,39 @@
 //! `dinomo torture`: a tiny run (one round per role) passes with no violation and kills
 //! every role; bad arguments are refused before anything starts.
 
-use std::process::Command;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+use common::{dinomo, dinomo_cmd, stderr, stdout};
 
 #[test]
 fn a_short_torture_run_kills_every_role_and_finds_no_violation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("torture.json");
-    let out = Command::new(BIN)
-        .args([
-            "torture",
-            "--rounds",
-            "3",
-            "--seed",
-            "7",
-            "--keys",
-            "64",
-            "--clients",
-            "2",
-            "--round-ms",
-            "600",
-            "--lease-ms",
-            "500",
-            "--roles",
-            "dpm,manager,kn",
-            "--dir",
-        ])
-        .arg(dir.path().join("work"))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("run dinomo torture");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dinomo_cmd([
+        "torture",
+        "--rounds",
+        "3",
+        "--seed",
+        "7",
+        "--keys",
+        "64",
+        "--clients",
+        "2",
+        "--round-ms",
+        "600",
+        "--lease-ms",
+        "500",
+        "--roles",
+        "dpm,manager,kn",
+        "--dir",
+    ])
+    .arg(dir.path().join("work"))
+    .arg("--json")
+    .arg(&json)
+    .output()
+    .expect("run dinomo torture");
+    let stdout = stdout(&out);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid json");
     assert_eq!(r["violations"], 0, "{r}");
@@ -63,8 +58,8 @@ fn bad_arguments_are_refused_before_anything_starts() {
         &["torture", "--rounds", "0"],
         &["torture", "--kns", "0"],
     ] {
-        let out = Command::new(BIN).args(args).output().expect("run");
+        let out = dinomo(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+        assert!(!stderr(&out).is_empty());
     }
 }

@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{format_region, geometry, log_area, put_all, ChildGuard};
+use common::{dinomo_cmd, format_region, geometry, log_area, put_all, ChildGuard};
 use dinomo::hw::fabric::verbs::{VerbsConfig, VerbsFabric};
 use dinomo::hw::fabric::{ControlChannel, Fabric};
 use dinomo::hw::region_file::{FilePersist, RegionFile};
@@ -64,8 +64,7 @@ fn kn_writes_its_log_over_verbs() {
     let geo = geometry(&region);
     let port = free_port().to_string();
     let server = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_dinomo"))
-            .args(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
+        dinomo_cmd(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
             .args(["--fabric", "verbs", "--device", &dev, "--port", &port])
             .args(["--gid-index", &gid_index()])
             .stdin(Stdio::null())

@@ -9,13 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-// The module is compiled in directly (it needs only std), so the fuzz build does not pull
-// in the server's runtime dependencies.
-#[allow(dead_code)]
-#[path = "../../src/resp.rs"]
-mod resp;
-
-use resp::{encode_command, parse_command, parse_value, Limits};
+use dinomo_shared::resp::{encode_command, parse_command, parse_value, Limits};
 
 fn check_stream(data: &[u8], limits: &Limits) {
     let mut at = 0;

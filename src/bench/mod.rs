@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::cluster::clover::{CloverClient, CloverCluster, CloverConfig};
 use crate::cluster::dinomo_n::{DinomoN, DinomoNClient, MAX_KEY_OVERHEAD};
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::histogram::{self, Histogram};
 use workload::{key_digits, key_into, value_into, Distribution, KeyChooser, Rng, Workload};
 
 /// The system under test.
@@ -326,9 +327,8 @@ pub struct BenchResult {
     pub cas_failures_per_op: f64,
 }
 
-#[derive(Default)]
 struct ClientOut {
-    latencies_ns: Vec<u32>,
+    latency_ns: Histogram,
     reads: u64,
     writes: u64,
 }
@@ -625,8 +625,9 @@ fn phase<T: Target>(
                     let mut key = vec![0u8; cfg.key_size];
                     let mut val = vec![0u8; cfg.value_size];
                     let mut out = ClientOut {
-                        latencies_ns: Vec::with_capacity(share.min(1 << 24) as usize),
-                        ..ClientOut::default()
+                        latency_ns: histogram::new(),
+                        reads: 0,
+                        writes: 0,
                     };
                     let rf = cfg.workload.read_fraction();
                     let mut n = 0u64;
@@ -655,8 +656,7 @@ fn phase<T: Target>(
                             cl.put(&key, &val)?;
                             out.writes += 1;
                         }
-                        out.latencies_ns
-                            .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                        histogram::record_ns(&mut out.latency_ns, t0.elapsed());
                         n += 1;
                         if n % 1024 == 0 {
                             let all = done.fetch_add(1024, Ordering::Relaxed) + 1024;
@@ -681,12 +681,15 @@ fn phase<T: Target>(
     Ok(outs)
 }
 
-fn percentile(sorted: &[u32], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+/// Nearest-rank percentiles and the mean of latencies in ns, in µs (all zero for none).
+pub(crate) fn latency_us(h: &Histogram) -> Latency {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    Latency {
+        p50: us(0.5),
+        p99: us(0.99),
+        p999: us(0.999),
+        mean: h.mean() / 1e3,
     }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1e3
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -708,13 +711,10 @@ fn report(
     let reads: u64 = outs.iter().map(|o| o.reads).sum();
     let writes: u64 = outs.iter().map(|o| o.writes).sum();
     let ops = reads + writes;
-    let mut lat: Vec<u32> = outs.into_iter().flat_map(|o| o.latencies_ns).collect();
-    lat.sort_unstable();
-    let mean = if lat.is_empty() {
-        0.0
-    } else {
-        lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len() as f64 / 1e3
-    };
+    let mut lat = histogram::new();
+    for o in &outs {
+        histogram::merge(&mut lat, &o.latency_ns);
+    }
     let verbs_per_op = ratio(d.fabric.verbs(), ops);
     let bytes_per_op = ratio(d.fabric.read_bytes + d.fabric.write_bytes, ops);
     let rts_per_op = ratio(d.fabric.round_trips + dc.ms_requests, ops);
@@ -783,7 +783,7 @@ fn report(
             local: ratio(d.hit_local, d.gets),
             miss: ratio(d.miss, d.gets),
         },
-        latency_us: Latency { p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99), p999: percentile(&lat, 0.999), mean },
+        latency_us: latency_us(&lat),
         modeled: Modeled {
             nic: cfg.model_nic.to_string(),
             throughput_ops: tput.is_finite().then_some(tput),
@@ -901,4 +901,24 @@ pub fn render(r: &BenchResult) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_figures_are_microseconds_of_the_nearest_rank() {
+        let mut h = histogram::new();
+        for us in 1..=100 {
+            histogram::record_ns(&mut h, Duration::from_micros(us));
+        }
+        let l = latency_us(&h);
+        let near = |got: f64, want: f64| (got - want).abs() <= want / 1000.0;
+        assert!(near(l.p50, 50.0), "{l:?}");
+        assert!(near(l.p99, 99.0), "{l:?}");
+        assert!(near(l.p999, 100.0), "{l:?}");
+        assert!(near(l.mean, 50.5), "{l:?}");
+        assert_eq!(latency_us(&histogram::new()), Latency::default());
+    }
 }

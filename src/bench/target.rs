@@ -8,9 +8,6 @@
 //! counters before and after the measured phase (absent for servers that do not report
 //! them).
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,8 +16,9 @@ use serde::Serialize;
 
 use super::workload::{key_into, value_into, KeyChooser, Rng, Workload};
 use super::{BenchConfig, Hits, Latency};
-use crate::resp::{encode_command, parse_value, Limits, Value};
-use dinomo_shared::slot::{key_slot, SLOTS};
+use crate::histogram::{self, Histogram};
+use crate::redis_client::{Attempt, ClusterClient, Timeouts};
+use dinomo_shared::resp::Value;
 
 /// The result of a run against a running cluster. Field names follow
 /// [`super::BenchResult`] where they mean the same.
@@ -59,142 +57,42 @@ pub struct TargetResult {
 
 const RETRIES: u32 = 2000;
 
-/// One client: connections by node address and the slot table.
+/// One client thread's cluster client: resends after a failed connection (a benchmark's
+/// writes are idempotent) and retries `TRYAGAIN`.
 struct RespClient {
-    nodes: Vec<String>,
-    conns: HashMap<usize, (TcpStream, Vec<u8>)>,
-    slots: Vec<usize>,
-    moved: u64,
-    tryagain: u64,
+    c: ClusterClient,
     /// Commands sent again because their node's connection failed.
     reconnects: u64,
-    req: Vec<u8>,
 }
 
 impl RespClient {
+    /// Connects to the first seed that answers `CLUSTER SLOTS`.
     fn new(seeds: &[String]) -> anyhow::Result<Self> {
-        let mut c = Self {
-            nodes: seeds.to_vec(),
-            conns: HashMap::new(),
-            slots: vec![0; SLOTS as usize],
-            moved: 0,
-            tryagain: 0,
-            reconnects: 0,
-            req: Vec::new(),
+        let timeouts = Timeouts {
+            connect: None,
+            reply: Some(Duration::from_secs(30)),
         };
+        let mut c = ClusterClient::new(seeds, timeouts);
         c.load_slots()?;
-        Ok(c)
-    }
-
-    fn node(&mut self, addr: &str) -> usize {
-        match self.nodes.iter().position(|a| a == addr) {
-            Some(i) => i,
-            None => {
-                self.nodes.push(addr.to_string());
-                self.nodes.len() - 1
-            }
-        }
-    }
-
-    /// Fills the slot table from `CLUSTER SLOTS` of the first node that answers it (a node
-    /// may have left the cluster or died since it was learnt).
-    fn load_slots(&mut self) -> anyhow::Result<()> {
-        let mut answer = None;
-        let mut last_err = None;
-        for node in 0..self.nodes.len() {
-            match self.call_on(node, &[b"CLUSTER", b"SLOTS"]) {
-                Ok(v) => {
-                    answer = Some(v);
-                    break;
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        let answer = match (answer, last_err) {
-            (Some(v), _) => v,
-            (None, Some(e)) => return Err(e.context("no node answers CLUSTER SLOTS")),
-            (None, None) => bail!("no node to ask for the slot table"),
-        };
-        match crate::resp::cluster_slot_ranges(&answer) {
-            Some(ranges) => {
-                for (a, b, addr) in ranges {
-                    let i = self.node(&addr);
-                    self.slots[a as usize..=b as usize].fill(i);
-                }
-            }
-            // Not a cluster: the first node serves everything.
-            None => self.slots.fill(0),
-        }
-        Ok(())
-    }
-
-    fn call_on(&mut self, node: usize, args: &[&[u8]]) -> anyhow::Result<Value> {
-        if !self.conns.contains_key(&node) {
-            let addr = &self.nodes[node];
-            let s =
-                TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            self.conns.insert(node, (s, Vec::with_capacity(4096)));
-        }
-        self.req.clear();
-        encode_command(&mut self.req, args);
-        let Some((s, buf)) = self.conns.get_mut(&node) else {
-            bail!("no connection");
-        };
-        let r = (|| -> anyhow::Result<Value> {
-            s.write_all(&self.req)?;
-            let mut chunk = [0u8; 16384];
-            loop {
-                if let Some((v, n)) = parse_value(buf, &Limits::default())? {
-                    buf.drain(..n);
-                    return Ok(v);
-                }
-                let n = s.read(&mut chunk)?;
-                if n == 0 {
-                    bail!("the server closed the connection");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })();
-        if r.is_err() {
-            self.conns.remove(&node);
-        }
-        r
+        Ok(Self { c, reconnects: 0 })
     }
 
     /// Sends a single-key command to the key's node, following MOVED and retrying TRYAGAIN.
     fn call(&mut self, key: &[u8], args: &[&[u8]]) -> anyhow::Result<Value> {
-        let slot = key_slot(key) as usize;
         for _ in 0..RETRIES {
-            let node = self.slots[slot];
-            let reply = match self.call_on(node, args) {
-                Ok(v) => v,
+            match self.c.attempt(key, args) {
+                Attempt::Reply(Value::Error(e)) | Attempt::ClusterDown(e) => bail!("{e}"),
+                Attempt::Reply(v) => return Ok(v),
+                Attempt::Moved => {}
+                Attempt::TryAgain(_) => std::thread::sleep(Duration::from_millis(5)),
+                // The slot has no known owner yet (the table was just reloaded).
+                Attempt::NoRoute => std::thread::sleep(Duration::from_millis(20)),
                 // The node left or died: its slots have (or soon will have) a new owner.
-                // The command is sent again; a benchmark's writes are idempotent.
-                Err(_) => {
+                Attempt::Failed(_) => {
                     self.reconnects += 1;
                     std::thread::sleep(Duration::from_millis(20));
-                    let _ = self.load_slots();
-                    continue;
+                    let _ = self.c.load_slots();
                 }
-            };
-            match reply {
-                Value::Error(e) if e.starts_with("MOVED ") => {
-                    self.moved += 1;
-                    let addr = e
-                        .split_whitespace()
-                        .nth(2)
-                        .ok_or_else(|| anyhow!("bad MOVED reply {e:?}"))?;
-                    let i = self.node(addr);
-                    self.slots[slot] = i;
-                }
-                Value::Error(e) if e.starts_with("TRYAGAIN") => {
-                    self.tryagain += 1;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Value::Error(e) => bail!("{e}"),
-                v => return Ok(v),
             }
         }
         bail!("no answer after {RETRIES} redirections or retries")
@@ -219,8 +117,8 @@ struct KnCounters {
 fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     let mut total = KnCounters::default();
     let mut any = false;
-    for node in 0..c.nodes.len() {
-        let Ok(Value::Bulk(b)) = c.call_on(node, &[b"INFO"]) else {
+    for node in 0..c.c.nodes().len() {
+        let Ok(Value::Bulk(b)) = c.c.call_node(node, &[b"INFO"]) else {
             continue;
         };
         let text = String::from_utf8_lossy(&b);
@@ -247,9 +145,8 @@ fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     any.then_some(total)
 }
 
-#[derive(Default)]
 struct ClientOut {
-    latencies_ns: Vec<u32>,
+    latency_ns: Histogram,
     reads: u64,
     writes: u64,
     missing: u64,
@@ -293,8 +190,8 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     // Warm up, then measure. Each phase's clients start from every node known so far, so
     // a seed that has left the cluster meanwhile is not needed.
     let seeds = |probe: &mut RespClient| {
-        let _ = probe.load_slots();
-        probe.nodes.clone()
+        let _ = probe.c.load_slots();
+        probe.c.nodes().to_vec()
     };
     phase(cfg, &seeds(&mut probe), clients, cfg.warmup_ops, None, 1)?;
     let before = kn_counters(&mut probe);
@@ -303,19 +200,10 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     let elapsed = t0.elapsed().as_secs_f64();
     let after = kn_counters(&mut probe);
 
-    let mut lat: Vec<u32> = outs
-        .iter()
-        .flat_map(|o| o.latencies_ns.iter().copied())
-        .collect();
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
-        lat[i] as f64 / 1e3
-    };
-    let mean = lat.iter().map(|&x| x as f64).sum::<f64>() / lat.len().max(1) as f64 / 1e3;
+    let mut lat = histogram::new();
+    for o in &outs {
+        histogram::merge(&mut lat, &o.latency_ns);
+    }
     let (reads, writes) = outs
         .iter()
         .fold((0, 0), |(r, w), o| (r + o.reads, w + o.writes));
@@ -344,7 +232,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
     Ok(TargetResult {
         system: "resp",
         target: targets.join(","),
-        nodes: probe.nodes.len(),
+        nodes: probe.c.nodes().len(),
         clients,
         workload: cfg.workload.name().to_string(),
         dist,
@@ -361,12 +249,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
         reconnects: outs.iter().map(|o| o.reconnects).sum(),
         elapsed_s: elapsed,
         throughput_ops: ops as f64 / elapsed.max(1e-9),
-        latency_us: Latency {
-            p50: pct(0.50),
-            p99: pct(0.99),
-            p999: pct(0.999),
-            mean,
-        },
+        latency_us: super::latency_us(&lat),
         rts_per_op: ratio(all_rts, gets.zip(kwrites).map(|(g, w)| g + w)),
         read_rts_per_read: ratio(d(|c| c.read_rts), gets),
         write_rts_per_write: ratio(d(|c| c.write_rts), kwrites),
@@ -397,7 +280,15 @@ fn phase(
                     let mut c = RespClient::new(targets)?;
                     let mut rng = Rng::new(cfg.seed ^ (salt << 32) ^ ((id as u64 + 1) * 0x9E37));
                     let (mut k, mut v) = (vec![0u8; cfg.key_size], vec![0u8; cfg.value_size]);
-                    let mut out = ClientOut::default();
+                    let mut out = ClientOut {
+                        latency_ns: histogram::new(),
+                        reads: 0,
+                        writes: 0,
+                        missing: 0,
+                        moved: 0,
+                        tryagain: 0,
+                        reconnects: 0,
+                    };
                     let t0 = Instant::now();
                     let mut inserted = 0u64;
                     for n in 0.. {
@@ -431,11 +322,11 @@ fn phase(
                             c.call(&k, &[b"SET", &k, &v])?;
                             out.writes += 1;
                         }
-                        out.latencies_ns
-                            .push(start.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                        histogram::record_ns(&mut out.latency_ns, start.elapsed());
                     }
-                    out.moved = c.moved;
-                    out.tryagain = c.tryagain;
+                    let counters = c.c.counters();
+                    out.moved = counters.moved;
+                    out.tryagain = counters.tryagain;
                     out.reconnects = c.reconnects;
                     Ok(out)
                 })

@@ -78,7 +78,7 @@ pub(crate) struct InspectArgs {
     json: bool,
     /// Inspect twice this far apart (e.g. 1s, 500ms) and add the compaction rate between
     /// the two samples; without it, totals only.
-    #[arg(long, value_parser = dinomo::inspect::parse_interval)]
+    #[arg(long, value_parser = dinomo::duration::parse_interval)]
     interval: Option<std::time::Duration>,
 }
 

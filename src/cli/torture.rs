@@ -27,7 +27,7 @@ pub(crate) struct TortureArgs {
     #[arg(long, default_value_t = 1500)]
     round_ms: u64,
     /// No round starts after this long, e.g. 9m, 90s, 1h.
-    #[arg(long, default_value = "9m", value_parser = dinomo::torture::parse_duration)]
+    #[arg(long, default_value = "9m", value_parser = dinomo::duration::parse_duration)]
     time_limit: std::time::Duration,
     /// Lease length in milliseconds.
     #[arg(long, default_value_t = 1000)]

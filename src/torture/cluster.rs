@@ -4,16 +4,16 @@
 //! too (a collateral restart): e.g. KNs fenced by a restarted manager, or processes whose
 //! control connection died with the DPM.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Role;
-use crate::resp::{encode_command, parse_value, Limits, Value};
+use crate::redis_client::{Conn, Timeouts};
 use crate::up::{Proc, UpConfig, UpError};
 use dinomo_shared::manager_proto::MgrClient;
+use dinomo_shared::resp::Value;
 use dinomo_shared::slot::{key_slot, SLOTS};
 
 /// Processes of the cluster, by role.
@@ -247,7 +247,10 @@ impl Cluster {
         if map.kns.len() != addrs.len() || !map.settled || !s.failed_kns.is_empty() {
             return s;
         }
-        let mut conns: Vec<Option<TcpStream>> = addrs.iter().map(|a| connect(a)).collect();
+        let mut conns: Vec<Option<Conn>> = addrs
+            .iter()
+            .map(|a| Conn::connect(a, PROBE_TIMEOUTS).ok())
+            .collect();
         let mut covered = 0usize;
         for &(first, last, kn) in &map.ranges {
             covered += usize::from(last - first) + 1;
@@ -258,9 +261,10 @@ impl Cluster {
                 return s;
             };
             let key = &self.probe_keys[first as usize];
-            let ok = conns[i]
-                .as_mut()
-                .is_some_and(|c| probe(c, key).is_some_and(|v| v == Value::Simple("OK".into())));
+            let ok = conns[i].as_mut().is_some_and(|c| {
+                c.call(&[b"SET", key, b"probe"])
+                    .is_ok_and(|v| v == Value::Simple("OK".into()))
+            });
             if !ok {
                 conns[i] = None;
                 if !s.failed_kns.contains(&i) {
@@ -290,6 +294,12 @@ impl Cluster {
             .is_some_and(|s| s.success())
     }
 }
+
+/// Probes of the slots' owners: a live KN on loopback connects and answers quickly.
+const PROBE_TIMEOUTS: Timeouts = Timeouts {
+    connect: Some(Duration::from_millis(300)),
+    reply: Some(Duration::from_secs(2)),
+};
 
 /// A DPM that exits this many times in a row within one recovery cannot open its region.
 const MAX_DPM_EXITS: u32 = 5;
@@ -336,30 +346,4 @@ fn probe_keys() -> Vec<Vec<u8>> {
         n += 1;
     }
     keys.into_iter().flatten().collect()
-}
-
-fn connect(addr: &str) -> Option<TcpStream> {
-    let a: SocketAddr = addr.parse().ok()?;
-    let s = TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.set_nodelay(true).ok()?;
-    Some(s)
-}
-
-/// `SET key probe` on one connection; the reply, `None` if the connection failed.
-fn probe(s: &mut TcpStream, key: &[u8]) -> Option<Value> {
-    let mut req = Vec::new();
-    encode_command(&mut req, &[b"SET", key, b"probe"]);
-    s.write_all(&req).ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Ok(Some((v, _))) = parse_value(&buf, &Limits::default()) {
-            return Some(v);
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }

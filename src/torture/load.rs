@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::client::{ClusterClient, Failure};
+use super::client::{Client, Failure};
 use super::value;
 use crate::bench::workload::Rng;
 use crate::lincheck::{Clock, Recorder};
-use crate::resp::Value;
+use dinomo_shared::resp::Value;
 
 /// Keys per hash-tag group: an MSET writes two keys of one group (one slot).
 pub const GROUP: u64 = 4;
@@ -76,7 +76,7 @@ pub fn client(spec: &ClientSpec<'_>, clock: Clock, stop: &AtomicBool) -> ClientO
     if mine.is_empty() {
         return out;
     }
-    let mut c = ClusterClient::new(spec.seeds, spec.op_timeout);
+    let mut c = Client::new(spec.seeds, spec.op_timeout);
     let mut rng = Rng::new(spec.seed ^ ((spec.id as u64 + 1) << 40));
     let mut seq = spec.seq_base;
     let (mut v1, mut v2) = (Vec::new(), Vec::new());

@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::bench::workload::Rng;
+/// `--round`'s parser, where `main` finds it.
 use crate::lincheck::{Clock, History, Op, Recorder};
-use crate::resp::Value;
 use crate::up::UpConfig;
-use client::{ClusterClient, Failure};
+use client::{Client, Failure};
 use cluster::Cluster;
+use dinomo_shared::resp::Value;
 use load::{ClientSpec, OpCounts};
 
 /// A process role of the cluster.
@@ -154,39 +155,6 @@ pub struct TortureReport {
 
 /// Violations kept in the report.
 const KEEP_DETAILS: usize = 50;
-
-/// Parses a duration such as `9m`, `90s`, `500ms`, `1h` or `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?} (e.g. 9m, 90s, 500ms, 1h)");
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let d = match &rest[..unit] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
-            _ => return Err(bad()),
-        };
-        total = total.checked_add(d).ok_or_else(bad)?;
-        rest = &rest[unit..];
-    }
-    Ok(total)
-}
 
 /// A first port such that it and the `n - 1` after it are free (checked by binding them).
 fn free_port_block(n: u16) -> Result<u16, TortureError> {
@@ -427,7 +395,7 @@ pub fn run(
         if !stuck {
             // Read back every key.
             let mut reader = Recorder::new(clock);
-            let mut c = ClusterClient::new(&seeds, op_timeout);
+            let mut c = Client::new(&seeds, op_timeout);
             let mut finals: Vec<Option<Option<Vec<u8>>>> = vec![None; cfg.keys as usize];
             for (i, f) in finals.iter_mut().enumerate() {
                 let key = load::key_name(i as u64);
@@ -664,6 +632,7 @@ pub fn render(r: &TortureReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::duration::parse_duration;
 
     #[test]
     fn durations_and_roles_parse() {

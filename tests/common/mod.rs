@@ -1,11 +1,13 @@
-//! Helpers shared by the tests that run the memory node as a separate process.
+//! Helpers shared by the tests that run the `dinomo` binary: running it, and the memory
+//! node and region files of the tests that run it as a separate process.
 #![allow(dead_code)]
 
 pub mod proc_files;
 pub mod procs;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Output};
 
 use dinomo::hw::fabric::Fabric;
 use dinomo::hw::region_file::RegionFile;
@@ -13,6 +15,38 @@ use dinomo::shared::entry::{self, Op};
 use dinomo::shared::geometry::Geometry;
 use host_kn::log::{AppendError, LogArea, ShardLog};
 use host_kn::KvError;
+
+/// The `dinomo` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+
+/// `dinomo <args>`, for a caller that adds to it or spawns it.
+pub fn dinomo_cmd<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = Command::new(BIN);
+    c.args(args);
+    c
+}
+
+/// Runs `dinomo <args>` to its end, stdin closed, capturing stdout and stderr.
+pub fn dinomo(args: &[&str]) -> Output {
+    dinomo_cmd(args).output().expect("run dinomo")
+}
+
+/// Runs `dinomo bench --quiet <args>`.
+pub fn bench(args: &[&str]) -> Output {
+    dinomo(&[&["bench", "--quiet"], args].concat())
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
 
 /// A child process that is killed (SIGKILL) and reaped when dropped.
 pub struct ChildGuard(pub Child);
@@ -35,20 +69,18 @@ impl ChildGuard {
 
 /// `dinomo dpm format` of a new region file.
 pub fn format_region(path: &Path, size: &str, block_size: &str) {
-    let o = Command::new(env!("CARGO_BIN_EXE_dinomo"))
-        .args([
-            "dpm",
-            "format",
-            "--path",
-            path.to_str().expect("utf-8"),
-            "--size",
-            size,
-            "--block-size",
-            block_size,
-        ])
-        .output()
-        .expect("run dinomo dpm format");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let path = path.to_str().expect("utf-8");
+    let o = dinomo(&[
+        "dpm",
+        "format",
+        "--path",
+        path,
+        "--size",
+        size,
+        "--block-size",
+        block_size,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// The geometry of a region file (read without changing it).

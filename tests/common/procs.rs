@@ -1,20 +1,19 @@
 //! Scaffolding of the tests that run a whole cluster as processes: the `dinomo` processes,
 //! their ready lines, RESP connections to the KNs and the manager's map.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dinomo::resp::{encode_command, parse_value, Limits, Value};
+use dinomo::redis_client::{self, ClusterClient, ReadError, Timeouts};
+use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient};
 use nix::sys::signal::Signal;
 
 /// How long any one step (a process getting ready, a map settling, a reply) may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
-pub const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
+pub use super::BIN;
 
 /// A `dinomo` process, killed (SIGKILL, which also ends a stopped process) when dropped.
 pub struct Proc {
@@ -139,64 +138,43 @@ pub fn wait_map(mgr: &str, kns: usize) -> MapMsg {
     }
 }
 
-/// One RESP connection.
-pub struct Conn {
-    s: TcpStream,
-    /// Received bytes not parsed yet.
-    buf: Vec<u8>,
-    /// The command being sent, reused.
-    out: Vec<u8>,
-}
+/// One RESP connection, with the process tests' conventions: failures are `false` or
+/// `None`, a malformed reply panics.
+pub struct Conn(redis_client::Conn);
 
 impl Conn {
     /// `timeout`: how long one read may wait.
     pub fn open(addr: &str, timeout: Duration) -> std::io::Result<Self> {
-        let s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_nodelay(true)?;
-        Ok(Self {
-            s,
-            buf: Vec::new(),
-            out: Vec::new(),
-        })
+        let timeouts = Timeouts {
+            connect: None,
+            reply: Some(timeout),
+        };
+        redis_client::Conn::connect(addr, timeouts).map(Self)
     }
 
     /// Writes `bytes` as they are; false if the connection failed.
     pub fn send_raw(&mut self, bytes: &[u8]) -> bool {
-        self.s.write_all(bytes).is_ok()
+        self.0.send_raw(bytes).is_ok()
     }
 
     /// Sends one command without waiting for its reply; false if the connection failed.
     pub fn send(&mut self, args: &[&[u8]]) -> bool {
-        self.out.clear();
-        encode_command(&mut self.out, args);
-        self.s.write_all(&self.out).is_ok()
-    }
-
-    /// One reply; `Ok(None)` if the peer closed the connection.
-    fn try_read(&mut self) -> std::io::Result<Option<Value>> {
-        loop {
-            if let Some((v, n)) = parse_value(&self.buf, &Limits::default()).expect("valid reply") {
-                self.buf.drain(..n);
-                return Ok(Some(v));
-            }
-            let mut chunk = [0u8; 16384];
-            match self.s.read(&mut chunk)? {
-                0 => return Ok(None),
-                n => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+        self.0.send(args).is_ok()
     }
 
     /// One reply; `None` if the connection closed or failed (or the read timed out).
     pub fn read(&mut self) -> Option<Value> {
-        self.try_read().ok().flatten()
+        match self.0.read() {
+            Ok(v) => Some(v),
+            Err(ReadError::Protocol(e)) => panic!("invalid reply: {e}"),
+            Err(_) => None,
+        }
     }
 
     /// Asserts that the peer closed the connection: neither a reply nor a timeout.
     pub fn assert_closed(&mut self) {
-        match self.try_read() {
-            Ok(None) => {}
+        match self.0.read() {
+            Err(ReadError::Closed) => {}
             other => panic!("the connection is still open: {other:?}"),
         }
     }
@@ -215,61 +193,46 @@ impl Conn {
     }
 }
 
-/// A client of the KNs: connections by address, following `MOVED`.
+/// A client of the KNs by address, following `MOVED`.
 pub struct Client {
+    inner: ClusterClient,
     addrs: Vec<String>,
     next: usize,
-    reply_timeout: Duration,
-    conns: HashMap<String, Conn>,
-    /// `MOVED` replies followed so far.
-    pub moved: u64,
 }
 
 impl Client {
     /// `addrs`: where `once` and `must` start, in turn; `reply_timeout`: how long one
     /// reply may take before the connection counts as failed.
     pub fn new(addrs: Vec<String>, reply_timeout: Duration) -> Self {
+        let timeouts = Timeouts {
+            connect: None,
+            reply: Some(reply_timeout),
+        };
         Self {
+            inner: ClusterClient::new(&addrs, timeouts),
             addrs,
             next: 0,
-            reply_timeout,
-            conns: HashMap::new(),
-            moved: 0,
         }
+    }
+
+    /// `MOVED` replies followed so far.
+    pub fn moved(&self) -> u64 {
+        self.inner.counters().moved
     }
 
     /// One attempt starting at `addr`: the reply (after following up to 4 `MOVED`), or
     /// `None` if a connection failed (the command may or may not have been executed; the
     /// next `once` starts at another address) or there were more `MOVED`.
     pub fn once_at(&mut self, addr: &str, args: &[&[u8]]) -> Option<Value> {
-        let mut addr = addr.to_string();
-        for _ in 0..4 {
-            if !self.conns.contains_key(&addr) {
-                match Conn::open(&addr, self.reply_timeout) {
-                    Ok(c) => {
-                        self.conns.insert(addr.clone(), c);
-                    }
-                    Err(_) => {
-                        self.next += 1;
-                        return None;
-                    }
-                }
+        match self.inner.call_following(addr, args, 4) {
+            Err(_) => {
+                self.next += 1;
+                None
             }
-            let c = self.conns.get_mut(&addr).expect("conn");
-            match c.cmd(args) {
-                None => {
-                    self.conns.remove(&addr);
-                    self.next += 1;
-                    return None;
-                }
-                Some(Value::Error(e)) if e.starts_with("MOVED ") => {
-                    self.moved += 1;
-                    addr = e.split_whitespace().nth(2).expect("address").to_string();
-                }
-                Some(v) => return Some(v),
-            }
+            // The redirections ran out.
+            Ok(Value::Error(e)) if e.starts_with("MOVED ") => None,
+            Ok(v) => Some(v),
         }
-        None
     }
 
     /// `once_at` the current one of its addresses; every outcome goes to the caller.

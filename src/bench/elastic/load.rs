@@ -2,8 +2,11 @@
 //! times the base, base again), rate-limited client threads that follow it, and what they
 //! count (operations, dropped ones, per-KN latency histograms) for the sampler and policy.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use crate::histogram::{self, Histogram};
 
 /// Base rate for `base`, `factor` x base for `burst`, base again for `tail`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -79,67 +82,42 @@ impl LoadShape {
     }
 }
 
-/// Latency buckets: four per power of two of microseconds, up to about 4 s.
-pub const BUCKETS: usize = 84;
-
-/// The bucket of a latency.
-pub fn bucket(latency: Duration) -> usize {
-    let us = latency.as_micros().min(u64::MAX as u128) as u64;
-    if us < 4 {
-        return us as usize;
-    }
-    let e = 63 - us.leading_zeros() as usize;
-    let sub = ((us >> (e - 2)) & 3) as usize;
-    ((e - 1) * 4 + sub).min(BUCKETS - 1)
-}
-
-/// The upper bound of a bucket (exclusive), in microseconds.
-pub fn bucket_upper_us(b: usize) -> u64 {
-    if b < 4 {
-        return b as u64 + 1;
-    }
-    let (e, sub) = (b / 4 + 1, (b % 4) as u64);
-    (5 + sub) << (e - 2)
-}
-
-/// A latency histogram written by one client thread and drained by the controller.
+/// Latencies in µs of one client thread's operations on the keys of one KN, recorded by
+/// the client and drained by the controller every period. A mutex per client and KN rather
+/// than one shared histogram: only its client records into it, so the lock is uncontended
+/// but for the controller's drain once a period. (hdrhistogram's `SyncHistogram` would make
+/// that drain wait for every client's next operation, and an open-loop client may be
+/// asleep until its next one is due.)
 #[derive(Debug)]
-pub struct Histogram([AtomicU64; BUCKETS]);
+pub struct KnLatency(Mutex<Histogram>);
 
-impl Default for Histogram {
+impl Default for KnLatency {
     fn default() -> Self {
-        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+        Self(Mutex::new(histogram::new()))
     }
 }
 
-impl Histogram {
+impl KnLatency {
     pub fn record(&self, latency: Duration) {
-        self.0[bucket(latency)].fetch_add(1, Ordering::Relaxed);
+        histogram::record_us(&mut self.lock(), latency);
     }
 
     /// Adds the counts into `into` and resets them.
-    pub fn drain_into(&self, into: &mut [u64; BUCKETS]) {
-        for (i, c) in self.0.iter().enumerate() {
-            into[i] += c.swap(0, Ordering::Relaxed);
-        }
+    pub fn drain_into(&self, into: &mut Histogram) {
+        let mut h = self.lock();
+        histogram::merge(into, &h);
+        h.reset();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Histogram> {
+        // A client that panicked leaves counts that are still counts.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// The `q` quantile of bucket counts, as its bucket's upper bound; zero if empty.
-pub fn quantile(counts: &[u64; BUCKETS], q: f64) -> Duration {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return Duration::ZERO;
-    }
-    let want = ((total as f64 * q).ceil() as u64).clamp(1, total);
-    let mut seen = 0;
-    for (b, &c) in counts.iter().enumerate() {
-        seen += c;
-        if seen >= want {
-            return Duration::from_micros(bucket_upper_us(b));
-        }
-    }
-    Duration::from_micros(bucket_upper_us(BUCKETS - 1))
+/// The nearest-rank `q` quantile of a histogram of µs; zero if empty.
+pub fn quantile(h: &Histogram, q: f64) -> Duration {
+    Duration::from_micros(h.value_at_quantile(q))
 }
 
 /// What one client thread counts, read by the sampler and the controller while it runs.
@@ -152,7 +130,7 @@ pub struct ClientCounters {
     pub dropped: AtomicU64,
     pub errors: AtomicU64,
     /// Latency by the KN that owned the key when the request was issued.
-    pub latency: Vec<Histogram>,
+    pub latency: Vec<KnLatency>,
 }
 
 impl ClientCounters {
@@ -161,7 +139,7 @@ impl ClientCounters {
             ops: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            latency: (0..max_kns).map(|_| Histogram::default()).collect(),
+            latency: (0..max_kns).map(|_| KnLatency::default()).collect(),
         }
     }
 }
@@ -208,41 +186,43 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_ordered_and_bound_their_latencies() {
-        let mut last = 0;
-        for us in [
-            0u64, 1, 3, 4, 5, 7, 8, 9, 15, 16, 100, 1000, 16_000, 1_000_000,
-        ] {
-            let b = bucket(Duration::from_micros(us));
-            assert!(b >= last, "{us}");
-            last = b;
-            assert!(bucket_upper_us(b) > us, "{us} in bucket {b}");
-            if b > 0 {
-                assert!(bucket_upper_us(b - 1) <= us, "{us} in bucket {b}");
-            }
+    fn latencies_keep_three_significant_digits() {
+        for us in [0u64, 1, 7, 999, 2047, 2048, 12_345, 1_000_000, 123_456_789] {
+            let h = KnLatency::default();
+            h.record(Duration::from_micros(us));
+            let mut c = histogram::new();
+            h.drain_into(&mut c);
+            let got = quantile(&c, 1.0).as_micros() as u64;
+            assert!(
+                got >= us && got - us <= us / 1000,
+                "{us} us read back as {got}"
+            );
         }
-        assert_eq!(bucket(Duration::from_secs(100)), BUCKETS - 1);
     }
 
     #[test]
     fn quantiles_of_a_histogram() {
-        let h = Histogram::default();
+        let h = KnLatency::default();
         for _ in 0..98 {
             h.record(Duration::from_micros(10));
         }
         h.record(Duration::from_millis(20));
         h.record(Duration::from_millis(20));
-        let mut c = [0u64; BUCKETS];
+        let mut c = histogram::new();
         h.drain_into(&mut c);
-        assert!(quantile(&c, 0.5) <= Duration::from_micros(12));
+        assert_eq!(quantile(&c, 0.5), Duration::from_micros(10));
+        assert_eq!(quantile(&c, 0.98), Duration::from_micros(10));
         let p99 = quantile(&c, 0.99);
         assert!(
-            p99 > Duration::from_millis(20) && p99 <= Duration::from_millis(25),
+            p99 >= Duration::from_millis(20) && p99 <= Duration::from_micros(20_020),
             "{p99:?}"
         );
-        // Drained: empty now.
-        let mut again = [0u64; BUCKETS];
+        // Drained: empty now, and what was drained adds up.
+        let mut again = histogram::new();
         h.drain_into(&mut again);
         assert_eq!(quantile(&again, 0.99), Duration::ZERO);
+        h.record(Duration::from_micros(10));
+        h.drain_into(&mut c);
+        assert_eq!(c.len(), 101);
     }
 }

@@ -29,9 +29,10 @@ use serde::Serialize;
 use super::workload::{key_into, value_into, Distribution, KeyChooser, Rng, Workload};
 use super::{bar, load as load_keys, BenchConfig, Ops, System, Target};
 use crate::cluster::ClusterConfig;
+use crate::histogram::{self, Histogram};
 use analysis::Recovery;
 use dinomo_manager::policy::{Decision, KnReport, Policy, PolicyConfig};
-use load::{ClientCounters, LoadShape, BUCKETS};
+use load::{ClientCounters, LoadShape};
 use replication::{ReplicationCounts, ReplicationResult, Replicator};
 use schedule::{Action, Schedule};
 
@@ -245,7 +246,7 @@ pub struct SystemResult {
     pub ops: u64,
     pub dropped_ops: u64,
     pub errors: u64,
-    /// From each operation's due time (open loop), bucketed (upper bounds).
+    /// From each operation's due time (open loop); nearest-rank, to 3 significant digits.
     pub latency_us: LatencyUs,
     pub reconfigs: Vec<ReconfigResult>,
     /// Longest dip of any reconfiguration, seconds.
@@ -480,7 +481,7 @@ fn run_system<S: Elastic>(
     let mut done: Vec<Done> = Vec::new();
     let mut ticks: Vec<PolicyTick> = Vec::new();
     let mut replications: Vec<ReplicationResult> = Vec::new();
-    let mut latency = [0u64; BUCKETS];
+    let mut latency = histogram::new();
     let samples = std::thread::scope(|s| -> anyhow::Result<Vec<(u64, usize)>> {
         let shared = &shared;
         let handles: Vec<_> = clients
@@ -758,7 +759,7 @@ fn control<S: Elastic>(
     cfg: &ElasticConfig,
     shared: &Shared,
     log: &mut Log<'_>,
-    latency: &mut [u64; BUCKETS],
+    latency: &mut Histogram,
     pb: &ProgressBar,
 ) -> anyhow::Result<()> {
     let total = cfg.shape.total();
@@ -908,7 +909,7 @@ fn reports<S: Elastic>(
     shared: &Shared,
     last: &mut Vec<(u16, ShardStats)>,
     elapsed: Duration,
-    latency: &mut [u64; BUCKETS],
+    latency: &mut Histogram,
 ) -> Vec<KnReport> {
     let secs = elapsed.as_secs_f64().max(1e-3);
     let shards = cfg.bench.threads_per_kn.max(1) as f64;
@@ -924,15 +925,13 @@ fn reports<S: Elastic>(
             .map(|(_, s)| *s)
             .unwrap_or_default();
         let d = stats.since(&before);
-        let mut counts = [0u64; BUCKETS];
+        let mut counts = histogram::new();
         for c in &shared.counters {
             if let Some(h) = c.latency.get(kn as usize) {
                 h.drain_into(&mut counts);
             }
         }
-        for (t, c) in latency.iter_mut().zip(counts.iter()) {
-            *t += c;
-        }
+        histogram::merge(latency, &counts);
         out.push(KnReport {
             kn,
             ops_per_sec: (d.gets + d.puts + d.deletes) as f64 / secs,
