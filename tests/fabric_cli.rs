@@ -25,6 +25,27 @@ fn verbs_without_a_device_or_support_fails_with_one_clear_line() {
         dinomo(&[
             "dpm", "serve", "--fabric", "verbs", "--device", "rxe0", "--path", region,
         ]),
+        // A KN and a manager of a DPM on another host reach the verbs connect path.
+        dinomo(&[
+            "kn",
+            "--fabric",
+            "verbs",
+            "--dpm",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--manager",
+            "127.0.0.1:1",
+        ]),
+        dinomo(&[
+            "manager",
+            "--fabric",
+            "verbs",
+            "--dpm",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+        ]),
     ];
     for o in &runs {
         let err = stderr(o);
@@ -50,6 +71,52 @@ fn verbs_without_a_device_or_support_fails_with_one_clear_line() {
         }
     }
     assert!(!Path::new(region).exists(), "nothing was created");
+}
+
+#[test]
+fn every_role_takes_the_fabric_options() {
+    for (args, words) in [
+        (
+            &["kn", "--help"][..],
+            &["--fabric", "--dpm", "--device", "--gid-index"][..],
+        ),
+        (
+            &["manager", "--help"],
+            &["--fabric", "--dpm", "--device", "--gid-index"],
+        ),
+        (
+            &["dpm", "serve", "--help"],
+            &["--fabric", "--listen", "--device", "--gid-index"],
+        ),
+        (
+            &["fabric-bench", "--help"],
+            &["--fabric", "--device", "--gid-index"],
+        ),
+        (&["up", "--help"], &["--fabric", "--device", "--gid-index"]),
+    ] {
+        let o = dinomo(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let help = stdout(&o);
+        for w in words {
+            assert!(help.contains(w), "{args:?} does not show {w}:\n{help}");
+        }
+    }
+    // A verbs DPM is named by HOST:PORT, and the fabric by one of its names.
+    for args in [
+        &[
+            "kn",
+            "--fabric",
+            "verbs",
+            "--dpm",
+            "/dev/shm/region",
+            "--listen",
+            "127.0.0.1:0",
+        ][..],
+        &["manager", "--fabric", "tcp", "--dpm", "x"],
+    ] {
+        let o = dinomo(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
 }
 
 #[test]

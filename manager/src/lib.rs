@@ -34,7 +34,7 @@ pub use store::{DpmStore, DurableStore, StoreError};
 /// Why the manager process could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot reach the DPM: {0}")]
+    #[error(transparent)]
     Dpm(#[from] StoreError),
     #[error(transparent)]
     Manager(#[from] ManagerError),

@@ -279,8 +279,7 @@ impl Manager {
         let mut left = self.leftovers.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(&(kn, record)) = left.first() {
             let fenced = self
-                .store()
-                .fence(kn)
+                .fence_and_end(kn, record.lease_epoch, record.lease_ms)
                 .map_err(|source| ManagerError::Leftover { kn, source })?;
             if record.is_live() {
                 tracing::info!(
@@ -290,16 +289,30 @@ impl Manager {
                     "fenced a KN of an earlier manager"
                 );
             }
-            let ended = LeaseRecord {
-                expires_ms: 0,
-                ..record
-            };
-            if let Err(e) = self.store().store_lease(kn, &ended) {
-                tracing::warn!(kn, error = %e, "cannot record the end of a leftover lease");
-            }
             left.remove(0);
         }
         Ok(())
+    }
+
+    /// Fences `kn` at the DPM, then records its lease as ended (a failure to record it is
+    /// only logged: a later manager then waits a lease and fences it again, which does
+    /// nothing).
+    fn fence_and_end(
+        &self,
+        kn: u16,
+        lease_epoch: u32,
+        lease_ms: u64,
+    ) -> Result<crate::store::Fenced, StoreError> {
+        let fenced = self.store().fence(kn)?;
+        let ended = LeaseRecord {
+            lease_epoch,
+            expires_ms: 0,
+            lease_ms,
+        };
+        if let Err(e) = self.store().store_lease(kn, &ended) {
+            tracing::warn!(kn, error = %e, "cannot record the end of a lease");
+        }
+        Ok(fenced)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -707,8 +720,7 @@ impl Manager {
         }
         let mut done = Vec::new();
         for (kn, lease_epoch, exit) in todo {
-            let fenced = self.store().fence(kn);
-            match fenced {
+            match self.fence_and_end(kn, lease_epoch, self.lease_ms()) {
                 Ok(f) => {
                     if exit == Exit::Expired {
                         tracing::warn!(
@@ -717,14 +729,6 @@ impl Manager {
                             entries = f.entries,
                             "lease expired: KN fenced"
                         );
-                    }
-                    let ended = LeaseRecord {
-                        lease_epoch,
-                        expires_ms: 0,
-                        lease_ms: self.lease_ms(),
-                    };
-                    if let Err(e) = self.store().store_lease(kn, &ended) {
-                        tracing::warn!(kn, error = %e, "cannot record the end of a lease");
                     }
                     done.push((kn, exit));
                 }

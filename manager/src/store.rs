@@ -171,10 +171,18 @@ fn open(spec: &DpmSpec, timeout: Duration) -> Result<Box<dyn ControlChannel>, St
                 });
         match attempt {
             Ok(c) => return Ok(c),
-            Err(e) if t0.elapsed() >= timeout => {
-                return Err(StoreError::Unreachable(format!("{spec}: {e}")))
+            // A DPM that is not up yet (or restarting) is waited for; a fabric that cannot
+            // work here (no device, no support in this build) is not.
+            Err(
+                e @ (FabricError::NotRunning(_)
+                | FabricError::Disconnected(_)
+                | FabricError::Timeout(_)
+                | FabricError::NoFreeSlot { .. }),
+            ) if t0.elapsed() < timeout => {
+                tracing::debug!(error = %e, "waiting for the DPM");
+                std::thread::sleep(Duration::from_millis(50));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(StoreError::Unreachable(format!("{spec}: {e}"))),
         }
     }
 }
