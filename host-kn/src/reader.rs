@@ -76,11 +76,6 @@ impl IndexReader {
         })
     }
 
-    /// Forgets the cached root (e.g. after an error).
-    pub fn forget_root(&mut self) {
-        self.root = None;
-    }
-
     /// The buffer [`FoundEntry`] positions refer to.
     pub fn buf<'f, F: Fabric + ?Sized>(&self, f: &'f F) -> &'f [u8] {
         f.buf(self.entries)

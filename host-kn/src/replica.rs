@@ -79,7 +79,7 @@ impl Replicas {
 /// The router's published table. Clients compare one atomic version per request and take
 /// the lock only when it changed, so the hot path gains no lock.
 #[derive(Debug, Default)]
-pub struct ReplicaRoutes {
+pub(crate) struct ReplicaRoutes {
     version: AtomicU64,
     table: RwLock<Arc<Replicas>>,
 }
@@ -220,7 +220,7 @@ struct KeyState {
 
 /// A shard's replicated keys.
 #[derive(Debug)]
-pub struct ShardReplicas {
+pub(crate) struct ShardReplicas {
     keys: Vec<KeyState>,
     index: HashMap<Box<[u8]>, usize>,
     table: Arc<Replicas>,
@@ -502,11 +502,6 @@ impl ShardReplicas {
         }
         result
     }
-
-    /// Whether a flushed write awaits [`ShardReplicas::publish`].
-    pub fn has_unpublished(&self) -> bool {
-        !self.todo.is_empty()
-    }
 }
 
 fn done(wr_id: WrId, verb: Verb) -> Completion {
@@ -519,15 +514,15 @@ fn done(wr_id: WrId, verb: Verb) -> Completion {
 }
 
 /// Keys tracked by [`HotKeys`].
-pub const HOT_KEYS: usize = 16;
+pub(crate) const HOT_KEYS: usize = 16;
 /// One request in this many is sampled.
-pub const HOT_SAMPLE: u32 = 16;
+pub(crate) const HOT_SAMPLE: u32 = 16;
 
 /// A space-saving top-k over a sample of a shard's requests: at most [`HOT_KEYS`] counters;
 /// an untracked key takes over the smallest counter (and its count, so counts are upper
 /// bounds that never miss a key hotter than 1/k of the sample).
 #[derive(Debug)]
-pub struct HotKeys {
+pub(crate) struct HotKeys {
     /// Xorshift state: the sample is random, so a periodic request pattern cannot alias
     /// with it.
     rng: u32,

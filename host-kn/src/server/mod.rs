@@ -11,7 +11,7 @@
 
 mod commands;
 mod conn;
-pub mod latency;
+mod latency;
 mod load;
 mod membership;
 
@@ -154,7 +154,7 @@ impl Shared {
 const GEOMETRY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A 40-hex-digit node id, as Redis Cluster expects.
-pub fn node_id(kn: u16) -> String {
+fn node_id(kn: u16) -> String {
     format!("{:040x}", 0xd1_0000_0000u64 + kn as u64)
 }
 

@@ -1,0 +1,591 @@
+//! A KN shard: one thread, one fabric connection, one log, one cache. Nothing on its hot
+//! path is shared with another shard.
+//!
+//! Writes are staged and made durable in batches (group commit): the batch is flushed when
+//! it fills, when no request is waiting, or when its oldest entry has waited the configured
+//! bound; writers are answered only after the flush. Reads go, in order, to the cached value
+//! (0 RT), the shard's own writes that the DPM has not merged yet (found locally; 1 RT to
+//! read the entry unless the value is cached), the cached shortcut (1 RT), and the index
+//! (2 RTs with the root cached). A read of a key that is in the batch being staged first
+//! flushes the batch, so no read ever returns a value that is not durable.
+//!
+//! This module holds the shard's core (staging, flushing, reading and the message loop);
+//! its settings, lease, messages, counters, the superblock read, and the reconfiguration
+//! and replication steps each have a submodule.
+
+mod config;
+mod geometry;
+mod lease;
+mod msg;
+mod reconfig;
+mod replication;
+mod stats;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dinomo_hw::fabric::Fabric;
+use dinomo_shared::control::ProgressSlot;
+use dinomo_shared::entry::{self, Op, MAX_KEY_LEN, MAX_VALUE_LEN};
+use dinomo_shared::geometry::Geometry;
+use dinomo_shared::index::EntryRef;
+use dinomo_shared::pod::Pod;
+use dinomo_shared::slot::key_slot;
+
+use crate::dac::{DacCache, Lookup};
+use crate::error::KvError;
+use crate::log::{AppendError, LogArea, ShardLog};
+use crate::ownership::{shard_of, SlotMap};
+use crate::reader::IndexReader;
+use crate::replica::{HotKeys, ReplicaCtl, ShardReplicas};
+
+pub use config::ShardConfig;
+pub use geometry::read_geometry;
+pub use lease::LeaseGate;
+pub use msg::{Msg, ReleaseReport, Reply, ReplyFn, ReplyTo, Request};
+pub use stats::ShardStats;
+
+#[derive(Debug)]
+struct Unmerged {
+    seq: u64,
+    /// `None`: a delete.
+    eref: Option<EntryRef>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    eref: EntryRef,
+    seq: u64,
+    reply: ReplyTo,
+    tag: u64,
+    /// A write of a replicated key: published through its cell, not cached.
+    replicated: bool,
+}
+
+/// One shard of a KN.
+#[derive(Debug)]
+pub struct Shard<F: Fabric> {
+    cfg: ShardConfig,
+    f: F,
+    geo: Geometry,
+    log: ShardLog,
+    reader: IndexReader,
+    cache: DacCache,
+    map: Arc<SlotMap>,
+    /// Own writes not yet merged; the key is shared with `unmerged_order` (one allocation
+    /// per write; a shard is one thread, so `Rc` suffices).
+    unmerged: HashMap<Rc<[u8]>, Unmerged>,
+    unmerged_order: VecDeque<(u64, Rc<[u8]>)>,
+    pending: Vec<Pending>,
+    staged_hashes: HashSet<u64>,
+    first_staged: Option<Instant>,
+    broken: Option<KvError>,
+    stats: ShardStats,
+    misses_since_cost: u64,
+    miss_rts_since_cost: u64,
+    replicas: ShardReplicas,
+    hot: HotKeys,
+}
+
+impl<F: Fabric> Shard<F> {
+    /// Attaches to the DPM over `f`: reads the geometry, opens a log, sets up the cache.
+    pub fn open(cfg: ShardConfig, mut f: F, map: Arc<SlotMap>) -> Result<Self, KvError> {
+        let geo = read_geometry(&mut f, cfg.timeout)?;
+        let area = LogArea {
+            log_off: geo.log_off,
+            block_size: geo.block_size,
+            n_blocks: geo.n_blocks,
+        };
+        let log = ShardLog::open(
+            &mut f,
+            area,
+            cfg.kn_id as u32,
+            cfg.shard as u32,
+            cfg.lease_epoch,
+            cfg.staging_bytes,
+            cfg.timeout,
+        )?;
+        let mut reader = IndexReader::new(&mut f, geo.root_off(), area, cfg.timeout)?;
+        let (b, s) = log.current_block();
+        reader.learn_salt(b, s);
+        let cache = DacCache::new(cfg.cache.clone());
+        let replicas = ShardReplicas::new(&mut f)?;
+        Ok(Self {
+            cfg,
+            f,
+            geo,
+            log,
+            reader,
+            cache,
+            map,
+            unmerged: HashMap::new(),
+            unmerged_order: VecDeque::new(),
+            pending: Vec::new(),
+            staged_hashes: HashSet::new(),
+            first_staged: None,
+            broken: None,
+            stats: ShardStats::default(),
+            misses_since_cost: 0,
+            miss_rts_since_cost: 0,
+            replicas,
+            hot: HotKeys::default(),
+        })
+    }
+
+    /// The largest value accepted with a key of `key_len` bytes.
+    pub fn max_value(&self, key_len: usize) -> usize {
+        self.log.max_value(key_len).min(MAX_VALUE_LEN)
+    }
+
+    /// Current counters.
+    pub fn stats(&mut self) -> ShardStats {
+        let mut s = self.stats;
+        s.fabric = *self.f.counters();
+        s.cache = self.cache.stats();
+        s.unmerged = self.unmerged.len() as u64;
+        s.replica = self.replicas.stats;
+        s
+    }
+
+    fn rts(&self) -> u64 {
+        self.f.counters().round_trips
+    }
+
+    /// Refuses a key this shard does not own.
+    fn check_owner(&mut self, key: &[u8]) -> Result<(), KvError> {
+        validate_key(key)?;
+        let slot = key_slot(key);
+        let owner = self.map.owner(slot);
+        if owner != self.cfg.kn_id
+            || shard_of(slot, self.cfg.shards as usize) != self.cfg.shard as usize
+        {
+            self.stats.wrong_owner += 1;
+            return Err(KvError::WrongOwner {
+                owner,
+                epoch: self.map.epoch(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Serves one get.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let replicated = self.replicas.serves(key);
+        if !replicated {
+            self.check_owner(key)?;
+        }
+        self.stats.gets += 1;
+        if !self.staged_hashes.is_empty()
+            && self
+                .staged_hashes
+                .contains(&dinomo_shared::hash::key_hash(key))
+        {
+            self.flush();
+        }
+        let t0 = self.rts();
+        let r = if replicated {
+            let timeout = self.cfg.timeout;
+            self.replicas
+                .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)
+        } else {
+            self.get_inner(key)
+        };
+        self.stats.read_rts += self.rts() - t0;
+        r
+    }
+
+    fn get_inner(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let shortcut = match self.cache.get(key) {
+            Lookup::Value(v) => {
+                self.stats.hit_value += 1;
+                return Ok(Some(v.to_vec()));
+            }
+            Lookup::Shortcut(r) => Some(r),
+            Lookup::Miss => None,
+        };
+        if let Some(u) = self.unmerged.get(key) {
+            self.stats.hit_local += 1;
+            let Some(r) = u.eref else { return Ok(None) };
+            return match self.reader.fetch(&mut self.f, key, &[r])? {
+                Some(found) => {
+                    let value = self.value_of(found.value_at, found.value_len);
+                    self.cache.on_fetch(key, &value, r, true);
+                    Ok(Some(value))
+                }
+                None => Err(KvError::Corrupt(format!(
+                    "own unmerged entry at {:#x} does not verify",
+                    r.offset()
+                ))),
+            };
+        }
+        if let Some(r) = shortcut {
+            if let Some(found) = self.reader.fetch(&mut self.f, key, &[r])? {
+                self.stats.hit_shortcut += 1;
+                let value = self.value_of(found.value_at, found.value_len);
+                self.cache.on_fetch(key, &value, r, true);
+                return Ok(Some(value));
+            }
+            // Moved or stale: forget it and take the miss path.
+            self.stats.stale_shortcuts += 1;
+            self.cache.remove(key);
+        }
+        self.stats.miss += 1;
+        let t0 = self.rts();
+        let found = self.reader.lookup(&mut self.f, key);
+        let spent = self.rts() - t0;
+        self.stats.miss_rts += spent;
+        self.note_miss_cost(spent);
+        match found? {
+            Some(found) => {
+                let value = self.value_of(found.value_at, found.value_len);
+                self.cache.on_fetch(key, &value, found.eref, false);
+                Ok(Some(value))
+            }
+            None => {
+                self.stats.absent += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    fn value_of(&self, at: usize, len: usize) -> Vec<u8> {
+        self.reader.buf(&self.f)[at..at + len].to_vec()
+    }
+
+    fn note_miss_cost(&mut self, rts: u64) {
+        self.misses_since_cost += 1;
+        self.miss_rts_since_cost += rts;
+        if self.misses_since_cost >= self.cfg.miss_cost_every {
+            self.cache
+                .set_miss_cost(self.miss_rts_since_cost as f64 / self.misses_since_cost as f64);
+            self.misses_since_cost = 0;
+            self.miss_rts_since_cost = 0;
+        }
+    }
+
+    /// Stages a put or delete; the reply is sent once it is durable (or has failed).
+    pub fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, tag: u64, reply: Sender<Reply>) {
+        self.write_to(key, value, tag, ReplyTo::Chan(reply));
+    }
+
+    /// [`Shard::write`] with any kind of reply target.
+    pub fn write_to(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, tag: u64, reply: ReplyTo) {
+        let (seq, eref) = match self.stage(&key, value.as_deref()) {
+            Ok(a) => a,
+            Err(e) => {
+                reply.send(Reply {
+                    tag,
+                    result: Err(e),
+                });
+                return;
+            }
+        };
+        self.staged_hashes
+            .insert(dinomo_shared::hash::key_hash(&key));
+        self.first_staged.get_or_insert_with(Instant::now);
+        let replicated = self.replicas.serves(&key);
+        self.pending.push(Pending {
+            key,
+            value,
+            eref,
+            seq,
+            reply,
+            tag,
+            replicated,
+        });
+        if self.log.staged_bytes() >= self.cfg.batch_bytes
+            || self.log.staged_entries() >= self.cfg.batch_entries
+        {
+            self.flush();
+        }
+    }
+
+    /// Appends the entry to the staged batch; returns its seq and where it will live.
+    fn stage(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(u64, EntryRef), KvError> {
+        if !self.replicas.serves(key) {
+            self.check_owner(key)?;
+        }
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let (op, v) = match value {
+            Some(v) => {
+                self.stats.puts += 1;
+                (Op::Put, v)
+            }
+            None => {
+                self.stats.deletes += 1;
+                (Op::Delete, &[][..])
+            }
+        };
+        let max = self.max_value(key.len());
+        if v.len() > max {
+            return Err(KvError::ValueTooLarge { len: v.len(), max });
+        }
+        for _ in 0..3 {
+            match self.log.append(&mut self.f, op, key, v) {
+                Ok(a) => return Ok((a.seq, a.eref)),
+                Err(AppendError::Kv(e)) => return Err(e),
+                Err(AppendError::NeedFlush) => {
+                    self.flush();
+                    if let Some(e) = &self.broken {
+                        return Err(e.clone());
+                    }
+                    if self
+                        .log
+                        .block_full_for(entry::padded_len(key.len(), v.len()))
+                    {
+                        let t0 = self.rts();
+                        let switched = self.log.switch_block(&mut self.f);
+                        self.stats.write_rts += self.rts() - t0;
+                        switched?;
+                        let (b, s) = self.log.current_block();
+                        self.reader.learn_salt(b, s);
+                    }
+                }
+            }
+        }
+        Err(KvError::Corrupt("entry does not fit an empty block".into()))
+    }
+
+    /// Makes the staged batch durable and answers its writers.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() && self.log.staged_bytes() == 0 {
+            return;
+        }
+        if let Some(lease) = &self.cfg.lease {
+            if self.broken.is_none() && !lease.wait_valid() {
+                // Fenced: this batch is never written, and no later one either.
+                self.broken = Some(KvError::ShuttingDown);
+            }
+            if let Some(e) = self.broken.clone() {
+                self.staged_hashes.clear();
+                self.first_staged = None;
+                for p in self.pending.drain(..) {
+                    p.reply.send(Reply {
+                        tag: p.tag,
+                        result: Err(e.clone()),
+                    });
+                }
+                return;
+            }
+        }
+        let t0 = self.rts();
+        let r = self.log.flush(&mut self.f);
+        self.stats.write_rts += self.rts() - t0;
+        // A shard paused between its lease check and its WRITE can land the batch after the
+        // manager fenced this KN, and the memory node never merges past a fence. So the batch
+        // is acknowledged (and replicated keys' cells swapped to it) only if the lease still
+        // holds now: it was renewed, hence never expired, hence no fence came before the WRITE.
+        let r = match r {
+            Ok(_) if self.cfg.lease.as_ref().is_some_and(|l| !l.wait_valid()) => {
+                Err(KvError::LeaseLapsed)
+            }
+            r => r,
+        };
+        self.staged_hashes.clear();
+        self.first_staged = None;
+        match r {
+            Ok(fl) => {
+                self.stats.flushes += 1;
+                self.stats.flushed_entries += fl.entries;
+                let published = self.publish_replicated();
+                for p in self.pending.drain(..) {
+                    if p.replicated {
+                        let result = published.clone().map(|()| None);
+                        p.reply.send(Reply { tag: p.tag, result });
+                        continue;
+                    }
+                    let key: Rc<[u8]> = Rc::from(p.key);
+                    match &p.value {
+                        Some(v) => self.cache.on_write(&key, v, p.eref),
+                        None => self.cache.remove(&key),
+                    }
+                    let eref = p.value.as_ref().map(|_| p.eref);
+                    self.unmerged_order.push_back((p.seq, Rc::clone(&key)));
+                    self.unmerged.insert(key, Unmerged { seq: p.seq, eref });
+                    p.reply.send(Reply {
+                        tag: p.tag,
+                        result: Ok(None),
+                    });
+                }
+                if self.unmerged.len() >= self.cfg.trim_threshold {
+                    self.trim_unmerged();
+                }
+            }
+            Err(e) => {
+                // The batch may be partly durable; this log cannot be trusted to continue.
+                self.broken = Some(e.clone());
+                for p in self.pending.drain(..) {
+                    p.reply.send(Reply {
+                        tag: p.tag,
+                        result: Err(e.clone()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The seq up to which the DPM has merged this shard's log (one READ of its progress
+    /// slot), if it can be read.
+    fn read_merged_seq(&mut self) -> Option<u64> {
+        let t0 = self.rts();
+        let line = self
+            .reader
+            .read_line(&mut self.f, self.geo.progress_off(self.log.log_id));
+        self.stats.maintenance_rts += self.rts() - t0;
+        let slot = ProgressSlot::read_from(&line.ok()?)?;
+        slot.current(self.log.generation)
+            .map(|(_, rec)| rec.merged_seq)
+    }
+
+    /// Forgets own writes that the DPM has merged (one READ of the log's progress slot).
+    fn trim_unmerged(&mut self) {
+        let Some(merged_seq) = self.read_merged_seq() else {
+            return;
+        };
+        self.forget_merged(merged_seq);
+    }
+
+    /// Forgets own writes up to `merged_seq`.
+    fn forget_merged(&mut self, merged_seq: u64) {
+        while let Some((seq, _)) = self.unmerged_order.front() {
+            if *seq > merged_seq {
+                break;
+            }
+            let Some((seq, key)) = self.unmerged_order.pop_front() else {
+                break;
+            };
+            if self.unmerged.get(&*key).is_some_and(|u| u.seq == seq) {
+                self.unmerged.remove(&*key);
+            }
+        }
+    }
+
+    /// Runs the shard until `Stop` or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Msg>) -> ShardStats {
+        loop {
+            let msg = if self.pending.is_empty() {
+                match crate::client::recv_soon(&rx) {
+                    Some(m) => m,
+                    None => break,
+                }
+            } else {
+                let waited = self.first_staged.map_or(Duration::ZERO, |t| t.elapsed());
+                match rx.recv_timeout(self.cfg.flush_bound.saturating_sub(waited)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.flush();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let busy_from = Instant::now();
+            if !self.handle(msg) {
+                return self.stop(&rx, busy_from);
+            }
+            // Take what is already waiting, then flush: no request is waiting any more.
+            while let Ok(m) = rx.try_recv() {
+                if !self.handle(m) {
+                    return self.stop(&rx, busy_from);
+                }
+                if self
+                    .first_staged
+                    .is_some_and(|t| t.elapsed() >= self.cfg.flush_bound)
+                {
+                    self.flush();
+                }
+            }
+            self.flush();
+            self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
+        }
+        self.flush();
+        self.close()
+    }
+
+    /// Answers what is still queued (requests of slots this shard no longer owns get
+    /// `WrongOwner`, so their clients retry elsewhere), then flushes and closes the log.
+    fn stop(mut self, rx: &Receiver<Msg>, busy_from: Instant) -> ShardStats {
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Req { .. } | Msg::ReqFn { .. } = m {
+                self.handle(m);
+            }
+        }
+        self.flush();
+        self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
+        self.close()
+    }
+
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Req { op, tag, reply } => self.request(op, tag, ReplyTo::Chan(reply)),
+            Msg::ReqFn { op, tag, reply } => self.request(op, tag, ReplyTo::Fn(reply)),
+            Msg::SetMap(m) => self.set_map(m),
+            Msg::Release { map, reply } => {
+                let r = self.release(map);
+                let _ = reply.send(r);
+            }
+            Msg::Stats(tx) => {
+                let s = self.stats();
+                let _ = tx.send(s);
+            }
+            Msg::Sync(tx) => {
+                let r = self.sync();
+                let _ = tx.send(r);
+            }
+            Msg::Stop => return false,
+            Msg::SetReplicas(t) => self.set_replicas(t),
+            Msg::Replica(ReplicaCtl::Begin { key, reply }) => {
+                let _ = reply.send(self.begin_replication(&key));
+            }
+            Msg::Replica(ReplicaCtl::End { key, reply }) => {
+                let _ = reply.send(self.end_replication(&key));
+            }
+            Msg::HotKeys(tx) => {
+                let _ = tx.send(self.hot.take());
+            }
+        }
+        true
+    }
+
+    fn request(&mut self, op: Request, tag: u64, reply: ReplyTo) {
+        self.hot.observe(op.key());
+        match op {
+            Request::Get { key } => {
+                let result = self.get(&key);
+                reply.send(Reply { tag, result });
+            }
+            Request::Put { key, value } => self.write_to(key, Some(value), tag, reply),
+            Request::Delete { key } => self.write_to(key, None, tag, reply),
+        }
+    }
+
+    fn close(mut self) -> ShardStats {
+        let req = dinomo_shared::msg::Request::CloseLog {
+            log_id: self.log.log_id,
+            generation: self.log.generation,
+        };
+        let _ = crate::control::call(&mut self.f, req, self.cfg.timeout);
+        self.stats()
+    }
+}
+
+/// Checks a key against the limits every node enforces.
+pub fn validate_key(key: &[u8]) -> Result<(), KvError> {
+    if key.is_empty() {
+        return Err(KvError::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KvError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
