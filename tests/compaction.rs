@@ -59,8 +59,10 @@ fn a_shortcut_to_an_entry_moved_by_compaction_into_a_reused_block_takes_the_miss
     let mut steps = 0;
     while dpm.lookup(b"target") == Some(old) {
         let step = dpm.compact_step(true, &mut s).expect("compact");
+        // The memory node's merge workers compact too: a step may find nothing left
+        // because they moved the target in the meantime.
         assert!(
-            step.victim.is_some(),
+            step.victim.is_some() || dpm.lookup(b"target") != Some(old),
             "nothing left to compact, target not moved"
         );
         steps += 1;

@@ -4,8 +4,9 @@
 //! ([`DpmStore`]); the layouts stay the DPM's business. Tests use any other
 //! [`DurableStore`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::{ControlChannel, DpmSpec, FabricError};
 use dinomo_shared::cluster_map::{map_ranges, owners_crc, range_frames};
 use dinomo_shared::msg::{Request, Response};
@@ -159,32 +160,16 @@ impl DpmStore {
 
 /// Opens a control channel to a DPM that answers a ping, trying until `timeout`.
 fn open(spec: &DpmSpec, timeout: Duration) -> Result<Box<dyn ControlChannel>, StoreError> {
-    let t0 = Instant::now();
-    loop {
-        let attempt =
-            spec.control()
-                .and_then(|mut c| match c.call(&Request::Ping, PING_TIMEOUT)? {
-                    Ok(Response::Pong) => Ok(c),
-                    other => Err(FabricError::Other(format!(
-                        "the DPM does not answer a ping: {other:?}"
-                    ))),
-                });
-        match attempt {
-            Ok(c) => return Ok(c),
-            // A DPM that is not up yet (or restarting) is waited for; a fabric that cannot
-            // work here (no device, no support in this build) is not.
-            Err(
-                e @ (FabricError::NotRunning(_)
-                | FabricError::Disconnected(_)
-                | FabricError::Timeout(_)
-                | FabricError::NoFreeSlot { .. }),
-            ) if t0.elapsed() < timeout => {
-                tracing::debug!(error = %e, "waiting for the DPM");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(StoreError::Unreachable(format!("{spec}: {e}"))),
+    wait_for_dpm(timeout, || {
+        let mut c = spec.control()?;
+        match c.call(&Request::Ping, PING_TIMEOUT)? {
+            Ok(Response::Pong) => Ok(c),
+            other => Err(FabricError::Other(format!(
+                "the DPM does not answer a ping: {other:?}"
+            ))),
         }
-    }
+    })
+    .map_err(|e| StoreError::Unreachable(format!("{spec}: {e}")))
 }
 
 /// One request and its successful reply.

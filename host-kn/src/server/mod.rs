@@ -22,6 +22,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::DpmSpec;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::manager_proto::{MapMsg, MgrClient, MgrReply, MgrRequest};
@@ -150,6 +151,9 @@ impl Shared {
     }
 }
 
+/// How long a KN waits for a DPM that is not up yet.
+const DPM_WAIT: Duration = Duration::from_secs(30);
+
 /// How long reading the region's geometry may take.
 const GEOMETRY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -170,7 +174,9 @@ pub fn run(
         dpm: cfg.dpm.to_string(),
         why,
     };
-    let mut probe = cfg.dpm.connect().map_err(|e| dpm_err(e.to_string()))?;
+    // A DPM that is starting (`dinomo up` starts every process at once) is waited for.
+    let mut probe =
+        wait_for_dpm(DPM_WAIT, || cfg.dpm.connect()).map_err(|e| dpm_err(e.to_string()))?;
     let geo = read_geometry(&mut probe, GEOMETRY_TIMEOUT).map_err(|e| dpm_err(e.to_string()))?;
     drop(probe);
     let listener = std::net::TcpListener::bind(cfg.listen)?;

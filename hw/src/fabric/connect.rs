@@ -246,6 +246,24 @@ impl fmt::Display for DpmSpec {
     }
 }
 
+/// Calls `attempt` until it succeeds, fails in a way waiting cannot cure, or `timeout`
+/// passes: a DPM that is not up yet (or restarting) is waited for; a fabric that cannot
+/// work here (no device, no support in this build, a foreign file) is not.
+pub fn wait_for_dpm<T>(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, FabricError>,
+) -> Result<T, FabricError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match attempt() {
+            Err(e) if e.is_transient() && t0.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// How a DPM serves its region.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServeSpec {

@@ -220,6 +220,20 @@ pub enum FabricError {
     Other(String),
 }
 
+impl FabricError {
+    /// Whether the DPM may answer if asked again later: it is not up yet, restarting, or
+    /// busy.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::NotRunning(_)
+                | Self::Disconnected(_)
+                | Self::Timeout(_)
+                | Self::NoFreeSlot { .. }
+        )
+    }
+}
+
 /// One connection from a KN shard to the DPM: one-sided verbs on the region, and control
 /// frames ([`ControlChannel`]).
 pub trait Fabric: ControlChannel {
