@@ -128,7 +128,9 @@ impl UpConfig {
         {
             crate::size::parse_size(s).map_err(|e| UpError::Invalid(e.to_string()))?;
         }
-        self.serve_spec()?;
+        if self.serve_spec()?.kind() == FabricKind::Verbs && !cfg!(feature = "rdma") {
+            return bad(dinomo_hw::fabric::connect::NO_RDMA_SUPPORT.into());
+        }
         Ok(())
     }
 
@@ -531,6 +533,46 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = UpConfig {
             cache: "lots".into(),
+            ..UpConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn every_process_is_told_the_same_fabric() {
+        let shm = UpConfig::default();
+        let region = shm.region_path().to_string_lossy().into_owned();
+        let kn = shm.kn_args(0).expect("kn args");
+        assert!(kn
+            .windows(4)
+            .any(|w| w == ["--fabric", "shm", "--dpm", region.as_str()]));
+        let verbs = UpConfig {
+            fabric: "verbs".into(),
+            dpm_listen: "10.0.0.5:18515".into(),
+            device: Some("rxe0".into()),
+            gid_index: 1,
+            ..UpConfig::default()
+        };
+        let dpm = verbs.dpm_args().expect("dpm args");
+        assert!(dpm
+            .windows(4)
+            .any(|w| w == ["--fabric", "verbs", "--listen", "10.0.0.5:18515"]));
+        for args in [
+            verbs.manager_args().expect("manager"),
+            verbs.kn_args(2).expect("kn"),
+        ] {
+            assert!(
+                args.windows(4)
+                    .any(|w| w == ["--fabric", "verbs", "--dpm", "10.0.0.5:18515"]),
+                "{args:?}"
+            );
+            assert!(
+                args.windows(2).any(|w| w == ["--device", "rxe0"]),
+                "{args:?}"
+            );
+        }
+        let bad = UpConfig {
+            fabric: "tcp".into(),
             ..UpConfig::default()
         };
         assert!(bad.validate().is_err());

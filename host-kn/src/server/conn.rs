@@ -17,6 +17,8 @@ use crate::ownership::shard_of;
 use crate::shard::{Msg, ReplyFn, Request};
 use crate::KvError;
 
+/// Accepts client connections until `stop` is set, the lease is lost, or the manager asked
+/// this KN to leave.
 pub(super) async fn accept_loop(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,

@@ -12,9 +12,10 @@ use super::{Shared, View};
 use crate::shard::LeaseGate;
 use crate::shard::Msg;
 
-pub(super) fn set_lease(shared: &Shared, sent: Instant, lease: Duration) {
-    // Stop serving a quarter lease before the manager could expire it.
-    shared.lease.extend_to(sent + lease - lease / 4);
+/// The lease granted by a reply to a request sent at `sent` holds until a quarter lease
+/// before the manager could expire it.
+pub(super) fn set_lease(gate: &LeaseGate, sent: Instant, lease: Duration) {
+    gate.extend_to(sent + lease - lease / 4);
 }
 
 /// Fetches the map; installs it if it is new (shards drop lost slots, flush, merge their
@@ -95,7 +96,7 @@ fn renew_only(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
         load: None,
     })? {
         MgrReply::Lease { .. } => {
-            set_lease(shared, sent, shared.lease_len);
+            set_lease(&shared.lease, sent, shared.lease_len);
             Ok(())
         }
         other => {
@@ -172,7 +173,7 @@ pub(super) fn heartbeat(
                 drain,
                 ..
             }) => {
-                set_lease(shared, sent, lease);
+                set_lease(&shared.lease, sent, lease);
                 if drain && !shared.drain.swap(true, Ordering::AcqRel) {
                     tracing::info!(kn_id = shared.kn_id, "asked to leave: draining");
                 }
@@ -236,7 +237,7 @@ pub(super) fn keep_lease_while<T: Send>(
                     load: None,
                 };
                 match mgr.call(&req) {
-                    Ok(MgrReply::Lease { .. }) => gate.extend_to(sent + lease - lease / 4),
+                    Ok(MgrReply::Lease { .. }) => set_lease(gate, sent, lease),
                     Ok(other) => {
                         return (mgr, Err(format!("lease refused while starting: {other:?}")))
                     }

@@ -1,6 +1,7 @@
 //! A KVS node as a process (`dinomo kn`): attaches to the DPM over the fabric its
-//! [`DpmSpec`] names (one connection per shard), registers with the cluster manager, keeps its lease, follows the cluster map, and
-//! serves clients over the Redis protocol (RESP2/RESP3) with tokio.
+//! [`DpmSpec`] names (one connection per shard), registers with the cluster manager, keeps
+//! its lease, follows the cluster map ([`membership`]), reports its load ([`load`]), and
+//! serves clients over the Redis protocol, RESP2/RESP3, with tokio ([`conn`], [`commands`]).
 //!
 //! A request goes from its connection task straight to the owner shard's queue (no lock
 //! on the way: each connection keeps its own copy of the current view and reloads it only
@@ -233,7 +234,7 @@ pub fn run(
     let empty = MapMsg::empty();
     // The shards open their logs at the DPM, which can take longer than a lease on a
     // loaded machine: keep the lease meanwhile.
-    gate.extend_to(registered_at + lease - lease / 4);
+    set_lease(&gate, registered_at, lease);
     let (started, mut mgr, renewed) =
         keep_lease_while(mgr, kn_id, lease_epoch, lease, &gate, || {
             Kn::start(configs, Arc::new(empty.slot_map()), connect)
@@ -263,13 +264,12 @@ pub fn run(
         lease_epoch,
         lease_len: lease,
     });
-    set_lease(&shared, registered_at, lease);
 
     // Join the map, then follow it.
     let joined = (|| -> std::io::Result<()> {
         let sent = Instant::now();
         match mgr.call(&MgrRequest::Join { kn_id })? {
-            MgrReply::Lease { .. } => set_lease(&shared, sent, lease),
+            MgrReply::Lease { .. } => set_lease(&shared.lease, sent, lease),
             other => return Err(std::io::Error::other(format!("{other:?}"))),
         }
         follow_map(&shared, &mut mgr)

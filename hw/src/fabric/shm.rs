@@ -764,8 +764,11 @@ mod tests {
         ));
         // A missing region is no DPM that is starting: waiting would not help.
         let missing = dir.path().join("missing.region");
-        let e = ShmFabric::connect_file(&missing, &ctl_path, NicProfile::None)
-            .expect_err("no region");
-        assert!(!e.is_transient() && e.to_string().contains("does not exist"), "{e}");
+        let e =
+            ShmFabric::connect_file(&missing, &ctl_path, NicProfile::None).expect_err("no region");
+        assert!(
+            !e.is_transient() && e.to_string().contains("does not exist"),
+            "{e}"
+        );
     }
 }
