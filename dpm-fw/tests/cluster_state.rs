@@ -44,6 +44,11 @@ fn stage(dpm: &TestDpm, epoch: u64, owners: &[u16]) {
 /// Stores `owners` as the map of `epoch`: begin, ranges, commit with the table's CRC.
 fn send_map(dpm: &TestDpm, epoch: u64, owners: &[u16]) -> Result<Response, ErrorCode> {
     stage(dpm, epoch, owners);
+    commit(dpm, epoch, owners)
+}
+
+/// Commits the map of `epoch` with the CRC of `owners`.
+fn commit(dpm: &TestDpm, epoch: u64, owners: &[u16]) -> Result<Response, ErrorCode> {
     let crc = owners_crc(owners.iter().copied());
     call(dpm, Request::MapCommit { epoch, crc })
 }
@@ -267,25 +272,10 @@ fn a_wrong_crc_is_refused_and_the_old_map_stays() {
         assert_eq!(epoch_of(&dpm), 1);
     }
     // A commit of a newer epoch than the one staged is no commit either.
-    assert_eq!(
-        call(
-            &dpm,
-            Request::MapCommit {
-                epoch: 3,
-                crc: owners_crc(map_b())
-            }
-        ),
-        Err(ErrorCode::InvalidArgument)
-    );
+    assert_eq!(commit(&dpm, 3, &map_b()), Err(ErrorCode::InvalidArgument));
     // The staged map is still there: the right CRC commits it.
     assert_eq!(
-        call(
-            &dpm,
-            Request::MapCommit {
-                epoch: 2,
-                crc: owners_crc(map_b())
-            }
-        ),
+        commit(&dpm, 2, &map_b()),
         Ok(Response::MapStored { epoch: 2 })
     );
     assert_eq!(dpm.stored_map(), (2, map_b()));
@@ -356,13 +346,7 @@ fn bad_ranges_are_refused_and_write_nothing() {
     );
     // None of the refused frames wrote anything: the staged table is still empty.
     assert_eq!(
-        call(
-            &dpm,
-            Request::MapCommit {
-                epoch: 3,
-                crc: owners_crc(no_owner())
-            }
-        ),
+        commit(&dpm, 3, &no_owner()),
         Ok(Response::MapStored { epoch: 3 })
     );
     assert_eq!(dpm.stored_map(), (3, no_owner()));
@@ -414,25 +398,10 @@ fn a_later_begin_replaces_the_map_being_staged() {
         ),
         Err(ErrorCode::InvalidArgument)
     );
-    assert_eq!(
-        call(
-            &dpm,
-            Request::MapCommit {
-                epoch: 2,
-                crc: owners_crc(map_a())
-            }
-        ),
-        Err(ErrorCode::InvalidArgument)
-    );
+    assert_eq!(commit(&dpm, 2, &map_a()), Err(ErrorCode::InvalidArgument));
     // The new begin started from an empty table, not from the first staging.
     assert_eq!(
-        call(
-            &dpm,
-            Request::MapCommit {
-                epoch: 3,
-                crc: owners_crc(map_b())
-            }
-        ),
+        commit(&dpm, 3, &map_b()),
         Ok(Response::MapStored { epoch: 3 })
     );
     assert_eq!(dpm.stored_map(), (3, map_b()));
@@ -488,13 +457,7 @@ fn a_map_staged_but_not_committed_is_lost_in_a_crash() {
         assert_eq!(epoch_of(&dpm), 1, "{what}");
         // Staging is volatile: the restarted DPM stages nothing.
         assert_eq!(
-            call(
-                &dpm,
-                Request::MapCommit {
-                    epoch: 2,
-                    crc: owners_crc(map_b())
-                }
-            ),
+            commit(&dpm, 2, &map_b()),
             Err(ErrorCode::InvalidArgument),
             "{what}"
         );
