@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_map::map_ranges;
 use crate::control::NO_KN;
 use crate::ownership::SlotMap;
 use crate::slot::SLOTS;
@@ -259,20 +260,11 @@ fn expand(ranges: &[(u16, u16, u16)], owners: &mut [u16]) {
     }
 }
 
-/// Runs of equal owners (`NO_KN` left out).
+/// Runs of equal owners (`NO_KN` left out), as `(first, last, kn)`.
 pub fn ranges_of(owners: impl Iterator<Item = u16>) -> Vec<(u16, u16, u16)> {
-    let mut out: Vec<(u16, u16, u16)> = Vec::new();
-    for (s, o) in owners.enumerate() {
-        let s = s as u16;
-        if o == NO_KN {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.2 == o && last.1 + 1 == s => last.1 = s,
-            _ => out.push((s, s, o)),
-        }
-    }
-    out
+    map_ranges(owners)
+        .map(|r| (r.first, r.last, r.kn))
+        .collect()
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes (without its newline). `Ok(None)`: the

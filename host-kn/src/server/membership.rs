@@ -5,12 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use dinomo_shared::manager_proto::{MgrClient, MgrReply, MgrRequest};
+use dinomo_shared::manager_proto::{LoadReport, MgrClient, MgrReply, MgrRequest};
 
 use super::load::{busy_ns, load_report, LoadMark};
 use super::{Shared, View};
-use crate::shard::LeaseGate;
-use crate::shard::Msg;
+use crate::shard::{LeaseGate, Msg};
 
 /// The lease granted by a reply to a request sent at `sent` holds until a quarter lease
 /// before the manager could expire it.
@@ -87,18 +86,33 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
     }
 }
 
+/// Asks the manager to renew lease `lease_epoch` of KN `kn_id` (reporting `load`); a grant
+/// moves `gate` forward, counted from before the request was sent.
+fn renew(
+    mgr: &mut MgrClient,
+    kn_id: u16,
+    lease_epoch: u32,
+    lease: Duration,
+    gate: &LeaseGate,
+    load: Option<LoadReport>,
+) -> std::io::Result<MgrReply> {
+    let sent = Instant::now();
+    let reply = mgr.call(&MgrRequest::Renew {
+        kn_id,
+        lease_epoch,
+        load,
+    })?;
+    if matches!(reply, MgrReply::Lease { .. }) {
+        set_lease(gate, sent, lease);
+    }
+    Ok(reply)
+}
+
 /// Renews the lease (nothing else); a refusal means this KN was fenced.
 fn renew_only(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
-    let sent = Instant::now();
-    match mgr.call(&MgrRequest::Renew {
-        kn_id: shared.kn_id,
-        lease_epoch: shared.lease_epoch,
-        load: None,
-    })? {
-        MgrReply::Lease { .. } => {
-            set_lease(&shared.lease, sent, shared.lease_len);
-            Ok(())
-        }
+    let (kn_id, epoch, lease) = (shared.kn_id, shared.lease_epoch, shared.lease_len);
+    match renew(mgr, kn_id, epoch, lease, &shared.lease, None)? {
+        MgrReply::Lease { .. } => Ok(()),
         other => {
             tracing::error!(reply = ?other, "lease refused: this KN was fenced");
             shared.lease.set_lost();
@@ -115,10 +129,9 @@ pub(super) fn heartbeat(
     shared: &Shared,
     mut mgr: MgrClient,
     manager: &str,
-    lease_epoch: u32,
-    lease: Duration,
     stop: &AtomicBool,
 ) -> Option<MgrClient> {
+    let lease = shared.lease_len;
     let every = lease / 4;
     let mut last = Instant::now();
     let mut last_report = LoadMark {
@@ -160,12 +173,14 @@ pub(super) fn heartbeat(
         } else {
             None
         };
-        let sent = Instant::now();
-        let r = m.call(&MgrRequest::Renew {
-            kn_id: shared.kn_id,
-            lease_epoch,
+        let r = renew(
+            m,
+            shared.kn_id,
+            shared.lease_epoch,
+            lease,
+            &shared.lease,
             load,
-        });
+        );
         match r {
             Ok(MgrReply::Lease {
                 epoch,
@@ -173,7 +188,6 @@ pub(super) fn heartbeat(
                 drain,
                 ..
             }) => {
-                set_lease(&shared.lease, sent, lease);
                 if drain && !shared.drain.swap(true, Ordering::AcqRel) {
                     tracing::info!(kn_id = shared.kn_id, "asked to leave: draining");
                 }
@@ -230,14 +244,8 @@ pub(super) fn keep_lease_while<T: Send>(
                     continue;
                 }
                 last = Instant::now();
-                let sent = Instant::now();
-                let req = MgrRequest::Renew {
-                    kn_id,
-                    lease_epoch,
-                    load: None,
-                };
-                match mgr.call(&req) {
-                    Ok(MgrReply::Lease { .. }) => set_lease(gate, sent, lease),
+                match renew(&mut mgr, kn_id, lease_epoch, lease, gate, None) {
+                    Ok(MgrReply::Lease { .. }) => {}
                     Ok(other) => {
                         return (mgr, Err(format!("lease refused while starting: {other:?}")))
                     }

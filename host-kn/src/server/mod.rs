@@ -294,7 +294,7 @@ pub fn run(
         );
         std::thread::Builder::new()
             .name("kn-lease".into())
-            .spawn(move || heartbeat(&shared, mgr, &manager, lease_epoch, lease, &hb_stop))?
+            .spawn(move || heartbeat(&shared, mgr, &manager, &hb_stop))?
     };
     on_ready(kn_id, addr);
     tracing::info!(kn_id, %addr, "KN serving");

@@ -9,7 +9,7 @@
 //! the region.
 
 use core::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -220,7 +220,7 @@ impl DpmSpec {
                         .with_queue_depth(depth),
                 ))
             }
-            Self::Verbs(v) => connect_verbs(v, depth).map(Connection::from_verbs),
+            Self::Verbs(v) => connect_verbs(v, depth).map(Connection::Verbs),
         }
     }
 
@@ -323,19 +323,15 @@ impl ServeSpec {
         match self {
             Self::Shm => DpmSpec::shm(region),
             Self::Verbs { listen, device } => {
-                let host = if listen.ip().is_unspecified() {
-                    match listen {
-                        SocketAddr::V4(_) => "127.0.0.1".to_string(),
-                        SocketAddr::V6(_) => "[::1]".to_string(),
-                    }
-                } else {
-                    match listen {
-                        SocketAddr::V4(a) => a.ip().to_string(),
-                        SocketAddr::V6(a) => format!("[{}]", a.ip()),
-                    }
-                };
+                let mut addr = *listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
                 DpmSpec::Verbs(VerbsSpec {
-                    addr: format!("{host}:{}", listen.port()),
+                    addr: addr.to_string(),
                     device: device.clone(),
                 })
             }
@@ -387,12 +383,6 @@ pub enum Connection {
     Local(ShmFabric<HeapPersist<CpuPersist>>),
     /// A queue pair to a DPM over verbs.
     Verbs(VerbsConn),
-}
-
-impl Connection {
-    fn from_verbs(c: VerbsConn) -> Self {
-        Self::Verbs(c)
-    }
 }
 
 /// Calls `$body` with `$f` bound to the backend of `$self`.
