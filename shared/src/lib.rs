@@ -13,6 +13,7 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("DINOMO's on-DPM layouts are little-endian; big-endian targets are not supported");
 
+pub mod auth;
 pub mod block;
 pub mod cluster_map;
 pub mod control;
