@@ -3,6 +3,8 @@
 use clap::{Args, Subcommand};
 use dinomo::ctl::CtlCommand;
 
+use super::secret::SecretArgs;
+
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   dinomo ctl status                      KNs (slots, lease, load), map epoch, recent reconfigurations
@@ -21,6 +23,8 @@ pub(crate) struct CtlArgs {
     /// Print the manager's reply as JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    secret: SecretArgs,
     #[command(subcommand)]
     command: CtlSub,
 }

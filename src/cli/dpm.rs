@@ -10,6 +10,7 @@ use dinomo_hw::region_file::RegionFile;
 use dinomo_shared::geometry::{FormatParams, Geometry};
 
 use super::fabric::ServeFabricArgs;
+use super::secret::SecretArgs;
 use super::{install_stop_handler, Usage, STOP};
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +67,8 @@ pub(crate) struct ServeArgs {
     ctl_slots: u32,
     #[command(flatten)]
     fabric: ServeFabricArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
 }
 
 #[derive(Args, Debug)]

@@ -4,12 +4,15 @@ use clap::Args;
 use dinomo::size::parse_size;
 
 use super::fabric::DpmArgs;
+use super::secret::SecretArgs;
 use super::{at_least_one, install_stop_handler, ready, Usage, STOP};
 
 #[derive(Args, Debug)]
 pub(crate) struct KnArgs {
     #[command(flatten)]
     dpm: DpmArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
     /// Client address (Redis protocol); port 0 picks a free port.
     #[arg(long)]
     listen: std::net::SocketAddr,

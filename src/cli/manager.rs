@@ -10,12 +10,15 @@ use dinomo_manager::policy::{Policy, PolicyConfig};
 use dinomo_manager::{KnSpawner, ManagerConfig, ProcessSpawner, SpawnConfig};
 
 use super::fabric::DpmArgs;
+use super::secret::SecretArgs;
 use super::{at_least_one, install_stop_handler, ready, Usage, STOP};
 
 #[derive(Args, Debug)]
 pub(crate) struct ManagerArgs {
     #[command(flatten)]
     dpm: DpmArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
     /// Address KNs and `dinomo ctl` reach the manager at (line-delimited JSON).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: std::net::SocketAddr,

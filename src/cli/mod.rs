@@ -8,6 +8,7 @@ mod fabric;
 mod fabric_bench;
 mod kn;
 mod manager;
+mod secret;
 mod soak;
 mod torture;
 mod up;
