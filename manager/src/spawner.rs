@@ -34,6 +34,8 @@ pub struct SpawnConfig {
     pub io_threads: usize,
     /// Cache per KN, e.g. "64M".
     pub cache: String,
+    /// Further words for every KN it starts (`--secret-file PATH`, client authentication).
+    pub kn_args: Vec<String>,
 }
 
 /// How long a new KN may take to say it serves.
@@ -79,6 +81,7 @@ impl KnSpawner for ProcessSpawner {
             .args(["--threads", &sp.threads.to_string()])
             .args(["--io-threads", &sp.io_threads.to_string()])
             .args(["--cache", &sp.cache])
+            .args(&sp.kn_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         let mut child = self

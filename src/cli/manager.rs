@@ -169,6 +169,12 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
                 threads: a.kn_threads,
                 io_threads: a.kn_io_threads,
                 cache: a.kn_cache,
+                kn_args: a
+                    .secret
+                    .secret_file
+                    .iter()
+                    .flat_map(|p| ["--secret-file".to_string(), p.display().to_string()])
+                    .collect(),
             }));
             Some(s)
         }
