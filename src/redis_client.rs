@@ -26,6 +26,22 @@ pub struct Timeouts {
     pub reply: Option<Duration>,
 }
 
+/// A Redis user (`None`: the default user) and its password, sent with `AUTH` on every new
+/// connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: Option<String>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a connection gave no reply.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -62,6 +78,34 @@ impl Conn {
             buf: Vec::with_capacity(4096),
             out: Vec::new(),
         })
+    }
+
+    /// Connects and, with `credentials`, authenticates (`AUTH`); a refused `AUTH` is an
+    /// error of kind `PermissionDenied` with the node's reply.
+    pub fn connect_as(
+        addr: &str,
+        timeouts: Timeouts,
+        credentials: Option<&Credentials>,
+    ) -> io::Result<Self> {
+        let mut c = Self::connect(addr, timeouts)?;
+        if let Some(cr) = credentials {
+            let reply = match &cr.user {
+                Some(u) => c.call(&[b"AUTH", u.as_bytes(), cr.password.as_bytes()]),
+                None => c.call(&[b"AUTH", cr.password.as_bytes()]),
+            };
+            match reply {
+                Ok(Value::Simple(s)) if s == "OK" => {}
+                Ok(other) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("AUTH refused by {addr}: {other:?}"),
+                    ))
+                }
+                Err(ReadError::Io(e)) => return Err(e),
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        Ok(c)
     }
 
     /// Sends one command without waiting for its reply.
@@ -189,6 +233,7 @@ pub struct ClusterClient {
     /// The node of every slot (`None`: unknown, ask `CLUSTER SLOTS`).
     slots: Vec<Option<usize>>,
     timeouts: Timeouts,
+    credentials: Option<Credentials>,
     counters: Counters,
 }
 
@@ -201,8 +246,15 @@ impl ClusterClient {
             conns: HashMap::new(),
             slots: vec![None; SLOTS as usize],
             timeouts,
+            credentials: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Authenticates every connection with `credentials`.
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// Every node known so far.
@@ -246,15 +298,17 @@ impl ClusterClient {
         };
         let conn = match self.conns.entry(node) {
             Entry::Occupied(c) => c.into_mut(),
-            Entry::Vacant(v) => match Conn::connect(addr, self.timeouts) {
-                Ok(c) => v.insert(c),
-                Err(source) => {
-                    return Err(SendError::NotConnected {
-                        addr: addr.clone(),
-                        source,
-                    })
+            Entry::Vacant(v) => {
+                match Conn::connect_as(addr, self.timeouts, self.credentials.as_ref()) {
+                    Ok(c) => v.insert(c),
+                    Err(source) => {
+                        return Err(SendError::NotConnected {
+                            addr: addr.clone(),
+                            source,
+                        })
+                    }
                 }
-            },
+            }
         };
         conn.call(args).map_err(|source| {
             let addr = addr.clone();

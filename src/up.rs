@@ -54,6 +54,13 @@ pub struct UpConfig {
     pub device: Option<String>,
     /// Verbs: GID index.
     pub gid_index: u8,
+    /// Authentication on every surface: a cluster secret for the control traffic and a
+    /// password for Redis clients, both kept in files of mode 0600 in `dir`. `false` is
+    /// allowed only when every address is loopback (local experiments).
+    pub auth: bool,
+    /// Password of the default Redis user (default: the one in `dir/requirepass`, generated
+    /// at the first start).
+    pub requirepass: Option<String>,
 }
 
 impl Default for UpConfig {
@@ -86,6 +93,8 @@ impl Default for UpConfig {
             ),
             device: None,
             gid_index: 0,
+            auth: true,
+            requirepass: None,
         }
     }
 }
@@ -131,7 +140,111 @@ impl UpConfig {
         if self.serve_spec()?.kind() == FabricKind::Verbs && !cfg!(feature = "rdma") {
             return bad(dinomo_hw::fabric::connect::NO_RDMA_SUPPORT.into());
         }
+        if let Some(p) = &self.requirepass {
+            if p.is_empty() || p.chars().any(|c| c.is_control()) {
+                return bad("requirepass must be non-empty and printable".into());
+            }
+            if !self.auth {
+                return bad("requirepass with auth = false (--no-auth): choose one".into());
+            }
+        }
+        if !self.auth {
+            let mut open = Vec::new();
+            if !is_loopback_host(&self.host) {
+                open.push(format!("host = {:?}", self.host));
+            }
+            if self.serve_spec()?.kind() == FabricKind::Verbs && !is_loopback_addr(&self.dpm_listen)
+            {
+                open.push(format!("dpm_listen = {:?}", self.dpm_listen));
+            }
+            if !open.is_empty() {
+                return bad(format!(
+                    "auth = false (--no-auth) is allowed only when every address is loopback, \
+                     and {} is not: anyone who reaches it could read and overwrite every \
+                     key; keep authentication on (the default)",
+                    open.join(" and ")
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The cluster secret's file (with `auth`).
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.join("secret")
+    }
+
+    /// The file with the default Redis user's password (with `auth`).
+    pub fn requirepass_path(&self) -> PathBuf {
+        self.dir.join("requirepass")
+    }
+
+    /// The words that hand the cluster secret to a process (none without `auth`).
+    fn secret_words(&self) -> Vec<String> {
+        if self.auth {
+            vec![
+                "--secret-file".into(),
+                self.secret_path().to_string_lossy().into_owned(),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The password a Redis client of this cluster authenticates with (`None` without
+    /// `auth`, or before the first start made one).
+    pub fn password(&self) -> Result<Option<String>, UpError> {
+        if !self.auth {
+            return Ok(None);
+        }
+        if let Some(p) = &self.requirepass {
+            return Ok(Some(p.clone()));
+        }
+        match read_private(&self.requirepass_path()) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(UpError::Io {
+                what: format!("cannot read {}", self.requirepass_path().display()),
+                source,
+            }),
+        }
+    }
+
+    /// How a Redis client of this cluster authenticates (`None` without `auth`).
+    pub fn credentials(&self) -> Result<Option<crate::redis_client::Credentials>, UpError> {
+        Ok(self
+            .password()?
+            .map(|password| crate::redis_client::Credentials {
+                user: None,
+                password,
+            }))
+    }
+
+    /// Makes the secret and the password files (with `auth`): the secret is kept once
+    /// made (members that hold it stay members), the password is the configured one or the
+    /// one made at the first start.
+    pub fn prepare_auth(&self) -> Result<(), UpError> {
+        if !self.auth {
+            return Ok(());
+        }
+        dinomo_shared::auth::ClusterSecret::load_or_create(&self.secret_path())
+            .map_err(|e| UpError::Failed(e.to_string()))?;
+        let path = self.requirepass_path();
+        let password = match (&self.requirepass, self.password()?) {
+            (Some(p), _) => p.clone(),
+            (None, Some(existing)) => existing,
+            (None, None) => {
+                let secret = dinomo_shared::auth::ClusterSecret::generate()
+                    .map_err(|e| UpError::Failed(e.to_string()))?;
+                // 128 bits of the random bytes, as text a shell and redis-cli take as is.
+                let hex = secret.to_hex();
+                String::from_utf8_lossy(&hex[..32]).into_owned()
+            }
+        };
+        write_private(&path, &password).map_err(|source| UpError::Io {
+            what: format!("cannot write {}", path.display()),
+            source,
+        })
     }
 
     /// How the DPM serves the region.
@@ -206,6 +319,7 @@ impl UpConfig {
             "--no-pin".into(),
         ];
         args.extend(self.serve_spec()?.to_args());
+        args.extend(self.secret_words());
         Ok(args)
     }
 
@@ -236,6 +350,13 @@ impl UpConfig {
         if self.policy {
             args.push("--policy".into());
         }
+        args.extend(self.secret_words());
+        if self.auth {
+            args.extend([
+                "--kn-requirepass-file".into(),
+                self.requirepass_path().to_string_lossy().into_owned(),
+            ]);
+        }
         Ok(args)
     }
 
@@ -255,8 +376,85 @@ impl UpConfig {
             "--cache".into(),
             self.cache.clone(),
         ]);
+        args.extend(self.secret_words());
+        if self.auth {
+            args.extend([
+                "--requirepass-file".into(),
+                self.requirepass_path().to_string_lossy().into_owned(),
+            ]);
+        }
         Ok(args)
     }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_loopback_addr(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
+}
+
+/// Reads a one-line file that only its owner may read.
+fn read_private(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "mode {:04o} lets others read it; run `chmod 600`",
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(std::fs::read_to_string(path)?
+        .trim_end_matches(['\r', '\n'])
+        .to_string())
+}
+
+/// Replaces `path` with `line`, never readable by others: written to a new 0600 file, then
+/// renamed over the old one.
+fn write_private(path: &Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{line}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A first port on loopback such that it and the `n - 1` after it are free (checked by
+/// binding them): the manager's and the KNs' ports of a cluster started for a test or a
+/// torture run.
+pub fn free_port_block(n: u16) -> std::io::Result<u16> {
+    use std::net::TcpListener;
+    for _ in 0..100 {
+        let first = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if u32::from(first) + u32::from(n) > 65535 {
+            continue;
+        }
+        let all: Result<Vec<_>, _> = (first..first + n)
+            .map(|p| TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        if all.is_ok() {
+            return Ok(first);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        format!("found no {n} consecutive free ports"),
+    ))
 }
 
 /// Why the cluster could not run.
@@ -394,29 +592,117 @@ fn format_region(region: &str, args: &[String]) -> Result<(), UpError> {
     }))
 }
 
-/// Starts the cluster, waits for `stop`, then stops it in order.
+/// A process `up` keeps running: restarted when it exits, after a pause that doubles with
+/// every exit in a row (from [`FIRST_BACKOFF`] up to [`MAX_BACKOFF`]); a run of
+/// [`STABLE_RUN`] resets the pause.
+#[derive(Debug)]
+struct Supervised {
+    name: String,
+    args: Vec<String>,
+    proc: Option<Proc>,
+    started: Instant,
+    /// Exits in a row, each after less than `STABLE_RUN`.
+    exits: u32,
+    restart_at: Option<Instant>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+impl Supervised {
+    fn new(proc: Proc, args: Vec<String>) -> Self {
+        Self {
+            name: proc.name.clone(),
+            args,
+            proc: Some(proc),
+            started: Instant::now(),
+            exits: 0,
+            restart_at: None,
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        FIRST_BACKOFF
+            .saturating_mul(1 << self.exits.min(10))
+            .min(MAX_BACKOFF)
+    }
+
+    /// Notices an exit and restarts the process when its pause is over.
+    fn supervise(&mut self) {
+        let now = Instant::now();
+        if let Some(status) = self.proc.as_mut().and_then(Proc::exited) {
+            if self.started.elapsed() >= STABLE_RUN {
+                self.exits = 0;
+            }
+            let pause = self.backoff();
+            self.exits = self.exits.saturating_add(1);
+            eprintln!(
+                "{} exited ({status}); restarting it in {}",
+                self.name,
+                humantime::format_duration(pause)
+            );
+            self.proc = None;
+            self.restart_at = Some(now + pause);
+        }
+        match self.restart_at {
+            Some(at) if self.proc.is_none() && now >= at => {
+                match Proc::spawn(&self.name, &self.args) {
+                    Ok(p) => {
+                        eprintln!("{} restarted (pid {})", self.name, p.child.id());
+                        self.proc = Some(p);
+                        self.started = now;
+                        self.restart_at = None;
+                    }
+                    Err(e) => {
+                        let pause = self.backoff();
+                        self.exits = self.exits.saturating_add(1);
+                        eprintln!("cannot restart {}: {e}; trying again", self.name);
+                        self.restart_at = Some(now + pause);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Starts the cluster, waits for `stop`, then stops it in order. While it runs, a DPM, a
+/// manager or a KN that exits is restarted (with a growing pause when it keeps exiting).
 pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.dir).map_err(|source| UpError::Io {
         what: format!("cannot create {}", cfg.dir.display()),
         source,
     })?;
+    cfg.prepare_auth()?;
     let region = cfg.region_path();
     let region_s = region.to_string_lossy().into_owned();
     if cfg.fresh || !region.exists() {
         format_region(&region_s, &cfg.format_args())?;
     }
-    let mut dpm = Proc::spawn("dpm", &cfg.dpm_args()?)?;
-    let mut manager = Proc::spawn("manager", &cfg.manager_args()?)?;
+    let dpm_args = cfg.dpm_args()?;
+    let manager_args = cfg.manager_args()?;
+    let mut dpm = Proc::spawn("dpm", &dpm_args)?;
+    let mut manager = Proc::spawn("manager", &manager_args)?;
     let mut kns = Vec::new();
     for i in 0..cfg.kns {
-        kns.push(Proc::spawn(&format!("kn {i}"), &cfg.kn_args(i)?)?);
+        kns.push((
+            Proc::spawn(&format!("kn {i}"), &cfg.kn_args(i)?)?,
+            cfg.kn_args(i)?,
+        ));
     }
     let ready = {
         let mut core: Vec<&mut Proc> = vec![&mut dpm, &mut manager];
-        core.extend(kns.iter_mut());
+        core.extend(kns.iter_mut().map(|(p, _)| p));
         wait_ready(cfg, stop, &mut core)
     };
+    let mut dpm = Supervised::new(dpm, dpm_args);
+    let mut manager = Supervised::new(manager, manager_args);
+    let mut kns: Vec<Supervised> = kns
+        .into_iter()
+        .map(|(p, args)| Supervised::new(p, args))
+        .collect();
     match &ready {
         Ok(()) => {
             println!(
@@ -428,11 +714,28 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
                     .join(", "),
                 cfg.manager_addr()
             );
+            if cfg.auth {
+                let pass = cfg.requirepass_path();
+                println!(
+                    "authentication on: cluster secret in {}, Redis password in {}",
+                    cfg.secret_path().display(),
+                    pass.display()
+                );
+                println!(
+                    "connect: REDISCLI_AUTH=\"$(cat {})\" redis-cli -c -h {} -p {}",
+                    pass.display(),
+                    cfg.host,
+                    cfg.base_port
+                );
+            } else {
+                println!("authentication off (--no-auth): every process listens on loopback only");
+            }
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(50));
-                if let Some(s) = dpm.exited().or_else(|| manager.exited()) {
-                    eprintln!("a core process exited ({s}); stopping the cluster");
-                    break;
+                dpm.supervise();
+                manager.supervise();
+                for k in &mut kns {
+                    k.supervise();
                 }
             }
         }
@@ -442,6 +745,7 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     // KNs first, all at once: each closes its logs and leaves.
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
+    let mut kns: Vec<Proc> = kns.into_iter().filter_map(|k| k.proc).collect();
     for k in &mut kns {
         if k.exited().is_none() {
             let _ = kill(Pid::from_raw(k.child.id() as i32), Signal::SIGTERM);
@@ -450,8 +754,13 @@ pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     for k in &mut kns {
         k.stop(Duration::from_secs(20));
     }
-    manager.stop(Duration::from_secs(10));
-    let dpm_status = dpm.stop(Duration::from_secs(60));
+    if let Some(m) = manager.proc.as_mut() {
+        m.stop(Duration::from_secs(10));
+    }
+    let dpm_status = match dpm.proc.as_mut() {
+        Some(d) => d.stop(Duration::from_secs(60)),
+        None => None,
+    };
     ready?;
     match dpm_status {
         Some(s) if s.success() => {
@@ -483,7 +792,9 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Res
         let Some(m) = mgr.as_mut() else { continue };
         match m.map() {
             Ok(map) if map.kns.len() == cfg.kns as usize && map.settled => {
-                let up = (0..cfg.kns).all(|i| kn_settled(&cfg.kn_addr(i), map.epoch));
+                let credentials = cfg.credentials().ok().flatten();
+                let up = (0..cfg.kns)
+                    .all(|i| kn_settled(&cfg.kn_addr(i), map.epoch, credentials.as_ref()));
                 if up {
                     return Ok(());
                 }
@@ -498,14 +809,18 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Res
 }
 
 /// Whether the KN at `addr` serves map `epoch`, settled (asked with `INFO`).
-pub(crate) fn kn_settled(addr: &str, epoch: u64) -> bool {
+pub(crate) fn kn_settled(
+    addr: &str,
+    epoch: u64,
+    credentials: Option<&crate::redis_client::Credentials>,
+) -> bool {
     use crate::redis_client::{Conn, Timeouts};
     use dinomo_shared::resp::Value;
     let timeouts = Timeouts {
         connect: Some(Duration::from_secs(1)),
         reply: Some(Duration::from_secs(2)),
     };
-    match Conn::connect(addr, timeouts).map(|mut c| c.call(&[b"INFO"])) {
+    match Conn::connect_as(addr, timeouts, credentials).map(|mut c| c.call(&[b"INFO"])) {
         Ok(Ok(Value::Bulk(b))) => {
             let t = String::from_utf8_lossy(&b);
             t.contains(&format!("map_epoch:{epoch}\r\n")) && t.contains("map_settled:1")

@@ -44,6 +44,13 @@ pub(crate) struct ManagerArgs {
     /// Cache of KNs started by the manager, e.g. 64M.
     #[arg(long, default_value = "64M")]
     kn_cache: String,
+    /// Password file of the default Redis user on KNs started by the manager
+    /// (`dinomo kn --requirepass-file`).
+    #[arg(long)]
+    kn_requirepass_file: Option<PathBuf>,
+    /// ACL file of KNs started by the manager (`dinomo kn --acl-file`).
+    #[arg(long)]
+    kn_acl_file: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -169,12 +176,15 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
                 threads: a.kn_threads,
                 io_threads: a.kn_io_threads,
                 cache: a.kn_cache,
-                kn_args: a
-                    .secret
-                    .secret_file
-                    .iter()
-                    .flat_map(|p| ["--secret-file".to_string(), p.display().to_string()])
-                    .collect(),
+                kn_args: [
+                    ("--secret-file", &a.secret.secret_file),
+                    ("--requirepass-file", &a.kn_requirepass_file),
+                    ("--acl-file", &a.kn_acl_file),
+                ]
+                .into_iter()
+                .filter_map(|(flag, p)| p.as_ref().map(|p| (flag, p)))
+                .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+                .collect(),
             }));
             Some(s)
         }

@@ -50,7 +50,7 @@ enum Command {
     /// clients over the Redis protocol.
     Kn(kn::KnArgs),
     /// The cluster manager: KN registration, leases, the durable slot map, failover.
-    Manager(manager::ManagerArgs),
+    Manager(Box<manager::ManagerArgs>),
     /// A whole local cluster (DPM, manager, N KNs as child processes); Ctrl-C stops it.
     Up(up::UpArgs),
     /// Operate a running cluster through its manager: status, add-kn, remove-kn, rebalance.
@@ -75,7 +75,7 @@ pub fn main() -> ExitCode {
         Command::Dpm(c) => dpm::run(c),
         Command::FabricBench(a) => fabric_bench::run(a),
         Command::Kn(a) => kn::run(a),
-        Command::Manager(a) => manager::run(a),
+        Command::Manager(a) => manager::run(*a),
         Command::Up(a) => up::run(a),
         Command::Ctl(a) => ctl::run(a),
         Command::Torture(a) => torture::run(a),

@@ -48,6 +48,15 @@ pub(crate) struct UpArgs {
     /// GID index for --fabric verbs.
     #[arg(long)]
     gid_index: Option<u8>,
+    /// Password of the default Redis user (default: generated at the first start and kept
+    /// in DIR/requirepass, mode 0600). A password on a command line is visible to other
+    /// local users in the process list: prefer `requirepass` in the TOML file.
+    #[arg(long, conflicts_with = "no_auth")]
+    requirepass: Option<String>,
+    /// No authentication anywhere (no cluster secret, no Redis password); refused unless
+    /// every address is loopback. For local experiments.
+    #[arg(long)]
+    no_auth: bool,
 }
 
 pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
@@ -86,6 +95,12 @@ pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = a.gid_index {
         cfg.gid_index = v;
+    }
+    if a.requirepass.is_some() {
+        cfg.requirepass = a.requirepass;
+    }
+    if a.no_auth {
+        cfg.auth = false;
     }
     install_stop_handler()?;
     match dinomo::up::run(&cfg, &STOP) {

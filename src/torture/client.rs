@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::redis_client::{Attempt, ClusterClient, SendError, Timeouts};
+use crate::redis_client::{Attempt, ClusterClient, Credentials, SendError, Timeouts};
 use dinomo_shared::resp::Value;
 
 /// How a command failed.
@@ -25,14 +25,21 @@ pub struct Client(ClusterClient);
 impl Client {
     /// `seeds`: every KN address (a node that is down is skipped); `reply_timeout`: how long
     /// a reply may take before the command's outcome counts as unknown.
-    pub fn new(seeds: &[String], reply_timeout: Duration) -> Self {
-        Self(ClusterClient::new(
-            seeds,
-            Timeouts {
-                connect: Some(Duration::from_millis(500)),
-                reply: Some(reply_timeout),
-            },
-        ))
+    pub fn new(
+        seeds: &[String],
+        reply_timeout: Duration,
+        credentials: Option<&Credentials>,
+    ) -> Self {
+        Self(
+            ClusterClient::new(
+                seeds,
+                Timeouts {
+                    connect: Some(Duration::from_millis(500)),
+                    reply: Some(reply_timeout),
+                },
+            )
+            .with_credentials(credentials.cloned()),
+        )
     }
 
     /// Runs a command on `key`'s node (every key of a multi-key command shares its slot).

@@ -50,6 +50,7 @@ impl Cluster {
             what: format!("cannot create {}", cfg.dir.display()),
             source,
         })?;
+        cfg.prepare_auth()?;
         let log = cfg.dir.join("cluster.log");
         let mut format = Proc::spawn_logged("dpm format", &cfg.format_args(), Some(&log))?;
         if !format.child.wait().is_ok_and(|s| s.success()) {
@@ -247,9 +248,10 @@ impl Cluster {
         if map.kns.len() != addrs.len() || !map.settled || !s.failed_kns.is_empty() {
             return s;
         }
+        let credentials = self.cfg.credentials().ok().flatten();
         let mut conns: Vec<Option<Conn>> = addrs
             .iter()
-            .map(|a| Conn::connect(a, PROBE_TIMEOUTS).ok())
+            .map(|a| Conn::connect_as(a, PROBE_TIMEOUTS, credentials.as_ref()).ok())
             .collect();
         let mut covered = 0usize;
         for &(first, last, kn) in &map.ranges {

@@ -57,6 +57,8 @@ pub struct ClientSpec<'a> {
     pub clients: usize,
     pub keys: u64,
     pub seeds: &'a [String],
+    /// How the load's clients authenticate.
+    pub credentials: Option<&'a crate::redis_client::Credentials>,
     pub seed: u64,
     /// First sequence number of this round's writes (unique across rounds).
     pub seq_base: u64,
@@ -76,7 +78,7 @@ pub fn client(spec: &ClientSpec<'_>, clock: Clock, stop: &AtomicBool) -> ClientO
     if mine.is_empty() {
         return out;
     }
-    let mut c = Client::new(spec.seeds, spec.op_timeout);
+    let mut c = Client::new(spec.seeds, spec.op_timeout, spec.credentials);
     let mut rng = Rng::new(spec.seed ^ ((spec.id as u64 + 1) << 40));
     let mut seq = spec.seq_base;
     let (mut v1, mut v2) = (Vec::new(), Vec::new());

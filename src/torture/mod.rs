@@ -156,32 +156,6 @@ pub struct TortureReport {
 /// Violations kept in the report.
 const KEEP_DETAILS: usize = 50;
 
-/// A first port such that it and the `n - 1` after it are free (checked by binding them).
-fn free_port_block(n: u16) -> Result<u16, TortureError> {
-    use std::net::TcpListener;
-    for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|source| TortureError::Io {
-                what: "cannot find a free port".into(),
-                source,
-            })?
-            .port();
-        if u32::from(first) + u32::from(n) > 65535 {
-            continue;
-        }
-        let all: Result<Vec<_>, _> = (first..first + n)
-            .map(|p| TcpListener::bind(("127.0.0.1", p)))
-            .collect();
-        if all.is_ok() {
-            return Ok(first);
-        }
-    }
-    Err(TortureError::Invalid(format!(
-        "found no {n} consecutive free ports"
-    )))
-}
-
 /// The role killed in each round: every role once per cycle, in an order drawn from the
 /// seed.
 fn schedule(roles: &[Role], rounds: u32, rng: &mut Rng) -> Vec<Role> {
@@ -258,7 +232,11 @@ pub fn run(
             )
         }
     };
-    let first_port = free_port_block(cfg.kns + 1)?;
+    let first_port =
+        crate::up::free_port_block(cfg.kns + 1).map_err(|source| TortureError::Io {
+            what: format!("cannot find {} consecutive free ports", cfg.kns + 1),
+            source,
+        })?;
     let up = UpConfig {
         kns: cfg.kns,
         dir: dir.clone(),
@@ -279,6 +257,7 @@ pub fn run(
     };
     let mut cluster = Cluster::start(up, interrupt)?;
     let seeds = cluster.kn_addrs();
+    let credentials = cluster.cfg.credentials()?;
     let mut rng = Rng::new(cfg.seed);
     let plan = schedule(&cfg.roles, cfg.rounds, &mut rng);
     let mut ops = OpCounts::default();
@@ -327,6 +306,7 @@ pub fn run(
                         clients: cfg.clients,
                         keys: cfg.keys,
                         seeds: &seeds,
+                        credentials: credentials.as_ref(),
                         seed: round_seed,
                         seq_base: (round as u64 + 1) << 32,
                         op_timeout,
@@ -395,7 +375,7 @@ pub fn run(
         if !stuck {
             // Read back every key.
             let mut reader = Recorder::new(clock);
-            let mut c = Client::new(&seeds, op_timeout);
+            let mut c = Client::new(&seeds, op_timeout, credentials.as_ref());
             let mut finals: Vec<Option<Option<Vec<u8>>>> = vec![None; cfg.keys as usize];
             for (i, f) in finals.iter_mut().enumerate() {
                 let key = load::key_name(i as u64);
