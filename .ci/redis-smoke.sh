@@ -53,6 +53,13 @@ for _ in $(seq 1 600); do
 done
 grep -q "cluster up" "$dir/up.out" || { tail -50 "$dir/up.err" >&2; echo "redis-smoke: no cluster within 60 s" >&2; exit 1; }
 cat "$dir/up.out"
+# Authentication is on by default: the clients take the password from the file `up` wrote
+# (REDISCLI_AUTH keeps it off the command line); first check that nothing runs without it.
+[ "$(stat -c %a "$dir/requirepass")" = 600 ] || { echo "redis-smoke: the password file is not 0600" >&2; exit 1; }
+r="$(timeout 10 redis-cli -p "$base" SET smoke:anon x 2>&1)"
+case "$r" in NOAUTH*) ;; *) echo "redis-smoke: an unauthenticated SET answered '$r'" >&2; exit 1 ;; esac
+REDISCLI_AUTH="$(cat "$dir/requirepass")"
+export REDISCLI_AUTH
 
 echo "== redis-cli -c: SET through one KN, GET through another"
 for i in $(seq 1 100); do
@@ -69,7 +76,7 @@ timeout 10 redis-cli -p "$base" CLUSTER INFO | grep -q "cluster_state:ok"
 timeout 10 redis-cli -p "$base" INFO | grep -E "^(rts_per_op|hit_ratio_value|cache_value_bytes):"
 
 echo "== redis-benchmark -t set,get -n $requests --cluster"
-out="$(timeout 600 redis-benchmark -p "$base" --cluster -t set,get -n "$requests" -q 2>&1 | tr '\r' '\n')"
+out="$(timeout 600 redis-benchmark -p "$base" -a "$REDISCLI_AUTH" --cluster -t set,get -n "$requests" -q 2>&1 | tr '\r' '\n')"
 echo "$out" | grep -E "requests per second|Master" || true
 if echo "$out" | grep -qiE "error|fail"; then
   echo "$out" | grep -iE "error|fail" | head -5 >&2
