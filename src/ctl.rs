@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use dinomo_shared::auth::ClusterSecret;
-use dinomo_shared::manager_proto::{
-    MgrAuth, MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg,
-};
+use dinomo_shared::manager_proto::{MgrAuth, MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
 
 /// One `ctl` command.
 #[derive(Clone, Debug, PartialEq, Eq)]

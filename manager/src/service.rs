@@ -130,7 +130,11 @@ impl Service {
     }
 }
 
-async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener, stop: &AtomicBool) -> std::io::Result<()> {
+async fn accept_loop(
+    ctx: Arc<Ctx>,
+    listener: TcpListener,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let sessions = AtomicU64::new(1);
@@ -172,7 +176,10 @@ async fn read_line_async<R: AsyncBufRead + Unpin>(
     max: usize,
 ) -> std::io::Result<Option<String>> {
     let mut bytes = Vec::new();
-    let n = (&mut *r).take(max as u64).read_until(b'\n', &mut bytes).await?;
+    let n = (&mut *r)
+        .take(max as u64)
+        .read_until(b'\n', &mut bytes)
+        .await?;
     if n == 0 {
         return Ok(None);
     }
@@ -185,7 +192,9 @@ async fn read_line_async<R: AsyncBufRead + Unpin>(
         }));
     }
     bytes.pop();
-    String::from_utf8(bytes).map(Some).map_err(|_| bad("a line is not UTF-8".into()))
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| bad("a line is not UTF-8".into()))
 }
 
 async fn send<W: AsyncWriteExt + Unpin>(w: &mut W, mut line: String) -> bool {
@@ -232,10 +241,7 @@ async fn connection(ctx: &Ctx, s: TcpStream, from: SocketAddr, session_id: u64) 
             .map_err(|e| format!("bad hello: {e} (speak through dinomo ctl or a KN)")),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => Err(format!("bad hello: {e}")),
-        Err(_) => Err(format!(
-            "no hello within {}s",
-            HANDSHAKE_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("no hello within {}s", HANDSHAKE_TIMEOUT.as_secs())),
     };
     let accepted = hello.and_then(|h| {
         hs.accept(&h)

@@ -199,18 +199,17 @@ impl State {
     fn adopt_map(&mut self, m: &MapMsg) {
         let stored = self.map.epoch();
         if m.epoch != stored {
-            if m.epoch < stored
-                && self
-                    .resumed_map
-                    .as_ref()
-                    .is_none_or(|r| r.epoch < m.epoch)
-            {
+            if m.epoch < stored && self.resumed_map.as_ref().is_none_or(|r| r.epoch < m.epoch) {
                 self.resumed_map = Some(m.clone());
             }
             return;
         }
         self.install_adopted(m, m.settled);
-        tracing::info!(epoch = m.epoch, settled = m.settled, "re-adopted the stored map");
+        tracing::info!(
+            epoch = m.epoch,
+            settled = m.settled,
+            "re-adopted the stored map"
+        );
     }
 
     /// Makes `m` the current map, settled (every KN in it had acknowledged it) or with its
@@ -218,7 +217,11 @@ impl State {
     fn install_adopted(&mut self, m: &MapMsg, settled: bool) {
         let map = m.slot_map();
         let epoch = map.epoch();
-        for (id, k) in self.kns.iter_mut().filter(|(_, k)| k.adopting || k.session.is_none()) {
+        for (id, k) in self
+            .kns
+            .iter_mut()
+            .filter(|(_, k)| k.adopting || k.session.is_none())
+        {
             if let Some((_, addr)) = m.kns.iter().find(|(i, _)| i == id) {
                 if k.adopting {
                     k.addr = addr.clone();

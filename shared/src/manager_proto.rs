@@ -317,10 +317,7 @@ pub fn read_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<String>> {
 /// [`read_line`] with a limit of `max` bytes: never buffers more than that.
 pub fn read_line_max<R: BufRead>(r: &mut R, max: usize) -> std::io::Result<Option<String>> {
     let mut bytes = Vec::new();
-    let n = r
-        .by_ref()
-        .take(max as u64)
-        .read_until(b'\n', &mut bytes)?;
+    let n = r.by_ref().take(max as u64).read_until(b'\n', &mut bytes)?;
     if n == 0 {
         return Ok(None);
     }
@@ -415,7 +412,9 @@ pub enum SessionError {
     ManagerUnauthenticated,
     #[error("authentication failed: the peer does not hold this cluster's secret")]
     BadTag,
-    #[error("a line without a valid tag (replayed, reordered, altered, or from another connection)")]
+    #[error(
+        "a line without a valid tag (replayed, reordered, altered, or from another connection)"
+    )]
     BadLineTag,
     #[error("no randomness: {0}")]
     Random(String),
@@ -446,7 +445,9 @@ pub struct Session {
 impl Session {
     /// The manager's side: the greeting to send first (with its nonce) and a half-open
     /// handshake that [`ServerHandshake::accept`] completes.
-    pub fn greet(secret: Option<ClusterSecret>) -> Result<(Greeting, ServerHandshake), SessionError> {
+    pub fn greet(
+        secret: Option<ClusterSecret>,
+    ) -> Result<(Greeting, ServerHandshake), SessionError> {
         let (nonce, hex) = nonce_hex()?;
         let auth = secret.is_some();
         Ok((
@@ -472,7 +473,10 @@ impl Session {
         }
         let (client_nonce, hex) = nonce_hex()?;
         let tag = secret.as_ref().map_or_else(String::new, |k| {
-            auth::to_hex(&k.tag(HELLO_DOMAIN, &hello_parts(&server_nonce, &client_nonce, role, id)))
+            auth::to_hex(&k.tag(
+                HELLO_DOMAIN,
+                &hello_parts(&server_nonce, &client_nonce, role, id),
+            ))
         });
         let hello = Hello {
             role,
@@ -481,7 +485,10 @@ impl Session {
             tag,
         };
         let expect = secret.as_ref().map(|k| {
-            k.tag(WELCOME_DOMAIN, &hello_parts(&server_nonce, &client_nonce, role, id))
+            k.tag(
+                WELCOME_DOMAIN,
+                &hello_parts(&server_nonce, &client_nonce, role, id),
+            )
         });
         Ok((
             hello,
@@ -523,7 +530,12 @@ impl Session {
                 let seq = seq.to_le_bytes();
                 let tag = k.tag(
                     out,
-                    &[&self.server_nonce, &self.client_nonce, &seq, json.as_bytes()],
+                    &[
+                        &self.server_nonce,
+                        &self.client_nonce,
+                        &seq,
+                        json.as_bytes(),
+                    ],
                 );
                 let mut line = auth::to_hex(&tag);
                 line.push(' ');
@@ -547,7 +559,12 @@ impl Session {
         let seq = seq.to_le_bytes();
         if k.verify(
             inbound,
-            &[&self.server_nonce, &self.client_nonce, &seq, json.as_bytes()],
+            &[
+                &self.server_nonce,
+                &self.client_nonce,
+                &seq,
+                json.as_bytes(),
+            ],
             &tag,
         ) {
             Ok(json)
@@ -670,7 +687,9 @@ impl MgrClient {
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut w = s.try_clone()?;
         let mut r = BufReader::new(s);
-        let denied = |e: SessionError| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string());
+        let denied = |e: SessionError| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        };
         let first = read_line(&mut r)?.ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -688,8 +707,8 @@ impl MgrClient {
                 })
             }
         };
-        let (hello, hs) = Session::hello(who.secret.clone(), &greeting, who.role, &who.id)
-            .map_err(denied)?;
+        let (hello, hs) =
+            Session::hello(who.secret.clone(), &greeting, who.role, &who.id).map_err(denied)?;
         write_line(&mut w, &hello)?;
         let line = read_line(&mut r)?.ok_or_else(|| {
             std::io::Error::new(
@@ -704,7 +723,10 @@ impl MgrClient {
                     Ok(MgrReply::Error { message }) => message,
                     _ => format!("unexpected handshake reply {line:?}"),
                 };
-                return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    why,
+                ));
             }
         };
         let session = hs.finish(&welcome).map_err(denied)?;
@@ -823,5 +845,74 @@ mod tests {
             shards: 1,
         };
         assert!(write_line(&mut Vec::new(), &huge).is_err());
+    }
+
+    fn secret(b: u8) -> Option<ClusterSecret> {
+        Some(ClusterSecret::from_bytes([b; crate::auth::SECRET_LEN]))
+    }
+
+    /// A handshake between a manager holding `server` and a client holding `client`.
+    fn handshake(
+        server: Option<ClusterSecret>,
+        client: Option<ClusterSecret>,
+    ) -> Result<(Session, Session), SessionError> {
+        let (greeting, hs) = Session::greet(server)?;
+        let (hello, ch) = Session::hello(client, &greeting, Role::Kn, "127.0.0.1:1")?;
+        let (welcome, manager) = hs.accept(&hello)?;
+        Ok((manager, ch.finish(&welcome)?))
+    }
+
+    #[test]
+    fn sessions_check_the_secret_and_every_line() {
+        let (mut m, mut c) = handshake(secret(1), secret(1)).expect("same secret");
+        let line = c.seal(r#"{"op":"map"}"#);
+        assert!(
+            !line.contains(&String::from_utf8_lossy(&secret(1).expect("s").to_hex()).to_string())
+        );
+        assert_eq!(m.open(&line), Ok(r#"{"op":"map"}"#));
+        // The same line again (a replay) fails: the sequence number moved on.
+        assert_eq!(m.open(&line), Err(SessionError::BadLineTag));
+        // A reply the manager sealed opens only as a reply.
+        let (mut m, mut c) = handshake(secret(1), secret(1)).expect("same secret");
+        let reply = m.seal(r#"{"kind":"ok"}"#);
+        assert_eq!(c.open(&reply), Ok(r#"{"kind":"ok"}"#));
+        let req = c.seal(r#"{"op":"leave","kn_id":0,"lease_epoch":1}"#);
+        // Altered JSON, a bare line, a line of another session: refused.
+        let altered = req.replace("\"kn_id\":0", "\"kn_id\":1");
+        assert_eq!(m.open(&altered), Err(SessionError::BadLineTag));
+        let (mut m2, mut c2) = handshake(secret(1), secret(1)).expect("same secret");
+        assert_eq!(m2.open(r#"{"op":"map"}"#), Err(SessionError::BadLineTag));
+        let _ = c2.seal("x");
+        assert_eq!(
+            handshake(secret(1), secret(1))
+                .map(|(mut m3, _)| m3.open(&req).is_err())
+                .ok(),
+            Some(true)
+        );
+        // Wrong secret, no secret, or a client with a secret facing a manager without one.
+        assert_eq!(
+            handshake(secret(1), secret(2)).err(),
+            Some(SessionError::BadTag)
+        );
+        assert_eq!(
+            handshake(secret(1), None).err(),
+            Some(SessionError::SecretRequired)
+        );
+        assert_eq!(
+            handshake(None, secret(1)).err(),
+            Some(SessionError::ManagerUnauthenticated)
+        );
+        // A manager that does not hold the secret cannot fake the welcome.
+        let (greeting, _) = Session::greet(secret(1)).expect("greet");
+        let (hello, ch) = Session::hello(secret(1), &greeting, Role::Ctl, "ctl").expect("hello");
+        let forged = Welcome {
+            welcome: auth::to_hex(&[0u8; TAG_LEN]),
+        };
+        assert_eq!(ch.finish(&forged).err(), Some(SessionError::BadTag));
+        let _ = hello;
+        // Without secrets on both sides lines are bare JSON.
+        let (mut m, mut c) = handshake(None, None).expect("no secret");
+        assert_eq!(c.seal("{}"), "{}");
+        assert_eq!(m.open("{}"), Ok("{}"));
     }
 }

@@ -43,7 +43,11 @@ impl SecretArgs {
     /// The secret of a `role` that binds or reaches `addrs` (`(option, address)`): without
     /// one, every address must be loopback, since anyone who reaches an unauthenticated
     /// surface controls the cluster.
-    pub fn load_for(&self, role: &str, addrs: &[(&str, String)]) -> anyhow::Result<Option<ClusterSecret>> {
+    pub fn load_for(
+        &self,
+        role: &str,
+        addrs: &[(&str, String)],
+    ) -> anyhow::Result<Option<ClusterSecret>> {
         let secret = self.load()?;
         if secret.is_none() {
             if let Some((opt, addr)) = addrs.iter().find(|(_, a)| !is_loopback(a)) {

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::DpmSpec;
-use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::auth::ClusterSecret;
+use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::manager_proto::{MapMsg, MgrAuth, MgrClient, MgrReply, MgrRequest, Role};
 use dinomo_shared::resp::Limits;
 
@@ -198,8 +198,8 @@ pub fn run(
         role: Role::Kn,
         id: addr.to_string(),
     };
-    let mut mgr =
-        MgrClient::connect_with(&cfg.manager, Duration::from_secs(20), &mgr_auth).map_err(mgr_err)?;
+    let mut mgr = MgrClient::connect_with(&cfg.manager, Duration::from_secs(20), &mgr_auth)
+        .map_err(mgr_err)?;
     let shards = cfg.threads.max(1);
     let (kn_id, lease_epoch, lease_ms) = match mgr
         .call(&MgrRequest::Register {

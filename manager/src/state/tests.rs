@@ -158,7 +158,10 @@ impl Harness {
             MgrReply::Registered {
                 kn_id, lease_epoch, ..
             } => {
-                self.leases.lock().expect("leases").insert(kn_id, lease_epoch);
+                self.leases
+                    .lock()
+                    .expect("leases")
+                    .insert(kn_id, lease_epoch);
                 (kn_id, lease_epoch)
             }
             other => panic!("register: {other:?}"),
@@ -185,22 +188,28 @@ impl Harness {
     }
 
     fn renew(&self, kn: u16, lease_epoch: u32) -> MgrReply {
-        self.m.handle(&KN, MgrRequest::Renew {
-            kn_id: kn,
-            lease_epoch,
-            load: None,
-        })
+        self.m.handle(
+            &KN,
+            MgrRequest::Renew {
+                kn_id: kn,
+                lease_epoch,
+                load: None,
+            },
+        )
     }
 
     fn ack(&self, kn: u16) -> MgrReply {
         let epoch = self.m.epoch();
-        self.m.handle(&KN, MgrRequest::Ack {
-            kn_id: kn,
-            lease_epoch: self.lease_of(kn),
-            epoch,
-            release_us: 500,
-            entries_merged: 3,
-        })
+        self.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: kn,
+                lease_epoch: self.lease_of(kn),
+                epoch,
+                release_us: 500,
+                entries_merged: 3,
+            },
+        )
     }
 
     /// A KN that registered, joined and acknowledged its map.
@@ -304,13 +313,16 @@ fn join_stores_the_map_before_publishing_it_and_it_settles_on_ack() {
     assert!(map.settled && map.moving.is_empty());
     // A forged ack of a future epoch is refused and changes nothing.
     assert!(matches!(
-        h.m.handle(&KN, MgrRequest::Ack {
-            kn_id: a,
-            lease_epoch: h.lease_of(a),
-            epoch: u64::MAX,
-            release_us: 0,
-            entries_merged: u64::MAX
-        }),
+        h.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: a,
+                lease_epoch: h.lease_of(a),
+                epoch: u64::MAX,
+                release_us: 0,
+                entries_merged: u64::MAX
+            }
+        ),
         MgrReply::Error { .. }
     ));
     assert_eq!(h.m.reconfig(43).map(|r| r.entries_merged), Some(6));
@@ -504,9 +516,14 @@ fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change(
     let store = left_by_an_earlier_manager();
     let (m, clock) = restarted(&store);
     // Until a KN brings the map, nothing is published and joins wait.
-    assert!(matches!(m.handle(&CTL, MgrRequest::Map), MgrReply::Retry { .. }));
+    assert!(matches!(
+        m.handle(&CTL, MgrRequest::Map),
+        MgrReply::Retry { .. }
+    ));
     let MgrReply::Registered {
-        kn_id: new, lease_epoch: new_epoch, ..
+        kn_id: new,
+        lease_epoch: new_epoch,
+        ..
     } = m.handle(
         &OTHER_KN,
         MgrRequest::Register {
@@ -517,14 +534,26 @@ fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change(
     else {
         panic!("register");
     };
-    assert_eq!(new, 2, "the ended id is reused; ids of KNs that may hold leases are not");
+    assert_eq!(
+        new, 2,
+        "the ended id is reused; ids of KNs that may hold leases are not"
+    );
     store.ops();
     assert!(matches!(
-        m.handle(&OTHER_KN, MgrRequest::Join { kn_id: new, lease_epoch: new_epoch }),
+        m.handle(
+            &OTHER_KN,
+            MgrRequest::Join {
+                kn_id: new,
+                lease_epoch: new_epoch
+            }
+        ),
         MgrReply::Retry { .. }
     ));
     // A resume with a lease epoch that is not the KN's is refused.
-    assert!(matches!(resume(&m, &KN, 0, 4, Some(served_map())), MgrReply::Error { .. }));
+    assert!(matches!(
+        resume(&m, &KN, 0, 4, Some(served_map())),
+        MgrReply::Error { .. }
+    ));
     // KN 0 resumes with the stored map: it is the map again, settled, nothing moved.
     match resume(&m, &KN, 0, 3, Some(served_map())) {
         MgrReply::Lease { epoch, settled, .. } => assert_eq!((epoch, settled), (9, true)),
@@ -537,7 +566,14 @@ fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change(
     // renews meanwhile, as KNs do).
     let renew_new = || {
         assert!(matches!(
-            m.handle(&OTHER_KN, MgrRequest::Renew { kn_id: new, lease_epoch: new_epoch, load: None }),
+            m.handle(
+                &OTHER_KN,
+                MgrRequest::Renew {
+                    kn_id: new,
+                    lease_epoch: new_epoch,
+                    load: None
+                }
+            ),
             MgrReply::Lease { .. }
         ));
     };
@@ -546,28 +582,54 @@ fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change(
         renew_new();
         m.tick();
     }
-    assert!(matches!(resume(&m, &OTHER_KN, 1, 5, None), MgrReply::Lease { epoch: 9, .. }));
+    assert!(matches!(
+        resume(&m, &OTHER_KN, 1, 5, None),
+        MgrReply::Lease { epoch: 9, .. }
+    ));
     // Both keep renewing well past the old lease: nobody is fenced, no map is stored.
     for _ in 0..12 {
         clock.advance(LEASE / 4);
         assert!(matches!(
-            m.handle(&KN, MgrRequest::Renew { kn_id: 0, lease_epoch: 3, load: None }),
+            m.handle(
+                &KN,
+                MgrRequest::Renew {
+                    kn_id: 0,
+                    lease_epoch: 3,
+                    load: None
+                }
+            ),
             MgrReply::Lease { .. }
         ));
         assert!(matches!(
-            m.handle(&OTHER_KN, MgrRequest::Renew { kn_id: 1, lease_epoch: 5, load: None }),
+            m.handle(
+                &OTHER_KN,
+                MgrRequest::Renew {
+                    kn_id: 1,
+                    lease_epoch: 5,
+                    load: None
+                }
+            ),
             MgrReply::Lease { .. }
         ));
         renew_new();
         m.tick();
     }
     let ops = store.ops();
-    assert!(!ops.iter().any(|o| matches!(o, Op::Fence(_) | Op::Map(..))), "{ops:?}");
+    assert!(
+        !ops.iter().any(|o| matches!(o, Op::Fence(_) | Op::Map(..))),
+        "{ops:?}"
+    );
     assert_eq!(m.epoch(), 9);
     assert!(m.is_settled());
     // The waiting KN joins now; the map continues above the stored epoch.
     assert!(matches!(
-        m.handle(&OTHER_KN, MgrRequest::Join { kn_id: new, lease_epoch: new_epoch }),
+        m.handle(
+            &OTHER_KN,
+            MgrRequest::Join {
+                kn_id: new,
+                lease_epoch: new_epoch
+            }
+        ),
         MgrReply::Lease { epoch: 10, .. }
     ));
 }
@@ -576,13 +638,23 @@ fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change(
 fn a_kn_that_does_not_resume_within_the_old_lease_is_fenced_then_its_slots_move() {
     let store = left_by_an_earlier_manager();
     let (m, clock) = restarted(&store);
-    assert!(matches!(resume(&m, &KN, 0, 3, Some(served_map())), MgrReply::Lease { .. }));
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(served_map())),
+        MgrReply::Lease { .. }
+    ));
     // KN 1 never comes back: it is fenced once the old lease (2 s) lapsed, not before.
     let mut fenced_at = None;
     for step in 1..=12u32 {
         clock.advance(LEASE / 4);
         assert!(matches!(
-            m.handle(&KN, MgrRequest::Renew { kn_id: 0, lease_epoch: 3, load: None }),
+            m.handle(
+                &KN,
+                MgrRequest::Renew {
+                    kn_id: 0,
+                    lease_epoch: 3,
+                    load: None
+                }
+            ),
             MgrReply::Lease { .. }
         ));
         m.tick();
@@ -608,21 +680,52 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
     let (epoch, before) = (h.m.epoch(), h.m.map());
     h.store.ops();
     let forged = [
-        MgrRequest::Leave { kn_id: a.0, lease_epoch: a.1 },
-        MgrRequest::Ack { kn_id: a.0, lease_epoch: a.1, epoch: u64::MAX, release_us: u64::MAX, entries_merged: u64::MAX },
-        MgrRequest::Ack { kn_id: b.0, lease_epoch: b.1, epoch, release_us: 0, entries_merged: 0 },
-        MgrRequest::Join { kn_id: a.0, lease_epoch: a.1 },
-        MgrRequest::Renew { kn_id: a.0, lease_epoch: a.1, load: None },
+        MgrRequest::Leave {
+            kn_id: a.0,
+            lease_epoch: a.1,
+        },
+        MgrRequest::Ack {
+            kn_id: a.0,
+            lease_epoch: a.1,
+            epoch: u64::MAX,
+            release_us: u64::MAX,
+            entries_merged: u64::MAX,
+        },
+        MgrRequest::Ack {
+            kn_id: b.0,
+            lease_epoch: b.1,
+            epoch,
+            release_us: 0,
+            entries_merged: 0,
+        },
+        MgrRequest::Join {
+            kn_id: a.0,
+            lease_epoch: a.1,
+        },
+        MgrRequest::Renew {
+            kn_id: a.0,
+            lease_epoch: a.1,
+            load: None,
+        },
     ];
     for req in forged.iter().cloned() {
         // Another KN's session, and an operator's session.
         for peer in [&OTHER_KN, &CTL] {
             let r = h.m.handle(peer, req.clone());
-            assert!(matches!(r, MgrReply::Error { .. }), "{req:?} from {peer:?}: {r:?}");
+            assert!(
+                matches!(r, MgrReply::Error { .. }),
+                "{req:?} from {peer:?}: {r:?}"
+            );
         }
     }
     // The right session with the wrong lease epoch (an earlier registration of the id).
-    let r = h.m.handle(&KN, MgrRequest::Leave { kn_id: a.0, lease_epoch: a.1 + 1 });
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Leave {
+            kn_id: a.0,
+            lease_epoch: a.1 + 1,
+        },
+    );
     assert!(matches!(r, MgrReply::Error { .. }), "{r:?}");
     // Registrations that would point clients elsewhere: not from an operator session, not
     // at an address clients cannot reach, not over a live KN's address.
@@ -633,20 +736,44 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
         (&OTHER_KN, "evil"),
         (&OTHER_KN, "127.0.0.1:7001"),
     ] {
-        let r = h.m.handle(peer, MgrRequest::Register { addr: addr.into(), shards: 1 });
-        assert!(matches!(r, MgrReply::Error { .. }), "{addr} from {peer:?}: {r:?}");
+        let r = h.m.handle(
+            peer,
+            MgrRequest::Register {
+                addr: addr.into(),
+                shards: 1,
+            },
+        );
+        assert!(
+            matches!(r, MgrReply::Error { .. }),
+            "{addr} from {peer:?}: {r:?}"
+        );
     }
     // An operator session may not see status as a KN, nor a KN run operator requests.
-    assert!(matches!(h.m.handle(&KN, MgrRequest::Status), MgrReply::Error { .. }));
-    assert!(matches!(h.m.handle(&CTL, MgrRequest::Status), MgrReply::Status(_)));
+    assert!(matches!(
+        h.m.handle(&KN, MgrRequest::Status),
+        MgrReply::Error { .. }
+    ));
+    assert!(matches!(
+        h.m.handle(&CTL, MgrRequest::Status),
+        MgrReply::Status(_)
+    ));
     assert!(h.store.ops().is_empty(), "nothing stored or fenced");
     assert_eq!(h.m.map(), before);
     assert!(h.m.is_settled());
-    assert!(matches!(h.renew(a.0, a.1), MgrReply::Lease { drain: false, .. }));
+    assert!(matches!(
+        h.renew(a.0, a.1),
+        MgrReply::Lease { drain: false, .. }
+    ));
     // The KN itself acknowledges and leaves.
     assert!(matches!(h.ack(a.0), MgrReply::Lease { .. }));
     assert_eq!(
-        h.m.handle(&KN, MgrRequest::Leave { kn_id: b.0, lease_epoch: b.1 }),
+        h.m.handle(
+            &KN,
+            MgrRequest::Leave {
+                kn_id: b.0,
+                lease_epoch: b.1
+            }
+        ),
         MgrReply::Ok
     );
     assert!(h.store.ops().contains(&Op::Fence(b.0)));
