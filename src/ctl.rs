@@ -266,7 +266,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         drop(l);
-        let e = run(&addr, &CtlCommand::Status, false).expect_err("nobody listens");
+        let e = run(&addr, None, &CtlCommand::Status, false).expect_err("nobody listens");
         assert!(matches!(e, CtlError::Unreachable { .. }), "{e}");
         assert!(e.to_string().contains("cannot reach the manager"), "{e}");
     }

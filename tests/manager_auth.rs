@@ -262,7 +262,7 @@ fn forged_manager_requests_under_a_set_load_are_refused_and_nothing_is_lost() {
     let forged = [
         r#"{"op":"leave","kn_id":0}"#.replace('0', &kn.to_string()),
         r#"{"op":"ack","kn_id":0,"lease_epoch":1,"epoch":18446744073709551615}"#.to_string(),
-        format!(r#"{{"op":"register","addr":"127.0.0.1:1","shards":1}}"#),
+        r#"{"op":"register","addr":"127.0.0.1:1","shards":1}"#.to_string(),
     ];
     for line in &forged {
         let got = raw(c.mgr.as_str(), line, &[]);
@@ -272,6 +272,14 @@ fn forged_manager_requests_under_a_set_load_are_refused_and_nothing_is_lost() {
     let untagged = r#"{"role":"kn","id":"x","nonce":"00000000000000000000000000000000","tag":""}"#;
     let got = raw(c.mgr.as_str(), untagged, &[forged[0].as_str()]);
     assert!(got.len() == 2 && is_error(&got[1]), "{got:?}");
+    // A hello longer than 4 KiB is cut off there, not buffered (256 MiB used to be).
+    let long = "x".repeat(64 << 10);
+    let got = raw(c.mgr.as_str(), &long, &[]);
+    // The error line may be lost to the reset of a socket closed with unread bytes.
+    assert!(
+        got.len() == 1 || got[1].contains("longer than 4096"),
+        "{got:?}"
+    );
     // A wrong secret, and no secret, through the real client.
     let wrong = ClusterSecret::generate().expect("secret");
     for secret in [Some(wrong), None] {

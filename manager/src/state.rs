@@ -198,8 +198,29 @@ impl State {
     /// one; remembers the newest other one.
     fn adopt_map(&mut self, m: &MapMsg) {
         let stored = self.map.epoch();
+        // Only a map over the KNs this manager found holding leases: any other owner is
+        // not a map the earlier manager stored.
+        let known = |kn: &u16| {
+            self.kns
+                .get(kn)
+                .is_some_and(|k| k.adopting || k.session.is_some())
+        };
+        if !m.ranges.iter().chain(&m.moving).all(|r| known(&r.2))
+            || !m.kns.iter().all(|(kn, _)| known(kn))
+        {
+            tracing::warn!(
+                epoch = m.epoch,
+                "a resuming KN brought a map over unknown KNs; ignored"
+            );
+            return;
+        }
         if m.epoch != stored {
-            if m.epoch < stored && self.resumed_map.as_ref().is_none_or(|r| r.epoch < m.epoch) {
+            if m.epoch < stored
+                && self
+                    .resumed_map
+                    .as_ref()
+                    .map_or(true, |r| r.epoch < m.epoch)
+            {
                 self.resumed_map = Some(m.clone());
             }
             return;

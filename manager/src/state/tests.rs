@@ -658,7 +658,7 @@ fn a_kn_that_does_not_resume_within_the_old_lease_is_fenced_then_its_slots_move(
             MgrReply::Lease { .. }
         ));
         m.tick();
-        if store.ops().iter().any(|o| *o == Op::Fence(1)) {
+        if store.ops().contains(&Op::Fence(1)) {
             fenced_at.get_or_insert(LEASE / 4 * step);
         }
     }
@@ -708,7 +708,7 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             load: None,
         },
     ];
-    for req in forged.iter().cloned() {
+    for req in &forged {
         // Another KN's session, and an operator's session.
         for peer in [&OTHER_KN, &CTL] {
             let r = h.m.handle(peer, req.clone());
