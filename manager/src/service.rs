@@ -7,8 +7,10 @@
 //! [`MAX_CONNECTIONS`] at once (more are told so and closed), a hello of at most
 //! [`MAX_HELLO_LINE`] bytes within [`HANDSHAKE_TIMEOUT`] (so unauthenticated peers hold
 //! almost nothing), and lines of at most [`MAX_LINE`] bytes, bounded while they are read.
-//! Requests that call the DPM run on a bounded pool of blocking threads; renewals never
-//! wait behind them. A failure to start a thread ends that request, never the manager.
+//! Requests that call the DPM or wait for a map run on a fixed pool of threads started with
+//! the service (one per request allowed at once), so renewals never wait behind them and no
+//! thread is started while serving: nothing a peer does can make the manager fail to start
+//! one.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +64,48 @@ struct Ctx {
     addr: SocketAddr,
     admin: Semaphore,
     kn_store: Semaphore,
+    pool: Pool,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads running the requests that block (DPM calls, waits for a map).
+/// Each job holds a permit of `admin` or `kn_store`, so there is always a free thread.
+struct Pool {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Pool {
+    fn start(threads: usize) -> std::io::Result<(Self, Vec<std::thread::JoinHandle<()>>)> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let rx = Arc::clone(&rx);
+            handles.push(
+                std::thread::Builder::new()
+                    .name("manager-work".into())
+                    .spawn(move || loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    })?,
+            );
+        }
+        Ok((Self { jobs: tx }, handles))
+    }
+
+    /// Runs `f` on a pool thread and waits for its result.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.send(job).ok()?;
+        rx.await.ok()
+    }
 }
 
 impl Service {
@@ -109,10 +153,10 @@ impl Service {
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(ADMIN_AT_ONCE + KN_STORE_AT_ONCE + 4)
             .thread_name("manager-io")
             .enable_all()
             .build()?;
+        let (pool, workers) = Pool::start(ADMIN_AT_ONCE + KN_STORE_AT_ONCE)?;
         let listener = self.listener.try_clone()?;
         listener.set_nonblocking(true)?;
         let ctx = Arc::new(Ctx {
@@ -121,9 +165,13 @@ impl Service {
             addr: self.addr,
             admin: Semaphore::new(ADMIN_AT_ONCE),
             kn_store: Semaphore::new(KN_STORE_AT_ONCE),
+            pool,
         });
         let served = rt.block_on(accept_loop(ctx, listener, stop));
         rt.shutdown_timeout(Duration::from_secs(1));
+        // The pool's queue closed with the last connection task; a worker still waiting
+        // for a map (at most ADMIN_WAIT) is not joined.
+        drop(workers);
         ticker_stop.store(true, Ordering::Release);
         let _ = ticker.join();
         served
@@ -326,10 +374,10 @@ async fn dispatch(ctx: &Ctx, peer: Peer, req: MgrRequest) -> MgrReply {
         return ctx.manager.handle(&peer, req);
     };
     let (m, addr) = (Arc::clone(&ctx.manager), ctx.addr);
-    match tokio::task::spawn_blocking(move || answer(&m, &peer, req, addr)).await {
-        Ok(r) => r,
-        Err(e) => error(format!("the request failed inside the manager: {e}")),
-    }
+    ctx.pool
+        .run(move || answer(&m, &peer, req, addr))
+        .await
+        .unwrap_or_else(|| error("the manager is stopping".into()))
 }
 
 /// Answers a request; administrative ones wait (bounded) for their map to settle.
