@@ -404,6 +404,22 @@ fn ctl_without_the_secret_or_with_a_wrong_one_is_refused_and_changes_nothing() {
     assert_eq!((after.epoch, after.kns.len()), (before.epoch, 1));
     assert!(!after.kns[0].draining);
     c.assert_kns_running();
+    // Many peers that connect and say nothing hold no thread each, and sessions go on.
+    let pid = c.manager.as_ref().expect("manager").pid().as_raw();
+    let threads = || -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("thread count")
+    };
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(c.mgr.as_str()).expect("connect"))
+        .collect();
+    assert_eq!(c.status().kns.len(), 1);
+    assert!(threads() < 100, "{} threads for 200 idle peers", threads());
+    drop(idle);
     // With the secret it works.
     let o = dinomo(&[
         "ctl",

@@ -182,7 +182,7 @@ impl State {
     }
 
     fn next_epoch(&self) -> u64 {
-        self.map.epoch().max(self.epoch_floor) + 1
+        self.map.epoch().max(self.epoch_floor).saturating_add(1)
     }
 
     fn reconfig_mut(&mut self, epoch: u64) -> Option<&mut Reconfig> {
