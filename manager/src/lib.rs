@@ -39,6 +39,11 @@ pub enum StartError {
     Dpm(#[from] StoreError),
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    #[error(
+        "refusing to listen on {0} without a cluster secret: anyone who reaches it could \
+         fence KNs and move slots; pass --secret-file, or listen on a loopback address"
+    )]
+    Unauthenticated(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -59,6 +64,9 @@ pub fn start(
     spawner: Option<Arc<dyn KnSpawner>>,
     secret: Option<ClusterSecret>,
 ) -> Result<Service, StartError> {
+    if secret.is_none() && !listen.ip().is_loopback() {
+        return Err(StartError::Unauthenticated(listen));
+    }
     let store = DpmStore::connect(dpm, connect_timeout)?;
     let m = Manager::new(cfg, Box::new(store), Arc::new(SystemClock), spawner)?;
     // A KN of a manager that was killed may still be running and count its lease as held:
