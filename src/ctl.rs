@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use dinomo_shared::manager_proto::{MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
+use dinomo_shared::auth::ClusterSecret;
+use dinomo_shared::manager_proto::{MgrAuth, MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
 
 /// One `ctl` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +19,12 @@ pub enum CtlCommand {
 /// Why a `ctl` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
+    #[error("the manager at {addr} refused this session: {source}")]
+    Denied {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reach the manager at {addr}")]
     Unreachable {
         addr: String,
@@ -33,13 +40,33 @@ pub enum CtlError {
 /// How long a command may take: adding or removing a KN waits for the map to settle.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Sends `cmd` to the manager at `addr`; the reply rendered as text, or as JSON.
-pub fn run(addr: &str, cmd: &CtlCommand, json: bool) -> Result<String, CtlError> {
-    let unreachable = |source| CtlError::Unreachable {
-        addr: addr.to_string(),
-        source,
+/// Sends `cmd` to the manager at `addr` in a session opened with `secret` (required by a
+/// manager that has one); the reply rendered as text, or as JSON.
+pub fn run(
+    addr: &str,
+    secret: Option<ClusterSecret>,
+    cmd: &CtlCommand,
+    json: bool,
+) -> Result<String, CtlError> {
+    let unreachable = |source: std::io::Error| {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ConnectionRefused
+        ) && source.get_ref().is_some()
+        {
+            CtlError::Denied {
+                addr: addr.to_string(),
+                source,
+            }
+        } else {
+            CtlError::Unreachable {
+                addr: addr.to_string(),
+                source,
+            }
+        }
     };
-    let mut m = MgrClient::connect(addr, Duration::from_secs(2)).map_err(unreachable)?;
+    let mut m = MgrClient::connect_with(addr, Duration::from_secs(2), &MgrAuth::ctl(secret))
+        .map_err(unreachable)?;
     m.set_timeout(REPLY_TIMEOUT).map_err(unreachable)?;
     let req = match cmd {
         CtlCommand::Status => MgrRequest::Status,
@@ -239,7 +266,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         drop(l);
-        let e = run(&addr, &CtlCommand::Status, false).expect_err("nobody listens");
+        let e = run(&addr, None, &CtlCommand::Status, false).expect_err("nobody listens");
         assert!(matches!(e, CtlError::Unreachable { .. }), "{e}");
         assert!(e.to_string().contains("cannot reach the manager"), "{e}");
     }

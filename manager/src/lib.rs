@@ -24,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dinomo_hw::fabric::DpmSpec;
+use dinomo_shared::auth::ClusterSecret;
 
 pub use clock::{Clock, SystemClock};
 pub use service::Service;
 pub use spawner::{KnSpawner, ProcessSpawner, SpawnConfig};
-pub use state::{Manager, ManagerConfig, ManagerError};
+pub use state::{Manager, ManagerConfig, ManagerError, Peer};
 pub use store::{DpmStore, DurableStore, StoreError};
 
 /// Why the manager process could not start.
@@ -38,6 +39,11 @@ pub enum StartError {
     Dpm(#[from] StoreError),
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    #[error(
+        "refusing to listen on {0} without a cluster secret: anyone who reaches it could \
+         fence KNs and move slots; pass --secret-file, or listen on a loopback address"
+    )]
+    Unauthenticated(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -46,30 +52,28 @@ pub enum StartError {
 }
 
 /// Starts a manager process's service: connects to the DPM (waiting up to
-/// `connect_timeout` for one that answers), fences the KNs an earlier manager left once
-/// their leases lapsed, and listens on `listen`. [`Service::serve`] runs it.
+/// `connect_timeout` for one that answers), fences KNs whose leases an earlier manager
+/// ended, keeps those that may still hold one for re-adoption (see [`state`]), and listens
+/// on `listen`, checking every session with `secret` when there is one. [`Service::serve`]
+/// runs it.
 pub fn start(
     dpm: &DpmSpec,
     cfg: ManagerConfig,
     listen: SocketAddr,
     connect_timeout: Duration,
     spawner: Option<Arc<dyn KnSpawner>>,
+    secret: Option<ClusterSecret>,
 ) -> Result<Service, StartError> {
+    if secret.is_none() && !listen.ip().is_loopback() {
+        return Err(StartError::Unauthenticated(listen));
+    }
     let store = DpmStore::connect(dpm, connect_timeout)?;
     let m = Manager::new(cfg, Box::new(store), Arc::new(SystemClock), spawner)?;
-    // A KN of a manager that was killed may still be running and count its lease as held;
-    // fencing it before that lease lapsed would merge and close its logs while it still
-    // acknowledges writes into them, and those writes would be lost.
-    let wait = m.leftover_wait();
-    if !wait.is_zero() {
-        tracing::info!(
-            ?wait,
-            "KNs of an earlier manager hold leases: fencing once they lapse"
-        );
-        std::thread::sleep(wait);
-    }
+    // A KN of a manager that was killed may still be running and count its lease as held:
+    // it is not fenced before that lease lapsed (it would keep acknowledging writes into
+    // logs already merged), and if it resumes within it, it keeps its slots.
     m.fence_leftovers()?;
-    Service::bind(Arc::new(m), listen).map_err(|source| StartError::Listen {
+    Service::bind(Arc::new(m), listen, secret).map_err(|source| StartError::Listen {
         addr: listen,
         source,
     })

@@ -159,7 +159,9 @@ impl Policy {
         let mut counts: HashMap<&[u8], u64> = HashMap::new();
         for r in reports {
             for (key, count) in &r.hot_keys {
-                *counts.entry(key.as_slice()).or_default() += count;
+                // Counts come from the KNs' reports: saturate rather than overflow.
+                let c = counts.entry(key.as_slice()).or_default();
+                *c = c.saturating_add(*count);
             }
         }
         let mut decisions = Vec::new();

@@ -14,6 +14,25 @@
 //! it fences the KNs it finds still holding leases (every lease the dead manager granted
 //! ends by then), and needs no record of each renewal.
 //!
+//! # Identity
+//!
+//! Every request comes from a [`Peer`]: the session (one connection, authenticated with the
+//! cluster secret when the manager has one) it arrived on and the role that session
+//! claimed. A KN's `join`, `renew`, `ack` and `leave` are served only on the session that
+//! registered that KN (or that `resume`d it, with its lease epoch, after a broken
+//! connection or a manager restart), and only for its current lease epoch: another
+//! connection can neither end a KN's lease nor settle a map for it.
+//!
+//! # Restart
+//!
+//! A manager that starts on a DPM whose lease rows show KNs that may still hold leases
+//! does not fence them: it keeps them as *adopting* for one lease of the manager that
+//! granted them. A KN that resumes within it, with its lease epoch, keeps its slots; the
+//! first one that brings the stored map's epoch gives the manager the map (KNs are
+//! members: they hold the cluster secret). Until the map is known, joins and map requests
+//! are answered `retry` and nothing is published. A KN that does not come back within the
+//! lease is fenced, as any KN whose lease lapsed.
+//!
 //! # Fencing order
 //!
 //! A KN that left or whose lease expired is marked *gone*; its slots stay where they are
@@ -26,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use dinomo_shared::control::NO_KN;
 use dinomo_shared::manager_proto::{
-    ranges_of, KnStatus, LoadReport, MapMsg, MgrReply, MgrRequest, Reconfig, StatusMsg,
+    ranges_of, KnStatus, LoadReport, MapMsg, MgrReply, MgrRequest, Reconfig, Role, StatusMsg,
 };
 use dinomo_shared::ownership::SlotMap;
 use dinomo_shared::slot::SLOTS;
@@ -65,6 +84,17 @@ pub enum ManagerError {
     Leftover { kn: u16, source: StoreError },
 }
 
+/// Longest lease a KN may claim in `resume` (a bound on time arithmetic, not a policy).
+const MAX_LEASE: Duration = Duration::from_secs(600);
+
+/// Who sent a request: the session it came on and the role that session claimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Unique per connection for the manager's lifetime.
+    pub session: u64,
+    pub role: Role,
+}
+
 /// Why a KN is leaving the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Exit {
@@ -93,6 +123,14 @@ struct KnInfo {
     /// Asked to leave (`remove_kn`); told so in its next lease reply.
     draining: bool,
     load: Option<LoadReport>,
+    /// The session that registered or resumed it: the only one its requests are taken from.
+    session: Option<u64>,
+    /// Its lease length (a re-adopted KN keeps the longer of its own and this manager's).
+    lease: Duration,
+    /// Found holding a lease at start, not resumed yet.
+    adopting: bool,
+    /// The epoch of the map it serves, as it said when it resumed.
+    view_epoch: u64,
 }
 
 impl KnInfo {
@@ -120,6 +158,14 @@ struct State {
     /// The stored epoch is at least this (a store whose reply was lost may have stored
     /// a map this manager does not know of).
     epoch_floor: u64,
+    /// Whether `map` is the map KNs serve. False after a restart with KNs to re-adopt,
+    /// until one of them brings the stored map (or none is left to).
+    map_known: bool,
+    /// The newest map a resuming KN brought that was not the stored one.
+    resumed_map: Option<MapMsg>,
+    /// Slots that were still moving in a re-adopted map that had not settled: refused by
+    /// their new owner until it settles.
+    adopted_moving: Vec<bool>,
 }
 
 impl State {
@@ -136,7 +182,7 @@ impl State {
     }
 
     fn next_epoch(&self) -> u64 {
-        self.map.epoch().max(self.epoch_floor) + 1
+        self.map.epoch().max(self.epoch_floor).saturating_add(1)
     }
 
     fn reconfig_mut(&mut self, epoch: u64) -> Option<&mut Reconfig> {
@@ -145,7 +191,112 @@ impl State {
 
     /// Settled, and no KN is being fenced or leaving (its slots are about to move).
     fn settled_now(&self) -> bool {
-        self.settled && !self.kns.values().any(|k| k.gone.is_some())
+        self.map_known && self.settled && !self.kns.values().any(|k| k.gone.is_some())
+    }
+
+    /// Takes `m`, which a re-adopted KN serves, as the current map if it is the stored
+    /// one; remembers the newest other one.
+    fn adopt_map(&mut self, m: &MapMsg) {
+        let stored = self.map.epoch();
+        // Only a map over the KNs this manager found holding leases: any other owner is
+        // not a map the earlier manager stored.
+        let known = |kn: &u16| {
+            self.kns
+                .get(kn)
+                .is_some_and(|k| k.adopting || k.session.is_some())
+        };
+        if !m.ranges.iter().chain(&m.moving).all(|r| known(&r.2))
+            || !m.kns.iter().all(|(kn, _)| known(kn))
+        {
+            tracing::warn!(
+                epoch = m.epoch,
+                "a resuming KN brought a map over unknown KNs; ignored"
+            );
+            return;
+        }
+        if m.epoch != stored {
+            if m.epoch < stored
+                && self
+                    .resumed_map
+                    .as_ref()
+                    .map_or(true, |r| r.epoch < m.epoch)
+            {
+                self.resumed_map = Some(m.clone());
+            }
+            return;
+        }
+        self.install_adopted(m, m.settled);
+        tracing::info!(
+            epoch = m.epoch,
+            settled = m.settled,
+            "re-adopted the stored map"
+        );
+    }
+
+    /// Makes `m` the current map, settled (every KN in it had acknowledged it) or with its
+    /// moving slots refused until every KN in it acknowledges it.
+    fn install_adopted(&mut self, m: &MapMsg, settled: bool) {
+        let map = m.slot_map();
+        let epoch = map.epoch();
+        for (id, k) in self
+            .kns
+            .iter_mut()
+            .filter(|(_, k)| k.adopting || k.session.is_none())
+        {
+            if let Some((_, addr)) = m.kns.iter().find(|(i, _)| i == id) {
+                if k.adopting {
+                    k.addr = addr.clone();
+                }
+            } else if k.adopting {
+                // Registered but never in the map: nothing to keep for it.
+                k.joined = false;
+            }
+        }
+        for k in self.kns.values_mut().filter(|k| k.joined) {
+            k.acked = if settled || k.view_epoch == epoch {
+                epoch
+            } else {
+                0
+            };
+        }
+        self.adopted_moving = if settled {
+            Vec::new()
+        } else {
+            m.moving_slots()
+        };
+        self.settled_map = map.clone();
+        self.map = map;
+        self.settled = settled;
+        self.map_known = true;
+    }
+
+    /// The KN `kn_id` if `peer` may speak for it under lease `lease_epoch`.
+    fn owned(
+        &mut self,
+        peer: &Peer,
+        kn_id: u16,
+        lease_epoch: u32,
+    ) -> Result<&mut KnInfo, MgrReply> {
+        if peer.role != Role::Kn {
+            return Err(refuse(format!(
+                "only a KN session may speak for KN {kn_id} (this one is {:?})",
+                peer.role
+            )));
+        }
+        let Some(k) = self.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
+            return Err(Manager::unknown(kn_id));
+        };
+        if k.lease_epoch != lease_epoch {
+            return Err(refuse(format!(
+                "lease epoch {lease_epoch} is not KN {kn_id}'s lease (lease expired?)"
+            )));
+        }
+        if k.session != Some(peer.session) {
+            return Err(refuse(format!(
+                "KN {kn_id} did not register or resume on this connection"
+            )));
+        }
+        Ok(k)
     }
 
     fn update_settled(&mut self, now: Instant) {
@@ -157,6 +308,7 @@ impl State {
             .all(|k| k.acked >= epoch);
         if all && !self.settled {
             self.settled_map = self.map.clone();
+            self.adopted_moving.clear();
             let took = ms(now.saturating_duration_since(self.published));
             if let Some(r) = self.reconfig_mut(epoch) {
                 r.settle_ms = Some(took);
@@ -164,6 +316,22 @@ impl State {
             tracing::info!(epoch, settle_ms = took, "cluster map settled");
         }
         self.settled = all;
+    }
+}
+
+fn refuse(message: String) -> MgrReply {
+    MgrReply::Error { message }
+}
+
+/// A KN's client address as clients will be sent to it (`-MOVED`): an IP address and a
+/// port, neither unspecified.
+fn check_kn_addr(addr: &str) -> Result<(), String> {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() || a.port() == 0 => Err(format!(
+            "KN address {addr} cannot be reached by clients (unspecified address or port 0)"
+        )),
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("KN address {addr:?} is not IP:PORT")),
     }
 }
 
@@ -243,16 +411,55 @@ impl Manager {
             .iter()
             .map(|(kn, r)| (*kn, r.lease_epoch))
             .collect();
+        // KNs that may hold a lease are kept for re-adoption until the lease of the manager
+        // that granted it ran out; ended leases are fenced once more at start (a no-op
+        // for a KN that closed its logs).
+        let (live, ended): (Vec<_>, Vec<_>) =
+            stored.leases.into_iter().partition(|(_, r)| r.is_live());
+        let kns: BTreeMap<u16, KnInfo> = live
+            .iter()
+            .map(|&(kn, r)| {
+                let lease = Duration::from_millis(r.lease_ms)
+                    .min(MAX_LEASE)
+                    .max(cfg.lease);
+                let info = KnInfo {
+                    addr: String::new(),
+                    lease_epoch: r.lease_epoch,
+                    expires: now + wait,
+                    joined: true,
+                    acked: stored.map_epoch,
+                    gone: None,
+                    fencing: false,
+                    fenced: false,
+                    joining: false,
+                    draining: false,
+                    load: None,
+                    session: None,
+                    lease,
+                    adopting: true,
+                    view_epoch: stored.map_epoch,
+                };
+                (kn, info)
+            })
+            .collect();
+        if !kns.is_empty() {
+            tracing::info!(
+                kns = ?kns.keys().collect::<Vec<_>>(),
+                ?wait,
+                "KNs of an earlier manager may hold leases: re-adopting those that resume"
+            );
+        }
+        let map_known = kns.is_empty();
         Ok(Self {
             max_kns: stored.max_kns,
-            leftovers: Mutex::new(stored.leases),
+            leftovers: Mutex::new(ended),
             leftover_wait: wait,
             cfg,
             clock,
             store: Mutex::new(store),
             spawner,
             state: Mutex::new(State {
-                kns: BTreeMap::new(),
+                kns,
                 registering: BTreeSet::new(),
                 lease_epochs,
                 map: empty.clone(),
@@ -262,19 +469,25 @@ impl Manager {
                 reconfigs: VecDeque::new(),
                 pending_republish: None,
                 epoch_floor: stored.map_epoch,
+                map_known,
+                resumed_map: None,
+                adopted_moving: Vec::new(),
             }),
             publishing: Mutex::new(()),
             policy: Mutex::new(None),
         })
     }
 
-    /// How long to wait before [`Manager::fence_leftovers`] (see [`leftover_wait`]).
+    /// How long KNs of an earlier manager have to resume before they are fenced (see
+    /// [`leftover_wait`]).
     pub fn leftover_wait(&self) -> Duration {
         self.leftover_wait
     }
 
-    /// Fences every KN an earlier manager registered and records its lease as ended: the
-    /// DPM merges whatever they left. Call once their leases have lapsed.
+    /// Fences every KN whose lease an earlier manager recorded as ended (a no-op unless it
+    /// could not close its logs) and records the lease as ended. KNs that may still hold
+    /// a lease are not among them: they are re-adopted or, once their lease lapsed,
+    /// fenced by the ticks.
     pub fn fence_leftovers(&self) -> Result<(), ManagerError> {
         let mut left = self.leftovers.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(&(kn, record)) = left.first() {
@@ -349,28 +562,54 @@ impl Manager {
         millis(self.cfg.lease)
     }
 
-    /// Answers one request of a KN or a tool. The administrative requests (`add_kn`,
-    /// `remove_kn`, `rebalance`) take a while and are carried out by the service with the
-    /// steps below ([`Manager::spawn_kn`], [`Manager::mark_draining`],
+    /// Answers one request of a KN or a tool, from `peer`. The administrative requests
+    /// (`add_kn`, `remove_kn`, `rebalance`) take a while and are carried out by the service
+    /// with the steps below ([`Manager::spawn_kn`], [`Manager::mark_draining`],
     /// [`Manager::rebalance`]); here they get an error.
-    pub fn handle(&self, req: MgrRequest) -> MgrReply {
+    pub fn handle(&self, peer: &Peer, req: MgrRequest) -> MgrReply {
+        let kn_only = matches!(
+            req,
+            MgrRequest::Register { .. }
+                | MgrRequest::Join { .. }
+                | MgrRequest::Renew { .. }
+                | MgrRequest::Ack { .. }
+                | MgrRequest::Leave { .. }
+                | MgrRequest::Resume { .. }
+        );
+        if kn_only && peer.role != Role::Kn {
+            return refuse("only a KN session may send KN requests".into());
+        }
         match req {
-            MgrRequest::Register { addr, shards } => self.register(addr, shards),
-            MgrRequest::Join { kn_id } => self.join(kn_id),
+            MgrRequest::Register { addr, shards } => self.register(peer, addr, shards),
+            MgrRequest::Join { kn_id, lease_epoch } => self.join(peer, kn_id, lease_epoch),
             MgrRequest::Renew {
                 kn_id,
                 lease_epoch,
                 load,
-            } => self.renew(kn_id, lease_epoch, load),
+            } => self.renew(peer, kn_id, lease_epoch, load),
             MgrRequest::Ack {
                 kn_id,
+                lease_epoch,
                 epoch,
                 release_us,
                 entries_merged,
-            } => self.ack(kn_id, epoch, release_us, entries_merged),
-            MgrRequest::Map => MgrReply::Map(self.map()),
-            MgrRequest::Leave { kn_id } => self.leave(kn_id),
-            MgrRequest::Status => MgrReply::Status(self.status()),
+            } => self.ack(peer, kn_id, lease_epoch, epoch, release_us, entries_merged),
+            MgrRequest::Resume {
+                kn_id,
+                lease_epoch,
+                addr,
+                lease_ms,
+                map,
+            } => self.resume(peer, kn_id, lease_epoch, addr, lease_ms, map),
+            MgrRequest::Map => {
+                if !self.lock().map_known {
+                    return Self::readopting();
+                }
+                MgrReply::Map(self.map())
+            }
+            MgrRequest::Leave { kn_id, lease_epoch } => self.leave(peer, kn_id, lease_epoch),
+            MgrRequest::Status if peer.role == Role::Ctl => MgrReply::Status(self.status()),
+            MgrRequest::Status => refuse("status is for operator (ctl) sessions".into()),
             MgrRequest::AddKn | MgrRequest::RemoveKn { .. } | MgrRequest::Rebalance { .. } => {
                 MgrReply::Error {
                     message: "administrative requests are served by the manager's service".into(),
@@ -385,19 +624,44 @@ impl Manager {
         }
     }
 
-    fn lease_reply(&self, st: &State, kn: u16) -> MgrReply {
-        MgrReply::Lease {
-            epoch: st.map.epoch(),
-            settled: st.settled_now(),
-            lease_ms: self.lease_ms(),
-            drain: st.kns.get(&kn).is_some_and(|k| k.draining),
+    fn readopting() -> MgrReply {
+        MgrReply::Retry {
+            message: "the manager restarted and is re-adopting the KNs that hold leases; \
+                      the map is known once one of them resumes"
+                .into(),
         }
     }
 
-    fn register(&self, addr: String, shards: u16) -> MgrReply {
+    fn lease_reply(&self, st: &State, kn: u16) -> MgrReply {
+        let k = st.kns.get(&kn);
+        MgrReply::Lease {
+            // Until the map is known, a KN is told the epoch it serves, so that it keeps
+            // serving it rather than fetching a map the manager does not have.
+            epoch: if st.map_known {
+                st.map.epoch()
+            } else {
+                k.map_or(0, |k| k.view_epoch)
+            },
+            settled: st.settled_now(),
+            lease_ms: k.map_or_else(|| self.lease_ms(), |k| millis(k.lease)),
+            drain: k.is_some_and(|k| k.draining),
+        }
+    }
+
+    fn register(&self, peer: &Peer, addr: String, shards: u16) -> MgrReply {
         let _ = shards;
+        if let Err(e) = check_kn_addr(&addr) {
+            return refuse(e);
+        }
         let (kn_id, lease_epoch) = {
             let mut st = self.lock();
+            if let Some((&other, _)) = st
+                .kns
+                .iter()
+                .find(|(_, k)| k.gone.is_none() && k.addr == addr)
+            {
+                return refuse(format!("KN {other} already serves at {addr}"));
+            }
             let free = (0..self.max_kns)
                 .find(|id| !st.kns.contains_key(id) && !st.registering.contains(id));
             let Some(kn_id) = free else {
@@ -429,6 +693,7 @@ impl Manager {
             };
         }
         st.lease_epochs.insert(kn_id, lease_epoch);
+        let view_epoch = st.map.epoch();
         st.kns.insert(
             kn_id,
             KnInfo {
@@ -443,6 +708,10 @@ impl Manager {
                 joining: false,
                 draining: false,
                 load: None,
+                session: Some(peer.session),
+                lease: self.cfg.lease,
+                adopting: false,
+                view_epoch,
             },
         );
         tracing::info!(kn_id, %addr, lease_epoch, "KN registered");
@@ -453,11 +722,15 @@ impl Manager {
         }
     }
 
-    fn join(&self, kn_id: u16) -> MgrReply {
+    fn join(&self, peer: &Peer, kn_id: u16, lease_epoch: u32) -> MgrReply {
         {
             let mut st = self.lock();
-            let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
-                return Self::unknown(kn_id);
+            if !st.map_known {
+                return Self::readopting();
+            }
+            let k = match st.owned(peer, kn_id, lease_epoch) {
+                Ok(k) => k,
+                Err(r) => return r,
             };
             if k.joined {
                 return self.lease_reply(&st, kn_id);
@@ -472,7 +745,7 @@ impl Manager {
         let mut st = self.lock();
         if let Some(k) = st.kns.get_mut(&kn_id) {
             k.joining = false;
-            k.expires = k.expires.max(now + self.cfg.lease);
+            k.expires = k.expires.max(now + k.lease);
             if published.is_err() {
                 k.joined = false;
             }
@@ -485,33 +758,95 @@ impl Manager {
         self.lease_reply(&st, kn_id)
     }
 
-    fn renew(&self, kn_id: u16, lease_epoch: u32, load: Option<LoadReport>) -> MgrReply {
+    fn renew(
+        &self,
+        peer: &Peer,
+        kn_id: u16,
+        lease_epoch: u32,
+        load: Option<LoadReport>,
+    ) -> MgrReply {
         let now = self.clock.now();
         let mut st = self.lock();
-        let Some(k) = st
-            .kns
-            .get_mut(&kn_id)
-            .filter(|k| k.lease_epoch == lease_epoch && k.gone.is_none())
-        else {
-            return Self::unknown(kn_id);
+        let k = match st.owned(peer, kn_id, lease_epoch) {
+            Ok(k) => k,
+            Err(r) => return r,
         };
-        k.expires = now + self.cfg.lease;
+        k.expires = now + k.lease;
         if load.is_some() {
             k.load = load;
         }
         self.lease_reply(&st, kn_id)
     }
 
-    fn ack(&self, kn_id: u16, epoch: u64, release_us: u64, entries_merged: u64) -> MgrReply {
+    /// A KN that holds lease `lease_epoch` speaks on a new session: the session becomes
+    /// its own and the lease is renewed; a KN of an earlier manager is re-adopted.
+    fn resume(
+        &self,
+        peer: &Peer,
+        kn_id: u16,
+        lease_epoch: u32,
+        addr: String,
+        lease_ms: u64,
+        map: Option<dinomo_shared::manager_proto::MapMsg>,
+    ) -> MgrReply {
         let now = self.clock.now();
         let mut st = self.lock();
-        let current = st.map.epoch();
-        let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
+        let Some(k) = st
+            .kns
+            .get_mut(&kn_id)
+            .filter(|k| k.gone.is_none() && k.lease_epoch == lease_epoch)
+        else {
             return Self::unknown(kn_id);
         };
-        if epoch > current {
+        if k.adopting {
+            if let Err(e) = check_kn_addr(&addr) {
+                return refuse(e);
+            }
+            // A KN counts its lease with its own length: never expire it sooner.
+            k.lease = Duration::from_millis(lease_ms)
+                .min(MAX_LEASE)
+                .max(self.cfg.lease);
+            k.addr = addr;
+            k.adopting = false;
+            k.view_epoch = map.as_ref().map_or(0, |m| m.epoch);
+            tracing::info!(kn_id, lease_epoch, addr = %k.addr, "re-adopted a KN of an earlier manager");
+        } else if k.addr != addr {
+            return refuse(format!(
+                "KN {kn_id} registered at {}, not at {addr}",
+                k.addr
+            ));
+        }
+        k.session = Some(peer.session);
+        k.expires = k.expires.max(now + k.lease);
+        if !st.map_known {
+            if let Some(m) = map {
+                st.adopt_map(&m);
+            }
+        }
+        self.lease_reply(&st, kn_id)
+    }
+
+    fn ack(
+        &self,
+        peer: &Peer,
+        kn_id: u16,
+        lease_epoch: u32,
+        epoch: u64,
+        release_us: u64,
+        entries_merged: u64,
+    ) -> MgrReply {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let (current, known) = (st.map.epoch(), st.map_known);
+        let k = match st.owned(peer, kn_id, lease_epoch) {
+            Ok(k) => k,
+            Err(r) => return r,
+        };
+        // Only a map this manager published can be acknowledged: a higher epoch would
+        // settle a map before its old owners released their slots.
+        if !known || epoch > current {
             return MgrReply::Error {
-                message: format!("epoch {epoch} is ahead of the current map ({current})"),
+                message: format!("epoch {epoch} was not published (the current map is {current})"),
             };
         }
         k.acked = k.acked.max(epoch);
@@ -523,11 +858,14 @@ impl Manager {
         self.lease_reply(&st, kn_id)
     }
 
-    fn leave(&self, kn_id: u16) -> MgrReply {
+    /// The KN stopped acknowledging writes and closed its logs, then sent this: it is
+    /// fenced (a no-op then) and removed with the next map.
+    fn leave(&self, peer: &Peer, kn_id: u16, lease_epoch: u32) -> MgrReply {
         {
             let mut st = self.lock();
-            let Some(k) = st.kns.get_mut(&kn_id).filter(|k| k.gone.is_none()) else {
-                return Self::unknown(kn_id);
+            let k = match st.owned(peer, kn_id, lease_epoch) {
+                Ok(k) => k,
+                Err(r) => return r,
             };
             k.gone = Some(Exit::Left);
         }
@@ -544,7 +882,8 @@ impl Manager {
         let st = self.lock();
         let moving = (0..SLOTS).map(|s| {
             let (new, old) = (st.map.owner(s), st.settled_map.owner(s));
-            if !st.settled && new != old && old != NO_KN && st.live(old) {
+            let adopted = st.adopted_moving.get(usize::from(s)).copied() == Some(true);
+            if !st.settled && (adopted || (new != old && old != NO_KN && st.live(old))) {
                 new
             } else {
                 NO_KN
@@ -603,7 +942,13 @@ impl Manager {
     fn republish(&self, reason: String) -> Result<(), StoreError> {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let next = {
-            let st = self.lock();
+            let mut st = self.lock();
+            if !st.map_known {
+                // Publishing over a map the KNs serve but this manager does not know could
+                // give their slots to others: wait until re-adoption ends.
+                st.pending_republish = Some(reason);
+                return Ok(());
+            }
             SlotMap::consistent(st.next_epoch(), &st.live_ids(), self.cfg.vnodes)
         };
         let r = self.install(next, reason.clone());
@@ -665,6 +1010,7 @@ impl Manager {
     /// map change that failed before, forgets exited children.
     pub fn tick(&self) {
         self.expire();
+        self.end_adoption();
         self.retire_gone();
         let pending = self.lock().pending_republish.clone();
         if let Some(reason) = pending {
@@ -681,9 +1027,39 @@ impl Manager {
     pub fn extend_leases(&self, by: Duration) {
         let mut st = self.lock();
         for k in st.kns.values_mut() {
-            k.expires += by;
+            k.expires = k.expires.checked_add(by).unwrap_or(k.expires);
         }
         tracing::warn!(pause_ms = millis(by), "manager paused; leases extended");
+    }
+
+    /// Once no KN of an earlier manager is left to resume and none brought the stored map,
+    /// takes the newest map one brought (its slots moving until every KN in it
+    /// acknowledges a new map), so that the map is known again and KNs that lapsed can be
+    /// fenced and their slots moved.
+    fn end_adoption(&self) {
+        let mut st = self.lock();
+        if st.map_known || st.kns.values().any(|k| k.adopting && k.gone.is_none()) {
+            return;
+        }
+        let stored = st.map.epoch();
+        match st.resumed_map.take() {
+            Some(m) => {
+                tracing::warn!(
+                    stored,
+                    epoch = m.epoch,
+                    "no re-adopted KN served the stored map: taking the newest one they served"
+                );
+                st.install_adopted(&m, false);
+                st.pending_republish = Some("re-adopted KNs".into());
+            }
+            None => {
+                let empty = MapMsg {
+                    epoch: stored,
+                    ..MapMsg::empty()
+                };
+                st.install_adopted(&empty, true);
+            }
+        }
     }
 
     /// Marks every KN whose lease has expired as gone.

@@ -12,9 +12,9 @@ use dinomo_hw::heap::HeapRegion;
 use dinomo_hw::CpuPersist;
 use dinomo_manager::clock::ManualClock;
 use dinomo_manager::store::{DpmStore, DurableStore, LeaseRecord};
-use dinomo_manager::{Manager, ManagerConfig};
+use dinomo_manager::{Manager, ManagerConfig, Peer};
 use dinomo_shared::geometry::FormatParams;
-use dinomo_shared::manager_proto::{MgrReply, MgrRequest};
+use dinomo_shared::manager_proto::{MgrReply, MgrRequest, Role};
 use dinomo_shared::msg::{Request, Response};
 use dinomo_shared::ownership::SlotMap;
 use dpm_fw::runner::{DpmService, ServeConfig};
@@ -116,40 +116,69 @@ fn a_manager_on_the_dpm_stores_what_it_publishes_and_a_successor_finds_it() {
     .expect("manager");
     assert_eq!(m.leftover_wait(), Duration::ZERO);
     m.fence_leftovers().expect("nothing left over");
-    let MgrReply::Registered { kn_id, .. } = m.handle(MgrRequest::Register {
-        addr: "127.0.0.1:7001".into(),
-        shards: 1,
-    }) else {
+    let kn = Peer {
+        session: 1,
+        role: Role::Kn,
+    };
+    let MgrReply::Registered {
+        kn_id, lease_epoch, ..
+    } = m.handle(
+        &kn,
+        MgrRequest::Register {
+            addr: "127.0.0.1:7001".into(),
+            shards: 1,
+        },
+    )
+    else {
         panic!("register");
     };
     assert!(matches!(
-        m.handle(MgrRequest::Join { kn_id }),
+        m.handle(&kn, MgrRequest::Join { kn_id, lease_epoch }),
         MgrReply::Lease { epoch: 1, .. }
     ));
     let (epoch, owners) = service.dpm().stored_map();
     assert_eq!(epoch, 1);
     assert!(owners.iter().all(|&o| o == kn_id));
 
-    // The manager dies; its successor sees the live lease, waits one lease, fences it and
-    // publishes above the stored epoch.
+    // The manager dies; its successor sees the live lease and keeps it for re-adoption: the
+    // KN does not come back, so once one lease lapsed it is fenced, its lease recorded as
+    // ended, and a map without it is published above the stored epoch.
     drop(m);
     let next = Manager::new(
         cfg,
         Box::new(DpmStore::connect(&spec, T).expect("connect")),
-        clock,
+        clock.clone(),
         None,
     )
     .expect("successor");
     assert!(next.leftover_wait() >= Duration::from_millis(800));
-    next.fence_leftovers().expect("fence the leftover");
+    next.fence_leftovers().expect("nothing ended to fence");
+    let row = service.dpm().lease(u32::from(kn_id)).expect("row");
+    assert_ne!(row.expires_ms, 0, "not fenced while the lease may be held");
+    clock.advance(next.leftover_wait());
+    next.tick();
     let row = service.dpm().lease(u32::from(kn_id)).expect("row");
     assert_eq!(row.expires_ms, 0, "the leftover lease is recorded as ended");
-    let MgrReply::Registered { kn_id: again, .. } = next.handle(MgrRequest::Register {
-        addr: "127.0.0.1:7002".into(),
-        shards: 1,
-    }) else {
+    let MgrReply::Registered {
+        kn_id: again,
+        lease_epoch,
+        ..
+    } = next.handle(
+        &kn,
+        MgrRequest::Register {
+            addr: "127.0.0.1:7002".into(),
+            shards: 1,
+        },
+    )
+    else {
         panic!("register");
     };
-    next.handle(MgrRequest::Join { kn_id: again });
-    assert_eq!(service.dpm().stored_map().0, 2);
+    next.handle(
+        &kn,
+        MgrRequest::Join {
+            kn_id: again,
+            lease_epoch,
+        },
+    );
+    assert!(service.dpm().stored_map().0 >= 2);
 }

@@ -23,7 +23,7 @@ pub mod error;
 pub mod geometry;
 pub mod hash;
 pub mod index;
-#[cfg(any(feature = "std", test))]
+#[cfg(feature = "std")]
 pub mod manager_proto;
 pub mod msg;
 #[cfg(any(feature = "std", test))]

@@ -58,7 +58,10 @@ pub(crate) fn run(a: CtlArgs) -> anyhow::Result<()> {
         CtlSub::RemoveKn { id } => CtlCommand::RemoveKn(id),
         CtlSub::Rebalance { slots, to } => CtlCommand::Rebalance(slots.zip(to)),
     };
-    let out = dinomo::ctl::run(&a.manager, &cmd, a.json)?;
+    let secret = a
+        .secret
+        .load_for("ctl", &[("--manager", a.manager.clone())])?;
+    let out = dinomo::ctl::run(&a.manager, secret, &cmd, a.json)?;
     print!("{out}");
     Ok(())
 }

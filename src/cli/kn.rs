@@ -35,8 +35,16 @@ pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
         return Err(Usage(format!("--threads {} is outside 1..=64", a.threads)).into());
     }
     let spec = a.dpm.spec()?;
+    let secret = a.secret.load_for(
+        "KN",
+        &[
+            ("--listen", a.listen.to_string()),
+            ("--manager", a.manager.clone()),
+        ],
+    )?;
     install_stop_handler()?;
     let mut cfg = host_kn::server::KnConfig::new(spec, a.listen, a.manager);
+    cfg.secret = secret;
     cfg.threads = a.threads;
     cfg.io_threads = a.io_threads;
     cfg.cache_bytes = a.cache;

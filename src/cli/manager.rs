@@ -163,6 +163,13 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
     parse_size(&a.kn_cache).map_err(|e| Usage(format!("--kn-cache: {e}")))?;
     let policy = a.policy.config()?;
     let spec = a.dpm.spec()?;
+    let secret = a.secret.load_for(
+        "manager",
+        &[
+            ("--listen", a.listen.to_string()),
+            ("--kn-host", format!("{}:0", a.kn_host)),
+        ],
+    )?;
     install_stop_handler()?;
     let spawner = match a.kn_exe {
         Some(exe) => {
@@ -200,6 +207,7 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
         a.listen,
         Duration::from_secs(30),
         spawner.clone(),
+        secret,
     )?;
     if let Some(p) = policy {
         tracing::info!(config = ?p, "elasticity policy on");

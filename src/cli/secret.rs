@@ -19,11 +19,47 @@ pub(crate) struct SecretArgs {
 impl SecretArgs {
     /// The secret, if a file was named; a file that cannot be used is an error, never a
     /// silent fall-back to no authentication.
-    #[allow(dead_code)] // used by the roles as each surface gains authentication
     pub fn load(&self) -> anyhow::Result<Option<ClusterSecret>> {
         match &self.secret_file {
             None => Ok(None),
             Some(p) => Ok(Some(ClusterSecret::load(p)?)),
         }
+    }
+}
+
+/// Whether every address `addr` (`host:port`) resolves to is loopback.
+fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match addr.to_socket_addrs() {
+        Ok(mut a) => {
+            let all: Vec<_> = a.by_ref().collect();
+            !all.is_empty() && all.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+impl SecretArgs {
+    /// The secret of a `role` that binds or reaches `addrs` (`(option, address)`): without
+    /// one, every address must be loopback, since anyone who reaches an unauthenticated
+    /// surface controls the cluster.
+    pub fn load_for(
+        &self,
+        role: &str,
+        addrs: &[(&str, String)],
+    ) -> anyhow::Result<Option<ClusterSecret>> {
+        let secret = self.load()?;
+        if secret.is_none() {
+            if let Some((opt, addr)) = addrs.iter().find(|(_, a)| !is_loopback(a)) {
+                return Err(super::Usage(format!(
+                    "{opt} {addr} is not a loopback address, and the {role} has no cluster \
+                     secret: anyone who reaches it could take over the cluster. Pass \
+                     --secret-file FILE (or DINOMO_SECRET_FILE; the same file for every \
+                     role, mode 0600, 64 hex digits), or use 127.0.0.1"
+                ))
+                .into());
+            }
+        }
+        Ok(secret)
     }
 }

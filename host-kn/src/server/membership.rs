@@ -77,6 +77,7 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
     }
     match mgr.call(&MgrRequest::Ack {
         kn_id: shared.kn_id,
+        lease_epoch: shared.lease_epoch,
         epoch,
         release_us,
         entries_merged,
@@ -104,6 +105,27 @@ fn renew(
     })?;
     if matches!(reply, MgrReply::Lease { .. }) {
         set_lease(gate, sent, lease);
+    }
+    Ok(reply)
+}
+
+/// Opens this KN's session on a new connection: the manager (perhaps a restarted one,
+/// which re-adopts the KN from this) renews the lease. The map goes along once every shard
+/// released slots for it, so a restarted manager can learn it.
+fn resume(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<MgrReply> {
+    let v = shared.view();
+    let released = shared.released.load(Ordering::Acquire) == v.msg.epoch;
+    let map = (released && v.msg.epoch > 0).then(|| v.msg.clone());
+    let sent = Instant::now();
+    let reply = mgr.call(&MgrRequest::Resume {
+        kn_id: shared.kn_id,
+        lease_epoch: shared.lease_epoch,
+        addr: shared.addr.clone(),
+        lease_ms: u64::try_from(shared.lease_len.as_millis()).unwrap_or(u64::MAX),
+        map,
+    })?;
+    if matches!(reply, MgrReply::Lease { .. }) {
+        set_lease(&shared.lease, sent, shared.lease_len);
     }
     Ok(reply)
 }
@@ -160,12 +182,19 @@ pub(super) fn heartbeat(
             continue;
         }
         last = Instant::now();
+        let fresh = conn.is_none();
         let m = match conn.as_mut() {
             Some(m) => m,
-            None => match MgrClient::connect(manager, Duration::from_millis(200)) {
-                Ok(m) => conn.insert(m),
-                Err(_) => continue,
-            },
+            None => {
+                match MgrClient::connect_with(manager, Duration::from_millis(200), &shared.mgr_auth)
+                {
+                    Ok(m) => conn.insert(m),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot reach the manager");
+                        continue;
+                    }
+                }
+            }
         };
         // The load over at least a quarter lease, so its p99 means something.
         let load = if last_report.at.elapsed() >= every {
@@ -173,14 +202,18 @@ pub(super) fn heartbeat(
         } else {
             None
         };
-        let r = renew(
-            m,
-            shared.kn_id,
-            shared.lease_epoch,
-            lease,
-            &shared.lease,
-            load,
-        );
+        let r = if fresh {
+            resume(shared, m)
+        } else {
+            renew(
+                m,
+                shared.kn_id,
+                shared.lease_epoch,
+                lease,
+                &shared.lease,
+                load,
+            )
+        };
         match r {
             Ok(MgrReply::Lease {
                 epoch,

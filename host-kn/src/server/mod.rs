@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::DpmSpec;
+use dinomo_shared::auth::ClusterSecret;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
-use dinomo_shared::manager_proto::{MapMsg, MgrClient, MgrReply, MgrRequest};
+use dinomo_shared::manager_proto::{MapMsg, MgrAuth, MgrClient, MgrReply, MgrRequest, Role};
 use dinomo_shared::resp::Limits;
 
 use crate::dac::DacConfig;
@@ -52,6 +53,9 @@ pub struct KnConfig {
     pub io_threads: usize,
     /// Group-commit bound.
     pub flush_bound: Duration,
+    /// The cluster secret the manager session is authenticated with (required by a
+    /// manager that has one; without it the manager must be on loopback).
+    pub secret: Option<ClusterSecret>,
 }
 
 impl KnConfig {
@@ -64,6 +68,7 @@ impl KnConfig {
             cache_bytes: 64 << 20,
             io_threads: 2,
             flush_bound: Duration::from_micros(100),
+            secret: None,
         }
     }
 }
@@ -125,6 +130,8 @@ struct Shared {
     released: AtomicU64,
     lease_epoch: u32,
     lease_len: Duration,
+    /// How it opens manager sessions (again after a broken connection or a restart).
+    mgr_auth: MgrAuth,
 }
 
 impl Shared {
@@ -155,6 +162,9 @@ impl Shared {
 /// How long a KN waits for a DPM that is not up yet.
 const DPM_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a KN waits to join while a restarted manager re-adopts KNs.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+
 /// How long reading the region's geometry may take.
 const GEOMETRY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -183,7 +193,13 @@ pub fn run(
     let listener = std::net::TcpListener::bind(cfg.listen)?;
     let addr = listener.local_addr()?;
     let mgr_err = |e: std::io::Error| KnServerError::Manager(e.to_string());
-    let mut mgr = MgrClient::connect(&cfg.manager, Duration::from_secs(20)).map_err(mgr_err)?;
+    let mgr_auth = MgrAuth {
+        secret: cfg.secret.clone(),
+        role: Role::Kn,
+        id: addr.to_string(),
+    };
+    let mut mgr = MgrClient::connect_with(&cfg.manager, Duration::from_secs(20), &mgr_auth)
+        .map_err(mgr_err)?;
     let shards = cfg.threads.max(1);
     let (kn_id, lease_epoch, lease_ms) = match mgr
         .call(&MgrRequest::Register {
@@ -263,14 +279,35 @@ pub fn run(
         released: AtomicU64::new(0),
         lease_epoch,
         lease_len: lease,
+        mgr_auth,
     });
 
-    // Join the map, then follow it.
+    // Join the map, then follow it. A manager that is re-adopting the KNs of an earlier
+    // one asks to wait: keep the lease meanwhile.
     let joined = (|| -> std::io::Result<()> {
-        let sent = Instant::now();
-        match mgr.call(&MgrRequest::Join { kn_id })? {
-            MgrReply::Lease { .. } => set_lease(&shared.lease, sent, lease),
-            other => return Err(std::io::Error::other(format!("{other:?}"))),
+        let t0 = Instant::now();
+        loop {
+            let sent = Instant::now();
+            match mgr.call(&MgrRequest::Join { kn_id, lease_epoch })? {
+                MgrReply::Lease { .. } => {
+                    set_lease(&shared.lease, sent, lease);
+                    break;
+                }
+                MgrReply::Retry { message } if t0.elapsed() < JOIN_WAIT => {
+                    tracing::info!(%message, "joining later");
+                    std::thread::sleep(lease / 8);
+                    let sent = Instant::now();
+                    match mgr.call(&MgrRequest::Renew {
+                        kn_id,
+                        lease_epoch,
+                        load: None,
+                    })? {
+                        MgrReply::Lease { .. } => set_lease(&shared.lease, sent, lease),
+                        other => return Err(std::io::Error::other(format!("{other:?}"))),
+                    }
+                }
+                other => return Err(std::io::Error::other(format!("{other:?}"))),
+            }
         }
         follow_map(&shared, &mut mgr)
     })();
@@ -300,8 +337,9 @@ pub fn run(
     tracing::info!(kn_id, %addr, "KN serving");
     let served = rt.block_on(conn::accept_loop(Arc::clone(&shared), listener, stop));
 
-    // Leave: stop the lease thread, flush and close every log (the DPM merges them), then
-    // tell the manager, which republishes the map without this KN.
+    // Leave: stop the lease thread, flush and close every log (the DPM merges them), stop
+    // acknowledging anything, then tell the manager, which fences (a no-op now) and
+    // republishes the map without this KN. Nothing is acknowledged after the `leave`.
     hb_stop.store(true, Ordering::Release);
     let mgr = hb.join().ok().flatten();
     if !shared.lease.is_valid() {
@@ -310,6 +348,8 @@ pub fn run(
         shared.lease.set_lost();
     }
     let stats = kn.stop();
+    // The shards are gone; no connection task can have a write acknowledged any more.
+    shared.lease.set_lost();
     tracing::info!(
         kn_id,
         gets = stats.gets,
@@ -321,7 +361,7 @@ pub fn run(
         return Err(KnServerError::Fenced);
     }
     if let Some(mut m) = mgr {
-        match m.call(&MgrRequest::Leave { kn_id }) {
+        match m.call(&MgrRequest::Leave { kn_id, lease_epoch }) {
             Ok(MgrReply::Ok) => tracing::info!(kn_id, "left the cluster"),
             r => tracing::warn!(kn_id, reply = ?r, "leaving the cluster failed"),
         }

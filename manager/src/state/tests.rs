@@ -1,11 +1,11 @@
 //! The state machine driven request by request, with a manual clock, a store that records
 //! every call (and fails when told to) and a spawner that starts nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dinomo_shared::manager_proto::{MgrReply, MgrRequest};
+use dinomo_shared::manager_proto::{MapMsg, MgrReply, MgrRequest, Role};
 use dinomo_shared::ownership::SlotMap;
 use dinomo_shared::ErrorCode;
 
@@ -14,6 +14,21 @@ use crate::clock::ManualClock;
 use crate::store::{Fenced, LeaseRecord, StoreError, Stored};
 
 const LEASE: Duration = Duration::from_millis(1000);
+
+/// The session the harness's KNs speak on.
+const KN: Peer = Peer {
+    session: 1,
+    role: Role::Kn,
+};
+/// Another KN's session (holds the secret, but did not register the KNs above).
+const OTHER_KN: Peer = Peer {
+    session: 2,
+    role: Role::Kn,
+};
+const CTL: Peer = Peer {
+    session: 3,
+    role: Role::Ctl,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Op {
@@ -100,6 +115,7 @@ struct Harness {
     m: Manager,
     clock: Arc<ManualClock>,
     store: FakeStore,
+    leases: Mutex<BTreeMap<u16, u32>>,
 }
 
 fn harness(store: FakeStore) -> Harness {
@@ -122,42 +138,78 @@ fn harness(store: FakeStore) -> Harness {
     .expect("manager");
     m.fence_leftovers().expect("no leftovers");
     store.ops();
-    Harness { m, clock, store }
+    Harness {
+        m,
+        clock,
+        store,
+        leases: Mutex::default(),
+    }
 }
 
 impl Harness {
     fn register(&self, addr: &str) -> (u16, u32) {
-        match self.m.handle(MgrRequest::Register {
-            addr: addr.into(),
-            shards: 2,
-        }) {
+        match self.m.handle(
+            &KN,
+            MgrRequest::Register {
+                addr: addr.into(),
+                shards: 2,
+            },
+        ) {
             MgrReply::Registered {
                 kn_id, lease_epoch, ..
-            } => (kn_id, lease_epoch),
+            } => {
+                self.leases
+                    .lock()
+                    .expect("leases")
+                    .insert(kn_id, lease_epoch);
+                (kn_id, lease_epoch)
+            }
             other => panic!("register: {other:?}"),
         }
     }
 
+    fn lease_of(&self, kn: u16) -> u32 {
+        self.leases
+            .lock()
+            .expect("leases")
+            .get(&kn)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn join(&self, kn: u16) -> MgrReply {
-        self.m.handle(MgrRequest::Join { kn_id: kn })
+        self.m.handle(
+            &KN,
+            MgrRequest::Join {
+                kn_id: kn,
+                lease_epoch: self.lease_of(kn),
+            },
+        )
     }
 
     fn renew(&self, kn: u16, lease_epoch: u32) -> MgrReply {
-        self.m.handle(MgrRequest::Renew {
-            kn_id: kn,
-            lease_epoch,
-            load: None,
-        })
+        self.m.handle(
+            &KN,
+            MgrRequest::Renew {
+                kn_id: kn,
+                lease_epoch,
+                load: None,
+            },
+        )
     }
 
     fn ack(&self, kn: u16) -> MgrReply {
         let epoch = self.m.epoch();
-        self.m.handle(MgrRequest::Ack {
-            kn_id: kn,
-            epoch,
-            release_us: 500,
-            entries_merged: 3,
-        })
+        self.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: kn,
+                lease_epoch: self.lease_of(kn),
+                epoch,
+                release_us: 500,
+                entries_merged: 3,
+            },
+        )
     }
 
     /// A KN that registered, joined and acknowledged its map.
@@ -208,13 +260,13 @@ fn register_records_a_lease_with_a_new_epoch_and_refuses_when_full() {
         "{ops:?}"
     );
     assert!(matches!(
-        h.m.handle(MgrRequest::Register { addr: "x:1".into(), shards: 1 }),
+        h.m.handle(&KN, MgrRequest::Register { addr: "127.0.0.1:7003".into(), shards: 1 }),
         MgrReply::Error { message } if message.contains("all 2 KN slots")
     ));
     // A lease that cannot be recorded is not granted.
     let h = harness(FakeStore::with(|w| w.fail_lease = true));
     assert!(matches!(
-        h.m.handle(MgrRequest::Register { addr: "x:1".into(), shards: 1 }),
+        h.m.handle(&KN, MgrRequest::Register { addr: "127.0.0.1:7003".into(), shards: 1 }),
         MgrReply::Error { message } if message.contains("cannot record the lease")
     ));
     assert!(!h.m.has_kn(0));
@@ -261,12 +313,16 @@ fn join_stores_the_map_before_publishing_it_and_it_settles_on_ack() {
     assert!(map.settled && map.moving.is_empty());
     // A forged ack of a future epoch is refused and changes nothing.
     assert!(matches!(
-        h.m.handle(MgrRequest::Ack {
-            kn_id: a,
-            epoch: u64::MAX,
-            release_us: 0,
-            entries_merged: u64::MAX
-        }),
+        h.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: a,
+                lease_epoch: h.lease_of(a),
+                epoch: u64::MAX,
+                release_us: 0,
+                entries_merged: u64::MAX
+            }
+        ),
         MgrReply::Error { .. }
     ));
     assert_eq!(h.m.reconfig(43).map(|r| r.entries_merged), Some(6));
@@ -325,7 +381,16 @@ fn a_leaving_kn_is_fenced_and_removed_and_a_map_that_cannot_be_stored_is_retried
     let epoch = h.m.epoch();
     h.store.ops();
     h.store.world().fail_map = true;
-    assert_eq!(h.m.handle(MgrRequest::Leave { kn_id: b.0 }), MgrReply::Ok);
+    assert_eq!(
+        h.m.handle(
+            &KN,
+            MgrRequest::Leave {
+                kn_id: b.0,
+                lease_epoch: b.1
+            }
+        ),
+        MgrReply::Ok
+    );
     let ops = h.store.ops();
     assert!(
         matches!(ops.as_slice(), [Op::Fence(k), Op::Lease(_, ended)] if *k == b.0 && !ended.is_live()),
@@ -358,36 +423,56 @@ fn a_leaving_kn_is_fenced_and_removed_and_a_map_that_cannot_be_stored_is_retried
     assert_eq!(h.m.map().kns.len(), 1);
     // A repeated or forged leave of a KN that is gone changes nothing.
     assert!(matches!(
-        h.m.handle(MgrRequest::Leave { kn_id: b.0 }),
+        h.m.handle(
+            &KN,
+            MgrRequest::Leave {
+                kn_id: b.0,
+                lease_epoch: b.1
+            }
+        ),
         MgrReply::Error { .. }
     ));
     assert!(h.store.ops().is_empty());
 }
 
-#[test]
-fn a_restarted_manager_waits_a_lease_then_fences_what_the_old_one_left() {
-    let store = FakeStore::with(|w| {
+/// What an earlier manager left: a map of epoch 9 over KNs 0 and 1 (both may still hold
+/// their 2 s leases) and KN 2, whose lease ended.
+fn left_by_an_earlier_manager() -> FakeStore {
+    FakeStore::with(|w| {
         w.stored.max_kns = 4;
         w.stored.map_epoch = 9;
+        let live = |lease_epoch| LeaseRecord {
+            lease_epoch,
+            expires_ms: 1,
+            lease_ms: 2000,
+        };
         w.stored.leases = vec![
+            (0, live(3)),
+            (1, live(5)),
             (
-                0,
+                2,
                 LeaseRecord {
-                    lease_epoch: 3,
-                    expires_ms: 1,
-                    lease_ms: 2000,
-                },
-            ),
-            (
-                1,
-                LeaseRecord {
-                    lease_epoch: 5,
+                    lease_epoch: 6,
                     expires_ms: 0,
                     lease_ms: 2000,
                 },
             ),
         ];
-    });
+    })
+}
+
+/// The map of epoch 9 as KNs 0 and 1 serve it.
+fn served_map() -> MapMsg {
+    MapMsg {
+        epoch: 9,
+        settled: true,
+        kns: vec![(0, "127.0.0.1:7100".into()), (1, "127.0.0.1:7101".into())],
+        ranges: vec![(0, 8191, 0), (8192, SLOTS - 1, 1)],
+        moving: Vec::new(),
+    }
+}
+
+fn restarted(store: &FakeStore) -> (Manager, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::default());
     let m = Manager::new(
         ManagerConfig {
@@ -395,11 +480,11 @@ fn a_restarted_manager_waits_a_lease_then_fences_what_the_old_one_left() {
             vnodes: 16,
         },
         Box::new(store.clone()),
-        clock,
+        clock.clone(),
         None,
     )
     .expect("manager");
-    // The old manager granted 2 s leases: wait that long, whatever the record's expiry.
+    // The old manager granted 2 s leases: its KNs have that long to come back.
     assert_eq!(
         m.leftover_wait(),
         Duration::from_millis(2000) + LEASE_CLOCK_MARGIN
@@ -407,25 +492,295 @@ fn a_restarted_manager_waits_a_lease_then_fences_what_the_old_one_left() {
     m.fence_leftovers().expect("fence");
     let ops = store.ops();
     assert!(
-        matches!(ops.as_slice(),
-            [Op::Fence(0), Op::Lease(0, r0), Op::Fence(1), Op::Lease(1, r1)]
-            if !r0.is_live() && r0.lease_epoch == 3 && !r1.is_live()),
-        "{ops:?}"
+        matches!(ops.as_slice(), [Op::Fence(2), Op::Lease(2, r)] if !r.is_live()),
+        "only the ended lease is fenced at start: {ops:?}"
     );
-    // Ids keep counting their epochs; maps continue above the stored epoch.
+    (m, clock)
+}
+
+fn resume(m: &Manager, peer: &Peer, kn: u16, lease_epoch: u32, map: Option<MapMsg>) -> MgrReply {
+    m.handle(
+        peer,
+        MgrRequest::Resume {
+            kn_id: kn,
+            lease_epoch,
+            addr: format!("127.0.0.1:{}", 7100 + kn),
+            lease_ms: 2000,
+            map,
+        },
+    )
+}
+
+#[test]
+fn a_restarted_manager_readopts_kns_that_resume_without_fencing_or_a_map_change() {
+    let store = left_by_an_earlier_manager();
+    let (m, clock) = restarted(&store);
+    // Until a KN brings the map, nothing is published and joins wait.
+    assert!(matches!(
+        m.handle(&CTL, MgrRequest::Map),
+        MgrReply::Retry { .. }
+    ));
     let MgrReply::Registered {
-        kn_id, lease_epoch, ..
-    } = m.handle(MgrRequest::Register {
-        addr: "a:1".into(),
-        shards: 1,
-    })
+        kn_id: new,
+        lease_epoch: new_epoch,
+        ..
+    } = m.handle(
+        &OTHER_KN,
+        MgrRequest::Register {
+            addr: "127.0.0.1:7200".into(),
+            shards: 1,
+        },
+    )
     else {
         panic!("register");
     };
-    assert_eq!((kn_id, lease_epoch), (0, 4));
-    m.handle(MgrRequest::Join { kn_id });
-    assert_eq!(m.epoch(), 10);
+    assert_eq!(
+        new, 2,
+        "the ended id is reused; ids of KNs that may hold leases are not"
+    );
+    store.ops();
+    assert!(matches!(
+        m.handle(
+            &OTHER_KN,
+            MgrRequest::Join {
+                kn_id: new,
+                lease_epoch: new_epoch
+            }
+        ),
+        MgrReply::Retry { .. }
+    ));
+    // A resume with a lease epoch that is not the KN's is refused.
+    assert!(matches!(
+        resume(&m, &KN, 0, 4, Some(served_map())),
+        MgrReply::Error { .. }
+    ));
+    // KN 0 resumes with the stored map: it is the map again, settled, nothing moved.
+    match resume(&m, &KN, 0, 3, Some(served_map())) {
+        MgrReply::Lease { epoch, settled, .. } => assert_eq!((epoch, settled), (9, true)),
+        other => panic!("{other:?}"),
+    }
+    let map = m.map();
+    assert_eq!((map.epoch, &map.ranges), (9, &served_map().ranges));
+    assert_eq!(map.kns, served_map().kns);
+    // KN 1 resumes on its own session, later but within the old lease (the waiting KN
+    // renews meanwhile, as KNs do).
+    let renew_new = || {
+        assert!(matches!(
+            m.handle(
+                &OTHER_KN,
+                MgrRequest::Renew {
+                    kn_id: new,
+                    lease_epoch: new_epoch,
+                    load: None
+                }
+            ),
+            MgrReply::Lease { .. }
+        ));
+    };
+    for _ in 0..6 {
+        clock.advance(LEASE / 4);
+        renew_new();
+        m.tick();
+    }
+    assert!(matches!(
+        resume(&m, &OTHER_KN, 1, 5, None),
+        MgrReply::Lease { epoch: 9, .. }
+    ));
+    // Both keep renewing well past the old lease: nobody is fenced, no map is stored.
+    for _ in 0..12 {
+        clock.advance(LEASE / 4);
+        assert!(matches!(
+            m.handle(
+                &KN,
+                MgrRequest::Renew {
+                    kn_id: 0,
+                    lease_epoch: 3,
+                    load: None
+                }
+            ),
+            MgrReply::Lease { .. }
+        ));
+        assert!(matches!(
+            m.handle(
+                &OTHER_KN,
+                MgrRequest::Renew {
+                    kn_id: 1,
+                    lease_epoch: 5,
+                    load: None
+                }
+            ),
+            MgrReply::Lease { .. }
+        ));
+        renew_new();
+        m.tick();
+    }
+    let ops = store.ops();
+    assert!(
+        !ops.iter().any(|o| matches!(o, Op::Fence(_) | Op::Map(..))),
+        "{ops:?}"
+    );
+    assert_eq!(m.epoch(), 9);
+    assert!(m.is_settled());
+    // The waiting KN joins now; the map continues above the stored epoch.
+    assert!(matches!(
+        m.handle(
+            &OTHER_KN,
+            MgrRequest::Join {
+                kn_id: new,
+                lease_epoch: new_epoch
+            }
+        ),
+        MgrReply::Lease { epoch: 10, .. }
+    ));
+}
 
+#[test]
+fn a_kn_that_does_not_resume_within_the_old_lease_is_fenced_then_its_slots_move() {
+    let store = left_by_an_earlier_manager();
+    let (m, clock) = restarted(&store);
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(served_map())),
+        MgrReply::Lease { .. }
+    ));
+    // KN 1 never comes back: it is fenced once the old lease (2 s) lapsed, not before.
+    let mut fenced_at = None;
+    for step in 1..=12u32 {
+        clock.advance(LEASE / 4);
+        assert!(matches!(
+            m.handle(
+                &KN,
+                MgrRequest::Renew {
+                    kn_id: 0,
+                    lease_epoch: 3,
+                    load: None
+                }
+            ),
+            MgrReply::Lease { .. }
+        ));
+        m.tick();
+        if store.ops().contains(&Op::Fence(1)) {
+            fenced_at.get_or_insert(LEASE / 4 * step);
+        }
+    }
+    let at = fenced_at.expect("KN 1 was fenced");
+    assert!(at >= Duration::from_millis(2000), "fenced after {at:?}");
+    let map = m.map();
+    assert!(map.epoch > 9);
+    assert!(map.ranges.iter().all(|r| r.2 == 0), "{map:?}");
+    assert!(!m.has_kn(1));
+}
+
+#[test]
+fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
+    let h = harness(FakeStore::default());
+    let a = h.kn("127.0.0.1:7001");
+    let b = h.kn("127.0.0.1:7002");
+    h.ack(a.0);
+    assert!(h.m.is_settled());
+    let (epoch, before) = (h.m.epoch(), h.m.map());
+    h.store.ops();
+    let forged = [
+        MgrRequest::Leave {
+            kn_id: a.0,
+            lease_epoch: a.1,
+        },
+        MgrRequest::Ack {
+            kn_id: a.0,
+            lease_epoch: a.1,
+            epoch: u64::MAX,
+            release_us: u64::MAX,
+            entries_merged: u64::MAX,
+        },
+        MgrRequest::Ack {
+            kn_id: b.0,
+            lease_epoch: b.1,
+            epoch,
+            release_us: 0,
+            entries_merged: 0,
+        },
+        MgrRequest::Join {
+            kn_id: a.0,
+            lease_epoch: a.1,
+        },
+        MgrRequest::Renew {
+            kn_id: a.0,
+            lease_epoch: a.1,
+            load: None,
+        },
+    ];
+    for req in &forged {
+        // Another KN's session, and an operator's session.
+        for peer in [&OTHER_KN, &CTL] {
+            let r = h.m.handle(peer, req.clone());
+            assert!(
+                matches!(r, MgrReply::Error { .. }),
+                "{req:?} from {peer:?}: {r:?}"
+            );
+        }
+    }
+    // The right session with the wrong lease epoch (an earlier registration of the id).
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Leave {
+            kn_id: a.0,
+            lease_epoch: a.1 + 1,
+        },
+    );
+    assert!(matches!(r, MgrReply::Error { .. }), "{r:?}");
+    // Registrations that would point clients elsewhere: not from an operator session, not
+    // at an address clients cannot reach, not over a live KN's address.
+    for (peer, addr) in [
+        (&CTL, "127.0.0.1:7555"),
+        (&OTHER_KN, "0.0.0.0:7555"),
+        (&OTHER_KN, "127.0.0.1:0"),
+        (&OTHER_KN, "evil"),
+        (&OTHER_KN, "127.0.0.1:7001"),
+    ] {
+        let r = h.m.handle(
+            peer,
+            MgrRequest::Register {
+                addr: addr.into(),
+                shards: 1,
+            },
+        );
+        assert!(
+            matches!(r, MgrReply::Error { .. }),
+            "{addr} from {peer:?}: {r:?}"
+        );
+    }
+    // An operator session may not see status as a KN, nor a KN run operator requests.
+    assert!(matches!(
+        h.m.handle(&KN, MgrRequest::Status),
+        MgrReply::Error { .. }
+    ));
+    assert!(matches!(
+        h.m.handle(&CTL, MgrRequest::Status),
+        MgrReply::Status(_)
+    ));
+    assert!(h.store.ops().is_empty(), "nothing stored or fenced");
+    assert_eq!(h.m.map(), before);
+    assert!(h.m.is_settled());
+    assert!(matches!(
+        h.renew(a.0, a.1),
+        MgrReply::Lease { drain: false, .. }
+    ));
+    // The KN itself acknowledges and leaves.
+    assert!(matches!(h.ack(a.0), MgrReply::Lease { .. }));
+    assert_eq!(
+        h.m.handle(
+            &KN,
+            MgrRequest::Leave {
+                kn_id: b.0,
+                lease_epoch: b.1
+            }
+        ),
+        MgrReply::Ok
+    );
+    assert!(h.store.ops().contains(&Op::Fence(b.0)));
+}
+
+#[test]
+fn leftover_wait_follows_the_lease_the_old_manager_granted() {
     // Records of an older manager carry no lease length: their expiry is waited for.
     let now = ManualClock::default().wall_ms();
     let old = Stored {
