@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dinomo_hw::fabric::{DpmSpec, FabricKind, ServeSpec, SpecError, VerbsDevice};
 use serde::{Deserialize, Serialize};
 
-use dinomo_shared::manager_proto::MgrClient;
+use dinomo_shared::manager_proto::{MgrAuth, MgrClient};
 
 /// Settings of a local cluster (the TOML file holds any subset of them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -208,6 +208,19 @@ impl UpConfig {
                 source,
             }),
         }
+    }
+
+    /// A `ctl` session with the cluster's manager (with the cluster secret under `auth`).
+    pub fn manager_client(&self, timeout: Duration) -> std::io::Result<MgrClient> {
+        let secret = if self.auth {
+            Some(
+                dinomo_shared::auth::ClusterSecret::load(&self.secret_path())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        MgrClient::connect_with(&self.manager_addr(), timeout, &MgrAuth::ctl(secret))
     }
 
     /// How a Redis client of this cluster authenticates (`None` without `auth`).
@@ -787,7 +800,7 @@ fn wait_ready(cfg: &UpConfig, stop: &AtomicBool, procs: &mut [&mut Proc]) -> Res
         }
         std::thread::sleep(Duration::from_millis(100));
         if mgr.is_none() {
-            mgr = MgrClient::connect(&cfg.manager_addr(), Duration::from_millis(100)).ok();
+            mgr = cfg.manager_client(Duration::from_millis(100)).ok();
         }
         let Some(m) = mgr.as_mut() else { continue };
         match m.map() {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use super::Role;
 use crate::redis_client::{Conn, Timeouts};
 use crate::up::{Proc, UpConfig, UpError};
-use dinomo_shared::manager_proto::MgrClient;
 use dinomo_shared::resp::Value;
 use dinomo_shared::slot::{key_slot, SLOTS};
 
@@ -230,7 +229,7 @@ impl Cluster {
             manager_down: false,
             failed_kns: Vec::new(),
         };
-        let map = MgrClient::connect(&self.cfg.manager_addr(), Duration::from_millis(300))
+        let map = self.cfg.manager_client(Duration::from_millis(300))
             .and_then(|mut m| {
                 m.set_timeout(Duration::from_secs(2))?;
                 m.map()
