@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
-use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
+use dinomo_hw::region_file::{FilePersist, PersistenceDomain, RegionFile, RegionFileError};
 use dinomo_hw::Persist;
 
 use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
@@ -326,11 +326,30 @@ fn pin_to_core(core: usize) {
     }
 }
 
+/// Says where the region's persisted writes are durable (docs/DESIGN.md, "Persistence
+/// domain"): a DAX mapping with `MAP_SYNC`, or the page cache, which is not persistent
+/// memory (the file is brought up to date on a clean shutdown).
+pub fn log_persistence_domain(file: &RegionFile) {
+    match file.persistence_domain() {
+        PersistenceDomain::Dax => tracing::info!(
+            region = %file.path().display(),
+            "region mapped with MAP_SYNC (DAX): a persisted write is on the media"
+        ),
+        _ => tracing::info!(
+            region = %file.path().display(),
+            "region mapped through the page cache (no DAX, MAP_SYNC unavailable): a \
+             persisted write survives process crashes; it reaches the file at msync or a \
+             clean shutdown, and on tmpfs lives in RAM only"
+        ),
+    }
+}
+
 /// Opens (recovering if needed) the region file at `path` and serves it until `stop` is
 /// set; then merges everything, marks a clean shutdown and syncs the file.
 pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeReport, ServeError> {
     let file = RegionFile::open(path)?;
     file.lock_exclusive()?;
+    log_persistence_domain(&file);
     let t0 = Instant::now();
     let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
         path: path.to_owned(),
@@ -507,6 +526,7 @@ mod verbs_serve {
         dinomo_hw::fabric::verbs::device_names()?;
         let file = RegionFile::open(path).map_err(ServeError::from)?;
         file.lock_exclusive().map_err(ServeError::from)?;
+        super::log_persistence_domain(&file);
         let t0 = Instant::now();
         let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
             path: path.to_owned(),

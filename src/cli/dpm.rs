@@ -129,6 +129,18 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         return Err(Usage(format!("--size {} is not a multiple of 8 bytes", a.size)).into());
     }
     if a.force {
+        // A region that cannot fit is refused before the old one is removed.
+        let dir = dinomo_hw::region_file::parent_dir(&a.path);
+        dinomo_hw::region_file::check_private_dir(dir)?;
+        let free = dinomo_hw::region_file::space_for(dir, Some(&a.path))?;
+        if a.size > free {
+            return Err(dinomo_hw::region_file::RegionFileError::NoSpace {
+                path: a.path.clone(),
+                need: a.size,
+                free,
+            }
+            .into());
+        }
         dinomo_hw::region_file::remove_unserved(&a.path)?;
     }
     let file = RegionFile::create(&a.path, a.size)?;
