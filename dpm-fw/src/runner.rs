@@ -113,6 +113,7 @@ impl MergeWorkers {
                     if pin {
                         pin_to_core(core);
                     }
+                    fault_point(&format!("dpm-merge-{w}"));
                     let mut scratch = Scratch::default();
                     let mut backoff = Backoff::new();
                     while !halt.load(Ordering::Acquire) {
@@ -204,6 +205,7 @@ impl<P: Persist + 'static> DpmService<P> {
                 if pin {
                     pin_to_core(0);
                 }
+                fault_point("dpm-control");
                 let mut scratch = Scratch::default();
                 let mut last_reap = Instant::now();
                 serve_loop(&cstop, &cmsgs, Backoff::new(), || {
@@ -306,6 +308,22 @@ fn serve_loop(
         }
     }
 }
+
+/// Fault injection for tests of what a panicking thread does to its process: with
+/// `DINOMO_FAULT_PANIC=<thread name>` in the environment (`dpm-merge-0`, `dpm-control`,
+/// `dpm-verbs`), that runner thread panics as it starts. Compiled into debug builds only;
+/// a release build ignores the variable.
+#[cfg(debug_assertions)]
+pub fn fault_point(thread: &str) {
+    if std::env::var("DINOMO_FAULT_PANIC").is_ok_and(|t| t == thread) {
+        panic!("fault injected by DINOMO_FAULT_PANIC={thread}");
+    }
+}
+
+/// Release builds have no fault injection.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fault_point(_thread: &str) {}
 
 /// Milliseconds since `epoch`, the DPM's clock reading.
 fn millis_since(epoch: Instant) -> u64 {
@@ -411,6 +429,8 @@ mod verbs_serve {
         pub device: Option<String>,
         /// TCP address for the connection exchange.
         pub listen: SocketAddr,
+        /// Connection settings; `verbs.secret` authenticates the handshake (required
+        /// unless `listen` is loopback).
         pub verbs: VerbsConfig,
     }
 
@@ -418,7 +438,8 @@ mod verbs_serve {
         fn default() -> Self {
             Self {
                 device: None,
-                listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_TCP_PORT)),
+                // Loopback unless told otherwise; any other address needs the secret.
+                listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_TCP_PORT)),
                 verbs: VerbsConfig::default(),
             }
         }
@@ -458,6 +479,7 @@ mod verbs_serve {
                     if pin {
                         pin_to_core(0);
                     }
+                    super::fault_point("dpm-verbs");
                     let mut scratch = Scratch::default();
                     let backoff = Backoff::with_max_sleep(Duration::from_micros(50));
                     // Fences already recorded belong to connections that no longer exist.
@@ -522,6 +544,7 @@ mod verbs_serve {
         stop: &AtomicBool,
     ) -> Result<ServeReport, VerbsServeError> {
         vcfg.verbs.validate()?;
+        dinomo_hw::fabric::verbs::handshake::check_listen(vcfg.listen, vcfg.verbs.secret.as_ref())?;
         // Fail fast on a host without the device, before recovery work.
         dinomo_hw::fabric::verbs::device_names()?;
         let file = RegionFile::open(path).map_err(ServeError::from)?;
@@ -549,6 +572,7 @@ mod verbs_serve {
             region = %path.display(),
             device = server.device_name(),
             listen = %vcfg.listen,
+            authenticated = vcfg.verbs.secret.is_some(),
             control = %ctl_path.display(),
             workers = cfg.workers,
             recovery_ms = recovery_time.as_secs_f64() * 1e3,

@@ -173,6 +173,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Err(Usage("--ctl-slots must be at least 1".into()).into());
     }
     let spec = a.fabric.spec()?;
+    let secret = a.secret.load()?;
     install_stop_handler()?;
     let cfg = dpm_fw::runner::ServeConfig {
         workers: a.workers,
@@ -183,7 +184,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let report = match spec {
         ServeSpec::Shm => dpm_fw::runner::serve(&a.path, &cfg, &STOP)?,
-        ServeSpec::Verbs { listen, device } => serve_verbs(&cfg, &a.path, listen, device)?,
+        ServeSpec::Verbs { listen, device } => serve_verbs(&cfg, &a.path, listen, device, secret)?,
     };
     eprintln!(
         "dpm stopped cleanly: recovered in {:.1} ms, merged {} entries, {} control messages, up {:.1} s",
@@ -202,12 +203,14 @@ fn serve_verbs(
     path: &std::path::Path,
     listen: std::net::SocketAddr,
     device: dinomo_hw::fabric::VerbsDevice,
+    secret: Option<dinomo_shared::auth::ClusterSecret>,
 ) -> anyhow::Result<dpm_fw::runner::ServeReport> {
     let vcfg = dpm_fw::runner::VerbsServeConfig {
         device: device.name,
         listen,
         verbs: dinomo_hw::fabric::verbs::VerbsConfig {
             gid_index: device.gid_index,
+            secret,
             ..Default::default()
         },
     };
@@ -220,6 +223,7 @@ fn serve_verbs(
     _: &std::path::Path,
     _: std::net::SocketAddr,
     _: dinomo_hw::fabric::VerbsDevice,
+    _: Option<dinomo_shared::auth::ClusterSecret>,
 ) -> anyhow::Result<dpm_fw::runner::ServeReport> {
     anyhow::bail!("{}", dinomo_hw::fabric::connect::NO_RDMA_SUPPORT)
 }

@@ -103,6 +103,10 @@ pub struct VerbsSpec {
     /// `HOST:PORT` of the DPM's connection exchange.
     pub addr: String,
     pub device: VerbsDevice,
+    /// The cluster secret the handshake proves (never sent); without one only a DPM on a
+    /// loopback address is reached. Not part of [`DpmSpec::to_args`]: a child gets the
+    /// secret's file through its own `--secret-file`.
+    pub secret: Option<dinomo_shared::auth::ClusterSecret>,
 }
 
 /// A region in this process, served by a memory node in this process (in-process clusters,
@@ -151,9 +155,19 @@ impl DpmSpec {
                 Ok(Self::Verbs(VerbsSpec {
                     addr: dpm.to_owned(),
                     device,
+                    secret: None,
                 }))
             }
         }
+    }
+
+    /// The same DPM, reached with the cluster secret (only the verbs handshake uses it;
+    /// shm and in-process DPMs are reached through files and memory of this user).
+    pub fn with_secret(mut self, secret: Option<dinomo_shared::auth::ClusterSecret>) -> Self {
+        if let Self::Verbs(v) = &mut self {
+            v.secret = secret;
+        }
+        self
     }
 
     /// The shm DPM of the region file at `region`.
@@ -333,6 +347,7 @@ impl ServeSpec {
                 DpmSpec::Verbs(VerbsSpec {
                     addr: addr.to_string(),
                     device: device.clone(),
+                    secret: None,
                 })
             }
         }
@@ -363,6 +378,7 @@ fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricE
     let cfg = super::verbs::VerbsConfig {
         gid_index: v.device.gid_index,
         queue_depth,
+        secret: v.secret.clone(),
         ..Default::default()
     };
     cfg.validate()?;

@@ -1,18 +1,20 @@
-//! The DPM end: registers the region once, accepts KN connections over TCP, and serves
-//! their control frames.
+//! The DPM end: registers the region once, accepts KN connections over TCP (authenticated,
+//! each handshake on its own thread, see [`super::handshake`]), and serves their control
+//! frames.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dinomo_shared::msg::{Frame, Request};
 
+use super::handshake::{Handshakes, Offer, Outcome};
 use super::link::{CtlSlots, Device, Link};
 use super::sys::{Access, MemoryRegion, WorkCompletion};
-use super::wire::{read_msg, write_msg, EndpointInfo, Msg};
+use super::wire::EndpointInfo;
 use super::wr::{wc_status_name, CTL_SEND_BIT};
 use super::VerbsConfig;
 use crate::fabric::FabricError;
@@ -37,7 +39,7 @@ struct Endpoint {
 
 /// Serves KN connections over RDMA verbs.
 pub struct VerbsServer {
-    listener: TcpListener,
+    handshakes: Handshakes<(Link, CtlSlots)>,
     endpoints: Vec<Endpoint>,
     region: MemoryRegion,
     dev: Device,
@@ -51,7 +53,8 @@ impl fmt::Debug for VerbsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerbsServer")
             .field("device", &self.dev.name())
-            .field("listen", &self.listener.local_addr().ok())
+            .field("listen", &self.handshakes.local_addr())
+            .field("authenticated", &self.handshakes.authenticated())
             .field("region", &self.region)
             .field("connections", &self.endpoints.len())
             .finish()
@@ -60,21 +63,22 @@ impl fmt::Debug for VerbsServer {
 
 impl VerbsServer {
     /// Opens `device` (`None`: the first), registers `region` for remote READ, WRITE and
-    /// atomics, and listens for KNs on `listen`. The device is opened first, so a host
-    /// without RDMA fails before anything else is set up.
+    /// atomics, and listens for KNs on `listen`. Without `cfg.secret` only a loopback
+    /// `listen` is accepted ([`super::handshake::check_listen`]), checked before the device
+    /// is opened. The device is opened before the listener, so a host without RDMA fails
+    /// before anything else is set up.
     pub fn bind<P: Persist + 'static>(
         device: Option<&str>,
         listen: SocketAddr,
         region: Arc<Pmem<P>>,
         cfg: &VerbsConfig,
     ) -> Result<Self, FabricError> {
+        super::handshake::check_listen(listen, cfg.secret.as_ref())?;
         let dev = Device::open(device, cfg)?;
         let region = dev.pd.register_pmem(region, Access::REMOTE_ALL)?;
-        let listener = TcpListener::bind(listen)
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|e| FabricError::Other(format!("cannot listen on {listen}: {e}")))?;
+        let handshakes = Handshakes::bind(listen, cfg.secret.clone(), cfg.connect_timeout)?;
         Ok(Self {
-            listener,
+            handshakes,
             endpoints: Vec::new(),
             region,
             dev,
@@ -87,7 +91,12 @@ impl VerbsServer {
 
     /// The address KNs connect to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.handshakes.local_addr()
+    }
+
+    /// Handshakes in progress (each on its own thread).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.in_progress()
     }
 
     pub fn device_name(&self) -> &str {
@@ -165,95 +174,70 @@ impl VerbsServer {
         revoked
     }
 
+    /// Advances the handshakes (never waiting on the network) and adds the connections
+    /// that completed.
     fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((tcp, peer)) => match self.handshake(tcp, peer) {
-                    Ok(ep) => {
-                        self.events.push(format!(
-                            "KN connection {} from {peer}: QP {} ↔ QP {}",
-                            ep.id, ep.link.local.qpn, ep.link.local.qpn
-                        ));
-                        self.endpoints.push(ep);
-                    }
-                    Err(e) => self
-                        .events
-                        .push(format!("refused a connection from {peer}: {e}")),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.events.push(format!("accept failed: {e}"));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The TCP exchange with one KN; the control thread waits at most the connect timeout.
-    fn handshake(&mut self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Endpoint, FabricError> {
-        let t = Some(self.cfg.connect_timeout);
-        tcp.set_nonblocking(false)
-            .and_then(|_| tcp.set_read_timeout(t))
-            .and_then(|_| tcp.set_write_timeout(t))
-            .and_then(|_| tcp.set_nodelay(true))
-            .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
-        let hello = match read_msg(&mut tcp) {
-            Ok(Msg::Hello(ep)) => ep,
-            Ok(m) => {
-                let why = format!("expected a Hello, got {m:?}");
-                let _ = write_msg(&mut tcp, &Msg::Reject(why.clone()));
-                return Err(FabricError::Other(why));
-            }
-            Err(e) => {
-                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
-                return Err(FabricError::Other(e.to_string()));
-            }
-        };
-        match self.endpoint_for(&hello) {
-            Ok((link, ctl)) => {
-                let accept = Msg::Accept {
-                    ep: link.local,
-                    rkey: self.region.rkey(),
-                    base: self.region.addr(),
-                    len: self.region.registered_len(),
-                };
-                let io = |e: super::wire::ExchangeError| FabricError::Other(e.to_string());
-                write_msg(&mut tcp, &accept).map_err(io)?;
-                match read_msg(&mut tcp).map_err(io)? {
-                    Msg::Ready => {}
-                    m => return Err(FabricError::Other(format!("expected Ready, got {m:?}"))),
-                }
-                tcp.set_nonblocking(true)
-                    .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
-                let id = self.next_id;
-                self.next_id += 1;
-                Ok(Endpoint {
-                    id,
+        let (dev, region, cfg) = (&self.dev, &self.region, &self.cfg);
+        let outcomes = self.handshakes.poll(|kn| {
+            let (link, ctl) = endpoint_for(dev, region, cfg, kn).map_err(|e| e.to_string())?;
+            let offer = Offer {
+                ep: link.local,
+                rkey: region.rkey(),
+                base: region.addr(),
+                len: region.registered_len(),
+            };
+            Ok((offer, (link, ctl)))
+        });
+        for o in outcomes {
+            match o {
+                Outcome::Connected {
                     peer,
-                    kn_id: None,
-                    link,
-                    ctl,
                     tcp,
-                    backlog: VecDeque::new(),
-                })
-            }
-            Err(e) => {
-                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
-                Err(e)
+                    local: (link, ctl),
+                } => {
+                    if let Err(e) = tcp.set_nonblocking(true) {
+                        self.events
+                            .push(format!("dropped a connection from {peer}: TCP: {e}"));
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.events.push(format!(
+                        "KN connection {id} from {peer}: QP {}",
+                        link.local.qpn
+                    ));
+                    self.endpoints.push(Endpoint {
+                        id,
+                        peer,
+                        kn_id: None,
+                        link,
+                        ctl,
+                        tcp,
+                        backlog: VecDeque::new(),
+                    });
+                }
+                Outcome::Refused { peer, why } => self
+                    .events
+                    .push(format!("refused a connection from {peer}: {why}")),
             }
         }
     }
+}
 
-    fn endpoint_for(&self, kn: &EndpointInfo) -> Result<(Link, CtlSlots), FabricError> {
-        let n = self.cfg.ctl_slots;
-        let mut link = Link::new(&self.dev, &self.cfg, n, n, true)?;
-        link.qp.attach(&self.region);
-        let mut ctl = CtlSlots::new(&self.dev, n)?;
-        ctl.arm(&mut link.qp)?;
-        link.connect(kn)?;
-        Ok((link, ctl))
-    }
+/// A queue pair (connected to `kn`, with the region attached) and its control buffers.
+fn endpoint_for(
+    dev: &Device,
+    region: &MemoryRegion,
+    cfg: &VerbsConfig,
+    kn: &EndpointInfo,
+) -> Result<(Link, CtlSlots), FabricError> {
+    let n = cfg.ctl_slots;
+    let mut link = Link::new(dev, cfg, n, n, true)?;
+    link.qp.attach(region);
+    let mut ctl = CtlSlots::new(dev, n)?;
+    ctl.arm(&mut link.qp)?;
+    link.connect(kn)?;
+    Ok((link, ctl))
 }
 
 /// Serves one connection's received frames; an error means the connection is gone.
