@@ -125,3 +125,40 @@ fn format_and_serve_make_private_files_and_refuse_a_shared_folder() {
     assert!(stderr(&o).contains("mode 1777"), "{}", stderr(&o));
     assert!(!p.exists());
 }
+
+#[test]
+fn the_verbs_handshake_is_not_served_or_dialled_off_loopback_without_a_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = dir.path().join("r.region");
+    format_region(&region, "8M", "64K");
+    let path = region.to_str().expect("utf-8");
+    let o = dinomo(&[
+        "dpm",
+        "serve",
+        "--path",
+        path,
+        "--fabric",
+        "verbs",
+        "--listen",
+        "0.0.0.0:18515",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("without a cluster secret") && err.contains("--secret-file"),
+        "{err}"
+    );
+    // A KN told to reach a DPM on another host without a secret refuses before dialling.
+    let o = dinomo(&[
+        "kn",
+        "--fabric",
+        "verbs",
+        "--dpm",
+        "192.0.2.1:18515",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("without a cluster secret"), "{err}");
+}

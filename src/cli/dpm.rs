@@ -174,6 +174,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let spec = a.fabric.spec()?;
     let secret = a.secret.load()?;
+    if let ServeSpec::Verbs { listen, .. } = &spec {
+        dinomo_hw::fabric::connect::check_listen(*listen, secret.as_ref())
+            .map_err(|e| Usage(e.to_string()))?;
+    }
     install_stop_handler()?;
     let cfg = dpm_fw::runner::ServeConfig {
         workers: a.workers,

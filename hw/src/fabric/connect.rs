@@ -354,6 +354,40 @@ impl ServeSpec {
     }
 }
 
+/// Refuses to serve the verbs handshake on `listen` without a cluster secret unless it is
+/// a loopback address: the handshake hands out remote read, write and atomics on the whole
+/// region.
+pub fn check_listen(
+    listen: SocketAddr,
+    secret: Option<&dinomo_shared::auth::ClusterSecret>,
+) -> Result<(), FabricError> {
+    if secret.is_none() && !listen.ip().is_loopback() {
+        return Err(FabricError::Other(format!(
+            "refusing to serve the verbs handshake on {listen} without a cluster secret: \
+             anyone who reaches it would get remote read, write and atomics on the whole \
+             region; give --secret-file (the same file as the KNs and the manager), or \
+             listen on 127.0.0.1"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to reach the DPM at `peer` (resolved to `addrs`) without a cluster secret unless
+/// every address is loopback (the rule every role follows).
+pub fn check_dial(
+    addrs: &[SocketAddr],
+    peer: &str,
+    secret: Option<&dinomo_shared::auth::ClusterSecret>,
+) -> Result<(), FabricError> {
+    if secret.is_none() && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(FabricError::Other(format!(
+            "refusing to reach the DPM at {peer} without a cluster secret: only loopback \
+             addresses may be used unauthenticated; give --secret-file"
+        )));
+    }
+    Ok(())
+}
+
 fn check_host_port(s: &str) -> Result<(), SpecError> {
     let bad = || {
         SpecError(format!(
@@ -373,8 +407,23 @@ type VerbsConn = Box<super::verbs::VerbsFabric>;
 #[cfg(not(feature = "rdma"))]
 type VerbsConn = core::convert::Infallible;
 
+/// The unauthenticated-loopback rule, before anything else is tried.
+fn check_verbs_dial(v: &VerbsSpec) -> Result<(), FabricError> {
+    use std::net::ToSocketAddrs;
+    if v.secret.is_some() {
+        return Ok(());
+    }
+    let addrs: Vec<SocketAddr> = v
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| FabricError::Other(format!("cannot resolve {}: {e}", v.addr)))?
+        .collect();
+    check_dial(&addrs, &v.addr, None)
+}
+
 #[cfg(feature = "rdma")]
 fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricError> {
+    check_verbs_dial(v)?;
     let cfg = super::verbs::VerbsConfig {
         gid_index: v.device.gid_index,
         queue_depth,
@@ -386,7 +435,8 @@ fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricE
 }
 
 #[cfg(not(feature = "rdma"))]
-fn connect_verbs(_: &VerbsSpec, _: usize) -> Result<VerbsConn, FabricError> {
+fn connect_verbs(v: &VerbsSpec, _: usize) -> Result<VerbsConn, FabricError> {
+    check_verbs_dial(v)?;
     Err(FabricError::Other(NO_RDMA_SUPPORT.into()))
 }
 

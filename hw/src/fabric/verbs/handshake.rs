@@ -85,19 +85,7 @@ impl<T> std::fmt::Debug for Handshakes<T> {
     }
 }
 
-/// Refuses to serve the handshake on `listen` without a secret unless it is loopback: the
-/// handshake hands out remote read, write and atomics on the whole region.
-pub fn check_listen(listen: SocketAddr, secret: Option<&ClusterSecret>) -> Result<(), FabricError> {
-    if secret.is_none() && !listen.ip().is_loopback() {
-        return Err(FabricError::Other(format!(
-            "refusing to serve the verbs handshake on {listen} without a cluster secret: \
-             anyone who reaches it would get remote read, write and atomics on the whole \
-             region; give --secret-file (the same file as the KNs and the manager), or \
-             listen on 127.0.0.1"
-        )));
-    }
-    Ok(())
-}
+pub use crate::fabric::connect::{check_dial, check_listen};
 
 impl<T> Handshakes<T> {
     /// Serves handshakes on `listen` (see [`check_listen`]); each one must finish within
@@ -447,22 +435,6 @@ pub fn client_exchange(
             name(&m)
         ))),
     }
-}
-
-/// Refuses to reach a DPM at `addr` without a secret unless every address it resolves to
-/// is loopback (the rule every role follows).
-pub fn check_dial(
-    addr: &[SocketAddr],
-    peer: &str,
-    secret: Option<&ClusterSecret>,
-) -> Result<(), FabricError> {
-    if secret.is_none() && addr.iter().any(|a| !a.ip().is_loopback()) {
-        return Err(FabricError::Other(format!(
-            "refusing to reach the DPM at {peer} without a cluster secret: only loopback \
-             addresses may be used unauthenticated; give --secret-file"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
