@@ -452,7 +452,7 @@ mod tests {
         }
     }
 
-    const RKEY: u32 = 0x5ec7_e7;
+    const RKEY: u32 = 0x005e_c7e7;
 
     fn secret(b: u8) -> ClusterSecret {
         ClusterSecret::from_bytes([b; 32])
@@ -460,14 +460,13 @@ mod tests {
 
     /// A handshake server on its own thread (standing in for the DPM's control thread);
     /// returns its address and the outcomes, with the number of offers made.
+    type Served = std::thread::JoinHandle<(Vec<Outcome<u32>>, usize)>;
+
     fn serve(
         secret: Option<ClusterSecret>,
         timeout: Duration,
         until: usize,
-    ) -> (
-        SocketAddr,
-        std::thread::JoinHandle<(Vec<Outcome<u32>>, usize)>,
-    ) {
+    ) -> (SocketAddr, Served) {
         let mut hs =
             Handshakes::<u32>::bind(SocketAddr::from(([127, 0, 0, 1], 0)), secret, timeout)
                 .expect("bind");
