@@ -485,8 +485,19 @@ mod verbs_serve {
                     // Fences already recorded belong to connections that no longer exist.
                     let mut fences = 0;
                     dpm.fenced_since(&mut fences, |_| {});
+                    let mut readmit = Vec::new();
                     super::serve_loop(&s, &m, backoff, || {
-                        let n = server.poll(|_, frame| Some(dpm.handle(frame, &mut scratch)));
+                        let n = server.poll(|_, frame| {
+                            let reply = dpm.handle(frame, &mut scratch);
+                            if let Some(kn) = new_lease(frame, &reply) {
+                                readmit.push(kn);
+                            }
+                            Some(reply)
+                        });
+                        // A KN given a new lease (it registered again) may connect again.
+                        for kn in readmit.drain(..) {
+                            server.readmit(kn);
+                        }
                         // A fenced KN's queue pairs go to error: on verbs, unlike shm, a KN
                         // that was only paused loses its access to the region.
                         let missed = dpm.fenced_since(&mut fences, |kn| {
@@ -531,6 +542,23 @@ mod verbs_serve {
     impl Drop for VerbsControl {
         fn drop(&mut self) {
             self.shutdown();
+        }
+    }
+
+    /// The KN a request stored a live lease for, if it is one that did (`StoreLease` with
+    /// an expiry, answered without error): the manager registered that KN again.
+    fn new_lease(
+        frame: &dinomo_shared::msg::Frame,
+        reply: &dinomo_shared::msg::Frame,
+    ) -> Option<u32> {
+        use dinomo_shared::msg::{Request, Response};
+        match Request::decode(frame).ok()? {
+            Request::StoreLease { kn, expires_ms, .. }
+                if expires_ms > 0 && matches!(Response::decode(reply), Ok(Ok(_))) =>
+            {
+                Some(kn)
+            }
+            _ => None,
         }
     }
 

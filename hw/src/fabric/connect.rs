@@ -107,6 +107,9 @@ pub struct VerbsSpec {
     /// loopback address is reached. Not part of [`DpmSpec::to_args`]: a child gets the
     /// secret's file through its own `--secret-file`.
     pub secret: Option<dinomo_shared::auth::ClusterSecret>,
+    /// The KN the connections speak for ([`DpmSpec::for_kn`]), named in the handshake so the
+    /// DPM can revoke them when it fences the KN.
+    pub kn_id: Option<u32>,
 }
 
 /// A region in this process, served by a memory node in this process (in-process clusters,
@@ -156,6 +159,7 @@ impl DpmSpec {
                     addr: dpm.to_owned(),
                     device,
                     secret: None,
+                    kn_id: None,
                 }))
             }
         }
@@ -166,6 +170,16 @@ impl DpmSpec {
     pub fn with_secret(mut self, secret: Option<dinomo_shared::auth::ClusterSecret>) -> Self {
         if let Self::Verbs(v) = &mut self {
             v.secret = secret;
+        }
+        self
+    }
+
+    /// The same DPM, reached by KN `kn_id`: its verbs connections name it in their
+    /// authenticated handshake, so fencing the KN revokes them (on shm the KN maps the
+    /// region itself; there is nothing to revoke).
+    pub fn for_kn(mut self, kn_id: u32) -> Self {
+        if let Self::Verbs(v) = &mut self {
+            v.kn_id = Some(kn_id);
         }
         self
     }
@@ -348,6 +362,7 @@ impl ServeSpec {
                     addr: addr.to_string(),
                     device: device.clone(),
                     secret: None,
+                    kn_id: None,
                 })
             }
         }
@@ -428,6 +443,7 @@ fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricE
         gid_index: v.device.gid_index,
         queue_depth,
         secret: v.secret.clone(),
+        kn_id: v.kn_id,
         ..Default::default()
     };
     cfg.validate()?;

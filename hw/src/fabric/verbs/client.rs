@@ -129,7 +129,13 @@ impl VerbsFabric {
         let proto = |e: super::wire::ExchangeError| {
             FabricError::Disconnected(format!("connection exchange with {peer} failed: {e}"))
         };
-        let offer = client_exchange(&mut tcp, peer, link.local, self.cfg.secret.as_ref())?;
+        let offer = client_exchange(
+            &mut tcp,
+            peer,
+            link.local,
+            self.cfg.kn_id,
+            self.cfg.secret.as_ref(),
+        )?;
         let (ep, rkey, base, len) = (offer.ep, offer.rkey, offer.base, offer.len);
         link.connect(&ep)?;
         write_msg(&mut tcp, &Msg::Ready).map_err(proto)?;

@@ -82,7 +82,7 @@ impl Dpm {
                         .encode(f.req_id),
                     ),
                     Ok(Request::FenceKn { kn_id }) => {
-                        fenced.push(kn_id);
+                        fenced.push((kn_id, true));
                         Some(
                             Response::Fenced {
                                 logs: 0,
@@ -91,10 +91,18 @@ impl Dpm {
                             .encode(f.req_id),
                         )
                     }
+                    Ok(Request::StoreLease { kn, .. }) => {
+                        fenced.push((kn, false));
+                        Some(Response::LeaseStored.encode(f.req_id))
+                    }
                     _ => None,
                 });
-                for kn in fenced.drain(..) {
-                    server.revoke(kn);
+                for (kn, fence) in fenced.drain(..) {
+                    if fence {
+                        server.revoke(kn);
+                    } else {
+                        server.readmit(kn);
+                    }
                 }
             }
         });
@@ -364,7 +372,12 @@ fn a_kn_without_the_secret_or_with_another_gets_no_queue_pair() {
             rd_atomic: 1,
             gid: [0; 16],
         };
-        write_msg(&mut t, &Msg::Hello { ep, nonce: [0; 16] }).expect("hello");
+        let forged = Msg::Hello {
+            ep,
+            kn: 1,
+            nonce: [0; 16],
+        };
+        write_msg(&mut t, &forged).expect("hello");
         assert!(matches!(read_msg(&mut t), Ok(Msg::Challenge { .. })));
         write_msg(&mut t, &Msg::Proof { tag: [0; 32] }).expect("proof");
         match read_msg(&mut t) {
@@ -407,14 +420,17 @@ fn a_fenced_kn_can_no_longer_read_or_write_the_region() {
     let r = region();
     let dpm = Dpm::start_with(&r, 0, with_secret(1));
     let addr = dpm.addr.to_string();
-    let mut kn3 = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("kn 3");
+    // KN 3 names itself in its handshake; KN 4 in its first control message.
+    let as_kn3 = VerbsConfig {
+        kn_id: Some(3),
+        ..with_secret(1)
+    };
+    let mut kn3 = VerbsFabric::connect(&addr, Some(&device()), &as_kn3).expect("kn 3");
     let mut kn4 = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("kn 4");
-    for (f, kn_id) in [(&mut kn3, 3), (&mut kn4, 4)] {
-        assert!(matches!(
-            f.call(&Request::Hello { kn_id }, T).expect("hello"),
-            Ok(Response::Hello { .. })
-        ));
-    }
+    assert!(matches!(
+        kn4.call(&Request::Hello { kn_id: 4 }, T).expect("hello"),
+        Ok(Response::Hello { .. })
+    ));
     let b3 = kn3.alloc_buf(64).expect("buf");
     let b4 = kn4.alloc_buf(64).expect("buf");
     let rd = |b: crate::fabric::LocalBuf| WorkRequest::Read {
@@ -449,6 +465,37 @@ fn a_fenced_kn_can_no_longer_read_or_write_the_region() {
         one(&mut kn4, rd(b4)).expect("read").status,
         CompletionStatus::Success
     );
+    // Reconnecting does not give the fenced KN its access back ...
+    let e = kn3.reconnect().expect_err("fenced");
+    assert!(e.to_string().contains("KN 3 was fenced"), "{e}");
+    // ... nor does naming it in a first message on a connection that did not name it.
+    let mut sneak = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("conn");
+    let b5 = sneak.alloc_buf(64).expect("buf");
+    let _ = sneak.call(&Request::Hello { kn_id: 3 }, Duration::from_secs(1));
+    if let Ok(c) = one(&mut sneak, rd(b5)) {
+        assert_ne!(
+            c.status,
+            CompletionStatus::Success,
+            "revoked on naming KN 3"
+        );
+    }
+    // Registered again (a new lease stored), KN 3 connects.
+    let lease = Request::StoreLease {
+        kn: 3,
+        lease_epoch: 2,
+        expires_ms: 1,
+        lease_ms: 1,
+    };
+    assert!(matches!(
+        kn4.call(&lease, T).expect("store lease"),
+        Ok(Response::LeaseStored)
+    ));
+    kn3.reconnect().expect("readmitted");
+    assert_eq!(
+        one(&mut kn3, rd(b3)).expect("read").status,
+        CompletionStatus::Success
+    );
+    drop(sneak);
     drop((kn3, kn4));
     dpm.stop();
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use dinomo_shared::auth::{self, ClusterSecret, Nonce, TAG_LEN};
 
 use super::wire::{
-    accept_fields, hello_body, read_msg, write_msg, EndpointInfo, Msg, DOMAIN_DPM, DOMAIN_KN,
+    accept_fields, hello_body, read_msg, write_msg, EndpointInfo, Msg, DOMAIN_DPM, DOMAIN_KN, NO_KN,
 };
 use crate::fabric::FabricError;
 
@@ -45,6 +45,8 @@ pub enum Outcome<T> {
     /// The peer authenticated and both queue pairs are ready; `local` is what `offer` made.
     Connected {
         peer: SocketAddr,
+        /// The KN the peer speaks for (named in its authenticated Hello), if any.
+        kn: Option<u32>,
         tcp: TcpStream,
         local: T,
     },
@@ -53,14 +55,25 @@ pub enum Outcome<T> {
 }
 
 enum Event {
-    Hello { id: u64, ep: EndpointInfo },
-    Ready { id: u64, tcp: TcpStream },
-    Failed { id: u64, why: String },
+    Hello {
+        id: u64,
+        ep: EndpointInfo,
+        kn: Option<u32>,
+    },
+    Ready {
+        id: u64,
+        tcp: TcpStream,
+    },
+    Failed {
+        id: u64,
+        why: String,
+    },
 }
 
 struct Worker<T> {
     peer: SocketAddr,
     reply: Sender<Result<Offer, String>>,
+    kn: Option<u32>,
     local: Option<T>,
 }
 
@@ -126,21 +139,23 @@ impl<T> Handshakes<T> {
     }
 
     /// Accepts new connections (each gets a thread) and advances the handshakes: `offer`
-    /// makes the local side for a peer that authenticated (called on this thread, never for
-    /// a peer that did not). Never waits on the network.
+    /// makes the local side for a peer that authenticated, given its endpoint and the KN it
+    /// speaks for (called on this thread, never for a peer that did not authenticate; an
+    /// `Err` is sent to the peer as the reason it is refused). Never waits on the network.
     pub fn poll(
         &mut self,
-        mut offer: impl FnMut(&EndpointInfo) -> Result<(Offer, T), String>,
+        mut offer: impl FnMut(&EndpointInfo, Option<u32>) -> Result<(Offer, T), String>,
     ) -> Vec<Outcome<T>> {
         let mut out = Vec::new();
         self.accept_all(&mut out);
         while let Ok(ev) = self.rx.try_recv() {
             match ev {
-                Event::Hello { id, ep } => {
+                Event::Hello { id, ep, kn } => {
                     let Some(w) = self.workers.get_mut(&id) else {
                         continue;
                     };
-                    let reply = match offer(&ep) {
+                    w.kn = kn;
+                    let reply = match offer(&ep, kn) {
                         Ok((o, local)) => {
                             w.local = Some(local);
                             Ok(o)
@@ -155,6 +170,7 @@ impl<T> Handshakes<T> {
                         match w.local {
                             Some(local) => out.push(Outcome::Connected {
                                 peer: w.peer,
+                                kn: w.kn,
                                 tcp,
                                 local,
                             }),
@@ -217,6 +233,7 @@ impl<T> Handshakes<T> {
                         Worker {
                             peer,
                             reply: reply_tx,
+                            kn: None,
                             local: None,
                         },
                     );
@@ -287,8 +304,8 @@ fn serve_one(
         let _ = write_msg(s, &Msg::Reject(why.clone()));
         why
     };
-    let (ep, nonce_kn) = match read_msg(&mut s) {
-        Ok(Msg::Hello { ep, nonce }) => (ep, nonce),
+    let (ep, kn, nonce_kn) = match read_msg(&mut s) {
+        Ok(Msg::Hello { ep, kn, nonce }) => (ep, kn, nonce),
         Ok(m) => {
             return Err(refuse(
                 &mut s,
@@ -311,13 +328,14 @@ fn serve_one(
             }
             Err(e) => return Err(refuse(&mut s, e.to_string())),
         };
-        let hello = hello_body(&ep, &nonce_kn);
+        let hello = hello_body(&ep, kn, &nonce_kn);
         if !secret.verify(DOMAIN_KN, &[&nonce_dpm, &nonce_kn, &hello], &tag) {
             return Err(refuse(&mut s, AUTH_FAILED.into()));
         }
     }
     // Authenticated (or loopback without a secret): the control thread makes the QP.
-    tx.send(Event::Hello { id, ep })
+    let kn = (kn != NO_KN).then_some(kn);
+    tx.send(Event::Hello { id, ep, kn })
         .map_err(|_| "the DPM is stopping".to_string())?;
     let left = end.saturating_duration_since(Instant::now());
     let offer = match reply.recv_timeout(left) {
@@ -367,8 +385,10 @@ pub fn client_exchange(
     tcp: &mut TcpStream,
     peer: &str,
     local: EndpointInfo,
+    kn: Option<u32>,
     secret: Option<&ClusterSecret>,
 ) -> Result<Offer, FabricError> {
+    let kn = kn.unwrap_or(NO_KN);
     let lost = |e: super::wire::ExchangeError| {
         FabricError::Disconnected(format!("connection exchange with {peer} failed: {e}"))
     };
@@ -380,6 +400,7 @@ pub fn client_exchange(
         tcp,
         &Msg::Hello {
             ep: local,
+            kn,
             nonce: nonce_kn,
         },
     )
@@ -393,7 +414,7 @@ pub fn client_exchange(
                  DINOMO_SECRET_FILE) naming the cluster's secret file"
             )));
         };
-        let hello = hello_body(&local, &nonce_kn);
+        let hello = hello_body(&local, kn, &nonce_kn);
         let tag = secret.tag(DOMAIN_KN, &[&nonce, &nonce_kn, &hello]);
         write_msg(tcp, &Msg::Proof { tag }).map_err(lost)?;
         nonce_dpm = Some(nonce);
@@ -475,7 +496,10 @@ mod tests {
             let mut outs = Vec::new();
             let mut offers = 0;
             while outs.len() < until {
-                outs.extend(hs.poll(|kn| {
+                outs.extend(hs.poll(|kn, named| {
+                    if named == Some(66) {
+                        return Err("KN 66 was fenced".into());
+                    }
                     offers += 1;
                     Ok((
                         Offer {
@@ -512,7 +536,8 @@ mod tests {
     fn the_right_secret_connects_and_both_sides_are_proven() {
         let (addr, server) = serve(Some(secret(1)), Duration::from_secs(30), 1);
         let mut t = dial(addr);
-        let offer = client_exchange(&mut t, "dpm", ep(7), Some(&secret(1))).expect("accepted");
+        let offer =
+            client_exchange(&mut t, "dpm", ep(7), None, Some(&secret(1))).expect("accepted");
         assert_eq!((offer.rkey, offer.ep.qpn), (RKEY, 1007));
         write_msg(&mut t, &Msg::Ready).expect("ready");
         let (outs, offers) = server.join().expect("server");
@@ -528,12 +553,12 @@ mod tests {
         let (addr, server) = serve(Some(secret(1)), Duration::from_secs(30), 3);
         // A KN with another cluster's secret.
         let mut t = dial(addr);
-        let e = client_exchange(&mut t, "dpm", ep(1), Some(&secret(2))).expect_err("wrong");
+        let e = client_exchange(&mut t, "dpm", ep(1), None, Some(&secret(2))).expect_err("wrong");
         assert!(e.to_string().contains("authentication failed"), "{e}");
         drop(t);
         // A KN without a secret.
         let mut t = dial(addr);
-        let e = client_exchange(&mut t, "dpm", ep(2), None).expect_err("none");
+        let e = client_exchange(&mut t, "dpm", ep(2), None, None).expect_err("none");
         assert!(e.to_string().contains("requires the cluster secret"), "{e}");
         drop(t);
         // A raw peer that forges a proof: it gets a Reject, and no byte of the rkey.
@@ -542,6 +567,7 @@ mod tests {
             &mut t,
             &Msg::Hello {
                 ep: ep(3),
+                kn: 1,
                 nonce: [0; 16],
             },
         )
@@ -564,13 +590,34 @@ mod tests {
     }
 
     #[test]
+    fn the_kn_named_in_the_handshake_reaches_the_dpm_which_may_refuse_it() {
+        let (addr, server) = serve(Some(secret(1)), Duration::from_secs(30), 2);
+        let mut t = dial(addr);
+        let e = client_exchange(&mut t, "dpm", ep(1), Some(66), Some(&secret(1)))
+            .expect_err("refused KN");
+        assert!(e.to_string().contains("KN 66 was fenced"), "{e}");
+        drop(t);
+        let mut t = dial(addr);
+        client_exchange(&mut t, "dpm", ep(2), Some(5), Some(&secret(1))).expect("accepted");
+        write_msg(&mut t, &Msg::Ready).expect("ready");
+        let (outs, offers) = server.join().expect("server");
+        assert_eq!(offers, 1);
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Outcome::Connected { kn: Some(5), .. })),
+            "{outs:?}"
+        );
+    }
+
+    #[test]
     fn a_silent_peer_does_not_delay_another_handshake() {
         // The silent peer is given the whole (long) deadline; the KN after it connects
         // while it still holds its connection open.
         let (addr, server) = serve(Some(secret(1)), Duration::from_secs(600), 1);
         let silent = dial(addr);
         let mut t = dial(addr);
-        let offer = client_exchange(&mut t, "dpm", ep(9), Some(&secret(1))).expect("accepted");
+        let offer =
+            client_exchange(&mut t, "dpm", ep(9), None, Some(&secret(1))).expect("accepted");
         assert_eq!(offer.rkey, RKEY);
         write_msg(&mut t, &Msg::Ready).expect("ready");
         let (outs, _) = server.join().expect("server");
@@ -607,7 +654,8 @@ mod tests {
         // A KN with a secret refuses a DPM that does not prove it holds it.
         let (addr, server) = serve(None, Duration::from_secs(30), 1);
         let mut t = dial(addr);
-        let e = client_exchange(&mut t, "dpm", ep(4), Some(&secret(1))).expect_err("no proof");
+        let e =
+            client_exchange(&mut t, "dpm", ep(4), None, Some(&secret(1))).expect_err("no proof");
         assert!(e.to_string().contains("did not authenticate itself"), "{e}");
         drop(t);
         let _ = server.join();

@@ -69,6 +69,9 @@ pub struct VerbsConfig {
     /// The cluster secret the handshake is authenticated with ([`handshake`]); without one
     /// the DPM serves, and a KN reaches, loopback addresses only.
     pub secret: Option<dinomo_shared::auth::ClusterSecret>,
+    /// The KN a connection speaks for, named in its handshake so that the DPM revokes the
+    /// connection when it fences the KN (`None`: not a registered KN, e.g. the manager).
+    pub kn_id: Option<u32>,
 }
 
 impl Default for VerbsConfig {
@@ -85,6 +88,7 @@ impl Default for VerbsConfig {
             rnr_retry: 7,
             connect_timeout: Duration::from_secs(5),
             secret: None,
+            kn_id: None,
         }
     }
 }

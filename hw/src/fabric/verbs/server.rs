@@ -2,14 +2,14 @@
 //! each handshake on its own thread, see [`super::handshake`]), and serves their control
 //! frames.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_shared::msg::{Frame, Request};
+use dinomo_shared::msg::{Frame, Request, Response};
 
 use super::handshake::{Handshakes, Offer, Outcome};
 use super::link::{CtlSlots, Device, Link};
@@ -26,8 +26,9 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 struct Endpoint {
     id: u64,
     peer: SocketAddr,
-    /// The KN this connection speaks for, learnt from its first control message that names
-    /// one (`Hello` or `OpenLog`), so that fencing the KN can revoke its access.
+    /// The KN this connection speaks for, named in its authenticated handshake or else
+    /// learnt from its first control message that names one (`Hello` or `OpenLog`), so
+    /// that fencing the KN can revoke its access.
     kn_id: Option<u32>,
     // Drop order: QP first.
     link: Link,
@@ -47,6 +48,9 @@ pub struct VerbsServer {
     next_id: u64,
     last_liveness: Instant,
     events: Vec<String>,
+    /// KNs fenced and not registered again since: a connection that speaks for one is
+    /// refused at its handshake, or revoked as soon as it names one.
+    fenced: HashSet<u32>,
 }
 
 impl fmt::Debug for VerbsServer {
@@ -86,6 +90,7 @@ impl VerbsServer {
             next_id: 1,
             last_liveness: Instant::now(),
             events: Vec::new(),
+            fenced: HashSet::new(),
         })
     }
 
@@ -120,10 +125,15 @@ impl VerbsServer {
         let mut handled = 0;
         let mut dead = Vec::new();
         let mut wcs = [WorkCompletion::default(); 32];
+        let mut fences = Vec::new();
         for (i, ep) in self.endpoints.iter_mut().enumerate() {
-            match serve_endpoint(ep, &mut handler, &mut wcs) {
+            match serve_endpoint(ep, &mut handler, &mut wcs, &self.fenced, &mut fences) {
                 Ok(n) => handled += n,
-                Err(why) => dead.push((i, why)),
+                Err(why) => {
+                    // Moved to error before it is dropped: access ends now, not at teardown.
+                    let _ = ep.link.qp.to_error();
+                    dead.push((i, why));
+                }
             }
         }
         if self.last_liveness.elapsed() >= LIVENESS_EVERY {
@@ -144,6 +154,12 @@ impl VerbsServer {
                 ep.id, ep.peer
             ));
         }
+        // Fences that arrived here are carried out before their replies leave (they wait
+        // in their connection's backlog until the next poll), so whoever fenced a KN knows
+        // that its queue pairs are already in error.
+        for kn in fences {
+            self.revoke(kn);
+        }
         handled
     }
 
@@ -151,7 +167,12 @@ impl VerbsServer {
     /// error state, so the KN's one-sided READs, WRITEs and atomics on the region fail from
     /// now on (a KN that was only paused cannot land a write after it was fenced), and the
     /// connections are dropped. Returns how many were revoked.
+    ///
+    /// Until [`VerbsServer::readmit`] (the KN registered again), a handshake that names the
+    /// KN is refused and a connection that names it later is revoked at once, so a fenced
+    /// KN that reconnects gets no access either.
     pub fn revoke(&mut self, kn_id: u32) -> usize {
+        self.fenced.insert(kn_id);
         let mut revoked = 0;
         let mut i = 0;
         while i < self.endpoints.len() {
@@ -174,12 +195,23 @@ impl VerbsServer {
         revoked
     }
 
+    /// Lets KN `kn_id` connect again after it was fenced: the manager gave it a new lease
+    /// (the memory node calls this when it stores one).
+    pub fn readmit(&mut self, kn_id: u32) {
+        self.fenced.remove(&kn_id);
+    }
+
     /// Advances the handshakes (never waiting on the network) and adds the connections
     /// that completed.
     fn accept_all(&mut self) {
-        let (dev, region, cfg) = (&self.dev, &self.region, &self.cfg);
-        let outcomes = self.handshakes.poll(|kn| {
-            let (link, ctl) = endpoint_for(dev, region, cfg, kn).map_err(|e| e.to_string())?;
+        let (dev, region, cfg, fenced) = (&self.dev, &self.region, &self.cfg, &self.fenced);
+        let outcomes = self.handshakes.poll(|kn_ep, kn| {
+            if let Some(k) = kn.filter(|k| fenced.contains(k)) {
+                return Err(format!(
+                    "KN {k} was fenced; it must register with the manager again"
+                ));
+            }
+            let (link, ctl) = endpoint_for(dev, region, cfg, kn_ep).map_err(|e| e.to_string())?;
             let offer = Offer {
                 ep: link.local,
                 rkey: region.rkey(),
@@ -192,6 +224,7 @@ impl VerbsServer {
             match o {
                 Outcome::Connected {
                     peer,
+                    kn,
                     tcp,
                     local: (link, ctl),
                 } => {
@@ -203,13 +236,14 @@ impl VerbsServer {
                     let id = self.next_id;
                     self.next_id += 1;
                     self.events.push(format!(
-                        "KN connection {id} from {peer}: QP {}",
+                        "KN connection {id} from {peer} ({}): QP {}",
+                        kn.map_or_else(|| "no KN named".to_string(), |k| format!("KN {k}")),
                         link.local.qpn
                     ));
                     self.endpoints.push(Endpoint {
                         id,
                         peer,
-                        kn_id: None,
+                        kn_id: kn,
                         link,
                         ctl,
                         tcp,
@@ -241,10 +275,14 @@ fn endpoint_for(
 }
 
 /// Serves one connection's received frames; an error means the connection is gone.
+/// A connection that names a KN in `fenced` is refused (an error); a successful FenceKn
+/// adds its KN to `fences` and holds its reply back for the caller to revoke first.
 fn serve_endpoint(
     ep: &mut Endpoint,
     handler: &mut impl FnMut(u64, &Frame) -> Option<Frame>,
     wcs: &mut [WorkCompletion; 32],
+    fenced: &HashSet<u32>,
+    fences: &mut Vec<u32>,
 ) -> Result<usize, String> {
     let fabric = |e: FabricError| e.to_string();
     // Finished SENDs free their slots.
@@ -287,8 +325,17 @@ fn serve_endpoint(
         handled += 1;
         if ep.kn_id.is_none() {
             ep.kn_id = kn_of(&frame);
+            // A connection that names a fenced KN loses its access before it is answered.
+            if let Some(kn) = ep.kn_id.filter(|k| fenced.contains(k)) {
+                return Err(format!("it speaks for KN {kn}, which is fenced"));
+            }
         }
         if let Some(reply) = handler(ep.id, &frame) {
+            if let Some(kn) = fence_of(&frame, &reply) {
+                fences.push(kn);
+                ep.backlog.push_back(reply);
+                continue;
+            }
             if !ep.backlog.is_empty() || !ep.ctl.send(&mut ep.link.qp, &reply).map_err(fabric)? {
                 ep.backlog.push_back(reply);
             }
@@ -301,6 +348,14 @@ fn serve_endpoint(
 fn kn_of(frame: &Frame) -> Option<u32> {
     match Request::decode(frame).ok()? {
         Request::Hello { kn_id } | Request::OpenLog { kn_id, .. } => Some(kn_id),
+        _ => None,
+    }
+}
+
+/// The KN a request fenced, if it is a FenceKn that succeeded.
+fn fence_of(frame: &Frame, reply: &Frame) -> Option<u32> {
+    match Request::decode(frame).ok()? {
+        Request::FenceKn { kn_id } if matches!(Response::decode(reply), Ok(Ok(_))) => Some(kn_id),
         _ => None,
     }
 }

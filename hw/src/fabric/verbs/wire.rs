@@ -8,16 +8,19 @@
 //! another build instead of misreading it.
 //!
 //! ```text
-//! KN  → DPM   Hello     { endpoint, nonce_kn }
+//! KN  → DPM   Hello     { endpoint, kn, nonce_kn }
 //! DPM → KN    Challenge { nonce_dpm }                    (a DPM with a cluster secret)
 //! KN  → DPM   Proof     { tag_kn }
 //! DPM → KN    Accept    { endpoint, rkey, base, len, tag_dpm }   or   Reject { reason }
 //! KN  → DPM   Ready                                      (both QPs are in RTS)
 //! ```
 //!
+//! `kn` is the KN id the connection speaks for ([`NO_KN`] for a process that is not a
+//! registered KN, such as a KN's probe before it registered or the manager); the DPM
+//! revokes the connection when it fences that KN and refuses it while the KN stays fenced.
 //! `tag_kn` is the HMAC ([`dinomo_shared::auth`]) of both nonces and the Hello's body, so it
-//! proves the secret without revealing it and cannot be replayed for another challenge or
-//! endpoint; the DPM creates no queue pair and reveals no rkey before it verified it.
+//! proves the secret without revealing it and cannot be replayed for another challenge,
+//! endpoint or KN; the DPM creates no queue pair and reveals no rkey before it verified it.
 //! `tag_dpm` covers both nonces and the Accept's fields, so the KN knows the region it
 //! writes to is served by a member of its cluster. A DPM without a secret (loopback only)
 //! skips Challenge and Proof and sends a zero `tag_dpm`.
@@ -43,7 +46,10 @@ const K_CHALLENGE: u16 = 5;
 const K_PROOF: u16 = 6;
 
 const ENDPOINT_LEN: usize = 4 + 4 + 2 + 1 + 1 + 16;
-const HELLO_LEN: usize = ENDPOINT_LEN + NONCE_LEN;
+const HELLO_LEN: usize = ENDPOINT_LEN + 4 + NONCE_LEN;
+
+/// The `kn` of a Hello from a process that does not speak for a registered KN.
+pub const NO_KN: u32 = u32::MAX;
 const ACCEPT_FIELDS_LEN: usize = ENDPOINT_LEN + 4 + 8 + 8;
 const ACCEPT_LEN: usize = ACCEPT_FIELDS_LEN + TAG_LEN;
 
@@ -71,6 +77,8 @@ pub struct EndpointInfo {
 pub enum Msg {
     Hello {
         ep: EndpointInfo,
+        /// The KN this connection speaks for, or [`NO_KN`].
+        kn: u32,
         nonce: Nonce,
     },
     Challenge {
@@ -170,10 +178,7 @@ impl Msg {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(ACCEPT_LEN);
         match self {
-            Self::Hello { ep, nonce } => {
-                put_ep(&mut body, ep);
-                body.extend_from_slice(nonce);
-            }
+            Self::Hello { ep, kn, nonce } => body.extend_from_slice(&hello_body(ep, *kn, nonce)),
             Self::Challenge { nonce } => body.extend_from_slice(nonce),
             Self::Proof { tag } => body.extend_from_slice(tag),
             Self::Accept {
@@ -254,6 +259,7 @@ impl Msg {
         Ok(match kind {
             K_HELLO => Self::Hello {
                 ep: c.ep(),
+                kn: c.u32(),
                 nonce: c.take(),
             },
             K_CHALLENGE => Self::Challenge { nonce: c.take() },
@@ -282,9 +288,10 @@ impl Msg {
 }
 
 /// The bytes of a Hello's body (what the KN's proof covers).
-pub fn hello_body(ep: &EndpointInfo, nonce: &Nonce) -> Vec<u8> {
+pub fn hello_body(ep: &EndpointInfo, kn: u32, nonce: &Nonce) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_LEN);
     put_ep(&mut b, ep);
+    b.extend_from_slice(&kn.to_le_bytes());
     b.extend_from_slice(nonce);
     b
 }
@@ -374,6 +381,7 @@ mod tests {
         vec![
             Msg::Hello {
                 ep: ep(1),
+                kn: 3,
                 nonce: [7; NONCE_LEN],
             },
             Msg::Challenge {
@@ -410,6 +418,7 @@ mod tests {
         }
         let hello = Msg::Hello {
             ep: ep(0),
+            kn: NO_KN,
             nonce: [1; NONCE_LEN],
         };
         assert_eq!(hello.encode().len(), HEADER_LEN + HELLO_LEN);
@@ -461,6 +470,7 @@ mod tests {
         // A body of the wrong size for its kind.
         let mut b = Msg::Hello {
             ep: ep(1),
+            kn: 1,
             nonce: [0; NONCE_LEN],
         }
         .encode();
