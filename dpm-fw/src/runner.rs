@@ -367,7 +367,6 @@ pub fn log_persistence_domain(file: &RegionFile) {
 pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeReport, ServeError> {
     let file = RegionFile::open(path)?;
     file.lock_exclusive()?;
-    log_persistence_domain(&file);
     let t0 = Instant::now();
     let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
         path: path.to_owned(),
@@ -379,6 +378,7 @@ pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeR
         .clone()
         .unwrap_or_else(|| default_ctl_path(path));
     let control = ControlServer::create(&ctl_path, cfg.ctl_slots)?;
+    log_persistence_domain(&file);
     tracing::info!(
         region = %path.display(),
         control = %ctl_path.display(),
@@ -577,7 +577,6 @@ mod verbs_serve {
         dinomo_hw::fabric::verbs::device_names()?;
         let file = RegionFile::open(path).map_err(ServeError::from)?;
         file.lock_exclusive().map_err(ServeError::from)?;
-        super::log_persistence_domain(&file);
         let t0 = Instant::now();
         let dpm: Dpm<FilePersist> = Dpm::open(file.pmem()).map_err(|source| ServeError::Open {
             path: path.to_owned(),
@@ -596,6 +595,7 @@ mod verbs_serve {
             .clone()
             .unwrap_or_else(|| default_ctl_path(path));
         let control = ControlServer::create(&ctl_path, cfg.ctl_slots).map_err(ServeError::from)?;
+        super::log_persistence_domain(&file);
         tracing::info!(
             region = %path.display(),
             device = server.device_name(),

@@ -51,6 +51,8 @@ pub enum RegionFileError {
     OpenFolder { path: PathBuf, mode: u32 },
     #[error("{path} is not a folder")]
     NotAFolder { path: PathBuf },
+    #[error("cannot use folder {path}: {source}")]
+    Folder { path: PathBuf, source: io::Error },
     #[error(
         "{path} belongs to uid {owner}, not to this user (uid {me}); refusing a region or \
          control file that another user controls"
@@ -116,8 +118,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), RegionFileError> {
             .recursive(true)
             .mode(DIR_MODE)
             .create(dir)
-            .map_err(|source| RegionFileError::Io {
-                what: "create folder for",
+            .map_err(|source| RegionFileError::Folder {
                 path: dir.to_owned(),
                 source,
             })?;
@@ -137,8 +138,7 @@ pub fn check_private_dir(dir: &Path) -> Result<(), RegionFileError> {
 
 /// `dir` is a folder owned by this user whose mode has none of the bits in `forbidden`.
 fn check_dir(dir: &Path, forbidden: u32) -> Result<(), RegionFileError> {
-    let meta = std::fs::metadata(dir).map_err(|source| RegionFileError::Io {
-        what: "inspect the folder of",
+    let meta = std::fs::metadata(dir).map_err(|source| RegionFileError::Folder {
         path: dir.to_owned(),
         source,
     })?;
@@ -242,13 +242,12 @@ fn free_bytes(file: &File) -> io::Result<u64> {
 /// file at `replacing` (if any) would give back: whether a region of some size fits, asked
 /// before anything is removed (`format --force`).
 pub fn space_for(dir: &Path, replacing: Option<&Path>) -> Result<u64, RegionFileError> {
-    let io = |what, source| RegionFileError::Io {
-        what,
+    let folder = |source| RegionFileError::Folder {
         path: dir.to_owned(),
         source,
     };
-    let d = File::open(dir).map_err(|e| io("open the folder of", e))?;
-    let free = free_bytes(&d).map_err(|e| io("measure the free space for", e))?;
+    let d = File::open(dir).map_err(folder)?;
+    let free = free_bytes(&d).map_err(folder)?;
     let back = replacing
         .and_then(|p| std::fs::metadata(p).ok())
         .map_or(0, |m| m.blocks().saturating_mul(512));
