@@ -26,6 +26,9 @@ use crate::fabric::FabricError;
 /// connections costs a thread each only up to this many).
 pub const MAX_HANDSHAKES: usize = 64;
 
+/// How long accepting pauses after a failed accept.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Why a KN without the secret, or with another one, is turned away (the text it gets).
 pub const AUTH_FAILED: &str =
     "authentication failed: the peer does not hold this cluster's secret (--secret-file)";
@@ -86,6 +89,9 @@ pub struct Handshakes<T> {
     rx: Receiver<Event>,
     workers: HashMap<u64, Worker<T>>,
     next_id: u64,
+    /// After a failed accept (e.g. out of file descriptors) accepting pauses until then,
+    /// instead of failing, and reporting it, on every poll.
+    accept_after: Option<Instant>,
 }
 
 impl<T> std::fmt::Debug for Handshakes<T> {
@@ -121,6 +127,7 @@ impl<T> Handshakes<T> {
             rx,
             workers: HashMap::new(),
             next_id: 1,
+            accept_after: None,
         })
     }
 
@@ -192,13 +199,18 @@ impl<T> Handshakes<T> {
     }
 
     fn accept_all(&mut self, out: &mut Vec<Outcome<T>>) {
+        if self.accept_after.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.accept_after = None;
         loop {
             let (tcp, peer) = match self.listener.accept() {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // E.g. out of file descriptors: try again on the next poll.
+                    // E.g. out of file descriptors: try again a little later.
+                    self.accept_after = Some(Instant::now() + ACCEPT_PAUSE);
                     out.push(Outcome::Refused {
                         peer: SocketAddr::from(([0, 0, 0, 0], 0)),
                         why: format!("accept failed: {e}"),
