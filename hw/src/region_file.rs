@@ -258,7 +258,10 @@ pub fn space_for(dir: &Path, replacing: Option<&Path>) -> Result<u64, RegionFile
 /// through a shared mapping can never find the file system full (which the kernel reports
 /// with SIGBUS, killing every process that maps the file). A file system that cannot back
 /// the file is [`RegionFileError::NoSpace`], before anything is written.
-pub fn allocate(file: &File, path: &Path, len: u64) -> Result<(), RegionFileError> {
+///
+/// `fresh`: the file was just created and nobody else maps it (see below for file systems
+/// without `fallocate`).
+pub fn allocate(file: &File, path: &Path, len: u64, fresh: bool) -> Result<(), RegionFileError> {
     let io = |what, source| RegionFileError::Io {
         what,
         path: path.to_owned(),
@@ -284,9 +287,27 @@ pub fn allocate(file: &File, path: &Path, len: u64) -> Result<(), RegionFileErro
             io::Error::new(io::ErrorKind::InvalidInput, "length too large"),
         )
     })?;
-    // SAFETY: `posix_fallocate` on a descriptor we own; it only allocates blocks and never
-    // changes the bytes already in the file.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, end) };
+    // SAFETY: `fallocate` (mode 0) on a descriptor we own; it only allocates blocks and
+    // never changes the bytes already in the file.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, end) };
+    let rc = if rc == 0 {
+        0
+    } else {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    let rc = if rc == libc::EOPNOTSUPP && fresh {
+        // A file system without fallocate (NFSv3, some FUSE): glibc's emulation writes a
+        // zero byte into every block, safe only while nobody else writes the file (a new
+        // one). An existing region on such a file system is used as it is.
+        // SAFETY: as above; the file is new and not yet mapped by anyone.
+        unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, end) }
+    } else if rc == libc::EOPNOTSUPP {
+        0
+    } else {
+        rc
+    };
     match rc {
         0 => Ok(()),
         libc::ENOSPC | libc::EFBIG => Err(RegionFileError::NoSpace {
@@ -387,7 +408,7 @@ impl RegionFile {
                 path: path.to_owned(),
                 source,
             })
-            .and_then(|()| allocate(&file, path, len));
+            .and_then(|()| allocate(&file, path, len, true));
         if let Err(e) = sized {
             drop(file);
             let _ = std::fs::remove_file(path);
@@ -404,7 +425,7 @@ impl RegionFile {
     pub fn open(path: &Path) -> Result<Arc<Self>, RegionFileError> {
         let (file, len) = open_existing(path, true)?;
         check_private_file(&file, path)?;
-        allocate(&file, path, len)?;
+        allocate(&file, path, len, false)?;
         Self::map(file, path, len)
     }
 
