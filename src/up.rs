@@ -684,10 +684,9 @@ impl Supervised {
 /// manager or a KN that exits is restarted (with a growing pause when it keeps exiting).
 pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.dir).map_err(|source| UpError::Io {
-        what: format!("cannot create {}", cfg.dir.display()),
-        source,
-    })?;
+    // 0700 and this user's: the default folder's name is predictable.
+    dinomo_hw::region_file::ensure_private_dir(&cfg.dir)
+        .map_err(|e| UpError::Failed(format!("cluster folder: {e}")))?;
     cfg.prepare_auth()?;
     let region = cfg.region_path();
     let region_s = region.to_string_lossy().into_owned();

@@ -167,6 +167,11 @@ fn serve_refuses_damaged_regions_in_one_line_and_changes_nothing() {
     let mut bytes = good.clone();
     bytes[16..24].copy_from_slice(b"XXXXXXXX");
     std::fs::write(&damaged, &bytes).expect("write damaged");
+    for f in [&foreign, &truncated, &damaged] {
+        // Only the owner may read a region (a 0644 one is refused before its contents).
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+    }
 
     for (file, reason) in [
         (&foreign, "not a DINOMO region"),
@@ -370,15 +375,10 @@ fn unusable_counts_and_options_are_usage_errors() {
 /// `up` with a region too small to format says why in one error line and starts nothing.
 #[test]
 fn up_reports_a_failed_format_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let o = dinomo(&[
-        "up",
-        "--region-size",
-        "1K",
-        "--dir",
-        p(dir.path()),
-        "--fresh",
-    ]);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // `up` makes its folder 0700 (an existing 0755 one, like a tempdir, is refused).
+    let dir = tmp.path().join("cluster");
+    let o = dinomo(&["up", "--region-size", "1K", "--dir", p(&dir), "--fresh"]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert_eq!(err.matches("error:").count(), 1, "{err}");
@@ -386,7 +386,7 @@ fn up_reports_a_failed_format_once() {
         err.contains("cannot format") && err.contains("too small"),
         "{err}"
     );
-    assert!(!dir.path().join("region").exists(), "no region was made");
+    assert!(!dir.join("region").exists(), "no region was made");
 }
 
 /// `soak` refuses settings it cannot run with before it prints anything or starts a cluster.

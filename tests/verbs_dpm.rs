@@ -118,3 +118,53 @@ fn kn_writes_its_log_over_verbs() {
         assert_eq!(dpm.get(&k), Some(v), "key {i}");
     }
 }
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn dpm_serve_with_a_secret_file_admits_only_its_cluster() {
+    use dinomo::shared::auth::ClusterSecret;
+    let dev = device();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = dir.path().join("r.region");
+    let path = region.to_str().expect("utf-8");
+    format_region(&region, "8M", "64K");
+    let secret_file = dir.path().join("secret");
+    let secret = ClusterSecret::create(&secret_file).expect("secret");
+    let port = free_port().to_string();
+    let server = ChildGuard(
+        dinomo_cmd(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
+            .args(["--fabric", "verbs", "--device", &dev, "--port", &port])
+            .args(["--gid-index", &gid_index()])
+            .arg("--secret-file")
+            .arg(&secret_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dinomo dpm serve"),
+    );
+    let cfg = |secret: Option<ClusterSecret>| VerbsConfig {
+        gid_index: gid_index().parse().expect("gid index"),
+        secret,
+        ..Default::default()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let mut f = loop {
+        match VerbsFabric::connect(&addr, Some(&dev), &cfg(Some(secret.clone()))) {
+            Ok(f) => break f,
+            Err(e) => {
+                assert!(t0.elapsed() < TIMEOUT, "the DPM did not come up: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(call(&mut f, Request::Ping), Response::Pong);
+    let other = ClusterSecret::from_bytes([9; 32]);
+    let e = VerbsFabric::connect(&addr, Some(&dev), &cfg(Some(other))).expect_err("other");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    let e = VerbsFabric::connect(&addr, Some(&dev), &cfg(None)).expect_err("no secret");
+    assert!(e.to_string().contains("requires the cluster secret"), "{e}");
+    drop(f);
+    assert!(server.terminate().success(), "a clean stop exits 0");
+}

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::{default_ctl_path, Backoff, ControlServer, FabricError};
-use dinomo_hw::region_file::{FilePersist, RegionFile, RegionFileError};
+use dinomo_hw::region_file::{FilePersist, PersistenceDomain, RegionFile, RegionFileError};
 use dinomo_hw::Persist;
 
 use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
@@ -113,6 +113,7 @@ impl MergeWorkers {
                     if pin {
                         pin_to_core(core);
                     }
+                    fault_point(&format!("dpm-merge-{w}"));
                     let mut scratch = Scratch::default();
                     let mut backoff = Backoff::new();
                     while !halt.load(Ordering::Acquire) {
@@ -204,6 +205,7 @@ impl<P: Persist + 'static> DpmService<P> {
                 if pin {
                     pin_to_core(0);
                 }
+                fault_point("dpm-control");
                 let mut scratch = Scratch::default();
                 let mut last_reap = Instant::now();
                 serve_loop(&cstop, &cmsgs, Backoff::new(), || {
@@ -307,6 +309,22 @@ fn serve_loop(
     }
 }
 
+/// Fault injection for tests of what a panicking thread does to its process: with
+/// `DINOMO_FAULT_PANIC=<thread name>` in the environment (`dpm-merge-0`, `dpm-control`,
+/// `dpm-verbs`), that runner thread panics as it starts. Compiled into debug builds only;
+/// a release build ignores the variable.
+#[cfg(debug_assertions)]
+pub fn fault_point(thread: &str) {
+    if std::env::var("DINOMO_FAULT_PANIC").is_ok_and(|t| t == thread) {
+        panic!("fault injected by DINOMO_FAULT_PANIC={thread}");
+    }
+}
+
+/// Release builds have no fault injection.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fault_point(_thread: &str) {}
+
 /// Milliseconds since `epoch`, the DPM's clock reading.
 fn millis_since(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -326,6 +344,24 @@ fn pin_to_core(core: usize) {
     }
 }
 
+/// Says where the region's persisted writes are durable (docs/DESIGN.md, "Persistence
+/// domain"): a DAX mapping with `MAP_SYNC`, or the page cache, which is not persistent
+/// memory (the file is brought up to date on a clean shutdown).
+pub fn log_persistence_domain(file: &RegionFile) {
+    match file.persistence_domain() {
+        PersistenceDomain::Dax => tracing::info!(
+            region = %file.path().display(),
+            "region mapped with MAP_SYNC (DAX): a persisted write is on the media"
+        ),
+        _ => tracing::info!(
+            region = %file.path().display(),
+            "region mapped through the page cache (no DAX, MAP_SYNC unavailable): a \
+             persisted write survives process crashes; it reaches the file at msync or a \
+             clean shutdown, and on tmpfs lives in RAM only"
+        ),
+    }
+}
+
 /// Opens (recovering if needed) the region file at `path` and serves it until `stop` is
 /// set; then merges everything, marks a clean shutdown and syncs the file.
 pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeReport, ServeError> {
@@ -342,6 +378,7 @@ pub fn serve(path: &Path, cfg: &ServeConfig, stop: &AtomicBool) -> Result<ServeR
         .clone()
         .unwrap_or_else(|| default_ctl_path(path));
     let control = ControlServer::create(&ctl_path, cfg.ctl_slots)?;
+    log_persistence_domain(&file);
     tracing::info!(
         region = %path.display(),
         control = %ctl_path.display(),
@@ -392,6 +429,8 @@ mod verbs_serve {
         pub device: Option<String>,
         /// TCP address for the connection exchange.
         pub listen: SocketAddr,
+        /// Connection settings; `verbs.secret` authenticates the handshake (required
+        /// unless `listen` is loopback).
         pub verbs: VerbsConfig,
     }
 
@@ -399,7 +438,8 @@ mod verbs_serve {
         fn default() -> Self {
             Self {
                 device: None,
-                listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_TCP_PORT)),
+                // Loopback unless told otherwise; any other address needs the secret.
+                listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_TCP_PORT)),
                 verbs: VerbsConfig::default(),
             }
         }
@@ -439,13 +479,25 @@ mod verbs_serve {
                     if pin {
                         pin_to_core(0);
                     }
+                    super::fault_point("dpm-verbs");
                     let mut scratch = Scratch::default();
                     let backoff = Backoff::with_max_sleep(Duration::from_micros(50));
                     // Fences already recorded belong to connections that no longer exist.
                     let mut fences = 0;
                     dpm.fenced_since(&mut fences, |_| {});
+                    let mut readmit = Vec::new();
                     super::serve_loop(&s, &m, backoff, || {
-                        let n = server.poll(|_, frame| Some(dpm.handle(frame, &mut scratch)));
+                        let n = server.poll(|_, frame| {
+                            let reply = dpm.handle(frame, &mut scratch);
+                            if let Some(kn) = new_lease(frame, &reply) {
+                                readmit.push(kn);
+                            }
+                            Some(reply)
+                        });
+                        // A KN given a new lease (it registered again) may connect again.
+                        for kn in readmit.drain(..) {
+                            server.readmit(kn);
+                        }
                         // A fenced KN's queue pairs go to error: on verbs, unlike shm, a KN
                         // that was only paused loses its access to the region.
                         let missed = dpm.fenced_since(&mut fences, |kn| {
@@ -493,6 +545,23 @@ mod verbs_serve {
         }
     }
 
+    /// The KN a request stored a live lease for, if it is one that did (`StoreLease` with
+    /// an expiry, answered without error): the manager registered that KN again.
+    fn new_lease(
+        frame: &dinomo_shared::msg::Frame,
+        reply: &dinomo_shared::msg::Frame,
+    ) -> Option<u32> {
+        use dinomo_shared::msg::{Request, Response};
+        match Request::decode(frame).ok()? {
+            Request::StoreLease { kn, expires_ms, .. }
+                if expires_ms > 0 && matches!(Response::decode(reply), Ok(Ok(_))) =>
+            {
+                Some(kn)
+            }
+            _ => None,
+        }
+    }
+
     /// [`super::serve`] plus a verbs endpoint: KNs reach the region with one-sided verbs
     /// and send control frames over RDMA SEND (the shm switchboard is served as well).
     /// The device is opened before the region, so a host without RDMA fails at once.
@@ -503,6 +572,7 @@ mod verbs_serve {
         stop: &AtomicBool,
     ) -> Result<ServeReport, VerbsServeError> {
         vcfg.verbs.validate()?;
+        dinomo_hw::fabric::verbs::handshake::check_listen(vcfg.listen, vcfg.verbs.secret.as_ref())?;
         // Fail fast on a host without the device, before recovery work.
         dinomo_hw::fabric::verbs::device_names()?;
         let file = RegionFile::open(path).map_err(ServeError::from)?;
@@ -525,10 +595,12 @@ mod verbs_serve {
             .clone()
             .unwrap_or_else(|| default_ctl_path(path));
         let control = ControlServer::create(&ctl_path, cfg.ctl_slots).map_err(ServeError::from)?;
+        super::log_persistence_domain(&file);
         tracing::info!(
             region = %path.display(),
             device = server.device_name(),
             listen = %vcfg.listen,
+            authenticated = vcfg.verbs.secret.is_some(),
             control = %ctl_path.display(),
             workers = cfg.workers,
             recovery_ms = recovery_time.as_secs_f64() * 1e3,

@@ -129,6 +129,18 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         return Err(Usage(format!("--size {} is not a multiple of 8 bytes", a.size)).into());
     }
     if a.force {
+        // A region that cannot fit is refused before the old one is removed.
+        let dir = dinomo_hw::region_file::parent_dir(&a.path);
+        dinomo_hw::region_file::check_private_dir(dir)?;
+        let free = dinomo_hw::region_file::space_for(dir, Some(&a.path))?;
+        if a.size > free {
+            return Err(dinomo_hw::region_file::RegionFileError::NoSpace {
+                path: a.path.clone(),
+                need: a.size,
+                free,
+            }
+            .into());
+        }
         dinomo_hw::region_file::remove_unserved(&a.path)?;
     }
     let file = RegionFile::create(&a.path, a.size)?;
@@ -161,6 +173,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Err(Usage("--ctl-slots must be at least 1".into()).into());
     }
     let spec = a.fabric.spec()?;
+    let secret = a.secret.load()?;
+    if let ServeSpec::Verbs { listen, .. } = &spec {
+        dinomo_hw::fabric::connect::check_listen(*listen, secret.as_ref())
+            .map_err(|e| Usage(e.to_string()))?;
+    }
     install_stop_handler()?;
     let cfg = dpm_fw::runner::ServeConfig {
         workers: a.workers,
@@ -171,7 +188,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let report = match spec {
         ServeSpec::Shm => dpm_fw::runner::serve(&a.path, &cfg, &STOP)?,
-        ServeSpec::Verbs { listen, device } => serve_verbs(&cfg, &a.path, listen, device)?,
+        ServeSpec::Verbs { listen, device } => serve_verbs(&cfg, &a.path, listen, device, secret)?,
     };
     eprintln!(
         "dpm stopped cleanly: recovered in {:.1} ms, merged {} entries, {} control messages, up {:.1} s",
@@ -190,12 +207,14 @@ fn serve_verbs(
     path: &std::path::Path,
     listen: std::net::SocketAddr,
     device: dinomo_hw::fabric::VerbsDevice,
+    secret: Option<dinomo_shared::auth::ClusterSecret>,
 ) -> anyhow::Result<dpm_fw::runner::ServeReport> {
     let vcfg = dpm_fw::runner::VerbsServeConfig {
         device: device.name,
         listen,
         verbs: dinomo_hw::fabric::verbs::VerbsConfig {
             gid_index: device.gid_index,
+            secret,
             ..Default::default()
         },
     };
@@ -208,6 +227,7 @@ fn serve_verbs(
     _: &std::path::Path,
     _: std::net::SocketAddr,
     _: dinomo_hw::fabric::VerbsDevice,
+    _: Option<dinomo_shared::auth::ClusterSecret>,
 ) -> anyhow::Result<dpm_fw::runner::ServeReport> {
     anyhow::bail!("{}", dinomo_hw::fabric::connect::NO_RDMA_SUPPORT)
 }

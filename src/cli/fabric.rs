@@ -49,6 +49,12 @@ impl DpmArgs {
     pub fn spec(&self) -> Result<DpmSpec, Usage> {
         DpmSpec::parse(self.fabric, &self.dpm, self.device.device()).map_err(|e| Usage(e.0))
     }
+
+    /// [`DpmArgs::spec`] with the role's cluster secret, which the verbs handshake proves
+    /// (a role without one reaches only a DPM on a loopback address).
+    pub fn spec_with(&self, secret: &super::secret::SecretArgs) -> anyhow::Result<DpmSpec> {
+        Ok(self.spec()?.with_secret(secret.load()?))
+    }
 }
 
 /// How `dinomo dpm serve` serves its region.
@@ -59,7 +65,8 @@ pub(crate) struct ServeFabricArgs {
     #[arg(long, default_value = "shm", value_parser = parse_kind)]
     pub fabric: FabricKind,
     /// Address of the verbs connection exchange (TCP). The default accepts only this host;
-    /// give the address of the interface other hosts reach.
+    /// give the address of the interface other hosts reach (which needs --secret-file: the
+    /// handshake hands out remote access to the whole region).
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_VERBS_PORT)))]
     pub listen: SocketAddr,
     /// Port of the verbs connection exchange (sets the port of --listen).

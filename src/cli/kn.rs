@@ -34,7 +34,7 @@ pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
     if a.threads == 0 || a.threads > 64 {
         return Err(Usage(format!("--threads {} is outside 1..=64", a.threads)).into());
     }
-    let spec = a.dpm.spec()?;
+    let spec = a.dpm.spec_with(&a.secret)?;
     let secret = a.secret.load_for(
         "KN",
         &[

@@ -162,7 +162,7 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
     }
     parse_size(&a.kn_cache).map_err(|e| Usage(format!("--kn-cache: {e}")))?;
     let policy = a.policy.config()?;
-    let spec = a.dpm.spec()?;
+    let spec = a.dpm.spec_with(&a.secret)?;
     let secret = a.secret.load_for(
         "manager",
         &[

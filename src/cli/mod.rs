@@ -60,8 +60,35 @@ enum Command {
     Torture(torture::TortureArgs),
 }
 
+/// Exit status of a process ended by a panicking thread (Rust's own panic status).
+pub(crate) const PANIC_EXIT: i32 = 101;
+
+/// Makes a panic in any thread end the whole process: a DPM whose merge or control thread
+/// died, or a KN whose shard died, would otherwise stay up but deaf while still holding
+/// its region lock or lease, and no supervisor would restart it. The default hook prints
+/// the panic (and a backtrace with RUST_BACKTRACE=1) first; then one line names the thread
+/// and the process exits with status 101 without unwinding the other threads.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        let at = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!(
+            "dinomo (pid {}): thread '{name}' panicked{at}; exiting with status {PANIC_EXIT} \
+             so that the process is restarted rather than left running without it",
+            std::process::id()
+        );
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
 /// Runs the command line; the process's exit code.
 pub fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

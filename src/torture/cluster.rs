@@ -45,10 +45,9 @@ struct Sweep {
 impl Cluster {
     /// Formats a fresh region and starts every process; returns once every slot is served.
     pub fn start(cfg: UpConfig, stop: &AtomicBool) -> Result<Self, UpError> {
-        std::fs::create_dir_all(&cfg.dir).map_err(|source| UpError::Io {
-            what: format!("cannot create {}", cfg.dir.display()),
-            source,
-        })?;
+        // 0700 and this user's: the default folder's name is predictable.
+        dinomo_hw::region_file::ensure_private_dir(&cfg.dir)
+            .map_err(|e| UpError::Failed(format!("cluster folder: {e}")))?;
         cfg.prepare_auth()?;
         let log = cfg.dir.join("cluster.log");
         let mut format = Proc::spawn_logged("dpm format", &cfg.format_args(), Some(&log))?;

@@ -245,7 +245,8 @@ pub fn run(
             c
         })
         .collect();
-    let spec = cfg.dpm.clone();
+    // Shard connections name the KN, so fencing it revokes them (verbs).
+    let spec = cfg.dpm.clone().for_kn(u32::from(kn_id));
     let connect = move |_shard: u16| Ok(spec.connect()?);
     let empty = MapMsg::empty();
     // The shards open their logs at the DPM, which can take longer than a lease on a

@@ -103,6 +103,13 @@ pub struct VerbsSpec {
     /// `HOST:PORT` of the DPM's connection exchange.
     pub addr: String,
     pub device: VerbsDevice,
+    /// The cluster secret the handshake proves (never sent); without one only a DPM on a
+    /// loopback address is reached. Not part of [`DpmSpec::to_args`]: a child gets the
+    /// secret's file through its own `--secret-file`.
+    pub secret: Option<dinomo_shared::auth::ClusterSecret>,
+    /// The KN the connections speak for ([`DpmSpec::for_kn`]), named in the handshake so the
+    /// DPM can revoke them when it fences the KN.
+    pub kn_id: Option<u32>,
 }
 
 /// A region in this process, served by a memory node in this process (in-process clusters,
@@ -151,9 +158,30 @@ impl DpmSpec {
                 Ok(Self::Verbs(VerbsSpec {
                     addr: dpm.to_owned(),
                     device,
+                    secret: None,
+                    kn_id: None,
                 }))
             }
         }
+    }
+
+    /// The same DPM, reached with the cluster secret (only the verbs handshake uses it;
+    /// shm and in-process DPMs are reached through files and memory of this user).
+    pub fn with_secret(mut self, secret: Option<dinomo_shared::auth::ClusterSecret>) -> Self {
+        if let Self::Verbs(v) = &mut self {
+            v.secret = secret;
+        }
+        self
+    }
+
+    /// The same DPM, reached by KN `kn_id`: its verbs connections name it in their
+    /// authenticated handshake, so fencing the KN revokes them (on shm the KN maps the
+    /// region itself; there is nothing to revoke).
+    pub fn for_kn(mut self, kn_id: u32) -> Self {
+        if let Self::Verbs(v) = &mut self {
+            v.kn_id = Some(kn_id);
+        }
+        self
     }
 
     /// The shm DPM of the region file at `region`.
@@ -333,10 +361,46 @@ impl ServeSpec {
                 DpmSpec::Verbs(VerbsSpec {
                     addr: addr.to_string(),
                     device: device.clone(),
+                    secret: None,
+                    kn_id: None,
                 })
             }
         }
     }
+}
+
+/// Refuses to serve the verbs handshake on `listen` without a cluster secret unless it is
+/// a loopback address: the handshake hands out remote read, write and atomics on the whole
+/// region.
+pub fn check_listen(
+    listen: SocketAddr,
+    secret: Option<&dinomo_shared::auth::ClusterSecret>,
+) -> Result<(), FabricError> {
+    if secret.is_none() && !listen.ip().is_loopback() {
+        return Err(FabricError::Other(format!(
+            "refusing to serve the verbs handshake on {listen} without a cluster secret: \
+             anyone who reaches it would get remote read, write and atomics on the whole \
+             region; give --secret-file (the same file as the KNs and the manager), or \
+             listen on 127.0.0.1"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to reach the DPM at `peer` (resolved to `addrs`) without a cluster secret unless
+/// every address is loopback (the rule every role follows).
+pub fn check_dial(
+    addrs: &[SocketAddr],
+    peer: &str,
+    secret: Option<&dinomo_shared::auth::ClusterSecret>,
+) -> Result<(), FabricError> {
+    if secret.is_none() && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(FabricError::Other(format!(
+            "refusing to reach the DPM at {peer} without a cluster secret: only loopback \
+             addresses may be used unauthenticated; give --secret-file"
+        )));
+    }
+    Ok(())
 }
 
 fn check_host_port(s: &str) -> Result<(), SpecError> {
@@ -358,11 +422,28 @@ type VerbsConn = Box<super::verbs::VerbsFabric>;
 #[cfg(not(feature = "rdma"))]
 type VerbsConn = core::convert::Infallible;
 
+/// The unauthenticated-loopback rule, before anything else is tried.
+fn check_verbs_dial(v: &VerbsSpec) -> Result<(), FabricError> {
+    use std::net::ToSocketAddrs;
+    if v.secret.is_some() {
+        return Ok(());
+    }
+    let addrs: Vec<SocketAddr> = v
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| FabricError::Other(format!("cannot resolve {}: {e}", v.addr)))?
+        .collect();
+    check_dial(&addrs, &v.addr, None)
+}
+
 #[cfg(feature = "rdma")]
 fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricError> {
+    check_verbs_dial(v)?;
     let cfg = super::verbs::VerbsConfig {
         gid_index: v.device.gid_index,
         queue_depth,
+        secret: v.secret.clone(),
+        kn_id: v.kn_id,
         ..Default::default()
     };
     cfg.validate()?;
@@ -370,7 +451,8 @@ fn connect_verbs(v: &VerbsSpec, queue_depth: usize) -> Result<VerbsConn, FabricE
 }
 
 #[cfg(not(feature = "rdma"))]
-fn connect_verbs(_: &VerbsSpec, _: usize) -> Result<VerbsConn, FabricError> {
+fn connect_verbs(v: &VerbsSpec, _: usize) -> Result<VerbsConn, FabricError> {
+    check_verbs_dial(v)?;
     Err(FabricError::Other(NO_RDMA_SUPPORT.into()))
 }
 

@@ -425,12 +425,10 @@ impl ControlServer {
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
         let _ = std::fs::remove_file(&tmp);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io("create", e))?;
+        // Mode 0600 in a folder only this user controls: whoever can write the control
+        // block can speak for any KN, and whoever can read it sees every request.
+        let file = crate::region_file::create_private_file(&tmp)
+            .map_err(|e| FabricError::Other(format!("control file: {e}")))?;
         let built = (|| {
             let len = block_bytes(slots, ring_capacity);
             file.set_len(len as u64).map_err(|e| io("size", e))?;
@@ -669,6 +667,8 @@ impl ControlClient {
             path: path.to_owned(),
             source,
         };
+        crate::region_file::check_private_file(&file, path)
+            .map_err(|e| FabricError::Other(format!("control file: {e}")))?;
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         let len = usize::try_from(len).map_err(|_| {
             FabricError::Other(format!("control file {} too large", path.display()))

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use dinomo_shared::msg::Frame;
 
+use super::handshake::{check_dial, client_exchange};
 use super::link::{CtlSlots, Device, Link};
 use super::sys::{Access, MemoryRegion, WorkCompletion};
-use super::wire::{read_msg, write_msg, Msg};
+use super::wire::{write_msg, Msg};
 use super::wr::{
     is_connection_error, translate, wc_status_name, wc_status_to_completion, RemoteRegion, SendWr,
     Sge, CTL_SEND_BIT,
@@ -128,25 +129,14 @@ impl VerbsFabric {
         let proto = |e: super::wire::ExchangeError| {
             FabricError::Disconnected(format!("connection exchange with {peer} failed: {e}"))
         };
-        write_msg(&mut tcp, &Msg::Hello(link.local)).map_err(proto)?;
-        let (ep, rkey, base, len) = match read_msg(&mut tcp).map_err(proto)? {
-            Msg::Accept {
-                ep,
-                rkey,
-                base,
-                len,
-            } => (ep, rkey, base, len),
-            Msg::Reject(why) => {
-                return Err(FabricError::Other(format!(
-                    "the DPM at {peer} refused the connection: {why}"
-                )))
-            }
-            m => {
-                return Err(FabricError::Other(format!(
-                    "the DPM at {peer} answered the connection request with {m:?}"
-                )))
-            }
-        };
+        let offer = client_exchange(
+            &mut tcp,
+            peer,
+            link.local,
+            self.cfg.kn_id,
+            self.cfg.secret.as_ref(),
+        )?;
+        let (ep, rkey, base, len) = (offer.ep, offer.rkey, offer.base, offer.len);
         link.connect(&ep)?;
         write_msg(&mut tcp, &Msg::Ready).map_err(proto)?;
         self.remote = RemoteRegion { base, len, rkey };
@@ -162,6 +152,7 @@ impl VerbsFabric {
             .to_socket_addrs()
             .map_err(|e| FabricError::Other(format!("cannot resolve {}: {e}", self.addr)))?
             .collect();
+        check_dial(&addrs, &self.addr, self.cfg.secret.as_ref())?;
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, self.cfg.connect_timeout) {

@@ -54,6 +54,12 @@ struct Dpm {
 impl Dpm {
     /// A verbs server over `region` answering Ping on its own thread.
     fn start(region: &Region, port: u16) -> Self {
+        Self::start_with(region, port, cfg())
+    }
+
+    /// As [`Dpm::start`] with settings `vcfg`; also answers Hello and FenceKn, revoking
+    /// the fenced KN's queue pairs as the memory node does.
+    fn start_with(region: &Region, port: u16, vcfg: VerbsConfig) -> Self {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let (region, s) = (Arc::clone(region), Arc::clone(&stop));
@@ -61,14 +67,43 @@ impl Dpm {
         let thread = std::thread::spawn(move || {
             let listen: SocketAddr = ([127, 0, 0, 1], port).into();
             let mut server =
-                VerbsServer::bind(Some(&dev), listen, region, &cfg()).expect("verbs server");
+                VerbsServer::bind(Some(&dev), listen, region, &vcfg).expect("verbs server");
             tx.send(server.local_addr().expect("addr"))
                 .expect("send addr");
+            let mut fenced = Vec::new();
             while !s.load(Ordering::Acquire) {
                 server.poll(|_, f| match Request::decode(f) {
                     Ok(Request::Ping) => Some(Response::Pong.encode(f.req_id)),
+                    Ok(Request::Hello { .. }) => Some(
+                        Response::Hello {
+                            region_id: 1,
+                            region_size: 1 << 20,
+                        }
+                        .encode(f.req_id),
+                    ),
+                    Ok(Request::FenceKn { kn_id }) => {
+                        fenced.push((kn_id, true));
+                        Some(
+                            Response::Fenced {
+                                logs: 0,
+                                entries: 0,
+                            }
+                            .encode(f.req_id),
+                        )
+                    }
+                    Ok(Request::StoreLease { kn, .. }) => {
+                        fenced.push((kn, false));
+                        Some(Response::LeaseStored.encode(f.req_id))
+                    }
                     _ => None,
                 });
+                for (kn, fence) in fenced.drain(..) {
+                    if fence {
+                        server.revoke(kn);
+                    } else {
+                        server.readmit(kn);
+                    }
+                }
             }
         });
         let addr = rx.recv_timeout(T).expect("server up");
@@ -304,5 +339,163 @@ fn foreign_peers_get_a_clear_error() {
     let e = VerbsFabric::connect(&addr.to_string(), Some(&device()), &cfg()).expect_err("foreign");
     assert!(e.to_string().contains("not a DINOMO verbs endpoint"), "{e}");
     t.join().expect("thread");
+    dpm.stop();
+}
+
+fn with_secret(b: u8) -> VerbsConfig {
+    VerbsConfig {
+        secret: Some(dinomo_shared::auth::ClusterSecret::from_bytes([b; 32])),
+        ..cfg()
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn a_kn_without_the_secret_or_with_another_gets_no_queue_pair() {
+    let r = region();
+    let dpm = Dpm::start_with(&r, 0, with_secret(1));
+    let addr = dpm.addr.to_string();
+    let e = VerbsFabric::connect(&addr, Some(&device()), &with_secret(2)).expect_err("wrong");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    let e = VerbsFabric::connect(&addr, Some(&device()), &cfg()).expect_err("no secret");
+    assert!(e.to_string().contains("requires the cluster secret"), "{e}");
+    // A raw peer forging a proof is refused before any queue pair or rkey exists.
+    {
+        use super::wire::{read_msg, write_msg, EndpointInfo, Msg};
+        let mut t = std::net::TcpStream::connect(dpm.addr).expect("tcp");
+        t.set_read_timeout(Some(T)).expect("timeout");
+        let ep = EndpointInfo {
+            qpn: 1,
+            psn: 1,
+            lid: 0,
+            mtu: 3,
+            rd_atomic: 1,
+            gid: [0; 16],
+        };
+        let forged = Msg::Hello {
+            ep,
+            kn: 1,
+            nonce: [0; 16],
+        };
+        write_msg(&mut t, &forged).expect("hello");
+        assert!(matches!(read_msg(&mut t), Ok(Msg::Challenge { .. })));
+        write_msg(&mut t, &Msg::Proof { tag: [0; 32] }).expect("proof");
+        match read_msg(&mut t) {
+            Ok(Msg::Reject(why)) => assert!(why.contains("authentication failed"), "{why}"),
+            other => panic!("expected a Reject, got {other:?}"),
+        }
+    }
+    // The cluster's own KN connects and works.
+    let mut f = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("member");
+    assert_eq!(f.call(&Request::Ping, T).expect("call"), Ok(Response::Pong));
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn a_silent_tcp_peer_does_not_delay_a_kn() {
+    let r = region();
+    // The silent peer could hold a handshake for 10 minutes; the KN is served meanwhile.
+    let dpm = Dpm::start_with(
+        &r,
+        0,
+        VerbsConfig {
+            connect_timeout: Duration::from_secs(600),
+            ..with_secret(1)
+        },
+    );
+    let silent = std::net::TcpStream::connect(dpm.addr).expect("tcp");
+    let mut f = VerbsFabric::connect(&dpm.addr.to_string(), Some(&device()), &with_secret(1))
+        .expect("a KN connects while a silent peer holds a handshake open");
+    assert_eq!(f.call(&Request::Ping, T).expect("call"), Ok(Response::Pong));
+    drop(silent);
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn a_fenced_kn_can_no_longer_read_or_write_the_region() {
+    let r = region();
+    let dpm = Dpm::start_with(&r, 0, with_secret(1));
+    let addr = dpm.addr.to_string();
+    // KN 3 names itself in its handshake; KN 4 in its first control message.
+    let as_kn3 = VerbsConfig {
+        kn_id: Some(3),
+        ..with_secret(1)
+    };
+    let mut kn3 = VerbsFabric::connect(&addr, Some(&device()), &as_kn3).expect("kn 3");
+    let mut kn4 = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("kn 4");
+    assert!(matches!(
+        kn4.call(&Request::Hello { kn_id: 4 }, T).expect("hello"),
+        Ok(Response::Hello { .. })
+    ));
+    let b3 = kn3.alloc_buf(64).expect("buf");
+    let b4 = kn4.alloc_buf(64).expect("buf");
+    let rd = |b: crate::fabric::LocalBuf| WorkRequest::Read {
+        remote: 0,
+        local: b.slice(0, 8),
+    };
+    assert_eq!(
+        one(&mut kn3, rd(b3)).expect("read").status,
+        CompletionStatus::Success
+    );
+    // The manager fences KN 3 (over KN 4's connection here).
+    assert!(matches!(
+        kn4.call(&Request::FenceKn { kn_id: 3 }, T).expect("fence"),
+        Ok(Response::Fenced { .. })
+    ));
+    let wr = WorkRequest::Write {
+        remote: 64,
+        local: b3.slice(0, 8),
+    };
+    r.store_u64(64, 5);
+    for w in [wr, rd(b3)] {
+        if let Ok(c) = one(&mut kn3, w) {
+            assert_ne!(
+                c.status,
+                CompletionStatus::Success,
+                "a fenced KN's {w:?} failed"
+            );
+        }
+    }
+    assert_eq!(r.load_u64(64), 5, "the fenced KN's write did not land");
+    assert_eq!(
+        one(&mut kn4, rd(b4)).expect("read").status,
+        CompletionStatus::Success
+    );
+    // Reconnecting does not give the fenced KN its access back ...
+    let e = kn3.reconnect().expect_err("fenced");
+    assert!(e.to_string().contains("KN 3 was fenced"), "{e}");
+    // ... nor does naming it in a first message on a connection that did not name it.
+    let mut sneak = VerbsFabric::connect(&addr, Some(&device()), &with_secret(1)).expect("conn");
+    let b5 = sneak.alloc_buf(64).expect("buf");
+    let _ = sneak.call(&Request::Hello { kn_id: 3 }, Duration::from_secs(1));
+    if let Ok(c) = one(&mut sneak, rd(b5)) {
+        assert_ne!(
+            c.status,
+            CompletionStatus::Success,
+            "revoked on naming KN 3"
+        );
+    }
+    // Registered again (a new lease stored), KN 3 connects.
+    let lease = Request::StoreLease {
+        kn: 3,
+        lease_epoch: 2,
+        expires_ms: 1,
+        lease_ms: 1,
+    };
+    assert!(matches!(
+        kn4.call(&lease, T).expect("store lease"),
+        Ok(Response::LeaseStored)
+    ));
+    kn3.reconnect().expect("readmitted");
+    assert_eq!(
+        one(&mut kn3, rd(b3)).expect("read").status,
+        CompletionStatus::Success
+    );
+    drop(sneak);
+    drop((kn3, kn4));
     dpm.stop();
 }

@@ -7,7 +7,10 @@
 //! control frame to a handler (the memory node's `Dpm::handle`).
 //!
 //! Connections are set up out of band over TCP ([`wire`]): both sides exchange QP number,
-//! PSN, LID, GID and MTU, and the DPM adds the region's rkey, base address and length.
+//! PSN, LID, GID and MTU, and the DPM adds the region's rkey, base address and length once
+//! the KN proved it holds the cluster secret ([`handshake`]; each handshake on a thread of
+//! its own, so a silent peer never holds up the DPM's control thread). When a KN is fenced
+//! its queue pairs are moved to the error state ([`VerbsServer::revoke`]).
 //! Queue pairs are addressed by GID (`is_global`), so InfiniBand, RoCE and soft-RoCE
 //! (`rdma_rxe`) all work; the GID index and MTU are settings.
 //!
@@ -22,6 +25,7 @@
 mod client;
 #[cfg(test)]
 mod device_tests;
+pub mod handshake;
 mod link;
 mod server;
 pub mod sys;
@@ -62,6 +66,12 @@ pub struct VerbsConfig {
     pub rnr_retry: u8,
     /// How long the TCP exchange may take.
     pub connect_timeout: Duration,
+    /// The cluster secret the handshake is authenticated with ([`handshake`]); without one
+    /// the DPM serves, and a KN reaches, loopback addresses only.
+    pub secret: Option<dinomo_shared::auth::ClusterSecret>,
+    /// The KN a connection speaks for, named in its handshake so that the DPM revokes the
+    /// connection when it fences the KN (`None`: not a registered KN, e.g. the manager).
+    pub kn_id: Option<u32>,
 }
 
 impl Default for VerbsConfig {
@@ -77,6 +87,8 @@ impl Default for VerbsConfig {
             retry_cnt: 7,
             rnr_retry: 7,
             connect_timeout: Duration::from_secs(5),
+            secret: None,
+            kn_id: None,
         }
     }
 }

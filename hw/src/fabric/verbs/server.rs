@@ -1,18 +1,20 @@
-//! The DPM end: registers the region once, accepts KN connections over TCP, and serves
-//! their control frames.
+//! The DPM end: registers the region once, accepts KN connections over TCP (authenticated,
+//! each handshake on its own thread, see [`super::handshake`]), and serves their control
+//! frames.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dinomo_shared::msg::{Frame, Request};
+use dinomo_shared::msg::{Frame, Request, Response};
 
+use super::handshake::{Handshakes, Offer, Outcome};
 use super::link::{CtlSlots, Device, Link};
 use super::sys::{Access, MemoryRegion, WorkCompletion};
-use super::wire::{read_msg, write_msg, EndpointInfo, Msg};
+use super::wire::EndpointInfo;
 use super::wr::{wc_status_name, CTL_SEND_BIT};
 use super::VerbsConfig;
 use crate::fabric::FabricError;
@@ -24,8 +26,9 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 struct Endpoint {
     id: u64,
     peer: SocketAddr,
-    /// The KN this connection speaks for, learnt from its first control message that names
-    /// one (`Hello` or `OpenLog`), so that fencing the KN can revoke its access.
+    /// The KN this connection speaks for, named in its authenticated handshake or else
+    /// learnt from its first control message that names one (`Hello` or `OpenLog`), so
+    /// that fencing the KN can revoke its access.
     kn_id: Option<u32>,
     // Drop order: QP first.
     link: Link,
@@ -37,7 +40,7 @@ struct Endpoint {
 
 /// Serves KN connections over RDMA verbs.
 pub struct VerbsServer {
-    listener: TcpListener,
+    handshakes: Handshakes<(Link, CtlSlots)>,
     endpoints: Vec<Endpoint>,
     region: MemoryRegion,
     dev: Device,
@@ -45,13 +48,17 @@ pub struct VerbsServer {
     next_id: u64,
     last_liveness: Instant,
     events: Vec<String>,
+    /// KNs fenced and not registered again since: a connection that speaks for one is
+    /// refused at its handshake, or revoked as soon as it names one.
+    fenced: HashSet<u32>,
 }
 
 impl fmt::Debug for VerbsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerbsServer")
             .field("device", &self.dev.name())
-            .field("listen", &self.listener.local_addr().ok())
+            .field("listen", &self.handshakes.local_addr())
+            .field("authenticated", &self.handshakes.authenticated())
             .field("region", &self.region)
             .field("connections", &self.endpoints.len())
             .finish()
@@ -60,21 +67,22 @@ impl fmt::Debug for VerbsServer {
 
 impl VerbsServer {
     /// Opens `device` (`None`: the first), registers `region` for remote READ, WRITE and
-    /// atomics, and listens for KNs on `listen`. The device is opened first, so a host
-    /// without RDMA fails before anything else is set up.
+    /// atomics, and listens for KNs on `listen`. Without `cfg.secret` only a loopback
+    /// `listen` is accepted ([`super::handshake::check_listen`]), checked before the device
+    /// is opened. The device is opened before the listener, so a host without RDMA fails
+    /// before anything else is set up.
     pub fn bind<P: Persist + 'static>(
         device: Option<&str>,
         listen: SocketAddr,
         region: Arc<Pmem<P>>,
         cfg: &VerbsConfig,
     ) -> Result<Self, FabricError> {
+        super::handshake::check_listen(listen, cfg.secret.as_ref())?;
         let dev = Device::open(device, cfg)?;
         let region = dev.pd.register_pmem(region, Access::REMOTE_ALL)?;
-        let listener = TcpListener::bind(listen)
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|e| FabricError::Other(format!("cannot listen on {listen}: {e}")))?;
+        let handshakes = Handshakes::bind(listen, cfg.secret.clone(), cfg.connect_timeout)?;
         Ok(Self {
-            listener,
+            handshakes,
             endpoints: Vec::new(),
             region,
             dev,
@@ -82,12 +90,18 @@ impl VerbsServer {
             next_id: 1,
             last_liveness: Instant::now(),
             events: Vec::new(),
+            fenced: HashSet::new(),
         })
     }
 
     /// The address KNs connect to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.handshakes.local_addr()
+    }
+
+    /// Handshakes in progress (each on its own thread).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.in_progress()
     }
 
     pub fn device_name(&self) -> &str {
@@ -111,10 +125,15 @@ impl VerbsServer {
         let mut handled = 0;
         let mut dead = Vec::new();
         let mut wcs = [WorkCompletion::default(); 32];
+        let mut fences = Vec::new();
         for (i, ep) in self.endpoints.iter_mut().enumerate() {
-            match serve_endpoint(ep, &mut handler, &mut wcs) {
+            match serve_endpoint(ep, &mut handler, &mut wcs, &self.fenced, &mut fences) {
                 Ok(n) => handled += n,
-                Err(why) => dead.push((i, why)),
+                Err(why) => {
+                    // Moved to error before it is dropped: access ends now, not at teardown.
+                    let _ = ep.link.qp.to_error();
+                    dead.push((i, why));
+                }
             }
         }
         if self.last_liveness.elapsed() >= LIVENESS_EVERY {
@@ -135,6 +154,12 @@ impl VerbsServer {
                 ep.id, ep.peer
             ));
         }
+        // Fences that arrived here are carried out before their replies leave (they wait
+        // in their connection's backlog until the next poll), so whoever fenced a KN knows
+        // that its queue pairs are already in error.
+        for kn in fences {
+            self.revoke(kn);
+        }
         handled
     }
 
@@ -142,7 +167,12 @@ impl VerbsServer {
     /// error state, so the KN's one-sided READs, WRITEs and atomics on the region fail from
     /// now on (a KN that was only paused cannot land a write after it was fenced), and the
     /// connections are dropped. Returns how many were revoked.
+    ///
+    /// Until [`VerbsServer::readmit`] (the KN registered again), a handshake that names the
+    /// KN is refused and a connection that names it later is revoked at once, so a fenced
+    /// KN that reconnects gets no access either.
     pub fn revoke(&mut self, kn_id: u32) -> usize {
+        self.fenced.insert(kn_id);
         let mut revoked = 0;
         let mut i = 0;
         while i < self.endpoints.len() {
@@ -165,102 +195,94 @@ impl VerbsServer {
         revoked
     }
 
+    /// Lets KN `kn_id` connect again after it was fenced: the manager gave it a new lease
+    /// (the memory node calls this when it stores one).
+    pub fn readmit(&mut self, kn_id: u32) {
+        self.fenced.remove(&kn_id);
+    }
+
+    /// Advances the handshakes (never waiting on the network) and adds the connections
+    /// that completed.
     fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((tcp, peer)) => match self.handshake(tcp, peer) {
-                    Ok(ep) => {
-                        self.events.push(format!(
-                            "KN connection {} from {peer}: QP {} ↔ QP {}",
-                            ep.id, ep.link.local.qpn, ep.link.local.qpn
-                        ));
-                        self.endpoints.push(ep);
-                    }
-                    Err(e) => self
-                        .events
-                        .push(format!("refused a connection from {peer}: {e}")),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.events.push(format!("accept failed: {e}"));
-                    return;
-                }
+        let (dev, region, cfg, fenced) = (&self.dev, &self.region, &self.cfg, &self.fenced);
+        let outcomes = self.handshakes.poll(|kn_ep, kn| {
+            if let Some(k) = kn.filter(|k| fenced.contains(k)) {
+                return Err(format!(
+                    "KN {k} was fenced; it must register with the manager again"
+                ));
             }
-        }
-    }
-
-    /// The TCP exchange with one KN; the control thread waits at most the connect timeout.
-    fn handshake(&mut self, mut tcp: TcpStream, peer: SocketAddr) -> Result<Endpoint, FabricError> {
-        let t = Some(self.cfg.connect_timeout);
-        tcp.set_nonblocking(false)
-            .and_then(|_| tcp.set_read_timeout(t))
-            .and_then(|_| tcp.set_write_timeout(t))
-            .and_then(|_| tcp.set_nodelay(true))
-            .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
-        let hello = match read_msg(&mut tcp) {
-            Ok(Msg::Hello(ep)) => ep,
-            Ok(m) => {
-                let why = format!("expected a Hello, got {m:?}");
-                let _ = write_msg(&mut tcp, &Msg::Reject(why.clone()));
-                return Err(FabricError::Other(why));
-            }
-            Err(e) => {
-                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
-                return Err(FabricError::Other(e.to_string()));
-            }
-        };
-        match self.endpoint_for(&hello) {
-            Ok((link, ctl)) => {
-                let accept = Msg::Accept {
-                    ep: link.local,
-                    rkey: self.region.rkey(),
-                    base: self.region.addr(),
-                    len: self.region.registered_len(),
-                };
-                let io = |e: super::wire::ExchangeError| FabricError::Other(e.to_string());
-                write_msg(&mut tcp, &accept).map_err(io)?;
-                match read_msg(&mut tcp).map_err(io)? {
-                    Msg::Ready => {}
-                    m => return Err(FabricError::Other(format!("expected Ready, got {m:?}"))),
-                }
-                tcp.set_nonblocking(true)
-                    .map_err(|e| FabricError::Other(format!("TCP: {e}")))?;
-                let id = self.next_id;
-                self.next_id += 1;
-                Ok(Endpoint {
-                    id,
+            let (link, ctl) = endpoint_for(dev, region, cfg, kn_ep).map_err(|e| e.to_string())?;
+            let offer = Offer {
+                ep: link.local,
+                rkey: region.rkey(),
+                base: region.addr(),
+                len: region.registered_len(),
+            };
+            Ok((offer, (link, ctl)))
+        });
+        for o in outcomes {
+            match o {
+                Outcome::Connected {
                     peer,
-                    kn_id: None,
-                    link,
-                    ctl,
+                    kn,
                     tcp,
-                    backlog: VecDeque::new(),
-                })
-            }
-            Err(e) => {
-                let _ = write_msg(&mut tcp, &Msg::Reject(e.to_string()));
-                Err(e)
+                    local: (link, ctl),
+                } => {
+                    if let Err(e) = tcp.set_nonblocking(true) {
+                        self.events
+                            .push(format!("dropped a connection from {peer}: TCP: {e}"));
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.events.push(format!(
+                        "KN connection {id} from {peer} ({}): QP {}",
+                        kn.map_or_else(|| "no KN named".to_string(), |k| format!("KN {k}")),
+                        link.local.qpn
+                    ));
+                    self.endpoints.push(Endpoint {
+                        id,
+                        peer,
+                        kn_id: kn,
+                        link,
+                        ctl,
+                        tcp,
+                        backlog: VecDeque::new(),
+                    });
+                }
+                Outcome::Refused { peer, why } => self
+                    .events
+                    .push(format!("refused a connection from {peer}: {why}")),
             }
         }
-    }
-
-    fn endpoint_for(&self, kn: &EndpointInfo) -> Result<(Link, CtlSlots), FabricError> {
-        let n = self.cfg.ctl_slots;
-        let mut link = Link::new(&self.dev, &self.cfg, n, n, true)?;
-        link.qp.attach(&self.region);
-        let mut ctl = CtlSlots::new(&self.dev, n)?;
-        ctl.arm(&mut link.qp)?;
-        link.connect(kn)?;
-        Ok((link, ctl))
     }
 }
 
+/// A queue pair (connected to `kn`, with the region attached) and its control buffers.
+fn endpoint_for(
+    dev: &Device,
+    region: &MemoryRegion,
+    cfg: &VerbsConfig,
+    kn: &EndpointInfo,
+) -> Result<(Link, CtlSlots), FabricError> {
+    let n = cfg.ctl_slots;
+    let mut link = Link::new(dev, cfg, n, n, true)?;
+    link.qp.attach(region);
+    let mut ctl = CtlSlots::new(dev, n)?;
+    ctl.arm(&mut link.qp)?;
+    link.connect(kn)?;
+    Ok((link, ctl))
+}
+
 /// Serves one connection's received frames; an error means the connection is gone.
+/// A connection that names a KN in `fenced` is refused (an error); a successful FenceKn
+/// adds its KN to `fences` and holds its reply back for the caller to revoke first.
 fn serve_endpoint(
     ep: &mut Endpoint,
     handler: &mut impl FnMut(u64, &Frame) -> Option<Frame>,
     wcs: &mut [WorkCompletion; 32],
+    fenced: &HashSet<u32>,
+    fences: &mut Vec<u32>,
 ) -> Result<usize, String> {
     let fabric = |e: FabricError| e.to_string();
     // Finished SENDs free their slots.
@@ -303,8 +325,17 @@ fn serve_endpoint(
         handled += 1;
         if ep.kn_id.is_none() {
             ep.kn_id = kn_of(&frame);
+            // A connection that names a fenced KN loses its access before it is answered.
+            if let Some(kn) = ep.kn_id.filter(|k| fenced.contains(k)) {
+                return Err(format!("it speaks for KN {kn}, which is fenced"));
+            }
         }
         if let Some(reply) = handler(ep.id, &frame) {
+            if let Some(kn) = fence_of(&frame, &reply) {
+                fences.push(kn);
+                ep.backlog.push_back(reply);
+                continue;
+            }
             if !ep.backlog.is_empty() || !ep.ctl.send(&mut ep.link.qp, &reply).map_err(fabric)? {
                 ep.backlog.push_back(reply);
             }
@@ -317,6 +348,14 @@ fn serve_endpoint(
 fn kn_of(frame: &Frame) -> Option<u32> {
     match Request::decode(frame).ok()? {
         Request::Hello { kn_id } | Request::OpenLog { kn_id, .. } => Some(kn_id),
+        _ => None,
+    }
+}
+
+/// The KN a request fenced, if it is a FenceKn that succeeded.
+fn fence_of(frame: &Frame, reply: &Frame) -> Option<u32> {
+    match Request::decode(frame).ok()? {
+        Request::FenceKn { kn_id } if matches!(Response::decode(reply), Ok(Ok(_))) => Some(kn_id),
         _ => None,
     }
 }

@@ -1,6 +1,6 @@
 //! The out-of-band connection exchange over TCP: each side tells the other its queue pair
 //! number, packet sequence number, LID, GID and MTU; the DPM adds the region's rkey, base
-//! address and length.
+//! address and length — but only to a peer that proved it holds the cluster secret.
 //!
 //! A message is a 12-byte header — magic `DNVB`, version (u16), kind (u16), body length
 //! (u32) — and a body of at most [`MAX_BODY`] bytes, all little-endian. The magic tells a
@@ -8,17 +8,31 @@
 //! another build instead of misreading it.
 //!
 //! ```text
-//! KN  → DPM   Hello  { endpoint }
-//! DPM → KN    Accept { endpoint, rkey, base, len }   or   Reject { reason }
-//! KN  → DPM   Ready                                     (both QPs are in RTS)
+//! KN  → DPM   Hello     { endpoint, kn, nonce_kn }
+//! DPM → KN    Challenge { nonce_dpm }                    (a DPM with a cluster secret)
+//! KN  → DPM   Proof     { tag_kn }
+//! DPM → KN    Accept    { endpoint, rkey, base, len, tag_dpm }   or   Reject { reason }
+//! KN  → DPM   Ready                                      (both QPs are in RTS)
 //! ```
+//!
+//! `kn` is the KN id the connection speaks for ([`NO_KN`] for a process that is not a
+//! registered KN, such as a KN's probe before it registered or the manager); the DPM
+//! revokes the connection when it fences that KN and refuses it while the KN stays fenced.
+//! `tag_kn` is the HMAC ([`dinomo_shared::auth`]) of both nonces and the Hello's body, so it
+//! proves the secret without revealing it and cannot be replayed for another challenge,
+//! endpoint or KN; the DPM creates no queue pair and reveals no rkey before it verified it.
+//! `tag_dpm` covers both nonces and the Accept's fields, so the KN knows the region it
+//! writes to is served by a member of its cluster. A DPM without a secret (loopback only)
+//! skips Challenge and Proof and sends a zero `tag_dpm`.
 
 use std::io::{self, Read, Write};
 
+use dinomo_shared::auth::{Nonce, Tag, NONCE_LEN, TAG_LEN};
+
 /// Identifies a verbs connection exchange.
 pub const MAGIC: [u8; 4] = *b"DNVB";
-/// Version of this exchange; bumped when a body changes.
-pub const VERSION: u16 = 1;
+/// Version of this exchange; bumped when a body changes (2: authenticated).
+pub const VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted (a reject reason is cut to fit).
@@ -28,9 +42,21 @@ const K_HELLO: u16 = 1;
 const K_ACCEPT: u16 = 2;
 const K_REJECT: u16 = 3;
 const K_READY: u16 = 4;
+const K_CHALLENGE: u16 = 5;
+const K_PROOF: u16 = 6;
 
 const ENDPOINT_LEN: usize = 4 + 4 + 2 + 1 + 1 + 16;
-const ACCEPT_LEN: usize = ENDPOINT_LEN + 4 + 8 + 8;
+const HELLO_LEN: usize = ENDPOINT_LEN + 4 + NONCE_LEN;
+
+/// The `kn` of a Hello from a process that does not speak for a registered KN.
+pub const NO_KN: u32 = u32::MAX;
+const ACCEPT_FIELDS_LEN: usize = ENDPOINT_LEN + 4 + 8 + 8;
+const ACCEPT_LEN: usize = ACCEPT_FIELDS_LEN + TAG_LEN;
+
+/// HMAC domain of the KN's proof.
+pub const DOMAIN_KN: &[u8] = b"dinomo/verbs-handshake/kn/v2";
+/// HMAC domain of the DPM's proof.
+pub const DOMAIN_DPM: &[u8] = b"dinomo/verbs-handshake/dpm/v2";
 
 /// One side of an RC connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,12 +75,25 @@ pub struct EndpointInfo {
 /// A message of the exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
-    Hello(EndpointInfo),
+    Hello {
+        ep: EndpointInfo,
+        /// The KN this connection speaks for, or [`NO_KN`].
+        kn: u32,
+        nonce: Nonce,
+    },
+    Challenge {
+        nonce: Nonce,
+    },
+    Proof {
+        tag: Tag,
+    },
     Accept {
         ep: EndpointInfo,
         rkey: u32,
         base: u64,
         len: u64,
+        /// The DPM's proof (zero from a DPM without a secret).
+        tag: Tag,
     },
     Reject(String),
     Ready,
@@ -126,7 +165,9 @@ impl Cursor<'_> {
 impl Msg {
     fn kind(&self) -> u16 {
         match self {
-            Self::Hello(_) => K_HELLO,
+            Self::Hello { .. } => K_HELLO,
+            Self::Challenge { .. } => K_CHALLENGE,
+            Self::Proof { .. } => K_PROOF,
             Self::Accept { .. } => K_ACCEPT,
             Self::Reject(_) => K_REJECT,
             Self::Ready => K_READY,
@@ -137,17 +178,18 @@ impl Msg {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(ACCEPT_LEN);
         match self {
-            Self::Hello(ep) => put_ep(&mut body, ep),
+            Self::Hello { ep, kn, nonce } => body.extend_from_slice(&hello_body(ep, *kn, nonce)),
+            Self::Challenge { nonce } => body.extend_from_slice(nonce),
+            Self::Proof { tag } => body.extend_from_slice(tag),
             Self::Accept {
                 ep,
                 rkey,
                 base,
                 len,
+                tag,
             } => {
-                put_ep(&mut body, ep);
-                body.extend_from_slice(&rkey.to_le_bytes());
-                body.extend_from_slice(&base.to_le_bytes());
-                body.extend_from_slice(&len.to_le_bytes());
+                body.extend_from_slice(&accept_fields(ep, *rkey, *base, *len));
+                body.extend_from_slice(tag);
             }
             Self::Reject(why) => {
                 let mut end = why.len().min(MAX_BODY);
@@ -198,7 +240,9 @@ impl Msg {
     /// Decodes a body of message kind `kind`.
     pub fn decode_body(kind: u16, body: &[u8]) -> Result<Self, WireError> {
         let want = match kind {
-            K_HELLO => ENDPOINT_LEN,
+            K_HELLO => HELLO_LEN,
+            K_CHALLENGE => NONCE_LEN,
+            K_PROOF => TAG_LEN,
             K_ACCEPT => ACCEPT_LEN,
             K_READY => 0,
             K_REJECT => body.len(),
@@ -213,12 +257,19 @@ impl Msg {
         }
         let mut c = Cursor(body);
         Ok(match kind {
-            K_HELLO => Self::Hello(c.ep()),
+            K_HELLO => Self::Hello {
+                ep: c.ep(),
+                kn: c.u32(),
+                nonce: c.take(),
+            },
+            K_CHALLENGE => Self::Challenge { nonce: c.take() },
+            K_PROOF => Self::Proof { tag: c.take() },
             K_ACCEPT => Self::Accept {
                 ep: c.ep(),
                 rkey: c.u32(),
                 base: c.u64(),
                 len: c.u64(),
+                tag: c.take(),
             },
             K_READY => Self::Ready,
             _ => Self::Reject(String::from_utf8(body.to_vec()).map_err(|_| WireError::BadText)?),
@@ -234,6 +285,25 @@ impl Msg {
         }
         Ok((Self::decode_body(kind, &b[HEADER_LEN..need])?, need))
     }
+}
+
+/// The bytes of a Hello's body (what the KN's proof covers).
+pub fn hello_body(ep: &EndpointInfo, kn: u32, nonce: &Nonce) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HELLO_LEN);
+    put_ep(&mut b, ep);
+    b.extend_from_slice(&kn.to_le_bytes());
+    b.extend_from_slice(nonce);
+    b
+}
+
+/// The bytes of an Accept's fields before its tag (what the DPM's proof covers).
+pub fn accept_fields(ep: &EndpointInfo, rkey: u32, base: u64, len: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ACCEPT_FIELDS_LEN);
+    put_ep(&mut b, ep);
+    b.extend_from_slice(&rkey.to_le_bytes());
+    b.extend_from_slice(&base.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    b
 }
 
 /// Why an exchange over a stream failed.
@@ -309,12 +379,21 @@ mod tests {
 
     fn all() -> Vec<Msg> {
         vec![
-            Msg::Hello(ep(1)),
+            Msg::Hello {
+                ep: ep(1),
+                kn: 3,
+                nonce: [7; NONCE_LEN],
+            },
+            Msg::Challenge {
+                nonce: [9; NONCE_LEN],
+            },
+            Msg::Proof { tag: [3; TAG_LEN] },
             Msg::Accept {
                 ep: ep(2),
                 rkey: 0xdead_beef,
                 base: 0x7f12_3456_7000,
                 len: 48 << 20,
+                tag: [5; TAG_LEN],
             },
             Msg::Reject("no free queue pairs".into()),
             Msg::Reject(String::new()),
@@ -337,17 +416,22 @@ mod tests {
             assert_eq!(read_msg(&mut r).expect("second"), Msg::Ready);
             assert!(r.is_empty());
         }
-        assert_eq!(Msg::Hello(ep(0)).encode().len(), HEADER_LEN + ENDPOINT_LEN);
+        let hello = Msg::Hello {
+            ep: ep(0),
+            kn: NO_KN,
+            nonce: [1; NONCE_LEN],
+        };
+        assert_eq!(hello.encode().len(), HEADER_LEN + HELLO_LEN);
     }
 
     #[test]
     fn version_mismatch_and_foreign_peers_are_refused() {
-        let mut b = Msg::Hello(ep(1)).encode();
-        b[4..6].copy_from_slice(&2u16.to_le_bytes());
-        assert_eq!(Msg::decode(&b), Err(WireError::Version { got: 2, want: 1 }));
+        let mut b = Msg::Ready.encode();
+        b[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(Msg::decode(&b), Err(WireError::Version { got: 1, want: 2 }));
         let msg = Msg::decode(&b).expect_err("version").to_string();
         assert!(
-            msg.contains("version 2") && msg.contains("speaks 1"),
+            msg.contains("version 1") && msg.contains("speaks 2"),
             "{msg}"
         );
         let http = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -366,6 +450,7 @@ mod tests {
             rkey: 1,
             base: 2,
             len: 3,
+            tag: [0; TAG_LEN],
         }
         .encode();
         for cut in [0, 5, HEADER_LEN - 1, HEADER_LEN, b.len() - 1] {
@@ -383,9 +468,14 @@ mod tests {
         h[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
         assert_eq!(Msg::decode(&h), Err(WireError::Oversized(1 << 30)));
         // A body of the wrong size for its kind.
-        let mut b = Msg::Hello(ep(1)).encode();
+        let mut b = Msg::Hello {
+            ep: ep(1),
+            kn: 1,
+            nonce: [0; NONCE_LEN],
+        }
+        .encode();
         b.push(0);
-        b[8..12].copy_from_slice(&((ENDPOINT_LEN + 1) as u32).to_le_bytes());
+        b[8..12].copy_from_slice(&((HELLO_LEN + 1) as u32).to_le_bytes());
         assert!(matches!(
             Msg::decode(&b),
             Err(WireError::BadLength { kind: 1, .. })
