@@ -35,10 +35,14 @@ impl<P: Persist> Dpm<P> {
         let mut entries = 0;
         for log_id in 0..self.geo.max_logs {
             let target = match &*self.logs[log_id as usize].lock() {
+                // Also a closed log not yet merged to its fence point (an earlier fence
+                // whose merge failed): the fence succeeds only once everything the KN
+                // acknowledged is in the index.
                 Some(st)
                     if st.kn_id == kn_id
                         && !st.compaction
-                        && (st.status == LOG_ACTIVE || st.fence.is_none()) =>
+                        && (st.status == LOG_ACTIVE
+                            || st.fence.is_none_or(|f| st.cursor.next_seq <= f)) =>
                 {
                     Some((st.generation, st.cursor.next_seq))
                 }
@@ -105,6 +109,7 @@ impl<P: Persist> Dpm<P> {
         self.pm.store_u64(off, LogSlot::encode_fence(seq));
         self.pm.persist(off, 8);
         st.fence = Some(seq);
+        self.publish_mark(log_id, guard);
     }
 }
 

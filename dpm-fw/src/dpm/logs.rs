@@ -38,7 +38,10 @@ impl<P: Persist> Dpm<P> {
 
     /// Takes a free block and writes its header (persisted). Reclaims dead blocks first if
     /// the free list is empty. Only the compaction log may take the last
-    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to.
+    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to. A KN's
+    /// log (`reserve > 0`) gets a block only while the index keeps room for every entry
+    /// that could be written to it (see `room`): otherwise `RegionFull`, before the KN
+    /// has acknowledged anything it would write there.
     pub(super) fn take_block(
         &self,
         log_id: u32,
@@ -46,9 +49,10 @@ impl<P: Persist> Dpm<P> {
         first_seq: u64,
         reserve: u64,
     ) -> Result<(u32, u32), ErrorCode> {
-        if self.blocks.free_count() <= reserve {
+        let _grant = (reserve > 0).then(|| self.grant_lock.lock());
+        if self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant()) {
             self.reclaim_all();
-            if self.blocks.free_count() <= reserve {
+            if self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant()) {
                 return Err(ErrorCode::RegionFull);
             }
         }
@@ -156,6 +160,7 @@ impl<P: Persist> Dpm<P> {
             quarantine_from: None,
             compaction: flags & LOG_FLAG_COMPACTION != 0,
         });
+        self.publish_mark(log_id, &guard);
         Ok(Response::LogOpened {
             log_id,
             generation,
