@@ -156,13 +156,23 @@ fn region_full_while_only_quarantined_blocks_remain() {
     assert!(extra <= 8, "{extra} blocks granted after the fence");
     let room = dpm.room();
     assert!(
-        room.free_blocks <= dpm_fw::dpm::COMPACTION_RESERVE + 6,
+        room.free_blocks <= dpm_fw::dpm::COMPACTION_RESERVE + 12,
         "{room:?}"
     );
     assert_eq!(b.next_block(&dpm), Err(ErrorCode::RegionFull));
-    assert_eq!(
-        LogWriter::open(&dpm, 4, 1).map(|_| ()),
-        Err(ErrorCode::RegionFull)
+    // The headroom kept for opening logs lets a replacement KN open its logs, no more.
+    let mut opened = Vec::new();
+    let err = loop {
+        match LogWriter::open(&dpm, 5, opened.len() as u32) {
+            Ok(w) => opened.push(w),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, ErrorCode::RegionFull);
+    assert!(
+        opened.len() as u64 <= dpm_fw::dpm::OPEN_HEADROOM_LOGS,
+        "{} logs opened",
+        opened.len()
     );
     // Past the quarantine the dead blocks come back.
     dpm.tick(DEFAULT_QUARANTINE_MS);

@@ -97,15 +97,24 @@ impl ShardLog {
         staging_cap: usize,
         timeout: Duration,
     ) -> Result<Self, KvError> {
-        let (log_id, generation, block, salt) = match control::call(
-            f,
-            Request::OpenLog {
-                kn_id,
-                shard,
-                lease_epoch,
-            },
-            timeout,
-        )? {
+        let req = Request::OpenLog {
+            kn_id,
+            shard,
+            lease_epoch,
+        };
+        // A full region keeps room for a few new logs, and a fenced KN's logs give theirs
+        // back once merged: a KN replacing a dead one waits for that (bounded) rather than
+        // failing to start, so that reads are served again.
+        let t0 = std::time::Instant::now();
+        let opened = loop {
+            match control::call(f, req.clone(), timeout) {
+                Err(KvError::RegionFull) if t0.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => break r?,
+            }
+        };
+        let (log_id, generation, block, salt) = match opened {
             Response::LogOpened {
                 log_id,
                 generation,

@@ -438,7 +438,7 @@ impl<P: Persist> Dpm<P> {
 
     /// Links a new block after the compaction log's tail, then seals the old tail.
     fn next_compaction_block(&self, clog: u32, cst: &mut LogState) -> Result<(), ErrorCode> {
-        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq, 0)?;
+        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq, 0, false)?;
         let old = cst.cursor.block;
         let link = self.geo.block_off(old) + BlockHeader::NEXT_OFFSET;
         self.pm.store_u32(link, block);

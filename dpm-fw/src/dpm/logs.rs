@@ -41,18 +41,25 @@ impl<P: Persist> Dpm<P> {
     /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to. A KN's
     /// log (`reserve > 0`) gets a block only while the index keeps room for every entry
     /// that could be written to it (see `room`): otherwise `RegionFull`, before the KN
-    /// has acknowledged anything it would write there.
+    /// has acknowledged anything it would write there. Extending a log (`opening` false)
+    /// also leaves room for [`OPEN_HEADROOM_LOGS`](super::room::OPEN_HEADROOM_LOGS) new
+    /// logs, so that a KN replacing a dead one can still open its logs (and serve reads)
+    /// when writes have filled the region.
     pub(super) fn take_block(
         &self,
         log_id: u32,
         generation: u64,
         first_seq: u64,
         reserve: u64,
+        opening: bool,
     ) -> Result<(u32, u32), ErrorCode> {
         let _grant = (reserve > 0).then(|| self.grant_lock.lock());
-        if self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant()) {
+        let refused = || {
+            self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant(opening))
+        };
+        if refused() {
             self.reclaim_all();
-            if self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant()) {
+            if refused() {
                 return Err(ErrorCode::RegionFull);
             }
         }
@@ -116,7 +123,7 @@ impl<P: Persist> Dpm<P> {
         } else {
             COMPACTION_RESERVE
         };
-        let (block, salt) = self.take_block(log_id, generation, 1, reserve)?;
+        let (block, salt) = self.take_block(log_id, generation, 1, reserve, true)?;
         // Progress first, then the slot: the slot store is the commit of the open.
         let rec = ProgressRecord::new(0, block, BLOCK_HEADER_SIZE as u32, generation);
         let poff = self.geo.progress_off(log_id);
@@ -205,7 +212,8 @@ impl<P: Persist> Dpm<P> {
                 None => Err(ErrorCode::InvalidArgument),
             };
         }
-        let (block, salt) = self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE)?;
+        let (block, salt) =
+            self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE, false)?;
         // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
         // link is the commit; the hint is only a shortcut.
         let link = self.geo.block_off(last_block) + BlockHeader::NEXT_OFFSET;

@@ -46,7 +46,7 @@ pub use compact::{CompactConfig, CompactStep, CompactTotals, LiveMismatch};
 pub use logs::COMPACTION_RESERVE;
 pub use merge::{Cursor, Stall, Step, DEFAULT_STEP};
 pub use reclaim::DEFAULT_QUARANTINE_MS;
-pub use room::{Room, MIN_PUT_ENTRY};
+pub use room::{Room, MIN_PUT_ENTRY, OPEN_HEADROOM_LOGS};
 pub use stats::{CellStats, DpmStats, LogStats};
 
 use fence::FenceLog;

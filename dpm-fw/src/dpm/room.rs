@@ -32,6 +32,10 @@ use crate::index::IndexError;
 /// The shortest put entry a KN writes: a 1-byte key and an empty value.
 pub const MIN_PUT_ENTRY: u64 = entry::padded_len(1, 0) as u64;
 
+/// New logs a full region still has room to open (a KN's default shard count): extending
+/// a log leaves their first blocks, and the index room those need, untouched.
+pub const OPEN_HEADROOM_LOGS: u64 = 2;
+
 /// A log's mark when it has nothing left to merge (free, the compaction log, damaged, or
 /// closed and merged to its fence point).
 pub(super) const NO_MARK: u64 = u64::MAX;
@@ -174,22 +178,24 @@ impl<P: Persist> Dpm<P> {
         }
     }
 
-    /// Whether one more block may be granted to a KN's log without breaking the invariant.
-    /// The caller holds `grant_lock`, so no other grant changes the figures meanwhile;
-    /// merging and reclaiming only improve them.
-    pub(super) fn may_grant(&self) -> bool {
+    /// Whether one more block may be granted to a KN's log without breaking the invariant
+    /// (`opening`: the first block of a new log; otherwise the headroom for opening
+    /// [`OPEN_HEADROOM_LOGS`] logs stays free too). The caller holds `grant_lock`, so no
+    /// other grant changes the figures meanwhile; merging and reclaiming only improve them.
+    pub(super) fn may_grant(&self, opening: bool) -> bool {
         let room = self.room();
-        if room.free_blocks <= super::COMPACTION_RESERVE {
+        let per_block = self.index.units_per_block();
+        let one_log = per_block.saturating_add(self.worst_puts(BLOCK_HEADER_SIZE));
+        let (blocks, units) = if opening {
+            (1, one_log)
+        } else {
+            (1 + OPEN_HEADROOM_LOGS, one_log.saturating_mul(1 + OPEN_HEADROOM_LOGS))
+        };
+        if room.free_blocks < super::COMPACTION_RESERVE + blocks {
             return false;
         }
-        // After the grant: one free block fewer, and one more block to merge.
-        let available = room
-            .available_units
-            .saturating_sub(self.index.units_per_block());
-        let needed = room
-            .reserved_units
-            .saturating_add(self.worst_puts(BLOCK_HEADER_SIZE));
-        available >= needed
+        // After the grant(s): free blocks fewer, and more blocks to merge.
+        room.available_units >= room.reserved_units.saturating_add(units)
     }
 }
 
