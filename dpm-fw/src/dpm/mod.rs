@@ -294,7 +294,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
-                self.make_room(scratch);
+                self.make_room(true, scratch);
                 self.open_log(kn_id, shard, lease_epoch)
             }
             Request::AllocBlock {
@@ -306,7 +306,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
-                self.make_room(scratch);
+                self.make_room(false, scratch);
                 self.alloc_block(log_id, generation, next_seq, last_block)
             }
             Request::MergeAll {
