@@ -106,7 +106,9 @@ fn pipelined(c: &mut Conn, cmds: &[Vec<Vec<u8>>]) -> Vec<Value> {
         let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_slice()).collect();
         assert!(c.send(&args), "send");
     }
-    (0..cmds.len()).map(|_| c.read().expect("a reply")).collect()
+    (0..cmds.len())
+        .map(|_| c.read().expect("a reply"))
+        .collect()
 }
 
 fn get_all(c: &mut Conn, keys: &[u64]) -> Vec<Value> {
@@ -171,7 +173,10 @@ fn a_full_region_refuses_writes_before_acknowledging_and_loses_nothing_acknowled
         assert_eq!(v, Value::Bulk(value(*i)), "GET k{i} while full");
     }
     let refused_sample: Vec<u64> = refused.iter().copied().step_by(31).collect();
-    for (i, v) in refused_sample.iter().zip(get_all(&mut conn, &refused_sample)) {
+    for (i, v) in refused_sample
+        .iter()
+        .zip(get_all(&mut conn, &refused_sample))
+    {
         assert_eq!(v, Value::Nil, "refused SET k{i} must have no effect");
     }
     // Still refused, still readable: the state is stable, not a momentary hiccup.
@@ -195,7 +200,10 @@ fn a_full_region_refuses_writes_before_acknowledging_and_loses_nothing_acknowled
         if map.addr_of(second_id).is_some() && map.addr_of(first_id).is_none() {
             break;
         }
-        assert!(t1.elapsed() < DEADLINE, "the new KN never took over: {map:?}");
+        assert!(
+            t1.elapsed() < DEADLINE,
+            "the new KN never took over: {map:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut conn2 = Conn::open(&addr2, REPLY_TIMEOUT).expect("connect");

@@ -60,7 +60,11 @@ fn fill(dpm: &TestDpm, w: &mut LogWriter, batch: u64, merge_every: u64) -> (Erro
 
 fn assert_all_readable(dpm: &TestDpm, acked: u64) {
     for seq in 1..=acked {
-        assert_eq!(dpm.get(&key(seq)), Some(value(seq)), "acknowledged key {seq}");
+        assert_eq!(
+            dpm.get(&key(seq)),
+            Some(value(seq)),
+            "acknowledged key {seq}"
+        );
     }
 }
 

@@ -107,7 +107,7 @@ impl ShardLog {
         // failing to start, so that reads are served again.
         let t0 = std::time::Instant::now();
         let opened = loop {
-            match control::call(f, req.clone(), timeout) {
+            match control::call(f, req, timeout) {
                 Err(KvError::RegionFull) if t0.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(100));
                 }

@@ -246,9 +246,8 @@ impl<P: Persist> Dpm<P> {
     /// nothing left to compact, or a bounded number of tries passed. `opening`: the grant
     /// asked for is a new log's first block.
     pub(super) fn make_room(&self, opening: bool, scratch: &mut Scratch) {
-        let fits = || {
-            self.blocks.free_count() > super::COMPACTION_RESERVE && self.may_grant(opening)
-        };
+        let fits =
+            || self.blocks.free_count() > super::COMPACTION_RESERVE && self.may_grant(opening);
         let mut merged = false;
         for _ in 0..MAKE_ROOM_TRIES {
             if fits() {

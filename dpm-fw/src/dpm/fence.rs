@@ -42,7 +42,7 @@ impl<P: Persist> Dpm<P> {
                     if st.kn_id == kn_id
                         && !st.compaction
                         && (st.status == LOG_ACTIVE
-                            || st.fence.is_none_or(|f| st.cursor.next_seq <= f)) =>
+                            || st.fence.map_or(true, |f| st.cursor.next_seq <= f)) =>
                 {
                     Some((st.generation, st.cursor.next_seq))
                 }

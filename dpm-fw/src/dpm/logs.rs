@@ -54,9 +54,8 @@ impl<P: Persist> Dpm<P> {
         opening: bool,
     ) -> Result<(u32, u32), ErrorCode> {
         let _grant = (reserve > 0).then(|| self.grant_lock.lock());
-        let refused = || {
-            self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant(opening))
-        };
+        let refused =
+            || self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant(opening));
         if refused() {
             self.reclaim_all();
             if refused() {

@@ -189,7 +189,10 @@ impl<P: Persist> Dpm<P> {
         let (blocks, units) = if opening {
             (1, one_log)
         } else {
-            (1 + OPEN_HEADROOM_LOGS, one_log.saturating_mul(1 + OPEN_HEADROOM_LOGS))
+            (
+                1 + OPEN_HEADROOM_LOGS,
+                one_log.saturating_mul(1 + OPEN_HEADROOM_LOGS),
+            )
         };
         if room.free_blocks < super::COMPACTION_RESERVE + blocks {
             return false;

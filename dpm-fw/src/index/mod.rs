@@ -36,7 +36,7 @@ mod tests;
 
 pub use dinomo_shared::index::{scan_bucket, Candidates, Scan};
 
-use alloc::collections::BTreeMap;
+use alloc::collections::btree_map::{BTreeMap, Entry};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
@@ -151,8 +151,7 @@ impl LogArea {
     fn place(&self, off: u64) -> Option<(u32, u64)> {
         let rel = off.checked_sub(self.off)?;
         let block = rel / self.block_size;
-        (block < self.n_blocks)
-            .then_some((block as u32, (rel % self.block_size) / BUCKET_SIZE))
+        (block < self.n_blocks).then_some((block as u32, (rel % self.block_size) / BUCKET_SIZE))
     }
 }
 
@@ -329,11 +328,8 @@ impl Index {
             area_off,
             units,
             log,
-            max_hops: units.saturating_add(
-                log.n_blocks
-                    .saturating_mul(log.units_per_block())
-                    .max(1),
-            ),
+            max_hops: units
+                .saturating_add(log.n_blocks.saturating_mul(log.units_per_block()).max(1)),
             area: spin::Mutex::new(Space::new(units)),
             gate: spin::RwLock::new(()),
             items: AtomicU64::new(0),
@@ -395,14 +391,13 @@ impl Index {
                     }
                     Place::Block(blk, unit) => {
                         let per = idx.log.units_per_block();
-                        if !space.blocks.contains_key(&blk) {
-                            space.blocks.insert(blk, AreaAlloc::new(per));
-                            space.block_free += per;
-                        }
-                        let a = space
-                            .blocks
-                            .get_mut(&blk)
-                            .ok_or(IndexError::Corrupt("index block vanished"))?;
+                        let a = match space.blocks.entry(blk) {
+                            Entry::Occupied(o) => o.into_mut(),
+                            Entry::Vacant(v) => {
+                                space.block_free += per;
+                                v.insert(AreaAlloc::new(per))
+                            }
+                        };
                         if a.is_used(unit) {
                             return Err(SHARED);
                         }
@@ -758,7 +753,14 @@ impl Index {
                 loop {
                     let b: Bucket = pm.read_pod(off);
                     for s in b.slots.iter().filter(|s| s.hash != EMPTY_HASH) {
-                        place(pm, &mut space.area, self.area_off, new, *s, &mut new_overflow)?;
+                        place(
+                            pm,
+                            &mut space.area,
+                            self.area_off,
+                            new,
+                            *s,
+                            &mut new_overflow,
+                        )?;
                     }
                     if b.next == 0 {
                         break;
