@@ -8,8 +8,9 @@
 //! > the index can take, without any further log block being freed, one new overflow
 //! > bucket for every put that could still be merged from log space already granted.
 //!
-//! A put adds at most one overflow bucket (64 bytes) to the index, and a put entry is at
-//! least [`MIN_PUT_ENTRY`] bytes long, so a block holds at most
+//! A put adds at most one overflow bucket (64 bytes) to the index (so does freeing an
+//! indirect cell, which puts its key back: one is counted per active cell), and a put entry
+//! is at least [`MIN_PUT_ENTRY`] bytes long, so a block holds at most
 //! `(block_size - header) / MIN_PUT_ENTRY` of them; the part of a log's current merge block
 //! past the merge cursor holds at most `(block_size - offset) / MIN_PUT_ENTRY`. The room
 //! counted against that is the free units in the blocks the index already holds plus every
@@ -107,10 +108,11 @@ impl<P: Persist> Dpm<P> {
         }
     }
 
-    /// Overflow buckets the unmerged part of every log could still need.
+    /// Overflow buckets the unmerged part of every log could still need, and one per
+    /// active indirect cell (freeing a cell puts its key back into the index).
     fn reserved_units(&self) -> u64 {
         let per_block = self.worst_puts(BLOCK_HEADER_SIZE);
-        let mut total = 0u64;
+        let mut total = self.cells.active();
         for log_id in 0..self.geo.max_logs {
             let mark = self.marks[log_id as usize].load(Ordering::Acquire);
             if mark == NO_MARK {
