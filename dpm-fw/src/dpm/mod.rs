@@ -149,6 +149,13 @@ impl<P: Persist> Dpm<P> {
             }
             logs.push(spin::Mutex::new(st));
         }
+        index.for_each(&pm, |_, r| {
+            if let Some(b) = geo.block_of(r.offset()) {
+                blocks.add_ref(b, r.len());
+            }
+        });
+        // Before the logs are replayed: entries of replicated keys stay out of the index.
+        let cells = recover_cells(&pm, &geo, &used, &blocks)?;
         // Log blocks holding reachable index buckets are the index's; none may also be in a
         // log chain (a block is given to the index only once unlinked from every chain).
         for b in index.blocks() {
@@ -161,13 +168,6 @@ impl<P: Persist> Dpm<P> {
                 }
             }
         }
-        index.for_each(&pm, |_, r| {
-            if let Some(b) = geo.block_of(r.offset()) {
-                blocks.add_ref(b, r.len());
-            }
-        });
-        // Before the logs are replayed: entries of replicated keys stay out of the index.
-        let cells = recover_cells(&pm, &geo, &used, &blocks)?;
         blocks.set_free(
             (0..geo.n_blocks as u32)
                 .filter(|&b| !used[b as usize])
