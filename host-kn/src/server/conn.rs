@@ -143,20 +143,12 @@ async fn call(tx: &Sender<Msg>, op: Request) -> Result<Option<Vec<u8>>, KvError>
     orx.await.map_err(|_| KvError::ShuttingDown)?
 }
 
-/// The reply to a write the memory node has no room for (Redis's `-OOM` for `maxmemory`).
-/// The write was refused before it was acknowledged and changed nothing; reads still work.
-pub(crate) const REGION_FULL: &str = "OOM the DINOMO region is full: the memory node grants no \
-     more log space (it keeps room to merge every write already accepted), so this write \
-     was refused and changed nothing. Reads still work. Delete keys you no longer need \
-     (DEL; their space is reclaimed once merged) or start with a bigger region \
-     (dinomo up --region-size)";
-
 fn kv_error(e: &KvError) -> String {
     match e {
         KvError::WrongOwner { .. } => "TRYAGAIN the slot is changing owner".into(),
         e @ KvError::TryAgain { .. } => e.to_string(),
         KvError::ShuttingDown => "TRYAGAIN the node is shutting down".into(),
-        KvError::RegionFull => REGION_FULL.into(),
+        KvError::RegionFull => crate::error::REGION_FULL_REPLY.into(),
         e => format!("ERR {e}"),
     }
 }
