@@ -1,8 +1,8 @@
 //! A region filled to its limit, as processes (a DPM, a manager, a KN) on loopback: a
 //! small region with the smallest index area takes distinct keys until the memory node
 //! grants no more log space. Every write is either acknowledged (`+OK`) or refused with an
-//! `-OOM` error before it had any effect; reads keep working while the region is full; and
-//! after the KN is killed with SIGKILL and a new KN takes over, every acknowledged key reads
+//! `-OOM` error before it had any effect; reads and deletes keep working while the region is
+//! full; and after the KN is killed with SIGKILL and a new KN takes over, every acknowledged key reads
 //! back its value and every refused one reads nil. (Before, the index area filled up while
 //! writes were still acknowledged, the fence answered `Corrupt`, and the new owner read
 //! acknowledged keys as nil.)
@@ -189,6 +189,20 @@ fn a_full_region_refuses_writes_before_acknowledging_and_loses_nothing_acknowled
         "{r:?}"
     );
 
+    // Deletes still work when full (they need no index room): the block kept behind the
+    // last refused spare takes them.
+    let doomed: Vec<u64> = acked.split_off(acked.len() - 500);
+    let cmds: Vec<Vec<Vec<u8>>> = doomed
+        .iter()
+        .map(|&i| vec![b"DEL".to_vec(), key(i)])
+        .collect();
+    for (i, r) in doomed.iter().zip(pipelined(&mut conn, &cmds)) {
+        assert_eq!(r, Value::Int(1), "DEL k{i} while full");
+    }
+    for (i, v) in doomed.iter().zip(get_all(&mut conn, &doomed)) {
+        assert_eq!(v, Value::Nil, "deleted k{i}");
+    }
+
     // SIGKILL the KN; a new KN takes its slots once the manager fenced it.
     kn.signal(nix::sys::signal::Signal::SIGKILL);
     kn.wait();
@@ -221,6 +235,13 @@ fn a_full_region_refuses_writes_before_acknowledging_and_loses_nothing_acknowled
         acked.len(),
         &lost[..lost.len().min(5)]
     );
+    for (i, v) in doomed.iter().zip(get_all(&mut conn2, &doomed)) {
+        assert_eq!(
+            v,
+            Value::Nil,
+            "acknowledged DEL k{i} lost after the failover"
+        );
+    }
     let refused_set: HashSet<u64> = refused.iter().copied().collect();
     let refused_all: Vec<u64> = refused_set.into_iter().collect();
     for (i, v) in refused_all.iter().zip(get_all(&mut conn2, &refused_all)) {
