@@ -1,11 +1,11 @@
 //! A region filled to its limit, as processes (a DPM, a manager, a KN) on loopback: a
 //! small region with the smallest index area takes distinct keys until the memory node
 //! grants no more log space. Every write is either acknowledged (`+OK`) or refused with an
-//! `-OOM` error before it had any effect; reads and deletes keep working while the region is
-//! full; and after the KN is killed with SIGKILL and a new KN takes over, every acknowledged key reads
-//! back its value and every refused one reads nil. (Before, the index area filled up while
-//! writes were still acknowledged, the fence answered `Corrupt`, and the new owner read
-//! acknowledged keys as nil.)
+//! `-OOM` error before it had any effect; reads and deletes keep working while the region
+//! is full; and after the KN is killed with SIGKILL and a new KN takes over, every
+//! acknowledged key reads back its value (or nil if acknowledged deleted) and every refused
+//! one reads nil. (Before, the index area filled up while writes were still acknowledged,
+//! the fence answered `Corrupt`, and the new owner read acknowledged keys as nil.)
 
 mod common;
 
