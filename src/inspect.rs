@@ -126,6 +126,13 @@ pub struct IndexReport {
     pub load_factor: f64,
     pub area_bytes: u64,
     pub used_bytes: u64,
+    /// Log blocks the index took for overflow buckets once its area was full.
+    pub blocks: u64,
+    /// Overflow buckets the index may still need for log space granted but not merged,
+    /// and the room it has for them (free units in its blocks and spare free blocks): log
+    /// blocks are granted only while `room_units` covers `reserved_units`.
+    pub reserved_units: u64,
+    pub room_units: u64,
 }
 
 /// Everything `inspect` reports.
@@ -168,6 +175,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
         .collect();
     let dpm = Dpm::open(pm).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let st: DpmStats = dpm.stats();
+    let room = dpm.room();
     let used_bytes = st.blocks_used * geo.block_size;
     let logs = st
         .logs
@@ -282,6 +290,9 @@ pub fn inspect(path: &Path) -> anyhow::Result<Report> {
             load_factor: st.index.load_factor,
             area_bytes: st.index.area_bytes,
             used_bytes: st.index.used_bytes,
+            blocks: st.index.blocks,
+            reserved_units: room.reserved_units,
+            room_units: room.available_units,
         },
     })
 }
@@ -388,6 +399,11 @@ pub fn render(r: &Report) -> String {
         r.index.load_factor,
         human(r.index.used_bytes),
         human(r.index.area_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "            {} log blocks  room {} buckets for {} reserved by unmerged log space",
+        r.index.blocks, r.index.room_units, r.index.reserved_units
     );
     if r.logs.is_empty() {
         let _ = writeln!(s, "\nlogs        none open");

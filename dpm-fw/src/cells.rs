@@ -71,6 +71,11 @@ impl Cells {
         self.count
     }
 
+    /// Active cells.
+    pub(crate) fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed) as u64
+    }
+
     /// Whether any cell is active (the merger's only check otherwise).
     pub(crate) fn any_active(&self) -> bool {
         self.active.load(Ordering::Relaxed) != 0

@@ -22,8 +22,8 @@ pub struct Staged {
     pub value: Vec<u8>,
 }
 
-/// Writes one log.
-#[derive(Debug)]
+/// Writes one log. A clone continues the same log (e.g. on a copy of the region).
+#[derive(Clone, Debug)]
 pub struct LogWriter {
     pub log_id: u32,
     pub generation: u64,

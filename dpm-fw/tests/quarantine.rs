@@ -119,13 +119,15 @@ fn region_full_while_only_quarantined_blocks_remain() {
     // KN 4's log exists first, so it has a block with room for the deletes below.
     let mut b = LogWriter::open(&dpm, 4, 0).expect("open");
     let mut a = LogWriter::open(&dpm, 3, 0).expect("open");
-    // KN 3 fills the region with one entry per block.
+    // KN 3 fills the region with one entry per block (merged as it goes: unmerged blocks
+    // keep room in reserve for the index).
     let value = [9u8; 3_900];
     let err = loop {
         a.put(&key(a.next_seq), &value);
         if let Err(e) = a.flush(&dpm) {
             break e;
         }
+        dpm.merge_all(a.log_id, &mut s).expect("merge");
     };
     assert_eq!(err, ErrorCode::RegionFull);
     let written = a.durable_seq;
@@ -140,12 +142,37 @@ fn region_full_while_only_quarantined_blocks_remain() {
     dpm.merge_all(b.log_id, &mut s).expect("merge");
     assert_eq!(dpm.get(&key(1)), None);
     pass(&dpm);
-    // Only the blocks reserved for compaction are left (and no block is a victim).
-    assert_eq!(dpm.stats().blocks_free, dpm_fw::dpm::COMPACTION_RESERVE);
+    // The fence released the room kept for KN 3's unmerged blocks: KN 4 gets a few of
+    // those blocks, and then only the blocks reserved for compaction and the index's room
+    // for what is granted but unmerged are left (and no block is a victim).
+    let mut extra = 0;
+    let err = loop {
+        match b.next_block(&dpm) {
+            Ok(()) => extra += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, ErrorCode::RegionFull);
+    assert!(extra <= 8, "{extra} blocks granted after the fence");
+    let room = dpm.room();
+    assert!(
+        room.free_blocks <= dpm_fw::dpm::COMPACTION_RESERVE + 12,
+        "{room:?}"
+    );
     assert_eq!(b.next_block(&dpm), Err(ErrorCode::RegionFull));
-    assert_eq!(
-        LogWriter::open(&dpm, 4, 1).map(|_| ()),
-        Err(ErrorCode::RegionFull)
+    // The headroom kept for opening logs lets a replacement KN open its logs, no more.
+    let mut opened = Vec::new();
+    let err = loop {
+        match LogWriter::open(&dpm, 5, opened.len() as u32) {
+            Ok(w) => opened.push(w),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, ErrorCode::RegionFull);
+    assert!(
+        opened.len() as u64 <= dpm_fw::dpm::OPEN_HEADROOM_LOGS,
+        "{} logs opened",
+        opened.len()
     );
     // Past the quarantine the dead blocks come back.
     dpm.tick(DEFAULT_QUARANTINE_MS);

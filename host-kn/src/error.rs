@@ -3,6 +3,14 @@
 use dinomo_hw::fabric::FabricError;
 use dinomo_shared::ErrorCode;
 
+/// The reply to a write the memory node has no room for (Redis's `-OOM` for `maxmemory`).
+/// The write was refused before it was acknowledged and changed nothing; reads still work.
+pub const REGION_FULL_REPLY: &str = "OOM the DINOMO region is full: the memory node grants no \
+     more log space (it keeps room to merge every write already accepted), so this write \
+     was refused and changed nothing. Reads still work. Delete keys you no longer need \
+     (DEL; their space is reclaimed once merged) or start with a bigger region \
+     (dinomo up --region-size)";
+
 /// Why a request failed. A failed write was not acknowledged and may or may not be durable;
 /// it never becomes visible half-written.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -5,6 +5,12 @@
 //! next entry does not fit the block, the shard flushes, switches to the spare block it got
 //! ahead of time, and the seal of the full block (its `sealed_len`) rides along with the
 //! next batch, in the same round trip.
+//!
+//! When the memory node grants no further spare (the region is full, see the DPM's room
+//! rule), the log is *full*: its current block is kept for deletes, which need no index
+//! room and are how space is freed, and puts are refused (`RegionFull`, answered `-OOM`)
+//! before anything is staged. A put in a full log asks for a spare again, at most every
+//! [`FULL_RETRY`], and the log stops being full as soon as it gets one.
 
 use std::time::Duration;
 
@@ -16,6 +22,9 @@ use dinomo_shared::msg::{Request, Response};
 
 use crate::control;
 use crate::error::KvError;
+
+/// How often a full log asks the memory node for a spare again.
+pub const FULL_RETRY: Duration = Duration::from_millis(100);
 
 /// Where a region's log area is (from its superblock).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +93,8 @@ pub struct ShardLog {
     next_seq: u64,
     durable_seq: u64,
     timeout: Duration,
+    /// Set while the memory node refuses a spare: when it was last refused.
+    full_since: Option<std::time::Instant>,
 }
 
 impl ShardLog {
@@ -97,15 +108,24 @@ impl ShardLog {
         staging_cap: usize,
         timeout: Duration,
     ) -> Result<Self, KvError> {
-        let (log_id, generation, block, salt) = match control::call(
-            f,
-            Request::OpenLog {
-                kn_id,
-                shard,
-                lease_epoch,
-            },
-            timeout,
-        )? {
+        let req = Request::OpenLog {
+            kn_id,
+            shard,
+            lease_epoch,
+        };
+        // A full region keeps room for a few new logs, and a fenced KN's logs give theirs
+        // back once merged: a KN replacing a dead one waits for that (bounded) rather than
+        // failing to start, so that reads are served again.
+        let t0 = std::time::Instant::now();
+        let opened = loop {
+            match control::call(f, req, timeout) {
+                Err(KvError::RegionFull) if t0.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => break r?,
+            }
+        };
+        let (log_id, generation, block, salt) = match opened {
             Response::LogOpened {
                 log_id,
                 generation,
@@ -139,9 +159,12 @@ impl ShardLog {
             next_seq: 1,
             durable_seq: 0,
             timeout,
+            full_since: None,
         };
-        // A missing spare is not fatal here: the next block switch asks again.
-        let _ = log.refill_spare(f);
+        // A missing spare is not fatal here: puts ask again (the log is full meanwhile).
+        if let Err(KvError::RegionFull) = log.refill_spare(f) {
+            log.full_since = Some(std::time::Instant::now());
+        }
         Ok(log)
     }
 
@@ -158,6 +181,7 @@ impl ShardLog {
         match control::call(f, req, self.timeout)? {
             Response::BlockGranted { block, salt } => {
                 self.spare = Some((block, salt));
+                self.full_since = None;
                 Ok(())
             }
             r => Err(KvError::Corrupt(format!(
@@ -205,6 +229,9 @@ impl ShardLog {
         value: &[u8],
     ) -> Result<Appended, AppendError> {
         let len = entry::padded_len(key.len(), value.len());
+        if op == Op::Put && self.still_full(f)? {
+            return Err(AppendError::Kv(KvError::RegionFull));
+        }
         if len > self.area.max_entry() || len > self.staging_cap {
             return Err(AppendError::Kv(KvError::ValueTooLarge {
                 len: value.len(),
@@ -237,6 +264,33 @@ impl ShardLog {
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok(Appended { seq, eref })
+    }
+
+    /// Whether the log is full (puts refused, see the module docs), asking the memory node
+    /// for a spare again if the last refusal is older than [`FULL_RETRY`].
+    fn still_full<F: Fabric + ?Sized>(&mut self, f: &mut F) -> Result<bool, AppendError> {
+        let Some(since) = self.full_since else {
+            return Ok(false);
+        };
+        if since.elapsed() < FULL_RETRY {
+            return Ok(true);
+        }
+        match self.refill_spare(f) {
+            Ok(()) => {
+                self.full_since = None;
+                Ok(false)
+            }
+            Err(KvError::RegionFull) => {
+                self.full_since = Some(std::time::Instant::now());
+                Ok(true)
+            }
+            Err(e) => Err(AppendError::Kv(e)),
+        }
+    }
+
+    /// Whether puts are refused for want of room (see the module docs).
+    pub fn is_full(&self) -> bool {
+        self.full_since.is_some()
     }
 
     /// The largest value that fits with a key of `key_len` bytes.
@@ -335,9 +389,13 @@ impl ShardLog {
         self.block = block;
         self.salt = salt;
         self.offset = BLOCK_HEADER_SIZE;
-        // Running out of blocks for the spare is reported at the next switch, not now.
+        // No spare behind the new block: it is kept for deletes (the log is full).
         match self.refill_spare(f) {
-            Ok(()) | Err(KvError::RegionFull) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(KvError::RegionFull) => {
+                self.full_since = Some(std::time::Instant::now());
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

@@ -169,7 +169,7 @@ impl<P: Persist> Dpm<P> {
             .ok_or(ErrorCode::Corrupt)?;
         let installed = match found.op {
             Op::Put => {
-                let old = self.index.upsert(&self.pm, &key, r).map_err(index_code)?;
+                let old = self.index_upsert(&key, r).map_err(index_code)?;
                 self.blocks.add_ref(found.block, r.len());
                 self.release(old);
                 r

@@ -240,15 +240,28 @@ impl<P: Persist> Dpm<P> {
     }
 
     /// Back-pressure for a writer asking for a block while the free list is at the
-    /// compaction reserve: compacts (in the caller's thread) until a block is free beyond
-    /// the reserve, there is nothing left to compact, or a bounded number of tries passed.
-    pub(super) fn make_room(&self, scratch: &mut Scratch) {
+    /// compaction reserve, or while the room rule (see `room`) refuses a grant: merges
+    /// every log once (which releases the index room kept for unmerged log space), then
+    /// reclaims and compacts (in the caller's thread) until a grant would succeed, there is
+    /// nothing left to compact, or a bounded number of tries passed. `opening`: the grant
+    /// asked for is a new log's first block.
+    pub(super) fn make_room(&self, opening: bool, scratch: &mut Scratch) {
+        let fits =
+            || self.blocks.free_count() > super::COMPACTION_RESERVE && self.may_grant(opening);
+        let mut merged = false;
         for _ in 0..MAKE_ROOM_TRIES {
-            if self.blocks.free_count() > super::COMPACTION_RESERVE {
+            if fits() {
                 return;
             }
+            if !merged {
+                merged = true;
+                for log_id in 0..self.geo.max_logs {
+                    // A log that cannot merge keeps its room; the grant decides.
+                    let _ = self.merge_all(log_id, scratch);
+                }
+            }
             self.reclaim_all();
-            if self.blocks.free_count() > super::COMPACTION_RESERVE {
+            if fits() {
                 return;
             }
             match self.compact_step(true, scratch) {
@@ -438,7 +451,7 @@ impl<P: Persist> Dpm<P> {
 
     /// Links a new block after the compaction log's tail, then seals the old tail.
     fn next_compaction_block(&self, clog: u32, cst: &mut LogState) -> Result<(), ErrorCode> {
-        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq, 0)?;
+        let (block, salt) = self.take_block(clog, cst.generation, cst.cursor.next_seq, 0, false)?;
         let old = cst.cursor.block;
         let link = self.geo.block_off(old) + BlockHeader::NEXT_OFFSET;
         self.pm.store_u32(link, block);

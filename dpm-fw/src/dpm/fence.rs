@@ -7,7 +7,8 @@ use dinomo_shared::control::{LogSlot, LOG_ACTIVE};
 use dinomo_shared::msg::Response;
 use dinomo_shared::ErrorCode;
 
-use super::{Dpm, LogState, Scratch};
+use super::{Dpm, LogState, Scratch, Stall};
+use crate::index::IndexError;
 
 /// The most recent fenced KNs, in a ring (a reader that falls more than its length behind
 /// is told so and revokes nothing it missed; fencing is rare).
@@ -35,10 +36,17 @@ impl<P: Persist> Dpm<P> {
         let mut entries = 0;
         for log_id in 0..self.geo.max_logs {
             let target = match &*self.logs[log_id as usize].lock() {
+                // Also a closed log not yet merged to its fence point because the index
+                // had no room (an earlier fence whose merge failed): the fence succeeds only
+                // once everything the KN acknowledged is in the index. A damaged log is
+                // not retried (its damage is reported once and by `inspect`).
                 Some(st)
                     if st.kn_id == kn_id
                         && !st.compaction
-                        && (st.status == LOG_ACTIVE || st.fence.is_none()) =>
+                        && (st.status == LOG_ACTIVE
+                            || st.fence.is_none()
+                            || (st.stall == Some(Stall::Index(IndexError::Full))
+                                && st.fence.is_some_and(|f| st.cursor.next_seq <= f))) =>
                 {
                     Some((st.generation, st.cursor.next_seq))
                 }
@@ -105,6 +113,7 @@ impl<P: Persist> Dpm<P> {
         self.pm.store_u64(off, LogSlot::encode_fence(seq));
         self.pm.persist(off, 8);
         st.fence = Some(seq);
+        self.publish_mark(log_id, guard);
     }
 }
 

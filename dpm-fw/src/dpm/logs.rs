@@ -38,17 +38,27 @@ impl<P: Persist> Dpm<P> {
 
     /// Takes a free block and writes its header (persisted). Reclaims dead blocks first if
     /// the free list is empty. Only the compaction log may take the last
-    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to.
+    /// [`COMPACTION_RESERVE`] blocks: compaction needs somewhere to move entries to. A KN's
+    /// log (`reserve > 0`) gets a block only while the index keeps room for every entry
+    /// that could be written to it (see `room`): otherwise `RegionFull`, before the KN
+    /// has acknowledged anything it would write there. Extending a log (`opening` false)
+    /// also leaves room for [`OPEN_HEADROOM_LOGS`](super::room::OPEN_HEADROOM_LOGS) new
+    /// logs, so that a KN replacing a dead one can still open its logs (and serve reads)
+    /// when writes have filled the region.
     pub(super) fn take_block(
         &self,
         log_id: u32,
         generation: u64,
         first_seq: u64,
         reserve: u64,
+        opening: bool,
     ) -> Result<(u32, u32), ErrorCode> {
-        if self.blocks.free_count() <= reserve {
+        let _grant = (reserve > 0).then(|| self.grant_lock.lock());
+        let refused =
+            || self.blocks.free_count() <= reserve || (reserve > 0 && !self.may_grant(opening));
+        if refused() {
             self.reclaim_all();
-            if self.blocks.free_count() <= reserve {
+            if refused() {
                 return Err(ErrorCode::RegionFull);
             }
         }
@@ -112,7 +122,7 @@ impl<P: Persist> Dpm<P> {
         } else {
             COMPACTION_RESERVE
         };
-        let (block, salt) = self.take_block(log_id, generation, 1, reserve)?;
+        let (block, salt) = self.take_block(log_id, generation, 1, reserve, true)?;
         // Progress first, then the slot: the slot store is the commit of the open.
         let rec = ProgressRecord::new(0, block, BLOCK_HEADER_SIZE as u32, generation);
         let poff = self.geo.progress_off(log_id);
@@ -156,6 +166,7 @@ impl<P: Persist> Dpm<P> {
             quarantine_from: None,
             compaction: flags & LOG_FLAG_COMPACTION != 0,
         });
+        self.publish_mark(log_id, &guard);
         Ok(Response::LogOpened {
             log_id,
             generation,
@@ -200,7 +211,8 @@ impl<P: Persist> Dpm<P> {
                 None => Err(ErrorCode::InvalidArgument),
             };
         }
-        let (block, salt) = self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE)?;
+        let (block, salt) =
+            self.take_block(log_id, st.generation, next_seq, COMPACTION_RESERVE, false)?;
         // Link after the tail, then move the tail hint. Recovery walks `next` links, so the
         // link is the commit; the hint is only a shortcut.
         let link = self.geo.block_off(last_block) + BlockHeader::NEXT_OFFSET;

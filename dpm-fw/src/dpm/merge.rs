@@ -89,7 +89,9 @@ impl<P: Persist> Dpm<P> {
         loop {
             let step = self.step_locked(log_id, guard, u64::MAX, scratch);
             match guard.as_ref() {
-                Some(st) if st.stall.is_some() => return Err(ErrorCode::Corrupt),
+                Some(st) if st.stall.is_some() => {
+                    return Err(st.stall.map_or(ErrorCode::Corrupt, super::stall_code))
+                }
                 Some(_) if !step.at_tail => {}
                 _ => return Ok(step.merged_seq),
             }
@@ -120,6 +122,10 @@ impl<P: Persist> Dpm<P> {
                 ..Step::default()
             };
         };
+        // An index that had no room is tried again: blocks may have been freed since.
+        if st.stall == Some(Stall::Index(IndexError::Full)) {
+            st.stall = None;
+        }
         if st.stall.is_some() {
             return Step {
                 at_tail: true,
@@ -155,7 +161,7 @@ impl<P: Persist> Dpm<P> {
                             self.blocks.inc_live(c.block);
                             Ok(())
                         }
-                        (Op::Put, Some(r)) => self.index.upsert(&self.pm, key, r).map(|old| {
+                        (Op::Put, Some(r)) => self.index_upsert(key, r).map(|old| {
                             self.blocks.add_ref(c.block, r.len());
                             self.release(old);
                         }),
@@ -169,6 +175,7 @@ impl<P: Persist> Dpm<P> {
                     };
                     if let Err(e) = applied {
                         st.stall = Some(Stall::Index(e));
+                        step.at_tail = true;
                         break;
                     }
                     st.cursor.offset += len as u32;
@@ -191,6 +198,7 @@ impl<P: Persist> Dpm<P> {
         }
         step.merged_seq = st.cursor.next_seq - 1;
         self.reclaim_log(log_id, guard);
+        self.publish_mark(log_id, guard);
         step
     }
 

@@ -39,12 +39,14 @@ mod logs;
 mod merge;
 mod reclaim;
 mod recovery;
+mod room;
 mod stats;
 
 pub use compact::{CompactConfig, CompactStep, CompactTotals, LiveMismatch};
 pub use logs::COMPACTION_RESERVE;
 pub use merge::{Cursor, Stall, Step, DEFAULT_STEP};
 pub use reclaim::DEFAULT_QUARANTINE_MS;
+pub use room::{Room, MIN_PUT_ENTRY, OPEN_HEADROOM_LOGS};
 pub use stats::{CellStats, DpmStats, LogStats};
 
 use fence::FenceLog;
@@ -86,6 +88,11 @@ pub struct Dpm<P: Persist> {
     blocks: Blocks,
     cells: Cells,
     logs: Vec<spin::Mutex<Option<LogState>>>,
+    /// Per log, where its merge cursor stands (block << 32 | offset), or `room::NO_MARK`;
+    /// read by block grants, which cannot take other logs' locks.
+    marks: Vec<AtomicU64>,
+    /// Serializes block grants to KNs, so that two grants never both count the same room.
+    grant_lock: spin::Mutex<()>,
     open_lock: spin::Mutex<()>,
     shutting_down: AtomicBool,
     /// Milliseconds on the runner's clock (see [`Dpm::tick`]).
@@ -149,6 +156,18 @@ impl<P: Persist> Dpm<P> {
         });
         // Before the logs are replayed: entries of replicated keys stay out of the index.
         let cells = recover_cells(&pm, &geo, &used, &blocks)?;
+        // Log blocks holding reachable index buckets are the index's; none may also be in a
+        // log chain (a block is given to the index only once unlinked from every chain).
+        for b in index.blocks() {
+            match used.get_mut(b as usize) {
+                Some(u) if !*u => *u = true,
+                _ => {
+                    return Err(OpenError::Index(IndexError::Corrupt(
+                        "a log block holds index buckets and is in a log chain",
+                    )))
+                }
+            }
+        }
         blocks.set_free(
             (0..geo.n_blocks as u32)
                 .filter(|&b| !used[b as usize])
@@ -161,6 +180,10 @@ impl<P: Persist> Dpm<P> {
             index,
             blocks,
             cells,
+            marks: (0..geo.max_logs)
+                .map(|_| AtomicU64::new(room::NO_MARK))
+                .collect(),
+            grant_lock: spin::Mutex::new(()),
             logs,
             open_lock: spin::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
@@ -184,6 +207,7 @@ impl<P: Persist> Dpm<P> {
             if matches!(guard.as_ref(), Some(st) if st.status == LOG_CLOSED) {
                 dpm.fence_locked(log_id, &mut guard, &mut scratch);
             }
+            dpm.publish_mark(log_id, &guard);
         }
         Ok(dpm)
     }
@@ -270,7 +294,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
-                self.make_room(scratch);
+                self.make_room(true, scratch);
                 self.open_log(kn_id, shard, lease_epoch)
             }
             Request::AllocBlock {
@@ -282,7 +306,7 @@ impl<P: Persist> Dpm<P> {
                 if self.is_shutting_down() {
                     return Err(ErrorCode::ShuttingDown);
                 }
-                self.make_room(scratch);
+                self.make_room(false, scratch);
                 self.alloc_block(log_id, generation, next_seq, last_block)
             }
             Request::MergeAll {
@@ -316,6 +340,15 @@ impl<P: Persist> Dpm<P> {
             Request::MapRanges { epoch, ranges } => self.map_ranges(epoch, &ranges),
             Request::MapCommit { epoch, crc } => self.map_commit(epoch, crc),
         }
+    }
+}
+
+/// The error a control reply carries for a log that stopped merging: `IndexFull` while the
+/// index waits for room (retried on every pass), `Corrupt` for damage.
+pub(super) fn stall_code(stall: Stall) -> ErrorCode {
+    match stall {
+        Stall::Index(e) => index_code(e),
+        Stall::CorruptEntry { .. } | Stall::BadLink { .. } => ErrorCode::Corrupt,
     }
 }
 

@@ -114,6 +114,7 @@ impl<P: Persist> Dpm<P> {
             self.pm.store_u32(slot_off, LOG_FREE);
             self.pm.persist(slot_off, 4);
             *guard = None;
+            self.publish_mark(log_id, guard);
         }
     }
 

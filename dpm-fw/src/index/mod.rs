@@ -11,11 +11,19 @@
 //! - insert into an empty slot: ref, persist, hash (the commit), persist;
 //! - update: the new ref, persist; delete: hash 0, persist;
 //! - new overflow bucket: the whole bucket, persist, then `next` of its predecessor, persist;
+//!   when the index area has no free unit left, the bucket goes into a log block the
+//!   memory node took from its free list for the index (see [`Index::add_block`]): the
+//!   link that commits the bucket is also what makes the block the index's, because
+//!   recovery hands a log block to the index exactly when the reachable index names a
+//!   bucket in it;
 //! - resize (copy-on-write): the new table, persist; `BUCKET_MOVED` in every old bucket,
 //!   persist; the new root word (generation + 1), persist.
 //!
 //! A crash at any persist point therefore leaves every operation either done or not done;
-//! [`Index::open`] only has to clear volatile bits and rebuild the volatile state.
+//! [`Index::open`] only has to clear volatile bits and rebuild the volatile state (which
+//! includes the set of log blocks holding reachable overflow buckets: a block taken for the
+//! index but not linked yet is free again, one that holds a linked bucket stays the
+//! index's).
 //!
 //! Concurrency: writers (merge workers) lock the head bucket of a chain (a CAS on the lock
 //! byte); readers never lock. A resize excludes writers with a gate; readers that hold the
@@ -28,6 +36,7 @@ mod tests;
 
 pub use dinomo_shared::index::{scan_bucket, Candidates, Scan};
 
+use alloc::collections::btree_map::{BTreeMap, Entry};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
@@ -51,7 +60,8 @@ const MAX_RESTARTS: u32 = 1 << 16;
 /// Why an index operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IndexError {
-    /// No room left in the index area for another overflow bucket.
+    /// No room left for another overflow bucket: the index area and every log block given
+    /// to the index are full (the memory node then gives it another free block and retries).
     Full,
     /// The index structures in the region are damaged; the string says what was found.
     Corrupt(&'static str),
@@ -86,6 +96,10 @@ pub struct IndexStats {
     pub area_bytes: u64,
     /// Bytes of the index area in use (current table and overflow buckets).
     pub used_bytes: u64,
+    /// Log blocks the index took from the block pool for overflow buckets.
+    pub blocks: u64,
+    /// Free 64-byte units in those blocks.
+    pub block_free_units: u64,
 }
 
 /// The index's volatile state; the index itself lives in the region.
@@ -94,7 +108,12 @@ pub struct Index {
     area_off: u64,
     /// 64-byte units in the index area.
     units: u64,
-    area: spin::Mutex<AreaAlloc>,
+    /// The log area, where blocks given to the index hold overflow buckets.
+    log: LogArea,
+    /// Longest chain a walk follows before it calls the chain a loop: every unit of the
+    /// index area and of the log area.
+    max_hops: u64,
+    area: spin::Mutex<Space>,
     /// Writers hold it shared, a resize exclusively.
     gate: spin::RwLock<()>,
     items: AtomicU64,
@@ -112,6 +131,81 @@ impl fmt::Debug for Index {
             .field("items", &self.items.load(Ordering::Relaxed))
             .field("overflow", &self.overflow.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+/// Where the log area is, and how a log block splits into 64-byte units.
+#[derive(Clone, Copy, Debug)]
+struct LogArea {
+    off: u64,
+    block_size: u64,
+    n_blocks: u64,
+}
+
+impl LogArea {
+    fn units_per_block(&self) -> u64 {
+        self.block_size / BUCKET_SIZE
+    }
+
+    /// The block and unit of a bucket offset in the log area.
+    fn place(&self, off: u64) -> Option<(u32, u64)> {
+        let rel = off.checked_sub(self.off)?;
+        let block = rel / self.block_size;
+        (block < self.n_blocks).then_some((block as u32, (rel % self.block_size) / BUCKET_SIZE))
+    }
+}
+
+/// Where a bucket lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Unit of the index area.
+    Area(u64),
+    /// Log block given to the index, and unit within it.
+    Block(u32, u64),
+}
+
+/// The index's space: the index area, and the log blocks it was given (volatile: rebuilt
+/// from what the root reaches at open).
+struct Space {
+    area: AreaAlloc,
+    blocks: BTreeMap<u32, AreaAlloc>,
+    /// Free units over `blocks`.
+    block_free: u64,
+}
+
+impl Space {
+    fn new(units: u64) -> Self {
+        Self {
+            area: AreaAlloc::new(units),
+            blocks: BTreeMap::new(),
+            block_free: 0,
+        }
+    }
+
+    /// A unit for one overflow bucket: from the index area first, then from the blocks.
+    fn alloc_overflow(&mut self, area_off: u64, log: &LogArea) -> Option<u64> {
+        if let Some(unit) = self.area.alloc_one() {
+            return Some(area_off + unit * BUCKET_SIZE);
+        }
+        for (&b, a) in self.blocks.iter_mut() {
+            if let Some(unit) = a.alloc_one() {
+                self.block_free -= 1;
+                return Some(log.off + b as u64 * log.block_size + unit * BUCKET_SIZE);
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, place: Place, n: u64) {
+        match place {
+            Place::Area(unit) => self.area.free(unit, n),
+            Place::Block(b, unit) => {
+                if let Some(a) = self.blocks.get_mut(&b) {
+                    a.free(unit, n);
+                    self.block_free += n;
+                }
+            }
+        }
     }
 }
 
@@ -179,6 +273,14 @@ fn area_of<P: Persist>(pm: &Pmem<P>, geo: &Geometry) -> Result<(u64, u64), Index
     Ok((geo.index_off, units))
 }
 
+fn log_area_of(geo: &Geometry) -> LogArea {
+    LogArea {
+        off: geo.log_off,
+        block_size: geo.block_size,
+        n_blocks: geo.n_blocks,
+    }
+}
+
 impl Index {
     /// Writes an empty first table (about 1/16 of the area, so that it can double a few
     /// times) and the root word; persists both.
@@ -220,11 +322,15 @@ impl Index {
     /// volatile state. Everything not reachable from the root is free space.
     pub fn open<P: Persist>(pm: &Pmem<P>, geo: &Geometry) -> Result<Index, IndexError> {
         let (area_off, units) = area_of(pm, geo)?;
+        let log = log_area_of(geo);
         let idx = Index {
             root_off: geo.root_off(),
             area_off,
             units,
-            area: spin::Mutex::new(AreaAlloc::new(units)),
+            log,
+            max_hops: units
+                .saturating_add(log.n_blocks.saturating_mul(log.units_per_block()).max(1)),
+            area: spin::Mutex::new(Space::new(units)),
             gate: spin::RwLock::new(()),
             items: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
@@ -240,8 +346,8 @@ impl Index {
             "index root names a table outside the index area",
         ))?;
         let generation = root.generation();
-        let mut area = AreaAlloc::new(units);
-        area.mark(first, root.buckets());
+        let mut space = Space::new(units);
+        space.area.mark(first, root.buckets());
         let (mut items, mut overflow, mut dirty) = (0u64, 0u64, false);
         for i in 0..root.buckets() {
             let mut off = root.base() + i * BUCKET_SIZE;
@@ -272,15 +378,33 @@ impl Index {
                 if b.next == 0 {
                     break;
                 }
-                let unit = idx.overflow_unit(b.next).ok_or(IndexError::Corrupt(
-                    "overflow pointer outside the index area",
-                ))?;
-                if area.is_used(unit) {
-                    return Err(IndexError::Corrupt(
-                        "overflow chains loop or share a bucket",
-                    ));
+                const SHARED: IndexError =
+                    IndexError::Corrupt("overflow chains loop or share a bucket");
+                match idx.bucket_place(b.next).ok_or(IndexError::Corrupt(
+                    "overflow pointer outside the index area and the log blocks",
+                ))? {
+                    Place::Area(unit) => {
+                        if space.area.is_used(unit) {
+                            return Err(SHARED);
+                        }
+                        space.area.mark(unit, 1);
+                    }
+                    Place::Block(blk, unit) => {
+                        let per = idx.log.units_per_block();
+                        let a = match space.blocks.entry(blk) {
+                            Entry::Occupied(o) => o.into_mut(),
+                            Entry::Vacant(v) => {
+                                space.block_free += per;
+                                v.insert(AreaAlloc::new(per))
+                            }
+                        };
+                        if a.is_used(unit) {
+                            return Err(SHARED);
+                        }
+                        a.mark(unit, 1);
+                        space.block_free -= 1;
+                    }
                 }
-                area.mark(unit, 1);
                 overflow += 1;
                 off = b.next;
             }
@@ -290,7 +414,7 @@ impl Index {
         }
         idx.items.store(items, Ordering::Relaxed);
         idx.overflow.store(overflow, Ordering::Relaxed);
-        *idx.area.lock() = area;
+        *idx.area.lock() = space;
         Ok(idx)
     }
 
@@ -351,8 +475,8 @@ impl Index {
                     }
                 }
                 hops += 1;
-                match self.overflow_unit(b.next) {
-                    Some(_) if hops <= self.units => off = b.next,
+                match self.bucket_place(b.next) {
+                    Some(_) if hops <= self.max_hops => off = b.next,
                     _ => break,
                 }
             }
@@ -364,6 +488,7 @@ impl Index {
         let _gate = self.gate.read();
         let root = RootWord(pm.load_u64(self.root_off));
         let items = self.items.load(Ordering::Relaxed);
+        let space = self.area.lock();
         let buckets = if self.table_unit(root).is_some() {
             root.buckets()
         } else {
@@ -380,7 +505,9 @@ impl Index {
                 items as f64 / (buckets as f64 * SLOTS_PER_BUCKET as f64)
             },
             area_bytes: self.units * BUCKET_SIZE,
-            used_bytes: self.area.lock().used_units() * BUCKET_SIZE,
+            used_bytes: space.area.used_units() * BUCKET_SIZE,
+            blocks: space.blocks.len() as u64,
+            block_free_units: space.block_free,
         }
     }
 
@@ -392,7 +519,7 @@ impl Index {
             self.table_unit(root)?;
             let generation = root.generation();
             let mut off = root.bucket_of(hash);
-            for _ in 0..=self.units {
+            for _ in 0..=self.max_hops {
                 let b: Bucket = pm.read_pod(off);
                 let Scan::Slots { candidates, next } = scan_bucket(&b, generation, hash) else {
                     continue 'restart;
@@ -411,7 +538,7 @@ impl Index {
                 if next == 0 {
                     return None;
                 }
-                self.overflow_unit(next)?;
+                self.bucket_place(next)?;
                 off = next;
             }
             // A chain longer than the area has buckets loops: damaged.
@@ -443,8 +570,11 @@ impl Index {
                 pm.store_u64(slot, hash);
                 pm.persist(slot, 8);
             } else {
-                let unit = self.area.lock().alloc_one().ok_or(IndexError::Full)?;
-                let off = self.area_off + unit * BUCKET_SIZE;
+                let off = self
+                    .area
+                    .lock()
+                    .alloc_overflow(self.area_off, &self.log)
+                    .ok_or(IndexError::Full)?;
                 let mut b = empty_bucket(root.generation());
                 b.slots[0] = Slot { hash, eref: eref.0 };
                 pm.write_pod(off, &b);
@@ -533,7 +663,7 @@ impl Index {
             last: head,
         };
         let mut off = head;
-        for _ in 0..=self.units {
+        for _ in 0..=self.max_hops {
             let b: Bucket = pm.read_pod(off);
             if Bucket::generation_of(b.meta) != root.generation() {
                 return Err(IndexError::Corrupt(
@@ -564,8 +694,8 @@ impl Index {
             if b.next == 0 {
                 return Ok(scan);
             }
-            self.overflow_unit(b.next).ok_or(IndexError::Corrupt(
-                "overflow pointer outside the index area",
+            self.bucket_place(b.next).ok_or(IndexError::Corrupt(
+                "overflow pointer outside the index area and the log blocks",
             ))?;
             off = b.next;
         }
@@ -604,8 +734,8 @@ impl Index {
         let first = self.table_unit(old).ok_or(IndexError::Corrupt(
             "index root names a table outside the index area",
         ))?;
-        let mut area = self.area.lock();
-        let Some((unit, new)) = self.alloc_table(&mut area, old) else {
+        let mut space = self.area.lock();
+        let Some((unit, new)) = self.alloc_table(&mut space.area, old) else {
             self.no_grow_gen.store(old.generation(), Ordering::Relaxed);
             return Ok(());
         };
@@ -623,16 +753,23 @@ impl Index {
                 loop {
                     let b: Bucket = pm.read_pod(off);
                     for s in b.slots.iter().filter(|s| s.hash != EMPTY_HASH) {
-                        place(pm, &mut area, self.area_off, new, *s, &mut new_overflow)?;
+                        place(
+                            pm,
+                            &mut space.area,
+                            self.area_off,
+                            new,
+                            *s,
+                            &mut new_overflow,
+                        )?;
                     }
                     if b.next == 0 {
                         break;
                     }
-                    self.overflow_unit(b.next).ok_or(IndexError::Corrupt(
-                        "overflow pointer outside the index area",
+                    self.bucket_place(b.next).ok_or(IndexError::Corrupt(
+                        "overflow pointer outside the index area and the log blocks",
                     ))?;
                     hops += 1;
-                    if hops > self.units {
+                    if hops > self.max_hops {
                         return Err(IndexError::Corrupt("overflow chain loops"));
                     }
                     old_overflow.push(b.next);
@@ -642,9 +779,9 @@ impl Index {
             Ok(())
         })();
         if let Err(e) = copied {
-            area.free(unit, new.buckets());
+            space.area.free(unit, new.buckets());
             for &o in &new_overflow {
-                area.free((o - self.area_off) / BUCKET_SIZE, 1);
+                space.area.free((o - self.area_off) / BUCKET_SIZE, 1);
             }
             if e != IndexError::Full {
                 return Err(e);
@@ -671,9 +808,11 @@ impl Index {
         pm.persist(self.root_off, 8);
         // 4. The old table's memory is free: a stale reader that reaches it after reuse sees
         //    another generation.
-        area.free(first, old.buckets());
+        space.area.free(first, old.buckets());
         for &o in &old_overflow {
-            area.free((o - self.area_off) / BUCKET_SIZE, 1);
+            if let Some(p) = self.bucket_place(o) {
+                space.free(p, 1);
+            }
         }
         self.overflow
             .store(new_overflow.len() as u64, Ordering::Relaxed);
@@ -709,13 +848,55 @@ impl Index {
         (first.checked_add(root.buckets())? <= self.units).then_some(first)
     }
 
-    /// The unit of an overflow-bucket offset, if it is one.
-    fn overflow_unit(&self, off: u64) -> Option<u64> {
+    /// Where an overflow-bucket offset lies, if it can be one: a unit of the index area or
+    /// of the log area (only log blocks given to the index hold buckets; a reader that
+    /// follows a pointer elsewhere finds another generation and restarts).
+    fn bucket_place(&self, off: u64) -> Option<Place> {
         if off % BUCKET_SIZE != 0 || off < self.area_off {
             return None;
         }
         let unit = (off - self.area_off) / BUCKET_SIZE;
-        (unit < self.units).then_some(unit)
+        if unit < self.units {
+            return Some(Place::Area(unit));
+        }
+        self.log.place(off).map(|(b, u)| Place::Block(b, u))
+    }
+
+    // ---- log blocks given to the index ----------------------------------------------
+
+    /// Gives the index log block `block` (taken off the memory node's free list) for
+    /// overflow buckets. Nothing is written: the block becomes the index's in the region
+    /// only when a bucket in it is linked, so a crash before that leaves it free.
+    pub fn add_block(&self, block: u32) -> Result<(), IndexError> {
+        if block as u64 >= self.log.n_blocks {
+            return Err(IndexError::Corrupt("log block out of range"));
+        }
+        let per = self.log.units_per_block();
+        let mut space = self.area.lock();
+        if space.blocks.contains_key(&block) {
+            return Err(IndexError::Corrupt("log block given to the index twice"));
+        }
+        space.blocks.insert(block, AreaAlloc::new(per));
+        space.block_free += per;
+        Ok(())
+    }
+
+    /// The log blocks the index holds (after [`Index::open`]: those a reachable bucket lies
+    /// in), lowest first.
+    pub fn blocks(&self) -> Vec<u32> {
+        self.area.lock().blocks.keys().copied().collect()
+    }
+
+    /// Free units in the index's log blocks: overflow buckets it can add without another
+    /// block. The index area's own free units are left out on purpose, as a resize may take
+    /// them.
+    pub fn block_free_units(&self) -> u64 {
+        self.area.lock().block_free
+    }
+
+    /// Overflow buckets one log block holds.
+    pub fn units_per_block(&self) -> u64 {
+        self.log.units_per_block()
     }
 }
 

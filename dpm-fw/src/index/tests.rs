@@ -366,6 +366,105 @@ fn full_area_reports_full_and_keeps_working() {
     assert_eq!(f.open().stats(&f.pm), idx.stats(&f.pm));
 }
 
+#[test]
+fn a_full_area_grows_into_given_log_blocks_and_open_finds_them() {
+    let keys = 6000;
+    let f = Fixture::new(4 << 20, 1, 0, keys, 1);
+    let idx = f.open();
+    // Blocks past the entries the fixture wrote.
+    let last = f.geo.n_blocks as u32 - 1;
+    let mut given = Vec::new();
+    for k in 0..keys {
+        loop {
+            match idx.upsert(&f.pm, &key(k), f.refs[k][0]) {
+                Ok(None) => break,
+                Err(IndexError::Full) => {
+                    let b = last - given.len() as u32;
+                    idx.add_block(b).expect("a new block");
+                    given.push(b);
+                }
+                other => panic!("key {k}: {other:?}"),
+            }
+        }
+    }
+    assert!(!given.is_empty(), "6000 keys must outgrow a 64 KiB area");
+    assert_eq!(
+        idx.add_block(given[0]),
+        Err(IndexError::Corrupt("log block given to the index twice"))
+    );
+    for k in 0..keys {
+        assert_eq!(idx.get(&f.pm, &key(k)), Some(f.refs[k][0]), "key {k}");
+    }
+    let s = idx.stats(&f.pm);
+    assert_eq!(s.items, keys as u64);
+    assert_eq!(s.blocks, given.len() as u64);
+    // Recovery finds exactly the blocks that hold reachable buckets, with the same room.
+    let again = f.open();
+    given.sort_unstable();
+    assert_eq!(again.blocks(), given);
+    assert_eq!(again.stats(&f.pm), s);
+    assert_eq!(again.block_free_units(), idx.block_free_units());
+    for k in (0..keys).step_by(7) {
+        assert_eq!(again.get(&f.pm, &key(k)), Some(f.refs[k][0]));
+    }
+    // A block given but never used is not the index's after a restart.
+    idx.add_block(0).expect("an unused block");
+    assert_eq!(f.open().blocks(), given);
+}
+
+#[test]
+fn a_power_cut_while_linking_into_a_log_block_loses_nothing() {
+    let keys = 3400;
+    let f = Fixture::new(4 << 20, 1, 0, keys, 1);
+    let block = f.geo.n_blocks as u32 - 1;
+    // Fill the area (its last units are used by the last few inserts).
+    let idx = f.open();
+    let mut n = 0;
+    while let Ok(None) = idx.upsert(&f.pm, &key(n), f.refs[n][0]) {
+        n += 1;
+    }
+    drop(idx);
+    let base = f.region.durable_image();
+    // The next 60 inserts go to the block: cut the power at each persist point of them.
+    let run = |idx: &Index, pm: &Pm| {
+        idx.add_block(block).expect("block");
+        for k in n..n + 60 {
+            idx.upsert(pm, &key(k), f.refs[k][0])
+                .expect("room in the block");
+        }
+    };
+    let r0 = ShadowRegion::from_image(&base);
+    let pm0 = r0.pmem();
+    let idx0 = Index::open(&pm0, &f.geo).expect("open");
+    let start = r0.fences();
+    run(&idx0, &pm0);
+    let total = r0.fences() - start;
+    assert!(total >= 60, "{total}");
+    for k in 0..=total {
+        let r = ShadowRegion::from_image(&base);
+        let pm = r.pmem();
+        let idx = Index::open(&pm, &f.geo).expect("open");
+        r.set_crash_after(Some(k));
+        let _ = catch_power_failure(|| run(&idx, &pm));
+        drop(idx);
+        for image in [r.durable_image(), r.crash_image(k * 31 + 7, 50)] {
+            let r2 = ShadowRegion::from_image(&image);
+            let pm2 = r2.pmem();
+            let rec = Index::open(&pm2, &f.geo).expect("recovery");
+            let items = rec.stats(&pm2).items as usize;
+            assert!((n..=n + 60).contains(&items), "crash at {k}: {items} items");
+            // A prefix of the inserts, every one of them readable.
+            for j in 0..items {
+                assert_eq!(rec.get(&pm2, &key(j)), Some(f.refs[j][0]), "crash at {k}");
+            }
+            // Key `n` found the area full: its bucket is the first in the block, so the
+            // block is the index's exactly when that insert survived.
+            let want = if items > n { vec![block] } else { vec![] };
+            assert_eq!(rec.blocks(), want, "crash at {k}");
+        }
+    }
+}
+
 // ---- concurrency --------------------------------------------------------------------------
 
 #[test]

@@ -98,6 +98,7 @@ impl Conn {
         kv("cache_values", s.cache.values.to_string());
         kv("cache_shortcuts", s.cache.shortcuts.to_string());
         kv("unmerged_entries", s.unmerged.to_string());
+        kv("unmerged_queue", s.unmerged_queue.to_string());
         kv("flushes", s.flushes.to_string());
         kv(
             "entries_per_flush",

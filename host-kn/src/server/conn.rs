@@ -148,6 +148,7 @@ fn kv_error(e: &KvError) -> String {
         KvError::WrongOwner { .. } => "TRYAGAIN the slot is changing owner".into(),
         e @ KvError::TryAgain { .. } => e.to_string(),
         KvError::ShuttingDown => "TRYAGAIN the node is shutting down".into(),
+        KvError::RegionFull => crate::error::REGION_FULL_REPLY.into(),
         e => format!("ERR {e}"),
     }
 }

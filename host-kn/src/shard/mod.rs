@@ -20,8 +20,9 @@ mod msg;
 mod reconfig;
 mod replication;
 mod stats;
+mod unmerged;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -47,13 +48,7 @@ pub use geometry::read_geometry;
 pub use lease::LeaseGate;
 pub use msg::{Msg, ReleaseReport, Reply, ReplyFn, ReplyTo, Request};
 pub use stats::ShardStats;
-
-#[derive(Debug)]
-struct Unmerged {
-    seq: u64,
-    /// `None`: a delete.
-    eref: Option<EntryRef>,
-}
+use unmerged::UnmergedWrites;
 
 #[derive(Debug)]
 struct Pending {
@@ -77,10 +72,8 @@ pub struct Shard<F: Fabric> {
     reader: IndexReader,
     cache: DacCache,
     map: Arc<SlotMap>,
-    /// Own writes not yet merged; the key is shared with `unmerged_order` (one allocation
-    /// per write; a shard is one thread, so `Rc` suffices).
-    unmerged: HashMap<Rc<[u8]>, Unmerged>,
-    unmerged_order: VecDeque<(u64, Rc<[u8]>)>,
+    /// Own writes not yet merged.
+    unmerged: UnmergedWrites,
     pending: Vec<Pending>,
     staged_hashes: HashSet<u64>,
     first_staged: Option<Instant>,
@@ -123,8 +116,7 @@ impl<F: Fabric> Shard<F> {
             reader,
             cache,
             map,
-            unmerged: HashMap::new(),
-            unmerged_order: VecDeque::new(),
+            unmerged: UnmergedWrites::default(),
             pending: Vec::new(),
             staged_hashes: HashSet::new(),
             first_staged: None,
@@ -148,6 +140,7 @@ impl<F: Fabric> Shard<F> {
         s.fabric = *self.f.counters();
         s.cache = self.cache.stats();
         s.unmerged = self.unmerged.len() as u64;
+        s.unmerged_queue = self.unmerged.queued() as u64;
         s.replica = self.replicas.stats;
         s
     }
@@ -407,8 +400,7 @@ impl<F: Fabric> Shard<F> {
                         None => self.cache.remove(&key),
                     }
                     let eref = p.value.as_ref().map(|_| p.eref);
-                    self.unmerged_order.push_back((p.seq, Rc::clone(&key)));
-                    self.unmerged.insert(key, Unmerged { seq: p.seq, eref });
+                    self.unmerged.record(p.seq, key, eref);
                     p.reply.send(Reply {
                         tag: p.tag,
                         result: Ok(None),
@@ -454,17 +446,7 @@ impl<F: Fabric> Shard<F> {
 
     /// Forgets own writes up to `merged_seq`.
     fn forget_merged(&mut self, merged_seq: u64) {
-        while let Some((seq, _)) = self.unmerged_order.front() {
-            if *seq > merged_seq {
-                break;
-            }
-            let Some((seq, key)) = self.unmerged_order.pop_front() else {
-                break;
-            };
-            if self.unmerged.get(&*key).is_some_and(|u| u.seq == seq) {
-                self.unmerged.remove(&*key);
-            }
-        }
+        self.unmerged.forget_merged(merged_seq);
     }
 
     /// Runs the shard until `Stop` or until every sender is gone.

@@ -84,7 +84,7 @@ impl<F: Fabric> Shard<F> {
             self.cfg.shards as usize,
         );
         let map = Arc::clone(&self.map);
-        self.unmerged.retain(|k, _| {
+        self.unmerged.retain(|k| {
             let s = key_slot(k);
             map.owner(s) == kn && shard_of(s, shards) == shard
         });

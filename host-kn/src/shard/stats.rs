@@ -28,6 +28,8 @@ pub struct ShardStats {
     pub flushes: u64,
     pub flushed_entries: u64,
     pub unmerged: u64,
+    /// Entries of the shards' queue of unmerged writes (bounded by about twice `unmerged`).
+    pub unmerged_queue: u64,
     /// Time the shard thread spent handling messages (not waiting for them), for occupancy.
     pub busy_ns: u64,
     pub fabric: FabricCounters,
@@ -54,6 +56,7 @@ impl ShardStats {
         self.flushes += o.flushes;
         self.flushed_entries += o.flushed_entries;
         self.unmerged += o.unmerged;
+        self.unmerged_queue += o.unmerged_queue;
         self.busy_ns += o.busy_ns;
         self.fabric.add(&o.fabric);
         self.replica.add(&o.replica);
@@ -87,6 +90,7 @@ impl ShardStats {
             flushes: self.flushes - e.flushes,
             flushed_entries: self.flushed_entries - e.flushed_entries,
             unmerged: self.unmerged,
+            unmerged_queue: self.unmerged_queue,
             busy_ns: self.busy_ns - e.busy_ns,
             fabric: self.fabric.since(&e.fabric),
             replica: self.replica.since(&e.replica),
