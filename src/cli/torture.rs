@@ -42,6 +42,12 @@ pub(crate) struct TortureArgs {
     /// Roles to kill, e.g. dpm,manager,kn.
     #[arg(long, default_value = "dpm,manager,kn", value_parser = dinomo::torture::Role::parse_list)]
     roles: RoleList,
+    /// Do not fill the region to its limit in the last round (by default the last round
+    /// writes new keys until they are refused with -OOM and kills its process while the
+    /// region is full; every acknowledged fill write must read back, every refused one
+    /// must be absent).
+    #[arg(long)]
+    no_fill: bool,
 }
 
 type RoleList = Vec<dinomo::torture::Role>;
@@ -60,6 +66,7 @@ pub(crate) fn run(a: TortureArgs) -> anyhow::Result<()> {
         lease_ms: a.lease_ms,
         dir: a.dir,
         roles: a.roles,
+        fill: !a.no_fill,
     };
     let json = JsonOut::check(a.json.as_deref())?;
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -228,7 +228,9 @@ impl Cluster {
             manager_down: false,
             failed_kns: Vec::new(),
         };
-        let map = self.cfg.manager_client(Duration::from_millis(300))
+        let map = self
+            .cfg
+            .manager_client(Duration::from_millis(300))
             .and_then(|mut m| {
                 m.set_timeout(Duration::from_secs(2))?;
                 m.map()

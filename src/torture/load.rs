@@ -33,6 +33,8 @@ pub struct OpCounts {
     pub failed: u64,
     /// Writes sent without a usable answer: outcome unknown.
     pub unknown: u64,
+    /// Writes refused because the region was full (`-OOM`): definitely not applied.
+    pub refused: u64,
 }
 
 impl OpCounts {
@@ -40,6 +42,7 @@ impl OpCounts {
         self.ok += o.ok;
         self.failed += o.failed;
         self.unknown += o.unknown;
+        self.refused += o.refused;
     }
 }
 
@@ -63,6 +66,12 @@ pub struct ClientSpec<'a> {
     /// First sequence number of this round's writes (unique across rounds).
     pub seq_base: u64,
     pub op_timeout: Duration,
+}
+
+/// Whether an error reply is a definite refusal: the region is full (`-OOM`), and the
+/// node refused the write before writing anything.
+fn is_refusal(error: &str) -> bool {
+    error.starts_with("OOM")
 }
 
 /// Issues operations until `stop`.
@@ -105,6 +114,9 @@ pub fn client(spec: &ClientSpec<'_>, clock: Clock, stop: &AtomicBool) -> ClientO
                     rec.put(&key, &v1, t, true);
                     out.counts.ok += 1;
                 }
+                // The region is full: refused before anything was written (not recorded,
+                // so a read that finds this value is a violation).
+                Err(Failure::Unknown(e)) if is_refusal(&e) => out.counts.refused += 1,
                 Ok(_) | Err(Failure::Unknown(_)) => {
                     rec.put(&key, &v1, t, false);
                     out.counts.unknown += 1;
@@ -118,6 +130,7 @@ pub fn client(spec: &ClientSpec<'_>, clock: Clock, stop: &AtomicBool) -> ClientO
                     rec.delete(&key, t, true);
                     out.counts.ok += 1;
                 }
+                Err(Failure::Unknown(e)) if is_refusal(&e) => out.counts.refused += 1,
                 Ok(_) | Err(Failure::Unknown(_)) => {
                     rec.delete(&key, t, false);
                     out.counts.unknown += 1;
@@ -138,6 +151,10 @@ pub fn client(spec: &ClientSpec<'_>, clock: Clock, stop: &AtomicBool) -> ClientO
             let t = rec.now();
             let ok = match c.exec(&key, &[b"MSET", &key, &v1, &key2, &v2], deadline) {
                 Ok(Value::Simple(s)) if s == "OK" => Some(true),
+                Err(Failure::Unknown(e)) if is_refusal(&e) => {
+                    out.counts.refused += 1;
+                    continue;
+                }
                 Ok(_) | Err(Failure::Unknown(_)) => Some(false),
                 Err(Failure::NotSent) => None,
             };

@@ -10,6 +10,7 @@
 
 mod client;
 mod cluster;
+mod fill;
 mod load;
 mod value;
 
@@ -85,6 +86,9 @@ pub struct TortureConfig {
     /// removed after a passing run.
     pub dir: Option<PathBuf>,
     pub roles: Vec<Role>,
+    /// The last round also fills the region to its limit (writes refused with `-OOM`) and
+    /// kills its process while the region is full.
+    pub fill: bool,
 }
 
 impl Default for TortureConfig {
@@ -100,6 +104,7 @@ impl Default for TortureConfig {
             lease_ms: 1000,
             dir: None,
             roles: Role::ALL.to_vec(),
+            fill: true,
         }
     }
 }
@@ -116,6 +121,21 @@ pub enum TortureError {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// What the last round's filler did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct FillReport {
+    /// Filler writes acknowledged (each read back with its value after the kill).
+    pub acked: u64,
+    /// Filler writes refused with `-OOM` (each read back absent).
+    pub refused: u64,
+    /// Filler writes with an unknown outcome.
+    pub unknown: u64,
+    /// Bytes of acknowledged filler values.
+    pub acked_bytes: u64,
+    /// Whether the region was full when the round's process was killed.
+    pub full_at_kill: bool,
 }
 
 /// Recovery times of one role.
@@ -149,9 +169,14 @@ pub struct TortureReport {
     pub violations: u64,
     /// The first violations, described.
     pub violation_details: Vec<String>,
+    /// The fill of the last round, if it ran.
+    pub fill: Option<FillReport>,
     /// Where the region and the processes' log are (kept when a run fails).
     pub dir: String,
 }
+
+/// How long the last round's filler may take to fill the region before its kill.
+const FILL_WAIT: Duration = Duration::from_secs(120);
 
 /// Violations kept in the report.
 const KEEP_DETAILS: usize = 50;
@@ -275,6 +300,7 @@ pub fn run(
     let op_timeout = Duration::from_millis(cfg.lease_ms * 3).max(Duration::from_secs(3));
     let mut stuck = false;
     let mut interrupted = false;
+    let mut fill_report: Option<FillReport> = None;
     for (round, &role) in plan.iter().enumerate() {
         if t_run.elapsed() >= cfg.time_limit {
             time_limit_reached = true;
@@ -294,6 +320,10 @@ pub fn run(
             }
         }
         let stop = AtomicBool::new(false);
+        let fill_round = cfg.fill && round + 1 == plan.len();
+        let full = AtomicBool::new(false);
+        let mut fill_out: Option<fill::FillOut> = None;
+        let mut full_at_kill = false;
         let kill_at = cfg.round.mul_f64(0.2 + 0.6 * rng.next_f64());
         let kn = rng.below(u64::from(cfg.kns)) as usize;
         let round_seed = rng.next_u64();
@@ -315,7 +345,23 @@ pub fn run(
                     sc.spawn(move || load::client(&spec, clock, stop))
                 })
                 .collect();
+            let filler = fill_round.then(|| {
+                let (seeds, credentials, stop, full) = (&seeds, credentials.as_ref(), &stop, &full);
+                sc.spawn(move || fill::filler(seeds, credentials, op_timeout, full, stop))
+            });
             std::thread::sleep(kill_at);
+            if fill_round {
+                // Kill only once the region is full (or give up waiting after a while; the
+                // report says whether it was full).
+                let t_fill = Instant::now();
+                while !full.load(Ordering::Acquire)
+                    && t_fill.elapsed() < FILL_WAIT
+                    && !interrupt.load(Ordering::Acquire)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                full_at_kill = full.load(Ordering::Acquire);
+            }
             cluster.kill(role, kn);
             let t_kill = Instant::now();
             let recovered = cluster
@@ -330,6 +376,14 @@ pub fn run(
             std::thread::sleep(rest);
             stop.store(true, Ordering::Release);
             let outs: Vec<_> = hs.into_iter().map(|h| h.join()).collect();
+            if let Some(f) = filler {
+                match f.join() {
+                    Ok(o) => fill_out = Some(o),
+                    Err(_) => {
+                        round_violations.push(format!("round {}: the filler panicked", round + 1))
+                    }
+                }
+            }
             (outs, recovered)
         });
         *kills.entry(role).or_default() += 1;
@@ -414,6 +468,30 @@ pub fn run(
                 }
             }
             recorders.push(reader);
+            if let Some(f) = &fill_out {
+                if !full_at_kill {
+                    round_violations.push(format!(
+                        "round {}: the region did not fill within {} s ({} filler writes acknowledged)",
+                        round + 1,
+                        FILL_WAIT.as_secs(),
+                        f.acked.len()
+                    ));
+                }
+                round_violations.extend(fill::check(
+                    round,
+                    f,
+                    &seeds,
+                    credentials.as_ref(),
+                    op_timeout,
+                ));
+                fill_report = Some(FillReport {
+                    acked: f.acked.len() as u64,
+                    refused: f.refused.len() as u64,
+                    unknown: f.unknown.len() as u64,
+                    acked_bytes: (f.acked.len() * fill::FILL_VALUE_LEN) as u64,
+                    full_at_kill,
+                });
+            }
             let history = History::from_recorders(recorders);
             round_violations.extend(check_last_writes(round, &history, &finals));
             let t_check = Instant::now();
@@ -499,6 +577,7 @@ pub fn run(
         lincheck_s: lincheck_time.as_secs_f64(),
         violations: violation_count,
         violation_details: violations,
+        fill: fill_report,
         dir: dir.display().to_string(),
     })
 }
@@ -575,9 +654,20 @@ pub fn render(r: &TortureReport) -> String {
         }
     );
     s += &format!(
-        "operations: {} ok, {} failed, {} unknown outcome\n",
-        r.ops.ok, r.ops.failed, r.ops.unknown
+        "operations: {} ok, {} failed, {} unknown outcome, {} refused (region full)\n",
+        r.ops.ok, r.ops.failed, r.ops.unknown, r.ops.refused
     );
+    if let Some(f) = &r.fill {
+        s += &format!(
+            "fill (last round): {} writes acknowledged ({} MiB), {} refused with -OOM, {} unknown; \
+             region full at the kill: {}\n",
+            f.acked,
+            f.acked_bytes >> 20,
+            f.refused,
+            f.unknown,
+            if f.full_at_kill { "yes" } else { "no" }
+        );
+    }
     s += &format!(
         "{:<8} {:>6} {:>11} {:>14} {:>14}\n",
         "ROLE", "KILLS", "COLLATERAL", "RECOVERY_P50", "RECOVERY_MAX"
