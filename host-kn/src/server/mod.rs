@@ -10,6 +10,7 @@
 //! are still moving to this KN, and every slot once the lease could have lapsed, get
 //! `-TRYAGAIN`.
 
+pub mod acl;
 mod commands;
 mod conn;
 mod latency;
@@ -32,6 +33,7 @@ use dinomo_shared::resp::Limits;
 use crate::dac::DacConfig;
 use crate::shard::{read_geometry, LeaseGate, Msg};
 use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
+pub use acl::{Acl, AclError};
 use latency::LatencyHist;
 use membership::{follow_map, heartbeat, keep_lease_while, set_lease};
 
@@ -52,6 +54,46 @@ pub struct KnConfig {
     pub io_threads: usize,
     /// Group-commit bound.
     pub flush_bound: Duration,
+    /// Who may use the client port, and for what (`requirepass`, ACL users).
+    pub acl: Arc<Acl>,
+    /// Redis's `protected-mode`: without any password, serve only loopback clients and
+    /// refuse to listen on any other address.
+    pub protected_mode: bool,
+    /// What one client may make the KN hold.
+    pub limits: ClientLimits,
+}
+
+/// Per-client limits, with Redis's names (`CONFIG GET` shows them) and, where Redis has
+/// one, its default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// `client-query-buffer-limit`: bytes of unparsed input plus the incomplete command a
+    /// client may make the KN hold; above it the client gets an error and is disconnected.
+    pub query_buffer: usize,
+    /// `proto-max-bulk-len`: the longest bulk string in a command (never more than the
+    /// largest value this KN can store: a longer one could not be stored anyway).
+    pub proto_max_bulk_len: usize,
+    /// `maxclients`: connections served at once; one more gets an error and is closed.
+    pub maxclients: usize,
+    /// `timeout`: a client idle this long is disconnected (zero: never).
+    pub timeout: Duration,
+    /// `client-reply-limit` (not in Redis): the largest reply to one command. A command
+    /// whose reply would be larger (an `MGET` naming one large value many times) gets an
+    /// error and the client is disconnected, as Redis does at its output buffer limit,
+    /// before the reply is gathered.
+    pub reply: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            query_buffer: 1 << 30,
+            proto_max_bulk_len: 512 << 20,
+            maxclients: 10_000,
+            timeout: Duration::ZERO,
+            reply: 64 << 20,
+        }
+    }
 }
 
 impl KnConfig {
@@ -64,6 +106,9 @@ impl KnConfig {
             cache_bytes: 64 << 20,
             io_threads: 2,
             flush_bound: Duration::from_micros(100),
+            acl: Arc::new(Acl::default()),
+            protected_mode: true,
+            limits: ClientLimits::default(),
         }
     }
 }
@@ -81,6 +126,13 @@ pub enum KnServerError {
     Io(#[from] std::io::Error),
     #[error("the lease was lost: the manager fenced this KN")]
     Fenced,
+    #[error(
+        "refusing to serve clients on {listen} without a password: anyone who reaches that \
+         address could read and write every key. Give --requirepass-file or --acl-file, listen \
+         on a loopback address, or turn protected mode off (--protected-mode no) if another \
+         layer guards the network"
+    )]
+    Unprotected { listen: SocketAddr },
 }
 
 /// What this KN believes about the cluster.
@@ -113,7 +165,13 @@ struct Shared {
     /// The lease, shared with the shards (they check it before every flush).
     lease: Arc<LeaseGate>,
     max_value: usize,
+    /// The parser's limits once a client authenticated.
     limits: Limits,
+    client: ClientLimits,
+    acl: Arc<Acl>,
+    protected_mode: bool,
+    /// Client connections open now (`maxclients`).
+    clients: std::sync::atomic::AtomicUsize,
     fenced: AtomicBool,
     /// The manager asked this KN to leave (`remove_kn`).
     drain: AtomicBool,
@@ -170,6 +228,9 @@ pub fn run(
     stop: &AtomicBool,
     on_ready: impl FnOnce(u16, SocketAddr),
 ) -> Result<(), KnServerError> {
+    if cfg.protected_mode && !cfg.acl.requires_auth() && !cfg.listen.ip().is_loopback() {
+        return Err(KnServerError::Unprotected { listen: cfg.listen });
+    }
     // Reach the DPM first: a KN that cannot is no use to the manager.
     let dpm_err = |why: String| KnServerError::Dpm {
         dpm: cfg.dpm.to_string(),
@@ -253,9 +314,16 @@ pub fn run(
         lease: gate,
         max_value,
         limits: Limits {
-            max_bulk: max_value.max(MAX_KEY_LEN),
+            max_bulk: cfg.limits.proto_max_bulk_len.min(max_value.max(MAX_KEY_LEN)),
             ..Limits::default()
         },
+        client: ClientLimits {
+            proto_max_bulk_len: cfg.limits.proto_max_bulk_len.min(max_value.max(MAX_KEY_LEN)),
+            ..cfg.limits
+        },
+        acl: Arc::clone(&cfg.acl),
+        protected_mode: cfg.protected_mode,
+        clients: std::sync::atomic::AtomicUsize::new(0),
         fenced: AtomicBool::new(false),
         drain: AtomicBool::new(false),
         latency: LatencyHist::default(),
