@@ -397,7 +397,10 @@ mod tests {
         assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert_eq!(read_private_file(&path).expect("read"), "hunter2\n");
-        assert!(read_private_file(&dir).is_err(), "a directory is not a file");
+        assert!(
+            read_private_file(&dir).is_err(),
+            "a directory is not a file"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -128,6 +128,9 @@ pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolErro
     }
 }
 
+/// What [`CommandParser::feed`] did: bytes consumed, and the command once complete.
+pub type Fed = (usize, Option<Vec<Vec<u8>>>);
+
 /// A command parser that resumes where it stopped.
 ///
 /// [`CommandParser::feed`] consumes what it has finished with: the header of a multibulk,
@@ -177,11 +180,7 @@ impl CommandParser {
     /// Continues parsing with `buf`, the bytes after those consumed so far. Returns how
     /// many bytes of `buf` were consumed and, once one is complete, the command (possibly
     /// empty, for a blank inline line or `*0`). An error leaves the stream unusable.
-    pub fn feed(
-        &mut self,
-        buf: &[u8],
-        limits: &Limits,
-    ) -> Result<(usize, Option<Vec<Vec<u8>>>), ProtocolError> {
+    pub fn feed(&mut self, buf: &[u8], limits: &Limits) -> Result<Fed, ProtocolError> {
         let mut at = 0;
         let p = match &mut self.pending {
             Some(p) => p,
@@ -258,11 +257,7 @@ impl CommandParser {
     }
 
     /// An inline command; the search for its end resumes where the last one stopped.
-    fn inline(
-        &mut self,
-        buf: &[u8],
-        limits: &Limits,
-    ) -> Result<(usize, Option<Vec<Vec<u8>>>), ProtocolError> {
+    fn inline(&mut self, buf: &[u8], limits: &Limits) -> Result<Fed, ProtocolError> {
         let from = self.inline_scanned.min(buf.len());
         let found = buf[from..].iter().position(|&b| b == b'\n');
         let end = match found {
@@ -650,7 +645,11 @@ mod tests {
 
     /// Feeds `bytes` to one parser `chunk` bytes at a time, as a server reading a socket
     /// does (the caller keeps what was not consumed).
-    fn feed_in_chunks(bytes: &[u8], chunk: usize, l: &Limits) -> (Vec<Vec<Vec<u8>>>, CommandParser) {
+    fn feed_in_chunks(
+        bytes: &[u8],
+        chunk: usize,
+        l: &Limits,
+    ) -> (Vec<Vec<Vec<u8>>>, CommandParser) {
         let mut p = CommandParser::default();
         let mut pending: Vec<u8> = Vec::new();
         let mut cmds = Vec::new();
@@ -697,14 +696,19 @@ mod tests {
     fn the_parser_reports_what_it_holds() {
         let l = Limits::default();
         let mut p = CommandParser::default();
-        let (n, cmd) = p.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva", &l).expect("valid");
+        let (n, cmd) = p
+            .feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva", &l)
+            .expect("valid");
         assert!(cmd.is_none());
         // The header and two arguments are consumed; "$5\r\n" too, its data is not.
         assert_eq!(n, 4 + 9 + 7 + 4);
         assert_eq!(p.held(), 4);
         let (n, cmd) = p.feed(b"value\r\n", &l).expect("valid");
         assert_eq!(n, 7);
-        assert_eq!(cmd, Some(vec![b"SET".to_vec(), b"k".to_vec(), b"value".to_vec()]));
+        assert_eq!(
+            cmd,
+            Some(vec![b"SET".to_vec(), b"k".to_vec(), b"value".to_vec()])
+        );
         assert_eq!(p.held(), 0);
     }
 

@@ -102,10 +102,11 @@ impl ClientArgs {
                     .into());
                 }
                 if pw.is_empty() {
-                    return Err(
-                        Usage(format!("--requirepass-file {}: the password is empty", p.display()))
-                            .into(),
-                    );
+                    return Err(Usage(format!(
+                        "--requirepass-file {}: the password is empty",
+                        p.display()
+                    ))
+                    .into());
                 }
                 Some(pw)
             }
@@ -114,7 +115,11 @@ impl ClientArgs {
             None => None,
             Some(p) => Some(read_private_file(p)?),
         };
-        Acl::new(acl_text.as_deref(), requirepass.as_deref().map(str::as_bytes)).map_err(|e| {
+        Acl::new(
+            acl_text.as_deref(),
+            requirepass.as_deref().map(str::as_bytes),
+        )
+        .map_err(|e| {
             let file = self
                 .acl_file
                 .as_ref()

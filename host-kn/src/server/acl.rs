@@ -338,7 +338,9 @@ impl Acl {
         }
         if let Some(pw) = requirepass {
             if pw.is_empty() {
-                return Err(AclError::Invalid("the requirepass password is empty".into()));
+                return Err(AclError::Invalid(
+                    "the requirepass password is empty".into(),
+                ));
             }
             if users.iter().any(|u| u.name == "default") {
                 return Err(AclError::Invalid(

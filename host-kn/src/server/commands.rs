@@ -248,6 +248,14 @@ impl Conn {
         kv("redis_mode", "cluster".into());
         kv("process_id", std::process::id().to_string());
         kv("tcp_port", split_addr(&self.shared.addr).1.to_string());
+        kv(
+            "\r\n# Clients\r\nconnected_clients",
+            self.shared
+                .clients
+                .load(std::sync::atomic::Ordering::Acquire)
+                .to_string(),
+        );
+        kv("maxclients", self.shared.client.maxclients.to_string());
         kv("\r\n# Cluster\r\ncluster_enabled", "1".into());
         kv("\r\n# DINOMO\r\nkn_id", self.shared.kn_id.to_string());
         kv("map_epoch", v.map.epoch().to_string());

@@ -556,9 +556,7 @@ impl Conn {
                 self.cluster(args, &mut o);
             }
             "GET" | "SET" | "DEL" | "UNLINK" | "EXISTS" | "MGET" | "MSET" | "ECHO" | "SELECT"
-            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" => {
-                arity(&mut o)
-            }
+            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" => arity(&mut o),
             _ => {
                 let mut shown = String::new();
                 for a in args.iter().skip(1).take(8) {

@@ -314,11 +314,17 @@ pub fn run(
         lease: gate,
         max_value,
         limits: Limits {
-            max_bulk: cfg.limits.proto_max_bulk_len.min(max_value.max(MAX_KEY_LEN)),
+            max_bulk: cfg
+                .limits
+                .proto_max_bulk_len
+                .min(max_value.max(MAX_KEY_LEN)),
             ..Limits::default()
         },
         client: ClientLimits {
-            proto_max_bulk_len: cfg.limits.proto_max_bulk_len.min(max_value.max(MAX_KEY_LEN)),
+            proto_max_bulk_len: cfg
+                .limits
+                .proto_max_bulk_len
+                .min(max_value.max(MAX_KEY_LEN)),
             ..cfg.limits
         },
         acl: Arc::clone(&cfg.acl),
