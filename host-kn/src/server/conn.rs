@@ -411,6 +411,7 @@ impl Conn {
                 3 => {
                     self.auth(&args[1], &args[2], &mut o);
                 }
+                1 => arity(&mut o),
                 _ => o.error("ERR syntax error"),
             },
             "RESET" if argc == 1 => {
