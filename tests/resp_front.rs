@@ -5,7 +5,8 @@
 //! 65 536 arguments of 1 MiB and an `MGET` of one large value 65 535 times are cut off
 //! with an error while the KN's peak memory stays within a few times the configured
 //! limits; `maxclients` and `timeout` hold; a KN that would serve a non-loopback address
-//! without a password, or whose password file others can read, refuses to start.
+//! without a password, or whose password file others can read, refuses to start; with a
+//! certificate the port speaks TLS (`redis-cli --tls`) and plain RESP gets nothing.
 
 mod common;
 
@@ -82,6 +83,7 @@ impl Node {
             acl.to_str().expect("utf-8"),
         ];
         args.extend_from_slice(kn_args);
+
         let (kn, out) = Proc::spawn(&args);
         let addr = ready_addr(out);
         wait_map(&mgr, 1);
@@ -464,4 +466,57 @@ fn a_kn_without_protection_or_with_a_readable_password_file_refuses_to_start() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A self-signed certificate for 127.0.0.1 (`openssl`), its key private.
+fn make_cert(dir: &Path) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    (
+        cert.to_str().expect("utf-8").to_string(),
+        key.to_str().expect("utf-8").to_string(),
+    )
+}
+
+#[test]
+fn the_client_port_can_speak_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = make_cert(dir.path());
+    let node = Node::start(
+        dir.path(),
+        &["--tls-cert-file", &cert, "--tls-key-file", &key],
+    );
+    let tls = ["--tls", "--cacert", cert.as_str()];
+    let with = |extra: &[&str]| {
+        let mut a: Vec<&str> = tls.to_vec();
+        a.extend_from_slice(extra);
+        node.redis_cli(&a)
+    };
+    assert_eq!(with(&["-a", PASSWORD, "SET", "k", "over-tls"]).0, "OK");
+    assert_eq!(with(&["-a", PASSWORD, "GET", "k"]).0, "over-tls");
+    assert_eq!(with(&["GET", "k"]).0, NOAUTH, "TLS does not replace AUTH");
+    // Plain RESP gets no answer: the KN expects a TLS handshake and closes.
+    let mut plain = node.conn();
+    assert!(plain.send(&[b"AUTH", PASSWORD.as_bytes()]));
+    plain.assert_closed();
+    let (out, errs) = node.redis_cli(&["-a", PASSWORD, "GET", "k"]);
+    assert!(!out.contains("over-tls"), "{out} {errs}");
 }

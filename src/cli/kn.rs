@@ -75,6 +75,13 @@ pub(crate) struct ClientArgs {
     /// client gets an error and is disconnected. At least 1mb.
     #[arg(long, value_parser = parse_size, default_value = "64mb")]
     client_reply_limit: u64,
+    /// PEM certificate chain: with --tls-key-file the client port speaks TLS only
+    /// (`redis-cli --tls --cacert CA.pem`).
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file (mode 0600, owned by this user).
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
 }
 
 fn yes_no(s: &str) -> Result<bool, String> {
@@ -152,6 +159,10 @@ pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
     }
     let acl = a.clients.acl()?;
     let limits = a.clients.limits()?;
+    let tls = match (&a.clients.tls_cert_file, &a.clients.tls_key_file) {
+        (Some(cert), Some(key)) => Some(host_kn::server::tls_config(cert, key)?),
+        _ => None,
+    };
     if a.clients.protected_mode && !acl.requires_auth() && !a.listen.ip().is_loopback() {
         return Err(KnServerError::Unprotected { listen: a.listen }.into());
     }
@@ -164,6 +175,7 @@ pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
     cfg.acl = Arc::new(acl);
     cfg.protected_mode = a.clients.protected_mode;
     cfg.limits = limits;
+    cfg.tls = tls;
     host_kn::server::run(&cfg, &STOP, |id, addr| {
         ready(&format!("kn {id} listening on {addr}"))
     })?;

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use dinomo_shared::entry::MAX_KEY_LEN;
 use dinomo_shared::resp::{CommandParser, Limits, Out, Proto};
 use dinomo_shared::slot::key_slot;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::acl::{command_id, runs_without_auth};
 use super::commands::upper;
@@ -35,7 +34,22 @@ pub(super) async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(connection(Arc::clone(&shared), s, peer));
+                    let shared = Arc::clone(&shared);
+                    match &shared.tls {
+                        None => tokio::spawn(connection(shared, s, peer)),
+                        Some(cfg) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(cfg));
+                            tokio::spawn(async move {
+                                // A peer that never finishes its handshake holds only
+                                // this task, and only for so long.
+                                match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(s)).await {
+                                    Ok(Ok(tls)) => connection(shared, tls, peer).await,
+                                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                                }
+                            })
+                        }
+                    };
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
@@ -90,7 +104,7 @@ impl Drop for ClientSlot {
 }
 
 /// Writes `line` (an error frame) and closes the connection, lingering as [`LINGER`] says.
-async fn refuse(sock: &mut TcpStream, line: &str) {
+async fn refuse<S: Stream>(sock: &mut S, line: &str) {
     let mut out = Vec::new();
     Out {
         buf: &mut out,
@@ -102,7 +116,7 @@ async fn refuse(sock: &mut TcpStream, line: &str) {
     }
 }
 
-async fn linger_close(sock: &mut TcpStream) {
+async fn linger_close<S: Stream>(sock: &mut S) {
     let _ = sock.shutdown().await;
     let deadline = tokio::time::Instant::now() + LINGER;
     let mut scratch = vec![0u8; 64 << 10];
@@ -115,7 +129,14 @@ async fn linger_close(sock: &mut TcpStream) {
     }
 }
 
-async fn connection(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
+/// A client's byte stream: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAddr) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel);
     let _slot = ClientSlot(Arc::clone(&shared));
     let client = shared.client;

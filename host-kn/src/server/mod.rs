@@ -16,6 +16,7 @@ mod conn;
 mod latency;
 mod load;
 mod membership;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
 pub use acl::{Acl, AclError};
 use latency::LatencyHist;
 use membership::{follow_map, heartbeat, keep_lease_while, set_lease};
+pub use tls::{tls_config, TlsError};
 
 /// How a KN process runs.
 #[derive(Clone, Debug)]
@@ -61,6 +63,8 @@ pub struct KnConfig {
     pub protected_mode: bool,
     /// What one client may make the KN hold.
     pub limits: ClientLimits,
+    /// TLS on the client port ([`tls_config`]); `None`: plain TCP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Per-client limits, with Redis's names (`CONFIG GET` shows them) and, where Redis has
@@ -109,6 +113,7 @@ impl KnConfig {
             acl: Arc::new(Acl::default()),
             protected_mode: true,
             limits: ClientLimits::default(),
+            tls: None,
         }
     }
 }
@@ -170,6 +175,7 @@ struct Shared {
     client: ClientLimits,
     acl: Arc<Acl>,
     protected_mode: bool,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Client connections open now (`maxclients`).
     clients: std::sync::atomic::AtomicUsize,
     fenced: AtomicBool,
@@ -329,6 +335,7 @@ pub fn run(
         },
         acl: Arc::clone(&cfg.acl),
         protected_mode: cfg.protected_mode,
+        tls: cfg.tls.clone(),
         clients: std::sync::atomic::AtomicUsize::new(0),
         fenced: AtomicBool::new(false),
         drain: AtomicBool::new(false),
