@@ -12,6 +12,7 @@ use dinomo_shared::entry::MAX_KEY_LEN;
 use dinomo_shared::resp::{CommandParser, Limits, Out, Proto};
 use dinomo_shared::slot::key_slot;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::acl::{command_id, runs_without_auth};
 use super::commands::upper;
@@ -34,24 +35,14 @@ pub(super) async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    let shared = Arc::clone(&shared);
-                    match &shared.tls {
-                        None => tokio::spawn(connection(shared, s, peer)),
-                        Some(cfg) => {
-                            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(cfg));
-                            tokio::spawn(async move {
-                                // A peer that never finishes its handshake holds only
-                                // this task, and only for so long.
-                                match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(s)).await {
-                                    Ok(Ok(tls)) => connection(shared, tls, peer).await,
-                                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                                }
-                            })
-                        }
-                    };
+                    tokio::spawn(serve(Arc::clone(&shared), s, peer));
                 }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
+                Err(e) => {
+                    // Out of file descriptors (or memory): retrying at once would spin, and
+                    // a connection that closes meanwhile is what frees one.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             },
             _ = tick.tick() => {
                 if stop.load(Ordering::Acquire)
@@ -111,15 +102,17 @@ async fn refuse<S: Stream>(sock: &mut S, line: &str) {
         proto: Proto::Resp2,
     }
     .error(line);
+    // No lingering: refusals are what a flood of connections gets, and each must cost
+    // nothing once answered.
     if sock.write_all(&out).await.is_ok() {
-        linger_close(sock).await;
+        let _ = sock.shutdown().await;
     }
 }
 
 async fn linger_close<S: Stream>(sock: &mut S) {
     let _ = sock.shutdown().await;
     let deadline = tokio::time::Instant::now() + LINGER;
-    let mut scratch = vec![0u8; 64 << 10];
+    let mut scratch = vec![0u8; 16 << 10];
     let mut dropped = 0;
     while dropped < LINGER_BYTES {
         match tokio::time::timeout_at(deadline, sock.read(&mut scratch)).await {
@@ -136,24 +129,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 /// How long a TLS client may take to finish its handshake.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
-async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAddr) {
+/// One accepted connection: counted against `maxclients` from the start (a TLS handshake
+/// in progress counts too), checked against protected mode, then served.
+async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel);
     let _slot = ClientSlot(Arc::clone(&shared));
-    let client = shared.client;
-    if open >= client.maxclients {
-        refuse(&mut sock, "ERR max number of clients reached").await;
-        return;
-    }
-    if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
-        refuse(
-            &mut sock,
+    let refusal = if open >= shared.client.maxclients {
+        Some("ERR max number of clients reached")
+    } else if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
+        Some(
             "DENIED this node runs in protected mode: no password is set, so only loopback \
              clients are served. Start it with --requirepass-file or --acl-file, or with \
              --protected-mode no if another layer guards the network",
         )
-        .await;
-        return;
+    } else {
+        None
+    };
+    match (&shared.tls, refusal) {
+        (None, Some(line)) => refuse(&mut sock, line).await,
+        // Over TLS a refusal is not worth a handshake: the connection is just closed.
+        (Some(_), Some(_)) => {}
+        (None, None) => connection(shared, sock, peer).await,
+        (Some(cfg), None) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(cfg));
+            // A peer that never finishes its handshake holds its slot only so long.
+            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(sock)).await {
+                Ok(Ok(tls)) => connection(shared, tls, peer).await,
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        }
     }
+}
+
+async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAddr) {
+    let client = shared.client;
     let version = shared.version.load(Ordering::Acquire);
     let id = shared.conns.fetch_add(1, Ordering::Relaxed);
     let stripe = id as usize;

@@ -227,6 +227,46 @@ fn node_id(kn: u16) -> String {
     format!("{:040x}", 0xd1_0000_0000u64 + kn as u64)
 }
 
+/// File descriptors kept for what is not a client: fabric connections, the manager, the
+/// listener, the runtime.
+const RESERVED_FDS: u64 = 128;
+
+/// Like Redis: raises the soft limit on open files toward what `maxclients` needs, and
+/// lowers `maxclients` to what the limit allows, so that a client past the limit gets
+/// `-ERR max number of clients reached` rather than a failed `accept`.
+fn fit_maxclients(want: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return want;
+    }
+    let need = (want as u64).saturating_add(RESERVED_FDS);
+    if lim.rlim_cur < need {
+        let raised = libc::rlimit {
+            rlim_cur: need.min(lim.rlim_max),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given, which outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = raised.rlim_cur;
+        }
+    }
+    let fit = usize::try_from(lim.rlim_cur.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(want);
+    if fit < want {
+        tracing::warn!(
+            maxclients = want,
+            open_files = lim.rlim_cur,
+            lowered_to = fit,
+            "the open-file limit is too low for maxclients; maxclients lowered (raise the \
+             limit with ulimit -n)"
+        );
+    }
+    want.min(fit)
+}
+
 /// Runs a KN until `stop` is set (then leaves the cluster cleanly) or its lease is lost.
 /// `on_ready` gets the KN id and the bound client address once it serves.
 pub fn run(
@@ -331,6 +371,7 @@ pub fn run(
                 .limits
                 .proto_max_bulk_len
                 .min(max_value.max(MAX_KEY_LEN)),
+            maxclients: fit_maxclients(cfg.limits.maxclients),
             ..cfg.limits
         },
         acl: Arc::clone(&cfg.acl),
