@@ -94,7 +94,7 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Writes `line` (an error frame) and closes the connection, lingering as [`LINGER`] says.
+/// Writes `line` (an error frame) and closes the connection.
 async fn refuse<S: Stream>(sock: &mut S, line: &str) {
     let mut out = Vec::new();
     Out {
