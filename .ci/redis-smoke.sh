@@ -75,6 +75,14 @@ echo "100 keys over $owners slots, all read back"
 timeout 10 redis-cli -p "$base" CLUSTER INFO | grep -q "cluster_state:ok"
 timeout 10 redis-cli -p "$base" INFO | grep -E "^(rts_per_op|hit_ratio_value|cache_value_bytes):"
 
+echo "== redis-cli: what the node does not support is refused by name, never a fake OK"
+for cmd in "CONFIG SET requirepass x" "CLIENT KILL 127.0.0.1:1"; do
+  # shellcheck disable=SC2086
+  r="$(timeout 10 redis-cli -p "$base" $cmd 2>&1)"
+  echo "$r" | grep -q "not supported" || { echo "redis-smoke: '$cmd' answered '$r'" >&2; exit 1; }
+done
+timeout 10 redis-cli -p "$base" CONFIG GET maxclients | grep -qx 10000
+
 echo "== redis-benchmark -t set,get -n $requests --cluster"
 out="$(timeout 600 redis-benchmark -p "$base" -a "$REDISCLI_AUTH" --cluster -t set,get -n "$requests" -q 2>&1 | tr '\r' '\n')"
 echo "$out" | grep -E "requests per second|Master" || true

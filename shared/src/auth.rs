@@ -76,8 +76,8 @@ impl fmt::Display for AuthError {
             #[cfg(feature = "std")]
             Self::Permissions { path, mode } => write!(
                 f,
-                "secret file {} has mode {mode:04o}: others could read it and join the \
-                 cluster; run `chmod 600 {}`",
+                "secret file {} has mode {mode:04o}: others could read the secret it holds \
+                 (and join the cluster or log in with it); run `chmod 600 {}`",
                 path.display(),
                 path.display()
             ),
@@ -208,6 +208,53 @@ mod file {
         unsafe { libc::geteuid() }
     }
 
+    /// The largest private file [`read_private_file`] reads: secrets, passwords and ACL
+    /// files are small, and a huge one is a mistake (or a device) not worth reading.
+    pub const MAX_PRIVATE_FILE: u64 = 1 << 20;
+
+    /// Reads a UTF-8 file that holds secrets (the cluster secret, a `requirepass` file, an
+    /// ACL file with passwords), refusing one that group or others may access or that
+    /// another user owns: anyone who can read it can log in, and anyone who can write it
+    /// can choose the password. Checked on the opened file, so the file checked is the
+    /// file read.
+    pub fn read_private_file(path: &Path) -> Result<String, AuthError> {
+        use std::io::Read as _;
+        let io = |err| AuthError::Io {
+            path: path.to_path_buf(),
+            err,
+        };
+        let f = fs::File::open(path).map_err(io)?;
+        let meta = f.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(AuthError::Permissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let me = euid();
+        if meta.uid() != me {
+            return Err(AuthError::Owner {
+                path: path.to_path_buf(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        let mut text = String::new();
+        f.take(MAX_PRIVATE_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_PRIVATE_FILE {
+            return Err(io(std::io::Error::other(format!(
+                "larger than {MAX_PRIVATE_FILE} bytes"
+            ))));
+        }
+        Ok(text)
+    }
+
     impl ClusterSecret {
         /// A new random secret.
         pub fn generate() -> Result<Self, AuthError> {
@@ -219,27 +266,7 @@ mod file {
         /// Reads a secret file, refusing one that group or others may access or that
         /// another user owns.
         pub fn load(path: &Path) -> Result<Self, AuthError> {
-            let io = |err| AuthError::Io {
-                path: path.to_path_buf(),
-                err,
-            };
-            let meta = fs::metadata(path).map_err(io)?;
-            let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o077 != 0 {
-                return Err(AuthError::Permissions {
-                    path: path.to_path_buf(),
-                    mode,
-                });
-            }
-            let me = euid();
-            if meta.uid() != me {
-                return Err(AuthError::Owner {
-                    path: path.to_path_buf(),
-                    owner: meta.uid(),
-                    me,
-                });
-            }
-            let text = fs::read_to_string(path).map_err(io)?;
+            let text = read_private_file(path)?;
             Self::parse_hex(&text)
         }
 
@@ -280,7 +307,24 @@ mod file {
 }
 
 #[cfg(feature = "std")]
-pub use file::nonce;
+pub use file::{nonce, read_private_file, MAX_PRIVATE_FILE};
+
+/// SHA-256 of a password: what is kept in memory and compared, so that comparing takes
+/// the same time whatever the password's length and wherever it differs.
+pub fn password_digest(password: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    Sha256::digest(password).into()
+}
+
+/// Whether `a == b`, in time that depends only on their lengths.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    // Keep the compiler from turning the fold back into an early exit.
+    core::hint::black_box(diff) == 0
+}
 
 #[cfg(test)]
 mod tests {
@@ -335,5 +379,35 @@ mod tests {
             Err(AuthError::Permissions { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn private_files_are_read_only_when_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dinomo-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("pass");
+        std::fs::write(&path, "hunter2\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let Err(e) = read_private_file(&path) else {
+            panic!("a group-readable file was read");
+        };
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(read_private_file(&path).expect("read"), "hunter2\n");
+        assert!(
+            read_private_file(&dir).is_err(),
+            "a directory is not a file"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn digests_compare_equal_only_for_equal_passwords() {
+        assert!(ct_eq(&password_digest(b"pw"), &password_digest(b"pw")));
+        assert!(!ct_eq(&password_digest(b"pw"), &password_digest(b"pW")));
+        assert!(!ct_eq(b"ab", b"abc"));
     }
 }

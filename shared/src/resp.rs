@@ -109,71 +109,184 @@ pub type Parsed = Option<(Vec<Vec<u8>>, usize)>;
 /// Parses one command from the start of `buf`. `Ok(None)`: more bytes are needed.
 /// `Ok(Some((args, consumed)))`: a command (possibly empty, for a blank inline line or
 /// `*0`), and how many bytes it took.
+///
+/// A one-shot use of [`CommandParser`]; a server reading a stream keeps one parser per
+/// connection instead, so that an incomplete command is never parsed again from its start.
 pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
-    let Some(&first) = buf.first() else {
-        return Ok(None);
-    };
-    if first != b'*' {
-        return parse_inline(buf, limits);
-    }
-    let Some((n, mut at)) = length_line(buf, 0, b'*', limits)? else {
-        return Ok(None);
-    };
-    if n <= 0 {
-        return Ok(Some((Vec::new(), at)));
-    }
-    if n as u64 > limits.max_args as u64 {
-        return perr("invalid multibulk length");
-    }
-    // First pass: check that every bulk string is complete, without copying.
-    let mut spans = Vec::with_capacity((n as usize).min(64));
-    for _ in 0..n {
-        if at >= buf.len() {
+    let mut p = CommandParser::default();
+    let mut at = 0;
+    loop {
+        let (n, cmd) = p.feed(&buf[at..], limits)?;
+        at += n;
+        if let Some(args) = cmd {
+            return Ok(Some((args, at)));
+        }
+        // `feed` stops only when the command is complete or the bytes ran out.
+        if n == 0 || at >= buf.len() {
             return Ok(None);
         }
-        let Some((len, start)) = length_line(buf, at, b'$', limits)? else {
-            return Ok(None);
-        };
-        if len < 0 {
-            return perr("invalid bulk length");
-        }
-        if len as u64 > limits.max_bulk as u64 {
-            // Say why: a value over the node's limit is refused here, from its header.
-            return perr(format!(
-                "bulk length {len} exceeds the limit of {} bytes",
-                limits.max_bulk
-            ));
-        }
-        let end = start + len as usize;
-        if buf.len() < end + 2 {
-            return Ok(None);
-        }
-        if &buf[end..end + 2] != b"\r\n" {
-            return perr("bulk string not terminated by CRLF");
-        }
-        spans.push((start, end));
-        at = end + 2;
     }
-    Ok(Some((
-        spans.into_iter().map(|(s, e)| buf[s..e].to_vec()).collect(),
-        at,
-    )))
 }
 
-fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
-    let Some(end) = line_end(buf, 0, limits.max_inline)? else {
-        return Ok(None);
-    };
-    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-    let args: Vec<Vec<u8>> = line
-        .split(|b| *b == b' ' || *b == b'\t')
-        .filter(|w| !w.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
-    if args.len() > limits.max_args {
-        return perr("too many arguments");
+/// What [`CommandParser::feed`] did: bytes consumed, and the command once complete.
+pub type Fed = (usize, Option<Vec<Vec<u8>>>);
+
+/// A command parser that resumes where it stopped.
+///
+/// [`CommandParser::feed`] consumes what it has finished with: the header of a multibulk,
+/// each complete bulk string (copied out into the command being built). The bytes of a
+/// bulk string that is not complete yet stay with the caller and are only counted, never
+/// scanned again, so a command that arrives in many reads costs time linear in its size.
+/// [`CommandParser::held`] tells how many bytes of an incomplete command the parser holds,
+/// which a server adds to its unparsed input to enforce a query-buffer limit.
+#[derive(Debug, Default)]
+pub struct CommandParser {
+    /// The multibulk being read, if its header was.
+    pending: Option<Pending>,
+    /// Bytes of an incomplete inline line already searched for its end.
+    inline_scanned: usize,
+    /// Bytes looked at so far (what "never re-parsed" is checked against).
+    examined: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// Arguments still to come.
+    remaining: usize,
+    args: Vec<Vec<u8>>,
+    /// Bytes copied into `args`.
+    held: usize,
+    /// The length of the bulk string whose header was read but whose data was not.
+    bulk: Option<usize>,
+}
+
+impl CommandParser {
+    /// Bytes of the incomplete command held by the parser (complete arguments so far).
+    pub fn held(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.held)
     }
-    Ok(Some((args, end + 1)))
+
+    /// Whether a command is partly parsed.
+    pub fn in_command(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// How many input bytes the parser has looked at since it was made: at most a small
+    /// constant times the bytes of the commands it was fed, however they were split.
+    pub fn examined(&self) -> u64 {
+        self.examined
+    }
+
+    /// Continues parsing with `buf`, the bytes after those consumed so far. Returns how
+    /// many bytes of `buf` were consumed and, once one is complete, the command (possibly
+    /// empty, for a blank inline line or `*0`). An error leaves the stream unusable.
+    pub fn feed(&mut self, buf: &[u8], limits: &Limits) -> Result<Fed, ProtocolError> {
+        let mut at = 0;
+        let p = match &mut self.pending {
+            Some(p) => p,
+            None => {
+                let Some(&first) = buf.first() else {
+                    return Ok((0, None));
+                };
+                if first != b'*' {
+                    return self.inline(buf, limits);
+                }
+                let Some((n, next)) = length_line(buf, 0, b'*', limits)? else {
+                    self.examined += buf.len().min(34) as u64;
+                    return Ok((0, None));
+                };
+                self.examined += next as u64;
+                if n <= 0 {
+                    return Ok((next, Some(Vec::new())));
+                }
+                if n as u64 > limits.max_args as u64 {
+                    return perr("invalid multibulk length");
+                }
+                at = next;
+                self.pending.insert(Pending {
+                    remaining: n as usize,
+                    args: Vec::with_capacity((n as usize).min(64)),
+                    held: 0,
+                    bulk: None,
+                })
+            }
+        };
+        while p.remaining > 0 {
+            let len = match p.bulk {
+                Some(len) => len,
+                None => {
+                    if at >= buf.len() {
+                        return Ok((at, None));
+                    }
+                    let Some((len, start)) = length_line(buf, at, b'$', limits)? else {
+                        self.examined += (buf.len() - at).min(34) as u64;
+                        return Ok((at, None));
+                    };
+                    self.examined += (start - at) as u64;
+                    if len < 0 {
+                        return perr("invalid bulk length");
+                    }
+                    if len as u64 > limits.max_bulk as u64 {
+                        // Say why: a value over the node's limit is refused here, from its
+                        // header, before any of its bytes are buffered.
+                        return perr(format!(
+                            "bulk length {len} exceeds the limit of {} bytes",
+                            limits.max_bulk
+                        ));
+                    }
+                    at = start;
+                    p.bulk = Some(len as usize);
+                    len as usize
+                }
+            };
+            if buf.len() - at < len + 2 {
+                return Ok((at, None));
+            }
+            if &buf[at + len..at + len + 2] != b"\r\n" {
+                return perr("bulk string not terminated by CRLF");
+            }
+            self.examined += (len + 2) as u64;
+            p.args.push(buf[at..at + len].to_vec());
+            p.held += len;
+            p.bulk = None;
+            p.remaining -= 1;
+            at += len + 2;
+        }
+        let args = self.pending.take().map(|p| p.args).unwrap_or_default();
+        Ok((at, Some(args)))
+    }
+
+    /// An inline command; the search for its end resumes where the last one stopped.
+    fn inline(&mut self, buf: &[u8], limits: &Limits) -> Result<Fed, ProtocolError> {
+        let from = self.inline_scanned.min(buf.len());
+        let found = buf[from..].iter().position(|&b| b == b'\n');
+        let end = match found {
+            Some(i) => from + i,
+            None => {
+                self.examined += (buf.len() - from) as u64;
+                if buf.len() > limits.max_inline {
+                    return perr("too big inline request");
+                }
+                self.inline_scanned = buf.len();
+                return Ok((0, None));
+            }
+        };
+        self.examined += (end + 1 - from) as u64;
+        self.inline_scanned = 0;
+        if end > limits.max_inline {
+            return perr("too big inline request");
+        }
+        let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+        let args: Vec<Vec<u8>> = line
+            .split(|b| *b == b' ' || *b == b'\t')
+            .filter(|w| !w.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        if args.len() > limits.max_args {
+            return perr("too many arguments");
+        }
+        Ok((end + 1, Some(args)))
+    }
 }
 
 // ----- replies -----
@@ -530,6 +643,75 @@ mod tests {
         );
     }
 
+    /// Feeds `bytes` to one parser `chunk` bytes at a time, as a server reading a socket
+    /// does (the caller keeps what was not consumed).
+    fn feed_in_chunks(
+        bytes: &[u8],
+        chunk: usize,
+        l: &Limits,
+    ) -> (Vec<Vec<Vec<u8>>>, CommandParser) {
+        let mut p = CommandParser::default();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut cmds = Vec::new();
+        for piece in bytes.chunks(chunk.max(1)) {
+            pending.extend_from_slice(piece);
+            loop {
+                let (n, cmd) = p.feed(&pending, l).expect("valid");
+                pending.drain(..n);
+                match cmd {
+                    Some(c) => cmds.push(c),
+                    None => break,
+                }
+            }
+        }
+        assert!(pending.is_empty() && !p.in_command(), "everything consumed");
+        (cmds, p)
+    }
+
+    #[test]
+    fn an_incomplete_command_is_never_parsed_again_from_its_start() {
+        let l = Limits::default();
+        // 65 536 one-byte arguments, then a 1 MiB one, then an inline command, arriving
+        // in 7-byte reads: the parser resumes each time, so it looks at each byte a
+        // bounded number of times (a parser starting over would look ~10^9 times).
+        let many: Vec<&[u8]> = std::iter::repeat(&b"x"[..]).take(65_536).collect();
+        let big = vec![b'v'; 1 << 20];
+        let mut bytes = cmd(&many);
+        bytes.extend(cmd(&[b"SET", b"k", &big]));
+        bytes.extend_from_slice(b"PING hello\r\n");
+        let (cmds, p) = feed_in_chunks(&bytes, 7, &l);
+        assert_eq!(cmds.len(), 3);
+        assert_eq!(cmds[0].len(), 65_536);
+        assert_eq!(cmds[1][2], big);
+        assert_eq!(cmds[2], vec![b"PING".to_vec(), b"hello".to_vec()]);
+        assert!(
+            p.examined() <= 4 * bytes.len() as u64,
+            "{} bytes examined for {} bytes of input",
+            p.examined(),
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn the_parser_reports_what_it_holds() {
+        let l = Limits::default();
+        let mut p = CommandParser::default();
+        let (n, cmd) = p
+            .feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva", &l)
+            .expect("valid");
+        assert!(cmd.is_none());
+        // The header and two arguments are consumed; "$5\r\n" too, its data is not.
+        assert_eq!(n, 4 + 9 + 7 + 4);
+        assert_eq!(p.held(), 4);
+        let (n, cmd) = p.feed(b"value\r\n", &l).expect("valid");
+        assert_eq!(n, 7);
+        assert_eq!(
+            cmd,
+            Some(vec![b"SET".to_vec(), b"k".to_vec(), b"value".to_vec()])
+        );
+        assert_eq!(p.held(), 0);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
@@ -557,6 +739,18 @@ mod tests {
             let (got, n) = parse_command(&b, &l).expect("valid").expect("complete");
             prop_assert_eq!(n, b.len());
             prop_assert_eq!(got, args);
+        }
+
+        #[test]
+        fn any_split_parses_like_the_whole(
+            args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..6),
+            chunk in 1usize..50,
+        ) {
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let mut b = cmd(&refs);
+            b.extend(cmd(&refs));
+            let (cmds, _) = feed_in_chunks(&b, chunk, &Limits::default());
+            prop_assert_eq!(cmds, vec![args.clone(), args]);
         }
     }
 }

@@ -4,22 +4,80 @@
 use dinomo_shared::resp::{Out, Proto};
 use dinomo_shared::slot::{key_slot, SLOTS};
 
+use super::acl::glob_match;
 use super::conn::Conn;
 use super::node_id;
 use crate::ShardStats;
 
 impl Conn {
+    /// `HELLO [protover [AUTH user password] [SETNAME name]]`, with Redis's checks in
+    /// Redis's order: nothing changes unless every part is valid and the login (if any)
+    /// succeeded.
     pub(super) fn hello(&mut self, args: &[Vec<u8>], o: &mut Out<'_>) {
+        let mut proto = self.proto;
         if let Some(v) = args.get(1) {
             match v.as_slice() {
-                b"2" => self.proto = Proto::Resp2,
-                b"3" => self.proto = Proto::Resp3,
+                b"2" => proto = Proto::Resp2,
+                b"3" => proto = Proto::Resp3,
                 _ => {
                     o.error("NOPROTO unsupported protocol version");
                     return;
                 }
             }
         }
+        let mut login = None;
+        let mut name = None;
+        let mut i = 2;
+        while i < args.len() {
+            let more = args.len() - i - 1;
+            match upper(&args[i]).as_str() {
+                "AUTH" if more >= 2 => {
+                    login = Some((&args[i + 1], &args[i + 2]));
+                    i += 3;
+                }
+                "SETNAME" if more >= 1 => {
+                    name = Some(&args[i + 1]);
+                    i += 2;
+                }
+                _ => {
+                    o.error(&format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i][..args[i].len().min(64)])
+                    ));
+                    return;
+                }
+            }
+        }
+        if let Some(n) = name {
+            if let Err(e) = valid_client_name(n) {
+                o.error(e);
+                return;
+            }
+        }
+        match login {
+            Some((user, password)) => match self.shared.acl.authenticate(user, password) {
+                Some(u) => self.user = Some(u),
+                None => {
+                    tracing::info!(peer = %self.peer, "HELLO AUTH failed");
+                    o.error("WRONGPASS invalid username-password pair or user is disabled.");
+                    return;
+                }
+            },
+            None if self.user.is_none() => {
+                o.error(
+                    "NOAUTH HELLO must be called with the client already authenticated, \
+                     otherwise the HELLO <proto> AUTH <user> <pass> option can be used to \
+                     authenticate the client and select the RESP protocol version at the same \
+                     time",
+                );
+                return;
+            }
+            None => {}
+        }
+        if let Some(n) = name {
+            self.name = (!n.is_empty()).then(|| n.clone());
+        }
+        self.proto = proto;
         o.proto = self.proto;
         o.map(7);
         o.bulk(b"server");
@@ -29,13 +87,148 @@ impl Conn {
         o.bulk(b"proto");
         o.int(if self.proto == Proto::Resp3 { 3 } else { 2 });
         o.bulk(b"id");
-        o.int(self.shared.kn_id as i64);
+        o.int(self.id as i64);
         o.bulk(b"mode");
         o.bulk(b"cluster");
         o.bulk(b"role");
         o.bulk(b"master");
         o.bulk(b"modules");
         o.array(0);
+    }
+
+    /// `CLIENT ID | GETNAME | SETNAME | SETINFO | INFO`; every other subcommand (`KILL`,
+    /// `LIST`, `PAUSE`, ...) is refused by name rather than answered with a success that did
+    /// nothing.
+    pub(super) fn client(&mut self, args: &[Vec<u8>], o: &mut Out<'_>) {
+        let sub = upper(&args[1]);
+        match (sub.as_str(), args.len()) {
+            ("ID", 2) => o.int(self.id as i64),
+            ("GETNAME", 2) => match &self.name {
+                Some(n) => o.bulk(n),
+                None => o.null(),
+            },
+            ("SETNAME", 3) => match valid_client_name(&args[2]) {
+                Ok(()) => {
+                    self.name = (!args[2].is_empty()).then(|| args[2].clone());
+                    o.simple("OK");
+                }
+                Err(e) => o.error(e),
+            },
+            ("SETINFO", 4) => {
+                let v = args[3].clone();
+                match upper(&args[2]).as_str() {
+                    "LIB-NAME" => {
+                        self.lib.0 = Some(v);
+                        o.simple("OK");
+                    }
+                    "LIB-VER" => {
+                        self.lib.1 = Some(v);
+                        o.simple("OK");
+                    }
+                    _ => o.error(&format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(&args[2][..args[2].len().min(64)])
+                    )),
+                }
+            }
+            ("INFO", 2) => {
+                let text = |b: &Option<Vec<u8>>| {
+                    b.as_deref()
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default()
+                        .into_owned()
+                };
+                let user = self
+                    .user
+                    .map(|u| self.shared.acl.user(u).name().to_string())
+                    .unwrap_or_default();
+                let line = format!(
+                    "id={} addr={} laddr={} name={} user={user} lib-name={} lib-ver={} resp={}\n",
+                    self.id,
+                    self.peer,
+                    self.shared.addr,
+                    text(&self.name),
+                    text(&self.lib.0),
+                    text(&self.lib.1),
+                    if self.proto == Proto::Resp3 { 3 } else { 2 }
+                );
+                o.bulk(line.as_bytes());
+            }
+            ("ID" | "GETNAME" | "SETNAME" | "SETINFO" | "INFO", _) => o.error(&format!(
+                "ERR wrong number of arguments for 'client|{}' command",
+                sub.to_ascii_lowercase()
+            )),
+            _ => o.error(&format!(
+                "ERR CLIENT {} is not supported by this node (it serves CLIENT ID, GETNAME, \
+                 SETNAME, SETINFO and INFO)",
+                clip(&sub)
+            )),
+        }
+    }
+
+    /// `CONFIG GET pattern...` over the client-facing parameters; `CONFIG SET` and the rest
+    /// are refused by name: this node's parameters are fixed when it starts.
+    pub(super) fn config(&self, args: &[Vec<u8>], o: &mut Out<'_>) {
+        let sub = upper(&args[1]);
+        match sub.as_str() {
+            "GET" if args.len() >= 3 => {
+                let params = self.config_params();
+                let hits: Vec<&(&str, String)> = params
+                    .iter()
+                    .filter(|(name, _)| {
+                        args[2..]
+                            .iter()
+                            .any(|p| glob_match(&p.to_ascii_lowercase(), name.as_bytes()))
+                    })
+                    .collect();
+                o.map(hits.len());
+                for (name, value) in hits {
+                    o.bulk(name.as_bytes());
+                    o.bulk(value.as_bytes());
+                }
+            }
+            "SET" if args.len() >= 4 => {
+                let param = String::from_utf8_lossy(&args[2]).to_ascii_lowercase();
+                let how = match param.as_str() {
+                    "requirepass" => "--requirepass-file or --acl-file".to_string(),
+                    p => format!("--{p}"),
+                };
+                o.error(&format!(
+                    "ERR CONFIG SET '{}' is not supported by this node: its parameters are \
+                     fixed when it starts (dinomo kn {})",
+                    clip(&param),
+                    clip(&how)
+                ));
+            }
+            "GET" | "SET" => o.error(&format!(
+                "ERR wrong number of arguments for 'config|{}' command",
+                sub.to_ascii_lowercase()
+            )),
+            _ => o.error(&format!(
+                "ERR CONFIG {} is not supported by this node (it serves CONFIG GET)",
+                clip(&sub)
+            )),
+        }
+    }
+
+    fn config_params(&self) -> Vec<(&'static str, String)> {
+        let l = &self.shared.client;
+        vec![
+            ("maxclients", l.maxclients.to_string()),
+            ("timeout", l.timeout.as_secs().to_string()),
+            ("client-query-buffer-limit", l.query_buffer.to_string()),
+            ("proto-max-bulk-len", l.proto_max_bulk_len.to_string()),
+            ("client-reply-limit", l.reply.to_string()),
+            (
+                "protected-mode",
+                if self.shared.protected_mode {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_string(),
+            ),
+        ]
     }
 
     pub(super) fn info(&self, s: &ShardStats) -> String {
@@ -55,6 +248,14 @@ impl Conn {
         kv("redis_mode", "cluster".into());
         kv("process_id", std::process::id().to_string());
         kv("tcp_port", split_addr(&self.shared.addr).1.to_string());
+        kv(
+            "\r\n# Clients\r\nconnected_clients",
+            self.shared
+                .clients
+                .load(std::sync::atomic::Ordering::Acquire)
+                .to_string(),
+        );
+        kv("maxclients", self.shared.client.maxclients.to_string());
         kv("\r\n# Cluster\r\ncluster_enabled", "1".into());
         kv("\r\n# DINOMO\r\nkn_id", self.shared.kn_id.to_string());
         kv("map_epoch", v.map.epoch().to_string());
@@ -227,4 +428,18 @@ fn split_addr(a: &str) -> (&str, u16) {
         Some((h, p)) => (h, p.parse().unwrap_or(0)),
         None => (a, 0),
     }
+}
+
+/// Redis's rule for client names: no spaces, newlines or other special characters.
+fn valid_client_name(n: &[u8]) -> Result<(), &'static str> {
+    if n.iter().all(|&b| (b'!'..=b'~').contains(&b)) {
+        Ok(())
+    } else {
+        Err("ERR Client names cannot contain spaces, newlines or special characters.")
+    }
+}
+
+/// At most 64 characters of `s`, for echoing client input in an error.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
 }

@@ -1,16 +1,20 @@
 //! Client connections: RESP framing, routing each key to its owner shard (or refusing it
 //! with `MOVED`/`TRYAGAIN`), and the data commands.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dinomo_shared::entry::MAX_KEY_LEN;
-use dinomo_shared::resp::{parse_command, Out, Proto};
+use dinomo_shared::resp::{CommandParser, Limits, Out, Proto};
 use dinomo_shared::slot::key_slot;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use super::acl::{command_id, runs_without_auth};
 use super::commands::upper;
 use super::{Shared, View};
 use crate::ownership::shard_of;
@@ -29,11 +33,16 @@ pub(super) async fn accept_loop(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => {
+                Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(connection(Arc::clone(&shared), s));
+                    tokio::spawn(serve(Arc::clone(&shared), s, peer));
                 }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
+                Err(e) => {
+                    // Out of file descriptors (or memory): retrying at once would spin, and
+                    // a connection that closes meanwhile is what frees one.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             },
             _ = tick.tick() => {
                 if stop.load(Ordering::Acquire)
@@ -47,32 +56,142 @@ pub(super) async fn accept_loop(
     }
 }
 
+/// Redis's limits for a connection that has not authenticated yet: a handful of short
+/// arguments is all AUTH and HELLO need, so an unauthenticated client cannot make the KN
+/// buffer a large command.
+const UNAUTHENTICATED: Limits = Limits {
+    max_bulk: 16 << 10,
+    max_args: 10,
+    max_inline: 64 << 10,
+};
+
+/// How long, and for how many bytes, a connection closed for an error keeps reading (and
+/// dropping) what its client still sends, so that the close does not reset the connection
+/// before the client read the error.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 << 20;
+
 /// Per-connection state.
 pub(super) struct Conn {
     pub(super) shared: Arc<Shared>,
     pub(super) view: Arc<View>,
     version: u64,
     pub(super) proto: Proto,
+    /// The user this connection is logged in as (an index into the ACL), if any.
+    pub(super) user: Option<usize>,
+    pub(super) id: u64,
+    pub(super) peer: SocketAddr,
+    pub(super) name: Option<Vec<u8>>,
+    pub(super) lib: (Option<Vec<u8>>, Option<Vec<u8>>),
 }
 
-async fn connection(shared: Arc<Shared>, mut sock: tokio::net::TcpStream) {
+/// One counted client connection; uncounted when dropped.
+struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Writes `line` (an error frame) and closes the connection.
+async fn refuse<S: Stream>(sock: &mut S, line: &str) {
+    let mut out = Vec::new();
+    Out {
+        buf: &mut out,
+        proto: Proto::Resp2,
+    }
+    .error(line);
+    // No lingering: refusals are what a flood of connections gets, and each must cost
+    // nothing once answered.
+    if sock.write_all(&out).await.is_ok() {
+        let _ = sock.shutdown().await;
+    }
+}
+
+async fn linger_close<S: Stream>(sock: &mut S) {
+    let _ = sock.shutdown().await;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut scratch = vec![0u8; 16 << 10];
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, sock.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => dropped += n,
+            _ => break,
+        }
+    }
+}
+
+/// A client's byte stream: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// One accepted connection: counted against `maxclients` from the start (a TLS handshake
+/// in progress counts too), checked against protected mode, then served.
+async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
+    let open = shared.clients.fetch_add(1, Ordering::AcqRel);
+    let _slot = ClientSlot(Arc::clone(&shared));
+    let refusal = if open >= shared.client.maxclients {
+        Some("ERR max number of clients reached")
+    } else if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
+        Some(
+            "DENIED this node runs in protected mode: no password is set, so only loopback \
+             clients are served. Start it with --requirepass-file or --acl-file, or with \
+             --protected-mode no if another layer guards the network",
+        )
+    } else {
+        None
+    };
+    match (&shared.tls, refusal) {
+        (None, Some(line)) => refuse(&mut sock, line).await,
+        // Over TLS a refusal is not worth a handshake: the connection is just closed.
+        (Some(_), Some(_)) => {}
+        (None, None) => connection(shared, sock, peer).await,
+        (Some(cfg), None) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(cfg));
+            // A peer that never finishes its handshake holds its slot only so long.
+            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(sock)).await {
+                Ok(Ok(tls)) => connection(shared, tls, peer).await,
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAddr) {
+    let client = shared.client;
     let version = shared.version.load(Ordering::Acquire);
-    let stripe = shared.conns.fetch_add(1, Ordering::Relaxed) as usize;
+    let id = shared.conns.fetch_add(1, Ordering::Relaxed);
+    let stripe = id as usize;
     let mut c = Conn {
         view: shared.view(),
+        user: shared.acl.initial_user(),
         shared,
         version,
         proto: Proto::Resp2,
+        id: id + 1,
+        peer,
+        name: None,
+        lib: (None, None),
     };
-    let limits = c.shared.limits;
+    let mut parser = CommandParser::default();
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 << 10);
     let mut out: Vec<u8> = Vec::with_capacity(16 << 10);
     loop {
         let mut pos = 0;
         let mut close = false;
         loop {
-            match parse_command(&inbuf[pos..], &limits) {
-                Ok(Some((args, n))) => {
+            let limits = if c.user.is_some() {
+                c.shared.limits
+            } else {
+                UNAUTHENTICATED
+            };
+            match parser.feed(&inbuf[pos..], &limits) {
+                Ok((n, Some(args))) => {
                     pos += n;
                     if args.is_empty() {
                         continue;
@@ -91,19 +210,40 @@ async fn connection(shared: Arc<Shared>, mut sock: tokio::net::TcpStream) {
                         out.clear();
                     }
                 }
-                Ok(None) => break,
+                Ok((n, None)) => {
+                    pos += n;
+                    break;
+                }
                 Err(e) => {
+                    let why = if c.user.is_none() {
+                        " (before AUTH a command may have at most 10 arguments of at most \
+                         16384 bytes)"
+                    } else {
+                        ""
+                    };
                     Out {
                         buf: &mut out,
                         proto: c.proto,
                     }
-                    .error(&format!("ERR {e}"));
+                    .error(&format!("ERR {e}{why}"));
                     close = true;
                     break;
                 }
             }
         }
         inbuf.drain(..pos);
+        if !close && parser.held() + inbuf.len() > client.query_buffer {
+            Out {
+                buf: &mut out,
+                proto: c.proto,
+            }
+            .error(&format!(
+                "ERR Protocol error: the command exceeds client-query-buffer-limit ({} \
+                 bytes); closing the connection",
+                client.query_buffer
+            ));
+            close = true;
+        }
         if !out.is_empty() {
             if sock.write_all(&out).await.is_err() {
                 return;
@@ -111,11 +251,30 @@ async fn connection(shared: Arc<Shared>, mut sock: tokio::net::TcpStream) {
             out.clear();
         }
         if close {
-            let _ = sock.shutdown().await;
+            linger_close(&mut sock).await;
             return;
         }
+        // A large buffer that was emptied is given back.
+        if inbuf.is_empty() && inbuf.capacity() > 1 << 20 {
+            inbuf = Vec::with_capacity(16 << 10);
+        }
+        // Memory stays bounded: a read adds at most the spare capacity, and the buffer was
+        // checked against the limit above.
         inbuf.reserve(16 << 10);
-        match sock.read_buf(&mut inbuf).await {
+        let read = sock.read_buf(&mut inbuf);
+        let got = if client.timeout.is_zero() {
+            read.await
+        } else {
+            match tokio::time::timeout(client.timeout, read).await {
+                Ok(r) => r,
+                // Idle for `timeout`: closed without a reply, as Redis does.
+                Err(_) => {
+                    let _ = sock.shutdown().await;
+                    return;
+                }
+            }
+        };
+        match got {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -208,6 +367,29 @@ impl Conn {
         }
     }
 
+    /// How many reads one multi-key command keeps in flight: as many as fit the reply
+    /// limit at the largest value size, so that values waiting to be taken stay within it.
+    fn window(&self) -> usize {
+        (self.shared.client.reply / self.shared.max_value.max(1)).clamp(1, 4096)
+    }
+
+    /// `AUTH` (and `HELLO ... AUTH`): logs in as `user`, or answers `WRONGPASS` and leaves
+    /// the connection as it was.
+    fn auth(&mut self, user: &[u8], password: &[u8], o: &mut Out<'_>) -> bool {
+        match self.shared.acl.authenticate(user, password) {
+            Some(u) => {
+                self.user = Some(u);
+                o.simple("OK");
+                true
+            }
+            None => {
+                tracing::info!(peer = %self.peer, user = %String::from_utf8_lossy(user), "AUTH failed");
+                o.error("WRONGPASS invalid username-password pair or user is disabled.");
+                false
+            }
+        }
+    }
+
     /// Executes one command; returns whether to close the connection afterwards.
     async fn exec(&mut self, args: &[Vec<u8>], buf: &mut Vec<u8>) -> bool {
         let name = upper(&args[0]);
@@ -220,6 +402,20 @@ impl Conn {
                 name.to_ascii_lowercase()
             ))
         };
+        // Authentication and ACL rules come first: a client that may not run a command
+        // learns nothing from it, not even whether its arguments were right.
+        if !runs_without_auth(&name) {
+            let Some(user) = self.user else {
+                o.error("NOAUTH Authentication required.");
+                return false;
+            };
+            if let Some(id) = command_id(&name) {
+                if let Err(e) = self.shared.acl.user(user).check(id, &keys_of(&name, args)) {
+                    o.error(&e);
+                    return false;
+                }
+            }
+        }
         match name.as_str() {
             "PING" => match argc {
                 1 => o.simple("PONG"),
@@ -232,6 +428,32 @@ impl Conn {
                 return true;
             }
             "HELLO" => self.hello(args, &mut o),
+            "AUTH" => match argc {
+                2 if self.shared.acl.initial_user().is_some()
+                    && !self.shared.acl.default_has_password() =>
+                {
+                    o.error(
+                        "ERR AUTH <password> called without any password configured for the \
+                         default user. Are you sure your configuration is correct?",
+                    )
+                }
+                2 => {
+                    self.auth(b"default", &args[1], &mut o);
+                }
+                3 => {
+                    self.auth(&args[1], &args[2], &mut o);
+                }
+                1 => arity(&mut o),
+                _ => o.error("ERR syntax error"),
+            },
+            "RESET" if argc == 1 => {
+                self.proto = Proto::Resp2;
+                self.user = self.shared.acl.initial_user();
+                self.name = None;
+                self.lib = (None, None);
+                o.proto = Proto::Resp2;
+                o.simple("RESET");
+            }
             "SELECT" if argc == 2 => {
                 if args[1] == b"0" {
                     o.simple("OK")
@@ -239,9 +461,12 @@ impl Conn {
                     o.error("ERR SELECT is not allowed in cluster mode")
                 }
             }
-            "CLIENT" | "READONLY" | "READWRITE" | "RESET" => o.simple("OK"),
+            // Reading from replicas: there are none, so every slot is served by its owner
+            // whatever the flag says (a Redis primary answers OK too).
+            "READONLY" | "READWRITE" if argc == 1 => o.simple("OK"),
+            "CLIENT" if argc >= 2 => self.client(args, &mut o),
             "COMMAND" => o.array(0),
-            "CONFIG" => o.map(0),
+            "CONFIG" if argc >= 2 => self.config(args, &mut o),
             "GET" if argc == 2 => match self.shard_for(&[&args[1]]) {
                 Err(e) => o.error(&e),
                 Ok(tx) => match call(
@@ -286,7 +511,7 @@ impl Conn {
                 let keys: Vec<&[u8]> = args[1..].iter().map(Vec::as_slice).collect();
                 match self.shard_for(&keys) {
                     Err(e) => o.error(&e),
-                    Ok(tx) => match count_keys(&tx, &keys, name != "EXISTS").await {
+                    Ok(tx) => match count_keys(&tx, &keys, name != "EXISTS", self.window()).await {
                         Ok(n) => o.int(n),
                         Err(e) => o.error(&kv_error(&e)),
                     },
@@ -296,18 +521,41 @@ impl Conn {
                 let keys: Vec<&[u8]> = args[1..].iter().map(Vec::as_slice).collect();
                 match self.shard_for(&keys) {
                     Err(e) => o.error(&e),
-                    Ok(tx) => match mget(&tx, &keys).await {
-                        Ok(vals) => {
-                            o.array(vals.len());
-                            for v in vals {
-                                match v {
-                                    Some(v) => o.bulk(&v),
-                                    None => o.null(),
+                    Ok(tx) => {
+                        let limit = self.shared.client.reply;
+                        let mut vals = Vec::with_capacity(keys.len().min(1024));
+                        let mut bytes = 0usize;
+                        let fetched = fetch(&tx, &keys, self.window(), |_, v| {
+                            // What the reply frame will take: the data and its header.
+                            bytes += v.as_ref().map_or(5, |v| v.len() + 16);
+                            vals.push(v);
+                            if bytes > limit {
+                                Err(Stop::TooLarge)
+                            } else {
+                                Ok(())
+                            }
+                        })
+                        .await;
+                        match fetched {
+                            Ok(()) => {
+                                o.array(vals.len());
+                                for v in vals {
+                                    match v {
+                                        Some(v) => o.bulk(&v),
+                                        None => o.null(),
+                                    }
                                 }
                             }
+                            Err(Stop::TooLarge) => {
+                                o.error(&format!(
+                                    "ERR the reply would exceed client-reply-limit ({limit} \
+                                     bytes); closing the connection"
+                                ));
+                                return true;
+                            }
+                            Err(Stop::Kv(e)) => o.error(&kv_error(&e)),
                         }
-                        Err(e) => o.error(&kv_error(&e)),
-                    },
+                    }
                 }
             }
             "MSET" if argc >= 3 && argc % 2 == 1 => {
@@ -341,7 +589,7 @@ impl Conn {
                 self.cluster(args, &mut o);
             }
             "GET" | "SET" | "DEL" | "UNLINK" | "EXISTS" | "MGET" | "MSET" | "ECHO" | "SELECT"
-            | "CLUSTER" => arity(&mut o),
+            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" => arity(&mut o),
             _ => {
                 let mut shown = String::new();
                 for a in args.iter().skip(1).take(8) {
@@ -359,46 +607,83 @@ impl Conn {
     }
 }
 
-/// Gets (and with `delete`, deletes) `keys` on one shard; returns how many existed.
-async fn count_keys(tx: &Sender<Msg>, keys: &[&[u8]], delete: bool) -> Result<i64, KvError> {
-    let mut n = 0;
-    for (i, v) in mget(tx, keys).await?.into_iter().enumerate() {
-        if v.is_some() {
-            n += 1;
-            if delete {
-                call(
-                    tx,
-                    Request::Delete {
-                        key: keys[i].to_vec(),
-                    },
-                )
-                .await?;
-            }
-        }
-    }
-    Ok(n)
+/// Why [`fetch`] stopped early.
+enum Stop {
+    Kv(KvError),
+    /// The reply would exceed `client-reply-limit`.
+    TooLarge,
 }
 
-/// Gets `keys` from one shard with every request in flight at once.
-async fn mget(tx: &Sender<Msg>, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, KvError> {
-    let mut waits = Vec::with_capacity(keys.len());
-    for k in keys {
-        let (otx, orx) = tokio::sync::oneshot::channel();
-        tx.send(Msg::ReqFn {
-            op: Request::Get { key: k.to_vec() },
-            tag: 0,
-            reply: ReplyFn(Box::new(move |r| {
-                let _ = otx.send(r.result);
-            })),
-        })
-        .map_err(|_| KvError::ShuttingDown)?;
-        waits.push(orx);
+impl From<KvError> for Stop {
+    fn from(e: KvError) -> Self {
+        Self::Kv(e)
     }
-    let mut out = Vec::with_capacity(keys.len());
-    for w in waits {
-        out.push(w.await.map_err(|_| KvError::ShuttingDown)??);
+}
+
+/// Gets (and with `delete`, deletes) `keys` on one shard; returns how many existed.
+async fn count_keys(
+    tx: &Sender<Msg>,
+    keys: &[&[u8]],
+    delete: bool,
+    window: usize,
+) -> Result<i64, KvError> {
+    let mut found = Vec::with_capacity(keys.len().min(1024));
+    let fetched: Result<(), KvError> = fetch(tx, keys, window, |i, v| {
+        if v.is_some() {
+            found.push(i);
+        }
+        Ok(())
+    })
+    .await;
+    fetched?;
+    if delete {
+        for &i in &found {
+            call(
+                tx,
+                Request::Delete {
+                    key: keys[i].to_vec(),
+                },
+            )
+            .await?;
+        }
     }
-    Ok(out)
+    Ok(found.len() as i64)
+}
+
+/// Gets `keys` from one shard, handing each value (in key order) to `each`, with at most
+/// `window` requests in flight: values wait in their channels until taken, so the window
+/// bounds what a command naming one large value many times makes the KN hold.
+async fn fetch<E: From<KvError>>(
+    tx: &Sender<Msg>,
+    keys: &[&[u8]],
+    window: usize,
+    mut each: impl FnMut(usize, Option<Vec<u8>>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut waits = VecDeque::with_capacity(window.min(keys.len()));
+    let mut next = 0;
+    for i in 0..keys.len() {
+        while next < keys.len() && waits.len() < window.max(1) {
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            tx.send(Msg::ReqFn {
+                op: Request::Get {
+                    key: keys[next].to_vec(),
+                },
+                tag: 0,
+                reply: ReplyFn(Box::new(move |r| {
+                    let _ = otx.send(r.result);
+                })),
+            })
+            .map_err(|_| E::from(KvError::ShuttingDown))?;
+            waits.push_back(orx);
+            next += 1;
+        }
+        let Some(w) = waits.pop_front() else {
+            break;
+        };
+        let v = w.await.map_err(|_| KvError::ShuttingDown)??;
+        each(i, v)?;
+    }
+    Ok(())
 }
 
 /// Sets key/value pairs on one shard (they share one group commit when they fit a batch).
@@ -423,4 +708,15 @@ async fn mset(tx: &Sender<Msg>, kv: &[Vec<u8>]) -> Result<(), KvError> {
         w.await.map_err(|_| KvError::ShuttingDown)??;
     }
     Ok(())
+}
+
+/// The keys a command names (what ACL key patterns are checked against).
+fn keys_of<'a>(name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+    let rest = args.get(1..).unwrap_or_default();
+    match name {
+        "GET" | "SET" => rest.iter().take(1).map(Vec::as_slice).collect(),
+        "MGET" | "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
+        "MSET" => rest.iter().step_by(2).map(Vec::as_slice).collect(),
+        _ => Vec::new(),
+    }
 }

@@ -10,11 +10,13 @@
 //! are still moving to this KN, and every slot once the lease could have lapsed, get
 //! `-TRYAGAIN`.
 
+pub mod acl;
 mod commands;
 mod conn;
 mod latency;
 mod load;
 mod membership;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,8 +35,10 @@ use dinomo_shared::resp::Limits;
 use crate::dac::DacConfig;
 use crate::shard::{read_geometry, LeaseGate, Msg};
 use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
+pub use acl::{Acl, AclError};
 use latency::LatencyHist;
 use membership::{follow_map, heartbeat, keep_lease_while, set_lease};
+pub use tls::{tls_config, TlsError};
 
 /// How a KN process runs.
 #[derive(Clone, Debug)]
@@ -56,6 +60,48 @@ pub struct KnConfig {
     /// The cluster secret the manager session is authenticated with (required by a
     /// manager that has one; without it the manager must be on loopback).
     pub secret: Option<ClusterSecret>,
+    /// Who may use the client port, and for what (`requirepass`, ACL users).
+    pub acl: Arc<Acl>,
+    /// Redis's `protected-mode`: without any password, serve only loopback clients and
+    /// refuse to listen on any other address.
+    pub protected_mode: bool,
+    /// What one client may make the KN hold.
+    pub limits: ClientLimits,
+    /// TLS on the client port ([`tls_config`]); `None`: plain TCP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// Per-client limits, with Redis's names (`CONFIG GET` shows them) and, where Redis has
+/// one, its default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// `client-query-buffer-limit`: bytes of unparsed input plus the incomplete command a
+    /// client may make the KN hold; above it the client gets an error and is disconnected.
+    pub query_buffer: usize,
+    /// `proto-max-bulk-len`: the longest bulk string in a command (never more than the
+    /// largest value this KN can store: a longer one could not be stored anyway).
+    pub proto_max_bulk_len: usize,
+    /// `maxclients`: connections served at once; one more gets an error and is closed.
+    pub maxclients: usize,
+    /// `timeout`: a client idle this long is disconnected (zero: never).
+    pub timeout: Duration,
+    /// `client-reply-limit` (not in Redis): the largest reply to one command. A command
+    /// whose reply would be larger (an `MGET` naming one large value many times) gets an
+    /// error and the client is disconnected, as Redis does at its output buffer limit,
+    /// before the reply is gathered.
+    pub reply: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            query_buffer: 1 << 30,
+            proto_max_bulk_len: 512 << 20,
+            maxclients: 10_000,
+            timeout: Duration::ZERO,
+            reply: 64 << 20,
+        }
+    }
 }
 
 impl KnConfig {
@@ -69,6 +115,10 @@ impl KnConfig {
             io_threads: 2,
             flush_bound: Duration::from_micros(100),
             secret: None,
+            acl: Arc::new(Acl::default()),
+            protected_mode: true,
+            limits: ClientLimits::default(),
+            tls: None,
         }
     }
 }
@@ -86,6 +136,13 @@ pub enum KnServerError {
     Io(#[from] std::io::Error),
     #[error("the lease was lost: the manager fenced this KN")]
     Fenced,
+    #[error(
+        "refusing to serve clients on {listen} without a password: anyone who reaches that \
+         address could read and write every key. Give --requirepass-file or --acl-file, listen \
+         on a loopback address, or turn protected mode off (--protected-mode no) if another \
+         layer guards the network"
+    )]
+    Unprotected { listen: SocketAddr },
 }
 
 /// What this KN believes about the cluster.
@@ -118,7 +175,14 @@ struct Shared {
     /// The lease, shared with the shards (they check it before every flush).
     lease: Arc<LeaseGate>,
     max_value: usize,
+    /// The parser's limits once a client authenticated.
     limits: Limits,
+    client: ClientLimits,
+    acl: Arc<Acl>,
+    protected_mode: bool,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Client connections open now (`maxclients`).
+    clients: std::sync::atomic::AtomicUsize,
     fenced: AtomicBool,
     /// The manager asked this KN to leave (`remove_kn`).
     drain: AtomicBool,
@@ -173,6 +237,46 @@ fn node_id(kn: u16) -> String {
     format!("{:040x}", 0xd1_0000_0000u64 + kn as u64)
 }
 
+/// File descriptors kept for what is not a client: fabric connections, the manager, the
+/// listener, the runtime.
+const RESERVED_FDS: u64 = 128;
+
+/// Like Redis: raises the soft limit on open files toward what `maxclients` needs, and
+/// lowers `maxclients` to what the limit allows, so that a client past the limit gets
+/// `-ERR max number of clients reached` rather than a failed `accept`.
+fn fit_maxclients(want: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return want;
+    }
+    let need = (want as u64).saturating_add(RESERVED_FDS);
+    if lim.rlim_cur < need {
+        let raised = libc::rlimit {
+            rlim_cur: need.min(lim.rlim_max),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given, which outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = raised.rlim_cur;
+        }
+    }
+    let fit = usize::try_from(lim.rlim_cur.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(want);
+    if fit < want {
+        tracing::warn!(
+            maxclients = want,
+            open_files = lim.rlim_cur,
+            lowered_to = fit,
+            "the open-file limit is too low for maxclients; maxclients lowered (raise the \
+             limit with ulimit -n)"
+        );
+    }
+    want.min(fit)
+}
+
 /// Runs a KN until `stop` is set (then leaves the cluster cleanly) or its lease is lost.
 /// `on_ready` gets the KN id and the bound client address once it serves.
 pub fn run(
@@ -180,6 +284,9 @@ pub fn run(
     stop: &AtomicBool,
     on_ready: impl FnOnce(u16, SocketAddr),
 ) -> Result<(), KnServerError> {
+    if cfg.protected_mode && !cfg.acl.requires_auth() && !cfg.listen.ip().is_loopback() {
+        return Err(KnServerError::Unprotected { listen: cfg.listen });
+    }
     // Reach the DPM first: a KN that cannot is no use to the manager.
     let dpm_err = |why: String| KnServerError::Dpm {
         dpm: cfg.dpm.to_string(),
@@ -270,9 +377,24 @@ pub fn run(
         lease: gate,
         max_value,
         limits: Limits {
-            max_bulk: max_value.max(MAX_KEY_LEN),
+            max_bulk: cfg
+                .limits
+                .proto_max_bulk_len
+                .min(max_value.max(MAX_KEY_LEN)),
             ..Limits::default()
         },
+        client: ClientLimits {
+            proto_max_bulk_len: cfg
+                .limits
+                .proto_max_bulk_len
+                .min(max_value.max(MAX_KEY_LEN)),
+            maxclients: fit_maxclients(cfg.limits.maxclients),
+            ..cfg.limits
+        },
+        acl: Arc::clone(&cfg.acl),
+        protected_mode: cfg.protected_mode,
+        tls: cfg.tls.clone(),
+        clients: std::sync::atomic::AtomicUsize::new(0),
         fenced: AtomicBool::new(false),
         drain: AtomicBool::new(false),
         latency: LatencyHist::default(),
