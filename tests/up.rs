@@ -128,8 +128,10 @@ fn set_get(addr: &str, creds: &Credentials, key: &[u8]) -> Option<Value> {
 
 #[test]
 fn up_authenticates_by_default_and_restarts_a_killed_kn() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path().to_str().expect("utf-8");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // `up` makes its folder itself, mode 0700 (a shared one is refused).
+    let dir = tmp.path().join("cluster");
+    let d = dir.to_str().expect("utf-8");
     let port = dinomo::up::free_port_block(3).expect("ports");
     let (mgr, base) = (port.to_string(), (port + 1).to_string());
     let up = Up::start(&[
@@ -152,8 +154,9 @@ fn up_authenticates_by_default_and_restarts_a_killed_kn() {
     ]);
     let lines = up.wait_for("redis-cli");
     let text = lines.join("\n");
-    let secret = dir.path().join("secret");
-    let pass_file = dir.path().join("requirepass");
+    let secret = dir.join("secret");
+    let pass_file = dir.join("requirepass");
+    assert_eq!(mode(&dir), 0o700);
     assert!(text.contains("authentication on"), "{text}");
     assert!(
         text.contains(&format!("cat {}", pass_file.display())),
