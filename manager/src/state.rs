@@ -660,7 +660,14 @@ impl Manager {
                 .iter()
                 .find(|(_, k)| k.gone.is_none() && k.addr == addr)
             {
-                return refuse(format!("KN {other} already serves at {addr}"));
+                // A KN restarted on its old address (its predecessor died) registers once the
+                // predecessor's lease lapsed and it was fenced: ask it to try again.
+                return MgrReply::Retry {
+                    message: format!(
+                        "KN {other} already serves at {addr}; a new KN may register there \
+                         once that KN's lease lapsed"
+                    ),
+                };
             }
             let free = (0..self.max_kns)
                 .find(|id| !st.kns.contains_key(id) && !st.registering.contains(id));

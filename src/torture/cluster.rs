@@ -263,9 +263,14 @@ impl Cluster {
                 return s;
             };
             let key = &self.probe_keys[first as usize];
+            // The owner serves the slot when it answers the write definitely: `+OK`, or
+            // `-OOM` while the region is full (the last round fills it).
             let ok = conns[i].as_mut().is_some_and(|c| {
-                c.call(&[b"SET", key, b"probe"])
-                    .is_ok_and(|v| v == Value::Simple("OK".into()))
+                c.call(&[b"SET", key, b"probe"]).is_ok_and(|v| match v {
+                    Value::Simple(s) => s == "OK",
+                    Value::Error(e) => e.starts_with("OOM"),
+                    _ => false,
+                })
             });
             if !ok {
                 conns[i] = None;

@@ -308,19 +308,28 @@ pub fn run(
     let mut mgr = MgrClient::connect_with(&cfg.manager, Duration::from_secs(20), &mgr_auth)
         .map_err(mgr_err)?;
     let shards = cfg.threads.max(1);
-    let (kn_id, lease_epoch, lease_ms) = match mgr
-        .call(&MgrRequest::Register {
-            addr: addr.to_string(),
-            shards,
-        })
-        .map_err(mgr_err)?
-    {
-        MgrReply::Registered {
-            kn_id,
-            lease_epoch,
-            lease_ms,
-        } => (kn_id, lease_epoch, lease_ms),
-        other => return Err(KnServerError::Manager(format!("{other:?}"))),
+    // A manager that still knows a KN at this address (a predecessor that died, whose
+    // lease has not lapsed yet) asks to register again later.
+    let t_register = Instant::now();
+    let (kn_id, lease_epoch, lease_ms) = loop {
+        match mgr
+            .call(&MgrRequest::Register {
+                addr: addr.to_string(),
+                shards,
+            })
+            .map_err(mgr_err)?
+        {
+            MgrReply::Registered {
+                kn_id,
+                lease_epoch,
+                lease_ms,
+            } => break (kn_id, lease_epoch, lease_ms),
+            MgrReply::Retry { message } if t_register.elapsed() < JOIN_WAIT => {
+                tracing::info!(%message, "registering later");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return Err(KnServerError::Manager(format!("{other:?}"))),
+        }
     };
     let registered_at = Instant::now();
     let lease = Duration::from_millis(lease_ms);
