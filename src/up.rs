@@ -200,13 +200,13 @@ impl UpConfig {
         if let Some(p) = &self.requirepass {
             return Ok(Some(p.clone()));
         }
-        match read_private(&self.requirepass_path()) {
-            Ok(p) => Ok(Some(p)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(UpError::Io {
-                what: format!("cannot read {}", self.requirepass_path().display()),
-                source,
-            }),
+        use dinomo_shared::auth::{read_private_file, AuthError};
+        match read_private_file(&self.requirepass_path()) {
+            Ok(p) => Ok(Some(p.trim_end_matches(['\r', '\n']).to_string())),
+            Err(AuthError::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(UpError::Failed(e.to_string())),
         }
     }
 
@@ -410,24 +410,6 @@ fn is_loopback_host(host: &str) -> bool {
 fn is_loopback_addr(addr: &str) -> bool {
     addr.parse::<SocketAddr>()
         .is_ok_and(|a| a.ip().is_loopback())
-}
-
-/// Reads a one-line file that only its owner may read.
-fn read_private(path: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "mode {:04o} lets others read it; run `chmod 600`",
-                mode & 0o7777
-            ),
-        ));
-    }
-    Ok(std::fs::read_to_string(path)?
-        .trim_end_matches(['\r', '\n'])
-        .to_string())
 }
 
 /// Replaces `path` with `line`, never readable by others: written to a new 0600 file, then
