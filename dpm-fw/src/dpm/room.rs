@@ -50,10 +50,12 @@ pub struct Room {
     pub index_blocks: u64,
     /// Free overflow-bucket units in those blocks.
     pub index_free_units: u64,
+    /// Free units of the index area (a resize leaves what the room counts on free).
+    pub area_free_units: u64,
     /// Overflow buckets the index may still need for the unmerged granted log space.
     pub reserved_units: u64,
-    /// Units the room counts: `index_free_units` plus the free blocks beyond the
-    /// compaction reserve.
+    /// Units the room counts: `index_free_units`, `area_free_units`, and the free blocks
+    /// beyond the compaction reserve.
     pub available_units: u64,
 }
 
@@ -169,13 +171,16 @@ impl<P: Persist> Dpm<P> {
     pub fn room(&self) -> Room {
         let free_blocks = self.blocks.free_count();
         let index_free_units = self.index.block_free_units();
+        let area_free_units = self.index.area_free_units();
         let spare_blocks = free_blocks.saturating_sub(super::COMPACTION_RESERVE);
         Room {
             free_blocks,
             index_blocks: self.index.blocks().len() as u64,
             index_free_units,
+            area_free_units,
             reserved_units: self.reserved_units(),
             available_units: index_free_units
+                .saturating_add(area_free_units)
                 .saturating_add(spare_blocks.saturating_mul(self.index.units_per_block())),
         }
     }
@@ -200,7 +205,16 @@ impl<P: Persist> Dpm<P> {
             return false;
         }
         // After the grant(s): free blocks fewer, and more blocks to merge.
-        room.available_units >= room.reserved_units.saturating_add(units)
+        let needed = room.reserved_units.saturating_add(units);
+        if room.available_units < needed {
+            return false;
+        }
+        // What the log blocks cannot hold must stay free in the index area: a resize may
+        // not take it.
+        let in_blocks = room.available_units - room.area_free_units;
+        self.index
+            .set_area_reserve(needed.saturating_sub(in_blocks));
+        true
     }
 }
 

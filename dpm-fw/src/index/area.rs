@@ -49,6 +49,10 @@ impl AreaAlloc {
         }
     }
 
+    pub(super) fn free_units(&self) -> u64 {
+        self.units - self.used
+    }
+
     pub(super) fn used_units(&self) -> u64 {
         self.used
     }

@@ -121,6 +121,9 @@ pub struct Index {
     /// Generation of a table that could not be doubled for lack of contiguous room; it
     /// keeps chaining instead (nothing is freed while a table lives). 0: none.
     no_grow_gen: AtomicU32,
+    /// Units of the index area a resize must leave free: overflow buckets the memory node
+    /// promised to merges already granted (see `Index::set_area_reserve`).
+    area_reserve: AtomicU64,
 }
 
 impl fmt::Debug for Index {
@@ -335,6 +338,7 @@ impl Index {
             items: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
             no_grow_gen: AtomicU32::new(0),
+            area_reserve: AtomicU64::new(0),
         };
         let root = RootWord(pm.load_u64(idx.root_off));
         if root.is_unset() {
@@ -778,6 +782,16 @@ impl Index {
             }
             Ok(())
         })();
+        // A resize that would leave fewer free units than are promised to overflow buckets
+        // is not made (the table keeps chaining): the promise holds at the resize's peak,
+        // while the old table still lives.
+        let copied = copied.and_then(|()| {
+            if space.area.free_units() < self.area_reserve.load(Ordering::Acquire) {
+                Err(IndexError::Full)
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = copied {
             space.area.free(unit, new.buckets());
             for &o in &new_overflow {
@@ -888,10 +902,21 @@ impl Index {
     }
 
     /// Free units in the index's log blocks: overflow buckets it can add without another
-    /// block. The index area's own free units are left out on purpose, as a resize may take
-    /// them.
+    /// block.
     pub fn block_free_units(&self) -> u64 {
         self.area.lock().block_free
+    }
+
+    /// Free units of the index area: overflow buckets it can add there, as long as no
+    /// resize takes them (a resize leaves [`Index::set_area_reserve`] units free).
+    pub fn area_free_units(&self) -> u64 {
+        self.area.lock().area.free_units()
+    }
+
+    /// Makes every later resize leave at least `units` units of the index area free, so
+    /// that overflow buckets counted on by the memory node stay available.
+    pub fn set_area_reserve(&self, units: u64) {
+        self.area_reserve.store(units, Ordering::Release);
     }
 
     /// Overflow buckets one log block holds.

@@ -292,6 +292,34 @@ fn tiny_table_grows_through_many_resizes() {
     }
 }
 
+/// A resize never takes the units promised to overflow buckets: with the whole area
+/// reserved the table only chains (and every key stays reachable); the reserve still free
+/// afterwards is at least what was promised.
+#[test]
+fn a_resize_leaves_the_reserved_area_units_free() {
+    let keys = 300;
+    let f = Fixture::new(1 << 20, 10, 0, keys, 1);
+    let idx = f.open();
+    let reserve = idx.area_free_units();
+    idx.set_area_reserve(reserve);
+    for k in 0..keys {
+        assert_eq!(idx.upsert(&f.pm, &key(k), f.refs[k][0]), Ok(None));
+    }
+    let s = idx.stats(&f.pm);
+    assert_eq!(s.generation, 1, "no resize took reserved units: {s:?}");
+    assert!(s.overflow_buckets > 0, "{s:?}");
+    for k in 0..keys {
+        assert_eq!(idx.get(&f.pm, &key(k)), Some(f.refs[k][0]));
+    }
+    // Without the reserve the same load resizes.
+    let g = Fixture::new(1 << 20, 10, 0, keys, 1);
+    let idx = g.open();
+    for k in 0..keys {
+        assert_eq!(idx.upsert(&g.pm, &key(k), g.refs[k][0]), Ok(None));
+    }
+    assert!(idx.stats(&g.pm).generation > 1);
+}
+
 #[test]
 fn equal_hashes_are_told_apart_by_key() {
     let keys = 20;
