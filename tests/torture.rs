@@ -25,6 +25,9 @@ fn a_short_torture_run_kills_every_role_and_finds_no_violation() {
         "500",
         "--roles",
         "dpm,manager,kn",
+        // The last round fills the region: a small one fills quickly.
+        "--region-size",
+        "48M",
         "--dir",
     ])
     .arg(dir.path().join("work"))
@@ -48,6 +51,10 @@ fn a_short_torture_run_kills_every_role_and_finds_no_violation() {
     assert!(r["ops"]["ok"].as_u64().is_some_and(|n| n > 0), "{r}");
     assert!(r["lincheck_ops"].as_u64().is_some_and(|n| n > 0), "{r}");
     assert!(stdout.contains("violations: 0"), "{stdout}");
+    // The last round filled the region and killed its process while it was full.
+    assert_eq!(r["fill"]["full_at_kill"], true, "{r}");
+    assert!(r["fill"]["refused"].as_u64().is_some_and(|n| n > 0), "{r}");
+    assert!(r["fill"]["acked"].as_u64().is_some_and(|n| n > 0), "{r}");
 }
 
 #[test]

@@ -48,6 +48,9 @@ pub(crate) struct TortureArgs {
     /// must be absent).
     #[arg(long)]
     no_fill: bool,
+    /// Region size, e.g. 512M (1 MiB log blocks).
+    #[arg(long, default_value = "512M", value_parser = dinomo::size::parse_size)]
+    region_size: u64,
 }
 
 type RoleList = Vec<dinomo::torture::Role>;
@@ -67,6 +70,7 @@ pub(crate) fn run(a: TortureArgs) -> anyhow::Result<()> {
         dir: a.dir,
         roles: a.roles,
         fill: !a.no_fill,
+        region_size: a.region_size.to_string(),
     };
     let json = JsonOut::check(a.json.as_deref())?;
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -89,6 +89,8 @@ pub struct TortureConfig {
     /// The last round also fills the region to its limit (writes refused with `-OOM`) and
     /// kills its process while the region is full.
     pub fill: bool,
+    /// Size of the region, e.g. "512M" (the last round's fill writes about this much).
+    pub region_size: String,
 }
 
 impl Default for TortureConfig {
@@ -105,6 +107,7 @@ impl Default for TortureConfig {
             dir: None,
             roles: Role::ALL.to_vec(),
             fill: true,
+            region_size: "512M".into(),
         }
     }
 }
@@ -266,7 +269,7 @@ pub fn run(
         kns: cfg.kns,
         dir: dir.clone(),
         // Small blocks: every KN start takes a block per shard.
-        region_size: "512M".into(),
+        region_size: cfg.region_size.clone(),
         block_size: Some("1M".into()),
         fresh: true,
         host: "127.0.0.1".into(),
