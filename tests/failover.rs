@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proc_files;
-use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc, BIN, DEADLINE};
+use common::procs::{ready_addr, spawn_kn, wait_map, Client, Conn, Proc, BIN, DEADLINE};
 use common::{dinomo, dinomo_cmd, stderr, stdout};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
@@ -113,24 +113,8 @@ impl Cluster {
 
     fn start_kn(&mut self) {
         let r = self.region.to_str().expect("utf-8");
-        let (p, out) = Proc::spawn(&[
-            "kn",
-            "--dpm",
-            r,
-            "--listen",
-            "127.0.0.1:0",
-            "--manager",
-            &self.mgr,
-            "--threads",
-            "2",
-            "--cache",
-            "2M",
-        ]);
-        // "kn <id> listening on <addr>"
-        let line = first_line(out);
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let id = w[1].parse().expect("KN id");
-        self.kns.push((id, w[4].to_string(), Some(p)));
+        let (id, addr, p) = spawn_kn(r, &self.mgr, &["--threads", "2", "--cache", "2M"]);
+        self.kns.push((id, addr, Some(p)));
     }
 
     /// Starts the DPM process on the region (again).

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::procs::{first_line, ready_addr, Client, Proc, DEADLINE};
+use common::procs::{ready_addr, spawn_kn, Client, Proc, DEADLINE};
 use common::{dinomo, stderr, stdout};
 use dinomo::lincheck::{Clock, History, Recorder};
 use dinomo::resp::Value;
@@ -103,26 +103,19 @@ impl Cluster {
     }
 
     fn start_kn(&mut self) {
-        let (p, out) = Proc::spawn(&[
-            "kn",
-            "--dpm",
+        let kn = spawn_kn(
             &self.region,
-            "--listen",
-            "127.0.0.1:0",
-            "--manager",
             &self.mgr,
-            "--threads",
-            "2",
-            "--cache",
-            "2M",
-            "--secret-file",
-            &self.secret_file,
-        ]);
-        // "kn <id> listening on <addr>"
-        let line = first_line(out);
-        let w: Vec<&str> = line.split_whitespace().collect();
-        self.kns
-            .push((w[1].parse().expect("KN id"), w[4].to_string(), p));
+            &[
+                "--threads",
+                "2",
+                "--cache",
+                "2M",
+                "--secret-file",
+                &self.secret_file,
+            ],
+        );
+        self.kns.push(kn);
     }
 
     fn ctl(&self) -> MgrClient {

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::procs::{first_line, ready_addr, wait_map, Conn, Proc, DEADLINE};
+use common::procs::{ready_addr, spawn_kn, wait_map, Conn, Proc, DEADLINE};
 use common::{dinomo, stderr};
 use dinomo::resp::Value;
 
@@ -80,23 +80,7 @@ impl Cluster {
     /// Starts a KN; returns its id, address and process.
     fn start_kn(&self) -> (u16, String, Proc) {
         let r = self.region.to_str().expect("utf-8");
-        let (p, out) = Proc::spawn(&[
-            "kn",
-            "--dpm",
-            r,
-            "--listen",
-            "127.0.0.1:0",
-            "--manager",
-            &self.mgr,
-            "--threads",
-            "1",
-            "--cache",
-            "1M",
-        ]);
-        // "kn <id> listening on <addr>"
-        let line = first_line(out);
-        let w: Vec<&str> = line.split_whitespace().collect();
-        (w[1].parse().expect("KN id"), w[4].to_string(), p)
+        spawn_kn(r, &self.mgr, &["--threads", "1", "--cache", "1M"])
     }
 }
 

@@ -134,6 +134,27 @@ struct KnInfo {
 }
 
 impl KnInfo {
+    /// A KN with a lease until `expires`, nothing else known yet.
+    fn new(addr: String, lease_epoch: u32, expires: Instant, lease: Duration) -> Self {
+        Self {
+            addr,
+            lease_epoch,
+            expires,
+            joined: false,
+            acked: 0,
+            gone: None,
+            fencing: false,
+            fenced: false,
+            joining: false,
+            draining: false,
+            load: None,
+            session: None,
+            lease,
+            adopting: false,
+            view_epoch: 0,
+        }
+    }
+
     fn live(&self) -> bool {
         self.joined && self.gone.is_none()
     }
@@ -423,21 +444,11 @@ impl Manager {
                     .min(MAX_LEASE)
                     .max(cfg.lease);
                 let info = KnInfo {
-                    addr: String::new(),
-                    lease_epoch: r.lease_epoch,
-                    expires: now + wait,
                     joined: true,
                     acked: stored.map_epoch,
-                    gone: None,
-                    fencing: false,
-                    fenced: false,
-                    joining: false,
-                    draining: false,
-                    load: None,
-                    session: None,
-                    lease,
                     adopting: true,
                     view_epoch: stored.map_epoch,
+                    ..KnInfo::new(String::new(), r.lease_epoch, now + wait, lease)
                 };
                 (kn, info)
             })
@@ -704,21 +715,14 @@ impl Manager {
         st.kns.insert(
             kn_id,
             KnInfo {
-                addr: addr.clone(),
-                lease_epoch,
-                expires: self.clock.now() + self.cfg.lease,
-                joined: false,
-                acked: 0,
-                gone: None,
-                fencing: false,
-                fenced: false,
-                joining: false,
-                draining: false,
-                load: None,
                 session: Some(peer.session),
-                lease: self.cfg.lease,
-                adopting: false,
                 view_epoch,
+                ..KnInfo::new(
+                    addr.clone(),
+                    lease_epoch,
+                    self.clock.now() + self.cfg.lease,
+                    self.cfg.lease,
+                )
             },
         );
         tracing::info!(kn_id, %addr, lease_epoch, "KN registered");

@@ -116,6 +116,26 @@ pub fn last_word(line: &str) -> String {
         .to_string()
 }
 
+/// Starts `dinomo kn` on the shm region `region` with manager `mgr` and the further words
+/// `extra`, listening on any free loopback port; returns its id, client address and process
+/// once it said "kn <id> listening on <addr>".
+pub fn spawn_kn(region: &str, mgr: &str, extra: &[&str]) -> (u16, String, Proc) {
+    let mut args = vec![
+        "kn",
+        "--dpm",
+        region,
+        "--listen",
+        "127.0.0.1:0",
+        "--manager",
+        mgr,
+    ];
+    args.extend_from_slice(extra);
+    let (p, out) = Proc::spawn(&args);
+    let line = first_line(out);
+    let w: Vec<&str> = line.split_whitespace().collect();
+    (w[1].parse().expect("KN id"), w[4].to_string(), p)
+}
+
 /// The address a ready line ends in.
 pub fn ready_addr(out: ChildStdout) -> String {
     last_word(&first_line(out))
