@@ -150,7 +150,7 @@ impl Cluster {
     pub fn recover(&mut self, limit: Duration, stop: &AtomicBool) -> Result<(), UpError> {
         let t0 = Instant::now();
         let stall = Duration::from_millis(self.cfg.lease_ms * 4).max(Duration::from_secs(5));
-        let mut last_action = Instant::now();
+        let mut clock = StallClock::new(stall, Instant::now());
         let mut escalations = 0u32;
         let mut dpm_exits = 0u32;
         let mut dpm_seen = false;
@@ -176,19 +176,27 @@ impl Cluster {
                 }
             }
             if acted {
-                last_action = Instant::now();
+                clock.acted(Instant::now());
             }
-            let dpm_published = dpm_answers(&self.cfg);
-            if dpm_published && !dpm_seen {
+            let started = Instant::now();
+            let dpm_before = dpm_answers(&self.cfg);
+            let sweep = self.sweep();
+            let mut dpm_seen_now = dpm_before;
+            let verdict = clock.look(
+                started,
+                dpm_before,
+                sweep.ok,
+                || {
+                    dpm_seen_now = dpm_answers(&self.cfg);
+                    dpm_seen_now
+                },
+                Instant::now(),
+            );
+            if dpm_seen_now && !dpm_seen {
                 self.note("the DPM serves (it published its control file)");
                 dpm_seen = true;
             }
-            if !dpm_published {
-                // Nothing can serve before the DPM does; its recovery is not a stall.
-                last_action = Instant::now();
-            }
-            let sweep = self.sweep();
-            if sweep.ok && dpm_published {
+            if verdict == Verdict::Recovered {
                 self.note("every slot served");
                 return Ok(());
             }
@@ -201,7 +209,7 @@ impl Cluster {
                     self.log.display()
                 )));
             }
-            if last_action.elapsed() > stall {
+            if verdict == Verdict::Stalled {
                 escalations += 1;
                 if sweep.manager_down || escalations % 3 == 0 {
                     self.restart_collateral(Role::Manager, 0, "no service within the deadline")?;
@@ -214,7 +222,7 @@ impl Cluster {
                 for i in kns {
                     self.restart_collateral(Role::Kn, i, "no service within the deadline")?;
                 }
-                last_action = Instant::now();
+                clock.acted(Instant::now());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -323,6 +331,75 @@ fn slot_of(role: Role, kn: usize) -> usize {
     }
 }
 
+/// What one look at a recovering cluster (a DPM ping and a probe sweep) concludes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The DPM answers and every slot was served.
+    Recovered,
+    /// Still recovering: look again.
+    Wait,
+    /// Nothing moved for the stall deadline: restart what does not answer.
+    Stalled,
+}
+
+/// Tells a cluster that is still recovering from one that is stuck. The deadline counts
+/// from the last sign of progress: a process (re)started, a DPM that did not answer yet (its
+/// recovery is not a stall), or a sweep in which every slot was served. A sweep takes one
+/// probe round trip per slot range (thousands once slots have moved between KNs), so on a
+/// busy machine it can outlast the deadline by itself; its time is never counted as a
+/// stall when it ends with every slot served or began before the DPM answered, and a DPM
+/// that came up during the sweep is asked again rather than taken as still absent.
+#[derive(Debug)]
+struct StallClock {
+    stall: Duration,
+    last_progress: Instant,
+}
+
+impl StallClock {
+    fn new(stall: Duration, now: Instant) -> Self {
+        Self {
+            stall,
+            last_progress: now,
+        }
+    }
+
+    /// A process was started or restarted at `now`.
+    fn acted(&mut self, now: Instant) {
+        self.last_progress = now;
+    }
+
+    /// One look that began at `started` (the DPM answered then: `dpm_before`) and ended at
+    /// `now` with a sweep that served every slot (`sweep_ok`) or not; `dpm_now` asks the DPM
+    /// again, only when the answer matters.
+    fn look(
+        &mut self,
+        started: Instant,
+        dpm_before: bool,
+        sweep_ok: bool,
+        dpm_now: impl FnOnce() -> bool,
+        now: Instant,
+    ) -> Verdict {
+        debug_assert!(started <= now);
+        if sweep_ok {
+            if dpm_before || dpm_now() {
+                return Verdict::Recovered;
+            }
+            self.last_progress = now;
+            return Verdict::Wait;
+        }
+        if !dpm_before {
+            // Nothing can serve before the DPM does; its recovery is not a stall.
+            self.last_progress = now;
+            return Verdict::Wait;
+        }
+        if now.saturating_duration_since(self.last_progress) > self.stall {
+            self.last_progress = now;
+            return Verdict::Stalled;
+        }
+        Verdict::Wait
+    }
+}
+
 /// Whether a DPM answers a ping (a killed DPM leaves its control file behind, and a new
 /// one may get the same inode, so the file alone does not say).
 fn dpm_answers(cfg: &UpConfig) -> bool {
@@ -353,4 +430,89 @@ fn probe_keys() -> Vec<Vec<u8>> {
         n += 1;
     }
     keys.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALL: Duration = Duration::from_secs(5);
+    const fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn a_long_sweep_that_began_before_the_dpm_answered_ends_the_recovery() {
+        // The DPM was restarted; the sweep began before it answered and, probing thousands
+        // of slot ranges on a busy machine, took longer than the stall deadline, serving every
+        // slot. The DPM answers by then: the cluster recovered, nothing is restarted.
+        let t0 = Instant::now();
+        let mut clock = StallClock::new(STALL, t0);
+        assert_eq!(
+            clock.look(t0, false, true, || true, t0 + s(15)),
+            Verdict::Recovered
+        );
+    }
+
+    #[test]
+    fn a_sweep_that_served_every_slot_is_progress_while_the_dpm_is_still_away() {
+        let t0 = Instant::now();
+        let mut clock = StallClock::new(STALL, t0);
+        assert_eq!(
+            clock.look(t0, false, true, || false, t0 + s(15)),
+            Verdict::Wait
+        );
+        // The next look (DPM up, a probe refused) counts from the end of that sweep.
+        assert_eq!(
+            clock.look(t0 + s(15), true, false, || true, t0 + s(19)),
+            Verdict::Wait
+        );
+        assert_eq!(
+            clock.look(t0 + s(19), true, false, || true, t0 + s(21)),
+            Verdict::Stalled
+        );
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_serve_with_the_dpm_up_stalls_after_the_deadline() {
+        let t0 = Instant::now();
+        let mut clock = StallClock::new(STALL, t0);
+        let mut asked = false;
+        assert_eq!(
+            clock.look(
+                t0,
+                true,
+                false,
+                || {
+                    asked = true;
+                    true
+                },
+                t0 + s(2)
+            ),
+            Verdict::Wait
+        );
+        assert!(
+            !asked,
+            "the DPM is asked again only when the answer matters"
+        );
+        assert_eq!(
+            clock.look(t0 + s(2), true, false, || true, t0 + s(6)),
+            Verdict::Stalled
+        );
+        // Escalating restarts the clock, and so does restarting a process.
+        assert_eq!(
+            clock.look(t0 + s(6), true, false, || true, t0 + s(8)),
+            Verdict::Wait
+        );
+        clock.acted(t0 + s(10));
+        assert_eq!(
+            clock.look(t0 + s(10), true, false, || true, t0 + s(14)),
+            Verdict::Wait
+        );
+        // While the DPM does not answer, nothing stalls.
+        assert_eq!(
+            clock.look(t0 + s(14), false, false, || false, t0 + s(40)),
+            Verdict::Wait
+        );
+    }
 }
