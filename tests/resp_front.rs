@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{ready_addr, wait_map, Conn, Proc, DEADLINE};
+use common::procs::{ready_addr, spawn_kn, wait_map, Conn, Proc, DEADLINE};
 use common::{dinomo, format_region, stderr};
 use dinomo::resp::Value;
 
@@ -66,13 +66,6 @@ impl Node {
             Proc::spawn(&["manager", "--dpm", &region_s, "--listen", "127.0.0.1:0"]);
         let mgr = ready_addr(mout);
         let mut args = vec![
-            "kn",
-            "--dpm",
-            &region_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--manager",
-            &mgr,
             "--threads",
             "1",
             "--cache",
@@ -83,9 +76,7 @@ impl Node {
             acl.to_str().expect("utf-8"),
         ];
         args.extend_from_slice(kn_args);
-
-        let (kn, out) = Proc::spawn(&args);
-        let addr = ready_addr(out);
+        let (_, addr, kn) = spawn_kn(&region_s, &mgr, &args);
         wait_map(&mgr, 1);
         let port = addr.rsplit_once(':').expect("port").1.to_string();
         Self {
