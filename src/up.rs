@@ -150,10 +150,11 @@ impl UpConfig {
         }
         if !self.auth {
             let mut open = Vec::new();
-            if !is_loopback_host(&self.host) {
+            if !dinomo_shared::auth::is_loopback(&self.host) {
                 open.push(format!("host = {:?}", self.host));
             }
-            if self.serve_spec()?.kind() == FabricKind::Verbs && !is_loopback_addr(&self.dpm_listen)
+            if self.serve_spec()?.kind() == FabricKind::Verbs
+                && !dinomo_shared::auth::is_loopback(&self.dpm_listen)
             {
                 open.push(format!("dpm_listen = {:?}", self.dpm_listen));
             }
@@ -398,18 +399,6 @@ impl UpConfig {
         }
         Ok(args)
     }
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn is_loopback_addr(addr: &str) -> bool {
-    addr.parse::<SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// Replaces `path` with `line`, never readable by others: written to a new 0600 file, then

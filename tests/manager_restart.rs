@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::proc_files;
-use common::procs::{first_line, ready_addr, wait_map, Client, Conn, Proc};
+use common::procs::{ready_addr, spawn_kn, wait_map, Client, Conn, Proc};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
 
@@ -30,25 +30,7 @@ fn manager(region: &str) -> (Proc, String) {
 }
 
 fn kn(region: &str, mgr: &str) -> (Proc, String) {
-    let (p, out) = Proc::spawn(&[
-        "kn",
-        "--dpm",
-        region,
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        mgr,
-        "--threads",
-        "1",
-        "--cache",
-        "2M",
-    ]);
-    // "kn <id> listening on <addr>"
-    let addr = first_line(out)
-        .split_whitespace()
-        .last()
-        .expect("address")
-        .to_string();
+    let (_, addr, p) = spawn_kn(region, mgr, &["--threads", "1", "--cache", "2M"]);
     (p, addr)
 }
 

@@ -309,6 +309,22 @@ mod file {
 #[cfg(feature = "std")]
 pub use file::{nonce, read_private_file, MAX_PRIVATE_FILE};
 
+/// Whether `addr` (`host:port`, or a bare host such as `127.0.0.1` or `localhost`) names
+/// only loopback addresses: the one place a surface may run without the cluster secret.
+/// A name that does not resolve is not loopback.
+#[cfg(feature = "std")]
+pub fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<std::net::SocketAddr> = match addr.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(_) => match (addr, 0).to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(_) => return false,
+        },
+    };
+    !resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback())
+}
+
 /// SHA-256 of a password: what is kept in memory and compared, so that comparing takes
 /// the same time whatever the password's length and wherever it differs.
 pub fn password_digest(password: &[u8]) -> [u8; 32] {
@@ -351,6 +367,29 @@ mod tests {
         // Moving a byte between fields changes the tag (fields are length-prefixed).
         assert!(!a.verify(b"d", &[b"xy", b"z"], &t));
         assert!(!a.verify(b"d", &[b"x", b"yz"], &t[..31]));
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn only_loopback_names_are_loopback() {
+        for a in [
+            "127.0.0.1",
+            "127.0.0.1:7000",
+            "[::1]:7000",
+            "::1",
+            "localhost:7000",
+        ] {
+            assert!(is_loopback(a), "{a}");
+        }
+        for a in [
+            "0.0.0.0",
+            "0.0.0.0:7000",
+            "10.0.0.5:18515",
+            "192.0.2.1",
+            "no such host:1",
+        ] {
+            assert!(!is_loopback(a), "{a}");
+        }
     }
 
     #[test]

@@ -49,12 +49,6 @@ impl DpmArgs {
     pub fn spec(&self) -> Result<DpmSpec, Usage> {
         DpmSpec::parse(self.fabric, &self.dpm, self.device.device()).map_err(|e| Usage(e.0))
     }
-
-    /// [`DpmArgs::spec`] with the role's cluster secret, which the verbs handshake proves
-    /// (a role without one reaches only a DPM on a loopback address).
-    pub fn spec_with(&self, secret: &super::secret::SecretArgs) -> anyhow::Result<DpmSpec> {
-        Ok(self.spec()?.with_secret(secret.load()?))
-    }
 }
 
 /// How `dinomo dpm serve` serves its region.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use dinomo::size::parse_size;
 use dinomo_shared::auth::read_private_file;
-use host_kn::server::{Acl, ClientLimits, KnServerError};
+use host_kn::server::{Acl, ClientLimits};
 
 use super::fabric::DpmArgs;
 use super::secret::SecretArgs;
@@ -163,15 +163,13 @@ pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(host_kn::server::tls_config(cert, key)?),
         _ => None,
     };
-    if a.clients.protected_mode && !acl.requires_auth() && !a.listen.ip().is_loopback() {
-        return Err(KnServerError::Unprotected { listen: a.listen }.into());
-    }
-    let spec = a.dpm.spec_with(&a.secret)?;
-    // The client port is guarded by protected mode above; the secret guards the control
-    // traffic, so only the manager's address decides whether one is needed.
+    // The client port is guarded by protected mode (checked by `host_kn::server::run`);
+    // the secret guards the control traffic, so only the manager's address decides
+    // whether one is needed.
     let secret = a
         .secret
         .load_for("KN", &[("--manager", a.manager.clone())])?;
+    let spec = a.dpm.spec()?.with_secret(secret.clone());
     install_stop_handler()?;
     let mut cfg = host_kn::server::KnConfig::new(spec, a.listen, a.manager);
     cfg.secret = secret;

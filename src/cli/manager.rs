@@ -162,7 +162,6 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
     }
     parse_size(&a.kn_cache).map_err(|e| Usage(format!("--kn-cache: {e}")))?;
     let policy = a.policy.config()?;
-    let spec = a.dpm.spec_with(&a.secret)?;
     let secret = a.secret.load_for(
         "manager",
         &[
@@ -170,6 +169,7 @@ pub(crate) fn run(a: ManagerArgs) -> anyhow::Result<()> {
             ("--kn-host", format!("{}:0", a.kn_host)),
         ],
     )?;
+    let spec = a.dpm.spec()?.with_secret(secret.clone());
     install_stop_handler()?;
     let spawner = match a.kn_exe {
         Some(exe) => {

@@ -27,18 +27,6 @@ impl SecretArgs {
     }
 }
 
-/// Whether every address `addr` (`host:port`) resolves to is loopback.
-fn is_loopback(addr: &str) -> bool {
-    use std::net::ToSocketAddrs;
-    match addr.to_socket_addrs() {
-        Ok(mut a) => {
-            let all: Vec<_> = a.by_ref().collect();
-            !all.is_empty() && all.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
-}
-
 impl SecretArgs {
     /// The secret of a `role` that binds or reaches `addrs` (`(option, address)`): without
     /// one, every address must be loopback, since anyone who reaches an unauthenticated
@@ -50,7 +38,10 @@ impl SecretArgs {
     ) -> anyhow::Result<Option<ClusterSecret>> {
         let secret = self.load()?;
         if secret.is_none() {
-            if let Some((opt, addr)) = addrs.iter().find(|(_, a)| !is_loopback(a)) {
+            if let Some((opt, addr)) = addrs
+                .iter()
+                .find(|(_, a)| !dinomo_shared::auth::is_loopback(a))
+            {
                 return Err(super::Usage(format!(
                     "{opt} {addr} is not a loopback address, and the {role} has no cluster \
                      secret: anyone who reaches it could take over the cluster. Pass \

@@ -241,6 +241,12 @@ impl User {
         self.enabled && (ok || self.nopass)
     }
 
+    /// Whether this user may access every key (`~*`, `allkeys`): then no command's keys
+    /// need to be gathered for [`User::check`].
+    pub(crate) fn all_keys(&self) -> bool {
+        self.keys.iter().any(|p| p.as_slice() == b"*")
+    }
+
     /// Why this user may not run command `id` on `keys`, if it may not.
     pub(crate) fn check(&self, id: usize, keys: &[&[u8]]) -> Result<(), String> {
         if self.commands & (1 << id) == 0 {
