@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use dinomo_shared::manager_proto::{MgrAuth, MgrClient};
 
+mod plan;
+pub use plan::plan;
+
 /// Settings of a local cluster (the TOML file holds any subset of them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,6 +64,60 @@ pub struct UpConfig {
     /// Password of the default Redis user (default: the one in `dir/requirepass`, generated
     /// at the first start).
     pub requirepass: Option<String>,
+    /// Where each role runs when the cluster spans hosts (a `[hosts]` table): `dinomo up
+    /// --plan` then prints the commands for each host instead of starting anything here.
+    pub hosts: Option<Hosts>,
+}
+
+/// The hosts of a cluster spread over machines: IP addresses of the interfaces each role
+/// binds to (the DPM's is the one of its RDMA port; it may be a DPU's Arm cores).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hosts {
+    /// The memory node: its verbs connection exchange listens at `dpm:<port of dpm_listen>`.
+    pub dpm: String,
+    /// The manager: it listens at `manager:<manager_port>`.
+    pub manager: String,
+    /// KN `i` runs on `kns[i % kns.len()]` and listens at `<base_port + i>`.
+    pub kns: Vec<String>,
+    /// The `dinomo` program on every host (default: `dinomo`, found on `PATH`).
+    pub exe: Option<String>,
+}
+
+impl Hosts {
+    /// Every host is an IP address, there is a KN host, and a cluster on more than one host
+    /// reaches the DPM over verbs (shm reaches a region on its own host only).
+    fn validate(&self, fabric: FabricKind) -> Result<(), UpError> {
+        let bad = |m: String| Err(UpError::Invalid(m));
+        if self.kns.is_empty() {
+            return bad("[hosts] kns is empty: name at least one KN host".into());
+        }
+        let all: Vec<&String> = [&self.dpm, &self.manager]
+            .into_iter()
+            .chain(&self.kns)
+            .collect();
+        if let Some(a) = all.iter().find(|a| a.parse::<std::net::IpAddr>().is_err()) {
+            return bad(format!(
+                "[hosts] {a:?} is not an IP address: name the address of the interface the \
+                 role binds to (e.g. 10.0.0.5)"
+            ));
+        }
+        if fabric == FabricKind::Shm && all.iter().any(|a| *a != all[0]) {
+            return bad(
+                "[hosts] names more than one host but fabric = \"shm\", which reaches the \
+                 region on the DPM's own host only: set fabric = \"verbs\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The host of KN `i`.
+    pub fn kn(&self, i: u16) -> &str {
+        self.kns
+            .get(usize::from(i) % self.kns.len().max(1))
+            .map_or("127.0.0.1", String::as_str)
+    }
 }
 
 impl Default for UpConfig {
@@ -95,6 +152,7 @@ impl Default for UpConfig {
             gid_index: 0,
             auth: true,
             requirepass: None,
+            hosts: None,
         }
     }
 }
@@ -112,8 +170,21 @@ impl UpConfig {
         })
     }
 
-    /// Checks the settings before anything is started.
+    /// Checks the settings before anything is started here: [`Self::validate_settings`],
+    /// and that this build can serve the fabric they name.
     pub fn validate(&self) -> Result<(), UpError> {
+        self.validate_settings()?;
+        if self.serve_spec()?.kind() == FabricKind::Verbs && !cfg!(feature = "rdma") {
+            return Err(UpError::Invalid(
+                dinomo_hw::fabric::connect::NO_RDMA_SUPPORT.into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the settings themselves (whichever build runs them: a plan for other hosts
+    /// may be printed by a build without RDMA support).
+    pub fn validate_settings(&self) -> Result<(), UpError> {
         let bad = |m: String| Err(UpError::Invalid(m));
         if self.kns == 0 || self.kns > 64 {
             return bad(format!("kns = {} is outside 1..=64", self.kns));
@@ -137,9 +208,6 @@ impl UpConfig {
         {
             crate::size::parse_size(s).map_err(|e| UpError::Invalid(e.to_string()))?;
         }
-        if self.serve_spec()?.kind() == FabricKind::Verbs && !cfg!(feature = "rdma") {
-            return bad(dinomo_hw::fabric::connect::NO_RDMA_SUPPORT.into());
-        }
         if let Some(p) = &self.requirepass {
             if p.is_empty() || p.chars().any(|c| c.is_control()) {
                 return bad("requirepass must be non-empty and printable".into());
@@ -147,6 +215,9 @@ impl UpConfig {
             if !self.auth {
                 return bad("requirepass with auth = false (--no-auth): choose one".into());
             }
+        }
+        if let Some(h) = &self.hosts {
+            h.validate(self.serve_spec()?.kind())?;
         }
         if !self.auth {
             let mut open = Vec::new();
@@ -157,6 +228,12 @@ impl UpConfig {
                 && !dinomo_shared::auth::is_loopback(&self.dpm_listen)
             {
                 open.push(format!("dpm_listen = {:?}", self.dpm_listen));
+            }
+            if let Some(h) = &self.hosts {
+                let all = [&h.dpm, &h.manager].into_iter().chain(&h.kns);
+                for a in all.filter(|a| !dinomo_shared::auth::is_loopback(a)) {
+                    open.push(format!("host {a:?} of [hosts]"));
+                }
             }
             if !open.is_empty() {
                 return bad(format!(
@@ -271,6 +348,18 @@ impl UpConfig {
                 self.dpm_listen
             ))
         })?;
+        let listen = match &self.hosts {
+            Some(h) => {
+                let ip = h.dpm.parse().map_err(|_| {
+                    UpError::Invalid(format!(
+                        "hosts.dpm = {:?} is not an IP address (the DPM binds to it)",
+                        h.dpm
+                    ))
+                })?;
+                SocketAddr::new(ip, listen.port())
+            }
+            None => listen,
+        };
         let device = VerbsDevice {
             name: self.device.clone(),
             gid_index: self.gid_index,
@@ -294,10 +383,12 @@ impl UpConfig {
         self.dir.join("region")
     }
     pub fn manager_addr(&self) -> String {
-        format!("{}:{}", self.host, self.manager_port)
+        let host = self.hosts.as_ref().map_or(&*self.host, |h| &*h.manager);
+        format!("{host}:{}", self.manager_port)
     }
     pub fn kn_addr(&self, i: u16) -> String {
-        format!("{}:{}", self.host, self.base_port + i)
+        let host = self.hosts.as_ref().map_or(&*self.host, |h| h.kn(i));
+        format!("{host}:{}", self.base_port + i)
     }
 
     fn region_arg(&self) -> String {
@@ -654,6 +745,13 @@ impl Supervised {
 /// Starts the cluster, waits for `stop`, then stops it in order. While it runs, a DPM, a
 /// manager or a KN that exits is restarted (with a growing pause when it keeps exiting).
 pub fn run(cfg: &UpConfig, stop: &AtomicBool) -> Result<(), UpError> {
+    if cfg.hosts.is_some() {
+        return Err(UpError::Invalid(
+            "[hosts] places the roles on other hosts, so `up` starts nothing here: \
+             `dinomo up --config FILE --plan` prints the command for each host"
+                .into(),
+        ));
+    }
     cfg.validate()?;
     // 0700 and this user's: the default folder's name is predictable.
     dinomo_hw::region_file::ensure_private_dir(&cfg.dir)

@@ -57,6 +57,22 @@ pub(crate) struct UpArgs {
     /// every address is loopback. For local experiments.
     #[arg(long)]
     no_auth: bool,
+    /// Start nothing: make the cluster secret and password (with authentication) and print
+    /// the command for each host, the files to copy and the ports to open. With a `[hosts]`
+    /// table in --config (a cluster spread over hosts) this is how `up` is used.
+    #[arg(long)]
+    plan: bool,
+}
+
+/// The plan of `cfg`, after making its folder and credentials (the plan names them).
+fn plan(cfg: &UpConfig) -> Result<String, UpError> {
+    let text = dinomo::up::plan(cfg)?;
+    if cfg.auth {
+        dinomo_hw::region_file::ensure_private_dir(&cfg.dir)
+            .map_err(|e| UpError::Failed(format!("cluster folder: {e}")))?;
+        cfg.prepare_auth()?;
+    }
+    Ok(text)
 }
 
 pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
@@ -101,6 +117,12 @@ pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
     }
     if a.no_auth {
         cfg.auth = false;
+    }
+    if a.plan {
+        return match plan(&cfg) {
+            Err(UpError::Invalid(m)) => Err(Usage(m).into()),
+            r => Ok(print!("{}", r?)),
+        };
     }
     install_stop_handler()?;
     match dinomo::up::run(&cfg, &STOP) {
