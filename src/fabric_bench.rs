@@ -111,6 +111,10 @@ pub struct BenchArgs {
     /// Verbs server: TCP port to listen on.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
+    /// Verbs, loopback and --server: of a run of WRITEs, every N-th asks for a completion
+    /// (and the last of each post); 1 signals every WRITE, as perftest does by default.
+    #[arg(long)]
+    pub signal_every: Option<u32>,
     /// Verbs: GID index (default: the port's RoCE v2 entry of the interface's IPv4 address,
     /// or 0 on InfiniBand).
     #[arg(long)]
@@ -575,11 +579,21 @@ fn verbs(
     use dinomo_hw::fabric::verbs::{VerbsConfig, VerbsFabric, VerbsServer};
     use dinomo_hw::fabric::{DpmSpec, VerbsDevice};
     use std::net::SocketAddr;
-    let cfg = VerbsConfig {
+    let mut cfg = VerbsConfig {
         gid_index: a.gid_index,
         queue_depth: p.depth.max(1),
         ..Default::default()
     };
+    if let Some(n) = a.signal_every {
+        if a.connect.is_some() {
+            return Err(BenchError::Usage(
+                "--signal-every applies to the loopback run and --server; a --connect client \
+                 uses the default"
+                    .into(),
+            ));
+        }
+        cfg.signal_every = n;
+    }
     cfg.validate()?;
     // Fail first on a host without RDMA, whatever else is asked.
     dinomo_hw::fabric::verbs::device_names()?;
@@ -711,7 +725,10 @@ mod tests {
         let st = LatencyStats::from_ticks(&h, 0.5);
         assert_eq!((st.min_ns, st.p50_ns, st.max_ns), (50, 100, 200));
         assert!((st.mean_ns - 125.0).abs() < 1e-9);
-        assert_eq!(LatencyStats::from_ticks(&h, 1.0), LatencyStats::from_histogram(&h));
+        assert_eq!(
+            LatencyStats::from_ticks(&h, 1.0),
+            LatencyStats::from_histogram(&h)
+        );
         // The clock's scale is positive whatever the machine.
         let c = Clock::start();
         assert!(c.ns_per_tick() > 0.0);

@@ -352,10 +352,15 @@ impl Access {
     }
 }
 
+/// Alignment of owned buffers: a page, so that a buffer of up to a page never straddles
+/// two (the NIC, or soft-RoCE's copy, then touches one page per small transfer), as
+/// perftest's `memalign`ed buffers.
+const BUF_ALIGN: usize = 4096;
+
 /// Memory a region may be registered over: owned here or kept alive by a [`Pmem`].
 enum Memory {
-    /// A leaked `Box<[u8]>`, reclaimed on drop (held raw, so the pointers the device and
-    /// [`MemoryRegion`] use are not invalidated by moving a `Box`).
+    /// `len` zeroed bytes from the global allocator, aligned to [`BUF_ALIGN`], freed on
+    /// drop (held raw: the device and [`MemoryRegion`] use the pointer).
     Owned {
         ptr: *mut u8,
         len: usize,
@@ -368,11 +373,12 @@ enum Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         if let Self::Owned { ptr, len } = *self {
-            let slice = ptr::slice_from_raw_parts_mut(ptr, len);
-            // SAFETY: `ptr`/`len` came from `Box::into_raw` of a `Box<[u8]>` and are
-            // reclaimed once, after the MR over them was deregistered (`MrInner` drops
-            // this after `ibv_dereg_mr`).
-            drop(unsafe { Box::from_raw(slice) });
+            if let Ok(layout) = std::alloc::Layout::from_size_align(len, BUF_ALIGN) {
+                // SAFETY: `ptr` came from `alloc_zeroed` with this very layout (checked at
+                // allocation) and is freed once, after the MR over it was deregistered
+                // (`MrInner` drops this after `ibv_dereg_mr`).
+                unsafe { std::alloc::dealloc(ptr, layout) };
+            }
         }
     }
 }
@@ -465,9 +471,21 @@ impl ProtectionDomain {
 
     /// Registers `len` zeroed bytes owned by the region.
     pub fn alloc(&self, len: usize, access: Access) -> Result<MemoryRegion, FabricError> {
-        let buf = vec![0u8; len.max(1)].into_boxed_slice();
-        let n = buf.len();
-        let ptr = Box::into_raw(buf).cast::<u8>();
+        let n = len.max(1);
+        let layout = std::alloc::Layout::from_size_align(n, BUF_ALIGN).map_err(|_| {
+            FabricError::BufferAlloc {
+                len,
+                why: "larger than the address space",
+            }
+        })?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(FabricError::BufferAlloc {
+                len,
+                why: "out of memory",
+            });
+        }
         let inner = self.register(ptr, n, Memory::Owned { ptr, len: n }, access)?;
         Ok(MemoryRegion {
             inner,
