@@ -41,8 +41,14 @@ pub const MIN_SIZE: u64 = 8;
 pub const MAX_SIZE: u64 = 65536;
 /// Largest `--depth`.
 pub const MAX_DEPTH: usize = 4096;
+/// How long the benchmark waits for a completion before it gives up.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default TCP port of the verbs server.
 pub const DEFAULT_PORT: u16 = DEFAULT_VERBS_PORT;
+/// How long an idle verbs benchmark server sleeps between polls (it serves only connection
+/// set-up and pings; the measured verbs are one-sided, like perftest's passive server).
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+const SERVER_IDLE: Duration = Duration::from_millis(5);
 
 /// The verb measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -82,6 +88,11 @@ pub struct BenchArgs {
     /// Work requests kept outstanding.
     #[arg(long, default_value_t = 1)]
     pub depth: usize,
+    /// Distinct (local, remote) address pairs the requests cycle through (default: one per
+    /// outstanding request). 1 reuses one buffer for every request, as perftest's `_bw`
+    /// tools do for messages above 2 KiB.
+    #[arg(long)]
+    pub slots: Option<usize>,
     /// Measured operations.
     #[arg(long, default_value_t = 100_000)]
     pub iters: u64,
@@ -100,9 +111,14 @@ pub struct BenchArgs {
     /// Verbs server: TCP port to listen on.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
-    /// Verbs: GID index (RoCE: the entry of the address to use).
-    #[arg(long, default_value_t = 0)]
-    pub gid_index: u8,
+    /// Verbs, loopback and --server: of a run of WRITEs, every N-th asks for a completion
+    /// (and the last of each post); 1 signals every WRITE, as perftest does by default.
+    #[arg(long)]
+    pub signal_every: Option<u32>,
+    /// Verbs: GID index (default: the port's RoCE v2 entry of the interface's IPv4 address,
+    /// or 0 on InfiniBand).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
     /// shm server/client: the region file.
     #[arg(long)]
     pub path: Option<PathBuf>,
@@ -146,6 +162,8 @@ pub struct BenchParams {
     pub op: BenchOp,
     pub size: u32,
     pub depth: usize,
+    /// Distinct address pairs, 1..=depth.
+    pub slots: usize,
     pub iters: u64,
     pub warmup: u64,
 }
@@ -165,6 +183,13 @@ impl BenchParams {
                 a.depth
             )));
         }
+        let slots = a.slots.unwrap_or(a.depth);
+        if slots == 0 || slots > a.depth {
+            return Err(BenchError::Usage(format!(
+                "--slots {slots} is outside 1..=--depth ({})",
+                a.depth
+            )));
+        }
         if a.iters == 0 {
             return Err(BenchError::Usage("--iters must be at least 1".into()));
         }
@@ -172,6 +197,7 @@ impl BenchParams {
             op: a.op,
             size: a.size as u32,
             depth: a.depth,
+            slots,
             iters: a.iters,
             warmup: a.warmup.unwrap_or((a.iters / 10).min(10_000)),
         })
@@ -197,18 +223,70 @@ pub struct LatencyStats {
 impl LatencyStats {
     /// Summarizes a histogram of latencies in nanoseconds (all zero for none).
     pub fn from_histogram(h: &Histogram) -> Self {
+        Self::from_ticks(h, 1.0)
+    }
+
+    /// Summarizes a histogram of latencies in clock ticks of `ns_per_tick` nanoseconds
+    /// (percentiles commute with the scaling).
+    pub fn from_ticks(h: &Histogram, ns_per_tick: f64) -> Self {
         if h.is_empty() {
             return Self::default();
         }
+        let ns = |t: u64| (t as f64 * ns_per_tick).round() as u64;
         Self {
-            min_ns: h.min(),
-            p50_ns: h.value_at_quantile(0.5),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
-            max_ns: h.max(),
-            mean_ns: h.mean(),
+            min_ns: ns(h.min()),
+            p50_ns: ns(h.value_at_quantile(0.5)),
+            p99_ns: ns(h.value_at_quantile(0.99)),
+            p999_ns: ns(h.value_at_quantile(0.999)),
+            max_ns: ns(h.max()),
+            mean_ns: h.mean() * ns_per_tick,
         }
     }
+}
+
+/// The benchmark's clock: the CPU's time-stamp counter on x86_64 (as perftest's
+/// `get_cycles`), converted to nanoseconds by the ratio of ticks to `Instant` over the
+/// whole run. Two timestamps per operation must cost next to nothing against one round
+/// trip; `Instant::now` costs a system call where the kernel's clocksource is not the TSC
+/// (HPET or ACPI PM timer on some VMs, which under emulation takes microseconds).
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    wall: Instant,
+    ticks: u64,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            ticks: ticks(),
+        }
+    }
+
+    /// Nanoseconds per tick over the time since [`Clock::start`].
+    fn ns_per_tick(&self) -> f64 {
+        let ns = self.wall.elapsed().as_nanos() as f64;
+        let t = ticks().wrapping_sub(self.ticks);
+        if t == 0 {
+            1.0
+        } else {
+            ns / t as f64
+        }
+    }
+}
+
+/// A timestamp in ticks.
+#[cfg(target_arch = "x86_64")]
+fn ticks() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no memory effects and every x86_64 CPU has it.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
+
+/// A timestamp in ticks (nanoseconds since the first call, where there is no TSC).
+#[cfg(not(target_arch = "x86_64"))]
+fn ticks() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Operations per second over `elapsed`.
@@ -287,18 +365,18 @@ pub fn run(
     p: &BenchParams,
 ) -> Result<BenchReport, BenchError> {
     let stride = p.stride();
-    let span = stride * p.depth as u64;
+    let span = stride * p.slots as u64;
     if span > f.region_len() {
         return Err(BenchError::Usage(format!(
-            "--depth {} × {stride} bytes does not fit the {}-byte region",
-            p.depth,
+            "{} slots × {stride} bytes do not fit the {}-byte region",
+            p.slots,
             f.region_len()
         )));
     }
     let buf = f.alloc_buf(span as usize)?;
     let bytes = p.op.bytes(p.size);
     let wr = |id: u64| {
-        let slot = id % p.depth as u64;
+        let slot = id % p.slots as u64;
         let remote = slot * stride;
         let local = buf.slice((slot * stride) as u32, bytes);
         match p.op {
@@ -313,8 +391,8 @@ pub fn run(
         }
     };
     let total = p.warmup + p.iters;
-    let now = Instant::now();
-    let mut posted_at = vec![now; p.depth];
+    let clock = Clock::start();
+    let mut posted_at = vec![0u64; p.depth];
     let mut out = vec![
         Completion {
             wr_id: 0,
@@ -327,20 +405,19 @@ pub fn run(
     let mut wrs = Vec::with_capacity(p.depth);
     let mut samples = histogram::new();
     let (mut posted, mut completed) = (0u64, 0u64);
-    let mut start = now;
-    let mut last_progress = Instant::now();
-    let rt0 = f.counters().round_trips;
-    let mut rt_start = rt0;
-    if p.warmup == 0 {
-        start = Instant::now();
-    }
+    let mut start = Instant::now();
+    // Empty polls since the last completion, and when they had become many (the clock is
+    // read only then: it may be a system call).
+    let mut idle_spins = 0u32;
+    let mut stalled_since: Option<Instant> = None;
+    let mut rt_start = f.counters().round_trips;
     while completed < total {
         let room = (p.depth - f.outstanding()) as u64;
         let n = room.min(total - posted);
         if n > 0 {
             wrs.clear();
             wrs.extend((posted..posted + n).map(|id| (id, wr(id))));
-            let t = Instant::now();
+            let t = ticks();
             for id in posted..posted + n {
                 posted_at[(id % p.depth as u64) as usize] = t;
             }
@@ -349,14 +426,19 @@ pub fn run(
         }
         let got = f.poll(&mut out)?;
         if got == 0 {
-            if last_progress.elapsed() > Duration::from_secs(10) {
-                return Err(FabricError::Timeout(Duration::from_secs(10)).into());
+            idle_spins = idle_spins.wrapping_add(1);
+            if idle_spins % 4096 == 0 {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > PROGRESS_TIMEOUT {
+                    return Err(FabricError::Timeout(PROGRESS_TIMEOUT).into());
+                }
             }
             std::hint::spin_loop();
             continue;
         }
-        let t = Instant::now();
-        last_progress = t;
+        let t = ticks();
+        idle_spins = 0;
+        stalled_since = None;
         for c in &out[..got] {
             if c.status != CompletionStatus::Success {
                 return Err(BenchError::Other(format!(
@@ -366,17 +448,17 @@ pub fn run(
             }
             if completed >= p.warmup {
                 let at = posted_at[(c.wr_id % p.depth as u64) as usize];
-                histogram::record_ns(&mut samples, t.duration_since(at));
+                histogram::record(&mut samples, t.saturating_sub(at));
             }
             completed += 1;
             if completed == p.warmup {
-                start = t;
+                start = Instant::now();
                 rt_start = f.counters().round_trips;
             }
         }
     }
     let elapsed = start.elapsed();
-    let latency = LatencyStats::from_histogram(&samples);
+    let latency = LatencyStats::from_ticks(&samples, clock.ns_per_tick());
     Ok(BenchReport {
         fabric,
         op: p.op,
@@ -497,11 +579,21 @@ fn verbs(
     use dinomo_hw::fabric::verbs::{VerbsConfig, VerbsFabric, VerbsServer};
     use dinomo_hw::fabric::{DpmSpec, VerbsDevice};
     use std::net::SocketAddr;
-    let cfg = VerbsConfig {
+    let mut cfg = VerbsConfig {
         gid_index: a.gid_index,
         queue_depth: p.depth.max(1),
         ..Default::default()
     };
+    if let Some(n) = a.signal_every {
+        if a.connect.is_some() {
+            return Err(BenchError::Usage(
+                "--signal-every applies to the loopback run and --server; a --connect client \
+                 uses the default"
+                    .into(),
+            ));
+        }
+        cfg.signal_every = n;
+    }
     cfg.validate()?;
     // Fail first on a host without RDMA, whatever else is asked.
     dinomo_hw::fabric::verbs::device_names()?;
@@ -517,7 +609,10 @@ fn verbs(
         );
         while !stop.load(Ordering::Acquire) {
             if server.poll(|_, f| ping_only(f)) == 0 {
-                std::thread::yield_now();
+                // The benchmark is one-sided: the server's CPU has nothing to do but accept
+                // connections, so it sleeps rather than take a core from the client (and,
+                // on soft-RoCE, from the kernel doing the NIC's work).
+                std::thread::sleep(SERVER_IDLE);
             }
             for e in server.drain_events() {
                 eprintln!("{e}");
@@ -548,13 +643,27 @@ fn verbs(
     let d = Arc::clone(&done);
     let t = std::thread::spawn(move || {
         while !d.load(Ordering::Acquire) {
-            server.poll(|_, f| ping_only(f));
-            std::thread::yield_now();
+            if server.poll(|_, f| ping_only(f)) == 0 {
+                std::thread::sleep(SERVER_IDLE);
+            }
         }
     });
     let result = VerbsFabric::connect(&addr.to_string(), device, &cfg)
         .map_err(BenchError::from)
-        .and_then(|mut f| run(&mut f, FabricKind::Verbs, p));
+        .and_then(|mut f| {
+            eprintln!(
+                "fabric-bench: {} GID index {} ({}), {} bytes inline",
+                f.device_name(),
+                f.gid_index(),
+                if a.gid_index.is_some() {
+                    "given"
+                } else {
+                    "chosen"
+                },
+                f.max_inline()
+            );
+            run(&mut f, FabricKind::Verbs, p)
+        });
     done.store(true, Ordering::Release);
     let _ = t.join();
     result.map(Some)
@@ -608,6 +717,24 @@ mod tests {
     }
 
     #[test]
+    fn tick_percentiles_scale_to_nanoseconds() {
+        let mut h = histogram::new();
+        for t in [100u64, 200, 300, 400] {
+            histogram::record(&mut h, t);
+        }
+        let st = LatencyStats::from_ticks(&h, 0.5);
+        assert_eq!((st.min_ns, st.p50_ns, st.max_ns), (50, 100, 200));
+        assert!((st.mean_ns - 125.0).abs() < 1e-9);
+        assert_eq!(
+            LatencyStats::from_ticks(&h, 1.0),
+            LatencyStats::from_histogram(&h)
+        );
+        // The clock's scale is positive whatever the machine.
+        let c = Clock::start();
+        assert!(c.ns_per_tick() > 0.0);
+    }
+
+    #[test]
     fn throughput_in_gigabits() {
         // 1 M ops of 1 KiB in one second: 8.192 Gb/s.
         let g = gbps(1_000_000, 1024, Duration::from_secs(1));
@@ -623,12 +750,17 @@ mod tests {
         let ok = BenchParams::from_args(&args(&["--size", "1K", "--depth", "16", "--op", "write"]))
             .expect("valid");
         assert_eq!((ok.size, ok.depth, ok.op), (1024, 16, BenchOp::Write));
+        assert_eq!(ok.slots, 16, "one slot per outstanding request by default");
+        let one = BenchParams::from_args(&args(&["--depth", "8", "--slots", "1"])).expect("1");
+        assert_eq!((one.depth, one.slots), (8, 1));
         assert_eq!(ok.warmup, 10_000);
         for bad in [
             &["--size", "4"][..],
             &["--size", "65537"],
             &["--depth", "0"],
             &["--iters", "0"],
+            &["--depth", "4", "--slots", "5"],
+            &["--slots", "0"],
         ] {
             assert!(
                 matches!(
@@ -684,5 +816,24 @@ mod tests {
             main(&a, &AtomicBool::new(false)),
             Err(BenchError::Usage(_))
         ));
+        // One slot shared by every request fits.
+        let a = args(&[
+            "--op",
+            "write",
+            "--size",
+            "64K",
+            "--depth",
+            "64",
+            "--slots",
+            "1",
+            "--iters",
+            "200",
+            "--region-size",
+            "1M",
+        ]);
+        let r = main(&a, &AtomicBool::new(false))
+            .expect("bench")
+            .expect("report");
+        assert_eq!((r.bytes, r.depth), (65536, 64));
     }
 }

@@ -55,8 +55,9 @@ pub struct UpConfig {
     pub dpm_listen: String,
     /// Verbs: RDMA device (default: the first one found).
     pub device: Option<String>,
-    /// Verbs: GID index.
-    pub gid_index: u8,
+    /// Verbs: GID index (default: chosen by the device's port: RoCE v2 of the interface's
+    /// IPv4 address, or 0 on InfiniBand).
+    pub gid_index: Option<u8>,
     /// Authentication on every surface: a cluster secret for the control traffic and a
     /// password for Redis clients, both kept in files of mode 0600 in `dir`. `false` is
     /// allowed only when every address is loopback (local experiments).
@@ -149,7 +150,7 @@ impl Default for UpConfig {
                 dinomo_hw::fabric::connect::DEFAULT_VERBS_PORT
             ),
             device: None,
-            gid_index: 0,
+            gid_index: None,
             auth: true,
             requirepass: None,
             hosts: None,
@@ -946,7 +947,7 @@ mod tests {
             fabric: "verbs".into(),
             dpm_listen: "10.0.0.5:18515".into(),
             device: Some("rxe0".into()),
-            gid_index: 1,
+            gid_index: Some(1),
             ..UpConfig::default()
         };
         let dpm = verbs.dpm_args().expect("dpm args");

@@ -29,8 +29,14 @@ fn device() -> String {
     })
 }
 
-fn gid_index() -> String {
-    std::env::var("DINOMO_RDMA_GID_INDEX").unwrap_or_else(|_| "0".into())
+/// `DINOMO_RDMA_GID_INDEX`, or `None` for the automatic choice.
+fn gid_index() -> Option<String> {
+    std::env::var("DINOMO_RDMA_GID_INDEX").ok()
+}
+
+/// `--gid-index N` when one is set.
+fn gid_args() -> Vec<String> {
+    gid_index().map_or_else(Vec::new, |g| vec!["--gid-index".into(), g])
 }
 
 fn free_port() -> u16 {
@@ -66,7 +72,7 @@ fn kn_writes_its_log_over_verbs() {
     let server = ChildGuard(
         dinomo_cmd(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
             .args(["--fabric", "verbs", "--device", &dev, "--port", &port])
-            .args(["--gid-index", &gid_index()])
+            .args(gid_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -74,7 +80,7 @@ fn kn_writes_its_log_over_verbs() {
             .expect("spawn dinomo dpm serve"),
     );
     let cfg = VerbsConfig {
-        gid_index: gid_index().parse().expect("gid index"),
+        gid_index: gid_index().map(|g| g.parse().expect("DINOMO_RDMA_GID_INDEX is a number")),
         ..Default::default()
     };
     let addr = format!("127.0.0.1:{port}");
@@ -134,7 +140,7 @@ fn dpm_serve_with_a_secret_file_admits_only_its_cluster() {
     let server = ChildGuard(
         dinomo_cmd(["dpm", "serve", "--path", path, "--workers", "1", "--no-pin"])
             .args(["--fabric", "verbs", "--device", &dev, "--port", &port])
-            .args(["--gid-index", &gid_index()])
+            .args(gid_args())
             .arg("--secret-file")
             .arg(&secret_file)
             .stdin(Stdio::null())
@@ -144,7 +150,7 @@ fn dpm_serve_with_a_secret_file_admits_only_its_cluster() {
             .expect("spawn dinomo dpm serve"),
     );
     let cfg = |secret: Option<ClusterSecret>| VerbsConfig {
-        gid_index: gid_index().parse().expect("gid index"),
+        gid_index: gid_index().map(|g| g.parse().expect("DINOMO_RDMA_GID_INDEX is a number")),
         secret,
         ..Default::default()
     };

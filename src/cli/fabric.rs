@@ -15,10 +15,10 @@ pub(crate) struct DeviceArgs {
     /// RDMA device for --fabric verbs (default: the first one found).
     #[arg(long)]
     pub device: Option<String>,
-    /// GID index for --fabric verbs (RoCE v2: the entry of the interface's IPv4 address;
-    /// see `show_gids` or `ibv_devinfo -v`).
-    #[arg(long, default_value_t = 0)]
-    pub gid_index: u8,
+    /// GID index for --fabric verbs (default: the port's RoCE v2 entry of the interface's
+    /// IPv4 address, or 0 on InfiniBand; `ibv_devinfo -v` lists the table).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
 }
 
 impl DeviceArgs {

@@ -45,7 +45,8 @@ pub(crate) struct UpArgs {
     /// RDMA device for --fabric verbs (default: the first one found).
     #[arg(long)]
     device: Option<String>,
-    /// GID index for --fabric verbs.
+    /// GID index for --fabric verbs (default: the port's RoCE v2 entry of the interface's
+    /// IPv4 address; index 0 on InfiniBand).
     #[arg(long)]
     gid_index: Option<u8>,
     /// Password of the default Redis user (default: generated at the first start and kept
@@ -109,8 +110,8 @@ pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
     if a.device.is_some() {
         cfg.device = a.device;
     }
-    if let Some(v) = a.gid_index {
-        cfg.gid_index = v;
+    if a.gid_index.is_some() {
+        cfg.gid_index = a.gid_index;
     }
     if a.requirepass.is_some() {
         cfg.requirepass = a.requirepass;

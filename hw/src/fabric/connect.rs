@@ -92,9 +92,24 @@ pub struct SpecError(pub String);
 pub struct VerbsDevice {
     /// Device name (`None`: the first device libibverbs lists).
     pub name: Option<String>,
-    /// Index in the port's GID table of the source GID (RoCE v2: the entry of the
-    /// interface's IPv4 address; soft-RoCE's 0 is the link-local address).
-    pub gid_index: u8,
+    /// Index in the port's GID table of the source GID; `None`: chosen when the device is
+    /// opened (RoCE: the RoCE v2 entry of the interface's IPv4 address; InfiniBand: 0).
+    pub gid_index: Option<u8>,
+}
+
+impl VerbsDevice {
+    /// The command-line words of these settings (`--gid-index` only when one was given, so
+    /// a child chooses the same way its parent did).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if let Some(i) = self.gid_index {
+            a.extend(["--gid-index".into(), i.to_string()]);
+        }
+        if let Some(d) = &self.name {
+            a.extend(["--device".into(), d.clone()]);
+        }
+        a
+    }
 }
 
 /// A DPM reached over verbs.
@@ -218,12 +233,8 @@ impl DpmSpec {
                     "verbs".into(),
                     "--dpm".into(),
                     v.addr.clone(),
-                    "--gid-index".into(),
-                    v.device.gid_index.to_string(),
                 ];
-                if let Some(d) = &v.device.name {
-                    a.extend(["--device".into(), d.clone()]);
-                }
+                a.extend(v.device.to_args());
                 Some(a)
             }
         }
@@ -335,12 +346,8 @@ impl ServeSpec {
                     "verbs".into(),
                     "--listen".into(),
                     listen.to_string(),
-                    "--gid-index".into(),
-                    device.gid_index.to_string(),
                 ];
-                if let Some(d) = &device.name {
-                    a.extend(["--device".into(), d.clone()]);
-                }
+                a.extend(device.to_args());
                 a
             }
         }
@@ -553,7 +560,7 @@ mod tests {
         );
         let dev = VerbsDevice {
             name: Some("rxe0".into()),
-            gid_index: 1,
+            gid_index: Some(1),
         };
         let v = DpmSpec::parse(FabricKind::Verbs, "10.0.0.5:18515", dev).expect("verbs spec");
         assert_eq!(v.kind(), FabricKind::Verbs);
@@ -569,6 +576,13 @@ mod tests {
                 "--device",
                 "rxe0"
             ]
+        );
+        // Without an index the child chooses it itself.
+        let auto = DpmSpec::parse(FabricKind::Verbs, "10.0.0.5:18515", VerbsDevice::default())
+            .expect("verbs spec");
+        assert_eq!(
+            auto.to_args().expect("args"),
+            ["--fabric", "verbs", "--dpm", "10.0.0.5:18515"]
         );
         for bad in ["/dev/shm/r", "host", "host:0", ":18515", "host:99999", ""] {
             assert!(

@@ -9,11 +9,11 @@ use dinomo_shared::msg::Frame;
 
 use super::handshake::{check_dial, client_exchange};
 use super::link::{CtlSlots, Device, Link};
-use super::sys::{Access, MemoryRegion, WorkCompletion};
+use super::sys::{Access, MemoryRegion, WorkCompletion, CQ_BATCH};
 use super::wire::{write_msg, Msg};
 use super::wr::{
     is_connection_error, translate, wc_status_name, wc_status_to_completion, RemoteRegion, SendWr,
-    Sge, CTL_SEND_BIT,
+    Sge, SignalPolicy, CTL_SEND_BIT,
 };
 use super::VerbsConfig;
 use crate::fabric::{
@@ -27,6 +27,11 @@ struct Slot {
     wr_id: WrId,
     verb: Verb,
     done: Option<Completion>,
+    /// Handed to the device (a request that failed before posting was not).
+    posted: bool,
+    /// Posted with `IBV_SEND_SIGNALED`: the device reports its completion; an unsignaled
+    /// request's completion is inferred from the next signaled one after it.
+    signaled: bool,
 }
 
 /// Why the queue pair stopped working.
@@ -59,6 +64,7 @@ pub struct VerbsFabric {
     counters: FabricCounters,
     next_req_id: u32,
     batch: Vec<SendWr>,
+    signal: SignalPolicy,
 }
 
 impl fmt::Debug for VerbsFabric {
@@ -107,6 +113,7 @@ impl VerbsFabric {
             counters: FabricCounters::default(),
             next_req_id: 1,
             batch: Vec::with_capacity(depth),
+            signal: SignalPolicy::new(cfg.signal_every),
         };
         f.establish()?;
         Ok(f)
@@ -200,6 +207,22 @@ impl VerbsFabric {
         self.dev.caps
     }
 
+    /// Doorbells rung on the current queue pair: one per [`Fabric::post`] (a linked list of
+    /// all its requests), one per control SEND.
+    pub fn doorbells(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.qp.doorbells())
+    }
+
+    /// The GID index in use (the configured one, or the automatic choice).
+    pub fn gid_index(&self) -> u8 {
+        self.dev.gid_index
+    }
+
+    /// Inline payload bytes the device granted the current queue pair (0: none).
+    pub fn max_inline(&self) -> u32 {
+        self.link.as_ref().map_or(0, |l| l.qp.max_inline())
+    }
+
     /// Why the connection does not work, if it does not.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_ref().map(|b| b.message.as_str())
@@ -217,7 +240,7 @@ impl VerbsFabric {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
-        let mut wcs = [WorkCompletion::default(); 32];
+        let mut wcs = [WorkCompletion::default(); CQ_BATCH];
         loop {
             let n = link.send_cq.poll(&mut wcs)?;
             for wc in &wcs[..n] {
@@ -238,7 +261,7 @@ impl VerbsFabric {
                 let Some(i) = wc.wr_id.checked_sub(self.front_seq) else {
                     continue;
                 };
-                let Some(slot) = self.pending.get_mut(i as usize) else {
+                let Some(slot) = self.pending.get(i as usize).copied() else {
                     continue;
                 };
                 let status = wc_status_to_completion(wc.status);
@@ -252,13 +275,9 @@ impl VerbsFabric {
                 } else {
                     0
                 };
-                slot.done = Some(Completion {
-                    wr_id: slot.wr_id,
-                    verb: slot.verb,
-                    status,
-                    value,
-                });
-                if wc.status != 0 && self.broken.is_none() {
+                let first_error = wc.status != 0 && self.broken.is_none();
+                complete_in_order(&mut self.pending, i as usize, status, value, first_error);
+                if first_error {
                     let lost = is_connection_error(wc.status);
                     self.broken = Some(Broken {
                         message: format!(
@@ -368,11 +387,17 @@ impl Fabric for VerbsFabric {
         if wrs.is_empty() {
             return Ok(());
         }
-        let before = (self.pending.len(), self.counters);
+        let before = (self.pending.len(), self.counters, self.signal);
         if self.pending.is_empty() {
             self.counters.round_trips += 1;
         }
+        // Send queue accounting: a request leaves `pending` only once its completion was
+        // polled or inferred from a later polled one, by which time the device has retired
+        // its send queue entry. So at most `queue_depth` one-sided entries (plus the
+        // control SENDs, each signaled and holding a control slot) are ever in the send
+        // queue, which has room for exactly that.
         self.batch.clear();
+        let mut last_posted = None;
         for &(wr_id, ref wr) in wrs {
             self.count(wr);
             let seq = self.front_seq + self.pending.len() as u64;
@@ -381,24 +406,41 @@ impl Fabric for VerbsFabric {
                 .sge((seq % depth as u64) * 8, 8)
                 .unwrap_or_default();
             let local = |s: LocalSlice| self.resolve(s);
-            let done = match translate(seq, wr, &self.remote, local, scratch) {
-                Ok(sw) => {
+            let (done, signaled) = match translate(seq, wr, &self.remote, local, scratch) {
+                Ok(mut sw) => {
+                    sw.signaled = self.signal.decide(sw.opcode);
                     self.batch.push(sw);
-                    None
+                    last_posted = Some(self.pending.len());
+                    (None, sw.signaled)
                 }
-                Err(status) => Some(Completion {
-                    wr_id,
-                    verb: wr.verb(),
-                    status,
-                    value: 0,
-                }),
+                Err(status) => (
+                    Some(Completion {
+                        wr_id,
+                        verb: wr.verb(),
+                        status,
+                        value: 0,
+                    }),
+                    false,
+                ),
             };
             self.pending.push_back(Slot {
                 wr_id,
                 verb: wr.verb(),
                 done,
+                posted: done.is_none(),
+                signaled,
             });
         }
+        // The newest posted request always asks for a completion, so every unsignaled one
+        // has a signaled one after it that reports it.
+        if let (Some(last), Some(i)) = (self.batch.last_mut(), last_posted) {
+            last.signaled = true;
+            self.signal.signaled_last();
+            if let Some(s) = self.pending.get_mut(i) {
+                s.signaled = true;
+            }
+        }
+        // One `ibv_post_send` of the linked list: one doorbell for the whole post.
         let posted = match self.link.as_mut() {
             Some(link) => link.qp.post_send(&self.batch),
             None => Err(FabricError::Disconnected(format!(
@@ -409,6 +451,7 @@ impl Fabric for VerbsFabric {
         if let Err(e) = posted {
             self.pending.truncate(before.0);
             self.counters = before.1;
+            self.signal = before.2;
             return Err(e);
         }
         Ok(())
@@ -443,7 +486,10 @@ impl Fabric for VerbsFabric {
         if !wait_needed(n, self.pending.len())? {
             return Ok(());
         }
-        let start = Instant::now();
+        // The clock is first read after 1024 empty polls: a round trip is usually over by
+        // then, and reading it may be a system call (HPET or ACPI PM clocksources). The
+        // timeout thus runs from a little after the call.
+        let mut start = None;
         let mut spins = 0u32;
         loop {
             self.reap()?;
@@ -453,7 +499,7 @@ impl Fabric for VerbsFabric {
             }
             spins = spins.wrapping_add(1);
             if spins % 1024 == 0 {
-                if start.elapsed() >= timeout {
+                if start.get_or_insert_with(Instant::now).elapsed() >= timeout {
                     return Err(FabricError::Timeout(timeout));
                 }
                 std::thread::yield_now();
@@ -499,7 +545,7 @@ impl ControlChannel for VerbsFabric {
 
     fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
         let start = Instant::now();
-        let mut wcs = [WorkCompletion::default(); 32];
+        let mut wcs = [WorkCompletion::default(); CQ_BATCH];
         loop {
             if let Some(f) = self.rx.pop_front() {
                 self.counters.recvs += 1;
@@ -548,5 +594,178 @@ impl ControlChannel for VerbsFabric {
         let id = self.next_req_id;
         self.next_req_id = self.next_req_id.wrapping_add(1);
         id
+    }
+}
+
+/// Records the device's completion (`status`, `value`) of `pending[i]` and what it implies:
+/// a send queue completes in order, so every unsignaled request before it that has no
+/// completion yet completed successfully (up to the previous signaled request, whose own
+/// completion settled those before it). On the queue pair's first error, every posted
+/// request after `i` is flushed by the device (which reports unsignaled ones on some
+/// devices and not on others), so those fail now, as the device would fail them.
+fn complete_in_order(
+    pending: &mut VecDeque<Slot>,
+    i: usize,
+    status: CompletionStatus,
+    value: u64,
+    first_error: bool,
+) {
+    let done = |s: &Slot, status, value| Completion {
+        wr_id: s.wr_id,
+        verb: s.verb,
+        status,
+        value,
+    };
+    for j in (0..i.min(pending.len())).rev() {
+        let s = &mut pending[j];
+        if s.signaled {
+            break;
+        }
+        if s.done.is_none() {
+            s.done = Some(done(s, CompletionStatus::Success, 0));
+        }
+    }
+    if let Some(s) = pending.get_mut(i) {
+        s.done = Some(done(s, status, value));
+    }
+    if first_error {
+        let flushed = wc_status_to_completion(rdma_sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR);
+        for s in pending.iter_mut().skip(i + 1) {
+            if s.posted && s.done.is_none() {
+                s.done = Some(done(s, flushed, 0));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` posted slots; `signaled` lists the signaled ones.
+    fn slots(n: usize, signaled: &[usize]) -> VecDeque<Slot> {
+        (0..n)
+            .map(|i| Slot {
+                wr_id: 100 + i as u64,
+                verb: Verb::Write,
+                done: None,
+                posted: true,
+                signaled: signaled.contains(&i),
+            })
+            .collect()
+    }
+
+    fn statuses(p: &VecDeque<Slot>) -> Vec<Option<CompletionStatus>> {
+        p.iter().map(|s| s.done.map(|c| c.status)).collect()
+    }
+
+    #[test]
+    fn a_signaled_completion_completes_the_unsignaled_before_it() {
+        use CompletionStatus::Success as S;
+        let mut p = slots(6, &[2, 5]);
+        complete_in_order(&mut p, 2, S, 0, false);
+        assert_eq!(
+            statuses(&p),
+            vec![Some(S), Some(S), Some(S), None, None, None]
+        );
+        for (k, s) in p.iter().enumerate().take(3) {
+            let c = s.done.expect("done");
+            assert_eq!(c.wr_id, 100 + k as u64, "each keeps its own WrId");
+        }
+        complete_in_order(&mut p, 5, S, 0, false);
+        assert!(p.iter().all(|s| s.done.map(|c| c.status) == Some(S)));
+    }
+
+    #[test]
+    fn inference_stops_at_the_previous_signaled_request() {
+        use CompletionStatus as C;
+        // Slot 0 failed before posting; 1 is a signaled READ that completed (say, with an
+        // error of its own already recorded); 3 signaled.
+        let mut p = slots(4, &[1, 3]);
+        p[0].posted = false;
+        p[0].done = Some(Completion {
+            wr_id: 100,
+            verb: Verb::Write,
+            status: C::LocalProtectionError,
+            value: 0,
+        });
+        p[1].done = Some(Completion {
+            wr_id: 101,
+            verb: Verb::Read,
+            status: C::Success,
+            value: 0,
+        });
+        complete_in_order(&mut p, 3, C::Success, 0, false);
+        assert_eq!(
+            statuses(&p),
+            vec![
+                Some(C::LocalProtectionError),
+                Some(C::Success),
+                Some(C::Success),
+                Some(C::Success)
+            ]
+        );
+        // A locally failed request between unsignaled ones does not stop the inference.
+        let mut p = slots(4, &[3]);
+        p[1].posted = false;
+        p[1].done = Some(Completion {
+            wr_id: 101,
+            verb: Verb::Write,
+            status: C::RemoteAccessError,
+            value: 0,
+        });
+        complete_in_order(&mut p, 3, C::Success, 0, false);
+        assert_eq!(
+            statuses(&p),
+            vec![
+                Some(C::Success),
+                Some(C::RemoteAccessError),
+                Some(C::Success),
+                Some(C::Success)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_error_fails_what_follows_and_not_what_precedes() {
+        use CompletionStatus as C;
+        // An unsignaled WRITE (2) fails: devices report errors whether signaled or not.
+        let mut p = slots(6, &[4]);
+        p[5].posted = false;
+        p[5].done = Some(Completion {
+            wr_id: 105,
+            verb: Verb::Write,
+            status: C::Misaligned,
+            value: 0,
+        });
+        complete_in_order(&mut p, 2, C::RemoteAccessError, 0, true);
+        assert_eq!(
+            statuses(&p),
+            vec![
+                Some(C::Success),
+                Some(C::Success),
+                Some(C::RemoteAccessError),
+                Some(C::ConnectionLost),
+                Some(C::ConnectionLost),
+                Some(C::Misaligned)
+            ]
+        );
+        // The flush completion of the signaled one arrives later and changes nothing.
+        complete_in_order(&mut p, 4, C::ConnectionLost, 0, false);
+        assert_eq!(p[2].done.map(|c| c.status), Some(C::RemoteAccessError));
+        assert_eq!(p[3].done.map(|c| c.status), Some(C::ConnectionLost));
+    }
+
+    #[test]
+    fn an_atomic_keeps_its_value() {
+        let mut p = slots(2, &[0, 1]);
+        p[1].verb = Verb::Faa;
+        complete_in_order(&mut p, 1, CompletionStatus::Success, 41, false);
+        let c = p[1].done.expect("done");
+        assert_eq!((c.verb, c.value), (Verb::Faa, 41));
+        assert_eq!(
+            p[0].done, None,
+            "a signaled request waits for its own completion"
+        );
     }
 }

@@ -32,10 +32,10 @@ fn device() -> String {
 
 fn cfg() -> VerbsConfig {
     VerbsConfig {
+        // Unset: the automatic choice.
         gid_index: std::env::var("DINOMO_RDMA_GID_INDEX")
             .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
+            .map(|s| s.parse().expect("DINOMO_RDMA_GID_INDEX is a number")),
         // Give up on a vanished peer quickly: 4.096 µs × 2^12 ≈ 17 ms per try.
         ack_timeout: 12,
         retry_cnt: 3,
@@ -255,6 +255,164 @@ fn loopback_read_write_cas_faa_flush() {
     assert_eq!(f.counters().round_trips, before + 1);
     assert_eq!(r.load_u64(4096), 8);
     drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn one_post_is_one_doorbell_and_unsignaled_writes_complete_in_order() {
+    use CompletionStatus as S;
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    // A shallow queue, one control slot and a WRITE signaled in four: the send queue has
+    // 9 entries, so posting thousands of requests overflows it unless entries of
+    // unsignaled WRITEs are counted until a later completion retires them.
+    let vcfg = VerbsConfig {
+        queue_depth: 8,
+        ctl_slots: 1,
+        signal_every: 4,
+        ..cfg()
+    };
+    let mut f =
+        VerbsFabric::connect(&dpm.addr.to_string(), Some(&device()), &vcfg).expect("connect");
+    eprintln!(
+        "{}: GID index {}, {} bytes inline",
+        f.device_name(),
+        f.gid_index(),
+        f.max_inline()
+    );
+    let b = f.alloc_buf(8 * 128).expect("buf");
+    let blank = Completion {
+        wr_id: 0,
+        verb: Verb::Read,
+        status: S::ConnectionLost,
+        value: 0,
+    };
+    // Eight WRITEs in one post: one doorbell; completions in order, each its own WrId.
+    let d0 = f.doorbells();
+    let wrs: Vec<_> = (0..8u64)
+        .map(|i| {
+            (
+                1000 + i,
+                WorkRequest::Write {
+                    remote: i * 128,
+                    local: b.slice(i as u32 * 128, 128),
+                },
+            )
+        })
+        .collect();
+    let mut out = vec![blank; 8];
+    execute(&mut f, &wrs, &mut out, T).expect("batch");
+    assert_eq!(
+        f.doorbells(),
+        d0 + 1,
+        "one ibv_post_send for the whole post"
+    );
+    assert_eq!(
+        out.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        (0..8).map(|i| (1000 + i, S::Success)).collect::<Vec<_>>()
+    );
+    // Keep the queue full of WRITEs (refilled as completions come, a few per post) with a
+    // misaligned CAS now and then: it fails alone, the WRITEs around it succeed.
+    let mut next = 0u64;
+    let mut seen = 0u64;
+    let total = 3000u64;
+    let mut wrs = Vec::new();
+    let mut out = vec![blank; 8];
+    while seen < total {
+        wrs.clear();
+        while f.outstanding() + wrs.len() < 8 && next < total && wrs.len() < 3 {
+            let wr = if next % 97 == 50 {
+                WorkRequest::Cas {
+                    remote: 4,
+                    expect: 0,
+                    new: 1,
+                }
+            } else {
+                let slot = next % 8;
+                let v = (next % 251) as u8;
+                f.buf_mut(b)[slot as usize * 128..][..128].fill(v);
+                WorkRequest::Write {
+                    remote: 4096 + slot * 128,
+                    local: b.slice(slot as u32 * 128, 128),
+                }
+            };
+            wrs.push((next, wr));
+            next += 1;
+        }
+        // A slot's buffer is rewritten only after its WRITE completed: 8 slots, 8 deep.
+        f.post(&wrs).expect("post (the send queue never overflows)");
+        let n = f.poll(&mut out).expect("poll");
+        for c in &out[..n] {
+            assert_eq!(c.wr_id, seen, "completions in posting order");
+            let want = if seen % 97 == 50 {
+                S::Misaligned
+            } else {
+                S::Success
+            };
+            assert_eq!(c.status, want, "request {seen}");
+            seen += 1;
+        }
+    }
+    let fl = WorkRequest::Flush {
+        remote: 4096,
+        len: 8 * 128,
+    };
+    assert_eq!(one(&mut f, fl).expect("flush").status, S::Success);
+    for slot in 0..8u64 {
+        let last = (0..total).rev().find(|i| i % 8 == slot && i % 97 != 50);
+        let want = (last.expect("a write to each slot") % 251) as u8;
+        let mut got = [0u8; 128];
+        r.read(4096 + slot * 128, &mut got);
+        assert!(got.iter().all(|&x| x == want), "slot {slot}: {got:?}");
+    }
+    assert!(f.broken().is_none());
+    drop(f);
+    dpm.stop();
+}
+
+#[test]
+#[ignore = "needs an RDMA device named by DINOMO_RDMA_DEVICE"]
+fn the_gid_index_is_chosen_when_none_is_given_and_checked_when_one_is() {
+    use super::gid::{read_sysfs_gids, GidType, SYSFS_ROOT};
+    let r = region();
+    let dpm = Dpm::start(&r, 0);
+    let addr = dpm.addr.to_string();
+    let auto = VerbsConfig {
+        gid_index: None,
+        ..cfg()
+    };
+    let f = VerbsFabric::connect(&addr, Some(&device()), &auto).expect("connect, auto GID");
+    let table = read_sysfs_gids(std::path::Path::new(SYSFS_ROOT), &device(), 1)
+        .expect("the port's GID table in sysfs");
+    let chosen = table
+        .iter()
+        .find(|e| e.index == u32::from(f.gid_index()))
+        .expect("the chosen index is in the table");
+    eprintln!("auto: {chosen}");
+    if chosen.kind != GidType::IbRoceV1 {
+        // RoCE: the v2 entry of an IPv4 address (soft-RoCE on the VM's dummy0: index 1).
+        assert_eq!(chosen.kind, GidType::RoceV2, "{chosen}");
+        assert!(chosen.ipv4().is_some(), "{chosen}");
+    }
+    drop(f);
+    // An empty entry is refused with the valid ones named.
+    if let Some(empty) = table.iter().find(|e| e.is_empty() && e.index < 256) {
+        let bad = VerbsConfig {
+            gid_index: Some(empty.index as u8),
+            ..cfg()
+        };
+        let e = VerbsFabric::connect(&addr, Some(&device()), &bad)
+            .expect_err("empty GID")
+            .to_string();
+        assert!(e.contains("empty") && e.contains("valid indexes"), "{e}");
+        assert!(e.contains(&chosen.to_string()), "{e}");
+    }
+    // A device that does not exist is named with the ones that do.
+    let e = VerbsFabric::connect(&addr, Some("nosuchdev9"), &cfg())
+        .expect_err("no such device")
+        .to_string();
+    assert!(e.contains("nosuchdev9") && e.contains(&device()), "{e}");
     dpm.stop();
 }
 

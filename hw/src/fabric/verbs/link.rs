@@ -3,9 +3,10 @@
 
 use dinomo_shared::msg::{Frame, MSG_SIZE};
 
+use super::gid::{choose_gid_index, read_sysfs_gids, GidEntry, GidType, SYSFS_ROOT};
 use super::sys::{
     Access, CompletionQueue, Context, DeviceCaps, MemoryRegion, PathParams, PortInfo,
-    ProtectionDomain, QpCaps, QueuePair, PORT_ACTIVE,
+    ProtectionDomain, QpCaps, QueuePair, LINK_LAYER_ETHERNET, PORT_ACTIVE,
 };
 use super::wire::EndpointInfo;
 use super::wr::{Opcode, RecvWr, SendWr, CTL_SEND_BIT};
@@ -19,6 +20,9 @@ pub(super) struct Device {
     pub caps: DeviceCaps,
     pub port: PortInfo,
     pub gid: [u8; 16],
+    /// The GID index in use: the configured one, or the automatic choice
+    /// ([`super::gid::choose_gid_index`]).
+    pub gid_index: u8,
     /// READ/atomic requests in flight per QP, each way (both ends' limits).
     pub rd_atomic: u8,
 }
@@ -49,18 +53,13 @@ impl Device {
                 cfg.port, port.state
             )));
         }
-        if u32::from(cfg.gid_index) >= port.gid_table_len.max(1) {
-            return Err(FabricError::Other(format!(
-                "GID index {} is outside the {} entries of port {} of {dev}",
-                cfg.gid_index, port.gid_table_len, cfg.port
-            )));
-        }
-        let gid = ctx.gid(cfg.port, cfg.gid_index)?;
+        let gid_index = resolve_gid_index(&ctx, &port, cfg)?;
+        let gid = ctx.gid(cfg.port, gid_index)?;
         if gid == [0; 16] {
             return Err(FabricError::Other(format!(
-                "GID index {} of port {} of {dev} is empty; pick a populated one \
+                "GID index {gid_index} of port {} of {dev} is empty; pick a populated one \
                  (`ibv_devinfo -v` lists the GID table)",
-                cfg.gid_index, cfg.port
+                cfg.port
             )));
         }
         let rd_atomic = caps
@@ -74,6 +73,7 @@ impl Device {
             caps,
             port,
             gid,
+            gid_index,
             rd_atomic,
         })
     }
@@ -91,7 +91,7 @@ impl Device {
     pub fn path(&self, cfg: &VerbsConfig, remote_access: bool) -> PathParams {
         PathParams {
             port: cfg.port,
-            gid_index: cfg.gid_index,
+            gid_index: self.gid_index,
             mtu: self.mtu(cfg),
             rd_atomic: self.rd_atomic,
             timeout: cfg.ack_timeout,
@@ -101,6 +101,29 @@ impl Device {
             remote_access,
         }
     }
+}
+
+/// The GID index `cfg` asks for, checked against the port's table, or the automatic choice
+/// when it asks for none. The table comes from sysfs (with each entry's type); without
+/// sysfs, from `ibv_query_gid` (types unknown).
+fn resolve_gid_index(ctx: &Context, port: &PortInfo, cfg: &VerbsConfig) -> Result<u8, FabricError> {
+    let dev = ctx.name();
+    let table = match read_sysfs_gids(std::path::Path::new(SYSFS_ROOT), dev, cfg.port) {
+        Ok(t) if !t.is_empty() => t,
+        _ => (0..port.gid_table_len.min(256))
+            .filter_map(|i| {
+                let g = ctx.gid(cfg.port, i as u8).ok()?;
+                Some(GidEntry {
+                    index: i,
+                    gid: g,
+                    kind: GidType::Unknown,
+                    netdev: None,
+                })
+            })
+            .collect(),
+    };
+    let ethernet = u32::from(port.link_layer) == LINK_LAYER_ETHERNET;
+    choose_gid_index(&table, ethernet, cfg.gid_index, dev, cfg.port).map_err(FabricError::Other)
 }
 
 /// A 24-bit initial packet sequence number, different per connection.
@@ -143,6 +166,7 @@ impl Link {
             QpCaps {
                 max_send_wr: send_wrs,
                 max_recv_wr: recv_wrs,
+                max_inline_data: cfg.max_inline,
             },
         )?;
         let path = dev.path(cfg, remote_access);

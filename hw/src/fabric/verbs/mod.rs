@@ -25,6 +25,7 @@
 mod client;
 #[cfg(test)]
 mod device_tests;
+pub mod gid;
 pub mod handshake;
 mod link;
 mod server;
@@ -47,14 +48,23 @@ use super::FabricError;
 pub struct VerbsConfig {
     /// Device port (1 on single-port devices).
     pub port: u8,
-    /// Index in the port's GID table of the source GID. On RoCE v2 pick the entry of the
-    /// IPv4/IPv6 address to use (`show_gids`, or `ibv_devinfo -v`); soft-RoCE's index 0 is
-    /// the link-local address, which works between the machines of one subnet.
-    pub gid_index: u8,
+    /// Index in the port's GID table of the source GID; `None`: chosen automatically (RoCE:
+    /// the RoCE v2 entry of the interface's IPv4 address; InfiniBand: 0), see
+    /// [`gid::choose_gid_index`]. An index that is empty or outside the table is an error
+    /// that lists the valid ones.
+    pub gid_index: Option<u8>,
     /// Path MTU in bytes (256, 512, 1024, 2048, 4096); `None`: the port's active MTU.
     pub mtu: Option<u32>,
     /// One-sided work requests outstanding at once.
     pub queue_depth: usize,
+    /// Inline payload bytes asked for at queue pair creation: a WRITE (or control SEND) no
+    /// larger goes inside its work request (`IBV_SEND_INLINE`), sparing the NIC a DMA read.
+    /// A device that refuses it gets a queue pair without inline data.
+    pub max_inline: u32,
+    /// Of a run of WRITEs, every `signal_every`-th asks for a completion (as does the last
+    /// WRITE of each post, and every READ and atomic); the others' completions are inferred
+    /// from the next one, since a queue pair completes its sends in order. 1 signals all.
+    pub signal_every: u32,
     /// Pre-posted receive buffers (and send buffers) for control frames.
     pub ctl_slots: u32,
     pub flush: FlushMode,
@@ -78,9 +88,11 @@ impl Default for VerbsConfig {
     fn default() -> Self {
         Self {
             port: 1,
-            gid_index: 0,
+            gid_index: None,
             mtu: None,
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            max_inline: DEFAULT_MAX_INLINE,
+            signal_every: DEFAULT_SIGNAL_EVERY,
             ctl_slots: 16,
             flush: FlushMode::Read,
             ack_timeout: 14,
@@ -92,6 +104,14 @@ impl Default for VerbsConfig {
         }
     }
 }
+
+/// Inline bytes asked for by default: a cache line's worth of small values and log
+/// entries, and a 64-byte control frame, with room; ConnectX and soft-RoCE grant it.
+pub const DEFAULT_MAX_INLINE: u32 = 256;
+
+/// WRITEs per signaled WRITE by default (perftest's `ib_write_bw` signals every 100th; a
+/// KN's queue is shallower, and a completion frees the queue slots of all before it).
+pub const DEFAULT_SIGNAL_EVERY: u32 = 16;
 
 /// The TCP port a DPM listens on unless told otherwise (perftest's default).
 pub const DEFAULT_TCP_PORT: u16 = 18515;
@@ -128,6 +148,17 @@ impl VerbsConfig {
             return Err(FabricError::Other(format!(
                 "{} control slots is outside 1..=1024",
                 self.ctl_slots
+            )));
+        }
+        if self.signal_every == 0 {
+            return Err(FabricError::Other(
+                "signal_every must be at least 1 (1: every WRITE signaled)".into(),
+            ));
+        }
+        if self.max_inline > 4096 {
+            return Err(FabricError::Other(format!(
+                "max_inline {} is above 4096 bytes",
+                self.max_inline
             )));
         }
         if self.retry_cnt > 7 || self.rnr_retry > 7 || self.ack_timeout > 31 {
@@ -173,6 +204,14 @@ mod tests {
             },
             VerbsConfig {
                 retry_cnt: 8,
+                ..Default::default()
+            },
+            VerbsConfig {
+                signal_every: 0,
+                ..Default::default()
+            },
+            VerbsConfig {
+                max_inline: 1 << 20,
                 ..Default::default()
             },
         ];

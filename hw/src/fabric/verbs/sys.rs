@@ -120,6 +120,9 @@ pub struct PortInfo {
 
 pub const PORT_ACTIVE: u32 = ffi::ibv_port_state::IBV_PORT_ACTIVE;
 
+/// `PortInfo::link_layer` of an Ethernet (RoCE) port.
+pub const LINK_LAYER_ETHERNET: u32 = 2;
+
 struct CtxInner {
     ctx: NonNull<ffi::ibv_context>,
     name: String,
@@ -349,10 +352,15 @@ impl Access {
     }
 }
 
+/// Alignment of owned buffers: a page, so that a buffer of up to a page never straddles
+/// two (the NIC, or soft-RoCE's copy, then touches one page per small transfer), as
+/// perftest's `memalign`ed buffers.
+const BUF_ALIGN: usize = 4096;
+
 /// Memory a region may be registered over: owned here or kept alive by a [`Pmem`].
 enum Memory {
-    /// A leaked `Box<[u8]>`, reclaimed on drop (held raw, so the pointers the device and
-    /// [`MemoryRegion`] use are not invalidated by moving a `Box`).
+    /// `len` zeroed bytes from the global allocator, aligned to [`BUF_ALIGN`], freed on
+    /// drop (held raw: the device and [`MemoryRegion`] use the pointer).
     Owned {
         ptr: *mut u8,
         len: usize,
@@ -365,11 +373,12 @@ enum Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         if let Self::Owned { ptr, len } = *self {
-            let slice = ptr::slice_from_raw_parts_mut(ptr, len);
-            // SAFETY: `ptr`/`len` came from `Box::into_raw` of a `Box<[u8]>` and are
-            // reclaimed once, after the MR over them was deregistered (`MrInner` drops
-            // this after `ibv_dereg_mr`).
-            drop(unsafe { Box::from_raw(slice) });
+            if let Ok(layout) = std::alloc::Layout::from_size_align(len, BUF_ALIGN) {
+                // SAFETY: `ptr` came from `alloc_zeroed` with this very layout (checked at
+                // allocation) and is freed once, after the MR over it was deregistered
+                // (`MrInner` drops this after `ibv_dereg_mr`).
+                unsafe { std::alloc::dealloc(ptr, layout) };
+            }
         }
     }
 }
@@ -462,9 +471,21 @@ impl ProtectionDomain {
 
     /// Registers `len` zeroed bytes owned by the region.
     pub fn alloc(&self, len: usize, access: Access) -> Result<MemoryRegion, FabricError> {
-        let buf = vec![0u8; len.max(1)].into_boxed_slice();
-        let n = buf.len();
-        let ptr = Box::into_raw(buf).cast::<u8>();
+        let n = len.max(1);
+        let layout = std::alloc::Layout::from_size_align(n, BUF_ALIGN).map_err(|_| {
+            FabricError::BufferAlloc {
+                len,
+                why: "larger than the address space",
+            }
+        })?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(FabricError::BufferAlloc {
+                len,
+                why: "out of memory",
+            });
+        }
         let inner = self.register(ptr, n, Memory::Owned { ptr, len: n }, access)?;
         Ok(MemoryRegion {
             inner,
@@ -588,22 +609,23 @@ pub struct WorkCompletion {
 }
 
 impl CompletionQueue {
-    /// Takes up to `out.len()` (at most 32) completions without blocking.
+    /// Takes up to `out.len()` (at most [`CQ_BATCH`]) completions without blocking.
     pub fn poll(&self, out: &mut [WorkCompletion]) -> Result<usize, FabricError> {
-        const MAX: usize = 32;
-        // SAFETY: `ibv_wc` is a plain C struct (integers and an integer union); all-zero
-        // is a valid value.
-        let mut wcs: [ffi::ibv_wc; MAX] = unsafe { std::mem::zeroed() };
-        let n = out.len().min(MAX);
-        // SAFETY: live CQ, `wcs` has room for `n` entries.
-        let rc = unsafe { ffi::ibv_poll_cq(self.inner.cq.as_ptr(), n as c_int, wcs.as_mut_ptr()) };
+        let mut wcs = std::mem::MaybeUninit::<[ffi::ibv_wc; CQ_BATCH]>::uninit();
+        let first = wcs.as_mut_ptr().cast::<ffi::ibv_wc>();
+        let n = out.len().min(CQ_BATCH);
+        // SAFETY: live CQ; `wcs` has room for `n` entries, of which the library writes the
+        // first `rc` (uninitialised memory is fine for an out-array).
+        let rc = unsafe { ffi::ibv_poll_cq(self.inner.cq.as_ptr(), n as c_int, first) };
         if rc < 0 {
             return Err(FabricError::Other(format!(
                 "ibv_poll_cq failed ({rc}): the completion queue is broken"
             )));
         }
         let got = usize::try_from(rc).unwrap_or(0).min(n);
-        for (o, w) in out.iter_mut().zip(&wcs[..got]) {
+        for (k, o) in out.iter_mut().enumerate().take(got) {
+            // SAFETY: `ibv_poll_cq` initialised the first `got` entries; `k < got <= n`.
+            let w = unsafe { &*first.add(k) };
             *o = WorkCompletion {
                 wr_id: w.wr_id,
                 status: w.status,
@@ -616,11 +638,19 @@ impl CompletionQueue {
     }
 }
 
+/// Completions taken per `ibv_poll_cq` call: enough that one call drains what a full queue
+/// of signaled requests produces in one pass, few enough to stay on the stack.
+pub const CQ_BATCH: usize = 32;
+
 /// Sizes of a queue pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QpCaps {
     pub max_send_wr: u32,
     pub max_recv_wr: u32,
+    /// Bytes of payload a WRITE or SEND may carry in its work request
+    /// (`IBV_SEND_INLINE`); asked at creation, 0 for none. A device that cannot give it gets
+    /// a queue pair without inline data instead.
+    pub max_inline_data: u32,
 }
 
 /// How to reach the peer and how hard to try.
@@ -648,12 +678,19 @@ pub struct QueuePair {
     _pd: Arc<PdInner>,
     _send_cq: Arc<CqInner>,
     _recv_cq: Arc<CqInner>,
+    /// Inline payload bytes the device granted (0: none).
+    max_inline: u32,
+    /// `ibv_post_send` calls made: one doorbell each.
+    doorbells: u64,
+    // Reused lists, so posting allocates nothing once they have grown.
     wr_buf: Vec<ffi::ibv_send_wr>,
     sge_buf: Vec<ffi::ibv_sge>,
+    recv_buf: Vec<ffi::ibv_recv_wr>,
+    recv_sge_buf: Vec<ffi::ibv_sge>,
 }
 
 // SAFETY: verbs objects may be used from any thread; the scratch vectors hold raw pointers
-// only for the duration of one `post_send` call.
+// only for the duration of one `post_send`/`post_recv` call.
 unsafe impl Send for QueuePair {}
 
 impl std::fmt::Debug for QueuePair {
@@ -673,35 +710,64 @@ impl Drop for QueuePair {
 }
 
 impl QueuePair {
-    /// Creates an RC QP in `pd` with its completion queues.
+    /// Creates an RC QP in `pd` with its completion queues. If the device refuses the
+    /// inline size asked for, the QP is created without inline data (a WRITE then always
+    /// goes by DMA from its registered buffer, which every device does).
     pub fn create_rc(
         pd: &ProtectionDomain,
         send_cq: &CompletionQueue,
         recv_cq: &CompletionQueue,
         caps: QpCaps,
     ) -> Result<Self, FabricError> {
-        // SAFETY: a plain C struct of pointers and integers; all-zero is valid (NULL SRQ).
-        let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        init.send_cq = send_cq.inner.cq.as_ptr();
-        init.recv_cq = recv_cq.inner.cq.as_ptr();
-        init.cap.max_send_wr = caps.max_send_wr.max(1);
-        init.cap.max_recv_wr = caps.max_recv_wr.max(1);
-        init.cap.max_send_sge = 1;
-        init.cap.max_recv_sge = 1;
-        init.qp_type = ffi::ibv_qp_type::IBV_QPT_RC;
-        init.sq_sig_all = 0;
-        // SAFETY: live PD and CQs (kept alive by the `Arc`s stored below), valid attrs.
-        let qp = unsafe { ffi::ibv_create_qp(pd.inner.pd.as_ptr(), &mut init) };
-        let qp = NonNull::new(qp).ok_or_else(|| os_err("ibv_create_qp"))?;
+        let create = |inline: u32| {
+            // SAFETY: a plain C struct of pointers and integers; all-zero is valid (NULL
+            // SRQ).
+            let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+            init.send_cq = send_cq.inner.cq.as_ptr();
+            init.recv_cq = recv_cq.inner.cq.as_ptr();
+            init.cap.max_send_wr = caps.max_send_wr.max(1);
+            init.cap.max_recv_wr = caps.max_recv_wr.max(1);
+            init.cap.max_send_sge = 1;
+            init.cap.max_recv_sge = 1;
+            init.cap.max_inline_data = inline;
+            init.qp_type = ffi::ibv_qp_type::IBV_QPT_RC;
+            // Only work requests flagged IBV_SEND_SIGNALED make completions; the client
+            // infers the others' from a later one (send queue completions are in order).
+            init.sq_sig_all = 0;
+            // SAFETY: live PD and CQs (kept alive by the `Arc`s stored below), valid
+            // attrs; on success the library writes the granted caps back into `init`.
+            let qp = unsafe { ffi::ibv_create_qp(pd.inner.pd.as_ptr(), &mut init) };
+            // The provider may grant more than asked; it never grants less.
+            NonNull::new(qp).map(|qp| (qp, init.cap.max_inline_data))
+        };
+        let (qp, max_inline) = match create(caps.max_inline_data) {
+            Some(q) => q,
+            None if caps.max_inline_data > 0 => create(0).ok_or_else(|| os_err("ibv_create_qp"))?,
+            None => return Err(os_err("ibv_create_qp")),
+        };
         Ok(Self {
             qp,
             mrs: Vec::new(),
             _pd: Arc::clone(&pd.inner),
             _send_cq: Arc::clone(&send_cq.inner),
             _recv_cq: Arc::clone(&recv_cq.inner),
+            max_inline,
+            doorbells: 0,
             wr_buf: Vec::new(),
             sge_buf: Vec::new(),
+            recv_buf: Vec::new(),
+            recv_sge_buf: Vec::new(),
         })
+    }
+
+    /// Inline payload bytes a WRITE or SEND may carry (0: the device gave none).
+    pub fn max_inline(&self) -> u32 {
+        self.max_inline
+    }
+
+    /// Doorbells rung so far (`ibv_post_send` calls; a linked list of requests is one).
+    pub fn doorbells(&self) -> u64 {
+        self.doorbells
     }
 
     pub fn qpn(&self) -> u32 {
@@ -827,7 +893,10 @@ impl QueuePair {
     }
 
     /// Posts `wrs` as one linked list: one doorbell. Every scatter/gather entry must lie in
-    /// a region attached to this QP; nothing is posted otherwise.
+    /// a region attached to this QP; nothing is posted otherwise. A WRITE or SEND whose
+    /// payload fits [`QueuePair::max_inline`] goes inline: the CPU copies it into the work
+    /// request at post time, which saves the NIC a DMA read of the buffer on the critical
+    /// path.
     pub fn post_send(&mut self, wrs: &[SendWr]) -> Result<(), FabricError> {
         if wrs.is_empty() {
             return Ok(());
@@ -853,11 +922,7 @@ impl QueuePair {
             let mut x: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
             x.wr_id = w.wr_id;
             x.opcode = w.opcode.ibv();
-            x.send_flags = if w.signaled {
-                ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
-            } else {
-                0
-            };
+            x.send_flags = send_flags(w, self.max_inline);
             x.num_sge = c_int::from(w.sge.is_some());
             x.sg_list = self.sge_buf.as_mut_ptr().wrapping_add(i);
             match w.opcode {
@@ -889,8 +954,10 @@ impl QueuePair {
         let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
         // SAFETY: live QP; the list and its SGEs live in `wr_buf`/`sge_buf`, unchanged for
         // the call; every SGE was checked to lie in an attached region, which outlives the
-        // QP, so the device's later DMA stays in live memory.
+        // QP, so the device's later DMA stays in live memory (inline payloads are copied
+        // during the call).
         let rc = unsafe { ffi::ibv_post_send(self.qp.as_ptr(), base, &mut bad) };
+        self.doorbells += 1;
         if rc != 0 {
             return Err(ret_err("ibv_post_send", rc));
         }
@@ -905,40 +972,56 @@ impl QueuePair {
         for w in wrs {
             self.check_sge(&w.sge)?;
         }
-        let mut sges: Vec<ffi::ibv_sge> = wrs
-            .iter()
-            .map(|w| ffi::ibv_sge {
-                addr: w.sge.addr,
-                length: w.sge.len,
-                lkey: w.sge.lkey,
-            })
-            .collect();
-        let sp = sges.as_mut_ptr();
-        let mut list: Vec<ffi::ibv_recv_wr> = wrs
-            .iter()
-            .enumerate()
-            .map(|(i, w)| ffi::ibv_recv_wr {
+        self.recv_sge_buf.clear();
+        self.recv_buf.clear();
+        self.recv_sge_buf.extend(wrs.iter().map(|w| ffi::ibv_sge {
+            addr: w.sge.addr,
+            length: w.sge.len,
+            lkey: w.sge.lkey,
+        }));
+        let sp = self.recv_sge_buf.as_mut_ptr();
+        self.recv_buf
+            .extend(wrs.iter().enumerate().map(|(i, w)| ffi::ibv_recv_wr {
                 wr_id: w.wr_id,
                 next: ptr::null_mut(),
                 sg_list: sp.wrapping_add(i),
                 num_sge: 1,
-            })
-            .collect();
-        let first = list.as_mut_ptr();
-        let n = list.len();
-        for (i, x) in list.iter_mut().enumerate().take(n - 1) {
+            }));
+        let first = self.recv_buf.as_mut_ptr();
+        let n = self.recv_buf.len();
+        for (i, x) in self.recv_buf.iter_mut().enumerate().take(n - 1) {
             x.next = first.wrapping_add(i + 1);
         }
-        let base = list.as_mut_ptr();
+        let base = self.recv_buf.as_mut_ptr();
         let mut bad: *mut ffi::ibv_recv_wr = ptr::null_mut();
-        // SAFETY: live QP; `list` and `sges` outlive the call; every SGE lies in an
-        // attached region, which outlives the QP.
+        // SAFETY: live QP; the list and its SGEs live in `recv_buf`/`recv_sge_buf`,
+        // unchanged for the call; every SGE lies in an attached region, which outlives the
+        // QP.
         let rc = unsafe { ffi::ibv_post_recv(self.qp.as_ptr(), base, &mut bad) };
         if rc != 0 {
             return Err(ret_err("ibv_post_recv", rc));
         }
         Ok(())
     }
+}
+
+/// The `send_flags` of `w` on a queue pair with `max_inline` bytes of inline data.
+fn send_flags(w: &SendWr, max_inline: u32) -> u32 {
+    let mut f = 0;
+    if w.signaled {
+        f |= ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+    }
+    if inline_fits(w, max_inline) {
+        f |= ffi::ibv_send_flags::IBV_SEND_INLINE.0;
+    }
+    f
+}
+
+/// Whether `w` carries its payload inline: a WRITE or SEND of 1..=`max_inline` bytes (READs
+/// and atomics have nothing to send; an empty one needs no copy).
+pub fn inline_fits(w: &SendWr, max_inline: u32) -> bool {
+    matches!(w.opcode, Opcode::Write | Opcode::Send)
+        && w.sge.is_some_and(|s| s.len > 0 && s.len <= max_inline)
 }
 
 /// `ibv_wc_status_str` of the installed library, for messages.

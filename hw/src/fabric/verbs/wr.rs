@@ -52,6 +52,43 @@ pub struct SendWr {
     pub signaled: bool,
 }
 
+/// Which WRITEs ask for a completion. A completion costs the NIC a CQE write and the poller
+/// a CQE read; an unsignaled WRITE's completion is implied by the next signaled request's
+/// (a queue pair completes its sends in order). READs and atomics are always signaled:
+/// their data or old value is what the caller waits for. Every `every`-th WRITE of a run
+/// is signaled so that a long run of WRITEs still retires send queue entries as it goes;
+/// the caller signals the last request of each post ([`SignalPolicy::signaled_last`]) so
+/// that nothing waits on a completion that never comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalPolicy {
+    every: u32,
+    /// Unsignaled WRITEs since the last signaled request.
+    run: u32,
+}
+
+impl SignalPolicy {
+    /// `every` = 1 signals every request.
+    pub fn new(every: u32) -> Self {
+        Self {
+            every: every.max(1),
+            run: 0,
+        }
+    }
+
+    /// Whether the next request, of `op`, is signaled.
+    pub fn decide(&mut self, op: Opcode) -> bool {
+        let signaled = op != Opcode::Write || self.run + 1 >= self.every;
+        self.run = if signaled { 0 } else { self.run + 1 };
+        signaled
+    }
+
+    /// The caller signaled the last request it posted whatever [`SignalPolicy::decide`]
+    /// said.
+    pub fn signaled_last(&mut self) {
+        self.run = 0;
+    }
+}
+
 /// A receive buffer to post.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecvWr {
@@ -309,6 +346,32 @@ mod tests {
 
     fn t(wr: WorkRequest) -> Result<SendWr, CompletionStatus> {
         translate(42, &wr, &REMOTE, lookup, SCRATCH)
+    }
+
+    #[test]
+    fn every_nth_write_and_every_other_verb_is_signaled() {
+        let mut p = SignalPolicy::new(4);
+        let w: Vec<bool> = (0..9).map(|_| p.decide(Opcode::Write)).collect();
+        assert_eq!(
+            w,
+            [false, false, false, true, false, false, false, true, false]
+        );
+        // A READ or atomic is signaled and restarts the run.
+        assert!(p.decide(Opcode::Read));
+        assert!(!p.decide(Opcode::Write));
+        assert!(p.decide(Opcode::CompareSwap));
+        assert!(p.decide(Opcode::FetchAdd));
+        assert!(p.decide(Opcode::Send));
+        p.decide(Opcode::Write);
+        p.decide(Opcode::Write);
+        p.signaled_last();
+        assert!(!p.decide(Opcode::Write));
+        assert!(!p.decide(Opcode::Write));
+        assert!(!p.decide(Opcode::Write));
+        assert!(p.decide(Opcode::Write));
+        let mut all = SignalPolicy::new(1);
+        assert!((0..5).all(|_| all.decide(Opcode::Write)));
+        assert!(SignalPolicy::new(0).decide(Opcode::Write), "0 means 1");
     }
 
     #[test]
