@@ -144,3 +144,59 @@ fn an_unreachable_target_fails_and_leaves_the_json_file_alone() {
         "a failed run truncated the JSON file"
     );
 }
+
+/// `--password-file` is checked before anything connects: a missing file, one others may
+/// read, one with more than the password, and the flag without `--target` are usage errors.
+#[test]
+fn a_bad_password_file_is_refused_before_connecting() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = dir.path().join("open");
+    std::fs::write(&open, "pw\n").expect("write");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let two = dir.path().join("two");
+    std::fs::write(&two, "pw\nmore\n").expect("write");
+    std::fs::set_permissions(&two, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let missing = dir.path().join("missing");
+    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--target".into(),
+                "127.0.0.1:1".into(),
+                "--password-file".into(),
+                s(&missing),
+            ],
+            "--password-file",
+        ),
+        (
+            vec![
+                "--target".into(),
+                "127.0.0.1:1".into(),
+                "--password-file".into(),
+                s(&open),
+            ],
+            "--password-file",
+        ),
+        (
+            vec![
+                "--target".into(),
+                "127.0.0.1:1".into(),
+                "--password-file".into(),
+                s(&two),
+            ],
+            "one line",
+        ),
+        (vec!["--password-file".into(), s(&two)], "--target"),
+    ];
+    for (args, needle) in cases {
+        let o = dinomo_cmd(["bench", "--quiet"])
+            .args(&args)
+            .output()
+            .expect("run dinomo bench");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("CLUSTER SLOTS"), "{args:?} connected: {err}");
+    }
+}

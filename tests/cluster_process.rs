@@ -244,6 +244,8 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     assert_eq!(r["missing"], 0, "{r}");
     assert_eq!(r["nodes"], 3, "{r}");
     assert!(r["rts_per_op"].as_f64().is_some(), "{r}");
+    // Half the operations are writes, and each reaches the memory node (its log append).
+    assert!(r["verbs_per_op"].as_f64().is_some_and(|v| v > 0.0), "{r}");
 
     // Kill KN 1 after a last round of acknowledged writes (some of them its own, likely
     // not merged yet).

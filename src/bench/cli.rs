@@ -104,6 +104,10 @@ pub struct BenchArgs {
     /// options do not apply).
     #[arg(long, conflicts_with_all = ["sweep", "scenario"])]
     pub target: Option<String>,
+    /// With --target: a file holding the password of the cluster's default user on one
+    /// line (`dinomo up` writes DIR/requirepass); every connection sends `AUTH` with it.
+    #[arg(long, requires = "target")]
+    pub password_file: Option<PathBuf>,
     /// Run every combination of --systems, --kns and --workloads; write one JSON line per
     /// point, a CSV table and the figure (SVG and PNG) into --out.
     #[arg(long)]

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::workload::{key_into, value_into, KeyChooser, Rng, Workload};
 use super::{BenchConfig, Hits, Latency};
 use crate::histogram::{self, Histogram};
-use crate::redis_client::{Attempt, ClusterClient, Timeouts};
+use crate::redis_client::{Attempt, ClusterClient, Credentials, Timeouts};
 use dinomo_shared::resp::Value;
 
 /// The result of a run against a running cluster. Field names follow
@@ -51,6 +51,8 @@ pub struct TargetResult {
     pub rts_per_op: Option<f64>,
     pub read_rts_per_read: Option<f64>,
     pub write_rts_per_write: Option<f64>,
+    /// One-sided verbs at the memory node per operation (KNs' `fabric_verbs`).
+    pub verbs_per_op: Option<f64>,
     pub hit: Option<Hits>,
     pub seed: u64,
 }
@@ -67,12 +69,12 @@ struct RespClient {
 
 impl RespClient {
     /// Connects to the first seed that answers `CLUSTER SLOTS`.
-    fn new(seeds: &[String]) -> anyhow::Result<Self> {
+    fn new(seeds: &[String], credentials: Option<&Credentials>) -> anyhow::Result<Self> {
         let timeouts = Timeouts {
             connect: None,
             reply: Some(Duration::from_secs(30)),
         };
-        let mut c = ClusterClient::new(seeds, timeouts);
+        let mut c = ClusterClient::new(seeds, timeouts).with_credentials(credentials.cloned());
         c.load_slots()?;
         Ok(Self { c, reconnects: 0 })
     }
@@ -112,11 +114,15 @@ struct KnCounters {
     hit_shortcut: u64,
     hit_local: u64,
     miss: u64,
+    verbs: u64,
+    /// Every node reported `fabric_verbs` (builds before it did not).
+    verbs_reported: bool,
 }
 
 fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     let mut total = KnCounters::default();
     let mut any = false;
+    total.verbs_reported = true;
     for node in 0..c.c.nodes().len() {
         let Ok(Value::Bulk(b)) = c.c.call_node(node, &[b"INFO"]) else {
             continue;
@@ -141,6 +147,10 @@ fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
         total.hit_shortcut += field("hit_shortcut").unwrap_or(0);
         total.hit_local += field("hit_local").unwrap_or(0);
         total.miss += field("miss").unwrap_or(0);
+        match field("fabric_verbs") {
+            Some(v) => total.verbs += v,
+            None => total.verbs_reported = false,
+        }
     }
     any.then_some(total)
 }
@@ -155,21 +165,26 @@ struct ClientOut {
     reconnects: u64,
 }
 
-/// Loads the keys, warms up, measures; `targets` are `host:port` seeds.
-pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult> {
+/// Loads the keys, warms up, measures; `targets` are `host:port` seeds, `credentials` the
+/// user every connection authenticates as (a cluster with authentication on).
+pub fn run(
+    cfg: &BenchConfig,
+    targets: &[String],
+    credentials: Option<&Credentials>,
+) -> anyhow::Result<TargetResult> {
     if targets.is_empty() {
         bail!("--target needs at least one host:port");
     }
     let clients = cfg.clients.max(1);
     let key_len = cfg.key_size;
-    let mut probe = RespClient::new(targets)?;
+    let mut probe = RespClient::new(targets, credentials)?;
     // Load.
     let next = AtomicU64::new(0);
     let loaded: anyhow::Result<()> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..clients)
             .map(|_| {
                 sc.spawn(|| -> anyhow::Result<()> {
-                    let mut c = RespClient::new(targets)?;
+                    let mut c = RespClient::new(targets, credentials)?;
                     let (mut k, mut v) = (vec![0u8; key_len], vec![0u8; cfg.value_size]);
                     loop {
                         let id = next.fetch_add(1, Ordering::Relaxed);
@@ -193,10 +208,26 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
         let _ = probe.c.load_slots();
         probe.c.nodes().to_vec()
     };
-    phase(cfg, &seeds(&mut probe), clients, cfg.warmup_ops, None, 1)?;
+    phase(
+        cfg,
+        &seeds(&mut probe),
+        credentials,
+        clients,
+        cfg.warmup_ops,
+        None,
+        1,
+    )?;
     let before = kn_counters(&mut probe);
     let t0 = Instant::now();
-    let outs = phase(cfg, &seeds(&mut probe), clients, cfg.ops, cfg.duration, 2)?;
+    let outs = phase(
+        cfg,
+        &seeds(&mut probe),
+        credentials,
+        clients,
+        cfg.ops,
+        cfg.duration,
+        2,
+    )?;
     let elapsed = t0.elapsed().as_secs_f64();
     let after = kn_counters(&mut probe);
 
@@ -253,6 +284,11 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
         rts_per_op: ratio(all_rts, gets.zip(kwrites).map(|(g, w)| g + w)),
         read_rts_per_read: ratio(d(|c| c.read_rts), gets),
         write_rts_per_write: ratio(d(|c| c.write_rts), kwrites),
+        verbs_per_op: ratio(
+            d(|c| c.verbs)
+                .filter(|_| kn.is_some_and(|(b, a)| b.verbs_reported && a.verbs_reported)),
+            gets.zip(kwrites).map(|(g, w)| g + w),
+        ),
         hit,
         seed: cfg.seed,
     })
@@ -262,6 +298,7 @@ pub fn run(cfg: &BenchConfig, targets: &[String]) -> anyhow::Result<TargetResult
 fn phase(
     cfg: &BenchConfig,
     targets: &[String],
+    credentials: Option<&Credentials>,
     clients: usize,
     ops: u64,
     duration: Option<Duration>,
@@ -277,7 +314,7 @@ fn phase(
             .map(|id| {
                 let chooser = &chooser;
                 sc.spawn(move || -> anyhow::Result<ClientOut> {
-                    let mut c = RespClient::new(targets)?;
+                    let mut c = RespClient::new(targets, credentials)?;
                     let mut rng = Rng::new(cfg.seed ^ (salt << 32) ^ ((id as u64 + 1) * 0x9E37));
                     let (mut k, mut v) = (vec![0u8; cfg.key_size], vec![0u8; cfg.value_size]);
                     let mut out = ClientOut {
@@ -363,8 +400,12 @@ pub fn render(r: &TargetResult) -> String {
     );
     match (r.rts_per_op, r.hit) {
         (Some(rts), Some(h)) => {
+            let verbs = r
+                .verbs_per_op
+                .map(|v| format!(", {v:.3} verbs/op"))
+                .unwrap_or_default();
             s += &format!(
-                "KN counters: {rts:.3} RTs/op; reads hit value {:.1}% shortcut {:.1}% local {:.1}% miss {:.1}%\n",
+                "KN counters: {rts:.3} RTs/op{verbs}; reads hit value {:.1}% shortcut {:.1}% local {:.1}% miss {:.1}%\n",
                 h.value * 100.0,
                 h.shortcut * 100.0,
                 h.local * 100.0,

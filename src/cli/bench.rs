@@ -1,6 +1,11 @@
 //! `dinomo bench`: the in-process benchmark, its sweep and elastic scenario, and the
 //! benchmark of a running cluster (`--target`).
 
+use std::path::Path;
+
+use dinomo::redis_client::Credentials;
+use dinomo_shared::auth::read_private_file;
+
 use super::{JsonOut, Usage};
 
 pub(crate) fn run(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
@@ -27,7 +32,15 @@ pub(crate) fn run(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
     let json = JsonOut::check(a.json.as_deref())?;
     if let Some(t) = &a.target {
         let targets: Vec<String> = t.split(',').map(|s| s.trim().to_string()).collect();
-        let r = json.on_error(dinomo::bench::target::run(&cfg, &targets))?;
+        let credentials = match &a.password_file {
+            Some(p) => Some(password_from(p)?),
+            None => None,
+        };
+        let r = json.on_error(dinomo::bench::target::run(
+            &cfg,
+            &targets,
+            credentials.as_ref(),
+        ))?;
         print!("{}", dinomo::bench::target::render(&r));
         json.write(&r)?;
         return Ok(());
@@ -36,4 +49,23 @@ pub(crate) fn run(a: &dinomo::bench::cli::BenchArgs) -> anyhow::Result<()> {
     print!("{}", dinomo::bench::render(&r));
     json.write(&r)?;
     Ok(())
+}
+
+/// The default user's password from `--password-file` (one line, a private file like the
+/// one `dinomo up` writes), or a usage error naming the file.
+fn password_from(path: &Path) -> anyhow::Result<Credentials> {
+    let text = read_private_file(path).map_err(|e| Usage(format!("--password-file: {e}")))?;
+    let mut lines = text.lines();
+    let password = lines.next().unwrap_or_default().to_string();
+    if password.is_empty() || lines.any(|l| !l.trim().is_empty()) {
+        return Err(Usage(format!(
+            "--password-file {}: the file must hold one line, the password",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(Credentials {
+        user: None,
+        password,
+    })
 }

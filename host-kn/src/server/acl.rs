@@ -22,42 +22,87 @@ use std::fmt;
 
 use dinomo_shared::auth::{ct_eq, password_digest};
 
-/// What a client-facing command is, for ACL rules: its name and Redis's categories.
+/// What a client-facing command is: its name and Redis's categories (for ACL rules), and
+/// what `COMMAND` tells a client about it (cluster clients such as redis-py find a
+/// command's keys, and so its slot, from that reply).
 struct CommandInfo {
     name: &'static str,
+    /// Redis's arity: the exact argument count with the name, or its negated minimum.
+    arity: i64,
+    flags: &'static [&'static str],
+    /// Positions of the first and last key (negative: from the end) and the step between
+    /// keys; `(0, 0, 0)` for a command without keys.
+    keys: (i64, i64, i64),
     categories: &'static [&'static str],
 }
 
 macro_rules! commands {
-    ($($name:literal => [$($cat:literal),*]),* $(,)?) => {
-        &[$(CommandInfo { name: $name, categories: &[$($cat),*] }),*]
+    ($($name:literal $arity:literal [$($flag:literal),*] ($first:literal, $last:literal, $step:literal)
+        => [$($cat:literal),*]),* $(,)?) => {
+        &[$(CommandInfo {
+            name: $name,
+            arity: $arity,
+            flags: &[$($flag),*],
+            keys: ($first, $last, $step),
+            categories: &[$($cat),*],
+        }),*]
     };
 }
 
-/// Every command the KN serves, with the categories Redis puts it in.
+/// Every command the KN serves, with the arity, flags, key positions and categories
+/// Redis 7 gives it.
 const COMMANDS: &[CommandInfo] = commands! {
-    "GET" => ["read", "string", "fast"],
-    "SET" => ["write", "string", "slow"],
-    "MGET" => ["read", "string", "fast"],
-    "MSET" => ["write", "string", "slow"],
-    "DEL" => ["keyspace", "write", "slow"],
-    "UNLINK" => ["keyspace", "write", "fast"],
-    "EXISTS" => ["keyspace", "read", "fast"],
-    "PING" => ["fast", "connection"],
-    "ECHO" => ["fast", "connection"],
-    "HELLO" => ["fast", "connection"],
-    "AUTH" => ["fast", "connection"],
-    "QUIT" => ["fast", "connection"],
-    "RESET" => ["fast", "connection"],
-    "SELECT" => ["fast", "connection"],
-    "CLIENT" => ["slow", "connection"],
-    "READONLY" => ["fast", "connection"],
-    "READWRITE" => ["fast", "connection"],
-    "COMMAND" => ["slow", "connection"],
-    "INFO" => ["slow", "dangerous"],
-    "CONFIG" => ["admin", "slow", "dangerous"],
-    "CLUSTER" => ["slow"],
+    "GET" 2 ["readonly", "fast"] (1, 1, 1) => ["read", "string", "fast"],
+    "SET" -3 ["write", "denyoom"] (1, 1, 1) => ["write", "string", "slow"],
+    "MGET" -2 ["readonly", "fast"] (1, -1, 1) => ["read", "string", "fast"],
+    "MSET" -3 ["write", "denyoom"] (1, -1, 2) => ["write", "string", "slow"],
+    "DEL" -2 ["write"] (1, -1, 1) => ["keyspace", "write", "slow"],
+    "UNLINK" -2 ["write", "fast"] (1, -1, 1) => ["keyspace", "write", "fast"],
+    "EXISTS" -2 ["readonly", "fast"] (1, -1, 1) => ["keyspace", "read", "fast"],
+    "PING" -1 ["fast"] (0, 0, 0) => ["fast", "connection"],
+    "ECHO" 2 ["fast"] (0, 0, 0) => ["fast", "connection"],
+    "HELLO" -1 ["noscript", "loading", "stale", "fast", "no_auth"] (0, 0, 0) => ["fast", "connection"],
+    "AUTH" -2 ["noscript", "loading", "stale", "fast", "no_auth"] (0, 0, 0) => ["fast", "connection"],
+    "QUIT" -1 ["noscript", "loading", "stale", "fast", "no_auth"] (0, 0, 0) => ["fast", "connection"],
+    "RESET" 1 ["noscript", "loading", "stale", "fast", "no_auth"] (0, 0, 0) => ["fast", "connection"],
+    "SELECT" 2 ["loading", "stale", "fast"] (0, 0, 0) => ["fast", "connection"],
+    "CLIENT" -2 [] (0, 0, 0) => ["slow", "connection"],
+    "READONLY" 1 ["loading", "stale", "fast"] (0, 0, 0) => ["fast", "connection"],
+    "READWRITE" 1 ["loading", "stale", "fast"] (0, 0, 0) => ["fast", "connection"],
+    "COMMAND" -1 ["loading", "stale"] (0, 0, 0) => ["slow", "connection"],
+    "INFO" -1 ["loading", "stale"] (0, 0, 0) => ["slow", "dangerous"],
+    "CONFIG" -2 [] (0, 0, 0) => ["admin", "slow", "dangerous"],
+    "CLUSTER" -2 [] (0, 0, 0) => ["slow"],
 };
+
+/// Writes the `COMMAND` entry of command `id` in Redis 7's layout: name, arity, flags,
+/// first key, last key, step, categories, tips, key specifications, subcommands (the last
+/// three empty).
+pub(crate) fn command_entry(id: usize, o: &mut dinomo_shared::resp::Out<'_>) {
+    let c = &COMMANDS[id];
+    o.array(10);
+    o.bulk(c.name.to_ascii_lowercase().as_bytes());
+    o.int(c.arity);
+    o.array(c.flags.len());
+    for f in c.flags {
+        o.simple(f);
+    }
+    o.int(c.keys.0);
+    o.int(c.keys.1);
+    o.int(c.keys.2);
+    o.array(c.categories.len());
+    for cat in c.categories {
+        o.simple(&format!("@{cat}"));
+    }
+    for _ in 0..3 {
+        o.array(0);
+    }
+}
+
+/// How many commands the KN serves (`COMMAND COUNT`).
+pub(crate) fn command_count() -> usize {
+    COMMANDS.len()
+}
 
 /// Redis's command categories; the ones no command here belongs to are accepted so that
 /// an ACL file written for Redis reads the same.

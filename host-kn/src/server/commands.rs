@@ -314,6 +314,9 @@ impl Conn {
         kv("hit_shortcut", s.hit_shortcut.to_string());
         kv("hit_local", s.hit_local.to_string());
         kv("miss", s.miss.to_string());
+        // One-sided verbs at the memory node (READ, WRITE, CAS, FAA, FLUSH): what its NIC
+        // serves, beside the round trips the KN waited for.
+        kv("fabric_verbs", s.fabric.verbs().to_string());
         kv(
             "fabric_bytes",
             (s.fabric.read_bytes + s.fabric.write_bytes).to_string(),

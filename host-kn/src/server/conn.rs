@@ -14,7 +14,7 @@ use dinomo_shared::slot::key_slot;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::acl::{command_id, runs_without_auth};
+use super::acl::{command_count, command_entry, command_id, runs_without_auth};
 use super::commands::upper;
 use super::{Shared, View};
 use crate::ownership::shard_of;
@@ -472,6 +472,25 @@ impl Conn {
             // whatever the flag says (a Redis primary answers OK too).
             "READONLY" | "READWRITE" if argc == 1 => o.simple("OK"),
             "CLIENT" if argc >= 2 => self.client(args, &mut o),
+            // The command table, which cluster clients (redis-py's RedisCluster) read to
+            // find the keys of a command; other subcommands (DOCS, GETKEYS, LIST) answer
+            // an empty list.
+            "COMMAND" if argc == 1 => {
+                o.array(command_count());
+                for id in 0..command_count() {
+                    command_entry(id, &mut o);
+                }
+            }
+            "COMMAND" if upper(&args[1]) == "COUNT" => o.int(command_count() as i64),
+            "COMMAND" if upper(&args[1]) == "INFO" => {
+                o.array(argc - 2);
+                for a in &args[2..] {
+                    match command_id(&upper(a)) {
+                        Some(id) => command_entry(id, &mut o),
+                        None => o.null(),
+                    }
+                }
+            }
             "COMMAND" => o.array(0),
             "CONFIG" if argc >= 2 => self.config(args, &mut o),
             "GET" if argc == 2 => match self.shard_for(&[&args[1]]) {
@@ -725,5 +744,88 @@ fn keys_of<'a>(name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
         "MGET" | "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
         "MSET" => rest.iter().step_by(2).map(Vec::as_slice).collect(),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dinomo_shared::resp::{parse_value, Limits, Out, Proto, Value};
+
+    /// The keys a cluster client finds from a `COMMAND` entry, the way redis-py does:
+    /// positions first..=last (negative: from the end) by step.
+    fn keys_by_spec<'a>(entry: &Value, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+        let Value::Array(e) = entry else {
+            panic!("entry {entry:?}")
+        };
+        let int = |i: usize| match &e[i] {
+            Value::Int(v) => *v,
+            other => panic!("field {i}: {other:?}"),
+        };
+        let (first, last, step) = (int(3), int(4), int(5));
+        if step == 0 {
+            return Vec::new();
+        }
+        let last = if last < 0 {
+            args.len() as i64 + last
+        } else {
+            last
+        };
+        (first..=last)
+            .step_by(step as usize)
+            .map(|p| args[p as usize].as_slice())
+            .collect()
+    }
+
+    /// `COMMAND` describes every command with the same keys the ACL checks use, so a
+    /// cluster client routes a command to the node that owns the keys it names.
+    #[test]
+    fn the_command_table_names_the_keys_the_server_routes_by() {
+        let mut buf = Vec::new();
+        let mut o = Out {
+            buf: &mut buf,
+            proto: Proto::Resp2,
+        };
+        o.array(command_count());
+        for id in 0..command_count() {
+            command_entry(id, &mut o);
+        }
+        let (table, used) = parse_value(&buf, &Limits::default())
+            .expect("well-formed")
+            .expect("complete");
+        assert_eq!(used, buf.len());
+        let Value::Array(entries) = table else {
+            panic!("not an array")
+        };
+        assert_eq!(entries.len(), command_count());
+        let samples: &[&[&str]] = &[
+            &["GET", "k"],
+            &["SET", "k", "v", "EX", "10"],
+            &["MGET", "a", "b", "c"],
+            &["MSET", "a", "1", "b", "2"],
+            &["DEL", "a", "b"],
+            &["UNLINK", "a"],
+            &["EXISTS", "a", "b"],
+            &["PING"],
+            &["INFO", "all"],
+        ];
+        for s in samples {
+            let args: Vec<Vec<u8>> = s.iter().map(|a| a.as_bytes().to_vec()).collect();
+            let id = command_id(s[0]).expect("served");
+            let entry = &entries[id];
+            let Value::Array(e) = entry else {
+                panic!("{entry:?}")
+            };
+            assert_eq!(e[0], Value::Bulk(s[0].to_ascii_lowercase().into_bytes()));
+            let Value::Int(arity) = e[1] else {
+                panic!("{e:?}")
+            };
+            let n = args.len() as i64;
+            assert!(
+                if arity >= 0 { n == arity } else { n >= -arity },
+                "{s:?} against arity {arity}"
+            );
+            assert_eq!(keys_by_spec(entry, &args), keys_of(s[0], &args), "{s:?}");
+        }
     }
 }
