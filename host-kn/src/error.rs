@@ -32,6 +32,11 @@ pub enum KvError {
     Dpm(ErrorCode),
     #[error("fabric: {0}")]
     Fabric(String),
+    /// The connection to the memory node is gone (it crashed or is restarting). Kept apart
+    /// from [`KvError::Fabric`] so that whoever sees it can reconnect and repeat what is safe
+    /// to repeat; it reaches a client only once the wait for the memory node ran out.
+    #[error("the memory node is unreachable: {0}")]
+    Disconnected(String),
     #[error("data read from the memory node failed validation: {0}")]
     Corrupt(String),
     #[error("replication: {0}")]
@@ -55,7 +60,12 @@ impl KvError {
 
 impl From<FabricError> for KvError {
     fn from(e: FabricError) -> Self {
-        Self::Fabric(e.to_string())
+        match e {
+            FabricError::Disconnected(_) | FabricError::NotRunning(_) => {
+                Self::Disconnected(e.to_string())
+            }
+            e => Self::Fabric(e.to_string()),
+        }
     }
 }
 

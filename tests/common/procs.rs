@@ -23,12 +23,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `dinomo <args>` with its stdout piped back to the caller.
     pub fn spawn(args: &[&str]) -> (Self, ChildStdout) {
+        Self::spawn_logging(args, "warn", Stdio::inherit())
+    }
+
+    /// [`Proc::spawn`] with log filter `rust_log` and its stderr (the log) to `stderr`.
+    pub fn spawn_logging(args: &[&str], rust_log: &str, stderr: Stdio) -> (Self, ChildStdout) {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn dinomo");
         let out = child.stdout.take().expect("stdout");
@@ -120,15 +125,15 @@ pub fn last_word(line: &str) -> String {
 /// `extra`, listening on any free loopback port; returns its id, client address and process
 /// once it said "kn <id> listening on <addr>".
 pub fn spawn_kn(region: &str, mgr: &str, extra: &[&str]) -> (u16, String, Proc) {
-    let mut args = vec![
-        "kn",
-        "--dpm",
-        region,
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        mgr,
-    ];
+    spawn_kn_on(&super::fabric::Dpm::shm(region), mgr, extra)
+}
+
+/// [`spawn_kn`] reaching the DPM as `dpm` says (shm or verbs, see [`super::fabric`]).
+pub fn spawn_kn_on(dpm: &super::fabric::Dpm, mgr: &str, extra: &[&str]) -> (u16, String, Proc) {
+    let dpm_args = dpm.args();
+    let mut args = vec!["kn"];
+    args.extend(super::fabric::strs(&dpm_args));
+    args.extend(["--listen", "127.0.0.1:0", "--manager", mgr]);
     args.extend_from_slice(extra);
     let (p, out) = Proc::spawn(&args);
     let line = first_line(out);

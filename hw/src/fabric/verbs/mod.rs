@@ -27,6 +27,7 @@ mod client;
 mod device_tests;
 pub mod handshake;
 mod link;
+mod reconnect;
 mod server;
 pub mod sys;
 pub mod wire;
