@@ -8,7 +8,7 @@
 //! `/proc/<pid>/fd`).
 //!
 //! Over shm by default; with `DINOMO_RDMA_DEVICE` (and `DINOMO_RDMA_GID_INDEX`) set, over
-//! RDMA verbs on that device (see `common::fabric`; the lease is 5 times longer there).
+//! RDMA verbs on that device (see `common::fabric`; the lease is 50 times longer there).
 
 mod common;
 

@@ -16,8 +16,8 @@
 //! Over shm by default; with `DINOMO_RDMA_DEVICE` (and `DINOMO_RDMA_GID_INDEX`) set, the
 //! same tests run over RDMA verbs on that device (a build with `--features rdma`; see
 //! `common::fabric`): there a fenced KN's queue pairs are also checked to be in error before
-//! its slots move, and leases and reply timeouts are 5 times longer, because the soft-RoCE
-//! VM these runs are meant for is several times slower than the host.
+//! its slots move, and leases are 50 and reply timeouts 10 times longer, because the
+//! soft-RoCE VM these runs are meant for is several times slower than the host.
 
 mod common;
 
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::fabric::{self, strs};
 use common::proc_files;
-use common::procs::{ready_addr, spawn_kn_on, wait_map, Client, Conn, Proc, BIN, DEADLINE};
+use common::procs::{deadline, ready_addr, spawn_kn_on, wait_map, Client, Conn, Proc, BIN};
 use common::{dinomo, dinomo_cmd, stderr, stdout};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
@@ -157,7 +157,7 @@ impl Cluster {
                 return n;
             }
             assert!(
-                t0.elapsed() < DEADLINE,
+                t0.elapsed() < deadline(),
                 "the DPM never revoked KN {kn}'s queue pairs:\n{}",
                 self.dpm_log()
             );
@@ -179,7 +179,7 @@ impl Cluster {
     }
 
     fn wait_map_any(&self) -> MapMsg {
-        MgrClient::connect(&self.mgr, DEADLINE)
+        MgrClient::connect(&self.mgr, deadline())
             .expect("manager")
             .map()
             .expect("map")
@@ -560,7 +560,7 @@ fn wait_status(c: &Cluster, done: impl Fn(&StatusMsg) -> bool) -> StatusMsg {
         if done(&s) {
             return s;
         }
-        assert!(t0.elapsed() < DEADLINE, "status never got there: {s:?}");
+        assert!(t0.elapsed() < deadline(), "status never got there: {s:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -713,7 +713,7 @@ fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
         let (t0, from) = (Instant::now(), bulk_acked.load(Ordering::Acquire));
         while bulk_acked.load(Ordering::Acquire) < from + n {
             assert!(
-                t0.elapsed() < DEADLINE,
+                t0.elapsed() < deadline(),
                 "bulk writes stopped being acknowledged"
             );
             std::thread::sleep(Duration::from_millis(10));

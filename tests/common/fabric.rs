@@ -5,8 +5,8 @@
 //! with `--features rdma` for the verbs case.
 //!
 //! Over verbs the tests are meant to run on soft-RoCE inside a small VM, where CPU work is
-//! several times slower than on the host: [`scaled`] stretches leases and timeouts there so
-//! that a KN is not fenced merely because the emulated machine was slow.
+//! several times slower than on the host: [`scaled`] stretches timeouts and [`lease_ms`]
+//! leases there, so that a KN is not fenced merely because the emulated machine was slow.
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -28,7 +28,7 @@ pub fn verbs() -> Option<Verbs> {
 }
 
 /// How much slower than the host the verbs runs are allowed to be (leases, reply timeouts).
-pub const VERBS_SLOWDOWN: u32 = 5;
+pub const VERBS_SLOWDOWN: u32 = 10;
 
 /// `d` as it applies to this run: as given over shm, [`VERBS_SLOWDOWN`] times longer over
 /// verbs.
@@ -40,9 +40,19 @@ pub fn scaled(d: Duration) -> Duration {
     }
 }
 
-/// A lease of `ms` milliseconds as it applies to this run (see [`scaled`]), as a flag value.
+/// How much longer leases are over verbs. More than [`VERBS_SLOWDOWN`]: in the VM a map
+/// change of a few KNs takes the manager tens of seconds of control round trips, and a KN
+/// whose lease lapses meanwhile is fenced although nothing failed.
+pub const VERBS_LEASE_FACTOR: u64 = 50;
+
+/// A lease of `ms` milliseconds as it applies to this run (see [`VERBS_LEASE_FACTOR`]), as
+/// a flag value.
 pub fn lease_ms(ms: u64) -> String {
-    scaled(Duration::from_millis(ms)).as_millis().to_string()
+    if verbs().is_some() {
+        (ms * VERBS_LEASE_FACTOR).to_string()
+    } else {
+        ms.to_string()
+    }
 }
 
 /// How the processes of one cluster reach its DPM: its region file, and over verbs the
