@@ -6,6 +6,9 @@
 //! KN leaves gracefully and the rest serve everything; finally everything stops cleanly.
 //! Throughout, the manager neither maps nor opens the region file (`/proc/<pid>/maps` and
 //! `/proc/<pid>/fd`).
+//!
+//! Over shm by default; with `DINOMO_RDMA_DEVICE` (and `DINOMO_RDMA_GID_INDEX`) set, over
+//! RDMA verbs on that device (see `common::fabric`; the lease is 50 times longer there).
 
 mod common;
 
@@ -13,12 +16,13 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::procs::{ready_addr, wait_map, Client, Conn, Proc};
+use common::fabric::{self, strs};
+use common::procs::{ready_addr, spawn_kn_on, wait_map, Client, Conn, Proc};
 use common::{dinomo, dinomo_cmd, format_region, proc_files};
 use dinomo::resp::Value;
 use nix::sys::signal::Signal;
 
-const LEASE_MS: &str = "2000";
+const LEASE_MS: u64 = 2000;
 /// How long a reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -28,50 +32,28 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
     let region = dir.path().join("region");
     let region_s = region.to_str().expect("utf-8").to_string();
     format_region(&region, "128M", "1M");
-    let (dpm, _dpm_out) = Proc::spawn(&[
-        "dpm",
-        "serve",
-        "--path",
-        &region_s,
-        "--workers",
-        "1",
-        "--no-pin",
-    ]);
-    let (manager, mout) = Proc::spawn(&[
-        "manager",
-        "--dpm",
-        &region_s,
-        "--listen",
-        "127.0.0.1:0",
-        "--lease-ms",
-        LEASE_MS,
-    ]);
+    let fab = fabric::Dpm::new(&region_s);
+    let (dpm, _dpm_out) = Proc::spawn(&strs(&fab.serve_cmd(&[])));
+    let lease_ms = fabric::lease_ms(LEASE_MS);
+    let dpm_args = fab.args();
+    let mut args = vec!["manager"];
+    args.extend(strs(&dpm_args));
+    args.extend(["--listen", "127.0.0.1:0", "--lease-ms", &lease_ms]);
+    let (manager, mout) = Proc::spawn(&args);
     let mgr = ready_addr(mout);
     let mut kns = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..3 {
-        let (p, out) = Proc::spawn(&[
-            "kn",
-            "--dpm",
-            &region_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--manager",
-            &mgr,
-            "--threads",
-            "2",
-            "--cache",
-            "4M",
-        ]);
+        let (_, addr, p) = spawn_kn_on(&fab, &mgr, &["--threads", "2", "--cache", "4M"]);
         kns.push(Some(p));
-        addrs.push(ready_addr(out));
+        addrs.push(addr);
     }
     let map = wait_map(&mgr, 3);
     assert!(map.epoch >= 3, "{map:?}");
 
     // The manager reaches the DPM through control messages only: it neither maps nor
     // opens the region file. A KN on the shm fabric maps it, which shows the check sees a
-    // mapping when there is one.
+    // mapping when there is one; over verbs a KN reaches it only through its queue pairs.
     let manager_pid = manager.pid().as_raw() as u32;
     assert!(
         !proc_files::touches(manager_pid, &region),
@@ -81,7 +63,11 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
         proc_files::open_files(manager_pid)
     );
     let kn0 = kns[0].as_ref().expect("KN 0").pid().as_raw() as u32;
-    assert!(proc_files::touches(kn0, &region), "a KN maps the region");
+    assert_eq!(
+        proc_files::touches(kn0, &region),
+        !fab.is_verbs(),
+        "a KN maps the region exactly when it is on the shm fabric"
+    );
 
     // Writes through KN 0, following MOVED.
     let mut cl = Client::new(addrs.clone(), REPLY_TIMEOUT);
@@ -293,21 +279,8 @@ fn three_kn_processes_serve_redis_clients_and_survive_a_sigkill() {
 
     // A new KN joins: slots move to it from live owners, which merge their logs before it
     // serves them (until then it answers TRYAGAIN); it starts cold and reads the DPM.
-    let (joiner, out) = Proc::spawn(&[
-        "kn",
-        "--dpm",
-        &region_s,
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        &mgr,
-        "--threads",
-        "1",
-        "--cache",
-        "1M",
-    ]);
+    let (_, joiner_addr, joiner) = spawn_kn_on(&fab, &mgr, &["--threads", "1", "--cache", "1M"]);
     kns.push(Some(joiner));
-    let joiner_addr = ready_addr(out);
     let joined = wait_map(&mgr, 3);
     let joiner_id = joined
         .kns

@@ -12,6 +12,12 @@
 //! - the DPM killed with SIGKILL and restarted under a write load: the KNs and the manager
 //!   reconnect by themselves, writes that need new log blocks resume, a KN killed afterwards
 //!   is fenced through the restarted DPM, and no acknowledged write is lost.
+//!
+//! Over shm by default; with `DINOMO_RDMA_DEVICE` (and `DINOMO_RDMA_GID_INDEX`) set, the
+//! same tests run over RDMA verbs on that device (a build with `--features rdma`; see
+//! `common::fabric`): there a fenced KN's queue pairs are also checked to be in error before
+//! its slots move, and leases are 50 and reply timeouts 10 times longer, because the
+//! soft-RoCE VM these runs are meant for is several times slower than the host.
 
 mod common;
 
@@ -22,25 +28,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fabric::{self, strs};
 use common::proc_files;
-use common::procs::{ready_addr, spawn_kn, wait_map, Client, Conn, Proc, BIN, DEADLINE};
+use common::procs::{deadline, ready_addr, spawn_kn_on, wait_map, Client, Conn, Proc, BIN};
 use common::{dinomo, dinomo_cmd, stderr, stdout};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{MapMsg, MgrClient, StatusMsg};
 use dinomo::shared::slot::key_slot;
 
 /// Leases of the failover tests: a dead KN's slots move within about a second.
-const LEASE_MS: &str = "600";
+const LEASE_MS: u64 = 600;
 /// Leases of the tests that need no expiry: long enough that a KN starved of CPU on a
 /// loaded machine is not fenced by mistake.
-const CALM_LEASE_MS: &str = "2000";
-/// How long a client waits for one reply before it counts the connection as failed.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+const CALM_LEASE_MS: u64 = 2000;
+/// How long a client waits for one reply before it counts the connection as failed
+/// (scaled like the leases).
+fn reply_timeout() -> Duration {
+    fabric::scaled(Duration::from_secs(2))
+}
 
 /// A DPM, a manager (that can start KNs) and KNs.
 struct Cluster {
     _dir: tempfile::TempDir,
     region: PathBuf,
+    /// How the processes reach the DPM (shm or verbs).
+    fab: fabric::Dpm,
+    /// The DPM's log (appended to across restarts).
+    dpm_log: PathBuf,
     dpm: Option<Proc>,
     manager: Option<Proc>,
     mgr: String,
@@ -60,14 +74,14 @@ impl Cluster {
     }
 
     /// `manager_args`: more flags for the manager.
-    fn start_opts(kns: usize, lease_ms: &str, spawn: bool, manager_args: &[&str]) -> Self {
+    fn start_opts(kns: usize, lease_ms: u64, spawn: bool, manager_args: &[&str]) -> Self {
         Self::start_with(kns, lease_ms, spawn, manager_args, "1M")
     }
 
     /// `block`: the region's log block size.
     fn start_with(
         kns: usize,
-        lease_ms: &str,
+        lease_ms: u64,
         spawn: bool,
         manager_args: &[&str],
         block: &str,
@@ -76,20 +90,23 @@ impl Cluster {
         let region = dir.path().join("region");
         common::format_region(&region, "64M", block);
         let r = region.to_str().expect("utf-8").to_string();
-        let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", &r, "--workers", "1", "--no-pin"]);
-        let mut args = vec![
-            "manager",
-            "--dpm",
-            &r,
+        let fab = fabric::Dpm::new(&r);
+        let dpm_log = dir.path().join("dpm.log");
+        let dpm = spawn_dpm(&fab, &dpm_log);
+        let lease_ms = fabric::lease_ms(lease_ms);
+        let dpm_args = fab.args();
+        let mut args = vec!["manager"];
+        args.extend(strs(&dpm_args));
+        args.extend([
             "--listen",
             "127.0.0.1:0",
             "--lease-ms",
-            lease_ms,
+            &lease_ms,
             "--kn-threads",
             "1",
             "--kn-cache",
             "2M",
-        ];
+        ]);
         if spawn {
             args.extend(["--kn-exe", BIN]);
         }
@@ -99,6 +116,8 @@ impl Cluster {
         let mut c = Self {
             _dir: dir,
             region,
+            fab,
+            dpm_log,
             dpm: Some(dpm),
             manager: Some(manager),
             mgr,
@@ -112,16 +131,38 @@ impl Cluster {
     }
 
     fn start_kn(&mut self) {
-        let r = self.region.to_str().expect("utf-8");
-        let (id, addr, p) = spawn_kn(r, &self.mgr, &["--threads", "2", "--cache", "2M"]);
+        let (id, addr, p) = spawn_kn_on(&self.fab, &self.mgr, &["--threads", "2", "--cache", "2M"]);
         self.kns.push((id, addr, Some(p)));
     }
 
-    /// Starts the DPM process on the region (again).
+    /// Starts the DPM process on the region (again; over verbs on the same port).
     fn start_dpm(&mut self) {
-        let r = self.region.to_str().expect("utf-8");
-        let (dpm, _) = Proc::spawn(&["dpm", "serve", "--path", r, "--workers", "1", "--no-pin"]);
-        self.dpm = Some(dpm);
+        self.dpm = Some(spawn_dpm(&self.fab, &self.dpm_log));
+    }
+
+    /// What the DPM logged so far.
+    fn dpm_log(&self) -> String {
+        std::fs::read_to_string(&self.dpm_log).unwrap_or_default()
+    }
+
+    /// Over verbs: waits until the DPM logged that fencing KN `kn` moved its queue pairs to
+    /// error (the DPM does so before it answers the fence, hence before the manager moves
+    /// the KN's slots; its log line may come just after the answer). Returns how many.
+    fn wait_revoked(&self, kn: u16) -> usize {
+        let needle = format!("KN {kn} fenced: connection");
+        let t0 = Instant::now();
+        loop {
+            let n = self.dpm_log().matches(&needle).count();
+            if n > 0 {
+                return n;
+            }
+            assert!(
+                t0.elapsed() < deadline(),
+                "the DPM never revoked KN {kn}'s queue pairs:\n{}",
+                self.dpm_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until the map lists exactly `kns` KNs and is settled.
@@ -138,7 +179,7 @@ impl Cluster {
     }
 
     fn wait_map_any(&self) -> MapMsg {
-        MgrClient::connect(&self.mgr, DEADLINE)
+        MgrClient::connect(&self.mgr, deadline())
             .expect("manager")
             .map()
             .expect("map")
@@ -179,6 +220,19 @@ impl Cluster {
     }
 }
 
+/// Starts the DPM of `fab`, its log (info level: the queue pairs it revokes) appended to
+/// `log`.
+fn spawn_dpm(fab: &fabric::Dpm, log: &std::path::Path) -> Proc {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("DPM log");
+    let args = fab.serve_cmd(&[]);
+    let (dpm, _) = Proc::spawn_logging(&strs(&args), "info", file.into());
+    dpm
+}
+
 /// What a writer knows about one key.
 #[derive(Clone, Debug, Default)]
 struct KeyLog {
@@ -196,7 +250,7 @@ fn writer(
     keys: usize,
     stop: &AtomicBool,
 ) -> HashMap<String, KeyLog> {
-    let mut cl = Client::new(addrs, REPLY_TIMEOUT);
+    let mut cl = Client::new(addrs, reply_timeout());
     let mut log: HashMap<String, KeyLog> = HashMap::new();
     let mut round = 0u64;
     let mut acked = 0u64;
@@ -280,7 +334,7 @@ fn sigkill_under_a_write_load_loses_no_acknowledged_write() {
         .flat_map(|w| w.join().expect("writer"))
         .collect();
     assert_eq!(logs.len(), 300);
-    let mut cl = Client::new(c.addrs(), REPLY_TIMEOUT);
+    let mut cl = Client::new(c.addrs(), reply_timeout());
     check(&mut cl, &logs);
     c.stop();
 }
@@ -307,12 +361,17 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
     p.wait_stopped();
     assert!(conn.send(&[b"SET", key.as_bytes(), b"late"]));
 
-    // The manager fences it and the other KN takes its slots.
+    // The manager fences it and the other KN takes its slots. Over verbs the DPM moved the
+    // paused KN's queue pairs (one per shard) to error when it was fenced, so that it
+    // cannot land a WRITE after the fence even if it got past its lease check.
     let after = c.wait_map(1);
     assert!(after.addr_of(victim).is_none());
+    if c.fab.is_verbs() {
+        assert!(c.wait_revoked(victim) >= 2, "{}", c.dpm_log());
+    }
     let status = c.status();
     assert!(status.kns.iter().all(|k| k.kn_id != victim), "{status:?}");
-    let mut cl = Client::new(vec![c.kns[1].1.clone()], REPLY_TIMEOUT);
+    let mut cl = Client::new(vec![c.kns[1].1.clone()], reply_timeout());
     assert_eq!(
         cl.must(&[b"SET", key.as_bytes(), b"new"]),
         Value::Simple("OK".into())
@@ -355,7 +414,7 @@ fn a_paused_kn_is_fenced_and_its_late_write_never_lands() {
     let last = c.wait_map(1);
     let mut cl = Client::new(
         last.kns.iter().map(|(_, a)| a.clone()).collect(),
-        REPLY_TIMEOUT,
+        reply_timeout(),
     );
     assert_eq!(read(&mut cl), Value::Bulk(b"new".to_vec()));
     c.stop();
@@ -420,7 +479,7 @@ fn ctl_adds_rebalances_and_removes_kns_under_a_writer() {
     let logs = w.join().expect("writer");
     let mut cl = Client::new(
         s.kns.iter().map(|k| k.addr.clone()).collect(),
-        REPLY_TIMEOUT,
+        reply_timeout(),
     );
     check(&mut cl, &logs);
 
@@ -501,7 +560,7 @@ fn wait_status(c: &Cluster, done: impl Fn(&StatusMsg) -> bool) -> StatusMsg {
         if done(&s) {
             return s;
         }
-        assert!(t0.elapsed() < DEADLINE, "status never got there: {s:?}");
+        assert!(t0.elapsed() < deadline(), "status never got there: {s:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -565,7 +624,7 @@ fn the_policy_adds_a_kn_under_load_and_removes_idle_ones() {
     let logs = w.join().expect("writer");
     let mut cl = Client::new(
         s.kns.iter().map(|k| k.addr.clone()).collect(),
-        REPLY_TIMEOUT,
+        reply_timeout(),
     );
     check(&mut cl, &logs);
     c.stop();
@@ -611,7 +670,7 @@ fn bulk_writer(
     acked: &std::sync::atomic::AtomicU64,
     stop: &AtomicBool,
 ) -> HashMap<String, KeyLog> {
-    let mut cl = Client::new(addrs, REPLY_TIMEOUT);
+    let mut cl = Client::new(addrs, reply_timeout());
     let mut log: HashMap<String, KeyLog> = HashMap::new();
     let mut i = 0u64;
     while !stop.load(Ordering::Acquire) {
@@ -654,7 +713,7 @@ fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
         let (t0, from) = (Instant::now(), bulk_acked.load(Ordering::Acquire));
         while bulk_acked.load(Ordering::Acquire) < from + n {
             assert!(
-                t0.elapsed() < DEADLINE,
+                t0.elapsed() < deadline(),
                 "bulk writes stopped being acknowledged"
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -690,7 +749,7 @@ fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
         c.kns[0].2.as_mut().expect("KN 0").try_wait().is_none(),
         "the surviving KN rode out the DPM restart in the same process"
     );
-    let mut cl = Client::new(c.addrs(), REPLY_TIMEOUT);
+    let mut cl = Client::new(c.addrs(), reply_timeout());
     check(&mut cl, &logs);
     c.stop();
 }

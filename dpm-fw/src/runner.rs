@@ -485,6 +485,11 @@ mod verbs_serve {
                     // Fences already recorded belong to connections that no longer exist.
                     let mut fences = 0;
                     dpm.fenced_since(&mut fences, |_| {});
+                    // A KN fenced before this DPM (re)started is still refused: its lease
+                    // row says the lease ended, until the manager stores a new one.
+                    for kn in ended_leases(&dpm) {
+                        server.revoke(kn);
+                    }
                     let mut readmit = Vec::new();
                     super::serve_loop(&s, &m, backoff, || {
                         let n = server.poll(|_, frame| {
@@ -543,6 +548,17 @@ mod verbs_serve {
         fn drop(&mut self) {
             self.shutdown();
         }
+    }
+
+    /// The KNs whose stored lease row is in use but ended (the manager fenced them and
+    /// recorded it): the handshake refuses them until they register again.
+    fn ended_leases<P: Persist>(dpm: &Dpm<P>) -> Vec<u32> {
+        (0..dpm.geometry().max_kns)
+            .filter(|&kn| {
+                dpm.lease(kn)
+                    .is_some_and(|l| l.kn_id != 0 && l.expires_ms == 0)
+            })
+            .collect()
     }
 
     /// The KN a request stored a live lease for, if it is one that did (`StoreLease` with

@@ -30,7 +30,7 @@ pub fn call<C: ControlChannel + ?Sized>(
             Err(Lost::Gone(e)) if !reconnected => {
                 tracing::warn!(error = %e, ?req, "the DPM went away; reconnecting");
                 if let Err(again) = f.reconnect(RECONNECT_WAIT) {
-                    return Err(KvError::Fabric(format!("{e} (reconnecting: {again})")));
+                    return Err(reconnect_failed(&e, &again));
                 }
                 tracing::info!(?req, "reconnected to the DPM; sending again");
                 reconnected = true;
@@ -39,6 +39,18 @@ pub fn call<C: ControlChannel + ?Sized>(
             Err(Lost::Kv(e)) => return Err(e),
             Ok(r) => return Ok(r),
         }
+    }
+}
+
+/// The error of a reconnect that failed after `lost`: still [`KvError::Disconnected`] if
+/// the memory node just did not come back in time, [`KvError::Fabric`] if it refused (e.g.
+/// this KN was fenced) or the device failed.
+pub fn reconnect_failed(lost: &FabricError, again: &FabricError) -> KvError {
+    let why = format!("{lost} (reconnecting: {again})");
+    if again.is_transient() {
+        KvError::Disconnected(why)
+    } else {
+        KvError::Fabric(why)
     }
 }
 

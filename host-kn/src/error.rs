@@ -32,6 +32,12 @@ pub enum KvError {
     Dpm(ErrorCode),
     #[error("fabric: {0}")]
     Fabric(String),
+    /// The connection to the memory node is gone (it crashed or is restarting, or a request
+    /// got no completion within its timeout). Kept apart
+    /// from [`KvError::Fabric`] so that whoever sees it can reconnect and repeat what is safe
+    /// to repeat; it reaches a client only once the wait for the memory node ran out.
+    #[error("the memory node is unreachable: {0}")]
+    Disconnected(String),
     #[error("data read from the memory node failed validation: {0}")]
     Corrupt(String),
     #[error("replication: {0}")]
@@ -55,7 +61,15 @@ impl KvError {
 
 impl From<FabricError> for KvError {
     fn from(e: FabricError) -> Self {
-        Self::Fabric(e.to_string())
+        match e {
+            // A one-sided request with no completion within its timeout is as lost as one
+            // that failed with its connection: its queue pair is not trusted any more (a
+            // new one is made, see the shard's reconnect).
+            FabricError::Disconnected(_) | FabricError::NotRunning(_) | FabricError::Timeout(_) => {
+                Self::Disconnected(e.to_string())
+            }
+            e => Self::Fabric(e.to_string()),
+        }
     }
 }
 

@@ -494,13 +494,66 @@ impl ShardReplicas {
             }
             self.todo.drain(kept..n);
         };
-        if result.is_err() {
-            for &i in &self.todo {
-                self.keys[i].next_ref = 0;
-            }
-            self.todo.clear();
+        match &result {
+            // Kept for `resume_publish` after a reconnect (or `abandon_publish`).
+            Err(KvError::Disconnected(_)) => {}
+            Err(_) => self.abandon_publish(),
+            Ok(()) => {}
         }
         result
+    }
+
+    /// Forgets the writes that [`ShardReplicas::publish`] did not publish.
+    pub fn abandon_publish(&mut self) {
+        for &i in &self.todo {
+            self.keys[i].next_ref = 0;
+        }
+        self.todo.clear();
+    }
+
+    /// Carries on with a [`ShardReplicas::publish`] that lost its connection, over a new
+    /// one. A CAS whose completion was lost may have executed, so each cell still to swap is
+    /// read first: one that names this write's entry was swapped (entry references are
+    /// unique while the entry's block is in this shard's log, and it is), one that names
+    /// anything else was not swapped by this write or was swapped and overwritten by another
+    /// replica since, and is swapped again from what it names now, exactly as after a lost
+    /// CAS. In the second case the cell names this write's entry again although another
+    /// replica's write came after it; neither write was lost, and this one is acknowledged
+    /// only now, after the write it replaces.
+    pub fn resume_publish<F: Fabric + ?Sized>(
+        &mut self,
+        f: &mut F,
+        geo: &Geometry,
+        timeout: Duration,
+    ) -> Result<(), KvError> {
+        let mut kept = 0;
+        for j in 0..self.todo.len() {
+            let i = self.todo[j];
+            let cur = match self.read_cell(f, geo, self.keys[i].cell, timeout) {
+                Ok(cur) => cur,
+                Err(e) => {
+                    self.abandon_publish();
+                    return Err(e);
+                }
+            };
+            let s = &mut self.keys[i];
+            if cur == s.next_ref {
+                s.last_seen = s.next_ref;
+                s.cached_ref = s.next_ref;
+                std::mem::swap(&mut s.cached, &mut s.next);
+                s.next_ref = 0;
+            } else {
+                s.last_seen = cur;
+                self.todo[kept] = i;
+                kept += 1;
+            }
+        }
+        self.todo.truncate(kept);
+        let r = self.publish(f, geo, timeout);
+        if r.is_err() {
+            self.abandon_publish();
+        }
+        r
     }
 }
 
@@ -583,6 +636,7 @@ impl HotKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dinomo_hw::fabric::FabricError;
 
     #[test]
     fn hot_keys_find_the_heavy_hitters_of_a_sample() {
@@ -692,5 +746,181 @@ mod tests {
         assert!(r.serves(key));
         r.forget(key);
         assert!(!r.serves(key));
+    }
+
+    /// The shm fabric, except that the CAS batch posted while `lose` is set executes but
+    /// its completions are lost with the connection (as over verbs when the DPM dies after
+    /// the NIC executed the CAS and before the ACK came back), or, with `before`, is lost
+    /// before it executes. Until `reconnect`, everything fails with `Disconnected`.
+    struct LosesCas {
+        inner: dinomo_hw::fabric::ShmFabric<dinomo_hw::heap::HeapPersist<dinomo_hw::CpuPersist>>,
+        lose: bool,
+        before: bool,
+        lost: bool,
+        reconnects: u32,
+    }
+
+    impl LosesCas {
+        fn gone(&self) -> Result<(), FabricError> {
+            if self.lost {
+                return Err(FabricError::Disconnected("test: the DPM went away".into()));
+            }
+            Ok(())
+        }
+    }
+
+    impl Fabric for LosesCas {
+        fn region_len(&self) -> u64 {
+            self.inner.region_len()
+        }
+        fn alloc_buf(&mut self, len: usize) -> Result<LocalBuf, FabricError> {
+            self.inner.alloc_buf(len)
+        }
+        fn buf(&self, buf: LocalBuf) -> &[u8] {
+            self.inner.buf(buf)
+        }
+        fn buf_mut(&mut self, buf: LocalBuf) -> &mut [u8] {
+            self.inner.buf_mut(buf)
+        }
+        fn post(&mut self, wrs: &[(WrId, WorkRequest)]) -> Result<(), FabricError> {
+            self.gone()?;
+            let cas = wrs
+                .iter()
+                .any(|(_, w)| matches!(w, WorkRequest::Cas { .. }));
+            if cas && self.lose {
+                self.lose = false;
+                self.lost = true;
+                if self.before {
+                    return self.gone();
+                }
+                self.inner.post(wrs)?;
+                let mut out = vec![done(0, Verb::Cas); wrs.len()];
+                self.inner.wait(&mut out, Duration::from_secs(5))?;
+                return Ok(());
+            }
+            self.inner.post(wrs)
+        }
+        fn poll(&mut self, out: &mut [Completion]) -> Result<usize, FabricError> {
+            self.gone()?;
+            self.inner.poll(out)
+        }
+        fn outstanding(&self) -> usize {
+            self.inner.outstanding()
+        }
+        fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<(), FabricError> {
+            self.gone()?;
+            self.inner.wait(out, timeout)
+        }
+        fn counters(&self) -> &dinomo_hw::fabric::FabricCounters {
+            self.inner.counters()
+        }
+    }
+
+    impl dinomo_hw::fabric::ControlChannel for LosesCas {
+        fn send(&mut self, frame: &dinomo_shared::msg::Frame) -> Result<(), FabricError> {
+            self.inner.send(frame)
+        }
+        fn recv(
+            &mut self,
+            timeout: Duration,
+        ) -> Result<Option<dinomo_shared::msg::Frame>, FabricError> {
+            self.inner.recv(timeout)
+        }
+        fn next_request_id(&mut self) -> u32 {
+            self.inner.next_request_id()
+        }
+        fn reconnect(&mut self, _: Duration) -> Result<(), FabricError> {
+            self.lost = false;
+            self.reconnects += 1;
+            Ok(())
+        }
+    }
+
+    /// A publish whose cell CAS lost its completion with the connection: after a reconnect
+    /// the cell tells whether the CAS executed, and the write ends up published exactly
+    /// once, whichever way it went (and also when another replica swapped the cell since).
+    #[test]
+    fn a_cas_whose_completion_was_lost_is_resolved_from_the_cell() {
+        use dinomo_hw::fabric::nic::{NicModel, NicProfile};
+        use dinomo_hw::fabric::{ControlChannel, ControlServer, ShmFabric};
+        use dinomo_hw::heap::HeapRegion;
+        use dinomo_hw::CpuPersist;
+        use dinomo_shared::geometry::{FormatParams, Geometry};
+        const REGION: u64 = 32 << 20;
+        const T: Duration = Duration::from_secs(5);
+        let geo = Geometry::compute(&FormatParams::for_size(REGION)).expect("geometry");
+        let region = HeapRegion::new(REGION);
+        let pm = Arc::new(region.pmem(CpuPersist::detect()));
+        let ctl = ControlServer::in_memory(2);
+        let mut f = LosesCas {
+            inner: ShmFabric::new(
+                Arc::clone(&pm),
+                ctl.handle().client().expect("control slot"),
+                NicModel::new(NicProfile::None),
+            ),
+            lose: false,
+            before: false,
+            lost: false,
+            reconnects: 0,
+        };
+        let entry = |n: u64| {
+            EntryRef::new(geo.block_off(1) + 64 * n, 64)
+                .expect("entry ref")
+                .0
+        };
+        let cell = 3u32;
+        let at = geo.indirect_off(u64::from(cell));
+        pm.store_u64(at, entry(1));
+        let mut r = ShardReplicas::new(&mut f).expect("buffer");
+        r.adopt(b"k", cell, entry(1));
+        let key = |r: &ShardReplicas| {
+            let s = &r.keys[r.index[&b"k"[..]]];
+            (s.last_seen, s.cached_ref, s.cached.clone(), s.next_ref)
+        };
+
+        // 1. The CAS executed; its completion was lost.
+        r.stage_flushed(b"k", EntryRef(entry(2)), Some(b"v2"));
+        f.lose = true;
+        let e = r.publish(&mut f, &geo, T).expect_err("lost");
+        assert!(matches!(e, KvError::Disconnected(_)), "{e:?}");
+        assert_eq!(pm.load_u64(at), entry(2), "the CAS executed");
+        f.reconnect(T).expect("reconnect");
+        r.resume_publish(&mut f, &geo, T).expect("resumed");
+        assert_eq!(pm.load_u64(at), entry(2));
+        assert_eq!(
+            r.stats.cas_retries, 0,
+            "its own CAS was recognised, not retried"
+        );
+        assert_eq!(key(&r), (entry(2), entry(2), Some(b"v2".to_vec()), 0));
+
+        // 2. The CAS never executed.
+        r.stage_flushed(b"k", EntryRef(entry(3)), Some(b"v3"));
+        (f.lose, f.before) = (true, true);
+        let e = r.publish(&mut f, &geo, T).expect_err("lost");
+        assert!(matches!(e, KvError::Disconnected(_)), "{e:?}");
+        assert_eq!(pm.load_u64(at), entry(2), "nothing executed");
+        f.reconnect(T).expect("reconnect");
+        r.resume_publish(&mut f, &geo, T).expect("resumed");
+        assert_eq!(pm.load_u64(at), entry(3));
+        assert_eq!(key(&r), (entry(3), entry(3), Some(b"v3".to_vec()), 0));
+
+        // 3. The CAS executed and another replica swapped the cell since: swapped again
+        //    from what the cell names now, like after a lost CAS.
+        r.stage_flushed(b"k", EntryRef(entry(4)), Some(b"v4"));
+        (f.lose, f.before) = (true, false);
+        assert!(r.publish(&mut f, &geo, T).is_err());
+        pm.store_u64(at, entry(5));
+        f.reconnect(T).expect("reconnect");
+        r.resume_publish(&mut f, &geo, T).expect("resumed");
+        assert_eq!(pm.load_u64(at), entry(4));
+        assert_eq!(key(&r), (entry(4), entry(4), Some(b"v4".to_vec()), 0));
+        assert_eq!(f.reconnects, 3);
+
+        // A publish that fails for another reason (or is abandoned) forgets its writes.
+        r.stage_flushed(b"k", EntryRef(entry(6)), Some(b"v6"));
+        f.lose = true;
+        assert!(r.publish(&mut f, &geo, T).is_err());
+        r.abandon_publish();
+        assert!(r.todo.is_empty() && key(&r).3 == 0);
     }
 }

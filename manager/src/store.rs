@@ -4,7 +4,8 @@
 //! ([`DpmStore`]); the layouts stay the DPM's business. Tests use any other
 //! [`DurableStore`].
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::{ControlChannel, DpmSpec, FabricError};
@@ -185,6 +186,63 @@ fn call(
     }
 }
 
+/// `MapRanges` frames in flight at once. Slots sit on the hash ring in hashed order, so a
+/// map of two KNs already has about 8000 ranges (some 1350 frames), and over a network each
+/// round trip costs about what a whole window does; the DPM stores every frame where its
+/// ranges say, so their order does not matter, and the commit is sent only once every frame
+/// was answered. Fits the smallest control queue (16 frames over verbs, 64 over shm).
+const MAP_WINDOW: usize = 16;
+
+/// Sends the map's range frames, [`MAP_WINDOW`] at a time, and checks every reply.
+fn store_ranges(
+    c: &mut dyn ControlChannel,
+    epoch: u64,
+    frames: impl IntoIterator<Item = [u64; dinomo_shared::cluster_map::RANGES_PER_FRAME]>,
+) -> Result<(), Failure> {
+    let mut frames = frames.into_iter();
+    let mut waiting: VecDeque<u32> = VecDeque::with_capacity(MAP_WINDOW);
+    loop {
+        while waiting.len() < MAP_WINDOW {
+            let Some(ranges) = frames.next() else { break };
+            let id = c.next_request_id();
+            c.send(&Request::MapRanges { epoch, ranges }.encode(id))?;
+            waiting.push_back(id);
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        // Wait for one of them (replies to earlier, timed-out requests are skipped).
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let frame = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match c.recv(left)? {
+                Some(f) if waiting.contains(&f.req_id) => break f,
+                Some(_) => continue,
+                None => return Err(FabricError::Timeout(CALL_TIMEOUT).into()),
+            }
+        };
+        waiting.retain(|&id| id != frame.req_id);
+        match Response::decode(&frame) {
+            Ok(Ok(Response::MapRangesStored)) => {}
+            Ok(Ok(r)) => return Err(unexpected("MapRanges", &r)),
+            Ok(Err(code)) => {
+                return Err(StoreError::Refused {
+                    what: "MapRanges",
+                    code,
+                }
+                .into())
+            }
+            Err(e) => {
+                return Err(StoreError::Protocol {
+                    what: "MapRanges",
+                    reply: e.to_string(),
+                }
+                .into())
+            }
+        }
+    }
+}
+
 fn unexpected(what: &'static str, r: &Response) -> Failure {
     StoreError::Protocol {
         what,
@@ -279,17 +337,7 @@ impl DurableStore for DpmStore {
                 Ok(r) => return Err(unexpected("MapBegin", &r)),
                 Err(e) => return Err(e),
             }
-            for ranges in range_frames(map_ranges(owners.iter().copied())) {
-                match call(
-                    c,
-                    "MapRanges",
-                    Request::MapRanges { epoch, ranges },
-                    CALL_TIMEOUT,
-                )? {
-                    Response::MapRangesStored => {}
-                    r => return Err(unexpected("MapRanges", &r)),
-                }
-            }
+            store_ranges(c, epoch, range_frames(map_ranges(owners.iter().copied())))?;
             match call(
                 c,
                 "MapCommit",

@@ -51,6 +51,12 @@ pub(crate) struct TortureArgs {
     /// Region size, e.g. 512M (1 MiB log blocks).
     #[arg(long, default_value = "512M", value_parser = dinomo::size::parse_size)]
     region_size: u64,
+    /// Fabric the KNs and the manager reach the DPM through: shm, or verbs (RDMA; needs a
+    /// build with `--features rdma`; the DPM listens on a free loopback port).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs"])]
+    fabric: String,
+    #[command(flatten)]
+    device: super::fabric::DeviceArgs,
 }
 
 type RoleList = Vec<dinomo::torture::Role>;
@@ -71,6 +77,9 @@ pub(crate) fn run(a: TortureArgs) -> anyhow::Result<()> {
         roles: a.roles,
         fill: !a.no_fill,
         region_size: a.region_size.to_string(),
+        fabric: a.fabric,
+        device: a.device.device,
+        gid_index: a.device.gid_index,
     };
     let json = JsonOut::check(a.json.as_deref())?;
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -91,6 +91,14 @@ pub struct TortureConfig {
     pub fill: bool,
     /// Size of the region, e.g. "512M" (the last round's fill writes about this much).
     pub region_size: String,
+    /// Fabric the KNs and the manager reach the DPM through: "shm" or "verbs" (the DPM's
+    /// connection exchange then listens on a free loopback port, the same across its
+    /// restarts).
+    pub fabric: String,
+    /// Verbs: RDMA device (default: the first one found).
+    pub device: Option<String>,
+    /// Verbs: GID index.
+    pub gid_index: u8,
 }
 
 impl Default for TortureConfig {
@@ -108,6 +116,9 @@ impl Default for TortureConfig {
             roles: Role::ALL.to_vec(),
             fill: true,
             region_size: "512M".into(),
+            fabric: "shm".into(),
+            device: None,
+            gid_index: 0,
         }
     }
 }
@@ -260,9 +271,10 @@ pub fn run(
             )
         }
     };
+    // The manager, the KNs and the DPM's verbs connection exchange.
     let first_port =
-        crate::up::free_port_block(cfg.kns + 1).map_err(|source| TortureError::Io {
-            what: format!("cannot find {} consecutive free ports", cfg.kns + 1),
+        crate::up::free_port_block(cfg.kns + 2).map_err(|source| TortureError::Io {
+            what: format!("cannot find {} consecutive free ports", cfg.kns + 2),
             source,
         })?;
     let up = UpConfig {
@@ -281,6 +293,10 @@ pub fn run(
         lease_ms: cfg.lease_ms,
         dpm_workers: 1,
         policy: false,
+        fabric: cfg.fabric.clone(),
+        dpm_listen: format!("127.0.0.1:{}", first_port + 1 + cfg.kns),
+        device: cfg.device.clone(),
+        gid_index: cfg.gid_index,
         ..UpConfig::default()
     };
     let mut cluster = Cluster::start(up, interrupt)?;

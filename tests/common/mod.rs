@@ -2,6 +2,7 @@
 //! node and region files of the tests that run it as a separate process.
 #![allow(dead_code)]
 
+pub mod fabric;
 pub mod proc_files;
 pub mod procs;
 

@@ -15,6 +15,11 @@ use nix::sys::signal::Signal;
 pub const DEADLINE: Duration = Duration::from_secs(60);
 pub use super::BIN;
 
+/// [`DEADLINE`] as it applies to this run: longer over verbs (see [`super::fabric::scaled`]).
+pub fn deadline() -> Duration {
+    super::fabric::scaled(DEADLINE)
+}
+
 /// A `dinomo` process, killed (SIGKILL, which also ends a stopped process) when dropped.
 pub struct Proc {
     child: Child,
@@ -23,12 +28,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `dinomo <args>` with its stdout piped back to the caller.
     pub fn spawn(args: &[&str]) -> (Self, ChildStdout) {
+        Self::spawn_logging(args, "warn", Stdio::inherit())
+    }
+
+    /// [`Proc::spawn`] with log filter `rust_log` and its stderr (the log) to `stderr`.
+    pub fn spawn_logging(args: &[&str], rust_log: &str, stderr: Stdio) -> (Self, ChildStdout) {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn dinomo");
         let out = child.stdout.take().expect("stdout");
@@ -55,7 +65,7 @@ impl Proc {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 return s;
             }
-            assert!(t0.elapsed() < DEADLINE, "process did not exit");
+            assert!(t0.elapsed() < deadline(), "process did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -76,7 +86,7 @@ impl Proc {
             if all_stopped {
                 return;
             }
-            assert!(t0.elapsed() < DEADLINE, "process did not stop");
+            assert!(t0.elapsed() < deadline(), "process did not stop");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -97,7 +107,7 @@ impl Drop for Proc {
     }
 }
 
-/// The first line the process prints (its ready line), waited for at most `DEADLINE`.
+/// The first line the process prints (its ready line), waited for at most `deadline()`.
 pub fn first_line(out: ChildStdout) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -105,7 +115,7 @@ pub fn first_line(out: ChildStdout) -> String {
         let _ = BufReader::new(out).read_line(&mut line);
         let _ = tx.send(line);
     });
-    rx.recv_timeout(DEADLINE)
+    rx.recv_timeout(deadline())
         .expect("process did not get ready")
 }
 
@@ -120,15 +130,15 @@ pub fn last_word(line: &str) -> String {
 /// `extra`, listening on any free loopback port; returns its id, client address and process
 /// once it said "kn <id> listening on <addr>".
 pub fn spawn_kn(region: &str, mgr: &str, extra: &[&str]) -> (u16, String, Proc) {
-    let mut args = vec![
-        "kn",
-        "--dpm",
-        region,
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        mgr,
-    ];
+    spawn_kn_on(&super::fabric::Dpm::shm(region), mgr, extra)
+}
+
+/// [`spawn_kn`] reaching the DPM as `dpm` says (shm or verbs, see [`super::fabric`]).
+pub fn spawn_kn_on(dpm: &super::fabric::Dpm, mgr: &str, extra: &[&str]) -> (u16, String, Proc) {
+    let dpm_args = dpm.args();
+    let mut args = vec!["kn"];
+    args.extend(super::fabric::strs(&dpm_args));
+    args.extend(["--listen", "127.0.0.1:0", "--manager", mgr]);
     args.extend_from_slice(extra);
     let (p, out) = Proc::spawn(&args);
     let line = first_line(out);
@@ -143,7 +153,7 @@ pub fn ready_addr(out: ChildStdout) -> String {
 
 /// Waits until the manager's map lists exactly `kns` KNs and is settled.
 pub fn wait_map(mgr: &str, kns: usize) -> MapMsg {
-    let mut m = MgrClient::connect(mgr, DEADLINE).expect("manager");
+    let mut m = MgrClient::connect(mgr, deadline()).expect("manager");
     let t0 = Instant::now();
     loop {
         let map = m.map().expect("map");
@@ -151,7 +161,7 @@ pub fn wait_map(mgr: &str, kns: usize) -> MapMsg {
             return map;
         }
         assert!(
-            t0.elapsed() < DEADLINE,
+            t0.elapsed() < deadline(),
             "map did not settle on {kns} KNs: {map:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -267,7 +277,7 @@ impl Client {
         loop {
             match self.once(args) {
                 Some(Value::Error(_)) | None => {
-                    assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
+                    assert!(t0.elapsed() < deadline(), "no answer for {args:?}");
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Some(v) => return v,
@@ -286,7 +296,7 @@ impl Client {
                 Some(v) => return v,
                 None => {}
             }
-            assert!(t0.elapsed() < DEADLINE, "no answer for {args:?}");
+            assert!(t0.elapsed() < deadline(), "no answer for {args:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

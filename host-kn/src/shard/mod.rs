@@ -181,15 +181,64 @@ impl<F: Fabric> Shard<F> {
             self.flush();
         }
         let t0 = self.rts();
-        let r = if replicated {
+        // A read changes nothing at the memory node: one that found it gone is read again
+        // over a new connection.
+        let r = match self.get_once(key, replicated) {
+            Err(KvError::Disconnected(why)) => self
+                .reconnect(&why)
+                .and_then(|()| self.get_once(key, replicated)),
+            r => r,
+        };
+        self.stats.read_rts += self.rts() - t0;
+        r
+    }
+
+    fn get_once(&mut self, key: &[u8], replicated: bool) -> Result<Option<Vec<u8>>, KvError> {
+        if replicated {
             let timeout = self.cfg.timeout;
             self.replicas
                 .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)
         } else {
             self.get_inner(key)
-        };
-        self.stats.read_rts += self.rts() - t0;
-        r
+        }
+    }
+
+    /// Connects to the memory node again after one-sided access found it gone (`why`),
+    /// waiting up to [`RECONNECT_WAIT`](crate::control::RECONNECT_WAIT) for it to come back.
+    /// Over shm one-sided access never loses the region, so this is the verbs case: the
+    /// restarted DPM registered its region anew and only a new queue pair reaches it.
+    /// Whatever was outstanding on the old connection has an unknown outcome; callers
+    /// repeat only what is safe to repeat.
+    fn reconnect(&mut self, why: &str) -> Result<(), KvError> {
+        let (kn, shard) = (self.cfg.kn_id, self.cfg.shard);
+        tracing::warn!(kn, shard, why, "the DPM went away; reconnecting");
+        let lost = dinomo_hw::fabric::FabricError::Disconnected(why.to_owned());
+        self.f
+            .reconnect(crate::control::RECONNECT_WAIT)
+            .map_err(|again| crate::control::reconnect_failed(&lost, &again))?;
+        self.stats.reconnects += 1;
+        tracing::info!(kn, shard, "reconnected to the DPM");
+        Ok(())
+    }
+
+    /// Writes the staged batch; if the memory node went away meanwhile, reconnects and
+    /// writes it again. That is idempotent: nothing was acknowledged, and the staged bytes
+    /// (and a pending seal) are unchanged and go to the same offsets, so a first WRITE that
+    /// landed in part or in whole is overwritten with the same bytes, and the FLUSH behind
+    /// the second WRITE makes the whole batch durable. The lease is checked again before
+    /// the second WRITE (a KN fenced meanwhile writes nothing more), and the caller checks
+    /// it once more before acknowledging.
+    fn flush_log(&mut self) -> Result<crate::log::Flushed, KvError> {
+        match self.log.flush(&mut self.f) {
+            Err(KvError::Disconnected(why)) => {
+                self.reconnect(&why)?;
+                if self.cfg.lease.as_ref().is_some_and(|l| !l.wait_valid()) {
+                    return Err(KvError::LeaseLapsed);
+                }
+                self.log.flush(&mut self.f)
+            }
+            r => r,
+        }
     }
 
     fn get_inner(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
@@ -369,7 +418,7 @@ impl<F: Fabric> Shard<F> {
             }
         }
         let t0 = self.rts();
-        let r = self.log.flush(&mut self.f);
+        let r = self.flush_log();
         self.stats.write_rts += self.rts() - t0;
         // A shard paused between its lease check and its WRITE can land the batch after the
         // manager fenced this KN, and the memory node never merges past a fence. So the batch

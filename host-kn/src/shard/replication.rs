@@ -24,9 +24,26 @@ impl<F: Fabric> Shard<F> {
             }
         }
         let t0 = self.rts();
-        let r = self
-            .replicas
-            .publish(&mut self.f, &self.geo, self.cfg.timeout);
+        let timeout = self.cfg.timeout;
+        let r = match self.replicas.publish(&mut self.f, &self.geo, timeout) {
+            // A CAS whose completion was lost with the connection may have executed: the
+            // cells say which did (see `ShardReplicas::resume_publish`).
+            Err(KvError::Disconnected(why)) => match self.reconnect(&why) {
+                // The wait may have outlasted the lease: no cell is swapped after that.
+                Ok(()) if self.cfg.lease.as_ref().is_some_and(|l| !l.wait_valid()) => {
+                    self.replicas.abandon_publish();
+                    Err(KvError::LeaseLapsed)
+                }
+                Ok(()) => self
+                    .replicas
+                    .resume_publish(&mut self.f, &self.geo, timeout),
+                Err(e) => {
+                    self.replicas.abandon_publish();
+                    Err(e)
+                }
+            },
+            r => r,
+        };
         self.stats.write_rts += self.rts() - t0;
         r
     }

@@ -32,6 +32,9 @@ pub struct ShardStats {
     pub unmerged_queue: u64,
     /// Time the shard thread spent handling messages (not waiting for them), for occupancy.
     pub busy_ns: u64,
+    /// Times the shard's one-sided access found the memory node gone and connected again
+    /// (verbs: a new queue pair to the restarted DPM).
+    pub reconnects: u64,
     pub fabric: FabricCounters,
     pub cache: DacStats,
     pub replica: ReplicaStats,
@@ -49,6 +52,7 @@ impl ShardStats {
         self.absent += o.absent;
         self.stale_shortcuts += o.stale_shortcuts;
         self.wrong_owner += o.wrong_owner;
+        self.reconnects += o.reconnects;
         self.read_rts += o.read_rts;
         self.write_rts += o.write_rts;
         self.maintenance_rts += o.maintenance_rts;
@@ -92,6 +96,7 @@ impl ShardStats {
             unmerged: self.unmerged,
             unmerged_queue: self.unmerged_queue,
             busy_ns: self.busy_ns - e.busy_ns,
+            reconnects: self.reconnects - e.reconnects,
             fabric: self.fabric.since(&e.fabric),
             replica: self.replica.since(&e.replica),
             cache: DacStats {

@@ -595,6 +595,11 @@ impl ControlChannel for VerbsFabric {
         self.next_req_id = self.next_req_id.wrapping_add(1);
         id
     }
+
+    /// A new queue pair to the (restarted) DPM; see [`super::reconnect`].
+    fn reconnect(&mut self, timeout: Duration) -> Result<(), FabricError> {
+        self.reconnect_within(timeout)
+    }
 }
 
 /// Records the device's completion (`status`, `value`) of `pending[i]` and what it implies:

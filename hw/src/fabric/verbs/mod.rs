@@ -28,6 +28,7 @@ mod device_tests;
 pub mod gid;
 pub mod handshake;
 mod link;
+mod reconnect;
 mod server;
 pub mod sys;
 pub mod wire;
