@@ -208,6 +208,7 @@ impl Harness {
                 epoch,
                 release_us: 500,
                 entries_merged: 3,
+                cells: Vec::new(),
             },
         )
     }
@@ -320,7 +321,8 @@ fn join_stores_the_map_before_publishing_it_and_it_settles_on_ack() {
                 lease_epoch: h.lease_of(a),
                 epoch: u64::MAX,
                 release_us: 0,
-                entries_merged: u64::MAX
+                entries_merged: u64::MAX,
+                cells: Vec::new(),
             }
         ),
         MgrReply::Error { .. }
@@ -469,6 +471,7 @@ fn served_map() -> MapMsg {
         kns: vec![(0, "127.0.0.1:7100".into()), (1, "127.0.0.1:7101".into())],
         ranges: vec![(0, 8191, 0), (8192, SLOTS - 1, 1)],
         moving: Vec::new(),
+        replicas: Vec::new(),
     }
 }
 
@@ -690,6 +693,7 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             epoch: u64::MAX,
             release_us: u64::MAX,
             entries_merged: u64::MAX,
+            cells: Vec::new(),
         },
         MgrRequest::Ack {
             kn_id: b.0,
@@ -697,6 +701,7 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             epoch,
             release_us: 0,
             entries_merged: 0,
+            cells: Vec::new(),
         },
         MgrRequest::Join {
             kn_id: a.0,
