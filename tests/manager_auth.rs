@@ -309,6 +309,7 @@ fn forged_manager_requests_under_a_set_load_are_refused_and_nothing_is_lost() {
                     release_us: u64::MAX,
                     entries_merged: u64::MAX,
                     cells: Vec::new(),
+                    refused: Vec::new(),
                 },
             ] {
                 let r = m.call(&req).expect("reply");

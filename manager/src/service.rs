@@ -548,12 +548,18 @@ fn replicate(m: &Manager, key: &[u8]) -> Result<(), String> {
     let shown = String::from_utf8_lossy(key).into_owned();
     let epoch = m.replica_step(key, ReplicaStep::Begin)?;
     let has_cell = || m.replica(key).is_some_and(|r| r.cell.is_some());
-    if !wait_for(ADMIN_WAIT, || {
-        has_cell() && m.is_settled() && m.epoch() >= epoch
-    }) {
+    let begun = wait_for(ADMIN_WAIT, || {
+        m.replica_refused(key).is_some() || (has_cell() && m.is_settled() && m.epoch() >= epoch)
+    });
+    if let Some(why) = m.replica_refused(key).filter(|_| !has_cell()) {
+        // Back to its owner alone at once (the key is answered TRYAGAIN until then).
+        dereplicate_held(m, key)?;
+        return Err(format!("cannot replicate {shown:?}: {why}"));
+    }
+    if !begun {
         return Err(format!(
             "the owner of {shown:?} did not report its cell within {}s (the key stays in \
-             phase begin: dereplicate it, or replicate it again later)",
+             phase begin, answered TRYAGAIN: dereplicate it)",
             ADMIN_WAIT.as_secs()
         ));
     }
@@ -568,6 +574,11 @@ fn replicate(m: &Manager, key: &[u8]) -> Result<(), String> {
 /// index), then the map stops listing it. Every acknowledged write is in the index then.
 fn dereplicate(m: &Manager, key: &[u8]) -> Result<(), String> {
     let _one = REPLICATING.lock().unwrap_or_else(|e| e.into_inner());
+    dereplicate_held(m, key)
+}
+
+/// [`dereplicate`] by the holder of `REPLICATING`.
+fn dereplicate_held(m: &Manager, key: &[u8]) -> Result<(), String> {
     let shown = String::from_utf8_lossy(key).into_owned();
     let Some(r) = m.replica(key) else {
         return Err(format!("{shown:?} is not replicated"));

@@ -71,6 +71,10 @@ pub struct ManagerConfig {
 /// Map changes kept for `status`.
 const RECONFIGS_KEPT: usize = 16;
 
+/// The most keys replicated at once: each travels in every map (a line of at most
+/// [`dinomo_shared::manager_proto::MAX_LINE`] bytes) and holds a cell at the DPM.
+pub const MAX_REPLICATED: usize = 64;
+
 /// Longest wait for the leases of an earlier manager's KNs to lapse (a record further
 /// ahead comes from a clock that jumped).
 pub const MAX_LEFTOVER_LEASE_WAIT: Duration = Duration::from_secs(60);
@@ -192,6 +196,8 @@ struct State {
     adopted_moving: Vec<bool>,
     /// The replicated keys, published with the map (see [`Manager::replica_step`]).
     replicas: BTreeMap<Vec<u8>, ReplicaMsg>,
+    /// Keys whose owner reported it could not begin their replication, and why.
+    replica_refused: BTreeMap<Vec<u8>, String>,
 }
 
 impl State {
@@ -525,6 +531,7 @@ impl Manager {
                 resumed_map: None,
                 adopted_moving: Vec::new(),
                 replicas: BTreeMap::new(),
+                replica_refused: BTreeMap::new(),
             }),
             publishing: Mutex::new(()),
             policy: Mutex::new(None),
@@ -647,10 +654,11 @@ impl Manager {
                 release_us,
                 entries_merged,
                 cells,
+                refused,
             } => {
                 let r = self.ack(peer, kn_id, lease_epoch, epoch, release_us, entries_merged);
                 if matches!(r, MgrReply::Lease { .. }) {
-                    self.cells_begun(kn_id, &cells);
+                    self.cells_begun(kn_id, &cells, &refused);
                 }
                 r
             }
@@ -1396,12 +1404,27 @@ impl Manager {
 
     // ----- replication of hot keys (the service waits between the steps) -----
 
-    /// The owner's `ack` names the cells of the keys whose replication it began.
-    fn cells_begun(&self, kn: u16, cells: &[(String, u32)]) {
-        if cells.is_empty() {
+    /// The owner's `ack` names the cells of the keys whose replication it began, and the
+    /// keys whose replication it could not begin.
+    fn cells_begun(&self, kn: u16, cells: &[(String, u32)], refused: &[(String, String)]) {
+        if cells.is_empty() && refused.is_empty() {
             return;
         }
         let mut st = self.lock();
+        for (hex, why) in refused {
+            let Some(key) = key_from_hex(hex) else {
+                continue;
+            };
+            let begun = st
+                .replicas
+                .get(&key)
+                .is_some_and(|r| r.phase == ReplicaPhase::Begin && r.owner == kn);
+            if begun {
+                tracing::warn!(key = %hex, kn, %why, "the owner could not begin a replication");
+                st.replica_refused
+                    .insert(key, format!("KN {kn} could not begin it: {why}"));
+            }
+        }
         for (hex, cell) in cells {
             let Some(key) = key_from_hex(hex) else {
                 continue;
@@ -1413,6 +1436,11 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Why the owner could not begin replicating `key` (since its `begin` step).
+    pub fn replica_refused(&self, key: &[u8]) -> Option<String> {
+        self.lock().replica_refused.get(key).cloned()
     }
 
     /// The replicated keys.
@@ -1455,6 +1483,12 @@ impl Manager {
             let cur = st.replicas.get(key);
             let entry = match (step, cur) {
                 (ReplicaStep::Begin, None) => {
+                    if st.replicas.len() >= MAX_REPLICATED {
+                        return Err(format!(
+                            "{MAX_REPLICATED} keys are replicated already (the most the map \
+                             carries); dereplicate one first"
+                        ));
+                    }
                     if key.is_empty() || key.len() > MAX_KEY_LEN {
                         return Err(format!(
                             "a key of {} bytes cannot be replicated (1..={MAX_KEY_LEN})",
@@ -1516,6 +1550,9 @@ impl Manager {
         };
         let epoch = next.epoch();
         let reason = format!("{step:?} replication of {}", key_hex(key)).to_lowercase();
+        if step == ReplicaStep::Begin {
+            self.lock().replica_refused.remove(key);
+        }
         let change = |t: &mut BTreeMap<Vec<u8>, ReplicaMsg>| {
             match &entry {
                 Some(e) => {

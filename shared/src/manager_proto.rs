@@ -116,6 +116,10 @@ pub enum MgrRequest {
         /// begin ([`ReplicaPhase::Begin`]) and whose cell it has now.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         cells: Vec<(String, u32)>,
+        /// `(hex key, why)` of the keys whose replication it could not begin (no free
+        /// cell at the DPM, say): the manager takes them back at once.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<(String, String)>,
     },
     Map,
     Leave {

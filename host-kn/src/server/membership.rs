@@ -78,7 +78,7 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
             "installed cluster map"
         );
     }
-    let cells = owner_steps(shared, mgr)?;
+    let (cells, refused) = owner_steps(shared, mgr)?;
     match mgr.call(&MgrRequest::Ack {
         kn_id: shared.kn_id,
         lease_epoch: shared.lease_epoch,
@@ -86,6 +86,7 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
         release_us,
         entries_merged,
         cells,
+        refused,
     })? {
         MgrReply::Lease { .. } => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
@@ -119,10 +120,13 @@ fn wait_renewing<T>(
 /// This KN's part in the replication steps the current map asks of a key's owner: begin
 /// (the shard serving the key has the DPM allocate its cell; answered with the cell) and
 /// end (the shard has the DPM free it). Both are repeatable. A step that fails is logged
-/// and left out of the ack: the manager's step times out and says so.
-fn owner_steps(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<Vec<(String, u32)>> {
+/// and left out of the ack; a begin that fails is named in it with the reason, so the
+/// manager takes the key back at once (an end that fails makes its step time out).
+type Steps = (Vec<(String, u32)>, Vec<(String, String)>);
+fn owner_steps(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<Steps> {
     let v = shared.view();
     let mut cells = Vec::new();
+    let mut refused = Vec::new();
     let n = shared.shards.len();
     for (key, r) in &v.replicas {
         if r.owner != shared.kn_id || !matches!(r.phase, ReplicaPhase::Begin | ReplicaPhase::End) {
@@ -161,9 +165,12 @@ fn owner_steps(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<Vec<(Str
         };
         if let Err(e) = step {
             tracing::warn!(key = %r.key, phase = ?r.phase, error = %e, "replication step failed");
+            if r.phase == ReplicaPhase::Begin {
+                refused.push((r.key.clone(), e.to_string()));
+            }
         }
     }
-    Ok(cells)
+    Ok((cells, refused))
 }
 
 /// Asks the manager to renew lease `lease_epoch` of KN `kn_id` (reporting `load`); a grant

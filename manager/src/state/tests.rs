@@ -209,6 +209,7 @@ impl Harness {
                 release_us: 500,
                 entries_merged: 3,
                 cells: Vec::new(),
+                refused: Vec::new(),
             },
         )
     }
@@ -323,6 +324,7 @@ fn join_stores_the_map_before_publishing_it_and_it_settles_on_ack() {
                 release_us: 0,
                 entries_merged: u64::MAX,
                 cells: Vec::new(),
+                refused: Vec::new(),
             }
         ),
         MgrReply::Error { .. }
@@ -694,6 +696,7 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             release_us: u64::MAX,
             entries_merged: u64::MAX,
             cells: Vec::new(),
+            refused: Vec::new(),
         },
         MgrRequest::Ack {
             kn_id: b.0,
@@ -702,6 +705,7 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             release_us: 0,
             entries_merged: 0,
             cells: Vec::new(),
+            refused: Vec::new(),
         },
         MgrRequest::Join {
             kn_id: a.0,
@@ -883,4 +887,173 @@ fn a_stale_epoch_at_the_dpm_is_skipped() {
     h.m.tick();
     assert!(h.m.epoch() > 20, "epoch {}", h.m.epoch());
     let _ = a;
+}
+
+/// Every live KN acknowledges the current map, the owner of `key` reporting `cell` for it.
+fn ack_all(h: &Harness, kns: &[u16], key: &[u8], cell: Option<u32>) {
+    let epoch = h.m.epoch();
+    for &kn in kns {
+        let owner = h.m.replica(key).is_some_and(|r| r.owner == kn);
+        let cells = match cell {
+            Some(c) if owner => vec![(key_hex(key), c)],
+            _ => Vec::new(),
+        };
+        let r = h.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: kn,
+                lease_epoch: h.lease_of(kn),
+                epoch,
+                release_us: 0,
+                entries_merged: 0,
+                cells,
+                refused: Vec::new(),
+            },
+        );
+        assert!(matches!(r, MgrReply::Lease { .. }), "{r:?}");
+    }
+    assert!(h.m.is_settled());
+}
+
+#[test]
+fn a_key_is_replicated_and_returned_step_by_step_with_the_map() {
+    let h = harness(FakeStore::default());
+    let (a, ea) = h.kn("127.0.0.1:7100");
+    let (b, eb) = h.kn("127.0.0.1:7101");
+    let (c, ec) = h.kn("127.0.0.1:7102");
+    ack_all(&h, &[a, b, c], b"k", None);
+    let key = b"hot".as_slice();
+    let owner = h.m.map().slot_map().owner(key_slot(key));
+    let e0 = h.m.epoch();
+    // Bad steps change nothing.
+    assert!(h.m.replica_step(key, ReplicaStep::Serve).is_err());
+    assert!(h.m.replica_step(b"", ReplicaStep::Begin).is_err());
+    assert_eq!(h.m.epoch(), e0);
+
+    // Begin: a map of its own (stored at the DPM) with the same slots, the owner alone,
+    // no cell yet.
+    h.store.ops();
+    let e1 = h.m.replica_step(key, ReplicaStep::Begin).expect("begin");
+    assert_eq!(e1, e0 + 1);
+    assert!(matches!(h.store.ops().as_slice(), [Op::Map(e, _)] if *e == e1));
+    assert_eq!(h.m.map().moving, Vec::new());
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(
+        (r.owner, r.cell, r.phase),
+        (owner, None, ReplicaPhase::Begin)
+    );
+    assert!(
+        h.m.replica_step(key, ReplicaStep::Begin).is_err(),
+        "settling"
+    );
+    // A cell reported by another KN than the owner is not taken.
+    let not_owner = [a, b, c].into_iter().find(|&k| k != owner).expect("kn");
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Ack {
+            kn_id: not_owner,
+            lease_epoch: h.lease_of(not_owner),
+            epoch: e1,
+            release_us: 0,
+            entries_merged: 0,
+            cells: vec![(key_hex(key), 9)],
+            refused: Vec::new(),
+        },
+    );
+    assert!(matches!(r, MgrReply::Lease { .. }));
+    assert_eq!(h.m.replica(key).and_then(|r| r.cell), None);
+    ack_all(&h, &[a, b, c], key, Some(4));
+    assert_eq!(h.m.replica(key).and_then(|r| r.cell), Some(4));
+    assert!(h.m.replica_step(key, ReplicaStep::Begin).is_err(), "twice");
+
+    // Serving: every live KN, the owner first; status and the map list it.
+    h.m.replica_step(key, ReplicaStep::Serve).expect("serve");
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(r.phase, ReplicaPhase::Serving);
+    assert_eq!(r.kns[0], owner);
+    assert_eq!(r.kns.len(), 3);
+    assert_eq!(h.m.map().replicas, vec![r.clone()]);
+    assert_eq!(h.m.status().replicas, vec![r.clone()]);
+    ack_all(&h, &[a, b, c], key, None);
+
+    // The owner's lease lapses: once it is fenced, the key's slot has a new owner, which
+    // takes over the cell; the dead KN is no replica any more.
+    let alive: Vec<(u16, u32)> = [(a, ea), (b, eb), (c, ec)]
+        .into_iter()
+        .filter(|(k, _)| *k != owner)
+        .collect();
+    h.pass(LEASE * 2, &alive);
+    let new_owner = h.m.map().slot_map().owner(key_slot(key));
+    assert_ne!(new_owner, owner);
+    let r = h.m.replica(key).expect("still replicated");
+    assert_eq!(
+        (r.owner, r.cell, r.phase),
+        (new_owner, Some(4), ReplicaPhase::Serving)
+    );
+    assert_eq!(r.kns.len(), 2);
+    assert!(!r.kns.contains(&owner));
+    let live: Vec<u16> = alive.iter().map(|(k, _)| *k).collect();
+    ack_all(&h, &live, key, None);
+
+    // Ending, End, Remove.
+    h.m.replica_step(key, ReplicaStep::Ending).expect("ending");
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(
+        (r.kns.clone(), r.phase),
+        (vec![new_owner], ReplicaPhase::Ending)
+    );
+    ack_all(&h, &live, key, None);
+    h.m.replica_step(key, ReplicaStep::End).expect("end");
+    assert_eq!(h.m.replica(key).map(|r| r.phase), Some(ReplicaPhase::End));
+    ack_all(&h, &live, key, None);
+    h.m.replica_step(key, ReplicaStep::Remove).expect("remove");
+    assert!(h.m.replica(key).is_none() && h.m.map().replicas.is_empty());
+    assert!(h.m.replica_step(key, ReplicaStep::Ending).is_err());
+}
+
+#[test]
+fn a_refused_begin_is_recorded_and_a_restarted_manager_learns_the_replicas_with_the_map() {
+    let h = harness(FakeStore::default());
+    let (a, _) = h.kn("127.0.0.1:7100");
+    let key = b"k".as_slice();
+    h.m.replica_step(key, ReplicaStep::Begin).expect("begin");
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Ack {
+            kn_id: a,
+            lease_epoch: h.lease_of(a),
+            epoch: h.m.epoch(),
+            release_us: 0,
+            entries_merged: 0,
+            cells: Vec::new(),
+            refused: vec![(key_hex(key), "no free cell".into())],
+        },
+    );
+    assert!(matches!(r, MgrReply::Lease { .. }));
+    assert!(h
+        .m
+        .replica_refused(key)
+        .is_some_and(|w| w.contains("no free cell")));
+
+    // A restarted manager takes the replicated keys from the first KN that resumes with
+    // the stored map.
+    let store = left_by_an_earlier_manager();
+    let (m, _clock) = restarted(&store);
+    let mut map = served_map();
+    map.replicas = vec![ReplicaMsg {
+        key: key_hex(b"hot"),
+        owner: 0,
+        cell: Some(2),
+        kns: vec![0, 1],
+        phase: ReplicaPhase::Serving,
+    }];
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(map.clone())),
+        MgrReply::Lease { .. }
+    ));
+    assert_eq!(m.replicas(), map.replicas);
+    let MgrReply::Map(published) = m.handle(&CTL, MgrRequest::Map) else {
+        panic!("map");
+    };
+    assert_eq!(published.replicas, map.replicas);
 }
