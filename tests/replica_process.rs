@@ -10,6 +10,10 @@
 //! - By the policy (`dinomo manager --policy`, thresholds that make the outcome certain):
 //!   a hot key under load is replicated and served by a non-owner without `-MOVED`; once
 //!   the load stops it is returned to its owner with its last acknowledged value.
+//! - Failover: the owner of a replicated key is killed (SIGKILL); once it is fenced the
+//!   key's slot has a new owner that took over the key's cell, and the survivors serve
+//!   every acknowledged write. A replica paused (SIGSTOP) past its lease is fenced; resumed,
+//!   it acknowledges nothing and overwrites nothing.
 
 mod common;
 
@@ -31,7 +35,7 @@ struct Cluster {
     _dir: tempfile::TempDir,
     _dpm: Proc,
     _manager: Proc,
-    _kns: Vec<Proc>,
+    kns: Vec<Proc>,
     mgr: String,
     /// Client address by KN id.
     addrs: Vec<(u16, String)>,
@@ -75,7 +79,7 @@ impl Cluster {
             _dir: dir,
             _dpm: dpm,
             _manager: manager,
-            _kns: kns,
+            kns: kns,
             mgr,
             addrs,
         };
@@ -345,4 +349,86 @@ fn the_policy_replicates_a_hot_key_and_returns_it_once_it_cooled() {
         matches!(&v, Value::Error(e) if e.starts_with("MOVED ")),
         "{v:?}"
     );
+}
+
+#[test]
+fn a_replicated_key_survives_its_owners_sigkill_and_a_fenced_replica_changes_nothing() {
+    let c = Cluster::start(&[]);
+    let key = b"fail:key";
+    let owner = c.owner(key);
+    c.ctl(&["replicate", "fail:key"]);
+    c.wait_map(|m| served_by(m, key, 3));
+    let ids: Vec<u16> = c.addrs.iter().map(|(id, _)| *id).collect();
+    let others: Vec<u16> = ids.iter().copied().filter(|&k| k != owner).collect();
+    // Writes through every KN; the last one through a replica that is not the owner.
+    for (i, kn) in ids.iter().cycle().take(9).enumerate() {
+        let v = format!("a{i}");
+        assert_eq!(direct(c.addr(*kn), &[b"SET", key, v.as_bytes()]), ok());
+    }
+    assert_eq!(
+        direct(c.addr(others[0]), &[b"SET", key, b"before-kill"]),
+        ok()
+    );
+
+    // The owner dies: once its lease lapsed and it was fenced, the key's slot has a new
+    // owner, which took over the cell; both survivors still serve the key themselves.
+    let i = c
+        .addrs
+        .iter()
+        .position(|(id, _)| *id == owner)
+        .expect("owner");
+    c.kns[i].signal(nix::sys::signal::Signal::SIGKILL);
+    let map = c.wait_map(|m| m.kns.len() == 2 && served_by(m, key, 2));
+    let r = &map.replicas[0];
+    assert_ne!(r.owner, owner);
+    assert_eq!(map.slot_map().owner(key_slot(key)), r.owner);
+    for &kn in &others {
+        assert_eq!(
+            direct(c.addr(kn), &[b"GET", key]),
+            bulk("before-kill"),
+            "KN {kn}"
+        );
+    }
+    assert_eq!(
+        direct(c.addr(others[1]), &[b"SET", key, b"after-kill"]),
+        ok()
+    );
+    assert_eq!(
+        direct(c.addr(others[0]), &[b"GET", key]),
+        bulk("after-kill")
+    );
+
+    // A replica paused past its lease is fenced; resumed, it acknowledges nothing and
+    // changes nothing: the value written by the survivor meanwhile stays.
+    let paused = others
+        .iter()
+        .copied()
+        .find(|&k| k != r.owner)
+        .expect("a replica");
+    let survivor = r.owner;
+    let j = c
+        .addrs
+        .iter()
+        .position(|(id, _)| *id == paused)
+        .expect("paused");
+    let mut zombie = Conn::open(c.addr(paused), REPLY_TIMEOUT).expect("connect");
+    c.kns[j].signal(nix::sys::signal::Signal::SIGSTOP);
+    c.kns[j].wait_stopped();
+    // Sent while it is stopped: served (or not) only after it resumes.
+    assert!(zombie.send(&[b"SET", key, b"from-the-paused-kn"]));
+    let map = c.wait_map(|m| m.kns.len() == 1 && served_by(m, key, 1));
+    assert_eq!(map.replicas[0].owner, survivor);
+    assert_eq!(direct(c.addr(survivor), &[b"SET", key, b"survivor"]), ok());
+    c.kns[j].signal(nix::sys::signal::Signal::SIGCONT);
+    match zombie.read() {
+        None => {}
+        Some(Value::Error(_)) => {}
+        Some(v) => panic!("a fenced KN answered {v:?}"),
+    }
+    assert_eq!(direct(c.addr(survivor), &[b"GET", key]), bulk("survivor"));
+
+    // Returned to the survivor, the last acknowledged value is in the index.
+    c.ctl(&["dereplicate", "fail:key"]);
+    c.wait_map(|m| m.replicas.is_empty());
+    assert_eq!(direct(c.addr(survivor), &[b"GET", key]), bulk("survivor"));
 }
