@@ -14,6 +14,9 @@
 //!   key's slot has a new owner that took over the key's cell, and the survivors serve
 //!   every acknowledged write. A replica paused (SIGSTOP) past its lease is fenced; resumed,
 //!   it acknowledges nothing and overwrites nothing.
+//! - A cluster that dies whole (manager and every KN) with a key replicated: the next
+//!   manager, finding no KN to re-adopt, frees the key's cell once the old KNs are fenced,
+//!   so the key's newest version (written through the cell) is in the index.
 
 mod common;
 
@@ -79,7 +82,7 @@ impl Cluster {
             _dir: dir,
             _dpm: dpm,
             _manager: manager,
-            kns: kns,
+            kns,
             mgr,
             addrs,
         };
@@ -150,6 +153,23 @@ fn direct(addr: &str, args: &[&[u8]]) -> Value {
             }
             v => return v,
         }
+    }
+}
+
+/// Waits until the manager at `mgr` has a settled map over `kns` KNs.
+fn wait_settled(mgr: &str, kns: usize) {
+    let mut m = MgrClient::connect(mgr, DEADLINE).expect("manager");
+    let t0 = Instant::now();
+    loop {
+        let map = m.map().expect("map");
+        if map.settled && map.kns.len() == kns {
+            return;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "no settled map on {kns} KNs: {map:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -431,4 +451,58 @@ fn a_replicated_key_survives_its_owners_sigkill_and_a_fenced_replica_changes_not
     c.ctl(&["dereplicate", "fail:key"]);
     c.wait_map(|m| m.replicas.is_empty());
     assert_eq!(direct(c.addr(survivor), &[b"GET", key]), bulk("survivor"));
+}
+
+#[test]
+fn a_key_replicated_by_a_cluster_that_died_whole_is_in_the_index_for_the_next_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = dir.path().join("region");
+    let region_s = region.to_str().expect("utf-8").to_string();
+    format_region(&region, "128M", "1M");
+    let (_dpm, _) = Proc::spawn(&[
+        "dpm",
+        "serve",
+        "--path",
+        &region_s,
+        "--workers",
+        "1",
+        "--no-pin",
+    ]);
+    let manager = || {
+        let (p, out) = Proc::spawn(&[
+            "manager",
+            "--dpm",
+            &region_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ms",
+            LEASE_MS,
+        ]);
+        (p, ready_addr(out))
+    };
+    let key = b"orphan:key";
+    // The first cluster: the key written, replicated, written through a replica.
+    {
+        let (_m, mgr) = manager();
+        let kns: Vec<(u16, String, Proc)> = (0..2)
+            .map(|_| spawn_kn(&region_s, &mgr, &["--threads", "1", "--cache", "2M"]))
+            .collect();
+        wait_settled(&mgr, 2);
+        let all: Vec<String> = kns.iter().map(|k| k.1.clone()).collect();
+        let mut cl = Client::new(all.clone(), REPLY_TIMEOUT);
+        assert_eq!(cl.cmd_at(&all[0], &[b"SET", key, b"before"]), ok());
+        let o = dinomo(&["ctl", "--manager", &mgr, "replicate", "orphan:key"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for (_, addr, _) in &kns {
+            assert_eq!(direct(addr, &[b"SET", key, b"through-the-cell"]), ok());
+        }
+        // Everything dies at once (the guards SIGKILL the manager and the KNs).
+    }
+    // The next manager finds no KN coming back: once their leases lapsed and they are
+    // fenced, it frees the cell, so the key's newest version is in the index.
+    let (_m, mgr) = manager();
+    let (_, addr, _kn) = spawn_kn(&region_s, &mgr, &["--threads", "1", "--cache", "2M"]);
+    assert_eq!(direct(&addr, &[b"GET", key]), bulk("through-the-cell"));
+    assert_eq!(direct(&addr, &[b"SET", key, b"after"]), ok());
+    assert_eq!(direct(&addr, &[b"GET", key]), bulk("after"));
 }

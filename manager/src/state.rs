@@ -68,6 +68,9 @@ pub struct ManagerConfig {
     pub vnodes: u32,
 }
 
+/// The replicated keys by key.
+type ReplicaTable = BTreeMap<Vec<u8>, ReplicaMsg>;
+
 /// Map changes kept for `status`.
 const RECONFIGS_KEPT: usize = 16;
 
@@ -89,6 +92,8 @@ pub enum ManagerError {
     Load(StoreError),
     #[error("cannot fence KN {kn} left over from an earlier manager: {source}")]
     Leftover { kn: u16, source: StoreError },
+    #[error("cannot free the cells of replicated keys left over from an earlier cluster: {0}")]
+    Cells(StoreError),
 }
 
 /// Longest lease a KN may claim in `resume` (a bound on time arithmetic, not a policy).
@@ -195,7 +200,7 @@ struct State {
     /// their new owner until it settles.
     adopted_moving: Vec<bool>,
     /// The replicated keys, published with the map (see [`Manager::replica_step`]).
-    replicas: BTreeMap<Vec<u8>, ReplicaMsg>,
+    replicas: ReplicaTable,
     /// Keys whose owner reported it could not begin their replication, and why.
     replica_refused: BTreeMap<Vec<u8>, String>,
 }
@@ -564,7 +569,37 @@ impl Manager {
             }
             left.remove(0);
         }
+        drop(left);
+        // No KN may hold a lease: none serves a replicated key, and any cell still active
+        // was left by a cluster that is gone (keys no map names any more).
+        if self.lock().kns.is_empty() {
+            self.sweep_cells().map_err(ManagerError::Cells)?;
+        }
         Ok(())
+    }
+
+    /// Frees every active cell at the DPM: their keys' newest entries go into the index.
+    /// Only while no KN serves any replicated key and every KN that did was fenced (its
+    /// logs merged), so nothing merges an older entry of such a key afterwards.
+    fn sweep_cells(&self) -> Result<u32, StoreError> {
+        let stored = self.store().load()?;
+        let mut freed = 0;
+        for cell in 0..stored.cells {
+            if freed >= stored.active_cells {
+                break;
+            }
+            if self.store().free_cell(cell)? {
+                freed += 1;
+            }
+        }
+        if freed > 0 {
+            tracing::warn!(
+                freed,
+                "freed the cells of replicated keys that no KN knows of any more (their \
+                 newest versions are in the index)"
+            );
+        }
+        Ok(freed)
     }
 
     /// Fences `kn` at the DPM, then records its lease as ended (a failure to record it is
@@ -1041,7 +1076,7 @@ impl Manager {
         &self,
         next: SlotMap,
         reason: String,
-        change: Option<&dyn Fn(&mut BTreeMap<Vec<u8>, ReplicaMsg>)>,
+        change: Option<&dyn Fn(&mut ReplicaTable)>,
     ) -> Result<(), StoreError> {
         let stored = self.store().store_map(&next);
         if let Err(e) = stored {
@@ -1099,6 +1134,8 @@ impl Manager {
         self.expire();
         self.end_adoption();
         self.retire_gone();
+        // Again: with no KN back, adoption ends only once they are fenced (just above).
+        self.end_adoption();
         let pending = self.lock().pending_republish.clone();
         if let Some(reason) = pending {
             let _ = self.republish(reason);
@@ -1127,6 +1164,23 @@ impl Manager {
         let mut st = self.lock();
         if st.map_known || st.kns.values().any(|k| k.adopting && k.gone.is_none()) {
             return;
+        }
+        if st.resumed_map.is_none() {
+            // No KN came back: the replicated keys (which travel with the map) are known
+            // to nobody, but their cells may be active. Once every KN of the earlier
+            // manager is fenced, free them, before any KN serves a slot.
+            if st.kns.values().any(|k| k.adopting && !k.fenced) {
+                return;
+            }
+            drop(st);
+            if let Err(e) = self.sweep_cells() {
+                tracing::error!(error = %e, "cannot free left-over cells; retrying");
+                return;
+            }
+            st = self.lock();
+            if st.map_known {
+                return;
+            }
         }
         let stored = st.map.epoch();
         match st.resumed_map.take() {
@@ -1553,7 +1607,7 @@ impl Manager {
         if step == ReplicaStep::Begin {
             self.lock().replica_refused.remove(key);
         }
-        let change = |t: &mut BTreeMap<Vec<u8>, ReplicaMsg>| {
+        let change = |t: &mut ReplicaTable| {
             match &entry {
                 Some(e) => {
                     // A cell the owner reported meanwhile is kept.

@@ -33,11 +33,14 @@ pub(super) fn busy_ns(shared: &Shared, timeout: Duration) -> Option<u64> {
     Some(total)
 }
 
+/// Keys (as text) with their counts.
+type HotKeys = Vec<(String, u64)>;
+
 /// The KN's hottest keys since the last call (each key lives in one shard, so the shards'
 /// lists are disjoint): the top 16, from the shards that answer within `timeout`. Each
 /// twice: a name for the log line (lossy, short) and the exact key (hexadecimal), which the
 /// manager's policy replicates.
-fn hot_keys(shared: &Shared, timeout: Duration) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
+fn hot_keys(shared: &Shared, timeout: Duration) -> (HotKeys, HotKeys) {
     let mut waits = Vec::with_capacity(shared.shards.len());
     for tx in &shared.shards {
         let (htx, hrx) = mpsc::channel();

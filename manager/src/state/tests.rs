@@ -36,6 +36,7 @@ enum Op {
     /// A stored map: its epoch and the KNs that own slots in it.
     Map(u64, BTreeSet<u16>),
     Fence(u16),
+    FreeCell(u32),
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +46,8 @@ struct World {
     fail_fence: BTreeSet<u16>,
     fail_map: bool,
     fail_lease: bool,
+    /// Active cells at the DPM.
+    active: BTreeSet<u32>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -97,6 +100,16 @@ impl DurableStore for FakeStore {
         w.ops
             .push(Op::Map(map.epoch(), map.owners().iter().copied().collect()));
         Ok(())
+    }
+    fn free_cell(&mut self, cell: u32) -> Result<bool, StoreError> {
+        let mut w = self.world();
+        if w.fail_map {
+            return Err(unreachable_dpm());
+        }
+        let active = w.active.remove(&cell);
+        w.stored.active_cells = w.active.len() as u32;
+        w.ops.push(Op::FreeCell(cell));
+        Ok(active)
     }
     fn fence(&mut self, kn: u16) -> Result<Fenced, StoreError> {
         let mut w = self.world();
@@ -810,6 +823,7 @@ fn leftover_wait_follows_the_lease_the_old_manager_granted() {
                 lease_ms: 0,
             },
         )],
+        ..Stored::default()
     };
     assert_eq!(
         leftover_wait(&old, now, LEASE),
@@ -1056,4 +1070,63 @@ fn a_refused_begin_is_recorded_and_a_restarted_manager_learns_the_replicas_with_
         panic!("map");
     };
     assert_eq!(published.replicas, map.replicas);
+}
+
+#[test]
+fn cells_no_kn_knows_of_are_freed_before_any_kn_serves() {
+    // A fresh start (no lease may be held): every active cell is freed at once.
+    let store = FakeStore::with(|w| {
+        w.stored.cells = 16;
+        w.active = [3, 9].into();
+        w.stored.active_cells = 2;
+    });
+    let h = harness(store.clone());
+    assert!(store.world().active.is_empty());
+    let _ = h;
+    // Nothing active: nothing asked.
+    let store = FakeStore::with(|w| w.stored.cells = 16);
+    let _h = harness(store.clone());
+    assert!(store.ops().is_empty());
+
+    // A restart where no KN comes back: the cells are freed once every KN of the earlier
+    // manager was fenced, before the map is known (and KNs may join).
+    let store = left_by_an_earlier_manager();
+    {
+        let mut w = store.world();
+        w.stored.cells = 8;
+        w.active = [5].into();
+        w.stored.active_cells = 1;
+    }
+    let (m, clock) = restarted(&store);
+    assert_eq!(store.world().active.len(), 1, "KNs may still serve the key");
+    clock.advance(Duration::from_millis(2100));
+    m.tick();
+    m.tick();
+    let ops = store.ops();
+    let fenced = ops.iter().position(|o| *o == Op::Fence(1)).expect("fenced");
+    let freed = ops
+        .iter()
+        .position(|o| *o == Op::FreeCell(5))
+        .expect("freed");
+    assert!(fenced < freed, "{ops:?}");
+    assert!(store.world().active.is_empty());
+    assert!(matches!(m.handle(&CTL, MgrRequest::Map), MgrReply::Map(_)));
+
+    // KNs that come back bring the replicated keys: nothing is freed.
+    let store = left_by_an_earlier_manager();
+    {
+        let mut w = store.world();
+        w.stored.cells = 8;
+        w.active = [5].into();
+        w.stored.active_cells = 1;
+    }
+    let (m, clock) = restarted(&store);
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(served_map())),
+        MgrReply::Lease { .. }
+    ));
+    clock.advance(Duration::from_millis(2100));
+    m.tick();
+    m.tick();
+    assert_eq!(store.world().active.len(), 1);
 }
