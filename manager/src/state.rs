@@ -1553,6 +1553,12 @@ impl Manager {
                     if !st.live(owner) {
                         return Err("the key's slot has no live owner".into());
                     }
+                    let serving = st.kns.values().filter(|k| k.live() && !k.draining).count();
+                    if serving < 2 {
+                        // Through its cell a key costs a round trip per read that its
+                        // owner's cache would save: worth it only to spread its load.
+                        return Err("replicating a key needs at least two KNs".into());
+                    }
                     Some(ReplicaMsg {
                         key: key_hex(key),
                         owner,

@@ -1030,7 +1030,14 @@ fn a_refused_begin_is_recorded_and_a_restarted_manager_learns_the_replicas_with_
     let h = harness(FakeStore::default());
     let (a, _) = h.kn("127.0.0.1:7100");
     let key = b"k".as_slice();
+    let e =
+        h.m.replica_step(key, ReplicaStep::Begin)
+            .expect_err("one KN");
+    assert!(e.contains("two KNs"), "{e}");
+    let (b, _) = h.kn("127.0.0.1:7101");
+    ack_all(&h, &[a, b], key, None);
     h.m.replica_step(key, ReplicaStep::Begin).expect("begin");
+    let a = h.m.replica(key).expect("listed").owner;
     let r = h.m.handle(
         &KN,
         MgrRequest::Ack {
