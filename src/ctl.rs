@@ -1,10 +1,13 @@
 //! `dinomo ctl`: operate a running cluster through its manager — show the KNs, the map and
-//! the recent reconfigurations with their measurements; add a KN, remove one, rebalance.
+//! the recent reconfigurations with their measurements; add a KN, remove one, rebalance;
+//! replicate a key on every KN and return it to its owner.
 
 use std::time::Duration;
 
 use dinomo_shared::auth::ClusterSecret;
-use dinomo_shared::manager_proto::{MgrAuth, MgrClient, MgrReply, MgrRequest, Reconfig, StatusMsg};
+use dinomo_shared::manager_proto::{
+    key_hex, MgrAuth, MgrClient, MgrReply, MgrRequest, Reconfig, ReplicaMsg, StatusMsg,
+};
 
 /// One `ctl` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +17,10 @@ pub enum CtlCommand {
     RemoveKn(u16),
     /// Recompute the map, or move `slots` (first, last) to a KN.
     Rebalance(Option<((u16, u16), u16)>),
+    /// Replicate this key on every live KN.
+    Replicate(Vec<u8>),
+    /// Return this key to its owner alone.
+    Dereplicate(Vec<u8>),
 }
 
 /// Why a `ctl` command failed.
@@ -80,6 +87,8 @@ pub fn run(
             slots: Some(*slots),
             to: Some(*to),
         },
+        CtlCommand::Replicate(key) => MgrRequest::Replicate { key: key_hex(key) },
+        CtlCommand::Dereplicate(key) => MgrRequest::Dereplicate { key: key_hex(key) },
     };
     let reply = m.call(&req).map_err(unreachable)?;
     if let MgrReply::Error { message } = reply {
@@ -109,6 +118,7 @@ pub fn run(
         MgrReply::Rebalanced { reconfig: Some(r) } => {
             format!("rebalanced\n{}", render_reconfigs(&[r]))
         }
+        MgrReply::Replication { replicas } => render_replicas(&replicas),
         other => return Err(CtlError::Unexpected(format!("{other:?}"))),
     })
 }
@@ -174,8 +184,37 @@ pub fn render_status(s: &StatusMsg) -> String {
             t.push_str(&format!("KN {} hot keys: {}\n", k.kn_id, hot.join(", ")));
         }
     }
+    t.push_str("\nreplicated keys\n");
+    t.push_str(&render_replicas(&s.replicas));
     t.push_str("\nrecent reconfigurations\n");
     t.push_str(&render_reconfigs(&s.reconfigs));
+    t
+}
+
+/// The replicated keys as a table (keys shown as text where they are printable UTF-8,
+/// else as `0x` and hex).
+pub fn render_replicas(rs: &[ReplicaMsg]) -> String {
+    let mut t = format!(
+        "{:<24} {:>5} {:>6} {:<8} {}\n",
+        "KEY", "OWNER", "CELL", "PHASE", "KNS"
+    );
+    for r in rs {
+        let bytes = r.key_bytes().unwrap_or_default();
+        let key = match std::str::from_utf8(&bytes) {
+            Ok(k) if k.chars().all(|c| !c.is_control() && c != ' ') => k.to_string(),
+            _ => format!("0x{}", r.key),
+        };
+        let cell = r.cell.map_or_else(|| "-".to_string(), |c| c.to_string());
+        let kns: Vec<String> = r.kns.iter().map(u16::to_string).collect();
+        t.push_str(&format!(
+            "{:<24} {:>5} {:>6} {:<8} {}\n",
+            key,
+            r.owner,
+            cell,
+            format!("{:?}", r.phase).to_lowercase(),
+            kns.join(",")
+        ));
+    }
     t
 }
 
@@ -230,6 +269,7 @@ mod tests {
                     occupancy: 0.25,
                     p99_us: 800,
                     hot_keys: vec![("user:7".into(), 96)],
+                    hot_keys_hex: Vec::new(),
                 }),
             }],
             reconfigs: vec![Reconfig {
@@ -243,6 +283,13 @@ mod tests {
             }],
             can_spawn: false,
             policy: true,
+            replicas: vec![ReplicaMsg {
+                key: key_hex(b"user:7"),
+                owner: 3,
+                cell: Some(5),
+                kns: vec![3, 0],
+                phase: dinomo_shared::manager_proto::ReplicaPhase::Serving,
+            }],
         };
         let t = render_status(&s);
         assert!(t.starts_with("map epoch 7 (settling), 1 KNs, cannot start KNs, policy on"));
@@ -254,6 +301,13 @@ mod tests {
             assert!(row.contains(f), "{f} not in {row}");
         }
         assert!(t.contains("KN 3 hot keys: user:7 (96)"), "{t}");
+        let row = t
+            .lines()
+            .find(|l| l.starts_with("user:7 "))
+            .expect("replica row");
+        for f in ["3", "5", "serving", "3,0"] {
+            assert!(row.contains(f), "{f} not in {row}");
+        }
         let row = t
             .lines()
             .find(|l| l.contains("kn 3 joined"))

@@ -308,6 +308,8 @@ fn forged_manager_requests_under_a_set_load_are_refused_and_nothing_is_lost() {
                     epoch: u64::MAX,
                     release_us: u64::MAX,
                     entries_merged: u64::MAX,
+                    cells: Vec::new(),
+                    refused: Vec::new(),
                 },
             ] {
                 let r = m.call(&req).expect("reply");

@@ -55,7 +55,9 @@ fn commit(dpm: &TestDpm, epoch: u64, owners: &[u16]) -> Result<Response, ErrorCo
 
 fn epoch_of(dpm: &TestDpm) -> u64 {
     match call(dpm, Request::ClusterInfo) {
-        Ok(Response::ClusterInfo { max_kns, map_epoch }) => {
+        Ok(Response::ClusterInfo {
+            max_kns, map_epoch, ..
+        }) => {
             assert_eq!(max_kns, MAX_KNS as u32);
             map_epoch
         }

@@ -18,7 +18,7 @@
 //! * [`ownership`]: the slot → shard function and the default virtual-node count, which the
 //!   in-process cluster and the benchmarks share with the KN.
 //! * [`replica`]: the replicated-key table and the control messages with which the
-//!   in-process cluster makes and drops replicas.
+//!   in-process cluster, and a KN process following the map, make and drop replicas.
 //! * [`server`]: the KN process, run by `dinomo kn`.
 //! * [`shard`]: the messages a shard takes (the in-process cluster and tests send them to a
 //!   shard's queue), the lease gate a test holds, and the key limits every node checks.

@@ -153,9 +153,12 @@ pub enum ReplicaCtl {
     },
     /// End replicating `key` (the other replicas have dropped it and merged their logs):
     /// flush, merge the own log, have the DPM free the cell (installing its reference in
-    /// the index), and serve the key as an ordinary owned key again.
+    /// the index), and serve the key as an ordinary owned key again. With `cell`, a shard
+    /// that does not serve the key (it became the owner of the key's slot while an earlier
+    /// owner was ending it) frees that cell; a cell already free is no error.
     End {
         key: Vec<u8>,
+        cell: Option<u32>,
         reply: Sender<Result<(), KvError>>,
     },
 }
@@ -284,41 +287,50 @@ impl ShardReplicas {
         }
     }
 
+    /// Whether `table` keeps key state `s` served by KN `kn`: a key whose owner this KN is
+    /// is kept until `End` (a table that no longer lists it is about to end it), a replica
+    /// only while the table lists this KN for it with the same cell.
+    fn keeps(table: &Replicas, kn: u16, s: &KeyState) -> bool {
+        match table.get(&s.key) {
+            None => s.owner,
+            Some(set) if set.cell != s.cell => false,
+            Some(set) => set.owner == kn || set.kns.contains(&kn),
+        }
+    }
+
     /// Whether installing `table` would make this shard stop serving a key it serves (the
     /// shard must flush first, so that no staged write of that key is left unpublished).
     pub fn drops_any(&self, table: &Replicas, kn: u16) -> bool {
-        self.keys.iter().any(|s| {
-            !s.owner
-                && !table
-                    .get(&s.key)
-                    .is_some_and(|set| set.cell == s.cell && set.kns.contains(&kn))
-        })
+        self.keys.iter().any(|s| !Self::keeps(table, kn, s))
     }
 
     /// Installs a new table for shard `shard` of `shards` of KN `kn`: starts serving the
-    /// keys it lists for this shard (except as their owner, which starts with `Begin`) and
-    /// stops serving the others (except as owner, which stops with `End`).
+    /// keys it lists for this shard and this KN and stops serving the others. A key whose
+    /// owner this KN is starts with `Begin` and stops with `End`; but a table naming this
+    /// KN as the owner of a key with a cell makes it the owner of that cell (the key's
+    /// slot moved here while the key stayed replicated), and a table naming another owner
+    /// makes this shard a mere replica of it.
     pub fn install(&mut self, table: Arc<Replicas>, kn: u16, shard: u16, shards: u16) {
         let stale: Vec<Box<[u8]>> = self
             .keys
             .iter()
-            .filter(|s| {
-                !s.owner
-                    && !table
-                        .get(&s.key)
-                        .is_some_and(|set| set.cell == s.cell && set.kns.contains(&kn))
-            })
+            .filter(|s| !Self::keeps(&table, kn, s))
             .map(|s| s.key.clone())
             .collect();
         for k in stale {
             self.forget(&k);
         }
+        for s in &mut self.keys {
+            if let Some(set) = table.get(&s.key) {
+                s.owner = set.owner == kn;
+            }
+        }
         for (key, set) in table.iter() {
-            let mine = set.owner != kn
-                && set.kns.contains(&kn)
+            let mine = (set.owner == kn || set.kns.contains(&kn))
                 && shard_of(key_slot(key), shards as usize) == shard as usize;
             if mine && !self.serves(key) {
-                self.insert(key, set.cell, false, 0);
+                // Nothing seen yet: the first read or CAS learns the cell's value.
+                self.insert(key, set.cell, set.owner == kn, 0);
             }
         }
         self.table = table;
@@ -720,9 +732,14 @@ mod tests {
                 kns: vec![0, 1],
             },
         ));
-        // The owner starts only with Begin.
+        // A table naming a KN as the owner of a key with a cell hands it the cell (its
+        // slot moved there while the key stayed replicated).
         r.install(Arc::clone(&t), 0, shard, 2);
-        assert!(!r.serves(key));
+        assert!(r.serves(key));
+        // Named a mere replica now, it serves the key while the table lists it.
+        r.install(Arc::clone(&t), 1, shard, 2);
+        assert!(r.serves(key));
+        r.forget(key);
         // Another shard of a replica KN does not serve it.
         r.install(Arc::clone(&t), 1, 1 - shard, 2);
         assert!(!r.serves(key));

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use dinomo_shared::manager_proto::LoadReport;
+use dinomo_shared::manager_proto::{key_from_hex, LoadReport};
 
 /// The policy's thresholds. `Default` gives the values the system is tuned for.
 #[derive(Clone, Debug, PartialEq)]
@@ -209,25 +209,56 @@ fn mean_stddev(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 pub enum PolicyAction {
     AddKn,
     RemoveKn(u16),
-    /// Anything the multi-process cluster cannot do (logged, not acted on).
-    Unsupported(String),
+    /// Replicate this key on every live KN.
+    Replicate(Vec<u8>),
+    /// Return this key to its owner alone.
+    Dereplicate(Vec<u8>),
 }
 
 /// A load policy as the manager drives it: every `period`, the latest load report of every
-/// live KN in, actions out.
+/// live KN and the keys replicated now in, actions out.
 pub trait LoadPolicy: Send {
     fn period(&self) -> Duration;
-    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction>;
+    fn decide(
+        &mut self,
+        now: Instant,
+        loads: &[(u16, LoadReport)],
+        replicated: &[Vec<u8>],
+    ) -> Vec<PolicyAction>;
 }
 
-/// The elasticity policy drives the multi-process cluster: it adds and removes KNs; keys
-/// cannot be replicated across KN processes yet, so replication decisions are only logged.
+/// The hot keys of a report as bytes: exactly (from the hexadecimal list) when the KN sent
+/// it, else the lossy names (a KN that predates the exact list; keys that are not short
+/// UTF-8 are then not found again when replicated).
+fn report_keys(l: &LoadReport) -> Vec<(Vec<u8>, u64)> {
+    let exact: Option<Vec<(Vec<u8>, u64)>> = l
+        .hot_keys_hex
+        .iter()
+        .map(|(k, c)| key_from_hex(k).map(|k| (k, *c)))
+        .collect();
+    match exact {
+        Some(keys) if !keys.is_empty() => keys,
+        _ => l
+            .hot_keys
+            .iter()
+            .map(|(k, c)| (k.as_bytes().to_vec(), *c))
+            .collect(),
+    }
+}
+
+/// The elasticity policy drives the multi-process cluster: it adds and removes KNs and
+/// replicates and dereplicates hot keys.
 impl LoadPolicy for Policy {
     fn period(&self) -> Duration {
         self.config().period
     }
 
-    fn decide(&mut self, now: Instant, loads: &[(u16, LoadReport)]) -> Vec<PolicyAction> {
+    fn decide(
+        &mut self,
+        now: Instant,
+        loads: &[(u16, LoadReport)],
+        replicated: &[Vec<u8>],
+    ) -> Vec<PolicyAction> {
         let reports: Vec<KnReport> = loads
             .iter()
             .map(|(kn, l)| KnReport {
@@ -235,21 +266,16 @@ impl LoadPolicy for Policy {
                 ops_per_sec: l.ops_per_sec,
                 occupancy: l.occupancy,
                 p99: Duration::from_micros(l.p99_us),
-                hot_keys: l
-                    .hot_keys
-                    .iter()
-                    .map(|(k, c)| (k.as_bytes().to_vec(), *c))
-                    .collect(),
+                hot_keys: report_keys(l),
             })
             .collect();
-        Policy::decide(self, now, &reports, &[])
+        Policy::decide(self, now, &reports, replicated)
             .into_iter()
             .map(|d| match d {
                 Decision::AddKn => PolicyAction::AddKn,
                 Decision::RemoveKn(kn) => PolicyAction::RemoveKn(kn),
-                d @ (Decision::Replicate(_) | Decision::Dereplicate(_)) => {
-                    PolicyAction::Unsupported(format!("{d:?}"))
-                }
+                Decision::Replicate(k) => PolicyAction::Replicate(k),
+                Decision::Dereplicate(k) => PolicyAction::Dereplicate(k),
             })
             .collect()
     }
@@ -489,6 +515,43 @@ mod tests {
         assert_eq!(
             p.decide(t0, &reports, &[]),
             vec![Decision::AddKn, Decision::Replicate(b"hot".to_vec())]
+        );
+    }
+
+    #[test]
+    fn the_manager_policy_replicates_exact_keys_and_knows_what_is_replicated() {
+        let load = |keys: &[(&[u8], u64)]| LoadReport {
+            ops_per_sec: 1000.0,
+            occupancy: 0.17,
+            p99_us: 1000,
+            hot_keys: keys
+                .iter()
+                .map(|(k, c)| (String::from_utf8_lossy(k).into_owned(), *c))
+                .collect(),
+            hot_keys_hex: keys
+                .iter()
+                .map(|(k, c)| (dinomo_shared::manager_proto::key_hex(k), *c))
+                .collect(),
+        };
+        let mut keys: Vec<(Vec<u8>, u64)> = (0..20u8).map(|i| (vec![b'k', i], 10)).collect();
+        keys.push((b"hot\xff".to_vec(), 1000));
+        let refs: Vec<(&[u8], u64)> = keys.iter().map(|(k, c)| (&k[..], *c)).collect();
+        let loads = [(0, load(&refs))];
+        let mut p = Policy::new(PolicyConfig::default());
+        let t0 = Instant::now();
+        // Not valid UTF-8: only the exact list names it.
+        assert_eq!(
+            LoadPolicy::decide(&mut p, t0, &loads, &[]),
+            vec![PolicyAction::Replicate(b"hot\xff".to_vec())]
+        );
+        // Replicated already and still hot: nothing; once it is gone from the reports, it
+        // is returned to its owner.
+        let t1 = t0 + period();
+        assert!(LoadPolicy::decide(&mut p, t1, &loads, &[b"hot\xff".to_vec()]).is_empty());
+        let cold = [(0, load(&refs[..20]))];
+        assert_eq!(
+            LoadPolicy::decide(&mut p, t1 + period(), &cold, &[b"hot\xff".to_vec()]),
+            vec![PolicyAction::Dereplicate(b"hot\xff".to_vec())]
         );
     }
 

@@ -19,14 +19,15 @@ use std::time::{Duration, Instant};
 
 use dinomo_shared::auth::ClusterSecret;
 use dinomo_shared::manager_proto::{
-    Hello, MgrReply, MgrRequest, Reconfig, Role, Session, MAX_HELLO_LINE, MAX_LINE,
+    key_from_hex, Hello, MgrReply, MgrRequest, Reconfig, ReplicaPhase, Role, Session,
+    MAX_HELLO_LINE, MAX_LINE,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::policy::PolicyAction;
-use crate::state::{Manager, Peer};
+use crate::state::{Manager, Peer, ReplicaStep};
 
 /// How long `add_kn`, `remove_kn` and `rebalance` wait for the new map to settle.
 pub const ADMIN_WAIT: Duration = Duration::from_secs(30);
@@ -347,7 +348,11 @@ async fn dispatch(ctx: &Ctx, peer: Peer, req: MgrRequest) -> MgrReply {
     let error = |message: String| MgrReply::Error { message };
     let admin = matches!(
         req,
-        MgrRequest::AddKn | MgrRequest::RemoveKn { .. } | MgrRequest::Rebalance { .. }
+        MgrRequest::AddKn
+            | MgrRequest::RemoveKn { .. }
+            | MgrRequest::Rebalance { .. }
+            | MgrRequest::Replicate { .. }
+            | MgrRequest::Dereplicate { .. }
     );
     let store = matches!(
         req,
@@ -400,6 +405,27 @@ pub fn answer(m: &Manager, peer: &Peer, req: MgrRequest, addr: SocketAddr) -> Mg
             Ok(reconfig) => MgrReply::Rebalanced { reconfig },
             Err(e) => error(e),
         },
+        MgrRequest::Replicate { key } | MgrRequest::Dereplicate { key }
+            if key_from_hex(&key).is_none() =>
+        {
+            error(format!("key {key:?} is not hexadecimal"))
+        }
+        MgrRequest::Replicate { key } => {
+            match replicate(m, &key_from_hex(&key).unwrap_or_default()) {
+                Ok(()) => MgrReply::Replication {
+                    replicas: m.replicas(),
+                },
+                Err(e) => error(e),
+            }
+        }
+        MgrRequest::Dereplicate { key } => {
+            match dereplicate(m, &key_from_hex(&key).unwrap_or_default()) {
+                Ok(()) => MgrReply::Replication {
+                    replicas: m.replicas(),
+                },
+                Err(e) => error(e),
+            }
+        }
         req => m.handle(peer, req),
     }
 }
@@ -498,13 +524,84 @@ fn rebalance(
     Ok(m.reconfig(epoch))
 }
 
+/// One replication at a time: each takes several maps, each waited for.
+static REPLICATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits until the map published by a replication step settled: every live KN installed
+/// it (a later map that settled was installed after it).
+fn wait_step(m: &Manager, epoch: u64, what: &str) -> Result<(), String> {
+    if wait_for(ADMIN_WAIT, || m.is_settled() && m.epoch() >= epoch) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: map epoch {epoch} did not settle within {}s",
+            ADMIN_WAIT.as_secs()
+        ))
+    }
+}
+
+/// Replicates `key` on every live KN: its owner allocates the key's cell at the DPM,
+/// then every KN serves it through the cell. A failure leaves the key where it got
+/// (`dereplicate` takes it back from any step).
+fn replicate(m: &Manager, key: &[u8]) -> Result<(), String> {
+    let _one = REPLICATING.lock().unwrap_or_else(|e| e.into_inner());
+    let shown = String::from_utf8_lossy(key).into_owned();
+    let epoch = m.replica_step(key, ReplicaStep::Begin)?;
+    let has_cell = || m.replica(key).is_some_and(|r| r.cell.is_some());
+    let begun = wait_for(ADMIN_WAIT, || {
+        m.replica_refused(key).is_some() || (has_cell() && m.is_settled() && m.epoch() >= epoch)
+    });
+    if let Some(why) = m.replica_refused(key).filter(|_| !has_cell()) {
+        // Back to its owner alone at once (the key is answered TRYAGAIN until then).
+        dereplicate_held(m, key)?;
+        return Err(format!("cannot replicate {shown:?}: {why}"));
+    }
+    if !begun {
+        return Err(format!(
+            "the owner of {shown:?} did not report its cell within {}s (the key stays in \
+             phase begin, answered TRYAGAIN: dereplicate it)",
+            ADMIN_WAIT.as_secs()
+        ));
+    }
+    let epoch = m.replica_step(key, ReplicaStep::Serve)?;
+    wait_step(m, epoch, "serving from replicas")?;
+    tracing::info!(key = %shown, replicas = ?m.replica(key).map(|r| r.kns), "key replicated");
+    Ok(())
+}
+
+/// Returns `key` to its owner alone: the other KNs stop serving it and merge their
+/// writes of it, then the owner frees its cell (the DPM installs its newest entry in the
+/// index), then the map stops listing it. Every acknowledged write is in the index then.
+fn dereplicate(m: &Manager, key: &[u8]) -> Result<(), String> {
+    let _one = REPLICATING.lock().unwrap_or_else(|e| e.into_inner());
+    dereplicate_held(m, key)
+}
+
+/// [`dereplicate`] by the holder of `REPLICATING`.
+fn dereplicate_held(m: &Manager, key: &[u8]) -> Result<(), String> {
+    let shown = String::from_utf8_lossy(key).into_owned();
+    let Some(r) = m.replica(key) else {
+        return Err(format!("{shown:?} is not replicated"));
+    };
+    // A key whose cell was never reported may still have one: the owner ends it anyway
+    // (it knows its cell if it allocated one).
+    if matches!(r.phase, ReplicaPhase::Serving | ReplicaPhase::Begin) {
+        let epoch = m.replica_step(key, ReplicaStep::Ending)?;
+        wait_step(m, epoch, "dropping the replicas")?;
+    }
+    if r.phase != ReplicaPhase::End {
+        let epoch = m.replica_step(key, ReplicaStep::End)?;
+        wait_step(m, epoch, "freeing the cell")?;
+    }
+    let epoch = m.replica_step(key, ReplicaStep::Remove)?;
+    wait_step(m, epoch, "serving from the index")?;
+    tracing::info!(key = %shown, "key dereplicated");
+    Ok(())
+}
+
 /// One round of the load policy; an action runs in a thread of its own, one at a time.
 fn run_policy(m: &Arc<Manager>, busy: &Arc<AtomicBool>, addr: SocketAddr) {
     for a in m.policy_actions() {
-        if matches!(a, PolicyAction::Unsupported(_)) {
-            tracing::warn!(action = ?a, "policy: not supported in the multi-process cluster");
-            continue;
-        }
         if busy.swap(true, Ordering::AcqRel) {
             tracing::info!(action = ?a, "policy: an earlier action is still under way");
             continue;
@@ -517,7 +614,8 @@ fn run_policy(m: &Arc<Manager>, busy: &Arc<AtomicBool>, addr: SocketAddr) {
                 let r = match a {
                     PolicyAction::AddKn => add_kn(&m, addr).map(|_| ()),
                     PolicyAction::RemoveKn(kn) => remove_kn(&m, kn).map(|_| ()),
-                    PolicyAction::Unsupported(_) => Ok(()),
+                    PolicyAction::Replicate(key) => replicate(&m, &key),
+                    PolicyAction::Dereplicate(key) => dereplicate(&m, &key),
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "policy action failed");

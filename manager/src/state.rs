@@ -44,10 +44,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dinomo_shared::control::NO_KN;
+use dinomo_shared::entry::MAX_KEY_LEN;
 use dinomo_shared::manager_proto::{
-    ranges_of, KnStatus, LoadReport, MapMsg, MgrReply, MgrRequest, Reconfig, Role, StatusMsg,
+    key_from_hex, key_hex, ranges_of, KnStatus, LoadReport, MapMsg, MgrReply, MgrRequest, Reconfig,
+    ReplicaMsg, ReplicaPhase, Role, StatusMsg,
 };
 use dinomo_shared::ownership::SlotMap;
+use dinomo_shared::slot::key_slot;
 use dinomo_shared::slot::SLOTS;
 use dinomo_shared::ErrorCode;
 
@@ -65,8 +68,15 @@ pub struct ManagerConfig {
     pub vnodes: u32,
 }
 
+/// The replicated keys by key.
+type ReplicaTable = BTreeMap<Vec<u8>, ReplicaMsg>;
+
 /// Map changes kept for `status`.
 const RECONFIGS_KEPT: usize = 16;
+
+/// The most keys replicated at once: each travels in every map (a line of at most
+/// [`dinomo_shared::manager_proto::MAX_LINE`] bytes) and holds a cell at the DPM.
+pub const MAX_REPLICATED: usize = 64;
 
 /// Longest wait for the leases of an earlier manager's KNs to lapse (a record further
 /// ahead comes from a clock that jumped).
@@ -82,6 +92,8 @@ pub enum ManagerError {
     Load(StoreError),
     #[error("cannot fence KN {kn} left over from an earlier manager: {source}")]
     Leftover { kn: u16, source: StoreError },
+    #[error("cannot free the cells of replicated keys left over from an earlier cluster: {0}")]
+    Cells(StoreError),
 }
 
 /// Longest lease a KN may claim in `resume` (a bound on time arithmetic, not a policy).
@@ -187,6 +199,10 @@ struct State {
     /// Slots that were still moving in a re-adopted map that had not settled: refused by
     /// their new owner until it settles.
     adopted_moving: Vec<bool>,
+    /// The replicated keys, published with the map (see [`Manager::replica_step`]).
+    replicas: ReplicaTable,
+    /// Keys whose owner reported it could not begin their replication, and why.
+    replica_refused: BTreeMap<Vec<u8>, String>,
 }
 
 impl State {
@@ -289,6 +305,42 @@ impl State {
         self.map = map;
         self.settled = settled;
         self.map_known = true;
+        // The replicated keys come with the map: the KNs that serve them are the ones that
+        // know them (see `Manager::replica_step` on why the manager does not store them).
+        self.replicas = m
+            .replicas
+            .iter()
+            .filter_map(|r| Some((r.key_bytes()?, r.clone())))
+            .collect();
+    }
+
+    /// Fits the replicated keys to the map `next` about to be published: a key whose slot
+    /// moved gets the slot's new owner (which takes over its cell, or begins or ends its
+    /// replication in its place), and KNs not live any more stop being replicas.
+    fn fit_replicas(&mut self, next: &SlotMap) {
+        let live = self.live_ids();
+        for (key, r) in self.replicas.iter_mut() {
+            let owner = next.owner(key_slot(key));
+            if owner == NO_KN {
+                continue;
+            }
+            let mut kns = vec![owner];
+            kns.extend(
+                r.kns
+                    .iter()
+                    .copied()
+                    .filter(|kn| *kn != owner && live.contains(kn)),
+            );
+            if r.owner != owner {
+                tracing::info!(key = %r.key, from = r.owner, to = owner, "a replicated key's slot moved: new owner");
+            }
+            // Ending: only the owner serves it; whoever it is now.
+            if r.phase != ReplicaPhase::Serving {
+                kns.truncate(1);
+            }
+            r.owner = owner;
+            r.kns = kns;
+        }
     }
 
     /// The KN `kn_id` if `peer` may speak for it under lease `lease_epoch`.
@@ -483,6 +535,8 @@ impl Manager {
                 map_known,
                 resumed_map: None,
                 adopted_moving: Vec::new(),
+                replicas: BTreeMap::new(),
+                replica_refused: BTreeMap::new(),
             }),
             publishing: Mutex::new(()),
             policy: Mutex::new(None),
@@ -515,7 +569,37 @@ impl Manager {
             }
             left.remove(0);
         }
+        drop(left);
+        // No KN may hold a lease: none serves a replicated key, and any cell still active
+        // was left by a cluster that is gone (keys no map names any more).
+        if self.lock().kns.is_empty() {
+            self.sweep_cells().map_err(ManagerError::Cells)?;
+        }
         Ok(())
+    }
+
+    /// Frees every active cell at the DPM: their keys' newest entries go into the index.
+    /// Only while no KN serves any replicated key and every KN that did was fenced (its
+    /// logs merged), so nothing merges an older entry of such a key afterwards.
+    fn sweep_cells(&self) -> Result<u32, StoreError> {
+        let stored = self.store().load()?;
+        let mut freed = 0;
+        for cell in 0..stored.cells {
+            if freed >= stored.active_cells {
+                break;
+            }
+            if self.store().free_cell(cell)? {
+                freed += 1;
+            }
+        }
+        if freed > 0 {
+            tracing::warn!(
+                freed,
+                "freed the cells of replicated keys that no KN knows of any more (their \
+                 newest versions are in the index)"
+            );
+        }
+        Ok(freed)
     }
 
     /// Fences `kn` at the DPM, then records its lease as ended (a failure to record it is
@@ -604,7 +688,15 @@ impl Manager {
                 epoch,
                 release_us,
                 entries_merged,
-            } => self.ack(peer, kn_id, lease_epoch, epoch, release_us, entries_merged),
+                cells,
+                refused,
+            } => {
+                let r = self.ack(peer, kn_id, lease_epoch, epoch, release_us, entries_merged);
+                if matches!(r, MgrReply::Lease { .. }) {
+                    self.cells_begun(kn_id, &cells, &refused);
+                }
+                r
+            }
             MgrRequest::Resume {
                 kn_id,
                 lease_epoch,
@@ -621,11 +713,13 @@ impl Manager {
             MgrRequest::Leave { kn_id, lease_epoch } => self.leave(peer, kn_id, lease_epoch),
             MgrRequest::Status if peer.role == Role::Ctl => MgrReply::Status(self.status()),
             MgrRequest::Status => refuse("status is for operator (ctl) sessions".into()),
-            MgrRequest::AddKn | MgrRequest::RemoveKn { .. } | MgrRequest::Rebalance { .. } => {
-                MgrReply::Error {
-                    message: "administrative requests are served by the manager's service".into(),
-                }
-            }
+            MgrRequest::AddKn
+            | MgrRequest::RemoveKn { .. }
+            | MgrRequest::Rebalance { .. }
+            | MgrRequest::Replicate { .. }
+            | MgrRequest::Dereplicate { .. } => MgrReply::Error {
+                message: "administrative requests are served by the manager's service".into(),
+            },
         }
     }
 
@@ -911,6 +1005,7 @@ impl Manager {
                 .collect(),
             ranges: ranges_of(st.map.owners().iter().copied()),
             moving: ranges_of(moving),
+            replicas: st.replicas.values().cloned().collect(),
         }
     }
 
@@ -946,6 +1041,7 @@ impl Manager {
             reconfigs: st.reconfigs.iter().cloned().collect(),
             can_spawn: self.spawner.is_some(),
             policy,
+            replicas: st.replicas.values().cloned().collect(),
         }
     }
 
@@ -971,6 +1067,17 @@ impl Manager {
     /// Stores `next` at the DPM, then publishes it and starts its record in the
     /// reconfiguration history. The caller holds `publishing`.
     fn install(&self, next: SlotMap, reason: String) -> Result<(), StoreError> {
+        self.install_with(next, reason, None)
+    }
+
+    /// [`Manager::install`], applying `change` to the replicated keys as the map is
+    /// published.
+    fn install_with(
+        &self,
+        next: SlotMap,
+        reason: String,
+        change: Option<&dyn Fn(&mut ReplicaTable)>,
+    ) -> Result<(), StoreError> {
         let stored = self.store().store_map(&next);
         if let Err(e) = stored {
             if matches!(
@@ -995,6 +1102,10 @@ impl Manager {
         let mut st = self.lock();
         let epoch = next.epoch();
         let slots_moved = next.moved_slots(&st.map);
+        if let Some(change) = change {
+            change(&mut st.replicas);
+        }
+        st.fit_replicas(&next);
         st.map = next;
         // KNs that were fenced leave the KN list with the map that no longer has them.
         st.kns.retain(|_, k| !k.fenced);
@@ -1023,6 +1134,8 @@ impl Manager {
         self.expire();
         self.end_adoption();
         self.retire_gone();
+        // Again: with no KN back, adoption ends only once they are fenced (just above).
+        self.end_adoption();
         let pending = self.lock().pending_republish.clone();
         if let Some(reason) = pending {
             let _ = self.republish(reason);
@@ -1051,6 +1164,23 @@ impl Manager {
         let mut st = self.lock();
         if st.map_known || st.kns.values().any(|k| k.adopting && k.gone.is_none()) {
             return;
+        }
+        if st.resumed_map.is_none() {
+            // No KN came back: the replicated keys (which travel with the map) are known
+            // to nobody, but their cells may be active. Once every KN of the earlier
+            // manager is fenced, free them, before any KN serves a slot.
+            if st.kns.values().any(|k| k.adopting && !k.fenced) {
+                return;
+            }
+            drop(st);
+            if let Err(e) = self.sweep_cells() {
+                tracing::error!(error = %e, "cannot free left-over cells; retrying");
+                return;
+            }
+            st = self.lock();
+            if st.map_known {
+                return;
+            }
         }
         let stored = st.map.epoch();
         match st.resumed_map.take() {
@@ -1302,7 +1432,7 @@ impl Manager {
     /// One round of the load policy: the latest report of every live KN in, actions out.
     /// Nothing until every such KN has reported.
     pub fn policy_actions(&self) -> Vec<PolicyAction> {
-        let loads: Vec<(u16, LoadReport)> = {
+        let (loads, replicated): (Vec<(u16, LoadReport)>, Vec<Vec<u8>>) = {
             let st = self.lock();
             let live: Vec<_> = st
                 .kns
@@ -1312,17 +1442,203 @@ impl Manager {
             if live.iter().any(|(_, k)| k.load.is_none()) {
                 return Vec::new();
             }
-            live.into_iter()
+            let loads = live
+                .into_iter()
                 .filter_map(|(&id, k)| k.load.clone().map(|l| (id, l)))
-                .collect()
+                .collect();
+            (loads, st.replicas.keys().cloned().collect())
         };
         let now = self.clock.now();
         let mut p = self.policy.lock().unwrap_or_else(|e| e.into_inner());
         match p.as_mut() {
-            Some(p) => p.decide(now, &loads),
+            Some(p) => p.decide(now, &loads, &replicated),
             None => Vec::new(),
         }
     }
+
+    // ----- replication of hot keys (the service waits between the steps) -----
+
+    /// The owner's `ack` names the cells of the keys whose replication it began, and the
+    /// keys whose replication it could not begin.
+    fn cells_begun(&self, kn: u16, cells: &[(String, u32)], refused: &[(String, String)]) {
+        if cells.is_empty() && refused.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for (hex, why) in refused {
+            let Some(key) = key_from_hex(hex) else {
+                continue;
+            };
+            let begun = st
+                .replicas
+                .get(&key)
+                .is_some_and(|r| r.phase == ReplicaPhase::Begin && r.owner == kn);
+            if begun {
+                tracing::warn!(key = %hex, kn, %why, "the owner could not begin a replication");
+                st.replica_refused
+                    .insert(key, format!("KN {kn} could not begin it: {why}"));
+            }
+        }
+        for (hex, cell) in cells {
+            let Some(key) = key_from_hex(hex) else {
+                continue;
+            };
+            if let Some(r) = st.replicas.get_mut(&key) {
+                if r.phase == ReplicaPhase::Begin && r.owner == kn && r.cell.is_none() {
+                    tracing::info!(key = %r.key, kn, cell, "replicated key has its cell");
+                    r.cell = Some(*cell);
+                }
+            }
+        }
+    }
+
+    /// Why the owner could not begin replicating `key` (since its `begin` step).
+    pub fn replica_refused(&self, key: &[u8]) -> Option<String> {
+        self.lock().replica_refused.get(key).cloned()
+    }
+
+    /// The replicated keys.
+    pub fn replicas(&self) -> Vec<ReplicaMsg> {
+        self.lock().replicas.values().cloned().collect()
+    }
+
+    /// The replication of `key` as the current map lists it.
+    pub fn replica(&self, key: &[u8]) -> Option<ReplicaMsg> {
+        self.lock().replicas.get(key).cloned()
+    }
+
+    /// Takes `key` one step further and publishes it as a map of its own (the same slots,
+    /// the next epoch); returns that epoch. The caller waits until it settled before the
+    /// next step, so every live KN has carried out this one:
+    /// - [`ReplicaStep::Begin`]: the key (not replicated yet) is listed in phase `begin`
+    ///   with its owner alone; the owner allocates its cell and reports it in its `ack`;
+    /// - [`ReplicaStep::Serve`]: the key (with its cell) is served by every live KN that is
+    ///   not leaving;
+    /// - [`ReplicaStep::Ending`]: only its owner serves it (the others published and merged
+    ///   their writes of it before acknowledging);
+    /// - [`ReplicaStep::End`]: the owner frees the cell (the DPM puts the key's newest
+    ///   entry in the index);
+    /// - [`ReplicaStep::Remove`]: the key is not listed any more.
+    ///
+    /// The set is not stored at the DPM: it travels with the map, and a restarted manager
+    /// learns it with the map from the first KN that resumes with the stored epoch (the
+    /// KNs that serve the keys know them). What is durable is each key's cell, the DPM's
+    /// authority for its newest version while it is replicated.
+    pub fn replica_step(&self, key: &[u8], step: ReplicaStep) -> Result<u64, String> {
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, entry) = {
+            let st = self.lock();
+            if !st.settled_now() {
+                return Err(format!(
+                    "the map (epoch {}) is still settling; try again",
+                    st.map.epoch()
+                ));
+            }
+            let cur = st.replicas.get(key);
+            let entry = match (step, cur) {
+                (ReplicaStep::Begin, None) => {
+                    if st.replicas.len() >= MAX_REPLICATED {
+                        return Err(format!(
+                            "{MAX_REPLICATED} keys are replicated already (the most the map \
+                             carries); dereplicate one first"
+                        ));
+                    }
+                    if key.is_empty() || key.len() > MAX_KEY_LEN {
+                        return Err(format!(
+                            "a key of {} bytes cannot be replicated (1..={MAX_KEY_LEN})",
+                            key.len()
+                        ));
+                    }
+                    let owner = st.map.owner(key_slot(key));
+                    if !st.live(owner) {
+                        return Err("the key's slot has no live owner".into());
+                    }
+                    let serving = st.kns.values().filter(|k| k.live() && !k.draining).count();
+                    if serving < 2 {
+                        // Through its cell a key costs a round trip per read that its
+                        // owner's cache would save: worth it only to spread its load.
+                        return Err("replicating a key needs at least two KNs".into());
+                    }
+                    Some(ReplicaMsg {
+                        key: key_hex(key),
+                        owner,
+                        cell: None,
+                        kns: vec![owner],
+                        phase: ReplicaPhase::Begin,
+                    })
+                }
+                (ReplicaStep::Begin, Some(_)) => {
+                    return Err("the key is replicated already".into());
+                }
+                (_, None) => return Err("the key is not replicated".into()),
+                (ReplicaStep::Serve, Some(r)) => {
+                    if r.phase != ReplicaPhase::Begin || r.cell.is_none() {
+                        return Err(format!(
+                            "the key cannot be served by replicas from phase {:?} (cell {:?})",
+                            r.phase, r.cell
+                        ));
+                    }
+                    let mut kns = vec![r.owner];
+                    kns.extend(
+                        st.kns
+                            .iter()
+                            .filter(|(&id, k)| id != r.owner && k.live() && !k.draining)
+                            .map(|(&id, _)| id),
+                    );
+                    Some(ReplicaMsg {
+                        kns,
+                        phase: ReplicaPhase::Serving,
+                        ..r.clone()
+                    })
+                }
+                (ReplicaStep::Ending, Some(r)) => Some(ReplicaMsg {
+                    kns: vec![r.owner],
+                    phase: ReplicaPhase::Ending,
+                    ..r.clone()
+                }),
+                (ReplicaStep::End, Some(r)) => Some(ReplicaMsg {
+                    kns: vec![r.owner],
+                    phase: ReplicaPhase::End,
+                    ..r.clone()
+                }),
+                (ReplicaStep::Remove, Some(_)) => None,
+            };
+            let Some(next) = SlotMap::from_owners(st.next_epoch(), st.map.owners().to_vec()) else {
+                return Err("cannot build the map".into());
+            };
+            (next, entry)
+        };
+        let epoch = next.epoch();
+        let reason = format!("{step:?} replication of {}", key_hex(key)).to_lowercase();
+        if step == ReplicaStep::Begin {
+            self.lock().replica_refused.remove(key);
+        }
+        let change = |t: &mut ReplicaTable| {
+            match &entry {
+                Some(e) => {
+                    // A cell the owner reported meanwhile is kept.
+                    let cell = e.cell.or_else(|| t.get(key).and_then(|r| r.cell));
+                    t.insert(key.to_vec(), ReplicaMsg { cell, ..e.clone() });
+                }
+                None => {
+                    t.remove(key);
+                }
+            }
+        };
+        self.install_with(next, reason, Some(&change))
+            .map_err(|e| format!("cannot store the new map at the DPM: {e}"))?;
+        Ok(epoch)
+    }
+}
+
+/// One step of [`Manager::replica_step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaStep {
+    Begin,
+    Serve,
+    Ending,
+    End,
+    Remove,
 }
 
 #[cfg(test)]

@@ -44,6 +44,9 @@ pub struct Stored {
     pub map_epoch: u64,
     /// The lease record of every KN id that was ever used, by id.
     pub leases: Vec<(u16, LeaseRecord)>,
+    /// Indirect cells in the region, and how many are active (replicated keys).
+    pub cells: u32,
+    pub active_cells: u32,
 }
 
 /// What fencing a KN did.
@@ -79,6 +82,9 @@ pub trait DurableStore: Send {
     /// acknowledged writes are in the index and nothing it lands later ever is.
     /// Repeatable: fencing a fenced KN (or one without logs) does nothing.
     fn fence(&mut self, kn: u16) -> Result<Fenced, StoreError>;
+    /// Ends the replication of the key of `cell` at the DPM (its newest entry goes into
+    /// the index); `false`: the cell was not active. Only when no KN serves the key.
+    fn free_cell(&mut self, cell: u32) -> Result<bool, StoreError>;
 }
 
 /// How long a DPM may take over a control request (a map frame, a lease row).
@@ -254,9 +260,14 @@ fn unexpected(what: &'static str, r: &Response) -> Failure {
 impl DurableStore for DpmStore {
     fn load(&mut self) -> Result<Stored, StoreError> {
         self.repeat("the cluster state", |c| {
-            let (max_kns, map_epoch) =
+            let (max_kns, map_epoch, cells, active_cells) =
                 match call(c, "ClusterInfo", Request::ClusterInfo, CALL_TIMEOUT)? {
-                    Response::ClusterInfo { max_kns, map_epoch } => (max_kns, map_epoch),
+                    Response::ClusterInfo {
+                        max_kns,
+                        map_epoch,
+                        cells,
+                        active_cells,
+                    } => (max_kns, map_epoch, cells, active_cells),
                     r => return Err(unexpected("ClusterInfo", &r)),
                 };
             let max_kns = u16::try_from(max_kns.min(u32::from(dinomo_shared::control::NO_KN)))
@@ -291,6 +302,8 @@ impl DurableStore for DpmStore {
                 max_kns,
                 map_epoch,
                 leases,
+                cells,
+                active_cells,
             })
         })
     }
@@ -346,6 +359,20 @@ impl DurableStore for DpmStore {
             )? {
                 Response::MapStored { epoch: e } if e == epoch => Ok(()),
                 r => Err(unexpected("MapCommit", &r)),
+            }
+        })
+    }
+
+    fn free_cell(&mut self, cell: u32) -> Result<bool, StoreError> {
+        self.repeat("FreeCell", |c| {
+            match call(c, "FreeCell", Request::FreeCell { cell }, FENCE_TIMEOUT) {
+                Ok(Response::CellFreed { .. }) => Ok(true),
+                Err(Failure::Other(StoreError::Refused {
+                    code: ErrorCode::NoSuchCell,
+                    ..
+                })) => Ok(false),
+                Ok(r) => Err(unexpected("FreeCell", &r)),
+                Err(e) => Err(e),
             }
         })
     }

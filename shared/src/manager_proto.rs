@@ -29,13 +29,15 @@
 //! | `join` | `kn_id`, `lease_epoch` | `lease` (the KN is in the map from the epoch it names) |
 //! | `renew` | `kn_id`, `lease_epoch`, optional `load` | `lease`: `epoch` (current map), `settled`, `lease_ms`, `drain` |
 //! | `ack` | `kn_id`, `lease_epoch`, `epoch`, `release_us`, `entries_merged` | `lease` |
-//! | `map` | — | `map`: `epoch`, `settled`, `kns` (`[id, addr]`), `ranges` and `moving` (`[first, last, kn]`) |
+//! | `map` | — | `map`: `epoch`, `settled`, `kns` (`[id, addr]`), `ranges` and `moving` (`[first, last, kn]`), `replicas` |
 //! | `leave` | `kn_id`, `lease_epoch` | `ok` (the KN stopped acknowledging and closed its logs before) |
 //! | `resume` | `kn_id`, `lease_epoch`, `addr`, `lease_ms`, optional `map` | `lease` (this session is the KN's now) |
 //! | `status` | — | `status`: KNs (`kn_id`, `addr`, `lease_ms_left`, `slots`, `acked_epoch`, `draining`, `load`), `epoch`, `settled`, `reconfigs` |
 //! | `add_kn` | — | `added`: `kn_id`, `addr`, `reconfig` (once its map settled) |
 //! | `remove_kn` | `kn_id` | `removed`: `kn_id`, `reconfig` (once it left and the map settled) |
 //! | `rebalance` | optional `slots` (`[first, last]`) and `to` (a KN) | `rebalanced`: `reconfig` (`null`: nothing to move) |
+//! | `replicate` | `key` (hex) | `replication`: `replicas` (once every live KN serves the key) |
+//! | `dereplicate` | `key` (hex) | `replication`: `replicas` (once the owner alone serves it from the index) |
 //!
 //! `load` is the KN's load since its previous renewal (ops/s, occupancy, p99 latency, hot
 //! keys); `ack` carries the KN's measurements of installing that map (`release_us`: flush +
@@ -56,6 +58,14 @@
 //! owner was another live KN: their new owner answers `-TRYAGAIN`. A KN whose lease expired
 //! is first fenced (the DPM closes and merges its logs), so its slots need no
 //! acknowledgement from it.
+//!
+//! # Replicated keys
+//!
+//! The map also carries the replicated keys ([`ReplicaMsg`]): each step of replicating or
+//! dereplicating a key is a map of its own (same slots, next epoch), and the next step
+//! waits until it settled, i.e. every live KN installed it. A KN in a key's `kns` serves
+//! reads and writes of it through the key's cell at the DPM even if another KN owns its
+//! slot; KNs not in it answer `-MOVED` to the owner as for any key.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -102,6 +112,14 @@ pub enum MgrRequest {
         /// Log entries the DPM merged during that release (its MergeAll replies).
         #[serde(default)]
         entries_merged: u64,
+        /// `(hex key, cell)` of every key the KN owns whose replication the map asks it to
+        /// begin ([`ReplicaPhase::Begin`]) and whose cell it has now.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        cells: Vec<(String, u32)>,
+        /// `(hex key, why)` of the keys whose replication it could not begin (no free
+        /// cell at the DPM, say): the manager takes them back at once.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<(String, String)>,
     },
     Map,
     Leave {
@@ -133,6 +151,14 @@ pub enum MgrRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<u16>,
     },
+    /// Replicate the key (hexadecimal) on every live KN.
+    Replicate {
+        key: String,
+    },
+    /// Return the key (hexadecimal) to its owner alone.
+    Dereplicate {
+        key: String,
+    },
 }
 
 /// A KN's load over the interval since its previous report.
@@ -146,6 +172,9 @@ pub struct LoadReport {
     /// Hottest keys (lossy UTF-8, at most [`HOT_KEY_BYTES`] bytes each) with their counts.
     #[serde(default)]
     pub hot_keys: Vec<(String, u64)>,
+    /// The same keys exactly (hexadecimal), in the same order: what the policy replicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_keys_hex: Vec<(String, u64)>,
 }
 
 /// How much of a hot key a load report carries (enough to name it in a log line).
@@ -199,6 +228,9 @@ pub struct StatusMsg {
     pub can_spawn: bool,
     /// Whether the load policy runs.
     pub policy: bool,
+    /// The replicated keys.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaMsg>,
 }
 
 /// A reply of the manager.
@@ -233,6 +265,10 @@ pub enum MgrReply {
     Rebalanced {
         reconfig: Option<Reconfig>,
     },
+    /// The replicated keys once a `replicate` or `dereplicate` is done.
+    Replication {
+        replicas: Vec<ReplicaMsg>,
+    },
     /// Not now: the manager is re-adopting the KNs of an earlier manager (it does not
     /// know the map yet). Ask again shortly.
     Retry {
@@ -254,6 +290,68 @@ pub struct MapMsg {
     pub ranges: Vec<(u16, u16, u16)>,
     /// Slots that are still moving to their new owner, same form.
     pub moving: Vec<(u16, u16, u16)>,
+    /// The replicated keys and where each stands ([`ReplicaMsg`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaMsg>,
+}
+
+/// Where the replication of a key stands. Each change is a new map epoch, and the next
+/// step waits until every live KN acknowledged it, so no two KNs are more than one step
+/// apart.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaPhase {
+    /// The owner allocates the key's cell at the DPM (and reports it in its `ack`); every
+    /// KN answers `-TRYAGAIN` for the key meanwhile.
+    Begin,
+    /// Every KN in `kns` serves the key through its cell, reads and writes alike.
+    Serving,
+    /// Only the owner serves it; the others dropped it, published their writes of it and
+    /// merged their logs before acknowledging.
+    Ending,
+    /// The owner frees the cell (the DPM puts its entry in the index); every KN answers
+    /// `-TRYAGAIN` for the key meanwhile. The next map no longer lists it.
+    End,
+}
+
+/// One replicated key as the map carries it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaMsg {
+    /// The key, hexadecimal.
+    pub key: String,
+    /// The KN owning the key's slot.
+    pub owner: u16,
+    /// The key's cell at the DPM (`None` until the owner reported it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<u32>,
+    /// The KNs serving it (the owner first).
+    pub kns: Vec<u16>,
+    pub phase: ReplicaPhase,
+}
+
+impl ReplicaMsg {
+    /// The key's bytes (`None`: not hexadecimal).
+    pub fn key_bytes(&self) -> Option<Vec<u8>> {
+        key_from_hex(&self.key)
+    }
+}
+
+/// A key as the protocol carries it (keys are bytes; JSON strings are text).
+pub fn key_hex(key: &[u8]) -> String {
+    auth::to_hex(key)
+}
+
+/// The bytes of a hexadecimal key; `None` for anything that is not an even number of hex
+/// digits.
+pub fn key_from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    text.as_bytes()
+        .chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 impl MapMsg {
@@ -265,6 +363,7 @@ impl MapMsg {
             kns: Vec::new(),
             ranges: Vec::new(),
             moving: Vec::new(),
+            replicas: Vec::new(),
         }
     }
 
@@ -801,7 +900,20 @@ mod tests {
             kns: vec![(1, "127.0.0.1:1".into())],
             ranges: r,
             moving: vec![(4, 4, 1)],
+            replicas: vec![ReplicaMsg {
+                key: key_hex(b"hot\xff"),
+                owner: 1,
+                cell: Some(3),
+                kns: vec![1, 2],
+                phase: ReplicaPhase::Serving,
+            }],
         };
+        assert_eq!(
+            msg.replicas[0].key_bytes().as_deref(),
+            Some(&b"hot\xff"[..])
+        );
+        assert_eq!(key_from_hex("0g"), None);
+        assert_eq!(key_from_hex("abc"), None);
         let m = msg.slot_map();
         assert_eq!((m.owner(1), m.owner(3), m.owner(6)), (0, NO_KN, 2));
         assert!(msg.moving_slots()[4] && !msg.moving_slots()[5]);

@@ -174,6 +174,10 @@ pub enum Response {
     ClusterInfo {
         max_kns: u32,
         map_epoch: u64,
+        /// Indirect cells in the region, and how many are active (a restarted manager
+        /// that knows of no replicated key frees the active ones).
+        cells: u32,
+        active_cells: u32,
     },
     /// A lease row; `in_use` is false for a KN id never given a lease.
     Lease {
@@ -410,9 +414,15 @@ impl Response {
             Self::Fenced { logs, entries } => (K_FENCE_KN, args(&[logs as u64, entries])),
             Self::CellAllocated { cell, eref } => (K_ALLOC_CELL, args(&[cell as u64, eref])),
             Self::CellFreed { eref } => (K_FREE_CELL, args(&[eref])),
-            Self::ClusterInfo { max_kns, map_epoch } => {
-                (K_CLUSTER_INFO, args(&[max_kns as u64, map_epoch]))
-            }
+            Self::ClusterInfo {
+                max_kns,
+                map_epoch,
+                cells,
+                active_cells,
+            } => (
+                K_CLUSTER_INFO,
+                args(&[max_kns as u64, map_epoch, cells as u64, active_cells as u64]),
+            ),
             Self::Lease {
                 kn,
                 in_use,
@@ -490,6 +500,8 @@ impl Response {
             K_CLUSTER_INFO => Self::ClusterInfo {
                 max_kns: u32_arg(a[0])?,
                 map_epoch: epoch_arg(a[1])?,
+                cells: u32_arg(a[2])?,
+                active_cells: u32_arg(a[3])?,
             },
             K_READ_LEASE => Self::Lease {
                 kn: u32_arg(a[0])?,
@@ -621,6 +633,8 @@ mod tests {
             Response::ClusterInfo {
                 max_kns: 64,
                 map_epoch: 12,
+                cells: 4096,
+                active_cells: 3,
             },
             Response::Lease {
                 kn: 5,

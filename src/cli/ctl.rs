@@ -12,6 +12,8 @@ use super::secret::SecretArgs;
   dinomo ctl remove-kn 2                 KN 2 merges its logs, leaves, its slots move
   dinomo ctl rebalance                   recompute the map over the live KNs
   dinomo ctl rebalance --slots 0-99 --to 1
+  dinomo ctl replicate user:42           every KN serves user:42 (reads and writes) through its cell
+  dinomo ctl dereplicate user:42         user:42 goes back to its owner alone
 
 Reconfigurations show: slots moved, SETTLE_MS (publish to settled: how long moving slots
 were refused), RELEASE_MS (the slowest old owner's flush + merge), MERGED (log entries merged).
@@ -49,6 +51,17 @@ enum CtlSub {
         #[arg(long, requires = "slots")]
         to: Option<u16>,
     },
+    /// Replicate KEY on every live KN: each then serves its reads and writes (through the
+    /// key's cell at the DPM) instead of redirecting them to the key's owner.
+    Replicate {
+        /// The key (its bytes as given).
+        key: String,
+    },
+    /// Return KEY to its owner alone (the other KNs redirect it again).
+    Dereplicate {
+        /// The key (its bytes as given).
+        key: String,
+    },
 }
 
 pub(crate) fn run(a: CtlArgs) -> anyhow::Result<()> {
@@ -57,6 +70,8 @@ pub(crate) fn run(a: CtlArgs) -> anyhow::Result<()> {
         CtlSub::AddKn => CtlCommand::AddKn,
         CtlSub::RemoveKn { id } => CtlCommand::RemoveKn(id),
         CtlSub::Rebalance { slots, to } => CtlCommand::Rebalance(slots.zip(to)),
+        CtlSub::Replicate { key } => CtlCommand::Replicate(key.into_bytes()),
+        CtlSub::Dereplicate { key } => CtlCommand::Dereplicate(key.into_bytes()),
     };
     let secret = a
         .secret

@@ -60,7 +60,8 @@ pub(crate) struct ManagerArgs {
 #[derive(Args, Debug)]
 pub(crate) struct PolicyArgs {
     /// Run the elasticity policy: add a KN when p99 misses the objective and a KN is busy,
-    /// remove the least occupied KN when all are idle (needs --kn-exe to add).
+    /// remove the least occupied KN when all are idle (needs --kn-exe to add), replicate
+    /// keys hotter than --hot-sigmas on every KN and return them once they cooled down.
     #[arg(long)]
     policy: bool,
     /// Decision period in milliseconds [default: 2000].

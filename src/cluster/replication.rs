@@ -137,6 +137,7 @@ impl Cluster {
         }
         self.ask_owner(set.owner, key, |reply| ReplicaCtl::End {
             key: key.to_vec(),
+            cell: None,
             reply,
         })?;
         let table = Arc::new(self.router.replicas().without(key));

@@ -65,6 +65,8 @@ impl<P: Persist> Dpm<P> {
         Response::ClusterInfo {
             max_kns: self.geo.max_kns,
             map_epoch: self.map_header().epoch(),
+            cells: self.cells.count(),
+            active_cells: u32::try_from(self.cells.active()).unwrap_or(u32::MAX),
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dinomo_shared::entry::MAX_KEY_LEN;
+use dinomo_shared::manager_proto::ReplicaPhase;
 use dinomo_shared::resp::{CommandParser, Limits, Out, Proto};
 use dinomo_shared::slot::key_slot;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -357,10 +358,39 @@ impl Conn {
         Ok(first)
     }
 
-    /// The shard for `keys` (all in one slot), or the error to answer.
+    /// Whether this KN serves every one of `keys` as a replica (or owner) of a replicated
+    /// key; `Err`: one of them is between owner-only and replicated (answer `-TRYAGAIN`).
+    fn replicated_here(&self, keys: &[&[u8]]) -> Result<bool, String> {
+        let v = &self.view;
+        if v.replicas.is_empty() {
+            return Ok(false);
+        }
+        let me = self.shared.kn_id;
+        let mut all = true;
+        for k in keys {
+            match v.replicas.get(*k) {
+                Some(r) if matches!(r.phase, ReplicaPhase::Begin | ReplicaPhase::End) => {
+                    return Err("TRYAGAIN the key's replication is beginning or ending".into());
+                }
+                Some(r) if r.cell.is_some() && (r.owner == me || r.kns.contains(&me)) => {}
+                _ => all = false,
+            }
+        }
+        Ok(all)
+    }
+
+    /// The shard for `keys` (all in one slot), or the error to answer. Keys this KN serves
+    /// as a replica go to its own shard whoever owns their slot; the others go by slot.
     fn shard_for(&mut self, keys: &[&[u8]]) -> Result<Sender<Msg>, String> {
         self.refresh();
         let slot = self.slot_of(keys)?;
+        if self.replicated_here(keys)? {
+            if !self.shared.lease_ok() {
+                return Err("TRYAGAIN this node's lease is being renewed".into());
+            }
+            let shards = &self.shared.shards;
+            return Ok(shards[shard_of(slot, shards.len())].clone());
+        }
         match self.route(slot) {
             Route::Shard(tx) => Ok(tx),
             Route::Refuse(e) => Err(e),
@@ -468,8 +498,9 @@ impl Conn {
                     o.error("ERR SELECT is not allowed in cluster mode")
                 }
             }
-            // Reading from replicas: there are none, so every slot is served by its owner
-            // whatever the flag says (a Redis primary answers OK too).
+            // Reading from replicas: every KN a key is replicated on serves its reads and
+            // writes alike (through the key's cell, linearizably), whatever the flag says;
+            // other keys are served by their owner (a Redis primary answers OK too).
             "READONLY" | "READWRITE" if argc == 1 => o.simple("OK"),
             "CLIENT" if argc >= 2 => self.client(args, &mut o),
             // The command table, which cluster clients (redis-py's RedisCluster) read to

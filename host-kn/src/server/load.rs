@@ -4,7 +4,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dinomo_shared::manager_proto::{LoadReport, HOT_KEY_BYTES};
+use dinomo_shared::manager_proto::{key_hex, LoadReport, HOT_KEY_BYTES};
 
 use super::Shared;
 use crate::shard::Msg;
@@ -33,9 +33,14 @@ pub(super) fn busy_ns(shared: &Shared, timeout: Duration) -> Option<u64> {
     Some(total)
 }
 
+/// Keys (as text) with their counts.
+type HotKeys = Vec<(String, u64)>;
+
 /// The KN's hottest keys since the last call (each key lives in one shard, so the shards'
-/// lists are disjoint): the top 16, from the shards that answer within `timeout`.
-fn hot_keys(shared: &Shared, timeout: Duration) -> Vec<(String, u64)> {
+/// lists are disjoint): the top 16, from the shards that answer within `timeout`. Each
+/// twice: a name for the log line (lossy, short) and the exact key (hexadecimal), which the
+/// manager's policy replicates.
+fn hot_keys(shared: &Shared, timeout: Duration) -> (HotKeys, HotKeys) {
     let mut waits = Vec::with_capacity(shared.shards.len());
     for tx in &shared.shards {
         let (htx, hrx) = mpsc::channel();
@@ -53,13 +58,15 @@ fn hot_keys(shared: &Shared, timeout: Duration) -> Vec<(String, u64)> {
     }
     all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(16);
-    all.into_iter()
+    let shown = all
+        .iter()
         .map(|(k, c)| {
-            // A name for the log line, not the key: the report stays small.
             let shown = &k[..k.len().min(HOT_KEY_BYTES)];
-            (String::from_utf8_lossy(shown).into_owned(), c)
+            (String::from_utf8_lossy(shown).into_owned(), *c)
         })
-        .collect()
+        .collect();
+    let exact = all.iter().map(|(k, c)| (key_hex(k), *c)).collect();
+    (shown, exact)
 }
 
 /// This KN's load since `mark` (which it moves): ops/s and p99 from the connection tasks'
@@ -76,10 +83,12 @@ pub(super) fn load_report(
     let secs = now.duration_since(mark.at).as_secs_f64().max(1e-3);
     let busy = busy_ns.saturating_sub(mark.busy_ns) as f64 / 1e9;
     *mark = LoadMark { at: now, busy_ns };
+    let (hot_keys, hot_keys_hex) = hot_keys(shared, timeout);
     Some(LoadReport {
         ops_per_sec: lat.count as f64 / secs,
         occupancy: (busy / (secs * shared.shards.len().max(1) as f64)).clamp(0.0, 1.0),
         p99_us: lat.p99.as_micros() as u64,
-        hot_keys: hot_keys(shared, timeout),
+        hot_keys,
+        hot_keys_hex,
     })
 }

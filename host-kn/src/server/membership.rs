@@ -9,6 +9,11 @@ use dinomo_shared::manager_proto::{LoadReport, MgrClient, MgrReply, MgrRequest};
 
 use super::load::{busy_ns, load_report, LoadMark};
 use super::{Shared, View};
+use dinomo_shared::manager_proto::ReplicaPhase;
+use dinomo_shared::slot::key_slot;
+
+use crate::ownership::shard_of;
+use crate::replica::ReplicaCtl;
 use crate::shard::{LeaseGate, Msg};
 
 /// The lease granted by a reply to a request sent at `sent` holds until a quarter lease
@@ -17,8 +22,9 @@ pub(super) fn set_lease(gate: &LeaseGate, sent: Instant, lease: Duration) {
     gate.extend_to(sent + lease - lease / 4);
 }
 
-/// Fetches the map; installs it if it is new (shards drop lost slots, flush, merge their
-/// logs), and acknowledges its epoch.
+/// Fetches the map; installs it if it is new (shards take the replicated keys it lists,
+/// drop lost slots, flush, merge their logs), carries out this KN's steps of replicating
+/// or dereplicating the keys it owns, and acknowledges its epoch.
 pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<()> {
     let msg = mgr.map()?;
     let epoch = msg.epoch;
@@ -26,6 +32,15 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
     let new_map = shared.released.load(Ordering::Acquire) != epoch;
     let view = View::new(msg);
     let map = Arc::clone(&view.map);
+    if new_map {
+        // The replicated keys before the view: a request routed to a shard by the new view
+        // finds the shard serving (or no longer serving) its key. A shard that stops
+        // serving one publishes its staged writes of it first, and the release below
+        // merges its log, so the key's owner can end the replication after the ack.
+        for tx in &shared.shards {
+            let _ = tx.send(Msg::SetReplicas(Arc::clone(&view.table)));
+        }
+    }
     shared.set_view(view);
     let (mut release_us, mut entries_merged) = (0, 0);
     if new_map {
@@ -42,25 +57,13 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
                 waits.push(rrx);
             }
         }
-        // A shard's flush waits for a valid lease, so keep renewing it meanwhile (this
-        // thread is the one that renews).
         for w in waits {
-            loop {
-                match w.recv_timeout(shared.lease_len / 8) {
-                    Ok(Ok(r)) => {
-                        entries_merged += r.entries_merged;
-                        break;
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout)
-                        if t0.elapsed() < Duration::from_secs(60) =>
-                    {
-                        renew_only(shared, mgr)?;
-                    }
-                    other => {
-                        return Err(std::io::Error::other(format!(
-                            "a shard could not merge its log: {other:?}"
-                        )))
-                    }
+            match wait_renewing(shared, mgr, &w)? {
+                Ok(r) => entries_merged += r.entries_merged,
+                Err(e) => {
+                    return Err(std::io::Error::other(format!(
+                        "a shard could not merge its log: {e}"
+                    )))
                 }
             }
         }
@@ -75,16 +78,99 @@ pub(super) fn follow_map(shared: &Shared, mgr: &mut MgrClient) -> std::io::Resul
             "installed cluster map"
         );
     }
+    let (cells, refused) = owner_steps(shared, mgr)?;
     match mgr.call(&MgrRequest::Ack {
         kn_id: shared.kn_id,
         lease_epoch: shared.lease_epoch,
         epoch,
         release_us,
         entries_merged,
+        cells,
+        refused,
     })? {
         MgrReply::Lease { .. } => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
     }
+}
+
+/// Waits for a shard's answer to a step that flushes (a flush waits for a valid lease), so
+/// renews the lease meanwhile (this thread is the one that renews). `Err`: the lease was
+/// refused or the shard took over a minute.
+fn wait_renewing<T>(
+    shared: &Shared,
+    mgr: &mut MgrClient,
+    w: &mpsc::Receiver<Result<T, crate::KvError>>,
+) -> std::io::Result<Result<T, crate::KvError>> {
+    let t0 = Instant::now();
+    loop {
+        match w.recv_timeout(shared.lease_len / 8) {
+            Ok(r) => return Ok(r),
+            Err(mpsc::RecvTimeoutError::Timeout) if t0.elapsed() < Duration::from_secs(60) => {
+                renew_only(shared, mgr)?;
+            }
+            Err(e) => {
+                return Err(std::io::Error::other(format!(
+                    "a shard did not answer: {e:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// This KN's part in the replication steps the current map asks of a key's owner: begin
+/// (the shard serving the key has the DPM allocate its cell; answered with the cell) and
+/// end (the shard has the DPM free it). Both are repeatable. A step that fails is logged
+/// and left out of the ack; a begin that fails is named in it with the reason, so the
+/// manager takes the key back at once (an end that fails makes its step time out).
+type Steps = (Vec<(String, u32)>, Vec<(String, String)>);
+fn owner_steps(shared: &Shared, mgr: &mut MgrClient) -> std::io::Result<Steps> {
+    let v = shared.view();
+    let mut cells = Vec::new();
+    let mut refused = Vec::new();
+    let n = shared.shards.len();
+    for (key, r) in &v.replicas {
+        if r.owner != shared.kn_id || !matches!(r.phase, ReplicaPhase::Begin | ReplicaPhase::End) {
+            continue;
+        }
+        let tx = &shared.shards[shard_of(key_slot(key), n)];
+        let step = if r.phase == ReplicaPhase::Begin {
+            let (rtx, rrx) = mpsc::channel();
+            let sent = tx.send(Msg::Replica(ReplicaCtl::Begin {
+                key: key.clone(),
+                reply: rtx,
+            }));
+            if sent.is_err() {
+                return Err(std::io::Error::other("the KN is stopping"));
+            }
+            wait_renewing(shared, mgr, &rrx)?.map(|cell| {
+                cells.push((r.key.clone(), cell));
+                tracing::info!(key = %r.key, cell, "replication begun: the key has a cell");
+            })
+        } else {
+            let (rtx, rrx) = mpsc::channel();
+            let sent = tx.send(Msg::Replica(ReplicaCtl::End {
+                key: key.clone(),
+                cell: r.cell,
+                reply: rtx,
+            }));
+            if sent.is_err() {
+                return Err(std::io::Error::other("the KN is stopping"));
+            }
+            match wait_renewing(shared, mgr, &rrx)? {
+                // Ended before (the ack was lost, or an earlier owner freed the cell).
+                Err(crate::KvError::Replication(_)) => Ok(()),
+                r => r,
+            }
+            .map(|()| tracing::info!(key = %r.key, "replication ended: the key is in the index"))
+        };
+        if let Err(e) = step {
+            tracing::warn!(key = %r.key, phase = ?r.phase, error = %e, "replication step failed");
+            if r.phase == ReplicaPhase::Begin {
+                refused.push((r.key.clone(), e.to_string()));
+            }
+        }
+    }
+    Ok((cells, refused))
 }
 
 /// Asks the manager to renew lease `lease_epoch` of KN `kn_id` (reporting `load`); a grant

@@ -6,8 +6,10 @@
 //! A request goes from its connection task straight to the owner shard's queue (no lock
 //! on the way: each connection keeps its own copy of the current view and reloads it only
 //! when a version counter moves); the shard answers through a callback that completes a
-//! oneshot channel. Keys whose slot another KN owns get `-MOVED slot host:port`; slots that
-//! are still moving to this KN, and every slot once the lease could have lapsed, get
+//! oneshot channel. Keys whose slot another KN owns get `-MOVED slot host:port` unless the
+//! map names this KN a replica of the key (then it serves the key through the key's cell
+//! at the DPM, reads and writes alike); slots that are still moving to this KN, keys whose
+//! replication is beginning or ending, and every key once the lease could have lapsed, get
 //! `-TRYAGAIN`.
 
 pub mod acl;
@@ -29,10 +31,13 @@ use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::DpmSpec;
 use dinomo_shared::auth::ClusterSecret;
 use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
-use dinomo_shared::manager_proto::{MapMsg, MgrAuth, MgrClient, MgrReply, MgrRequest, Role};
+use dinomo_shared::manager_proto::{
+    MapMsg, MgrAuth, MgrClient, MgrReply, MgrRequest, ReplicaMsg, ReplicaPhase, Role,
+};
 use dinomo_shared::resp::Limits;
 
 use crate::dac::DacConfig;
+use crate::replica::{ReplicaSet, Replicas};
 use crate::shard::{read_geometry, LeaseGate, Msg};
 use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
 pub use acl::{Acl, AclError};
@@ -152,14 +157,40 @@ struct View {
     map: Arc<SlotMap>,
     moving: Vec<bool>,
     addrs: HashMap<u16, String>,
+    /// The replicated keys by key, as the map lists them.
+    replicas: HashMap<Vec<u8>, ReplicaMsg>,
+    /// What the shards serve through cells: the keys whose cell is known and that are
+    /// served by some KN (phases `serving` and `ending`).
+    table: Arc<Replicas>,
 }
 
 impl View {
     fn new(msg: MapMsg) -> Self {
+        let mut replicas = HashMap::new();
+        let mut table = Replicas::default();
+        for r in &msg.replicas {
+            let Some(key) = r.key_bytes() else {
+                tracing::warn!(key = %r.key, "the map names a replicated key that is not hex");
+                continue;
+            };
+            if let (Some(cell), ReplicaPhase::Serving | ReplicaPhase::Ending) = (r.cell, r.phase) {
+                table = table.with(
+                    &key,
+                    ReplicaSet {
+                        cell,
+                        owner: r.owner,
+                        kns: r.kns.clone(),
+                    },
+                );
+            }
+            replicas.insert(key, r.clone());
+        }
         Self {
             map: Arc::new(msg.slot_map()),
             moving: msg.moving_slots(),
             addrs: msg.kns.iter().cloned().collect(),
+            replicas,
+            table: Arc::new(table),
             msg,
         }
     }

@@ -575,8 +575,8 @@ impl<F: Fabric> Shard<F> {
             Msg::Replica(ReplicaCtl::Begin { key, reply }) => {
                 let _ = reply.send(self.begin_replication(&key));
             }
-            Msg::Replica(ReplicaCtl::End { key, reply }) => {
-                let _ = reply.send(self.end_replication(&key));
+            Msg::Replica(ReplicaCtl::End { key, cell, reply }) => {
+                let _ = reply.send(self.end_replication(&key, cell));
             }
             Msg::HotKeys(tx) => {
                 let _ = tx.send(self.hot.take());

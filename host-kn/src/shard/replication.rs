@@ -45,7 +45,16 @@ impl<F: Fabric> Shard<F> {
             r => r,
         };
         self.stats.write_rts += self.rts() - t0;
-        r
+        r?;
+        // As for the batch itself: acknowledged only if the lease still holds after the
+        // CAS, i.e. no fence came before it. A CAS that a paused shard lands after its KN
+        // was fenced names an entry that was durable before the fence (the flush checked
+        // the lease after its WRITE), so nothing is lost, but its writers are not answered
+        // OK (over verbs the fence moved the queue pairs to error and the CAS fails).
+        if self.cfg.lease.as_ref().is_some_and(|l| !l.wait_valid()) {
+            return Err(KvError::LeaseLapsed);
+        }
+        Ok(())
     }
 
     /// See [`ReplicaCtl::Begin`](crate::replica::ReplicaCtl::Begin): the key's newest
@@ -53,8 +62,9 @@ impl<F: Fabric> Shard<F> {
     /// entry, or a new delete entry).
     pub(super) fn begin_replication(&mut self, key: &[u8]) -> Result<u32, KvError> {
         self.check_owner(key)?;
-        if self.replicas.serves(key) {
-            return Err(KvError::Replication("the key is already replicated".into()));
+        if let Some(cell) = self.replicas.cell_of(key) {
+            // Asked again (the manager's map repeats the step until it is acknowledged).
+            return Ok(cell);
         }
         self.flush();
         if let Some(e) = &self.broken {
@@ -121,15 +131,24 @@ impl<F: Fabric> Shard<F> {
     }
 
     /// See [`ReplicaCtl::End`](crate::replica::ReplicaCtl::End).
-    pub(super) fn end_replication(&mut self, key: &[u8]) -> Result<(), KvError> {
-        let Some(cell) = self.replicas.cell_of(key) else {
+    pub(super) fn end_replication(
+        &mut self,
+        key: &[u8],
+        named: Option<u32>,
+    ) -> Result<(), KvError> {
+        let served = self.replicas.cell_of(key);
+        let Some(cell) = served.or(named) else {
             return Err(KvError::Replication("the key is not replicated".into()));
         };
         self.sync()?;
         let req = dinomo_shared::msg::Request::FreeCell { cell };
-        match crate::control::call(&mut self.f, req, self.cfg.timeout)? {
-            dinomo_shared::msg::Response::CellFreed { .. } => {}
-            r => {
+        match crate::control::call(&mut self.f, req, self.cfg.timeout) {
+            Ok(dinomo_shared::msg::Response::CellFreed { .. }) => {}
+            // Freed already (by the earlier owner, before it died): nothing allocates a
+            // cell while a key's replication is ending, so it is not another key's.
+            Err(KvError::Dpm(dinomo_shared::ErrorCode::NoSuchCell)) if served.is_none() => {}
+            Err(e) => return Err(e),
+            Ok(r) => {
                 return Err(KvError::Corrupt(format!(
                     "unexpected reply {r:?} to FreeCell"
                 )))

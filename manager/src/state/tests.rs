@@ -36,6 +36,7 @@ enum Op {
     /// A stored map: its epoch and the KNs that own slots in it.
     Map(u64, BTreeSet<u16>),
     Fence(u16),
+    FreeCell(u32),
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +46,8 @@ struct World {
     fail_fence: BTreeSet<u16>,
     fail_map: bool,
     fail_lease: bool,
+    /// Active cells at the DPM.
+    active: BTreeSet<u32>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -97,6 +100,16 @@ impl DurableStore for FakeStore {
         w.ops
             .push(Op::Map(map.epoch(), map.owners().iter().copied().collect()));
         Ok(())
+    }
+    fn free_cell(&mut self, cell: u32) -> Result<bool, StoreError> {
+        let mut w = self.world();
+        if w.fail_map {
+            return Err(unreachable_dpm());
+        }
+        let active = w.active.remove(&cell);
+        w.stored.active_cells = w.active.len() as u32;
+        w.ops.push(Op::FreeCell(cell));
+        Ok(active)
     }
     fn fence(&mut self, kn: u16) -> Result<Fenced, StoreError> {
         let mut w = self.world();
@@ -208,6 +221,8 @@ impl Harness {
                 epoch,
                 release_us: 500,
                 entries_merged: 3,
+                cells: Vec::new(),
+                refused: Vec::new(),
             },
         )
     }
@@ -320,7 +335,9 @@ fn join_stores_the_map_before_publishing_it_and_it_settles_on_ack() {
                 lease_epoch: h.lease_of(a),
                 epoch: u64::MAX,
                 release_us: 0,
-                entries_merged: u64::MAX
+                entries_merged: u64::MAX,
+                cells: Vec::new(),
+                refused: Vec::new(),
             }
         ),
         MgrReply::Error { .. }
@@ -469,6 +486,7 @@ fn served_map() -> MapMsg {
         kns: vec![(0, "127.0.0.1:7100".into()), (1, "127.0.0.1:7101".into())],
         ranges: vec![(0, 8191, 0), (8192, SLOTS - 1, 1)],
         moving: Vec::new(),
+        replicas: Vec::new(),
     }
 }
 
@@ -690,6 +708,8 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             epoch: u64::MAX,
             release_us: u64::MAX,
             entries_merged: u64::MAX,
+            cells: Vec::new(),
+            refused: Vec::new(),
         },
         MgrRequest::Ack {
             kn_id: b.0,
@@ -697,6 +717,8 @@ fn requests_for_a_kn_from_another_session_or_lease_change_nothing() {
             epoch,
             release_us: 0,
             entries_merged: 0,
+            cells: Vec::new(),
+            refused: Vec::new(),
         },
         MgrRequest::Join {
             kn_id: a.0,
@@ -801,6 +823,7 @@ fn leftover_wait_follows_the_lease_the_old_manager_granted() {
                 lease_ms: 0,
             },
         )],
+        ..Stored::default()
     };
     assert_eq!(
         leftover_wait(&old, now, LEASE),
@@ -878,4 +901,239 @@ fn a_stale_epoch_at_the_dpm_is_skipped() {
     h.m.tick();
     assert!(h.m.epoch() > 20, "epoch {}", h.m.epoch());
     let _ = a;
+}
+
+/// Every live KN acknowledges the current map, the owner of `key` reporting `cell` for it.
+fn ack_all(h: &Harness, kns: &[u16], key: &[u8], cell: Option<u32>) {
+    let epoch = h.m.epoch();
+    for &kn in kns {
+        let owner = h.m.replica(key).is_some_and(|r| r.owner == kn);
+        let cells = match cell {
+            Some(c) if owner => vec![(key_hex(key), c)],
+            _ => Vec::new(),
+        };
+        let r = h.m.handle(
+            &KN,
+            MgrRequest::Ack {
+                kn_id: kn,
+                lease_epoch: h.lease_of(kn),
+                epoch,
+                release_us: 0,
+                entries_merged: 0,
+                cells,
+                refused: Vec::new(),
+            },
+        );
+        assert!(matches!(r, MgrReply::Lease { .. }), "{r:?}");
+    }
+    assert!(h.m.is_settled());
+}
+
+#[test]
+fn a_key_is_replicated_and_returned_step_by_step_with_the_map() {
+    let h = harness(FakeStore::default());
+    let (a, ea) = h.kn("127.0.0.1:7100");
+    let (b, eb) = h.kn("127.0.0.1:7101");
+    let (c, ec) = h.kn("127.0.0.1:7102");
+    ack_all(&h, &[a, b, c], b"k", None);
+    let key = b"hot".as_slice();
+    let owner = h.m.map().slot_map().owner(key_slot(key));
+    let e0 = h.m.epoch();
+    // Bad steps change nothing.
+    assert!(h.m.replica_step(key, ReplicaStep::Serve).is_err());
+    assert!(h.m.replica_step(b"", ReplicaStep::Begin).is_err());
+    assert_eq!(h.m.epoch(), e0);
+
+    // Begin: a map of its own (stored at the DPM) with the same slots, the owner alone,
+    // no cell yet.
+    h.store.ops();
+    let e1 = h.m.replica_step(key, ReplicaStep::Begin).expect("begin");
+    assert_eq!(e1, e0 + 1);
+    assert!(matches!(h.store.ops().as_slice(), [Op::Map(e, _)] if *e == e1));
+    assert_eq!(h.m.map().moving, Vec::new());
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(
+        (r.owner, r.cell, r.phase),
+        (owner, None, ReplicaPhase::Begin)
+    );
+    assert!(
+        h.m.replica_step(key, ReplicaStep::Begin).is_err(),
+        "settling"
+    );
+    // A cell reported by another KN than the owner is not taken.
+    let not_owner = [a, b, c].into_iter().find(|&k| k != owner).expect("kn");
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Ack {
+            kn_id: not_owner,
+            lease_epoch: h.lease_of(not_owner),
+            epoch: e1,
+            release_us: 0,
+            entries_merged: 0,
+            cells: vec![(key_hex(key), 9)],
+            refused: Vec::new(),
+        },
+    );
+    assert!(matches!(r, MgrReply::Lease { .. }));
+    assert_eq!(h.m.replica(key).and_then(|r| r.cell), None);
+    ack_all(&h, &[a, b, c], key, Some(4));
+    assert_eq!(h.m.replica(key).and_then(|r| r.cell), Some(4));
+    assert!(h.m.replica_step(key, ReplicaStep::Begin).is_err(), "twice");
+
+    // Serving: every live KN, the owner first; status and the map list it.
+    h.m.replica_step(key, ReplicaStep::Serve).expect("serve");
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(r.phase, ReplicaPhase::Serving);
+    assert_eq!(r.kns[0], owner);
+    assert_eq!(r.kns.len(), 3);
+    assert_eq!(h.m.map().replicas, vec![r.clone()]);
+    assert_eq!(h.m.status().replicas, vec![r.clone()]);
+    ack_all(&h, &[a, b, c], key, None);
+
+    // The owner's lease lapses: once it is fenced, the key's slot has a new owner, which
+    // takes over the cell; the dead KN is no replica any more.
+    let alive: Vec<(u16, u32)> = [(a, ea), (b, eb), (c, ec)]
+        .into_iter()
+        .filter(|(k, _)| *k != owner)
+        .collect();
+    h.pass(LEASE * 2, &alive);
+    let new_owner = h.m.map().slot_map().owner(key_slot(key));
+    assert_ne!(new_owner, owner);
+    let r = h.m.replica(key).expect("still replicated");
+    assert_eq!(
+        (r.owner, r.cell, r.phase),
+        (new_owner, Some(4), ReplicaPhase::Serving)
+    );
+    assert_eq!(r.kns.len(), 2);
+    assert!(!r.kns.contains(&owner));
+    let live: Vec<u16> = alive.iter().map(|(k, _)| *k).collect();
+    ack_all(&h, &live, key, None);
+
+    // Ending, End, Remove.
+    h.m.replica_step(key, ReplicaStep::Ending).expect("ending");
+    let r = h.m.replica(key).expect("listed");
+    assert_eq!(
+        (r.kns.clone(), r.phase),
+        (vec![new_owner], ReplicaPhase::Ending)
+    );
+    ack_all(&h, &live, key, None);
+    h.m.replica_step(key, ReplicaStep::End).expect("end");
+    assert_eq!(h.m.replica(key).map(|r| r.phase), Some(ReplicaPhase::End));
+    ack_all(&h, &live, key, None);
+    h.m.replica_step(key, ReplicaStep::Remove).expect("remove");
+    assert!(h.m.replica(key).is_none() && h.m.map().replicas.is_empty());
+    assert!(h.m.replica_step(key, ReplicaStep::Ending).is_err());
+}
+
+#[test]
+fn a_refused_begin_is_recorded_and_a_restarted_manager_learns_the_replicas_with_the_map() {
+    let h = harness(FakeStore::default());
+    let (a, _) = h.kn("127.0.0.1:7100");
+    let key = b"k".as_slice();
+    let e =
+        h.m.replica_step(key, ReplicaStep::Begin)
+            .expect_err("one KN");
+    assert!(e.contains("two KNs"), "{e}");
+    let (b, _) = h.kn("127.0.0.1:7101");
+    ack_all(&h, &[a, b], key, None);
+    h.m.replica_step(key, ReplicaStep::Begin).expect("begin");
+    let a = h.m.replica(key).expect("listed").owner;
+    let r = h.m.handle(
+        &KN,
+        MgrRequest::Ack {
+            kn_id: a,
+            lease_epoch: h.lease_of(a),
+            epoch: h.m.epoch(),
+            release_us: 0,
+            entries_merged: 0,
+            cells: Vec::new(),
+            refused: vec![(key_hex(key), "no free cell".into())],
+        },
+    );
+    assert!(matches!(r, MgrReply::Lease { .. }));
+    assert!(h
+        .m
+        .replica_refused(key)
+        .is_some_and(|w| w.contains("no free cell")));
+
+    // A restarted manager takes the replicated keys from the first KN that resumes with
+    // the stored map.
+    let store = left_by_an_earlier_manager();
+    let (m, _clock) = restarted(&store);
+    let mut map = served_map();
+    map.replicas = vec![ReplicaMsg {
+        key: key_hex(b"hot"),
+        owner: 0,
+        cell: Some(2),
+        kns: vec![0, 1],
+        phase: ReplicaPhase::Serving,
+    }];
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(map.clone())),
+        MgrReply::Lease { .. }
+    ));
+    assert_eq!(m.replicas(), map.replicas);
+    let MgrReply::Map(published) = m.handle(&CTL, MgrRequest::Map) else {
+        panic!("map");
+    };
+    assert_eq!(published.replicas, map.replicas);
+}
+
+#[test]
+fn cells_no_kn_knows_of_are_freed_before_any_kn_serves() {
+    // A fresh start (no lease may be held): every active cell is freed at once.
+    let store = FakeStore::with(|w| {
+        w.stored.cells = 16;
+        w.active = [3, 9].into();
+        w.stored.active_cells = 2;
+    });
+    let h = harness(store.clone());
+    assert!(store.world().active.is_empty());
+    let _ = h;
+    // Nothing active: nothing asked.
+    let store = FakeStore::with(|w| w.stored.cells = 16);
+    let _h = harness(store.clone());
+    assert!(store.ops().is_empty());
+
+    // A restart where no KN comes back: the cells are freed once every KN of the earlier
+    // manager was fenced, before the map is known (and KNs may join).
+    let store = left_by_an_earlier_manager();
+    {
+        let mut w = store.world();
+        w.stored.cells = 8;
+        w.active = [5].into();
+        w.stored.active_cells = 1;
+    }
+    let (m, clock) = restarted(&store);
+    assert_eq!(store.world().active.len(), 1, "KNs may still serve the key");
+    clock.advance(Duration::from_millis(2100));
+    m.tick();
+    m.tick();
+    let ops = store.ops();
+    let fenced = ops.iter().position(|o| *o == Op::Fence(1)).expect("fenced");
+    let freed = ops
+        .iter()
+        .position(|o| *o == Op::FreeCell(5))
+        .expect("freed");
+    assert!(fenced < freed, "{ops:?}");
+    assert!(store.world().active.is_empty());
+    assert!(matches!(m.handle(&CTL, MgrRequest::Map), MgrReply::Map(_)));
+
+    // KNs that come back bring the replicated keys: nothing is freed.
+    let store = left_by_an_earlier_manager();
+    {
+        let mut w = store.world();
+        w.stored.cells = 8;
+        w.active = [5].into();
+        w.stored.active_cells = 1;
+    }
+    let (m, clock) = restarted(&store);
+    assert!(matches!(
+        resume(&m, &KN, 0, 3, Some(served_map())),
+        MgrReply::Lease { .. }
+    ));
+    clock.advance(Duration::from_millis(2100));
+    m.tick();
+    m.tick();
+    assert_eq!(store.world().active.len(), 1);
 }
