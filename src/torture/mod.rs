@@ -97,8 +97,8 @@ pub struct TortureConfig {
     pub fabric: String,
     /// Verbs: RDMA device (default: the first one found).
     pub device: Option<String>,
-    /// Verbs: GID index.
-    pub gid_index: u8,
+    /// Verbs: GID index (`None`: the port's RoCE v2 GID of an IPv4 address).
+    pub gid_index: Option<u8>,
 }
 
 impl Default for TortureConfig {
@@ -118,7 +118,7 @@ impl Default for TortureConfig {
             region_size: "512M".into(),
             fabric: "shm".into(),
             device: None,
-            gid_index: 0,
+            gid_index: None,
         }
     }
 }
