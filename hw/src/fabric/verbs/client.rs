@@ -21,6 +21,11 @@ use crate::fabric::{
     LocalBuf, LocalSlice, Verb, WorkRequest, WrId,
 };
 
+/// How long a control receive polls without sleeping (after 1024 bare spins it yields).
+const RECV_SPIN: Duration = Duration::from_micros(200);
+/// The pause between polls of a control receive that has waited longer than [`RECV_SPIN`].
+const RECV_NAP: Duration = Duration::from_micros(50);
+
 /// A posted (or locally failed) one-sided request, in posting order.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
@@ -543,9 +548,14 @@ impl ControlChannel for VerbsFabric {
         }
     }
 
+    /// Busy-polls while a reply is microseconds away, then yields, and once it has waited
+    /// [`RECV_SPIN`] naps between polls: a control reply that is slow (the DPM is merging,
+    /// fencing or restarting) must not cost a whole core, which on a small host (a DPU, a
+    /// VM) is the core the DPM needs to answer.
     fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, FabricError> {
         let start = Instant::now();
         let mut wcs = [WorkCompletion::default(); CQ_BATCH];
+        let mut empty = 0u32;
         loop {
             if let Some(f) = self.rx.pop_front() {
                 self.counters.recvs += 1;
@@ -582,10 +592,20 @@ impl ControlChannel for VerbsFabric {
             if n == 0 {
                 // Send completions also tell of a lost peer.
                 self.reap()?;
-                if start.elapsed() >= timeout {
+                empty = empty.saturating_add(1);
+                if empty < 1024 && !timeout.is_zero() {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let waited = start.elapsed();
+                if waited >= timeout {
                     return Ok(None);
                 }
-                std::hint::spin_loop();
+                if waited < RECV_SPIN {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(RECV_NAP.min(timeout - waited));
+                }
             }
         }
     }
