@@ -13,7 +13,8 @@ pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 
 /// Sends `req` and waits for its reply, skipping stale replies to earlier requests.
 ///
-/// If the DPM went away (it crashed or was restarted), a request that is safe to repeat is
+/// If the DPM went away (it crashed or was restarted, or did not answer within `timeout`),
+/// a request that is safe to repeat is
 /// sent again over a new control connection once the DPM answers, waiting up to
 /// [`RECONNECT_WAIT`]: a block request names the block it follows and gets the same block
 /// again, merges, closes and fences are repeatable, and a key keeps its cell. Opening a log
@@ -81,7 +82,9 @@ fn call_once<C: ControlChannel + ?Sized>(
     match f.call(req, timeout) {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(code)) => Err(Lost::Kv(code.into())),
-        Err(FabricError::Timeout(_)) => Err(Lost::Kv(KvError::Fabric(format!(
+        // A silent connection may be a dead one (over verbs a vanished DPM can leave the
+        // queue pair without any completion): worth a reconnect, like a lost one.
+        Err(FabricError::Timeout(_)) => Err(Lost::Gone(FabricError::Disconnected(format!(
             "no reply to {req:?} within {timeout:?}"
         )))),
         Err(e) => Err(e.into()),

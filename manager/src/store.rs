@@ -120,7 +120,12 @@ enum Failure {
 impl From<FabricError> for Failure {
     fn from(e: FabricError) -> Self {
         match e {
-            FabricError::Disconnected(_) | FabricError::NotRunning(_) => Self::Gone(e.to_string()),
+            // No reply within the timeout counts as gone too: over verbs a DPM that vanished
+            // may leave the old queue pair silent (soft-RoCE reports no completion), and
+            // every request here is repeatable on a new channel.
+            FabricError::Disconnected(_) | FabricError::NotRunning(_) | FabricError::Timeout(_) => {
+                Self::Gone(e.to_string())
+            }
             e => Self::Other(StoreError::Unreachable(e.to_string())),
         }
     }
