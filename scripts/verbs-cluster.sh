@@ -224,7 +224,7 @@ for i in $(seq 1 20); do
 	r=$(timeout 20 redis-cli -c -p "$last" GET "cli:$i") || die "redis-cli GET cli:$i failed"
 	[[ $r == "value-$i" ]] || die "GET cli:$i answered '$r' (want value-$i)"
 done
-r=$(timeout 20 redis-cli -p "$base" GET cli:nope)
+r=$(timeout 20 redis-cli -c -p "$base" GET cli:nope)
 [[ -z $r ]] || die "GET of a key never written answered '$r'"
 for ((k = 0; k < kns; k++)); do
 	puts=$(timeout 20 redis-cli -p $((base + k)) INFO | tr -d '\r' | sed -n 's/^puts://p')

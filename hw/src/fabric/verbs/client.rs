@@ -21,9 +21,11 @@ use crate::fabric::{
     LocalBuf, LocalSlice, Verb, WorkRequest, WrId,
 };
 
-/// How long a control receive polls without sleeping (after 1024 bare spins it yields).
+/// How long a control receive or a wait polls without sleeping (after 1024 bare spins it
+/// yields).
 const RECV_SPIN: Duration = Duration::from_micros(200);
-/// The pause between polls of a control receive that has waited longer than [`RECV_SPIN`].
+/// The pause between polls of a control receive or a wait that has waited longer than
+/// [`RECV_SPIN`].
 const RECV_NAP: Duration = Duration::from_micros(50);
 
 /// A posted (or locally failed) one-sided request, in posting order.
@@ -494,8 +496,11 @@ impl Fabric for VerbsFabric {
         // The clock is first read after 1024 empty polls: a round trip is usually over by
         // then, and reading it may be a system call (HPET or ACPI PM clocksources). The
         // timeout thus runs from a little after the call.
+        // Past [`RECV_SPIN`] the request is slow (a loaded or software device, a DPM that is
+        // away): it naps between polls instead of taking a core from whoever must answer.
         let mut start = None;
         let mut spins = 0u32;
+        let mut napping = false;
         loop {
             self.reap()?;
             self.fail_lost()?;
@@ -503,11 +508,17 @@ impl Fabric for VerbsFabric {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
-                if start.get_or_insert_with(Instant::now).elapsed() >= timeout {
+            if napping || spins % 1024 == 0 {
+                let waited = start.get_or_insert_with(Instant::now).elapsed();
+                if waited >= timeout {
                     return Err(FabricError::Timeout(timeout));
                 }
-                std::thread::yield_now();
+                if napping || waited >= RECV_SPIN {
+                    napping = true;
+                    std::thread::sleep(RECV_NAP.min(timeout - waited));
+                } else {
+                    std::thread::yield_now();
+                }
             } else {
                 std::hint::spin_loop();
             }
