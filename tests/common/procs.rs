@@ -2,7 +2,7 @@
 //! their ready lines, RESP connections to the KNs and the manager's map.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `dinomo <args>` with its stdout piped back to the caller.
     pub fn spawn(args: &[&str]) -> (Self, ChildStdout) {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut child = super::dinomo_cmd(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
