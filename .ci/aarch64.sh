@@ -62,10 +62,14 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$RUNNER"
 # (tests/common/mod.rs): without binfmt_misc the kernel cannot run an arm64 binary itself.
 export DINOMO_TEST_RUNNER="$RUNNER"
 
+# One profile for every step (Cargo.toml, `emu`: optimized, with debug assertions), so the
+# dependencies are compiled once: emulated unoptimized code is about ten times slower.
+PROFILE=(--locked --target "$TARGET" --profile emu)
+
 t0=$SECONDS
 step "build: dinomo for $TARGET with the verbs fabric (--features rdma)"
-cargo build --locked --target "$TARGET" --features rdma --bin dinomo
-bin="${CARGO_TARGET_DIR:-target}/$TARGET/debug/dinomo"
+cargo build "${PROFILE[@]}" --features rdma --bin dinomo
+bin="${CARGO_TARGET_DIR:-target}/$TARGET/emu/dinomo"
 file_out="$(file -b "$bin" 2>/dev/null || true)"
 case "$file_out" in
   *aarch64*) ;;
@@ -84,18 +88,23 @@ case "$out" in
 esac
 
 step "build: the tests (shm fabric, the default)"
-cargo test --locked --target "$TARGET" --no-run -p dinomo-shared -p dinomo-hw -p dpm-fw
-cargo test --locked --target "$TARGET" --no-run -p dinomo --test dpm_process --test cli
+cargo test "${PROFILE[@]}" --no-run -p dinomo-shared -p dinomo-hw -p dpm-fw
+cargo test "${PROFILE[@]}" --no-run -p dinomo --test dpm_process --test cli
 build_s=$((SECONDS - t0))
 
 t1=$SECONDS
 step "tests under qemu-aarch64: dinomo-shared, dinomo-hw (persistence, shm fabric, region files), dpm-fw"
-cargo test --locked --target "$TARGET" -p dinomo-shared -p dinomo-hw -p dpm-fw
+# One test is left out, by name and visibly: random_damage_never_panics (64 proptest cases
+# of damaged indexes) alone ran more than five minutes under the emulator; it runs on the
+# host in `cargo test --workspace`, and the index code is the same on both targets.
+echo "not run under emulation (too slow; runs on the host): dpm-fw index::tests::random_damage_never_panics"
+cargo test "${PROFILE[@]}" -p dinomo-shared -p dinomo-hw -p dpm-fw -- \
+  --skip index::tests::random_damage_never_panics
 step "tests under qemu-aarch64: dinomo dpm format/serve/inspect as processes"
 # tests/cli.rs is filtered to its `dpm` tests; its others (kn, manager, up, soak) run on the
 # host only.
-cargo test --locked --target "$TARGET" -p dinomo --test dpm_process
-cargo test --locked --target "$TARGET" -p dinomo --test cli -- \
+cargo test "${PROFILE[@]}" -p dinomo --test dpm_process
+cargo test "${PROFILE[@]}" -p dinomo --test cli -- \
   format_then_inspect inspect_refuses format_refuses serve_refuses a_second_dpm inspect_shows
 test_s=$((SECONDS - t1))
 

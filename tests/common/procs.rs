@@ -13,6 +13,8 @@ use nix::sys::signal::Signal;
 
 /// How long any one step (a process getting ready, a map settling, a reply) may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+// Re-exported for the tests that hand the binary to a process that spawns it (`--kn-exe`).
+#[allow(unused_imports)]
 pub use super::BIN;
 
 /// A `dinomo` process, killed (SIGKILL, which also ends a stopped process) when dropped.
