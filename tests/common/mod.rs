@@ -20,13 +20,29 @@ use host_kn::KvError;
 /// The `dinomo` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_dinomo");
 
-/// `dinomo <args>`, for a caller that adds to it or spawns it.
+/// Names the command that starts [`BIN`] when the kernel cannot run it by itself, words
+/// separated by spaces: the aarch64 build tested under user-mode QEMU on an x86_64 host
+/// (`DINOMO_TEST_RUNNER="qemu-aarch64 -L / -cpu cortex-a72"`, see `.ci/aarch64.sh`). Cargo's
+/// own `runner` setting starts only the test binary, not the processes a test spawns.
+pub const RUNNER_VAR: &str = "DINOMO_TEST_RUNNER";
+
+/// `dinomo <args>`, for a caller that adds to it or spawns it; started through
+/// [`RUNNER_VAR`] where that is set.
 pub fn dinomo_cmd<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut c = Command::new(BIN);
+    let runner = std::env::var(RUNNER_VAR).unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let mut c = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     c.args(args);
     c
 }

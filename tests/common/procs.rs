@@ -2,7 +2,7 @@
 //! their ready lines, RESP connections to the KNs and the manager's map.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,8 @@ use nix::sys::signal::Signal;
 
 /// How long any one step (a process getting ready, a map settling, a reply) may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+// Re-exported for the tests that hand the binary to a process that spawns it (`--kn-exe`).
+#[allow(unused_imports)]
 pub use super::BIN;
 
 /// [`DEADLINE`] as it applies to this run: longer over verbs (see [`super::fabric::scaled`]).
@@ -33,8 +35,7 @@ impl Proc {
 
     /// [`Proc::spawn`] with log filter `rust_log` and its stderr (the log) to `stderr`.
     pub fn spawn_logging(args: &[&str], rust_log: &str, stderr: Stdio) -> (Self, ChildStdout) {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut child = super::dinomo_cmd(args)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
