@@ -122,7 +122,10 @@ pub(crate) fn run(a: UpArgs) -> anyhow::Result<()> {
     if a.plan {
         return match plan(&cfg) {
             Err(UpError::Invalid(m)) => Err(Usage(m).into()),
-            r => Ok(print!("{}", r?)),
+            r => {
+                print!("{}", r?);
+                Ok(())
+            }
         };
     }
     install_stop_handler()?;
