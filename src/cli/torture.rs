@@ -32,6 +32,10 @@ pub(crate) struct TortureArgs {
     /// Lease length in milliseconds.
     #[arg(long, default_value_t = 1000)]
     lease_ms: u64,
+    /// How long the cluster may take to serve every slot again (at the start and after each
+    /// kill) before the run fails, e.g. 3m; a slow host needs more.
+    #[arg(long, default_value = "3m", value_parser = dinomo::duration::parse_duration)]
+    recovery_limit: std::time::Duration,
     /// Working folder (default: a new one in /dev/shm or the temp dir, removed after a
     /// passing run).
     #[arg(long)]
@@ -80,6 +84,7 @@ pub(crate) fn run(a: TortureArgs) -> anyhow::Result<()> {
         fabric: a.fabric,
         device: a.device.device,
         gid_index: a.device.gid_index,
+        recovery_limit: a.recovery_limit,
     };
     let json = JsonOut::check(a.json.as_deref())?;
     let bar = std::io::stderr().is_terminal().then(|| {

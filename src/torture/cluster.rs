@@ -44,7 +44,7 @@ struct Sweep {
 
 impl Cluster {
     /// Formats a fresh region and starts every process; returns once every slot is served.
-    pub fn start(cfg: UpConfig, stop: &AtomicBool) -> Result<Self, UpError> {
+    pub fn start(cfg: UpConfig, limit: Duration, stop: &AtomicBool) -> Result<Self, UpError> {
         // 0700 and this user's: the default folder's name is predictable.
         dinomo_hw::region_file::ensure_private_dir(&cfg.dir)
             .map_err(|e| UpError::Failed(format!("cluster folder: {e}")))?;
@@ -80,7 +80,7 @@ impl Cluster {
             started: Instant::now(),
             last_start: vec![Instant::now(); 2 + usize::from(cfg_kns)],
         };
-        c.recover(Duration::from_secs(120), stop)?;
+        c.recover(limit, stop)?;
         c.collateral = [0; 3];
         Ok(c)
     }

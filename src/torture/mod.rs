@@ -99,6 +99,10 @@ pub struct TortureConfig {
     pub device: Option<String>,
     /// Verbs: GID index (`None`: the port's RoCE v2 GID of an IPv4 address).
     pub gid_index: Option<u8>,
+    /// How long the cluster may take to serve every slot at the start and after each kill
+    /// before the run fails (a slow host, e.g. a software RDMA device in an emulated VM,
+    /// needs more).
+    pub recovery_limit: Duration,
 }
 
 impl Default for TortureConfig {
@@ -119,6 +123,7 @@ impl Default for TortureConfig {
             fabric: "shm".into(),
             device: None,
             gid_index: None,
+            recovery_limit: Duration::from_secs(180),
         }
     }
 }
@@ -299,7 +304,7 @@ pub fn run(
         gid_index: cfg.gid_index,
         ..UpConfig::default()
     };
-    let mut cluster = Cluster::start(up, interrupt)?;
+    let mut cluster = Cluster::start(up, cfg.recovery_limit, interrupt)?;
     let seeds = cluster.kn_addrs();
     let credentials = cluster.cfg.credentials()?;
     let mut rng = Rng::new(cfg.seed);
@@ -385,7 +390,7 @@ pub fn run(
             let t_kill = Instant::now();
             let recovered = cluster
                 .restart(role, kn)
-                .and_then(|()| cluster.recover(Duration::from_secs(180), interrupt))
+                .and_then(|()| cluster.recover(cfg.recovery_limit, interrupt))
                 .map(|()| t_kill.elapsed());
             // The load goes on for the rest of the round, at least a little after recovery.
             let rest = cfg
