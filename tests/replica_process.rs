@@ -17,6 +17,9 @@
 //! - A cluster that dies whole (manager and every KN) with a key replicated: the next
 //!   manager, finding no KN to re-adopt, frees the key's cell once the old KNs are fenced,
 //!   so the key's newest version (written through the cell) is in the index.
+//!
+//! Over shm, or over verbs with `DINOMO_RDMA_DEVICE` set (`common::fabric`: leases and
+//! deadlines scaled for a software device).
 
 mod common;
 
@@ -24,14 +27,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::procs::{ready_addr, spawn_kn, Client, Conn, Proc, DEADLINE};
+use common::fabric;
+use common::procs::{deadline, ready_addr, spawn_kn_on, Client, Conn, Proc};
 use common::{dinomo, format_region, stdout};
 use dinomo::resp::Value;
 use dinomo::shared::manager_proto::{key_hex, MapMsg, MgrClient, ReplicaPhase};
 use dinomo::shared::slot::key_slot;
 
-const LEASE_MS: &str = "2000";
-const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Leases of 2 s (longer over verbs: see `common::fabric::lease_ms`).
+fn lease_ms() -> String {
+    fabric::lease_ms(2000)
+}
+
+/// How long a client waits for one reply.
+fn reply_timeout() -> Duration {
+    fabric::scaled(Duration::from_secs(20))
+}
 
 /// A DPM, a manager (started with `manager_args` besides its own) and three KNs.
 struct Cluster {
@@ -50,31 +61,19 @@ impl Cluster {
         let region = dir.path().join("region");
         let region_s = region.to_str().expect("utf-8").to_string();
         format_region(&region, "128M", "1M");
-        let (dpm, _) = Proc::spawn(&[
-            "dpm",
-            "serve",
-            "--path",
-            &region_s,
-            "--workers",
-            "1",
-            "--no-pin",
-        ]);
-        let mut args = vec![
-            "manager",
-            "--dpm",
-            &region_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--lease-ms",
-            LEASE_MS,
-        ];
+        let fab = fabric::Dpm::new(&region_s);
+        let (dpm, _) = Proc::spawn(&fabric::strs(&fab.serve_cmd(&[])));
+        let (dpm_args, lease) = (fab.args(), lease_ms());
+        let mut args = vec!["manager"];
+        args.extend(fabric::strs(&dpm_args));
+        args.extend(["--listen", "127.0.0.1:0", "--lease-ms", &lease]);
         args.extend_from_slice(manager_args);
         let (manager, mout) = Proc::spawn(&args);
         let mgr = ready_addr(mout);
         let mut kns = Vec::new();
         let mut addrs = Vec::new();
         for _ in 0..3 {
-            let (id, addr, p) = spawn_kn(&region_s, &mgr, &["--threads", "2", "--cache", "4M"]);
+            let (id, addr, p) = spawn_kn_on(&fab, &mgr, &["--threads", "2", "--cache", "4M"]);
             kns.push(p);
             addrs.push((id, addr));
         }
@@ -101,14 +100,17 @@ impl Cluster {
 
     /// The settled map once `done` holds for it.
     fn wait_map(&self, done: impl Fn(&MapMsg) -> bool) -> MapMsg {
-        let mut m = MgrClient::connect(&self.mgr, DEADLINE).expect("manager");
+        let mut m = MgrClient::connect(&self.mgr, deadline()).expect("manager");
         let t0 = Instant::now();
         loop {
             let map = m.map().expect("map");
             if map.settled && done(&map) {
                 return map;
             }
-            assert!(t0.elapsed() < DEADLINE, "the map never got there: {map:?}");
+            assert!(
+                t0.elapsed() < deadline(),
+                "the map never got there: {map:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -145,10 +147,10 @@ fn served_by(map: &MapMsg, key: &[u8], kns: usize) -> bool {
 fn direct(addr: &str, args: &[&[u8]]) -> Value {
     let t0 = Instant::now();
     loop {
-        let mut c = Conn::open(addr, REPLY_TIMEOUT).expect("connect");
+        let mut c = Conn::open(addr, reply_timeout()).expect("connect");
         match c.call(args) {
             Value::Error(e) if e.starts_with("TRYAGAIN") => {
-                assert!(t0.elapsed() < DEADLINE, "{args:?} at {addr}: {e}");
+                assert!(t0.elapsed() < deadline(), "{args:?} at {addr}: {e}");
                 std::thread::sleep(Duration::from_millis(20));
             }
             v => return v,
@@ -158,7 +160,7 @@ fn direct(addr: &str, args: &[&[u8]]) -> Value {
 
 /// Waits until the manager at `mgr` has a settled map over `kns` KNs.
 fn wait_settled(mgr: &str, kns: usize) {
-    let mut m = MgrClient::connect(mgr, DEADLINE).expect("manager");
+    let mut m = MgrClient::connect(mgr, deadline()).expect("manager");
     let t0 = Instant::now();
     loop {
         let map = m.map().expect("map");
@@ -166,7 +168,7 @@ fn wait_settled(mgr: &str, kns: usize) {
             return;
         }
         assert!(
-            t0.elapsed() < DEADLINE,
+            t0.elapsed() < deadline(),
             "no settled map on {kns} KNs: {map:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -185,7 +187,7 @@ fn ok() -> Value {
 fn an_operator_replicates_a_key_over_kn_processes_and_returns_it_to_its_owner() {
     let c = Cluster::start(&[]);
     let all: Vec<String> = c.addrs.iter().map(|(_, a)| a.clone()).collect();
-    let mut cl = Client::new(all.clone(), REPLY_TIMEOUT);
+    let mut cl = Client::new(all.clone(), reply_timeout());
     // Other keys, written before, stay intact throughout.
     for i in 0..100 {
         let (k, v) = (format!("other:{i}"), format!("v{i}"));
@@ -259,7 +261,7 @@ fn an_operator_replicates_a_key_over_kn_processes_and_returns_it_to_its_owner() 
     let writer = {
         let (stop, all) = (Arc::clone(&stop), all.clone());
         std::thread::spawn(move || {
-            let mut cl = Client::new(all.clone(), REPLY_TIMEOUT);
+            let mut cl = Client::new(all.clone(), reply_timeout());
             let mut last = None;
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) || n < 50 {
@@ -334,7 +336,7 @@ fn the_policy_replicates_a_hot_key_and_returns_it_once_it_cooled() {
     let load = {
         let (stop, all) = (Arc::clone(&stop), all.clone());
         std::thread::spawn(move || {
-            let mut cl = Client::new(all.clone(), REPLY_TIMEOUT);
+            let mut cl = Client::new(all.clone(), reply_timeout());
             let mut last = None;
             let mut i = 0u64;
             while !stop.load(Ordering::Acquire) {
@@ -431,7 +433,7 @@ fn a_replicated_key_survives_its_owners_sigkill_and_a_fenced_replica_changes_not
         .iter()
         .position(|(id, _)| *id == paused)
         .expect("paused");
-    let mut zombie = Conn::open(c.addr(paused), REPLY_TIMEOUT).expect("connect");
+    let mut zombie = Conn::open(c.addr(paused), reply_timeout()).expect("connect");
     c.kns[j].signal(nix::sys::signal::Signal::SIGSTOP);
     c.kns[j].wait_stopped();
     // Sent while it is stopped: served (or not) only after it resumes.
@@ -459,25 +461,14 @@ fn a_key_replicated_by_a_cluster_that_died_whole_is_in_the_index_for_the_next_on
     let region = dir.path().join("region");
     let region_s = region.to_str().expect("utf-8").to_string();
     format_region(&region, "128M", "1M");
-    let (_dpm, _) = Proc::spawn(&[
-        "dpm",
-        "serve",
-        "--path",
-        &region_s,
-        "--workers",
-        "1",
-        "--no-pin",
-    ]);
+    let fab = fabric::Dpm::new(&region_s);
+    let (_dpm, _) = Proc::spawn(&fabric::strs(&fab.serve_cmd(&[])));
     let manager = || {
-        let (p, out) = Proc::spawn(&[
-            "manager",
-            "--dpm",
-            &region_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--lease-ms",
-            LEASE_MS,
-        ]);
+        let (dpm_args, lease) = (fab.args(), lease_ms());
+        let mut args = vec!["manager"];
+        args.extend(fabric::strs(&dpm_args));
+        args.extend(["--listen", "127.0.0.1:0", "--lease-ms", &lease]);
+        let (p, out) = Proc::spawn(&args);
         (p, ready_addr(out))
     };
     let key = b"orphan:key";
@@ -485,11 +476,11 @@ fn a_key_replicated_by_a_cluster_that_died_whole_is_in_the_index_for_the_next_on
     {
         let (_m, mgr) = manager();
         let kns: Vec<(u16, String, Proc)> = (0..2)
-            .map(|_| spawn_kn(&region_s, &mgr, &["--threads", "1", "--cache", "2M"]))
+            .map(|_| spawn_kn_on(&fab, &mgr, &["--threads", "1", "--cache", "2M"]))
             .collect();
         wait_settled(&mgr, 2);
         let all: Vec<String> = kns.iter().map(|k| k.1.clone()).collect();
-        let mut cl = Client::new(all.clone(), REPLY_TIMEOUT);
+        let mut cl = Client::new(all.clone(), reply_timeout());
         assert_eq!(cl.cmd_at(&all[0], &[b"SET", key, b"before"]), ok());
         let o = dinomo(&["ctl", "--manager", &mgr, "replicate", "orphan:key"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -501,7 +492,7 @@ fn a_key_replicated_by_a_cluster_that_died_whole_is_in_the_index_for_the_next_on
     // The next manager finds no KN coming back: once their leases lapsed and they are
     // fenced, it frees the cell, so the key's newest version is in the index.
     let (_m, mgr) = manager();
-    let (_, addr, _kn) = spawn_kn(&region_s, &mgr, &["--threads", "1", "--cache", "2M"]);
+    let (_, addr, _kn) = spawn_kn_on(&fab, &mgr, &["--threads", "1", "--cache", "2M"]);
     assert_eq!(direct(&addr, &[b"GET", key]), bulk("through-the-cell"));
     assert_eq!(direct(&addr, &[b"SET", key, b"after"]), ok());
     assert_eq!(direct(&addr, &[b"GET", key]), bulk("after"));
