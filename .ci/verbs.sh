@@ -7,8 +7,7 @@
 #   * scripts/verbs-cluster.sh (a process cluster over verbs: redis-cli -c, redis-py,
 #     bench --target compared with the same run over shm),
 #   * tests/failover.rs over verbs: a KN SIGKILLed under writes, a KN SIGSTOPped past its
-#     lease, the DPM SIGKILLed and restarted with the KNs and the manager carrying on,
-#   * `dinomo torture --fabric verbs` for 3 rounds.
+#     lease, the DPM SIGKILLed and restarted with the KNs and the manager carrying on.
 # More test binaries: add a `run_in_vm` line below. This stage fails, loudly, when the VM
 # cannot run here: it never skips.
 set -euo pipefail
@@ -115,17 +114,6 @@ run_in_vm --timeout 1500 failover --test-threads=1 --exact \
 	sigkill_under_a_write_load_loses_no_acknowledged_write \
 	a_paused_kn_is_fenced_and_its_late_write_never_lands \
 	a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing
-
-# ------------------------------------------------------------------ torture over verbs
-# A few rounds, each SIGKILLing the DPM, the manager or a KN under load, every history
-# checked. Leases and the recovery limit are long: a map change costs the manager about a
-# thousand control round trips, each slow on a software device in an emulated VM.
-timed "build dinomo --features rdma (again: the tests above may have relinked it)" \
-	cargo build --locked --bin dinomo --features rdma
-timed "dinomo torture --fabric verbs (3 rounds)" \
-	"$VM" --timeout 1500 -- "${CARGO_TARGET_DIR:-target}/debug/dinomo" torture --fabric verbs \
-	--rounds 3 --kns 2 --lease-ms 15000 --recovery-limit 8m --region-size 64M --no-fill \
-	--keys 64 --clients 2 --round-ms 3000
 
 printf '\n==> verbs: timings\n'
 printf '%s\n' "${TIMINGS[@]}"
