@@ -16,11 +16,17 @@ VM=scripts/rxe-vm
 stage_t0=$(date +%s.%N)
 TIMINGS=()
 
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+show_timings() {
+	printf '\n==> verbs: timings\n'
+	((${#TIMINGS[@]} == 0)) || printf '%s\n' "${TIMINGS[@]}"
+	printf '%7ss  the whole verbs stage\n' "$(elapsed "$stage_t0")"
+}
 fail() {
+	show_timings
 	printf '\nverbs stage FAILED: %s\n' "$*" >&2
 	exit 1
 }
-elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 # timed LABEL COMMAND...: runs COMMAND, records its wall time, fails the stage on error.
 timed() {
 	local label=$1 t0 rc=0
@@ -106,6 +112,4 @@ timed "build dinomo --features rdma" cargo build --locked --bin dinomo --feature
 timed "process cluster over verbs (scripts/verbs-cluster.sh)" \
 	"$VM" --timeout 900 -- scripts/verbs-cluster.sh "${CARGO_TARGET_DIR:-target}/debug/dinomo"
 
-printf '\n==> verbs: timings\n'
-printf '%s\n' "${TIMINGS[@]}"
-printf '%7ss  the whole verbs stage\n' "$(elapsed "$stage_t0")"
+show_timings
