@@ -18,11 +18,17 @@ VM=scripts/rxe-vm
 stage_t0=$(date +%s.%N)
 TIMINGS=()
 
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+show_timings() {
+	printf '\n==> verbs: timings\n'
+	((${#TIMINGS[@]} == 0)) || printf '%s\n' "${TIMINGS[@]}"
+	printf '%7ss  the whole verbs stage\n' "$(elapsed "$stage_t0")"
+}
 fail() {
+	show_timings
 	printf '\nverbs stage FAILED: %s\n' "$*" >&2
 	exit 1
 }
-elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 # timed LABEL COMMAND...: runs COMMAND, records its wall time, fails the stage on error.
 timed() {
 	local label=$1 t0 rc=0
@@ -115,6 +121,4 @@ run_in_vm --timeout 1500 failover --test-threads=1 --exact \
 	a_paused_kn_is_fenced_and_its_late_write_never_lands \
 	a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing
 
-printf '\n==> verbs: timings\n'
-printf '%s\n' "${TIMINGS[@]}"
-printf '%7ss  the whole verbs stage\n' "$(elapsed "$stage_t0")"
+show_timings
