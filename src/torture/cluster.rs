@@ -435,9 +435,9 @@ impl StallClock {
 /// one may get the same inode, so the file alone does not say).
 fn dpm_answers(cfg: &UpConfig) -> bool {
     use dinomo_shared::msg::{Request, Response};
-    let Ok(spec) = cfg.dpm_spec() else {
-        return false;
-    };
+    // Through the control file beside the region, which a DPM serves over either fabric:
+    // over verbs a probe would need a queue pair and the cluster secret for each ping.
+    let spec = dinomo_hw::fabric::ServeSpec::Shm.local_client(cfg.region_path());
     spec.control().is_ok_and(|mut c| {
         matches!(
             c.call(&Request::Ping, Duration::from_millis(200)),
