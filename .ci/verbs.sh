@@ -7,7 +7,8 @@
 #   * scripts/verbs-cluster.sh (a process cluster over verbs: redis-cli -c, redis-py,
 #     bench --target compared with the same run over shm),
 #   * tests/failover.rs over verbs: a KN SIGKILLed under writes, a KN SIGSTOPped past its
-#     lease, the DPM SIGKILLed and restarted with the KNs and the manager carrying on.
+#     lease, the DPM SIGKILLed and restarted with the KNs and the manager carrying on,
+#   * `dinomo torture --fabric verbs`: a KN and then the DPM killed under load, 0 violations.
 # More test binaries: add a `run_in_vm` line below. This stage fails, loudly, when the VM
 # cannot run here: it never skips.
 set -euo pipefail
@@ -120,5 +121,16 @@ run_in_vm --timeout 1500 failover --test-threads=1 --exact \
 	sigkill_under_a_write_load_loses_no_acknowledged_write \
 	a_paused_kn_is_fenced_and_its_late_write_never_lands \
 	a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing
+
+# ------------------------------------------------------------------ torture over verbs
+# A KN and then the DPM SIGKILLed under load, each round's history checked (lincheck).
+# Long leases: a map change costs the manager about a thousand control round trips, each
+# slow on a software device in an emulated VM.
+timed "build dinomo --features rdma (the tests above may have relinked it)" \
+	cargo build --locked --bin dinomo --features rdma
+timed "dinomo torture --fabric verbs (2 rounds: a KN, the DPM)" \
+	"$VM" --timeout 900 -- "${CARGO_TARGET_DIR:-target}/debug/dinomo" torture --fabric verbs \
+	--rounds 2 --roles kn,dpm --kns 2 --lease-ms 15000 --recovery-limit 5m --region-size 64M \
+	--no-fill --keys 64 --clients 2 --round-ms 3000
 
 show_timings
