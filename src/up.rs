@@ -41,7 +41,8 @@ pub struct UpConfig {
     pub base_port: u16,
     /// Shards per KN.
     pub threads: u16,
-    /// Connection threads per KN.
+    /// Threads accepting client connections per KN (connections are served by the shard
+    /// threads).
     pub io_threads: usize,
     /// Cache per KN, e.g. "64M".
     pub cache: String,
@@ -139,7 +140,7 @@ impl Default for UpConfig {
             manager_port: 7000,
             base_port: 7001,
             threads: 2,
-            io_threads: 2,
+            io_threads: 1,
             cache: "64M".into(),
             lease_ms: 3000,
             dpm_workers: 1,

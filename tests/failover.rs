@@ -756,3 +756,119 @@ fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
     check(&mut cl, &logs);
     c.stop();
 }
+
+/// A counter from a KN's `INFO` reply.
+fn info_counter(conn: &mut Conn, name: &str) -> u64 {
+    let text = match conn.call(&[b"INFO"]) {
+        Value::Bulk(b) => String::from_utf8(b).expect("utf-8"),
+        other => panic!("INFO: {other:?}"),
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO has no {name}: {text}"))
+}
+
+/// A pipeline is dispatched whole: its replies come back in command order although its
+/// keys live on both shards of the KN and other commands sit between them; the SETs of a
+/// pipeline share group commits (far fewer flushes than SETs); and every SET acknowledged
+/// in a pipeline survives the KN's SIGKILL, because a reply is written only once its batch
+/// is durable.
+#[test]
+fn a_pipeline_is_answered_in_order_and_its_acknowledged_writes_survive_a_sigkill() {
+    let mut c = Cluster::start(2);
+    let map = c.wait_map(2);
+    let (victim, victim_addr) = (c.kns[0].0, c.kns[0].1.clone());
+    let owners = map.slot_map();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("pipe:{i}"))
+        .filter(|k| owners.owner(key_slot(k.as_bytes())) == victim)
+        .take(64)
+        .collect();
+    let shards: std::collections::HashSet<usize> = keys
+        .iter()
+        .map(|k| dinomo::host_kn::ownership::shard_of(key_slot(k.as_bytes()), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the keys cover both shards of the KN");
+    let other = (0..)
+        .map(|i| format!("elsewhere:{i}"))
+        .find(|k| owners.owner(key_slot(k.as_bytes())) != victim)
+        .expect("a key of the other KN");
+    let mut conn =
+        Conn::open(&victim_addr, fabric::scaled(Duration::from_secs(30))).expect("connect");
+
+    // SET, GET of the same key, GET of a key never written, a key of the other KN and a
+    // PING now and then: all in one write.
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let v = format!("first{i}");
+        dinomo::resp::encode_command(&mut bytes, &[b"SET", k.as_bytes(), v.as_bytes()]);
+        want.push(Value::Simple("OK".into()));
+        dinomo::resp::encode_command(&mut bytes, &[b"GET", k.as_bytes()]);
+        want.push(Value::Bulk(v.into_bytes()));
+        let absent = format!("{k}:absent");
+        if owners.owner(key_slot(absent.as_bytes())) == victim {
+            dinomo::resp::encode_command(&mut bytes, &[b"GET", absent.as_bytes()]);
+            want.push(Value::Nil);
+        }
+        if i % 16 == 7 {
+            dinomo::resp::encode_command(&mut bytes, &[b"PING"]);
+            want.push(Value::Simple("PONG".into()));
+            dinomo::resp::encode_command(&mut bytes, &[b"GET", other.as_bytes()]);
+            want.push(Value::Error(String::new()));
+        }
+    }
+    assert!(conn.send_raw(&bytes));
+    for (i, w) in want.iter().enumerate() {
+        let got = conn
+            .read()
+            .unwrap_or_else(|| panic!("reply {i} of {}", want.len()));
+        match w {
+            Value::Error(_) => assert!(
+                matches!(&got, Value::Error(e) if e.starts_with("MOVED ")),
+                "reply {i}: {got:?}, want MOVED"
+            ),
+            w => assert_eq!(&got, w, "reply {i}"),
+        }
+    }
+
+    // A pipeline of SETs only: far fewer group commits than SETs.
+    let flushes = info_counter(&mut conn, "flushes");
+    let mut bytes = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        dinomo::resp::encode_command(
+            &mut bytes,
+            &[b"SET", k.as_bytes(), format!("last{i}").as_bytes()],
+        );
+    }
+    assert!(conn.send_raw(&bytes));
+    for i in 0..keys.len() {
+        assert_eq!(
+            conn.read(),
+            Some(Value::Simple("OK".into())),
+            "SET reply {i}"
+        );
+    }
+    let spent = info_counter(&mut conn, "flushes") - flushes;
+    assert!(
+        spent <= keys.len() as u64 / 4,
+        "{} pipelined SETs took {spent} group commits",
+        keys.len()
+    );
+
+    // Killed at once: every acknowledged SET is read back through the other KN.
+    let mut p = c.kns[0].2.take().expect("KN");
+    p.signal(nix::sys::signal::Signal::SIGKILL);
+    p.wait();
+    let after = c.wait_map(1);
+    assert!(after.addr_of(victim).is_none());
+    let mut cl = Client::new(vec![c.kns[1].1.clone()], reply_timeout());
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(
+            cl.must(&[b"GET", k.as_bytes()]),
+            Value::Bulk(format!("last{i}").into_bytes()),
+            "{k}"
+        );
+    }
+    c.stop();
+}

@@ -18,7 +18,7 @@ use dinomo_shared::slot::{key_slot, SLOTS};
 use crate::error::KvError;
 use crate::ownership::{shard_of, SlotMap};
 use crate::replica::{ReplicaRoutes, ReplicaView, Replicas};
-use crate::shard::{validate_key, Msg, Reply, Request};
+use crate::shard::{validate_key, Msg, Reply, Request, ShardTx};
 
 /// Words of the moving-slots bitset.
 const MOVING_WORDS: usize = (SLOTS as usize).div_ceil(64);
@@ -28,7 +28,7 @@ const MOVING_WORDS: usize = (SLOTS as usize).div_ceil(64);
 pub struct Router {
     map: RwLock<Arc<SlotMap>>,
     /// Shard queues by KN id.
-    kns: RwLock<Vec<Vec<Sender<Msg>>>>,
+    kns: RwLock<Vec<Vec<ShardTx>>>,
     /// One bit per slot; read with a relaxed-cost atomic load on every request, written only
     /// by reconfiguration (no lock on the hot path).
     moving: Box<[AtomicU64]>,
@@ -46,7 +46,7 @@ impl Router {
     }
 
     /// Registers (or replaces) the shard queues of KN `kn`.
-    pub fn add_kn(&self, kn: u16, shards: Vec<Sender<Msg>>) {
+    pub fn add_kn(&self, kn: u16, shards: Vec<ShardTx>) {
         let mut kns = self.kns.write().unwrap_or_else(|e| e.into_inner());
         if kns.len() <= kn as usize {
             kns.resize(kn as usize + 1, Vec::new());
@@ -81,12 +81,12 @@ impl Router {
     }
 
     /// The queue of the shard of replica KN `kn` that serves replicated `key`.
-    fn route_replica(&self, kn: u16, key: &[u8]) -> Result<Sender<Msg>, KvError> {
+    fn route_replica(&self, kn: u16, key: &[u8]) -> Result<ShardTx, KvError> {
         self.shard(kn, key_slot(key)).ok_or(KvError::ShuttingDown)
     }
 
     /// The queue of the shard of KN `kn` that serves `slot`, if the KN is running.
-    fn shard(&self, kn: u16, slot: u16) -> Option<Sender<Msg>> {
+    fn shard(&self, kn: u16, slot: u16) -> Option<ShardTx> {
         let kns = self.kns.read().unwrap_or_else(|e| e.into_inner());
         let shards = kns.get(kn as usize).filter(|s| !s.is_empty())?;
         Some(shards[shard_of(slot, shards.len())].clone())
@@ -117,12 +117,7 @@ impl Router {
 
     /// The shard queue for `key` under `map`; `TryAgain` if its slot is moving (unless
     /// `ignore_moving`), `WrongOwner` if its owner has no shards here.
-    fn route(
-        &self,
-        map: &SlotMap,
-        key: &[u8],
-        ignore_moving: bool,
-    ) -> Result<Sender<Msg>, KvError> {
+    fn route(&self, map: &SlotMap, key: &[u8], ignore_moving: bool) -> Result<ShardTx, KvError> {
         let slot = key_slot(key);
         if !ignore_moving && self.is_moving(slot) {
             return Err(KvError::TryAgain { slot });
@@ -337,20 +332,8 @@ impl Client {
 }
 
 /// Receives from `rx`, first polling briefly (yielding the core between polls) because the
-/// reply usually arrives within microseconds; then blocks. Saves a futex sleep and wake-up
+/// reply usually arrives within microseconds; then blocks (for at most `limit`). Saves a futex sleep and wake-up
 /// per request under load.
-pub(crate) fn recv_soon<T>(rx: &Receiver<T>) -> Option<T> {
-    for _ in 0..SPIN_POLLS {
-        match rx.try_recv() {
-            Ok(v) => return Some(v),
-            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-        }
-    }
-    rx.recv().ok()
-}
-
-/// [`recv_soon`], giving up after `limit`.
 fn recv_soon_for<T>(rx: &Receiver<T>, limit: Duration) -> Option<T> {
     for _ in 0..SPIN_POLLS {
         match rx.try_recv() {
@@ -362,7 +345,7 @@ fn recv_soon_for<T>(rx: &Receiver<T>, limit: Duration) -> Option<T> {
     rx.recv_timeout(limit).ok()
 }
 
-/// Polls before blocking in [`recv_soon`].
+/// Polls before blocking in [`recv_soon_for`].
 const SPIN_POLLS: u32 = 16;
 
 #[cfg(test)]
@@ -371,11 +354,11 @@ mod tests {
     use std::thread;
 
     /// A stand-in shard: answers gets with `answer(kn)` until its queue closes.
-    fn fake_kn(kn: u16, refuse: bool) -> (Sender<Msg>, thread::JoinHandle<u64>) {
-        let (tx, rx) = mpsc::channel::<Msg>();
+    fn fake_kn(kn: u16, refuse: bool) -> (ShardTx, thread::JoinHandle<u64>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Msg>();
         let h = thread::spawn(move || {
             let mut served = 0;
-            while let Ok(m) = rx.recv() {
+            while let Some(m) = rx.blocking_recv() {
                 if let Msg::Req { tag, reply, .. } = m {
                     let result = if refuse {
                         Err(KvError::WrongOwner {

@@ -1,6 +1,7 @@
-//! A KVS node: a set of shards, one thread and one fabric connection each.
+//! A KVS node: a set of shards, one thread and one fabric connection each. Each shard thread
+//! is also an event loop on which client connections can be placed ([`Kn::place`]).
 
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -8,13 +9,15 @@ use dinomo_hw::fabric::Fabric;
 
 use crate::error::KvError;
 use crate::ownership::SlotMap;
-use crate::shard::{Msg, ReleaseReport, Shard, ShardConfig, ShardStats};
+use crate::shard::{
+    run_thread, LocalShard, Msg, ReleaseReport, Shard, ShardConfig, ShardStats, ShardTx, Task,
+};
 
 /// A running KN.
 #[derive(Debug)]
 pub struct Kn {
     pub kn_id: u16,
-    senders: Vec<Sender<Msg>>,
+    senders: Vec<ShardTx>,
     threads: Vec<JoinHandle<ShardStats>>,
 }
 
@@ -36,18 +39,25 @@ impl Kn {
         let mut threads = Vec::new();
         let mut ready = Vec::new();
         for cfg in configs {
-            let (tx, rx) = mpsc::channel();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let (rtx, rrx) = mpsc::channel::<Result<(), KvError>>();
             let (connect, map) = (Arc::clone(&connect), Arc::clone(&map));
             let name = format!("kn{}-shard{}", cfg.kn_id, cfg.shard);
             let h = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
-                    let shard = connect(cfg.shard).and_then(|f| Shard::open(cfg, f, map));
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| KvError::Fabric(format!("cannot start an event loop: {e}")));
+                    let shard = rt.and_then(|rt| {
+                        let s = connect(cfg.shard).and_then(|f| Shard::open(cfg, f, map))?;
+                        Ok((rt, s))
+                    });
                     match shard {
-                        Ok(s) => {
+                        Ok((rt, s)) => {
                             let _ = rtx.send(Ok(()));
-                            s.run(rx)
+                            run_thread(&rt, s, rx)
                         }
                         Err(e) => {
                             let _ = rtx.send(Err(e));
@@ -82,8 +92,16 @@ impl Kn {
     }
 
     /// The request queues of the shards, by shard index.
-    pub fn senders(&self) -> &[Sender<Msg>] {
+    pub fn senders(&self) -> &[ShardTx] {
         &self.senders
+    }
+
+    /// Runs `task` on the thread of shard `shard` (a client connection placed there);
+    /// false if that shard has stopped.
+    pub fn place(&self, shard: usize, task: impl FnOnce(LocalShard) + Send + 'static) -> bool {
+        self.senders
+            .get(shard)
+            .is_some_and(|tx| tx.send(Msg::Task(Task(Box::new(task)))).is_ok())
     }
 
     /// Current counters of every shard, added up.

@@ -319,10 +319,10 @@ impl Out<'_> {
         self.line(b'-', clean.as_bytes());
     }
     pub fn int(&mut self, v: i64) {
-        self.line(b':', v.to_string().as_bytes());
+        self.number(b':', v);
     }
     pub fn bulk(&mut self, b: &[u8]) {
-        self.line(b'$', b.len().to_string().as_bytes());
+        self.number(b'$', b.len() as i64);
         self.buf.extend_from_slice(b);
         self.buf.extend_from_slice(b"\r\n");
     }
@@ -333,7 +333,7 @@ impl Out<'_> {
         }
     }
     pub fn array(&mut self, n: usize) {
-        self.line(b'*', n.to_string().as_bytes());
+        self.number(b'*', n as i64);
     }
     /// A map of `n` pairs (RESP2: an array of `2n` items).
     pub fn map(&mut self, n: usize) {
@@ -353,6 +353,27 @@ impl Out<'_> {
                 self.buf.extend_from_slice(b"\r\n");
             }
         }
+    }
+    /// A frame header `kind` + decimal `v` + CRLF, formatted without allocating (every
+    /// reply has one).
+    fn number(&mut self, kind: u8, v: i64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.buf.push(kind);
+        if v < 0 {
+            self.buf.push(b'-');
+        }
+        self.buf.extend_from_slice(&digits[at..]);
+        self.buf.extend_from_slice(b"\r\n");
     }
     fn line(&mut self, kind: u8, body: &[u8]) {
         self.buf.push(kind);
@@ -519,6 +540,26 @@ fn parse_value_at(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn numbers_in_frame_headers_are_decimal() {
+        let mut buf = Vec::new();
+        let mut o = Out {
+            buf: &mut buf,
+            proto: Proto::Resp2,
+        };
+        for v in [0, 7, -1, 10, 12345, i64::MAX, i64::MIN] {
+            o.int(v);
+        }
+        o.bulk(b"abc");
+        o.array(0);
+        let mut want = String::new();
+        for v in [0, 7, -1, 10, 12345, i64::MAX, i64::MIN] {
+            want.push_str(&format!(":{v}\r\n"));
+        }
+        want.push_str("$3\r\nabc\r\n*0\r\n");
+        assert_eq!(String::from_utf8(buf).expect("ascii"), want);
+    }
 
     #[test]
     fn cluster_slots_replies_become_ranges() {

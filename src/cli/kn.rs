@@ -25,11 +25,13 @@ pub(crate) struct KnArgs {
     /// Manager address.
     #[arg(long, default_value = "127.0.0.1:7000")]
     manager: String,
-    /// Shards (threads, each with its own fabric connection, log and cache).
+    /// Shards (threads, each with its own fabric connection, log and cache, each serving
+    /// the client connections placed on it).
     #[arg(long, default_value_t = 2, value_parser = at_least_one::<u16>)]
     threads: u16,
-    /// Threads serving client connections.
-    #[arg(long, default_value_t = 2, value_parser = at_least_one::<usize>)]
+    /// Threads accepting client connections (a connection is then served, to the end, by
+    /// the shard thread it is placed on).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     io_threads: usize,
     /// Cache size of the whole KN, e.g. 64M (0: no cache, every read goes to the DPM).
     #[arg(long, value_parser = parse_size, default_value = "64M")]

@@ -38,8 +38,8 @@ pub(crate) struct ManagerArgs {
     /// Shards of KNs started by the manager.
     #[arg(long, default_value_t = 2, value_parser = at_least_one::<u16>)]
     kn_threads: u16,
-    /// Connection threads of KNs started by the manager.
-    #[arg(long, default_value_t = 2, value_parser = at_least_one::<usize>)]
+    /// Threads accepting connections in KNs started by the manager.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
     kn_io_threads: usize,
     /// Cache of KNs started by the manager, e.g. 64M.
     #[arg(long, default_value = "64M")]

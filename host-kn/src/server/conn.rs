@@ -1,10 +1,11 @@
 //! Client connections: RESP framing, routing each key to its owner shard (or refusing it
 //! with `MOVED`/`TRYAGAIN`), and the data commands.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,9 @@ use super::acl::{command_count, command_entry, command_id, runs_without_auth};
 use super::commands::upper;
 use super::{Shared, View};
 use crate::ownership::shard_of;
-use crate::shard::{Msg, ReplyFn, Request};
+use crate::shard::{
+    LocalShard, Msg, ReplyFn, ReplyResult, ReplySlots, ReplyTo, Request, ShardTx, Task,
+};
 use crate::KvError;
 
 /// Accepts client connections until `stop` is set, the lease is lost, or the manager asked
@@ -84,6 +87,17 @@ pub(super) struct Conn {
     pub(super) peer: SocketAddr,
     pub(super) name: Option<Vec<u8>>,
     pub(super) lib: (Option<Vec<u8>>, Option<Vec<u8>>),
+    /// This connection's stripe of the latency histogram.
+    stripe: usize,
+    /// The ACL ids of the commands served in place.
+    ids: FastIds,
+}
+
+/// The ACL ids of `GET` and `SET`, looked up once per connection.
+#[derive(Clone, Copy)]
+struct FastIds {
+    get: Option<usize>,
+    set: Option<usize>,
 }
 
 /// One counted client connection; uncounted when dropped.
@@ -131,10 +145,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// One accepted connection: counted against `maxclients` from the start (a TLS handshake
-/// in progress counts too), checked against protected mode, then served.
+/// in progress counts too) and checked against protected mode, then placed on a shard
+/// thread, which serves it to the end (TLS handshake included).
 async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel);
-    let _slot = ClientSlot(Arc::clone(&shared));
+    let slot = ClientSlot(Arc::clone(&shared));
     let refusal = if open >= shared.client.maxclients {
         Some("ERR max number of clients reached")
     } else if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
@@ -147,23 +162,53 @@ async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
         None
     };
     match (&shared.tls, refusal) {
-        (None, Some(line)) => refuse(&mut sock, line).await,
+        (None, Some(line)) => return refuse(&mut sock, line).await,
         // Over TLS a refusal is not worth a handshake: the connection is just closed.
-        (Some(_), Some(_)) => {}
-        (None, None) => connection(shared, sock, peer).await,
-        (Some(cfg), None) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(cfg));
-            // A peer that never finishes its handshake holds its slot only so long.
-            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(sock)).await {
-                Ok(Ok(tls)) => connection(shared, tls, peer).await,
-                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-            }
-        }
+        (Some(_), Some(_)) => return,
+        _ => {}
     }
+    let Ok(std_sock) = sock.into_std() else {
+        return;
+    };
+    // Connections are spread over the shard threads in turn; each then serves the keys of
+    // its own shard in place and hands the others over in batches.
+    let n = shared.shards.len().max(1);
+    let shard = shared.placed.fetch_add(1, Ordering::Relaxed) as usize % n;
+    let Some(queue) = shared.shards.get(shard).cloned() else {
+        return;
+    };
+    let task = Task(Box::new(move |local: LocalShard| {
+        tokio::task::spawn_local(async move {
+            let _slot = slot;
+            let Ok(sock) = TcpStream::from_std(std_sock) else {
+                return;
+            };
+            local.connection(true);
+            match shared.tls.clone() {
+                None => connection(shared, sock, peer, &local).await,
+                Some(cfg) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    // A peer that never finishes its handshake holds its slot only so long.
+                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(sock)).await {
+                        Ok(Ok(tls)) => connection(shared, tls, peer, &local).await,
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+            local.connection(false);
+        });
+    }));
+    // A stopped shard drops the connection (the KN is going away).
+    let _ = queue.send(Msg::Task(task));
 }
 
-async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAddr) {
+async fn connection<S: Stream>(
+    shared: Arc<Shared>,
+    mut sock: S,
+    peer: SocketAddr,
+    local: &LocalShard,
+) {
     let client = shared.client;
     let version = shared.version.load(Ordering::Acquire);
     let id = shared.conns.fetch_add(1, Ordering::Relaxed);
@@ -178,13 +223,20 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
         peer,
         name: None,
         lib: (None, None),
+        stripe,
+        ids: FastIds {
+            get: command_id("GET"),
+            set: command_id("SET"),
+        },
     };
+    let mut round = Round::new(Rc::clone(local), c.shared.shards.len());
     let mut parser = CommandParser::default();
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 << 10);
     let mut out: Vec<u8> = Vec::with_capacity(16 << 10);
     loop {
         let mut pos = 0;
         let mut close = false;
+        let busy_from = Instant::now();
         loop {
             let limits = if c.user.is_some() {
                 c.shared.limits
@@ -192,11 +244,19 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
                 UNAUTHENTICATED
             };
             match parser.feed(&inbuf[pos..], &limits) {
-                Ok((n, Some(args))) => {
+                Ok((n, Some(mut args))) => {
                     pos += n;
                     if args.is_empty() {
                         continue;
                     }
+                    // GET and SET are served in place or batched; their replies are put in
+                    // order when the round ends.
+                    if c.fast(&mut args, &mut round, &mut out) {
+                        continue;
+                    }
+                    // Anything else runs now. What this connection sent other shards so
+                    // far goes first, so that every shard sees the commands in order.
+                    round.send_batches(&c.shared);
                     let t0 = Instant::now();
                     let quit = c.exec(&args, &mut out).await;
                     c.shared.latency.record(stripe, t0.elapsed());
@@ -205,6 +265,7 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
                         break;
                     }
                     if out.len() > 1 << 20 {
+                        round.finish(&mut out, c.proto, &c.shared, stripe).await;
                         if sock.write_all(&out).await.is_err() {
                             return;
                         }
@@ -222,6 +283,7 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
                     } else {
                         ""
                     };
+                    round.finish(&mut out, c.proto, &c.shared, stripe).await;
                     Out {
                         buf: &mut out,
                         proto: c.proto,
@@ -232,6 +294,9 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
                 }
             }
         }
+        local.add_busy(busy_from.elapsed());
+        // One group commit for the writes of the whole read, then the replies in order.
+        round.finish(&mut out, c.proto, &c.shared, stripe).await;
         inbuf.drain(..pos);
         if !close && parser.held() + inbuf.len() > client.query_buffer {
             Out {
@@ -282,15 +347,187 @@ async fn connection<S: Stream>(shared: Arc<Shared>, mut sock: S, peer: SocketAdd
     }
 }
 
+/// Which command a reply still to come answers.
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    Set,
+}
+
+/// Where a reply still to come will be.
+#[derive(Clone, Copy)]
+enum Src {
+    /// A slot of the round's own shard's replies.
+    Local(usize),
+    /// Reply `index` of batch `batch`.
+    Remote { batch: usize, index: usize },
+}
+
+/// A reply still to come, and where in the output it goes.
+struct Piece {
+    at: usize,
+    kind: Kind,
+    src: Src,
+    since: Instant,
+}
+
+/// The requests of another shard in one round.
+struct Batch {
+    shard: usize,
+    ops: Vec<Request>,
+    wait: Option<tokio::sync::oneshot::Receiver<Vec<Option<ReplyResult>>>>,
+    results: Vec<Option<ReplyResult>>,
+}
+
+/// The GETs and SETs of one read of a connection: those of this thread's shard are served
+/// in place (a SET is staged and answered at the round's group commit), those of other
+/// shards go there as one batch per shard. The replies are put in command order.
+struct Round {
+    local: LocalShard,
+    mine: usize,
+    slots: Rc<RefCell<ReplySlots>>,
+    pieces: Vec<Piece>,
+    batches: Vec<Batch>,
+    /// The open (unsent) batch of each shard, as an index into `batches`.
+    open: Vec<Option<usize>>,
+    scratch: Vec<u8>,
+}
+
+impl Round {
+    fn new(local: LocalShard, shards: usize) -> Self {
+        Self {
+            mine: local.index() as usize,
+            local,
+            slots: Rc::new(RefCell::new(ReplySlots::new(None))),
+            pieces: Vec::new(),
+            batches: Vec::new(),
+            open: vec![None; shards],
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Queues `op` for `shard` (another shard's) and notes where its reply goes.
+    fn remote(&mut self, shard: usize, op: Request, kind: Kind, at: usize) {
+        let batch = match self.open.get(shard).copied().flatten() {
+            Some(b) => b,
+            None => {
+                self.batches.push(Batch {
+                    shard,
+                    ops: Vec::new(),
+                    wait: None,
+                    results: Vec::new(),
+                });
+                let b = self.batches.len() - 1;
+                if let Some(o) = self.open.get_mut(shard) {
+                    *o = Some(b);
+                }
+                b
+            }
+        };
+        let index = self.batches[batch].ops.len();
+        self.batches[batch].ops.push(op);
+        self.pieces.push(Piece {
+            at,
+            kind,
+            src: Src::Remote { batch, index },
+            since: Instant::now(),
+        });
+    }
+
+    /// Stages a write on this thread's shard and notes where its reply goes.
+    fn local_write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, at: usize) {
+        let slot = ReplySlots::push(&self.slots);
+        let index = self.slots.borrow().len() - 1;
+        self.local.write(key, value, ReplyTo::Slot(slot));
+        self.pieces.push(Piece {
+            at,
+            kind: Kind::Set,
+            src: Src::Local(index),
+            since: Instant::now(),
+        });
+    }
+
+    /// Sends the open batches to their shards.
+    fn send_batches(&mut self, shared: &Shared) {
+        for o in self.open.iter_mut() {
+            let Some(b) = o.take() else { continue };
+            let batch = &mut self.batches[b];
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ops = std::mem::take(&mut batch.ops);
+            let n = ops.len();
+            match shared.shards.get(batch.shard) {
+                Some(q) if q.send(Msg::Batch { ops, done: tx }).is_ok() => batch.wait = Some(rx),
+                _ => batch.results = (0..n).map(|_| Some(Err(KvError::ShuttingDown))).collect(),
+            }
+        }
+    }
+
+    /// Waits for every reply of the round and puts them, in command order, at their places
+    /// in `out`.
+    async fn finish(&mut self, out: &mut Vec<u8>, proto: Proto, shared: &Shared, stripe: usize) {
+        if self.pieces.is_empty() {
+            return;
+        }
+        self.send_batches(shared);
+        if self.slots.borrow().left() > 0 {
+            self.local.flush_soon();
+            std::future::poll_fn(|cx| {
+                let mut s = self.slots.borrow_mut();
+                if s.left() == 0 {
+                    std::task::Poll::Ready(())
+                } else {
+                    s.wake_when_done(cx.waker());
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
+        }
+        for b in &mut self.batches {
+            if let Some(w) = b.wait.take() {
+                b.results = w.await.unwrap_or_default();
+            }
+        }
+        let now = Instant::now();
+        let tmp = &mut self.scratch;
+        tmp.clear();
+        let mut from = 0;
+        for p in self.pieces.drain(..) {
+            tmp.extend_from_slice(&out[from..p.at]);
+            from = p.at;
+            let r = match p.src {
+                Src::Local(i) => self.slots.borrow_mut().take(i),
+                Src::Remote { batch, index } => self.batches[batch]
+                    .results
+                    .get_mut(index)
+                    .and_then(Option::take),
+            };
+            let r = r.unwrap_or(Err(KvError::ShuttingDown));
+            let mut o = Out { buf: tmp, proto };
+            match (p.kind, r) {
+                (Kind::Get, Ok(Some(v))) => o.bulk(&v),
+                (Kind::Get, Ok(None)) => o.null(),
+                (Kind::Set, Ok(_)) => o.simple("OK"),
+                (_, Err(e)) => o.error(&kv_error(&e)),
+            }
+            shared.latency.record(stripe, now - p.since);
+        }
+        tmp.extend_from_slice(&out[from..]);
+        std::mem::swap(out, tmp);
+        self.batches.clear();
+        self.slots.borrow_mut().clear();
+    }
+}
+
 /// Where a key's request goes.
 enum Route {
-    Shard(Sender<Msg>),
+    /// To this shard of this KN.
+    Shard(usize),
     /// Refused with this error line.
     Refuse(String),
 }
 
 /// Sends one request to a shard and waits for its answer.
-async fn call(tx: &Sender<Msg>, op: Request) -> Result<Option<Vec<u8>>, KvError> {
+async fn call(tx: &ShardTx, op: Request) -> Result<Option<Vec<u8>>, KvError> {
     let (otx, orx) = tokio::sync::oneshot::channel();
     tx.send(Msg::ReqFn {
         op,
@@ -337,8 +574,7 @@ impl Conn {
         if !self.shared.lease_ok() {
             return Route::Refuse("TRYAGAIN this node's lease is being renewed".into());
         }
-        let shards = &self.shared.shards;
-        Route::Shard(shards[shard_of(slot, shards.len())].clone())
+        Route::Shard(shard_of(slot, self.shared.shards.len()))
     }
 
     /// The common slot of `keys`, or the error to answer.
@@ -381,20 +617,81 @@ impl Conn {
 
     /// The shard for `keys` (all in one slot), or the error to answer. Keys this KN serves
     /// as a replica go to its own shard whoever owns their slot; the others go by slot.
-    fn shard_for(&mut self, keys: &[&[u8]]) -> Result<Sender<Msg>, String> {
+    fn shard_index(&mut self, keys: &[&[u8]]) -> Result<usize, String> {
         self.refresh();
         let slot = self.slot_of(keys)?;
         if self.replicated_here(keys)? {
             if !self.shared.lease_ok() {
                 return Err("TRYAGAIN this node's lease is being renewed".into());
             }
-            let shards = &self.shared.shards;
-            return Ok(shards[shard_of(slot, shards.len())].clone());
+            return Ok(shard_of(slot, self.shared.shards.len()));
         }
         match self.route(slot) {
-            Route::Shard(tx) => Ok(tx),
+            Route::Shard(i) => Ok(i),
             Route::Refuse(e) => Err(e),
         }
+    }
+
+    /// The queue of the shard for `keys` ([`Conn::shard_index`]).
+    fn shard_for(&mut self, keys: &[&[u8]]) -> Result<ShardTx, String> {
+        let i = self.shard_index(keys)?;
+        self.shared
+            .shards
+            .get(i)
+            .cloned()
+            .ok_or_else(|| "TRYAGAIN the node is shutting down".to_owned())
+    }
+
+    /// Serves a plain `GET key` or `SET key value` of an authenticated client that may run
+    /// it on every key, if `args` is one: in place when this thread's shard owns the key
+    /// (a cached value is copied straight into the reply), else batched for the owner
+    /// shard. False: `args` takes the general path (which also answers every error).
+    fn fast(&mut self, args: &mut [Vec<u8>], round: &mut Round, out: &mut Vec<u8>) -> bool {
+        let (kind, id) = match args.len() {
+            2 if args[0].eq_ignore_ascii_case(b"GET") => (Kind::Get, self.ids.get),
+            3 if args[0].eq_ignore_ascii_case(b"SET") => (Kind::Set, self.ids.set),
+            _ => return false,
+        };
+        let (Some(user), Some(id)) = (self.user, id) else {
+            return false;
+        };
+        let u = self.shared.acl.user(user);
+        if !u.all_keys() || u.check(id, &[]).is_err() {
+            return false;
+        }
+        if matches!(kind, Kind::Set) && args[2].len() > self.shared.max_value {
+            return false;
+        }
+        let Ok(shard) = self.shard_index(&[&args[1]]) else {
+            return false;
+        };
+        let at = out.len();
+        let key = std::mem::take(&mut args[1]);
+        match kind {
+            Kind::Get if shard == round.mine => {
+                let t0 = Instant::now();
+                let proto = self.proto;
+                round.local.get(&key, &mut |r| {
+                    let mut o = Out { buf: out, proto };
+                    match r {
+                        Ok(Some(v)) => o.bulk(v),
+                        Ok(None) => o.null(),
+                        Err(e) => o.error(&kv_error(&e)),
+                    }
+                });
+                self.shared.latency.record(self.stripe, t0.elapsed());
+            }
+            Kind::Get => round.remote(shard, Request::Get { key }, kind, at),
+            Kind::Set => {
+                let value = std::mem::take(&mut args[2]);
+                if shard == round.mine {
+                    round.local_write(key, Some(value), at);
+                } else {
+                    round.remote(shard, Request::Put { key, value }, kind, at);
+                }
+            }
+        }
+        true
     }
 
     /// How many reads one multi-key command keeps in flight: as many as fit the reply
@@ -679,7 +976,7 @@ impl From<KvError> for Stop {
 
 /// Gets (and with `delete`, deletes) `keys` on one shard; returns how many existed.
 async fn count_keys(
-    tx: &Sender<Msg>,
+    tx: &ShardTx,
     keys: &[&[u8]],
     delete: bool,
     window: usize,
@@ -711,7 +1008,7 @@ async fn count_keys(
 /// `window` requests in flight: values wait in their channels until taken, so the window
 /// bounds what a command naming one large value many times makes the KN hold.
 async fn fetch<E: From<KvError>>(
-    tx: &Sender<Msg>,
+    tx: &ShardTx,
     keys: &[&[u8]],
     window: usize,
     mut each: impl FnMut(usize, Option<Vec<u8>>) -> Result<(), E>,
@@ -744,7 +1041,7 @@ async fn fetch<E: From<KvError>>(
 }
 
 /// Sets key/value pairs on one shard (they share one group commit when they fit a batch).
-async fn mset(tx: &Sender<Msg>, kv: &[Vec<u8>]) -> Result<(), KvError> {
+async fn mset(tx: &ShardTx, kv: &[Vec<u8>]) -> Result<(), KvError> {
     let mut waits = Vec::new();
     for pair in kv.chunks_exact(2) {
         let (otx, orx) = tokio::sync::oneshot::channel();

@@ -3,10 +3,14 @@
 //! its lease, follows the cluster map ([`membership`]), reports its load ([`load`]), and
 //! serves clients over the Redis protocol, RESP2/RESP3, with tokio ([`conn`], [`commands`]).
 //!
-//! A request goes from its connection task straight to the owner shard's queue (no lock
-//! on the way: each connection keeps its own copy of the current view and reloads it only
-//! when a version counter moves); the shard answers through a callback that completes a
-//! oneshot channel. Keys whose slot another KN owns get `-MOVED slot host:port` unless the
+//! Thread per core, run to completion: an accepted connection is placed on a shard thread
+//! (in turn), whose event loop serves it to the end. A pipeline is parsed whole before any
+//! reply is awaited: `GET`s and `SET`s of that shard's keys are served in place (a cached
+//! value is copied straight into the reply; `SET`s are staged and share one group commit),
+//! those of other shards go there in one batch per shard and come back in one message; the
+//! replies are written in command order. No lock on the way: each connection keeps its own
+//! copy of the current view and reloads it only when a version counter moves. Other
+//! commands go to their shard's queue and are answered through a oneshot. Keys whose slot another KN owns get `-MOVED slot host:port` unless the
 //! map names this KN a replica of the key (then it serves the key through the key's cell
 //! at the DPM, reads and writes alike); slots that are still moving to this KN, keys whose
 //! replication is beginning or ending, and every key once the lease could have lapsed, get
@@ -23,7 +27,7 @@ mod tls;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,7 +42,7 @@ use dinomo_shared::resp::Limits;
 
 use crate::dac::DacConfig;
 use crate::replica::{ReplicaSet, Replicas};
-use crate::shard::{read_geometry, LeaseGate, Msg};
+use crate::shard::{read_geometry, LeaseGate, Msg, ShardTx};
 use crate::{Kn, KvError, ShardConfig, ShardStats, SlotMap};
 pub use acl::{Acl, AclError};
 use latency::LatencyHist;
@@ -54,11 +58,12 @@ pub struct KnConfig {
     pub listen: SocketAddr,
     /// Manager address.
     pub manager: String,
-    /// Shards (threads with their own fabric connection, log and cache).
+    /// Shards (threads with their own fabric connection, log and cache, which also serve
+    /// the client connections placed on them).
     pub threads: u16,
     /// Cache bytes for the whole KN.
     pub cache_bytes: u64,
-    /// Threads serving client connections.
+    /// Threads accepting client connections (and running `INFO`'s counter gathering).
     pub io_threads: usize,
     /// Group-commit bound.
     pub flush_bound: Duration,
@@ -117,7 +122,7 @@ impl KnConfig {
             manager,
             threads: 2,
             cache_bytes: 64 << 20,
-            io_threads: 2,
+            io_threads: 1,
             flush_bound: Duration::from_micros(100),
             secret: None,
             acl: Arc::new(Acl::default()),
@@ -200,7 +205,7 @@ impl View {
 struct Shared {
     kn_id: u16,
     addr: String,
-    shards: Vec<Sender<Msg>>,
+    shards: Vec<ShardTx>,
     view: RwLock<Arc<View>>,
     version: AtomicU64,
     /// The lease, shared with the shards (they check it before every flush).
@@ -221,6 +226,8 @@ struct Shared {
     latency: LatencyHist,
     /// Hands each connection its histogram stripe.
     conns: AtomicU64,
+    /// Connections placed on shard threads so far (they are placed in turn).
+    placed: AtomicU64,
     /// The epoch of the last map every shard released slots for.
     released: AtomicU64,
     lease_epoch: u32,
@@ -439,6 +446,7 @@ pub fn run(
         drain: AtomicBool::new(false),
         latency: LatencyHist::default(),
         conns: AtomicU64::new(0),
+        placed: AtomicU64::new(0),
         released: AtomicU64::new(0),
         lease_epoch,
         lease_len: lease,

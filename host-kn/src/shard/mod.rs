@@ -16,17 +16,19 @@
 mod config;
 mod geometry;
 mod lease;
+mod local;
 mod msg;
 mod reconfig;
 mod replication;
 mod stats;
 mod unmerged;
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::rc::Rc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dinomo_hw::fabric::Fabric;
 use dinomo_shared::control::ProgressSlot;
@@ -46,7 +48,14 @@ use crate::replica::{HotKeys, ReplicaCtl, ShardReplicas};
 pub use config::ShardConfig;
 pub use geometry::read_geometry;
 pub use lease::LeaseGate;
-pub use msg::{Msg, ReleaseReport, Reply, ReplyFn, ReplyTo, Request};
+pub use local::{run_thread, LocalShard, ShardOps};
+pub use msg::{
+    GetReply, Msg, ReleaseReport, Reply, ReplyFn, ReplyResult, ReplySlots, ReplyTo, Request,
+    ShardTx, SlotRef, Task,
+};
+
+/// Where the replies of a [`Msg::Batch`] go.
+type BatchDone = tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>;
 pub use stats::ShardStats;
 use unmerged::UnmergedWrites;
 
@@ -168,9 +177,19 @@ impl<F: Fabric> Shard<F> {
 
     /// Serves one get.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let mut out = Err(KvError::ShuttingDown);
+        self.get_with(key, &mut |r| out = r.map(|v| v.map(<[u8]>::to_vec)));
+        out
+    }
+
+    /// Serves one get and hands the answer to `emit` (exactly once). A value in the cache
+    /// is handed over in place, without a copy: the common case costs a hash lookup.
+    pub fn get_with(&mut self, key: &[u8], emit: &mut GetReply<'_>) {
         let replicated = self.replicas.serves(key);
         if !replicated {
-            self.check_owner(key)?;
+            if let Err(e) = self.check_owner(key) {
+                return emit(Err(e));
+            }
         }
         self.stats.gets += 1;
         if !self.staged_hashes.is_empty()
@@ -180,26 +199,43 @@ impl<F: Fabric> Shard<F> {
         {
             self.flush();
         }
+        let shortcut = if replicated {
+            None
+        } else {
+            match self.cache.get(key) {
+                Lookup::Value(v) => {
+                    self.stats.hit_value += 1;
+                    return emit(Ok(Some(v)));
+                }
+                Lookup::Shortcut(r) => Some(r),
+                Lookup::Miss => None,
+            }
+        };
         let t0 = self.rts();
         // A read changes nothing at the memory node: one that found it gone is read again
         // over a new connection.
-        let r = match self.get_once(key, replicated) {
+        let r = match self.get_once(key, replicated, shortcut) {
             Err(KvError::Disconnected(why)) => self
                 .reconnect(&why)
-                .and_then(|()| self.get_once(key, replicated)),
+                .and_then(|()| self.get_once(key, replicated, shortcut)),
             r => r,
         };
         self.stats.read_rts += self.rts() - t0;
-        r
+        emit(r.as_ref().map(Option::as_deref).map_err(Clone::clone))
     }
 
-    fn get_once(&mut self, key: &[u8], replicated: bool) -> Result<Option<Vec<u8>>, KvError> {
+    fn get_once(
+        &mut self,
+        key: &[u8],
+        replicated: bool,
+        shortcut: Option<EntryRef>,
+    ) -> Result<Option<Vec<u8>>, KvError> {
         if replicated {
             let timeout = self.cfg.timeout;
             self.replicas
                 .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)
         } else {
-            self.get_inner(key)
+            self.get_uncached(key, shortcut)
         }
     }
 
@@ -241,15 +277,12 @@ impl<F: Fabric> Shard<F> {
         }
     }
 
-    fn get_inner(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        let shortcut = match self.cache.get(key) {
-            Lookup::Value(v) => {
-                self.stats.hit_value += 1;
-                return Ok(Some(v.to_vec()));
-            }
-            Lookup::Shortcut(r) => Some(r),
-            Lookup::Miss => None,
-        };
+    /// A get that the cache could not answer with a value (`shortcut`: what it had).
+    fn get_uncached(
+        &mut self,
+        key: &[u8],
+        shortcut: Option<EntryRef>,
+    ) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(u) = self.unmerged.get(key) {
             self.stats.hit_local += 1;
             let Some(r) = u.eref else { return Ok(None) };
@@ -498,65 +531,25 @@ impl<F: Fabric> Shard<F> {
         self.unmerged.forget_merged(merged_seq);
     }
 
-    /// Runs the shard until `Stop` or until every sender is gone.
-    pub fn run(mut self, rx: Receiver<Msg>) -> ShardStats {
-        loop {
-            let msg = if self.pending.is_empty() {
-                match crate::client::recv_soon(&rx) {
-                    Some(m) => m,
-                    None => break,
-                }
-            } else {
-                let waited = self.first_staged.map_or(Duration::ZERO, |t| t.elapsed());
-                match rx.recv_timeout(self.cfg.flush_bound.saturating_sub(waited)) {
-                    Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.flush();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            let busy_from = Instant::now();
-            if !self.handle(msg) {
-                return self.stop(&rx, busy_from);
-            }
-            // Take what is already waiting, then flush: no request is waiting any more.
-            while let Ok(m) = rx.try_recv() {
-                if !self.handle(m) {
-                    return self.stop(&rx, busy_from);
-                }
-                if self
-                    .first_staged
-                    .is_some_and(|t| t.elapsed() >= self.cfg.flush_bound)
-                {
-                    self.flush();
-                }
-            }
-            self.flush();
-            self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
-        }
-        self.flush();
-        self.close()
+    /// Whether the oldest staged write has waited the group-commit bound.
+    fn flush_overdue(&self) -> bool {
+        self.first_staged
+            .is_some_and(|t| t.elapsed() >= self.cfg.flush_bound)
     }
 
-    /// Answers what is still queued (requests of slots this shard no longer owns get
-    /// `WrongOwner`, so their clients retry elsewhere), then flushes and closes the log.
-    fn stop(mut self, rx: &Receiver<Msg>, busy_from: Instant) -> ShardStats {
-        while let Ok(m) = rx.try_recv() {
-            if let Msg::Req { .. } | Msg::ReqFn { .. } = m {
-                self.handle(m);
-            }
-        }
-        self.flush();
-        self.stats.busy_ns += busy_from.elapsed().as_nanos() as u64;
-        self.close()
+    /// Whether writes wait to be made durable.
+    fn has_staged(&self) -> bool {
+        !self.pending.is_empty() || self.log.staged_bytes() > 0
     }
 
+    /// Handles one message (a `Task` is run by the thread's loop, never here); false for
+    /// `Stop`.
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Req { op, tag, reply } => self.request(op, tag, ReplyTo::Chan(reply)),
             Msg::ReqFn { op, tag, reply } => self.request(op, tag, ReplyTo::Fn(reply)),
+            Msg::Batch { ops, done } => self.batch(ops, done),
+            Msg::Task(_) => {}
             Msg::SetMap(m) => self.set_map(m),
             Msg::Release { map, reply } => {
                 let r = self.release(map);
@@ -597,7 +590,33 @@ impl<F: Fabric> Shard<F> {
         }
     }
 
-    fn close(mut self) -> ShardStats {
+    /// Serves the requests of a batch in order; the replies go back together once the
+    /// last write of the batch is durable.
+    fn batch(&mut self, ops: Vec<Request>, done: BatchDone) {
+        let slots = Rc::new(RefCell::new(ReplySlots::new(Some(done))));
+        for op in ops {
+            let reply = ReplyTo::Slot(ReplySlots::push(&slots));
+            self.request(op, 0, reply);
+        }
+        slots.borrow_mut().seal();
+    }
+
+    /// Serves a get from a connection on this shard's thread (see [`Shard::get_with`]).
+    pub fn serve_get(&mut self, key: &[u8], emit: &mut GetReply<'_>) {
+        self.hot.observe(key);
+        self.get_with(key, emit);
+    }
+
+    /// Stages a write from a connection on this shard's thread.
+    pub fn serve_write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, reply: ReplyTo) {
+        self.hot.observe(&key);
+        self.write_to(key, value, 0, reply);
+    }
+
+    /// Closes the log (the DPM merges it to its tail); the shard refuses everything after.
+    fn close(&mut self) -> ShardStats {
+        self.flush();
+        self.broken = Some(KvError::ShuttingDown);
         let req = dinomo_shared::msg::Request::CloseLog {
             log_id: self.log.log_id,
             generation: self.log.generation,
