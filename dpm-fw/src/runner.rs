@@ -12,6 +12,10 @@ use dinomo_hw::region_file::{FilePersist, PersistenceDomain, RegionFile, RegionF
 use dinomo_hw::Persist;
 
 use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STEP};
+
+/// How often an idle DPM thread (merge worker, control loop) looks for work: an idle
+/// memory node sharing a host's cores should not take a tenth of one per thread.
+const IDLE_POLL: Duration = Duration::from_millis(1);
 use crate::region::OpenError;
 
 /// How the runner is set up.
@@ -115,7 +119,7 @@ impl MergeWorkers {
                     }
                     fault_point(&format!("dpm-merge-{w}"));
                     let mut scratch = Scratch::default();
-                    let mut backoff = Backoff::new();
+                    let mut backoff = Backoff::new().idle_after(IDLE_POLL);
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
@@ -208,7 +212,7 @@ impl<P: Persist + 'static> DpmService<P> {
                 fault_point("dpm-control");
                 let mut scratch = Scratch::default();
                 let mut last_reap = Instant::now();
-                serve_loop(&cstop, &cmsgs, Backoff::new(), || {
+                serve_loop(&cstop, &cmsgs, Backoff::new().idle_after(IDLE_POLL), || {
                     // Fencing reads the clock: keep it current for the control thread too.
                     cdpm.tick(millis_since(started));
                     let n = control.poll(|_, frame| Some(cdpm.handle(frame, &mut scratch)));
@@ -481,7 +485,8 @@ mod verbs_serve {
                     }
                     super::fault_point("dpm-verbs");
                     let mut scratch = Scratch::default();
-                    let backoff = Backoff::with_max_sleep(Duration::from_micros(50));
+                    let backoff = Backoff::with_max_sleep(Duration::from_micros(50))
+                        .idle_after(super::IDLE_POLL);
                     // Fences already recorded belong to connections that no longer exist.
                     let mut fences = 0;
                     dpm.fenced_since(&mut fences, |_| {});

@@ -58,8 +58,14 @@ impl LatencyHist {
     /// Records one request; `stripe` is any number fixed per connection.
     #[inline]
     pub fn record(&self, stripe: usize, d: Duration) {
+        self.record_n(stripe, d, 1);
+    }
+
+    /// Records `n` requests of latency `d` (one measured request standing for `n`, when
+    /// requests are sampled).
+    pub fn record_n(&self, stripe: usize, d: Duration, n: u64) {
         let ns = d.as_nanos().min(u64::MAX as u128) as u64;
-        self.stripes[stripe % STRIPES][bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        self.stripes[stripe % STRIPES][bucket(ns)].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Drains the counters: the number of requests and their 99th percentile (an upper

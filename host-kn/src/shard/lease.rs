@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct LeaseGate {
     base: Instant,
+    /// `base` on the coarse monotonic clock, in ns (see [`coarse_ns`]).
+    base_coarse_ns: u64,
     /// Milliseconds since `base` until which the lease surely holds.
     until_ms: std::sync::atomic::AtomicU64,
     /// How long after the deadline a flush keeps waiting for a renewal before giving up.
@@ -20,6 +22,7 @@ impl LeaseGate {
     /// A gate that is not valid until the first [`LeaseGate::extend_to`].
     pub fn new(grace: Duration) -> Self {
         Self {
+            base_coarse_ns: coarse_ns(),
             base: Instant::now(),
             until_ms: std::sync::atomic::AtomicU64::new(0),
             grace,
@@ -44,10 +47,13 @@ impl LeaseGate {
     }
 
     /// Whether the lease holds now.
+    ///
+    /// Every request asks, so this reads the coarse clock (a few ns instead of a precise
+    /// read): it lags by at most one kernel tick (1 to 10 ms), far inside the quarter of a
+    /// lease by which the deadline precedes the manager's expiry.
     pub fn is_valid(&self) -> bool {
-        !self.is_lost()
-            && (self.base.elapsed().as_millis() as u64)
-                < self.until_ms.load(std::sync::atomic::Ordering::Acquire)
+        let elapsed_ms = coarse_ns().saturating_sub(self.base_coarse_ns) / 1_000_000;
+        !self.is_lost() && elapsed_ms < self.until_ms.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits until the lease holds (`true`) or is lost (`false`); a deadline more than the
@@ -68,6 +74,22 @@ impl LeaseGate {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Now on `CLOCK_MONOTONIC_COARSE` (the clock `Instant` reads, at the last kernel tick), in
+/// ns; the precise clock if the coarse one cannot be read.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given, which outlives the call.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0;
+    if !ok {
+        // SAFETY: as above.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

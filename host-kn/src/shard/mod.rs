@@ -15,6 +15,7 @@
 
 mod config;
 mod geometry;
+mod keyhash;
 mod lease;
 mod local;
 mod msg;
@@ -56,6 +57,7 @@ pub use msg::{
 
 /// Where the replies of a [`Msg::Batch`] go.
 type BatchDone = tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>;
+use keyhash::KeyHash;
 pub use stats::ShardStats;
 use unmerged::UnmergedWrites;
 
@@ -84,7 +86,7 @@ pub struct Shard<F: Fabric> {
     /// Own writes not yet merged.
     unmerged: UnmergedWrites,
     pending: Vec<Pending>,
-    staged_hashes: HashSet<u64>,
+    staged_hashes: HashSet<u64, KeyHash>,
     first_staged: Option<Instant>,
     broken: Option<KvError>,
     stats: ShardStats,
@@ -127,7 +129,7 @@ impl<F: Fabric> Shard<F> {
             map,
             unmerged: UnmergedWrites::default(),
             pending: Vec::new(),
-            staged_hashes: HashSet::new(),
+            staged_hashes: HashSet::default(),
             first_staged: None,
             broken: None,
             stats: ShardStats::default(),

@@ -13,6 +13,8 @@ use std::rc::Rc;
 
 use dinomo_shared::index::EntryRef;
 
+use super::keyhash::KeyHash;
+
 /// Dead queue entries tolerated before a compaction, so that compacting costs O(1) per
 /// write amortized.
 pub(crate) const COMPACT_SLACK: usize = 1024;
@@ -28,7 +30,7 @@ pub(crate) struct Unmerged {
 /// the two (one allocation per write; a shard is one thread, so `Rc` suffices).
 #[derive(Debug, Default)]
 pub(crate) struct UnmergedWrites {
-    map: HashMap<Rc<[u8]>, Unmerged>,
+    map: HashMap<Rc<[u8]>, Unmerged, KeyHash>,
     order: VecDeque<(u64, Rc<[u8]>)>,
 }
 

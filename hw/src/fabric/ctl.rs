@@ -91,6 +91,8 @@ pub fn default_ctl_path(region_path: &Path) -> PathBuf {
 pub struct Backoff {
     step: u32,
     max_sleep: Duration,
+    /// The sleep once idle for [`Backoff::IDLE_SLEEPS`] sleeps (none: `max_sleep` stays).
+    idle_sleep: Option<Duration>,
 }
 
 impl Default for Backoff {
@@ -103,16 +105,32 @@ impl Backoff {
     const SPINS: u32 = 64;
     const YIELDS: u32 = 16;
 
+    /// Sleeps after which a loop counts as idle ([`Backoff::idle_after`]).
+    const IDLE_SLEEPS: u32 = 2000;
+
     /// Sleeps capped at 100 µs.
     pub const fn new() -> Self {
         Self {
             step: 0,
             max_sleep: Duration::from_micros(100),
+            idle_sleep: None,
         }
     }
     /// Sleeps capped at `max_sleep`.
     pub const fn with_max_sleep(max_sleep: Duration) -> Self {
-        Self { step: 0, max_sleep }
+        Self {
+            step: 0,
+            max_sleep,
+            idle_sleep: None,
+        }
+    }
+    /// Sleeps of `sleep` once nothing happened for 2000 sleeps (at least 0.2 s at the
+    /// 100 µs cap): a polling loop of an idle server then costs a few wake-ups a
+    /// millisecond instead of ten, and the first message after a long idle time waits at
+    /// most `sleep` more.
+    pub const fn idle_after(mut self, sleep: Duration) -> Self {
+        self.idle_sleep = Some(sleep);
+        self
     }
     /// Waits a little longer than last time.
     pub fn snooze(&mut self) {
@@ -121,8 +139,11 @@ impl Backoff {
         } else if self.step < Self::SPINS + Self::YIELDS {
             std::thread::yield_now();
         } else {
-            let n = (self.step - Self::SPINS - Self::YIELDS).min(16);
-            let sleep = Duration::from_micros(5u64 << n.min(10)).min(self.max_sleep);
+            let slept = self.step - Self::SPINS - Self::YIELDS;
+            let sleep = match self.idle_sleep {
+                Some(idle) if slept >= Self::IDLE_SLEEPS => idle,
+                _ => Duration::from_micros(5u64 << slept.min(10)).min(self.max_sleep),
+            };
             std::thread::sleep(sleep);
         }
         self.step = self.step.saturating_add(1);
