@@ -279,6 +279,10 @@ mod tests {
         }
         // 16 KNs together cache half the data.
         assert_eq!(16 * s.base.cache_per_kn(), data / 2);
+        // The model counts the paper's 8 threads on 8 cores per KN; the points run 1.
+        assert_eq!(s.base.threads_per_kn, 1);
+        assert_eq!(s.base.model_threads(), 8);
+        assert_eq!(s.base.model_kn_cores(), 8);
         assert!(s.validate().is_ok());
     }
 }
