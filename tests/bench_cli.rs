@@ -26,6 +26,8 @@ fn bad_input_exits_2_and_writes_nothing() {
         (&["--cache-policy", "lru"], "cache policy"),
         (&["--nic", "ethernet"], "ethernet"),
         (&["--ops", "0"], "--ops"),
+        (&["--kn-cpu", "1,2,3"], "--kn-cpu"),
+        (&["--kn-cores", "0"], "--kn-cores"),
     ];
     for (args, needle) in cases {
         let mut a = args.to_vec();
@@ -117,6 +119,90 @@ fn a_small_run_reports_the_contract_fields() {
     );
     assert!(v["modeled"]["throughput_ops"].as_f64().expect("modelled") > 0.0);
     assert_eq!(v["modeled"]["nic"], "cx3-fdr");
+    // The KN CPU term is calibrated by default: every path of DINOMO has a cost, and the
+    // ceiling is KNs x cores / (the run's mix of those costs).
+    let cal = &v["modeled"]["kn_cpu"];
+    assert_eq!(cal["source"], "calibrated", "{cal}");
+    for f in ["value_hit_ns", "shortcut_hit_ns", "miss_ns", "write_ns"] {
+        assert!(cal[f].as_f64().expect("ns") > 0.0, "{f}: {cal}");
+    }
+    let b = &v["modeled"]["bounds"];
+    let ns = b["kn_cpu_ns_per_op"].as_f64().expect("ns per op");
+    let cores = v["modeled"]["kn_cores"].as_f64().expect("cores");
+    let ceiling = b["kn_cpu"].as_f64().expect("KN CPU ceiling");
+    assert!(
+        (ceiling - 2.0 * cores * 1e9 / ns).abs() < 1e-6 * ceiling,
+        "{b}"
+    );
+    assert!(v["modeled"]["throughput_ops"].as_f64().expect("modelled") <= ceiling);
+}
+
+/// Given KN CPU costs: 2 KNs x 3 cores at 1500 ns per operation, whatever the mix, allow
+/// exactly 4 M ops/s; the KN-latency ceiling counts the model's 8 threads per KN.
+#[test]
+fn given_kn_cpu_costs_make_the_ceiling_by_hand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    let o = bench(&[
+        "--keys",
+        "500",
+        "--ops",
+        "1000",
+        "--warmup",
+        "0",
+        "--clients",
+        "2",
+        "--threads-per-kn",
+        "1",
+        "--kn-cpu",
+        "1500,1500,1500,1500",
+        "--kn-cores",
+        "3",
+        "--model-threads-per-kn",
+        "8",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("kn cpu"), "{}", stdout(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    let m = &v["modeled"];
+    assert_eq!(m["kn_cpu"]["source"], "given", "{m}");
+    assert_eq!(m["kn_cores"], 3);
+    assert_eq!(m["threads_per_kn"], 8);
+    let b = &m["bounds"];
+    assert!(
+        (b["kn_cpu"].as_f64().expect("ceiling") - 4e6).abs() < 1.0,
+        "{b}"
+    );
+    // 2 KNs x 8 threads / (RTs per op x 1.8 us).
+    let rts = v["rts_per_op"].as_f64().expect("rts");
+    let lat = b["kn_latency"].as_f64().expect("latency ceiling");
+    assert!((lat - 16.0 / (rts * 1.8e-6)).abs() < 1e-6 * lat, "{b}");
+    // Off: no KN CPU term.
+    let o = bench(&[
+        "--keys",
+        "500",
+        "--ops",
+        "1000",
+        "--warmup",
+        "0",
+        "--clients",
+        "2",
+        "--threads-per-kn",
+        "1",
+        "--kn-cpu",
+        "off",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("valid JSON");
+    assert!(v["modeled"]["kn_cpu"].is_null(), "{v}");
+    assert!(v["modeled"]["bounds"]["kn_cpu"].is_null(), "{v}");
+    assert_ne!(v["modeled"]["bottleneck"], "KN CPU");
 }
 
 /// A run that fails (here: no node at `--target`) leaves `--json` as it was: a new file is

@@ -10,9 +10,10 @@ use host_kn::dac::CachePolicy;
 use super::elastic::load::LoadShape;
 use super::elastic::schedule::Schedule;
 use super::elastic::ElasticConfig;
+use super::kn_cpu::{parse_ns, KnCpuCalibration};
 use super::sweep::{Preset, SweepConfig};
 use super::workload::{Distribution, Workload};
-use super::{BenchConfig, CacheSize, System};
+use super::{BenchConfig, CacheSize, KnCpuSetting, System};
 use dinomo_manager::policy::PolicyConfig;
 
 /// Distribution names.
@@ -88,6 +89,17 @@ pub struct BenchArgs {
     /// NIC profile of the modelled throughput (default: --nic, or cx3-fdr when --nic is none).
     #[arg(long)]
     pub model_nic: Option<NicProfile>,
+    /// Worker threads per KN of the model's KN-latency ceiling [default: --threads-per-kn].
+    #[arg(long)]
+    pub model_threads_per_kn: Option<u16>,
+    /// Cores per KN of the model's KN CPU ceiling [default: the model's threads per KN].
+    #[arg(long)]
+    pub kn_cores: Option<u16>,
+    /// The model's KN CPU term: calibrate (measure ns of KN CPU per value hit, shortcut
+    /// hit, miss and write on this machine before the run), off, or four ns values
+    /// VALUE_HIT,SHORTCUT_HIT,MISS,WRITE (docs/MODEL.md).
+    #[arg(long, default_value = "calibrate")]
+    pub kn_cpu: String,
     /// Merge worker threads of the memory node.
     #[arg(long, default_value_t = 1)]
     pub dpm_workers: usize,
@@ -231,6 +243,11 @@ impl BenchArgs {
         if kns.len() > 1 && !self.sweep {
             return Err("--kns takes a list only with --sweep".into());
         }
+        let kn_cpu = match self.kn_cpu.trim() {
+            "calibrate" => KnCpuSetting::Calibrate,
+            "off" => KnCpuSetting::Off,
+            v => KnCpuSetting::Use(KnCpuCalibration::given(parse_ns(v)?)),
+        };
         let cfg = BenchConfig {
             system: self.system,
             kns: kns[0],
@@ -248,6 +265,9 @@ impl BenchArgs {
             policy: self.cache_policy,
             nic: self.nic,
             model_nic,
+            model_threads_per_kn: self.model_threads_per_kn,
+            kn_cores: self.kn_cores,
+            kn_cpu,
             seed: self.seed,
             dpm_workers: self.dpm_workers,
             progress: !self.quiet,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod elastic;
+pub mod kn_cpu;
 pub mod model;
 pub mod plot;
 pub mod sweep;
@@ -78,6 +79,17 @@ pub enum CacheSize {
     PerKn(u64),
 }
 
+/// Where the model's KN CPU term comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KnCpuSetting {
+    /// No KN CPU term.
+    Off,
+    /// Measured by calibration phases before the run ([`kn_cpu::calibrate`]).
+    Calibrate,
+    /// Measured before (a sweep calibrates once per system) or given.
+    Use(kn_cpu::KnCpuCalibration),
+}
+
 /// One benchmark run.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
@@ -101,6 +113,12 @@ pub struct BenchConfig {
     pub nic: NicProfile,
     /// Profile of the modelled throughput.
     pub model_nic: NicProfile,
+    /// Worker threads per KN of the model's KN-latency ceiling (`None`: `threads_per_kn`).
+    pub model_threads_per_kn: Option<u16>,
+    /// Cores per KN of the model's KN CPU ceiling (`None`: the model's threads per KN).
+    pub kn_cores: Option<u16>,
+    /// The model's KN CPU term.
+    pub kn_cpu: KnCpuSetting,
     pub seed: u64,
     pub dpm_workers: usize,
     pub progress: bool,
@@ -125,6 +143,9 @@ impl Default for BenchConfig {
             policy: CachePolicy::Dac,
             nic: NicProfile::None,
             model_nic: NicProfile::Cx3Fdr,
+            model_threads_per_kn: None,
+            kn_cores: None,
+            kn_cpu: KnCpuSetting::Calibrate,
             seed: 1,
             dpm_workers: 1,
             progress: true,
@@ -192,6 +213,14 @@ impl BenchConfig {
         if self.duration.is_some_and(|d| d.is_zero()) {
             return Err("--duration must be positive".into());
         }
+        for (what, v) in [
+            ("--model-threads-per-kn", self.model_threads_per_kn),
+            ("--kn-cores", self.kn_cores),
+        ] {
+            if let Some(v) = v.filter(|&v| v == 0 || v > 1024) {
+                return Err(format!("{what} {v} is outside 1..=1024"));
+            }
+        }
         if self.clients == 0 || self.clients > 4096 {
             return Err(format!("--clients {} is outside 1..=4096", self.clients));
         }
@@ -202,6 +231,16 @@ impl BenchConfig {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Worker threads per KN in the model.
+    pub fn model_threads(&self) -> u16 {
+        self.model_threads_per_kn.unwrap_or(self.threads_per_kn)
+    }
+
+    /// Cores per KN in the model.
+    pub fn model_kn_cores(&self) -> u16 {
+        self.kn_cores.unwrap_or(self.model_threads())
     }
 
     /// Loaded key + value bytes.
@@ -259,6 +298,14 @@ pub struct Modeled {
     pub note: &'static str,
     /// Every ceiling of the model, in ops/s (null: does not limit).
     pub bounds: model::Bounds,
+    /// Worker threads per KN of the KN-latency ceiling.
+    pub threads_per_kn: u16,
+    /// Cores per KN of the KN CPU ceiling.
+    pub kn_cores: u16,
+    /// The run's operations by path (fractions), weighting the KN CPU term.
+    pub mix: model::PathMix,
+    /// KN CPU per operation by path, measured on this machine (null: no KN CPU term).
+    pub kn_cpu: Option<kn_cpu::KnCpuCalibration>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -469,20 +516,60 @@ impl Ops for CloverClient {
     }
 }
 
-/// Runs one benchmark.
-pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
-    cfg.validate().map_err(anyhow::Error::msg)?;
-    let cluster_cfg = ClusterConfig {
+/// Log block size of a run's region: the region's default (8 MiB, or smaller so that there
+/// are at least 64 blocks), halved until there are 64 + 16 blocks per shard (down to
+/// 64 KiB), so that many shards on a small region do not run out of log blocks.
+fn bench_block_size(region: u64, shards: u64) -> u64 {
+    let mut b = dinomo_shared::geometry::FormatParams::for_size(region).block_size;
+    while b > (64 << 10) && region / b < 64 + 16 * shards {
+        b /= 2;
+    }
+    b
+}
+
+/// The in-process cluster of a run (DINOMO and DINOMO-N).
+fn cluster_config(cfg: &BenchConfig) -> ClusterConfig {
+    ClusterConfig {
         kns: cfg.kns,
         shards_per_kn: cfg.threads_per_kn,
         region_bytes: cfg.region_bytes(),
-        block_size: None,
+        block_size: Some(bench_block_size(
+            cfg.region_bytes(),
+            cfg.kns as u64 * cfg.threads_per_kn as u64,
+        )),
         dpm_workers: cfg.dpm_workers,
         cache_bytes_per_kn: cfg.cache_per_kn(),
         policy: cfg.policy,
         nic: cfg.nic,
         ..ClusterConfig::default()
-    };
+    }
+}
+
+/// The Clover cluster of a run.
+fn clover_config(cfg: &BenchConfig) -> CloverConfig {
+    // Live versions, plus the versions a run writes before reclamation catches up.
+    CloverConfig {
+        kns: cfg.kns,
+        lanes_per_kn: cfg.threads_per_kn,
+        max_key: cfg.key_size,
+        max_value: cfg.value_size,
+        slots: cfg.keys + cfg.keys / 4,
+        cache_bytes_per_kn: cfg.cache_per_kn(),
+        nic: cfg.nic,
+    }
+}
+
+/// Runs one benchmark (calibrating the KN CPU term first when asked to).
+pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    if cfg.kn_cpu == KnCpuSetting::Calibrate {
+        let cal = kn_cpu::calibrate(cfg)?;
+        return run(&BenchConfig {
+            kn_cpu: KnCpuSetting::Use(cal),
+            ..cfg.clone()
+        });
+    }
+    let cluster_cfg = cluster_config(cfg);
     let check_value = |max: usize| {
         if cfg.value_size > max {
             anyhow::bail!(
@@ -508,16 +595,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
             Ok(report(cfg, &d, &now, outs, el))
         }
         System::Clover => {
-            // Live versions, plus the versions a run writes before reclamation catches up.
-            let c = Arc::new(CloverCluster::start(&CloverConfig {
-                kns: cfg.kns,
-                lanes_per_kn: cfg.threads_per_kn,
-                max_key: cfg.key_size,
-                max_value: cfg.value_size,
-                slots: cfg.keys + cfg.keys / 4,
-                cache_bytes_per_kn: cfg.cache_per_kn(),
-                nic: cfg.nic,
-            })?);
+            let c = Arc::new(CloverCluster::start(&clover_config(cfg))?);
             let (d, now, outs, el) = drive(&c, cfg)?;
             drop(c);
             Ok(report(cfg, &d, &now, outs, el))
@@ -721,10 +799,24 @@ fn report(
     let ms_requests_per_op = ratio(dc.ms_requests, ops);
     let ms_us_per_request =
         (dc.ms_served > 0).then(|| dc.ms_cpu_ns as f64 / dc.ms_served as f64 / 1e3);
+    let paths = kn_cpu::path_counts(d);
+    let mix = model::PathMix {
+        value_hit: ratio(paths[0], ops),
+        shortcut_hit: ratio(paths[1], ops),
+        miss: ratio(paths[2], ops),
+        write: ratio(paths[3], ops),
+    };
+    let cal = match &cfg.kn_cpu {
+        KnCpuSetting::Use(c) => Some(c.clone()),
+        KnCpuSetting::Off | KnCpuSetting::Calibrate => None,
+    };
     let (tput, bottleneck, bounds) = model::model(&model::ModelInput {
         nic: cfg.model_nic,
         kns: cfg.kns,
-        threads_per_kn: cfg.threads_per_kn,
+        threads_per_kn: cfg.model_threads(),
+        kn_cores: cfg.model_kn_cores(),
+        kn_cpu: cal.as_ref().map(|c| c.ns()),
+        mix,
         verbs_per_op,
         bytes_per_op,
         rts_per_op,
@@ -788,8 +880,12 @@ fn report(
             nic: cfg.model_nic.to_string(),
             throughput_ops: tput.is_finite().then_some(tput),
             bottleneck: bottleneck.into(),
-            note: "least of: memory-node NIC message rate / verbs per op, its bandwidth / bytes per op, KNs x threads / (RTs per op x RT latency), metadata-server capacity / MS requests per op (docs/MODEL.md)",
+            note: "least of: memory-node NIC message rate / verbs per op, its bandwidth / bytes per op, KNs x threads / (RTs per op x RT latency), metadata-server capacity / MS requests per op, KNs x cores / KN CPU ns per op (docs/MODEL.md)",
             bounds,
+            threads_per_kn: cfg.model_threads(),
+            kn_cores: cfg.model_kn_cores(),
+            mix,
+            kn_cpu: cal,
         },
         ms_requests_per_op,
         ms_us_per_request,
@@ -887,6 +983,31 @@ pub fn render(r: &BenchResult) -> String {
             r.chain_hops_per_op,
             r.cas_failures_per_op
         );
+    }
+    if let Some(c) = &r.modeled.kn_cpu {
+        let us = |x: Option<f64>| match x {
+            Some(ns) => format!("{:.2} us", ns / 1e3),
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "kn cpu     value hit {}   shortcut hit {}   miss {}   write {} ({}, this machine)",
+            us(c.value_hit_ns),
+            us(c.shortcut_hit_ns),
+            us(c.miss_ns),
+            us(c.write_ns),
+            c.source
+        );
+        if let (Some(ns), Some(b)) = (r.modeled.bounds.kn_cpu_ns_per_op, r.modeled.bounds.kn_cpu) {
+            let _ = writeln!(
+                s,
+                "           {:.2} us per op at this mix: {} KNs x {} cores allow {:.0} ops/s",
+                ns / 1e3,
+                r.kns,
+                r.modeled.kn_cores,
+                b
+            );
+        }
     }
     match r.modeled.throughput_ops {
         Some(t) => {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::workload::{Distribution, Workload};
-use super::{run, BenchConfig, BenchResult, CacheSize, System};
+use super::{kn_cpu, run, BenchConfig, BenchResult, CacheSize, KnCpuSetting, System};
 
 /// Named sweeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub const FIG2_KEYS: u64 = 50_000;
 pub const FIG2_OPS: u64 = 150_000;
 pub const FIG2_WARMUP: u64 = 200_000;
 pub const FIG2_CLIENTS: usize = 16;
+/// Threads (and cores) per KN of the preset's model: the paper's KNs run 8 threads.
+pub const FIG2_MODEL_THREADS: u16 = 8;
 
 impl Preset {
     /// Overrides what the preset fixes; the output directory and NIC profiles stay.
@@ -66,6 +68,9 @@ impl Preset {
                 b.duration = None;
                 b.clients = FIG2_CLIENTS;
                 b.threads_per_kn = 1;
+                // The model as the paper's KNs: 8 worker threads on 8 cores each.
+                b.model_threads_per_kn = Some(FIG2_MODEL_THREADS);
+                b.kn_cores = Some(FIG2_MODEL_THREADS);
                 b.cache = CacheSize::PerKn(b.data_bytes() / 2 / 16);
             }
         }
@@ -106,12 +111,12 @@ impl SweepConfig {
 }
 
 /// CSV header; one row per point.
-pub const CSV_HEADER: &str = "system,workload,kns,threads_per_kn,keys,ops,measured_ops_per_s,modelled_ops_per_s,model_nic,bottleneck,rts_per_op,read_rts_per_read,write_rts_per_write,verbs_per_op,bytes_per_op,hit_value,hit_shortcut,hit_miss,ms_requests_per_op,ms_us_per_request,chain_hops_per_op,cas_failures_per_op,cache_bytes_per_kn";
+pub const CSV_HEADER: &str = "system,workload,kns,threads_per_kn,keys,ops,measured_ops_per_s,modelled_ops_per_s,model_nic,bottleneck,rts_per_op,read_rts_per_read,write_rts_per_write,verbs_per_op,bytes_per_op,hit_value,hit_shortcut,hit_miss,ms_requests_per_op,ms_us_per_request,chain_hops_per_op,cas_failures_per_op,cache_bytes_per_kn,model_threads_per_kn,kn_cores,kn_cpu_ns_per_op,kn_cpu_bound_ops_per_s,fabric_only_ops_per_s";
 
 /// One CSV row.
 pub fn csv_row(r: &BenchResult) -> String {
     format!(
-        "{},{},{},{},{},{},{:.0},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.4},{:.4},{:.4},{:.5},{},{:.5},{:.5},{}",
+        "{},{},{},{},{},{},{:.0},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.1},{:.4},{:.4},{:.4},{:.5},{},{:.5},{:.5},{},{},{},{},{},{}",
         r.system,
         r.workload,
         r.kns,
@@ -135,7 +140,30 @@ pub fn csv_row(r: &BenchResult) -> String {
         r.chain_hops_per_op,
         r.cas_failures_per_op,
         r.cache.bytes_per_kn,
+        r.modeled.threads_per_kn,
+        r.modeled.kn_cores,
+        opt(r.modeled.bounds.kn_cpu_ns_per_op, 1),
+        opt(r.modeled.bounds.kn_cpu, 0),
+        opt(fabric_only(r), 0),
     )
+}
+
+fn opt(x: Option<f64>, digits: usize) -> String {
+    x.map(|v| format!("{v:.digits$}")).unwrap_or_default()
+}
+
+/// The modelled throughput without the KN CPU term: the least of the other ceilings.
+pub fn fabric_only(r: &BenchResult) -> Option<f64> {
+    let b = &r.modeled.bounds;
+    [
+        b.dpm_msg_rate,
+        b.dpm_bandwidth,
+        b.kn_latency,
+        b.metadata_server,
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::min)
 }
 
 /// Runs the sweep, writing `sweep.jsonl`, `sweep.csv`, `sweep.svg`, `sweep.png` and
@@ -150,14 +178,41 @@ pub fn sweep(s: &SweepConfig) -> anyhow::Result<Vec<BenchResult>> {
     let mut csv = std::fs::File::create(path("sweep.csv"))?;
     writeln!(csv, "{CSV_HEADER}")?;
     let total = s.systems.len() * s.kns.len() * s.workloads.len();
+    // The KN CPU term is calibrated once per system, before the points, and used by all.
+    let mut cals = Vec::new();
+    for &system in &s.systems {
+        let cfg = BenchConfig {
+            system,
+            ..s.base.clone()
+        };
+        let setting = match &cfg.kn_cpu {
+            KnCpuSetting::Calibrate => {
+                let t0 = std::time::Instant::now();
+                let c = kn_cpu::calibrate(&cfg)?;
+                let us = |x: Option<f64>| x.map_or("-".into(), |ns| format!("{:.2}", ns / 1e3));
+                eprintln!(
+                    "KN CPU of {system} (us per value hit / shortcut hit / miss / write): {} / {} / {} / {}, {:.1} s",
+                    us(c.value_hit_ns),
+                    us(c.shortcut_hit_ns),
+                    us(c.miss_ns),
+                    us(c.write_ns),
+                    t0.elapsed().as_secs_f64()
+                );
+                KnCpuSetting::Use(c)
+            }
+            other => other.clone(),
+        };
+        cals.push((system, setting));
+    }
     let mut out = Vec::with_capacity(total);
     for &workload in &s.workloads {
-        for &system in &s.systems {
+        for &(system, ref kn_cpu) in &cals {
             for &kns in &s.kns {
                 let cfg = BenchConfig {
                     system,
                     kns,
                     workload,
+                    kn_cpu: kn_cpu.clone(),
                     ..s.base.clone()
                 };
                 let t0 = std::time::Instant::now();
@@ -224,6 +279,10 @@ mod tests {
         }
         // 16 KNs together cache half the data.
         assert_eq!(16 * s.base.cache_per_kn(), data / 2);
+        // The model counts the paper's 8 threads on 8 cores per KN; the points run 1.
+        assert_eq!(s.base.threads_per_kn, 1);
+        assert_eq!(s.base.model_threads(), 8);
+        assert_eq!(s.base.model_kn_cores(), 8);
         assert!(s.validate().is_ok());
     }
 }
