@@ -10,7 +10,8 @@ use dinomo_hw::fabric::Fabric;
 use crate::error::KvError;
 use crate::ownership::SlotMap;
 use crate::shard::{
-    run_thread, LocalShard, Msg, ReleaseReport, Shard, ShardConfig, ShardStats, ShardTx, Task,
+    run_blocking, run_thread, LocalShard, Msg, ReleaseReport, Shard, ShardConfig, ShardStats,
+    ShardTx, Task,
 };
 
 /// A running KN.
@@ -22,12 +23,40 @@ pub struct Kn {
 }
 
 impl Kn {
-    /// Starts one shard per configuration; `connect(shard)` makes that shard's fabric
-    /// connection inside its thread (verbs resources stay with the thread that uses them).
+    /// Starts one shard per configuration, for clients in this process ([`crate::Client`]);
+    /// `connect(shard)` makes that shard's fabric connection inside its thread (verbs
+    /// resources stay with the thread that uses them).
     pub fn start<F, C>(
         configs: Vec<ShardConfig>,
         map: Arc<SlotMap>,
         connect: C,
+    ) -> Result<Self, KvError>
+    where
+        F: Fabric + 'static,
+        C: Fn(u16) -> Result<F, KvError> + Send + Sync + 'static,
+    {
+        Self::start_with(configs, map, connect, false)
+    }
+
+    /// [`Kn::start`] with an event loop on every shard thread, on which client connections
+    /// can be placed ([`Kn::place`]): the KN process.
+    pub fn start_serving<F, C>(
+        configs: Vec<ShardConfig>,
+        map: Arc<SlotMap>,
+        connect: C,
+    ) -> Result<Self, KvError>
+    where
+        F: Fabric + 'static,
+        C: Fn(u16) -> Result<F, KvError> + Send + Sync + 'static,
+    {
+        Self::start_with(configs, map, connect, true)
+    }
+
+    fn start_with<F, C>(
+        configs: Vec<ShardConfig>,
+        map: Arc<SlotMap>,
+        connect: C,
+        serving: bool,
     ) -> Result<Self, KvError>
     where
         F: Fabric + 'static,
@@ -46,10 +75,17 @@ impl Kn {
             let h = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| KvError::Fabric(format!("cannot start an event loop: {e}")));
+                    let rt = if serving {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map(Some)
+                            .map_err(|e| {
+                                KvError::Fabric(format!("cannot start an event loop: {e}"))
+                            })
+                    } else {
+                        Ok(None)
+                    };
                     let shard = rt.and_then(|rt| {
                         let s = connect(cfg.shard).and_then(|f| Shard::open(cfg, f, map))?;
                         Ok((rt, s))
@@ -57,7 +93,10 @@ impl Kn {
                     match shard {
                         Ok((rt, s)) => {
                             let _ = rtx.send(Ok(()));
-                            run_thread(&rt, s, rx)
+                            match rt {
+                                Some(rt) => run_thread(&rt, s, rx),
+                                None => run_blocking(s, rx),
+                            }
                         }
                         Err(e) => {
                             let _ = rtx.send(Err(e));
@@ -97,7 +136,8 @@ impl Kn {
     }
 
     /// Runs `task` on the thread of shard `shard` (a client connection placed there);
-    /// false if that shard has stopped.
+    /// false if that shard has stopped. Only a KN started with [`Kn::start_serving`] runs
+    /// tasks.
     pub fn place(&self, shard: usize, task: impl FnOnce(LocalShard) + Send + 'static) -> bool {
         self.senders
             .get(shard)

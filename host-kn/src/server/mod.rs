@@ -408,7 +408,7 @@ pub fn run(
     set_lease(&gate, registered_at, lease);
     let (started, mut mgr, renewed) =
         keep_lease_while(mgr, kn_id, lease_epoch, lease, &gate, || {
-            Kn::start(configs, Arc::new(empty.slot_map()), connect)
+            Kn::start_serving(configs, Arc::new(empty.slot_map()), connect)
         });
     let kn = started?;
     if let Err(why) = renewed {

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use dinomo_hw::fabric::Fabric;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Notify;
 
@@ -204,4 +205,53 @@ pub fn run_thread<F: Fabric + 'static>(
         }
         stats
     })
+}
+
+/// Polls before blocking in [`run_blocking`].
+const SPIN_POLLS: u32 = 16;
+
+/// Runs shard `shard` on this thread for in-process clients only (a KN whose clients are
+/// threads of the same process, as in `dinomo bench`): no event loop, so no connection can
+/// be placed here. Waiting for a message first polls the queue briefly (yielding the core
+/// between polls), because under load the next request comes within microseconds, then
+/// blocks. The writes of what was queued share one group commit.
+pub fn run_blocking<F: Fabric>(mut shard: Shard<F>, mut rx: UnboundedReceiver<Msg>) -> ShardStats {
+    'serve: loop {
+        let mut first = None;
+        for _ in 0..SPIN_POLLS {
+            match rx.try_recv() {
+                Ok(m) => {
+                    first = Some(m);
+                    break;
+                }
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(TryRecvError::Disconnected) => break 'serve,
+            }
+        }
+        let Some(first) = first.or_else(|| rx.blocking_recv()) else {
+            break;
+        };
+        let t0 = Instant::now();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            if let Msg::Task(_) = m {
+                tracing::warn!("a connection was placed on a shard that has no event loop");
+            } else if !shard.handle(m) {
+                while let Ok(m) = rx.try_recv() {
+                    if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } = m {
+                        shard.handle(m);
+                    }
+                }
+                shard.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+                return shard.close();
+            }
+            if shard.flush_overdue() {
+                shard.flush();
+            }
+            next = rx.try_recv().ok();
+        }
+        shard.flush();
+        shard.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+    shard.close()
 }

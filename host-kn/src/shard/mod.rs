@@ -49,7 +49,7 @@ use crate::replica::{HotKeys, ReplicaCtl, ShardReplicas};
 pub use config::ShardConfig;
 pub use geometry::read_geometry;
 pub use lease::LeaseGate;
-pub use local::{run_thread, LocalShard, ShardOps};
+pub use local::{run_blocking, run_thread, LocalShard, ShardOps};
 pub use msg::{
     GetReply, Msg, ReleaseReport, Reply, ReplyFn, ReplyResult, ReplySlots, ReplyTo, Request,
     ShardTx, SlotRef, Task,
