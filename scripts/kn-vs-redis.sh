@@ -245,6 +245,23 @@ rcli() {
 rps() { awk -F, -v t="\"$2\"" '$1 == t { gsub("\"", "", $2); print $2 }' "$1"; }
 
 declare -A RESULT
+# Server CPU per request: the CPU time (user + system, from /proc/PID/stat) of the server
+# processes in CPU_PIDS during a run, over its 2N requests; for DINOMO the KNs' (the memory
+# node's, in MEM_PIDS, is kept apart: it is another host in a deployment). Unlike requests/s,
+# this hardly depends on what else the machine runs.
+declare -A CPU MEMCPU
+CPU_PIDS=()
+MEM_PIDS=()
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local p s=0 t
+    for p in "$@"; do
+        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null) || t=0
+        s=$((s + ${t:-0}))
+    done
+    echo "$s"
+}
+us_per_request() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$N" 'BEGIN { printf "%.2f", t / hz * 1e6 / (2 * n) }'; }
 # run_bench SYSTEM PORT PASS PIPELINE: one redis-benchmark run, its CSV kept in $OUT.
 run_bench() {
     local sys=$1 port=$2 pass=$3 p=$4 csv err rc t v
@@ -255,11 +272,16 @@ run_bench() {
     echo "${cmd[*]}" | sed "s/-a [^ ]*/-a PASSWORD/" >"$OUT/r$ROUND-$sys-P$p.cmd"
     ps -eo pid,pcpu,rss,comm --sort=-pcpu | head -12 >"$OUT/r$ROUND-$sys-P$p.ps-before"
     phase "r$ROUND-$sys-P$p"
+    local cpu0 mem0
+    cpu0=$(cpu_ticks "${CPU_PIDS[@]}")
+    mem0=$(cpu_ticks "${MEM_PIDS[@]}")
     "${cmd[@]}" >"$csv" 2>"$err" &
     BENCH_PID=$!
     wait "$BENCH_PID"
     rc=$?
     BENCH_PID=
+    CPU[$sys,$p,$ROUND]=$(us_per_request $(($(cpu_ticks "${CPU_PIDS[@]}") - cpu0)))
+    MEMCPU[$sys,$p,$ROUND]=$(us_per_request $(($(cpu_ticks "${MEM_PIDS[@]}") - mem0)))
     phase idle
     if ((rc != 0)); then
         fail "redis-benchmark against $sys at -P $p exited with $rc: $(tr '\n' ' ' <"$err" | cut -c1-400)"
@@ -277,7 +299,7 @@ run_bench() {
         fi
         RESULT[$sys,$t,$p,$ROUND]=$v
     done
-    echo "  $sys -P $p: SET ${RESULT[$sys,SET,$p,$ROUND]}/s, GET ${RESULT[$sys,GET,$p,$ROUND]}/s"
+    echo "  $sys -P $p: SET ${RESULT[$sys,SET,$p,$ROUND]}/s, GET ${RESULT[$sys,GET,$p,$ROUND]}/s; server CPU ${CPU[$sys,$p,$ROUND]} us/request"
 }
 
 # Commands a run must have executed: redis-benchmark issues whole pipelines, ceil(N/P)*P.
@@ -393,6 +415,8 @@ AOF=$(rcli "$RPORT" "$RPASS" CONFIG GET appendonly | tail -1)/$(rcli "$RPORT" "$
 [[ $AOF == yes/always ]] || { fail "redis-server runs with appendonly/appendfsync = $AOF"; exit 1; }
 echo "redis-server $REDIS_VERSION on 127.0.0.1:$RPORT (pid $REDIS_PID), appendonly yes, appendfsync always, dir $dir"
 EXTRA=()
+CPU_PIDS=("$REDIS_PID")
+MEM_PIDS=()
 REDIS_SETS=0
 for p in "${PIPELINES[@]}"; do
     before=$(rcli "$RPORT" "$RPASS" INFO all)
@@ -481,6 +505,15 @@ for ((k = 0; k < KNS; k++)); do
     rcli $((KPORT + k)) "$KPASS" CLUSTER SLOTS >"$OUT/r$ROUND-dinomo-kn$k.cluster-slots" 2>&1
 done
 EXTRA=("${CLUSTER[@]}")
+CPU_PIDS=()
+MEM_PIDS=()
+for pid in "${UP_TREE[@]}"; do
+    case " $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) " in
+    *" kn "*) CPU_PIDS+=("$pid") ;;
+    *" dpm serve "*) MEM_PIDS+=("$pid") ;;
+    esac
+done
+((${#CPU_PIDS[@]} == KNS)) || fail "found ${#CPU_PIDS[@]} KN processes under dinomo up, not $KNS"
 KN_SETS=0
 for p in "${PIPELINES[@]}"; do
     declare -A B=()
@@ -531,6 +564,14 @@ LOAD=$(awk '$2 ~ /-P/ { n++; s += $3; if (n == 1 || $3 < lo) lo = $3; if ($3 > h
 LOAD_ALL=$(awk 'NR == 1 { first = $3 } { last = $3 } END { printf "%s at the start, %s at the end of the run", first, last }' "$OUT/loadavg.txt")
 fmt() { awk -v x="$1" 'BEGIN { if (x == "") print "-"; else printf "%\047.0f", x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+# Median over the rounds of CPU[$1,$2,round] (or of the array named by $3).
+cpu_median() {
+    local -n arr=${3:-CPU}
+    local r
+    for ((r = 1; r <= ROUNDS; r++)); do
+        [[ -n ${arr[$1,$2,$r]:-} ]] && echo "${arr[$1,$2,$r]}"
+    done | sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
 # Median over the rounds of RESULT[$1,$2,$3,round] (empty when no round has it).
 median() {
     local r
@@ -574,6 +615,18 @@ if ((KNS > 1)); then RUNS="redis-benchmark ... --cluster against DINOMO"; else R
             fi
             echo "$line"
         done
+    done
+    echo
+    echo "Server CPU per request (user + system CPU time of the server processes during the run, over its SETs and GETs; median of the rounds; redis/KN above 1 means the KN spends less CPU per request; the memory node's is apart, it is another host in a deployment):"
+    echo
+    echo "| CPU us/request (SET+GET) | redis-server | DINOMO KN(s) | redis/KN | DINOMO memory node |"
+    echo "|---|---:|---:|---:|---:|"
+    for p in "${PIPELINES[@]}"; do
+        if ((p == 1)); then label="no pipelining"; else label="\`-P $p\`"; fi
+        r=$(cpu_median redis "$p")
+        d=$(cpu_median dinomo "$p")
+        m=$(cpu_median dinomo "$p" MEMCPU)
+        echo "| $label | $r | $d | $(ratio "$r" "$d") | $m |"
     done
     if ((FAILED)); then
         echo

@@ -119,7 +119,9 @@ impl MergeWorkers {
                     }
                     fault_point(&format!("dpm-merge-{w}"));
                     let mut scratch = Scratch::default();
-                    let mut backoff = Backoff::new().idle_after(IDLE_POLL);
+                    // Merging is asynchronous: a worker that found nothing sleeps, so that
+                    // entries gather for its next pass rather than it spinning for each.
+                    let mut backoff = Backoff::new().sleep_only().idle_after(IDLE_POLL);
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
