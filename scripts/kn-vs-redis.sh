@@ -365,6 +365,10 @@ REDIS_VERSION=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
 BENCH_VERSION=$(redis-benchmark --version | awk '{ print $2 }')
 DINOMO_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || DINOMO_REV="$DINOMO_REV (with uncommitted changes)"
+# A binary from elsewhere (--bin) need not be this checkout's build: say so.
+if [[ $(realpath -e "$BIN" 2>/dev/null) != "$(realpath -m "${CARGO_TARGET_DIR:-target}/release/dinomo")" ]]; then
+    DINOMO_REV="binary given with --bin, checkout at $DINOMO_REV"
+fi
 
 WORK=$(mktemp -d "$BASE/kn-vs-redis.XXXXXX") || die "cannot make a folder under $BASE"
 PHASE_FILE=$WORK/phase

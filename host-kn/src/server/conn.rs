@@ -237,6 +237,7 @@ async fn connection<S: Stream>(
         },
     };
     let mut round = Round::new(Rc::clone(local), c.shared.shards.len());
+    let window = c.window();
     let mut parser = CommandParser::default();
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 << 10);
     let mut out: Vec<u8> = Vec::with_capacity(16 << 10);
@@ -259,6 +260,15 @@ async fn connection<S: Stream>(
                     // GET and SET are served in place or batched; their replies are put in
                     // order when the round ends.
                     if c.fast(&mut args, &mut round, &mut out) {
+                        // Memory stays bounded as for MGET: at most `window` values of
+                        // other shards wait in a round, and the output goes out past 1 MiB.
+                        if out.len() > 1 << 20 || round.remote_gets >= window {
+                            round.finish(&mut out, c.proto, &c.shared, stripe).await;
+                            if sock.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            out.clear();
+                        }
                         continue;
                     }
                     // Anything else runs now. What this connection sent other shards so
@@ -397,6 +407,8 @@ struct Round {
     batches: Vec<Batch>,
     /// The open (unsent) batch of each shard, as an index into `batches`.
     open: Vec<Option<usize>>,
+    /// GETs of other shards in this round (their values wait here until it ends).
+    remote_gets: usize,
     scratch: Vec<u8>,
 }
 
@@ -409,6 +421,7 @@ impl Round {
             pieces: Vec::new(),
             batches: Vec::new(),
             open: vec![None; shards],
+            remote_gets: 0,
             scratch: Vec::new(),
         }
     }
@@ -433,6 +446,9 @@ impl Round {
         };
         let index = self.batches[batch].ops.len();
         self.batches[batch].ops.push(op);
+        if matches!(kind, Kind::Get) {
+            self.remote_gets += 1;
+        }
         self.pieces.push(Piece {
             at,
             kind,
@@ -521,6 +537,7 @@ impl Round {
         tmp.extend_from_slice(&out[from..]);
         std::mem::swap(out, tmp);
         self.batches.clear();
+        self.remote_gets = 0;
         self.slots.borrow_mut().clear();
     }
 }
