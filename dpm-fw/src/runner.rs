@@ -16,6 +16,12 @@ use crate::dpm::{CompactConfig, Dpm, Scratch, DEFAULT_QUARANTINE_MS, DEFAULT_STE
 /// How often an idle DPM thread (merge worker, control loop) looks for work: an idle
 /// memory node sharing a host's cores should not take a tenth of one per thread.
 const IDLE_POLL: Duration = Duration::from_millis(1);
+
+/// How long a merge worker that found nothing to merge sleeps: the longest a written entry
+/// waits before a pass merges it (readers never wait for it: a KN reads its own unmerged
+/// writes from its log). Each wake-up costs a context switch or two, which on a host whose
+/// cores the memory node shares with KNs comes out of their time.
+const MERGE_POLL: Duration = Duration::from_micros(500);
 use crate::region::OpenError;
 
 /// How the runner is set up.
@@ -120,8 +126,10 @@ impl MergeWorkers {
                     fault_point(&format!("dpm-merge-{w}"));
                     let mut scratch = Scratch::default();
                     // Merging is asynchronous: a worker that found nothing sleeps, so that
-                    // entries gather for its next pass rather than it spinning for each.
-                    let mut backoff = Backoff::new().sleep_only().idle_after(IDLE_POLL);
+                    // entries gather for its next pass rather than it waking for each.
+                    let mut backoff = Backoff::with_max_sleep(MERGE_POLL)
+                        .sleep_only()
+                        .idle_after(IDLE_POLL);
                     while !halt.load(Ordering::Acquire) {
                         dpm.tick(millis_since(epoch));
                         let n = dpm.merge_pass(w, workers, step, &mut scratch);
