@@ -1,5 +1,6 @@
-//! A KVS node: a set of shards, one thread and one fabric connection each. Each shard thread
-//! is also an event loop on which client connections can be placed ([`Kn::place`]).
+//! A KVS node: a set of shards, one thread and one fabric connection each. In the KN process
+//! ([`Kn::start_serving`]) each shard thread is also the event loop of the client
+//! connections placed on it.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -10,8 +11,7 @@ use dinomo_hw::fabric::Fabric;
 use crate::error::KvError;
 use crate::ownership::SlotMap;
 use crate::shard::{
-    run_blocking, run_thread, LocalShard, Msg, ReleaseReport, Shard, ShardConfig, ShardStats,
-    ShardTx, Task,
+    run_blocking, run_thread, Msg, ReleaseReport, Shard, ShardConfig, ShardStats, ShardTx,
 };
 
 /// A running KN.
@@ -39,7 +39,7 @@ impl Kn {
     }
 
     /// [`Kn::start`] with an event loop on every shard thread, on which client connections
-    /// can be placed ([`Kn::place`]): the KN process.
+    /// are placed by sending [`Msg::Task`]: the KN process.
     pub fn start_serving<F, C>(
         configs: Vec<ShardConfig>,
         map: Arc<SlotMap>,
@@ -133,15 +133,6 @@ impl Kn {
     /// The request queues of the shards, by shard index.
     pub fn senders(&self) -> &[ShardTx] {
         &self.senders
-    }
-
-    /// Runs `task` on the thread of shard `shard` (a client connection placed there);
-    /// false if that shard has stopped. Only a KN started with [`Kn::start_serving`] runs
-    /// tasks.
-    pub fn place(&self, shard: usize, task: impl FnOnce(LocalShard) + Send + 'static) -> bool {
-        self.senders
-            .get(shard)
-            .is_some_and(|tx| tx.send(Msg::Task(Task(Box::new(task)))).is_ok())
     }
 
     /// Current counters of every shard, added up.

@@ -214,35 +214,23 @@ fn drive<T: Target>(
     kind: Kind,
     seed: u64,
 ) -> anyhow::Result<()> {
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..clients)
-            .map(|t| {
-                let mut cl = sys.client(t);
-                let share = ops / clients as u64 + u64::from((t as u64) < ops % clients as u64);
-                s.spawn(move || -> anyhow::Result<()> {
-                    let mut rng = Rng::new(seed.wrapping_mul(0x100_0000_01B3) ^ t as u64);
-                    let mut key = vec![0u8; key_size];
-                    let mut val = vec![0u8; value_size];
-                    for _ in 0..share {
-                        let id = rng.below(keys);
-                        key_into(id, &mut key);
-                        match kind {
-                            Kind::Read => {
-                                cl.get(&key)?;
-                            }
-                            Kind::Write => {
-                                value_into(id, rng.next_u64(), &mut val);
-                                cl.put(&key, &val)?;
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a calibration client panicked"))??;
+    super::on_clients(sys, clients, "calibration client", |t, cl| {
+        let share = ops / clients as u64 + u64::from((t as u64) < ops % clients as u64);
+        let mut rng = Rng::new(seed.wrapping_mul(0x100_0000_01B3) ^ t as u64);
+        let mut key = vec![0u8; key_size];
+        let mut val = vec![0u8; value_size];
+        for _ in 0..share {
+            let id = rng.below(keys);
+            key_into(id, &mut key);
+            match kind {
+                Kind::Read => {
+                    cl.get(&key)?;
+                }
+                Kind::Write => {
+                    value_into(id, rng.next_u64(), &mut val);
+                    cl.put(&key, &val)?;
+                }
+            }
         }
         Ok(())
     })
@@ -250,25 +238,13 @@ fn drive<T: Target>(
 
 /// Every key read once by the client that loaded it (caches fill).
 fn read_all<T: Target>(sys: &T, cfg: &BenchConfig) -> anyhow::Result<()> {
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..cfg.clients)
-            .map(|t| {
-                let mut cl = sys.client(t);
-                s.spawn(move || -> anyhow::Result<()> {
-                    let mut key = vec![0u8; cfg.key_size];
-                    let mut id = t as u64;
-                    while id < cfg.keys {
-                        key_into(id, &mut key);
-                        cl.get(&key)?;
-                        id += cfg.clients as u64;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a calibration client panicked"))??;
+    super::on_clients(sys, cfg.clients, "calibration client", |t, cl| {
+        let mut key = vec![0u8; cfg.key_size];
+        let mut id = t as u64;
+        while id < cfg.keys {
+            key_into(id, &mut key);
+            cl.get(&key)?;
+            id += cfg.clients as u64;
         }
         Ok(())
     })

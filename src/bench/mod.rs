@@ -639,34 +639,45 @@ fn drive<T: Target>(
     Ok((after.since(&before), after, outs, elapsed))
 }
 
-fn load<T: Target>(sys: &T, cfg: &BenchConfig) -> anyhow::Result<()> {
-    let pb = bar(cfg.progress, cfg.keys, "load");
-    let loaded = AtomicU64::new(0);
+/// Runs `work(t, client)` on `clients` threads, each with client `t` of `sys`, and waits
+/// for all of them; the first error is returned.
+fn on_clients<T: Target>(
+    sys: &T,
+    clients: usize,
+    what: &str,
+    work: impl Fn(usize, &mut T::C) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..cfg.clients)
+        let hs: Vec<_> = (0..clients)
             .map(|t| {
                 let mut cl = sys.client(t);
-                let (pb, loaded) = (&pb, &loaded);
-                s.spawn(move || -> anyhow::Result<()> {
-                    let mut key = vec![0u8; cfg.key_size];
-                    let mut val = vec![0u8; cfg.value_size];
-                    let mut id = t as u64;
-                    while id < cfg.keys {
-                        key_into(id, &mut key);
-                        value_into(id, 0, &mut val);
-                        cl.put(&key, &val)?;
-                        if loaded.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
-                            pb.set_position(loaded.load(Ordering::Relaxed));
-                        }
-                        id += cfg.clients as u64;
-                    }
-                    Ok(())
-                })
+                let work = &work;
+                s.spawn(move || work(t, &mut cl))
             })
             .collect();
         for h in hs {
             h.join()
-                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+                .map_err(|_| anyhow::anyhow!("a {what} thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+fn load<T: Target>(sys: &T, cfg: &BenchConfig) -> anyhow::Result<()> {
+    let pb = bar(cfg.progress, cfg.keys, "load");
+    let loaded = AtomicU64::new(0);
+    on_clients(sys, cfg.clients, "load", |t, cl| {
+        let mut key = vec![0u8; cfg.key_size];
+        let mut val = vec![0u8; cfg.value_size];
+        let mut id = t as u64;
+        while id < cfg.keys {
+            key_into(id, &mut key);
+            value_into(id, 0, &mut val);
+            cl.put(&key, &val)?;
+            if loaded.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+                pb.set_position(loaded.load(Ordering::Relaxed));
+            }
+            id += cfg.clients as u64;
         }
         Ok(())
     })?;

@@ -258,30 +258,22 @@ async fn connection<S: Stream>(
                         continue;
                     }
                     // GET and SET are served in place or batched; their replies are put in
-                    // order when the round ends.
-                    if c.fast(&mut args, &mut round, &mut out) {
-                        // Memory stays bounded as for MGET: at most `window` values of
-                        // other shards wait in a round, and the output goes out past 1 MiB.
-                        if out.len() > 1 << 20 || round.remote_gets >= window {
-                            round.finish(&mut out, c.proto, &c.shared, stripe).await;
-                            if sock.write_all(&out).await.is_err() {
-                                return;
-                            }
-                            out.clear();
+                    // order when the round ends. Anything else runs now, after what this
+                    // connection sent other shards so far, so every shard sees the commands
+                    // in order.
+                    if !c.fast(&mut args, &mut round, &mut out) {
+                        round.send_batches(&c.shared);
+                        let t0 = Instant::now();
+                        let quit = c.exec(&args, &mut out).await;
+                        c.shared.latency.record(stripe, t0.elapsed());
+                        if quit {
+                            close = true;
+                            break;
                         }
-                        continue;
                     }
-                    // Anything else runs now. What this connection sent other shards so
-                    // far goes first, so that every shard sees the commands in order.
-                    round.send_batches(&c.shared);
-                    let t0 = Instant::now();
-                    let quit = c.exec(&args, &mut out).await;
-                    c.shared.latency.record(stripe, t0.elapsed());
-                    if quit {
-                        close = true;
-                        break;
-                    }
-                    if out.len() > 1 << 20 {
+                    // Memory stays bounded as for MGET: at most `window` values of other
+                    // shards wait in a round, and the output goes out past 1 MiB.
+                    if out.len() > 1 << 20 || round.remote_gets >= window {
                         round.finish(&mut out, c.proto, &c.shared, stripe).await;
                         if sock.write_all(&out).await.is_err() {
                             return;
@@ -460,7 +452,7 @@ impl Round {
     /// Stages a write on this thread's shard and notes where its reply goes.
     fn local_write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, at: usize) {
         let slot = ReplySlots::push(&self.slots);
-        let index = self.slots.borrow().len() - 1;
+        let index = slot.index();
         self.local.write(key, value, ReplyTo::Slot(slot));
         self.pieces.push(Piece {
             at,

@@ -38,8 +38,6 @@ pub trait ShardOps {
     fn flush_soon(&self);
     /// Counts time spent serving requests (the KN's load report).
     fn add_busy(&self, d: Duration);
-    /// Whether the shard has stopped: everything is refused.
-    fn stopped(&self) -> bool;
     /// A connection placed on this thread opened (`true`) or closed.
     fn connection(&self, open: bool);
 }
@@ -104,10 +102,6 @@ impl<F: Fabric> ShardOps for ShardCell<F> {
         self.shard.borrow_mut().stats.busy_ns += d.as_nanos() as u64;
     }
 
-    fn stopped(&self) -> bool {
-        self.stopped.get()
-    }
-
     fn connection(&self, open: bool) {
         let n = self.connections.get();
         self.connections
@@ -164,17 +158,7 @@ async fn serve_queue<F: Fabric + 'static>(
         cell.shard.borrow_mut().stats.busy_ns += t0.elapsed().as_nanos() as u64;
         cell.flush_soon();
     }
-    // Answer what is still queued (requests of slots this shard no longer owns get
-    // `WrongOwner`, so their clients retry elsewhere), then flush and close the log.
-    let stats = {
-        let mut s = cell.shard.borrow_mut();
-        while let Ok(m) = rx.try_recv() {
-            if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } = m {
-                s.handle(m);
-            }
-        }
-        s.close()
-    };
+    let stats = cell.shard.borrow_mut().stop(&mut rx);
     cell.stopped.set(true);
     cell.wake_flusher.notify_one();
     stats
@@ -237,13 +221,8 @@ pub fn run_blocking<F: Fabric>(mut shard: Shard<F>, mut rx: UnboundedReceiver<Ms
             if let Msg::Task(_) = m {
                 tracing::warn!("a connection was placed on a shard that has no event loop");
             } else if !shard.handle(m) {
-                while let Ok(m) = rx.try_recv() {
-                    if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } = m {
-                        shard.handle(m);
-                    }
-                }
                 shard.stats.busy_ns += t0.elapsed().as_nanos() as u64;
-                return shard.close();
+                return shard.stop(&mut rx);
             }
             if shard.flush_overdue() {
                 shard.flush();

@@ -615,6 +615,17 @@ impl<F: Fabric> Shard<F> {
         self.write_to(key, value, 0, reply);
     }
 
+    /// After `Stop`: answers what is still queued (requests of slots this shard no longer
+    /// owns get `WrongOwner`, so their clients retry elsewhere), then closes the log.
+    fn stop(&mut self, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> ShardStats {
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } = m {
+                self.handle(m);
+            }
+        }
+        self.close()
+    }
+
     /// Closes the log (the DPM merges it to its tail); the shard refuses everything after.
     fn close(&mut self) -> ShardStats {
         self.flush();

@@ -126,22 +126,6 @@ impl ReplySlots {
         }
     }
 
-    /// A slot filled at once.
-    pub fn push_ready(&mut self, r: ReplyResult) -> usize {
-        self.results.push(Some(r));
-        self.results.len() - 1
-    }
-
-    /// Slots made so far.
-    pub fn len(&self) -> usize {
-        self.results.len()
-    }
-
-    /// Whether no slot was made.
-    pub fn is_empty(&self) -> bool {
-        self.results.is_empty()
-    }
-
     /// Slots not filled yet.
     pub fn left(&self) -> usize {
         self.left
@@ -179,6 +163,11 @@ impl ReplySlots {
 }
 
 impl SlotRef {
+    /// Which slot of its batch this is.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     fn fill(self, r: ReplyResult) {
         let mut s = self.slots.borrow_mut();
         if let Some(slot) = s.results.get_mut(self.index) {
