@@ -17,6 +17,15 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// Longest value accepted anywhere in the system (blocks may impose a smaller bound).
 pub const MAX_VALUE_LEN: usize = 1 << 20;
 
+/// Entry flag: the key expires. The entry's value then begins with the expiry time, Unix
+/// milliseconds as 8 bytes little-endian, followed by the key's value; the index reaches
+/// the expiry with the entry, so it survives crashes, failover and ownership moves.
+pub const FLAG_EXPIRES: u8 = 1;
+/// Bytes of the expiry time that begins the value of an entry with [`FLAG_EXPIRES`].
+pub const EXPIRY_LEN: usize = 8;
+/// Every flag an entry may carry; an entry with any other bit set is refused.
+pub const KNOWN_FLAGS: u8 = FLAG_EXPIRES;
+
 /// What an entry does to its key.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,8 +83,11 @@ pub enum EntryError {
     Truncated,
     /// The op byte is not a known op (e.g. zeroed, never-written space).
     BadOp(u8),
-    /// A zero-length key, a key or value over the limits, or a delete with a value.
+    /// A zero-length key, a key or value over the limits, a delete with a value, or an
+    /// expiring put too short for its expiry time.
     BadLength,
+    /// The flags byte has a bit this version does not know.
+    BadFlags(u8),
     /// The CRC does not match: torn, bit-flipped, or left over from an earlier block use.
     BadChecksum,
     /// The entry verifies but is not the one the log expects next.
@@ -90,6 +102,7 @@ impl fmt::Display for EntryError {
             Self::Truncated => f.write_str("entry is truncated"),
             Self::BadOp(op) => write!(f, "entry has unknown op {op}"),
             Self::BadLength => f.write_str("entry lengths are out of range"),
+            Self::BadFlags(b) => write!(f, "entry has unknown flags {b:#04x}"),
             Self::BadChecksum => f.write_str("entry checksum mismatch"),
             Self::SeqGap { expected, found } => {
                 write!(
@@ -106,12 +119,49 @@ impl fmt::Display for EntryError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry<'a> {
     pub op: Op,
+    /// [`FLAG_EXPIRES`] or 0.
+    pub flags: u8,
     pub epoch: u32,
     pub seq: u64,
     pub key: &'a [u8],
+    /// The stored value: with [`FLAG_EXPIRES`], the expiry time comes first (see
+    /// [`Entry::user_value`] and [`Entry::expire_at`]).
     pub value: &'a [u8],
     /// Padded length: the distance to the next entry.
     pub len: usize,
+}
+
+impl Entry<'_> {
+    /// When the key expires (Unix ms), if it does.
+    pub fn expire_at(&self) -> Option<u64> {
+        expiry_of(self.flags, self.value)
+    }
+
+    /// The key's value, without the expiry time that may begin the stored bytes.
+    pub fn user_value(&self) -> &[u8] {
+        &self.value[expiry_prefix(self.flags)..]
+    }
+}
+
+/// Bytes of the stored value that are the expiry time: [`EXPIRY_LEN`] with
+/// [`FLAG_EXPIRES`], else 0.
+#[inline]
+pub const fn expiry_prefix(flags: u8) -> usize {
+    if flags & FLAG_EXPIRES != 0 {
+        EXPIRY_LEN
+    } else {
+        0
+    }
+}
+
+/// The expiry time carried by a stored value with these flags, if any.
+#[inline]
+pub fn expiry_of(flags: u8, stored: &[u8]) -> Option<u64> {
+    if flags & FLAG_EXPIRES == 0 {
+        return None;
+    }
+    let b: [u8; EXPIRY_LEN] = stored.get(..EXPIRY_LEN)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 /// Writes one entry at the start of `buf` and returns its padded length. Padding bytes are
@@ -125,6 +175,31 @@ pub fn encode(
     key: &[u8],
     value: &[u8],
 ) -> Result<usize, EntryError> {
+    encode_flagged(buf, salt, op, 0, epoch, seq, key, value)
+}
+
+/// [`encode`] with flags: with [`FLAG_EXPIRES`], `value` is the stored value, expiry time
+/// first.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_flagged(
+    buf: &mut [u8],
+    salt: u32,
+    op: Op,
+    flags: u8,
+    epoch: u32,
+    seq: u64,
+    key: &[u8],
+    value: &[u8],
+) -> Result<usize, EntryError> {
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(EntryError::BadFlags(flags));
+    }
+    if op == Op::Delete && flags != 0 {
+        return Err(EntryError::BadFlags(flags));
+    }
+    if value.len() < expiry_prefix(flags) {
+        return Err(EntryError::BadLength);
+    }
     if key.is_empty() || key.len() > MAX_KEY_LEN || value.len() > MAX_VALUE_LEN {
         return Err(EntryError::BadLength);
     }
@@ -139,7 +214,7 @@ pub fn encode(
     let mut h = EntryHeader {
         crc: 0,
         op: op as u8,
-        flags: 0,
+        flags,
         key_len: key.len() as u16,
         val_len: value.len() as u32,
         epoch,
@@ -169,6 +244,12 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Entry<'_>, EntryError> {
     if k == 0 || k > MAX_KEY_LEN || v > MAX_VALUE_LEN || (op == Op::Delete && v != 0) {
         return Err(EntryError::BadLength);
     }
+    if h.flags & !KNOWN_FLAGS != 0 || (op == Op::Delete && h.flags != 0) {
+        return Err(EntryError::BadFlags(h.flags));
+    }
+    if v < expiry_prefix(h.flags) {
+        return Err(EntryError::BadLength);
+    }
     let raw = raw_len(k, v);
     if bytes.len() < raw {
         return Err(EntryError::Truncated);
@@ -181,6 +262,7 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Entry<'_>, EntryError> {
     }
     Ok(Entry {
         op,
+        flags: h.flags,
         epoch: h.epoch,
         seq: h.seq,
         key,
@@ -222,6 +304,35 @@ mod tests {
             (Op::Put, 7, 3, &b"key"[..], &b"value!"[..], n)
         );
         assert_eq!(peek_len(&buf), Some(n));
+    }
+
+    #[test]
+    fn an_expiring_entry_carries_its_expiry_before_the_value() {
+        let mut buf = [0u8; 128];
+        let mut stored = 1_700_000_000_123u64.to_le_bytes().to_vec();
+        stored.extend_from_slice(b"val");
+        let n = encode_flagged(&mut buf, 9, Op::Put, FLAG_EXPIRES, 1, 2, b"k", &stored)
+            .expect("encode");
+        let e = decode_next(&buf[..n], 9, 2).expect("decode");
+        assert_eq!(e.flags, FLAG_EXPIRES);
+        assert_eq!(e.expire_at(), Some(1_700_000_000_123));
+        assert_eq!(e.user_value(), b"val");
+        let plain = enc(9, Op::Put, 2, b"k", b"val").0;
+        let e = decode(&plain, 9).expect("decode");
+        assert_eq!((e.expire_at(), e.user_value()), (None, &b"val"[..]));
+        // Too short for its expiry, an unknown flag, a flagged delete: all refused.
+        assert_eq!(
+            encode_flagged(&mut buf, 9, Op::Put, FLAG_EXPIRES, 1, 2, b"k", b"short"),
+            Err(EntryError::BadLength)
+        );
+        assert_eq!(
+            encode_flagged(&mut buf, 9, Op::Put, 0x80, 1, 2, b"k", b"v"),
+            Err(EntryError::BadFlags(0x80))
+        );
+        assert_eq!(
+            encode_flagged(&mut buf, 9, Op::Delete, FLAG_EXPIRES, 1, 2, b"k", b""),
+            Err(EntryError::BadFlags(FLAG_EXPIRES))
+        );
     }
 
     #[test]

@@ -410,10 +410,12 @@ impl<P: Persist> Dpm<P> {
             }
             buf.clear();
             buf.resize(len, 0);
-            entry::encode(
+            // The flags go with the value: an expiring key keeps its expiry time.
+            entry::encode_flagged(
                 buf,
                 cst.cursor.salt,
                 Op::Put,
+                e.flags,
                 e.epoch,
                 e.seq,
                 e.key,

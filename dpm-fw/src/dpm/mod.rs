@@ -241,7 +241,7 @@ impl<P: Persist> Dpm<P> {
         self.pm.read(r.offset(), &mut buf);
         let salt = self.geo.block_of(r.offset()).map(|b| self.header(b).salt)?;
         let e = entry::decode(&buf, salt).ok()?;
-        (e.key == key && e.op == Op::Put).then(|| e.value.to_vec())
+        (e.key == key && e.op == Op::Put).then(|| e.user_value().to_vec())
     }
 
     fn header(&self, block: u32) -> BlockHeader {
