@@ -28,6 +28,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod client;
+pub mod clock;
 mod control;
 pub mod dac;
 mod error;

@@ -228,6 +228,19 @@ impl ShardLog {
         key: &[u8],
         value: &[u8],
     ) -> Result<Appended, AppendError> {
+        self.append_flagged(f, op, 0, key, value)
+    }
+
+    /// [`ShardLog::append`] with entry flags: with [`entry::FLAG_EXPIRES`], `value` is the
+    /// stored value, the expiry time first.
+    pub fn append_flagged<F: Fabric + ?Sized>(
+        &mut self,
+        f: &mut F,
+        op: Op,
+        flags: u8,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Appended, AppendError> {
         let len = entry::padded_len(key.len(), value.len());
         if op == Op::Put && self.still_full(f)? {
             return Err(AppendError::Kv(KvError::RegionFull));
@@ -245,10 +258,11 @@ impl ShardLog {
         }
         let at = self.staged;
         let buf = &mut f.buf_mut(self.staging)[at..at + len];
-        entry::encode(
+        entry::encode_flagged(
             buf,
             self.salt,
             op,
+            flags,
             self.lease_epoch,
             self.next_seq,
             key,

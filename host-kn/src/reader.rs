@@ -33,9 +33,11 @@ const MAX_CHAIN: u32 = 1 << 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FoundEntry {
     pub eref: EntryRef,
-    /// Where the value is in [`IndexReader::buf`].
+    /// Where the key's value is in [`IndexReader::buf`] (after the expiry time, if any).
     pub value_at: usize,
     pub value_len: usize,
+    /// When the key expires (Unix ms), if the entry says it does.
+    pub expire_at: Option<u64>,
 }
 
 /// Reads the index and entries of one region over one fabric connection.
@@ -207,11 +209,13 @@ impl IndexReader {
                             && e.key == key
                             && (e.op == Op::Put || (deletes && e.op == Op::Delete)) =>
                     {
-                        let value_at = at + entry::ENTRY_HEADER_SIZE + key.len();
+                        let skip = entry::expiry_prefix(e.flags);
+                        let value_at = at + entry::ENTRY_HEADER_SIZE + key.len() + skip;
                         let found = FoundEntry {
                             eref: *r,
                             value_at,
-                            value_len: e.value.len(),
+                            value_len: e.value.len() - skip,
+                            expire_at: e.expire_at(),
                         };
                         return Ok(Some((found, e.op)));
                     }

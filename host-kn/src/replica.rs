@@ -400,6 +400,10 @@ impl ShardReplicas {
             self.stats.entry_reads += 1;
             if let Some((found, op)) = reader.fetch_op(f, key, &[r], true)? {
                 let value = match op {
+                    // A key that expired while replicated reads as absent.
+                    Op::Put if found.expire_at.is_some_and(|t| t <= crate::clock::now_ms()) => {
+                        None
+                    }
                     Op::Put => Some(
                         reader.buf(f)[found.value_at..found.value_at + found.value_len].to_vec(),
                     ),

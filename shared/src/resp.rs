@@ -335,6 +335,13 @@ impl Out<'_> {
     pub fn array(&mut self, n: usize) {
         self.number(b'*', n as i64);
     }
+    /// A null array (an `EXEC` whose watched keys changed): RESP2 `*-1`, RESP3 `_`.
+    pub fn null_array(&mut self) {
+        match self.proto {
+            Proto::Resp2 => self.buf.extend_from_slice(b"*-1\r\n"),
+            Proto::Resp3 => self.buf.extend_from_slice(b"_\r\n"),
+        }
+    }
     /// A map of `n` pairs (RESP2: an array of `2n` items).
     pub fn map(&mut self, n: usize) {
         match self.proto {

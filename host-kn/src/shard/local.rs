@@ -125,6 +125,25 @@ async fn flusher<F: Fabric>(cell: Rc<ShardCell<F>>) {
     }
 }
 
+/// How often a shard thread looks for keys whose expiry time has come.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// Active expiry: deletes due keys every [`SWEEP_EVERY`] (their deletes share the turn's
+/// group commit).
+async fn expirer<F: Fabric>(cell: Rc<ShardCell<F>>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if cell.stopped.get() {
+            return;
+        }
+        if cell.shard.borrow_mut().sweep_expired() > 0 {
+            cell.flush_soon();
+        }
+    }
+}
+
 /// Serves the shard's queue until `Stop` or until every sender is gone.
 async fn serve_queue<F: Fabric + 'static>(
     cell: Rc<ShardCell<F>>,
@@ -181,6 +200,7 @@ pub fn run_thread<F: Fabric + 'static>(
     });
     local.block_on(rt, async move {
         tokio::task::spawn_local(flusher(Rc::clone(&cell)));
+        tokio::task::spawn_local(expirer(Rc::clone(&cell)));
         let stats = serve_queue(Rc::clone(&cell), rx).await;
         // Connections here answer what they were told (`TRYAGAIN`: shutting down) and
         // write their last replies before the thread, and with it they, go away.
@@ -229,6 +249,7 @@ pub fn run_blocking<F: Fabric>(mut shard: Shard<F>, mut rx: UnboundedReceiver<Ms
             }
             next = rx.try_recv().ok();
         }
+        shard.sweep_expired();
         shard.flush();
         shard.stats.busy_ns += t0.elapsed().as_nanos() as u64;
     }

@@ -14,6 +14,8 @@
 //! and replication steps each have a submodule.
 
 mod config;
+mod exec;
+mod expiry;
 mod geometry;
 mod keyhash;
 mod lease;
@@ -47,16 +49,23 @@ use crate::reader::IndexReader;
 use crate::replica::{HotKeys, ReplicaCtl, ShardReplicas};
 
 pub use config::ShardConfig;
+pub use exec::{ExecJob, KeyAccess};
 pub use geometry::read_geometry;
 pub use lease::LeaseGate;
 pub use local::{run_blocking, run_thread, LocalShard, ShardOps};
 pub use msg::{
     GetReply, Msg, ReleaseReport, Reply, ReplyFn, ReplyResult, ReplySlots, ReplyTo, Request,
-    ShardTx, SlotRef, Task,
+    ShardTx, SlotRef, StoredReply, Task,
 };
+
+/// Keys one active-expiry sweep deletes at most (more wait for the next sweep, so that a
+/// mass expiry does not stall the shard's clients).
+const SWEEP_MAX: usize = 256;
 
 /// Where the replies of a [`Msg::Batch`] go.
 type BatchDone = tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>;
+use exec::Watches;
+use expiry::Expiries;
 use keyhash::KeyHash;
 pub use stats::ShardStats;
 use unmerged::UnmergedWrites;
@@ -71,6 +80,8 @@ struct Pending {
     tag: u64,
     /// A write of a replicated key: published through its cell, not cached.
     replicated: bool,
+    /// When the key written expires (Unix ms), if it does.
+    expire_at: Option<u64>,
 }
 
 /// One shard of a KN.
@@ -94,6 +105,12 @@ pub struct Shard<F: Fabric> {
     miss_rts_since_cost: u64,
     replicas: ShardReplicas,
     hot: HotKeys,
+    /// Expiry times of the keys this shard holds in its cache or wrote (see `expiry`).
+    expiries: Expiries,
+    /// Watched keys and their write numbers (see `exec`).
+    watches: Watches,
+    /// Counts installed cluster maps: a watch taken under an older one is void.
+    map_generation: u64,
 }
 
 impl<F: Fabric> Shard<F> {
@@ -137,6 +154,9 @@ impl<F: Fabric> Shard<F> {
             miss_rts_since_cost: 0,
             replicas,
             hot: HotKeys::default(),
+            expiries: Expiries::default(),
+            watches: Watches::default(),
+            map_generation: 0,
         })
     }
 
@@ -152,6 +172,7 @@ impl<F: Fabric> Shard<F> {
         s.cache = self.cache.stats();
         s.unmerged = self.unmerged.len() as u64;
         s.unmerged_queue = self.unmerged.queued() as u64;
+        s.expiring = self.expiries.len() as u64;
         s.replica = self.replicas.stats;
         s
     }
@@ -187,6 +208,24 @@ impl<F: Fabric> Shard<F> {
     /// Serves one get and hands the answer to `emit` (exactly once). A value in the cache
     /// is handed over in place, without a copy: the common case costs a hash lookup.
     pub fn get_with(&mut self, key: &[u8], emit: &mut GetReply<'_>) {
+        self.get_stored(key, &mut |r| emit(r.map(|found| found.map(|(v, _)| v))));
+    }
+
+    /// Reads a key for a command that needs its value and expiry time (Unix ms) owned.
+    pub(crate) fn read_stored(
+        &mut self,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
+        let mut out = Err(KvError::ShuttingDown);
+        self.get_stored(key, &mut |r| {
+            out = r.map(|found| found.map(|(v, t)| (v.to_vec(), t)));
+        });
+        out
+    }
+
+    /// [`Shard::get_with`] with the key's expiry time. A key whose time has come reads as
+    /// absent, and its delete is staged (lazy expiry).
+    fn get_stored(&mut self, key: &[u8], emit: &mut StoredReply<'_>) {
         let replicated = self.replicas.serves(key);
         if !replicated {
             if let Err(e) = self.check_owner(key) {
@@ -206,8 +245,13 @@ impl<F: Fabric> Shard<F> {
         } else {
             match self.cache.get(key) {
                 Lookup::Value(v) => {
-                    self.stats.hit_value += 1;
-                    return emit(Ok(Some(v)));
+                    let expires = self.expiries.get(key);
+                    if expires.is_none_or(|t| t > crate::clock::now_ms()) {
+                        self.stats.hit_value += 1;
+                        return emit(Ok(Some((v, expires))));
+                    }
+                    self.expire(key);
+                    return emit(Ok(None));
                 }
                 Lookup::Shortcut(r) => Some(r),
                 Lookup::Miss => None,
@@ -223,7 +267,47 @@ impl<F: Fabric> Shard<F> {
             r => r,
         };
         self.stats.read_rts += self.rts() - t0;
-        emit(r.as_ref().map(Option::as_deref).map_err(Clone::clone))
+        match r {
+            Ok(Some((_, Some(t)))) if t <= crate::clock::now_ms() => {
+                self.expire(key);
+                emit(Ok(None))
+            }
+            Ok(Some((v, t))) => emit(Ok(Some((&v, t)))),
+            Ok(None) => emit(Ok(None)),
+            Err(e) => emit(Err(e)),
+        }
+    }
+
+    /// Deletes `key`, whose time has come, through the log (nobody waits for the delete).
+    fn expire(&mut self, key: &[u8]) {
+        self.stats.expired += 1;
+        if !self.expiries.is_empty() {
+            self.expiries.note(&Rc::from(key), None);
+        }
+        let reply = ReplyTo::Fn(ReplyFn(Box::new(|_| {})));
+        self.write_expiring(key.to_vec(), None, None, 0, reply);
+    }
+
+    /// Active expiry: deletes up to [`SWEEP_MAX`] keys whose time has come; returns how
+    /// many. Costs nothing while no key this shard knows has an expiry time.
+    pub(crate) fn sweep_expired(&mut self) -> usize {
+        if self.expiries.is_empty() {
+            return 0;
+        }
+        self.expire_due(crate::clock::now_ms(), SWEEP_MAX)
+    }
+
+    /// Deletes up to `max` keys whose time came by `now`; returns how many.
+    fn expire_due(&mut self, now: u64, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(key) = self.expiries.pop_due(now) else {
+                break;
+            };
+            n += 1;
+            self.expire(&key);
+        }
+        n
     }
 
     fn get_once(
@@ -231,11 +315,13 @@ impl<F: Fabric> Shard<F> {
         key: &[u8],
         replicated: bool,
         shortcut: Option<EntryRef>,
-    ) -> Result<Option<Vec<u8>>, KvError> {
+    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
         if replicated {
             let timeout = self.cfg.timeout;
-            self.replicas
-                .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)
+            let v = self
+                .replicas
+                .get(&mut self.f, &mut self.reader, &self.geo, key, timeout)?;
+            Ok(v.map(|v| (v, None)))
         } else {
             self.get_uncached(key, shortcut)
         }
@@ -284,7 +370,7 @@ impl<F: Fabric> Shard<F> {
         &mut self,
         key: &[u8],
         shortcut: Option<EntryRef>,
-    ) -> Result<Option<Vec<u8>>, KvError> {
+    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
         if let Some(u) = self.unmerged.get(key) {
             self.stats.hit_local += 1;
             let Some(r) = u.eref else { return Ok(None) };
@@ -292,7 +378,8 @@ impl<F: Fabric> Shard<F> {
                 Some(found) => {
                     let value = self.value_of(found.value_at, found.value_len);
                     self.cache.on_fetch(key, &value, r, true);
-                    Ok(Some(value))
+                    self.note_expiry(key, found.expire_at);
+                    Ok(Some((value, found.expire_at)))
                 }
                 None => Err(KvError::Corrupt(format!(
                     "own unmerged entry at {:#x} does not verify",
@@ -305,7 +392,8 @@ impl<F: Fabric> Shard<F> {
                 self.stats.hit_shortcut += 1;
                 let value = self.value_of(found.value_at, found.value_len);
                 self.cache.on_fetch(key, &value, r, true);
-                return Ok(Some(value));
+                self.note_expiry(key, found.expire_at);
+                return Ok(Some((value, found.expire_at)));
             }
             // Moved or stale: forget it and take the miss path.
             self.stats.stale_shortcuts += 1;
@@ -321,12 +409,20 @@ impl<F: Fabric> Shard<F> {
             Some(found) => {
                 let value = self.value_of(found.value_at, found.value_len);
                 self.cache.on_fetch(key, &value, found.eref, false);
-                Ok(Some(value))
+                self.note_expiry(key, found.expire_at);
+                Ok(Some((value, found.expire_at)))
             }
             None => {
                 self.stats.absent += 1;
                 Ok(None)
             }
+        }
+    }
+
+    /// Keeps the expiry table exact for a key whose value may now be cached.
+    fn note_expiry(&mut self, key: &[u8], expire_at: Option<u64>) {
+        if expire_at.is_some() || !self.expiries.is_empty() {
+            self.expiries.note(&Rc::from(key), expire_at);
         }
     }
 
@@ -352,7 +448,60 @@ impl<F: Fabric> Shard<F> {
 
     /// [`Shard::write`] with any kind of reply target.
     pub fn write_to(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, tag: u64, reply: ReplyTo) {
-        let (seq, eref) = match self.stage(&key, value.as_deref()) {
+        self.write_expiring(key, value, None, tag, reply);
+    }
+
+    /// Whether a write would be refused before it is staged (the owner, a broken log, a
+    /// full region, the value's size); a job checks each write before staging any.
+    pub(crate) fn check_write(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        expire_at: Option<u64>,
+    ) -> Result<(), KvError> {
+        if self.replicas.serves(key) {
+            if expire_at.is_some() {
+                return Err(KvError::Replication(
+                    "a replicated key cannot be given an expiry time".into(),
+                ));
+            }
+        } else {
+            self.check_owner(key)?;
+        }
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if let Some(v) = value {
+            if self.log.is_full() {
+                return Err(KvError::RegionFull);
+            }
+            let extra = if expire_at.is_some() {
+                entry::EXPIRY_LEN
+            } else {
+                0
+            };
+            let max = self.max_value(key.len());
+            if v.len() + extra > max {
+                return Err(KvError::ValueTooLarge {
+                    len: v.len(),
+                    max: max.saturating_sub(extra),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Shard::write_to`] of a key that expires at `expire_at` (Unix ms), if given.
+    pub(crate) fn write_expiring(
+        &mut self,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        expire_at: Option<u64>,
+        tag: u64,
+        reply: ReplyTo,
+    ) {
+        let expire_at = value.as_ref().and(expire_at);
+        let (seq, eref) = match self.stage(&key, value.as_deref(), expire_at) {
             Ok(a) => a,
             Err(e) => {
                 reply.send(Reply {
@@ -365,6 +514,7 @@ impl<F: Fabric> Shard<F> {
         self.staged_hashes
             .insert(dinomo_shared::hash::key_hash(&key));
         self.first_staged.get_or_insert_with(Instant::now);
+        self.watches.wrote(&key);
         let replicated = self.replicas.serves(&key);
         self.pending.push(Pending {
             key,
@@ -374,6 +524,7 @@ impl<F: Fabric> Shard<F> {
             reply,
             tag,
             replicated,
+            expire_at,
         });
         if self.log.staged_bytes() >= self.cfg.batch_bytes
             || self.log.staged_entries() >= self.cfg.batch_entries
@@ -383,8 +534,19 @@ impl<F: Fabric> Shard<F> {
     }
 
     /// Appends the entry to the staged batch; returns its seq and where it will live.
-    fn stage(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(u64, EntryRef), KvError> {
-        if !self.replicas.serves(key) {
+    fn stage(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        expire_at: Option<u64>,
+    ) -> Result<(u64, EntryRef), KvError> {
+        if self.replicas.serves(key) {
+            if expire_at.is_some() {
+                return Err(KvError::Replication(
+                    "a replicated key cannot be given an expiry time".into(),
+                ));
+            }
+        } else {
             self.check_owner(key)?;
         }
         if let Some(e) = &self.broken {
@@ -400,12 +562,28 @@ impl<F: Fabric> Shard<F> {
                 (Op::Delete, &[][..])
             }
         };
+        // An expiring value is stored behind its expiry time (see `entry::FLAG_EXPIRES`).
+        let stored;
+        let (flags, v) = match expire_at {
+            Some(t) => {
+                let mut b = Vec::with_capacity(entry::EXPIRY_LEN + v.len());
+                b.extend_from_slice(&t.to_le_bytes());
+                b.extend_from_slice(v);
+                stored = b;
+                (entry::FLAG_EXPIRES, &stored[..])
+            }
+            None => (0, v),
+        };
         let max = self.max_value(key.len());
         if v.len() > max {
-            return Err(KvError::ValueTooLarge { len: v.len(), max });
+            let extra = v.len() - value.map_or(0, <[u8]>::len);
+            return Err(KvError::ValueTooLarge {
+                len: v.len() - extra,
+                max: max.saturating_sub(extra),
+            });
         }
         for _ in 0..3 {
-            match self.log.append(&mut self.f, op, key, v) {
+            match self.log.append_flagged(&mut self.f, op, flags, key, v) {
                 Ok(a) => return Ok((a.seq, a.eref)),
                 Err(AppendError::Kv(e)) => return Err(e),
                 Err(AppendError::NeedFlush) => {
@@ -483,6 +661,9 @@ impl<F: Fabric> Shard<F> {
                         Some(v) => self.cache.on_write(&key, v, p.eref),
                         None => self.cache.remove(&key),
                     }
+                    if p.expire_at.is_some() || !self.expiries.is_empty() {
+                        self.expiries.note(&key, p.expire_at);
+                    }
                     let eref = p.value.as_ref().map(|_| p.eref);
                     self.unmerged.record(p.seq, key, eref);
                     p.reply.send(Reply {
@@ -551,6 +732,7 @@ impl<F: Fabric> Shard<F> {
             Msg::Req { op, tag, reply } => self.request(op, tag, ReplyTo::Chan(reply)),
             Msg::ReqFn { op, tag, reply } => self.request(op, tag, ReplyTo::Fn(reply)),
             Msg::Batch { ops, done } => self.batch(ops, done),
+            Msg::Exec { job, done } => self.exec(job, done),
             Msg::Task(_) => {}
             Msg::SetMap(m) => self.set_map(m),
             Msg::Release { map, reply } => {
@@ -619,7 +801,7 @@ impl<F: Fabric> Shard<F> {
     /// owns get `WrongOwner`, so their clients retry elsewhere), then closes the log.
     fn stop(&mut self, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> ShardStats {
         while let Ok(m) = rx.try_recv() {
-            if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } = m {
+            if let Msg::Req { .. } | Msg::ReqFn { .. } | Msg::Batch { .. } | Msg::Exec { .. } = m {
                 self.handle(m);
             }
         }

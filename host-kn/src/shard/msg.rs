@@ -53,6 +53,9 @@ pub type ShardTx = tokio::sync::mpsc::UnboundedSender<Msg>;
 /// Where a get served in place hands its answer: a cached value is lent, not copied.
 pub type GetReply<'a> = dyn FnMut(Result<Option<&[u8]>, KvError>) + 'a;
 
+/// [`GetReply`] with the key's expiry time (Unix ms), for commands that need it.
+pub type StoredReply<'a> = dyn FnMut(Result<Option<(&[u8], Option<u64>)>, KvError>) + 'a;
+
 /// What a request is answered with: the value for a get (`None`: absent), `None` for writes.
 pub type ReplyResult = Result<Option<Vec<u8>>, KvError>;
 
@@ -207,6 +210,12 @@ pub enum Msg {
     /// order) when the last is done: one message and one wake-up each way per pipeline.
     Batch {
         ops: Vec<Request>,
+        done: tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>,
+    },
+    /// Run this command on the shard, whole (see `exec`); `done` gets the outcome of its
+    /// writes once all are durable.
+    Exec {
+        job: super::ExecJob,
         done: tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>,
     },
     /// Run this on the shard's thread (a connection placed there).

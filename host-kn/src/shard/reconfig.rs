@@ -42,6 +42,10 @@ impl<F: Fabric> Shard<F> {
             map.owner(s) == kn && shard_of(s, shards) == shard
         };
         self.cache.retain(keep);
+        self.expiries.retain(keep);
+        // A watched key of a slot that moved away and back may have been written elsewhere.
+        self.watches.wrote_all();
+        self.map_generation += 1;
         self.map = map;
     }
 

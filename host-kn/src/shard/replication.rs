@@ -108,7 +108,7 @@ impl<F: Fabric> Shard<F> {
 
     /// Appends an entry of `key` and makes it durable at once.
     fn append_now(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<EntryRef, KvError> {
-        let (_, eref) = self.stage(key, value)?;
+        let (_, eref) = self.stage(key, value, None)?;
         self.flush();
         match &self.broken {
             Some(e) => Err(e.clone()),

@@ -20,6 +20,10 @@ pub struct ShardStats {
     pub absent: u64,
     pub stale_shortcuts: u64,
     pub wrong_owner: u64,
+    /// Keys deleted because their expiry time came (read, walked or swept).
+    pub expired: u64,
+    /// Keys with an expiry time that the shard keeps track of (a current value).
+    pub expiring: u64,
     pub read_rts: u64,
     pub write_rts: u64,
     /// RTs spent reading the DPM's progress to forget merged own writes.
@@ -52,6 +56,8 @@ impl ShardStats {
         self.absent += o.absent;
         self.stale_shortcuts += o.stale_shortcuts;
         self.wrong_owner += o.wrong_owner;
+        self.expired += o.expired;
+        self.expiring += o.expiring;
         self.reconnects += o.reconnects;
         self.read_rts += o.read_rts;
         self.write_rts += o.write_rts;
@@ -87,6 +93,8 @@ impl ShardStats {
             absent: self.absent - e.absent,
             stale_shortcuts: self.stale_shortcuts - e.stale_shortcuts,
             wrong_owner: self.wrong_owner - e.wrong_owner,
+            expired: self.expired - e.expired,
+            expiring: self.expiring,
             read_rts: self.read_rts - e.read_rts,
             write_rts: self.write_rts - e.write_rts,
             maintenance_rts: self.maintenance_rts - e.maintenance_rts,
