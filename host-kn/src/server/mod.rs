@@ -17,6 +17,7 @@
 //! `-TRYAGAIN`.
 
 pub mod acl;
+pub(crate) mod cmd;
 mod commands;
 mod conn;
 mod latency;
