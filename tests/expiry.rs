@@ -62,7 +62,8 @@ fn an_expiring_key_is_read_with_its_time_and_is_gone_once_it_came() {
     let (k2, (read, writes)) = (k.clone(), {
         let k = k.clone();
         run(&c, move |acc| {
-            acc.write(&k, Some(b"hello".to_vec()), Some(t)).expect("write");
+            acc.write(&k, Some(b"hello".to_vec()), Some(t))
+                .expect("write");
             // The job's own write is seen by its next read (the batch is flushed first).
             acc.read(&k)
         })
@@ -81,7 +82,11 @@ fn an_expiring_key_is_read_with_its_time_and_is_gone_once_it_came() {
     while now_ms() <= t {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(cl.get(&k2).expect("get"), None, "an expired key is never returned");
+    assert_eq!(
+        cl.get(&k2).expect("get"),
+        None,
+        "an expired key is never returned"
+    );
     // Deleted once, by the read or by the sweep that any message triggers.
     assert_eq!(c.kns()[0].stats().expired, expired0 + 1);
     // The delete was logged: the key stays absent after a merge and a cold read.
@@ -123,7 +128,8 @@ fn a_write_without_a_time_clears_it_and_bad_writes_change_nothing() {
     let ((first, second, too_big), writes) = run(&c, {
         let k = k.clone();
         move |acc| {
-            acc.write(&k, Some(b"a".to_vec()), Some(far)).expect("write");
+            acc.write(&k, Some(b"a".to_vec()), Some(far))
+                .expect("write");
             let first = acc.read(&k);
             acc.write(&k, Some(b"b".to_vec()), None).expect("write");
             let second = acc.read(&k);

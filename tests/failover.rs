@@ -872,3 +872,106 @@ fn a_pipeline_is_answered_in_order_and_its_acknowledged_writes_survive_a_sigkill
     }
     c.stop();
 }
+
+/// Expiry times live in the log entries and the index reaches them with the entries: a
+/// KN killed, then the memory node killed and restarted, changes no key's expiry time
+/// (`PEXPIRETIME` exactly as set, `TTL` counting down, not reset), a `PERSIST` stays, and
+/// keys whose time came are never returned again.
+#[test]
+fn expiry_times_survive_a_kn_sigkill_and_a_dpm_restart() {
+    let mut c = Cluster::start(2);
+    let map = c.wait_map(2);
+    let victim = c.kns[0].0;
+    let owners = map.slot_map();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("ttl:{i}"))
+        .filter(|k| owners.owner(key_slot(k.as_bytes())) == victim)
+        .take(40)
+        .collect();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64
+    };
+    let at = now_ms() + 3_600_000;
+    let short_ms = fabric::scaled(Duration::from_millis(1500)).as_millis() as i64;
+    let mut cl = Client::new(c.addrs(), reply_timeout());
+    let short_until = now_ms() + short_ms;
+    for (i, k) in keys.iter().enumerate() {
+        let k = k.as_bytes();
+        let v = format!("v{i}");
+        let v = v.as_bytes();
+        let ok = Value::Simple("OK".into());
+        match i % 4 {
+            0 => assert_eq!(
+                cl.must(&[b"SET", k, v, b"PXAT", at.to_string().as_bytes()]),
+                ok
+            ),
+            1 => assert_eq!(cl.must(&[b"SET", k, v, b"EX", b"3600"]), ok),
+            2 => {
+                assert_eq!(cl.must(&[b"SET", k, v, b"EX", b"3600"]), ok);
+                assert_eq!(cl.must(&[b"PERSIST", k]), Value::Int(1));
+            }
+            _ => assert_eq!(
+                cl.must(&[b"SET", k, v, b"PX", short_ms.to_string().as_bytes()]),
+                ok
+            ),
+        }
+    }
+    let set_done = now_ms();
+
+    let mut p = c.kns[0].2.take().expect("KN");
+    p.signal(nix::sys::signal::Signal::SIGKILL);
+    p.wait();
+    assert!(c.wait_map(1).addr_of(victim).is_none());
+    let mut dpm = c.dpm.take().expect("DPM");
+    dpm.signal(nix::sys::signal::Signal::SIGKILL);
+    dpm.wait();
+    c.start_dpm();
+
+    let mut cl = Client::new(vec![c.kns[1].1.clone()], reply_timeout());
+    for (i, k) in keys.iter().enumerate() {
+        let kb = k.as_bytes();
+        match i % 4 {
+            0 => assert_eq!(cl.must(&[b"PEXPIRETIME", kb]), Value::Int(at), "{k}"),
+            1 => {
+                let Value::Int(ttl) = cl.must(&[b"TTL", kb]) else {
+                    panic!("TTL {k}")
+                };
+                let elapsed = (now_ms() - set_done) / 1000 + 1;
+                assert!(
+                    (3600 - elapsed..=3600).contains(&ttl),
+                    "{k}: TTL {ttl} after {elapsed} s"
+                );
+            }
+            2 => assert_eq!(cl.must(&[b"TTL", kb]), Value::Int(-1), "{k}"),
+            _ => {}
+        }
+        if i % 4 != 3 {
+            assert_eq!(
+                cl.must(&[b"GET", kb]),
+                Value::Bulk(format!("v{i}").into_bytes()),
+                "{k}"
+            );
+        }
+    }
+    // The short-lived keys: gone once their time has come, and they stay gone.
+    while now_ms() <= short_until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for k in keys.iter().skip(3).step_by(4) {
+        let kb = k.as_bytes();
+        assert_eq!(cl.must(&[b"GET", kb]), Value::Nil, "{k}");
+        assert_eq!(cl.must(&[b"TTL", kb]), Value::Int(-2), "{k}");
+        assert_eq!(cl.must(&[b"EXISTS", kb]), Value::Int(0), "{k}");
+    }
+    let mut dpm = c.dpm.take().expect("DPM");
+    dpm.signal(nix::sys::signal::Signal::SIGKILL);
+    dpm.wait();
+    c.start_dpm();
+    for k in keys.iter().skip(3).step_by(4) {
+        assert_eq!(cl.must(&[b"GET", k.as_bytes()]), Value::Nil, "{k}");
+    }
+    c.stop();
+}

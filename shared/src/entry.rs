@@ -14,7 +14,8 @@ pub const ENTRY_HEADER_SIZE: usize = 24;
 pub const ENTRY_ALIGN: usize = 8;
 /// Longest key accepted anywhere in the system.
 pub const MAX_KEY_LEN: usize = 1024;
-/// Longest value accepted anywhere in the system (blocks may impose a smaller bound).
+/// Longest value accepted anywhere in the system (blocks may impose a smaller bound); an
+/// expiring entry stores its expiry time beside it.
 pub const MAX_VALUE_LEN: usize = 1 << 20;
 
 /// Entry flag: the key expires. The entry's value then begins with the expiry time, Unix
@@ -200,7 +201,10 @@ pub fn encode_flagged(
     if value.len() < expiry_prefix(flags) {
         return Err(EntryError::BadLength);
     }
-    if key.is_empty() || key.len() > MAX_KEY_LEN || value.len() > MAX_VALUE_LEN {
+    if key.is_empty()
+        || key.len() > MAX_KEY_LEN
+        || value.len() > MAX_VALUE_LEN + expiry_prefix(flags)
+    {
         return Err(EntryError::BadLength);
     }
     if op == Op::Delete && !value.is_empty() {
@@ -233,7 +237,8 @@ pub fn encode_flagged(
 pub fn peek_len(bytes: &[u8]) -> Option<usize> {
     let h = EntryHeader::read_from(bytes)?;
     let (k, v) = (h.key_len as usize, h.val_len as usize);
-    (k > 0 && k <= MAX_KEY_LEN && v <= MAX_VALUE_LEN).then(|| padded_len(k, v))
+    (k > 0 && k <= MAX_KEY_LEN && v <= MAX_VALUE_LEN + expiry_prefix(h.flags))
+        .then(|| padded_len(k, v))
 }
 
 /// Decodes and verifies the entry at the start of `bytes`, written under `salt`.
@@ -241,7 +246,11 @@ pub fn decode(bytes: &[u8], salt: u32) -> Result<Entry<'_>, EntryError> {
     let h = EntryHeader::read_from(bytes).ok_or(EntryError::Truncated)?;
     let op = Op::from_u8(h.op).ok_or(EntryError::BadOp(h.op))?;
     let (k, v) = (h.key_len as usize, h.val_len as usize);
-    if k == 0 || k > MAX_KEY_LEN || v > MAX_VALUE_LEN || (op == Op::Delete && v != 0) {
+    if k == 0
+        || k > MAX_KEY_LEN
+        || v > MAX_VALUE_LEN + expiry_prefix(h.flags)
+        || (op == Op::Delete && v != 0)
+    {
         return Err(EntryError::BadLength);
     }
     if h.flags & !KNOWN_FLAGS != 0 || (op == Op::Delete && h.flags != 0) {

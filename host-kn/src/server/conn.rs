@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::acl::{command_count, command_entry, command_id, runs_without_auth};
+use super::cmd;
 use super::commands::upper;
 use super::{Shared, View};
 use crate::ownership::shard_of;
@@ -97,6 +98,8 @@ pub(super) struct Conn {
     served: u64,
     /// The ACL ids of the commands served in place.
     ids: FastIds,
+    /// `MULTI` and `WATCH` state.
+    pub(super) tx: super::txn::TxState,
 }
 
 /// The ACL ids of `GET` and `SET`, looked up once per connection.
@@ -235,6 +238,7 @@ async fn connection<S: Stream>(
             get: command_id("GET"),
             set: command_id("SET"),
         },
+        tx: Default::default(),
     };
     let mut round = Round::new(Rc::clone(local), c.shared.shards.len());
     let window = c.window();
@@ -556,7 +560,7 @@ async fn call(tx: &ShardTx, op: Request) -> Result<Option<Vec<u8>>, KvError> {
     orx.await.map_err(|_| KvError::ShuttingDown)?
 }
 
-fn kv_error(e: &KvError) -> String {
+pub(super) fn kv_error(e: &KvError) -> String {
     match e {
         KvError::WrongOwner { .. } => "TRYAGAIN the slot is changing owner".into(),
         e @ KvError::TryAgain { .. } => e.to_string(),
@@ -633,7 +637,7 @@ impl Conn {
 
     /// The shard for `keys` (all in one slot), or the error to answer. Keys this KN serves
     /// as a replica go to its own shard whoever owns their slot; the others go by slot.
-    fn shard_index(&mut self, keys: &[&[u8]]) -> Result<usize, String> {
+    pub(super) fn shard_index(&mut self, keys: &[&[u8]]) -> Result<usize, String> {
         self.refresh();
         let slot = self.slot_of(keys)?;
         if self.replicated_here(keys)? {
@@ -649,7 +653,7 @@ impl Conn {
     }
 
     /// The queue of the shard for `keys` ([`Conn::shard_index`]).
-    fn shard_for(&mut self, keys: &[&[u8]]) -> Result<ShardTx, String> {
+    pub(super) fn shard_for(&mut self, keys: &[&[u8]]) -> Result<ShardTx, String> {
         let i = self.shard_index(keys)?;
         self.shared
             .shards
@@ -663,6 +667,9 @@ impl Conn {
     /// (a cached value is copied straight into the reply), else batched for the owner
     /// shard. False: `args` takes the general path (which also answers every error).
     fn fast(&mut self, args: &mut [Vec<u8>], round: &mut Round, out: &mut Vec<u8>) -> bool {
+        if self.tx.in_multi() {
+            return false;
+        }
         let (kind, id) = match args.len() {
             2 if args[0].eq_ignore_ascii_case(b"GET") => (Kind::Get, self.ids.get),
             3 if args[0].eq_ignore_ascii_case(b"SET") => (Kind::Set, self.ids.set),
@@ -765,6 +772,8 @@ impl Conn {
                 // Most users may touch every key: then no key list is built per request.
                 let keys = if user.all_keys() {
                     Vec::new()
+                } else if cmd::serves(&name) {
+                    cmd::keys(&name, args)
                 } else {
                     keys_of(&name, args)
                 };
@@ -773,6 +782,15 @@ impl Conn {
                     return false;
                 }
             }
+        }
+        if self.tx.in_multi()
+            && !matches!(
+                name.as_str(),
+                "EXEC" | "DISCARD" | "MULTI" | "WATCH" | "QUIT" | "RESET"
+            )
+        {
+            self.queue(&name, args, &mut o);
+            return false;
         }
         match name.as_str() {
             "PING" => match argc {
@@ -809,6 +827,7 @@ impl Conn {
                 self.user = self.shared.acl.initial_user();
                 self.name = None;
                 self.lib = (None, None);
+                self.reset_tx();
                 o.proto = Proto::Resp2;
                 o.simple("RESET");
             }
@@ -860,41 +879,6 @@ impl Conn {
                     Err(e) => o.error(&kv_error(&e)),
                 },
             },
-            "SET" if argc >= 3 => {
-                if argc != 3 {
-                    o.error("ERR syntax error (only plain SET key value is supported)");
-                } else if args[2].len() > self.shared.max_value {
-                    o.error(&format!(
-                        "ERR value of {} bytes exceeds the limit of {} bytes",
-                        args[2].len(),
-                        self.shared.max_value
-                    ));
-                } else {
-                    match self.shard_for(&[&args[1]]) {
-                        Err(e) => o.error(&e),
-                        Ok(tx) => {
-                            let op = Request::Put {
-                                key: args[1].clone(),
-                                value: args[2].clone(),
-                            };
-                            match call(&tx, op).await {
-                                Ok(_) => o.simple("OK"),
-                                Err(e) => o.error(&kv_error(&e)),
-                            }
-                        }
-                    }
-                }
-            }
-            "DEL" | "UNLINK" | "EXISTS" if argc >= 2 => {
-                let keys: Vec<&[u8]> = args[1..].iter().map(Vec::as_slice).collect();
-                match self.shard_for(&keys) {
-                    Err(e) => o.error(&e),
-                    Ok(tx) => match count_keys(&tx, &keys, name != "EXISTS", self.window()).await {
-                        Ok(n) => o.int(n),
-                        Err(e) => o.error(&kv_error(&e)),
-                    },
-                }
-            }
             "MGET" if argc >= 2 => {
                 let keys: Vec<&[u8]> = args[1..].iter().map(Vec::as_slice).collect();
                 match self.shard_for(&keys) {
@@ -936,24 +920,13 @@ impl Conn {
                     }
                 }
             }
-            "MSET" if argc >= 3 && argc % 2 == 1 => {
-                let keys: Vec<&[u8]> = args[1..].iter().step_by(2).map(Vec::as_slice).collect();
-                let too_big = args[2..]
-                    .iter()
-                    .step_by(2)
-                    .any(|v| v.len() > self.shared.max_value);
-                match self.shard_for(&keys) {
-                    Err(e) => o.error(&e),
-                    Ok(_) if too_big => o.error(&format!(
-                        "ERR a value exceeds the limit of {} bytes",
-                        self.shared.max_value
-                    )),
-                    Ok(tx) => match mset(&tx, &args[1..]).await {
-                        Ok(()) => o.simple("OK"),
-                        Err(e) => o.error(&kv_error(&e)),
-                    },
-                }
-            }
+            "MULTI" if argc == 1 => self.multi(&mut o),
+            "EXEC" if argc == 1 => self.exec_multi(&mut o).await,
+            "DISCARD" if argc == 1 => self.discard(&mut o),
+            "WATCH" if argc >= 2 => self.watch(args, &mut o).await,
+            "UNWATCH" if argc == 1 => self.unwatch(&mut o),
+            "WAIT" if argc == 3 => self.wait(args, &mut o),
+            n if n != "MGET" && cmd::serves(n) => self.data_command(n, args, &mut o).await,
             "INFO" => {
                 let shared = Arc::clone(&self.shared);
                 let stats = tokio::task::spawn_blocking(move || shared.stats())
@@ -966,23 +939,27 @@ impl Conn {
                 self.refresh();
                 self.cluster(args, &mut o);
             }
-            "GET" | "SET" | "DEL" | "UNLINK" | "EXISTS" | "MGET" | "MSET" | "ECHO" | "SELECT"
-            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" => arity(&mut o),
-            _ => {
-                let mut shown = String::new();
-                for a in args.iter().skip(1).take(8) {
-                    shown.push('\'');
-                    shown.push_str(&String::from_utf8_lossy(&a[..a.len().min(64)]));
-                    shown.push_str("' ");
-                }
-                o.error(&format!(
-                    "ERR unknown command '{}', with args beginning with: {shown}",
-                    String::from_utf8_lossy(&args[0][..args[0].len().min(64)])
-                ));
-            }
+            "GET" | "MGET" | "ECHO" | "SELECT" | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET"
+            | "READONLY" | "READWRITE" | "MULTI" | "EXEC" | "DISCARD" | "WATCH" | "UNWATCH"
+            | "WAIT" => arity(&mut o),
+            _ => o.error(&unknown_command(args)),
         }
         false
     }
+}
+
+/// Redis's answer to a command it does not know.
+pub(super) fn unknown_command(args: &[Vec<u8>]) -> String {
+    let mut shown = String::new();
+    for a in args.iter().skip(1).take(8) {
+        shown.push('\'');
+        shown.push_str(&String::from_utf8_lossy(&a[..a.len().min(64)]));
+        shown.push_str("' ");
+    }
+    format!(
+        "ERR unknown command '{}', with args beginning with: {shown}",
+        String::from_utf8_lossy(&args[0][..args[0].len().min(64)])
+    )
 }
 
 /// Why [`fetch`] stopped early.
@@ -996,36 +973,6 @@ impl From<KvError> for Stop {
     fn from(e: KvError) -> Self {
         Self::Kv(e)
     }
-}
-
-/// Gets (and with `delete`, deletes) `keys` on one shard; returns how many existed.
-async fn count_keys(
-    tx: &ShardTx,
-    keys: &[&[u8]],
-    delete: bool,
-    window: usize,
-) -> Result<i64, KvError> {
-    let mut found = Vec::with_capacity(keys.len().min(1024));
-    let fetched: Result<(), KvError> = fetch(tx, keys, window, |i, v| {
-        if v.is_some() {
-            found.push(i);
-        }
-        Ok(())
-    })
-    .await;
-    fetched?;
-    if delete {
-        for &i in &found {
-            call(
-                tx,
-                Request::Delete {
-                    key: keys[i].to_vec(),
-                },
-            )
-            .await?;
-        }
-    }
-    Ok(found.len() as i64)
 }
 
 /// Gets `keys` from one shard, handing each value (in key order) to `each`, with at most
@@ -1060,30 +1007,6 @@ async fn fetch<E: From<KvError>>(
         };
         let v = w.await.map_err(|_| KvError::ShuttingDown)??;
         each(i, v)?;
-    }
-    Ok(())
-}
-
-/// Sets key/value pairs on one shard (they share one group commit when they fit a batch).
-async fn mset(tx: &ShardTx, kv: &[Vec<u8>]) -> Result<(), KvError> {
-    let mut waits = Vec::new();
-    for pair in kv.chunks_exact(2) {
-        let (otx, orx) = tokio::sync::oneshot::channel();
-        tx.send(Msg::ReqFn {
-            op: Request::Put {
-                key: pair[0].clone(),
-                value: pair[1].clone(),
-            },
-            tag: 0,
-            reply: ReplyFn(Box::new(move |r| {
-                let _ = otx.send(r.result);
-            })),
-        })
-        .map_err(|_| KvError::ShuttingDown)?;
-        waits.push(orx);
-    }
-    for w in waits {
-        w.await.map_err(|_| KvError::ShuttingDown)??;
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ mod latency;
 mod load;
 mod membership;
 mod tls;
+mod txn;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use dinomo_hw::fabric::connect::wait_for_dpm;
 use dinomo_hw::fabric::DpmSpec;
 use dinomo_shared::auth::ClusterSecret;
-use dinomo_shared::entry::{ENTRY_HEADER_SIZE, MAX_KEY_LEN, MAX_VALUE_LEN};
+use dinomo_shared::entry::{ENTRY_HEADER_SIZE, EXPIRY_LEN, MAX_KEY_LEN, MAX_VALUE_LEN};
 use dinomo_shared::manager_proto::{
     MapMsg, MgrAuth, MgrClient, MgrReply, MgrRequest, ReplicaMsg, ReplicaPhase, Role,
 };
@@ -380,8 +381,10 @@ pub fn run(
     let staging = max_entry
         .min(MAX_VALUE_LEN + MAX_KEY_LEN + 4096)
         .max(batch_bytes);
-    let max_value =
-        MAX_VALUE_LEN.min(staging.min(max_entry) - ENTRY_HEADER_SIZE - MAX_KEY_LEN) & !7;
+    // Room for the largest key, and for an expiry time beside the value.
+    let max_value = MAX_VALUE_LEN
+        .min(staging.min(max_entry) - ENTRY_HEADER_SIZE - MAX_KEY_LEN - EXPIRY_LEN)
+        & !7;
     let configs = (0..shards)
         .map(|s| {
             let mut c = ShardConfig::new(

@@ -21,11 +21,17 @@ use super::keyhash::KeyHash;
 use super::msg::{ReplySlots, ReplyTo};
 use super::{BatchDone, Shard};
 
+/// A key's value and its expiry time (Unix ms), if it has one.
+pub type TimedValue = (Vec<u8>, Option<u64>);
+
+/// What a job does, given its shard's keys.
+pub type JobFn = Box<dyn FnOnce(&mut dyn KeyAccess) + Send>;
+
 /// What a job sees of its shard's keys. Reads see the job's own earlier writes; expired
 /// keys read as absent (and are deleted).
 pub trait KeyAccess {
     /// The key's value and expiry time (Unix ms), if it exists.
-    fn read(&mut self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError>;
+    fn read(&mut self, key: &[u8]) -> Result<Option<TimedValue>, KvError>;
     /// Stages a put (`Some`) or delete (`None`) of `key`, expiring at `expire_at`.
     fn write(
         &mut self,
@@ -46,7 +52,7 @@ pub trait KeyAccess {
 }
 
 /// Work sent to a shard to run on its thread (see the module docs).
-pub struct ExecJob(pub Box<dyn FnOnce(&mut dyn KeyAccess) + Send>);
+pub struct ExecJob(pub JobFn);
 
 impl std::fmt::Debug for ExecJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,7 +117,7 @@ struct Access<'a, F: Fabric> {
 }
 
 impl<F: Fabric> KeyAccess for Access<'_, F> {
-    fn read(&mut self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
+    fn read(&mut self, key: &[u8]) -> Result<Option<TimedValue>, KvError> {
         self.shard.read_stored(key)
     }
 
@@ -125,7 +131,8 @@ impl<F: Fabric> KeyAccess for Access<'_, F> {
         // without having changed anything; the durable outcome comes through the slot.
         self.shard.check_write(key, value.as_deref(), expire_at)?;
         let reply = ReplyTo::Slot(ReplySlots::push(self.slots));
-        self.shard.write_expiring(key.to_vec(), value, expire_at, 0, reply);
+        self.shard
+            .write_expiring(key.to_vec(), value, expire_at, 0, reply);
         Ok(())
     }
 

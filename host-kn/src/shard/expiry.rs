@@ -68,9 +68,7 @@ impl Expiries {
             if *t > now {
                 return None;
             }
-            let Some(Reverse((t, key))) = self.due.pop() else {
-                return None;
-            };
+            let Reverse((t, key)) = self.due.pop()?;
             if self.at.get(&key[..]) == Some(&t) {
                 self.at.remove(&key[..]);
                 return Some(key);
@@ -114,7 +112,11 @@ mod tests {
         assert_eq!(e.pop_due(4), None);
         assert_eq!(e.pop_due(100).as_deref(), Some(&b"a"[..]));
         assert_eq!(e.pop_due(100).as_deref(), Some(&b"b"[..]));
-        assert_eq!(e.pop_due(100), None, "c was persisted, a's old time is stale");
+        assert_eq!(
+            e.pop_due(100),
+            None,
+            "c was persisted, a's old time is stale"
+        );
         assert!(e.is_empty());
     }
 

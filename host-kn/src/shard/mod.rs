@@ -49,7 +49,7 @@ use crate::reader::IndexReader;
 use crate::replica::{HotKeys, ReplicaCtl, ShardReplicas};
 
 pub use config::ShardConfig;
-pub use exec::{ExecJob, KeyAccess};
+pub use exec::{ExecJob, JobFn, KeyAccess, TimedValue};
 pub use geometry::read_geometry;
 pub use lease::LeaseGate;
 pub use local::{run_blocking, run_thread, LocalShard, ShardOps};
@@ -165,6 +165,16 @@ impl<F: Fabric> Shard<F> {
         self.log.max_value(key_len).min(MAX_VALUE_LEN)
     }
 
+    /// The largest value accepted with a key of `key_len` bytes that expires (its time is
+    /// stored beside the value) or not.
+    fn max_value_expiring(&self, key_len: usize, expiring: bool) -> usize {
+        let extra = if expiring { entry::EXPIRY_LEN } else { 0 };
+        self.log
+            .max_value(key_len)
+            .saturating_sub(extra)
+            .min(MAX_VALUE_LEN)
+    }
+
     /// Current counters.
     pub fn stats(&mut self) -> ShardStats {
         let mut s = self.stats;
@@ -212,10 +222,7 @@ impl<F: Fabric> Shard<F> {
     }
 
     /// Reads a key for a command that needs its value and expiry time (Unix ms) owned.
-    pub(crate) fn read_stored(
-        &mut self,
-        key: &[u8],
-    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
+    pub(crate) fn read_stored(&mut self, key: &[u8]) -> Result<Option<TimedValue>, KvError> {
         let mut out = Err(KvError::ShuttingDown);
         self.get_stored(key, &mut |r| {
             out = r.map(|found| found.map(|(v, t)| (v.to_vec(), t)));
@@ -246,7 +253,7 @@ impl<F: Fabric> Shard<F> {
             match self.cache.get(key) {
                 Lookup::Value(v) => {
                     let expires = self.expiries.get(key);
-                    if expires.is_none_or(|t| t > crate::clock::now_ms()) {
+                    if !expires.is_some_and(|t| t <= crate::clock::now_ms()) {
                         self.stats.hit_value += 1;
                         return emit(Ok(Some((v, expires))));
                     }
@@ -315,7 +322,7 @@ impl<F: Fabric> Shard<F> {
         key: &[u8],
         replicated: bool,
         shortcut: Option<EntryRef>,
-    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
+    ) -> Result<Option<TimedValue>, KvError> {
         if replicated {
             let timeout = self.cfg.timeout;
             let v = self
@@ -370,7 +377,7 @@ impl<F: Fabric> Shard<F> {
         &mut self,
         key: &[u8],
         shortcut: Option<EntryRef>,
-    ) -> Result<Option<(Vec<u8>, Option<u64>)>, KvError> {
+    ) -> Result<Option<TimedValue>, KvError> {
         if let Some(u) = self.unmerged.get(key) {
             self.stats.hit_local += 1;
             let Some(r) = u.eref else { return Ok(None) };
@@ -475,17 +482,9 @@ impl<F: Fabric> Shard<F> {
             if self.log.is_full() {
                 return Err(KvError::RegionFull);
             }
-            let extra = if expire_at.is_some() {
-                entry::EXPIRY_LEN
-            } else {
-                0
-            };
-            let max = self.max_value(key.len());
-            if v.len() + extra > max {
-                return Err(KvError::ValueTooLarge {
-                    len: v.len(),
-                    max: max.saturating_sub(extra),
-                });
+            let max = self.max_value_expiring(key.len(), expire_at.is_some());
+            if v.len() > max {
+                return Err(KvError::ValueTooLarge { len: v.len(), max });
             }
         }
         Ok(())
@@ -574,12 +573,11 @@ impl<F: Fabric> Shard<F> {
             }
             None => (0, v),
         };
-        let max = self.max_value(key.len());
-        if v.len() > max {
-            let extra = v.len() - value.map_or(0, <[u8]>::len);
+        let max = self.max_value_expiring(key.len(), expire_at.is_some());
+        if value.map_or(0, <[u8]>::len) > max {
             return Err(KvError::ValueTooLarge {
-                len: v.len() - extra,
-                max: max.saturating_sub(extra),
+                len: value.map_or(0, <[u8]>::len),
+                max,
             });
         }
         for _ in 0..3 {

@@ -49,7 +49,6 @@
 //!   `WRONGTYPE`, in order, where Redis checks some of them only on its way.
 
 // Until the server calls `serves`, `keys` and `run`, only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 pub(crate) mod expire;
 pub(crate) mod keys;
