@@ -948,18 +948,17 @@ impl Conn {
     }
 }
 
-/// Redis's answer to a command it does not know.
+/// Redis's answer to a command it does not know (the error line without its `-`).
 pub(super) fn unknown_command(args: &[Vec<u8>]) -> String {
-    let mut shown = String::new();
-    for a in args.iter().skip(1).take(8) {
-        shown.push('\'');
-        shown.push_str(&String::from_utf8_lossy(&a[..a.len().min(64)]));
-        shown.push_str("' ");
-    }
-    format!(
-        "ERR unknown command '{}', with args beginning with: {shown}",
-        String::from_utf8_lossy(&args[0][..args[0].len().min(64)])
-    )
+    let mut b = Vec::new();
+    cmd::unknown_command(
+        args,
+        &mut Out {
+            buf: &mut b,
+            proto: Proto::Resp2,
+        },
+    );
+    String::from_utf8_lossy(b.get(1..b.len().saturating_sub(2)).unwrap_or_default()).into_owned()
 }
 
 /// Why [`fetch`] stopped early.

@@ -48,8 +48,6 @@
 //!   key they name except an overwritten destination (`SUNIONSTORE dst ...`) is checked for
 //!   `WRONGTYPE`, in order, where Redis checks some of them only on its way.
 
-// Until the server calls `serves`, `keys` and `run`, only the tests do.
-
 pub(crate) mod expire;
 pub(crate) mod keys;
 #[cfg(test)]
