@@ -16,8 +16,8 @@ use dinomo_shared::slot::key_slot;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::acl::{command_count, command_entry, command_id, runs_without_auth};
-use super::commands::upper;
+use super::acl::{command_id, keys_for_acl, runs_without_auth};
+use super::commands::{upper, ClientReg};
 use super::{Shared, View};
 use crate::ownership::shard_of;
 use crate::shard::{
@@ -97,6 +97,8 @@ pub(super) struct Conn {
     served: u64,
     /// The ACL ids of the commands served in place.
     ids: FastIds,
+    /// This connection's entry in the registry `CLIENT LIST` reads.
+    pub(super) reg: ClientReg,
 }
 
 /// The ACL ids of `GET` and `SET`, looked up once per connection.
@@ -156,7 +158,7 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel);
     let slot = ClientSlot(Arc::clone(&shared));
-    let refusal = if open >= shared.client.maxclients {
+    let refusal = if open >= shared.intro.maxclients() {
         Some("ERR max number of clients reached")
     } else if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
         Some(
@@ -219,9 +221,11 @@ async fn connection<S: Stream>(
     let version = shared.version.load(Ordering::Acquire);
     let id = shared.conns.fetch_add(1, Ordering::Relaxed);
     let stripe = usize::from(local.index());
+    let user = shared.acl.initial_user();
+    let reg = ClientReg::new(&shared, id + 1, peer, stripe, user);
     let mut c = Conn {
         view: shared.view(),
-        user: shared.acl.initial_user(),
+        user,
         shared,
         version,
         proto: Proto::Resp2,
@@ -235,6 +239,7 @@ async fn connection<S: Stream>(
             get: command_id("GET"),
             set: command_id("SET"),
         },
+        reg,
     };
     let mut round = Round::new(Rc::clone(local), c.shared.shards.len());
     let window = c.window();
@@ -244,6 +249,7 @@ async fn connection<S: Stream>(
     loop {
         let mut pos = 0;
         let mut close = false;
+        let mut commands = 0;
         let busy_from = Instant::now();
         loop {
             let limits = if c.user.is_some() {
@@ -257,6 +263,7 @@ async fn connection<S: Stream>(
                     if args.is_empty() {
                         continue;
                     }
+                    commands += 1;
                     // GET and SET are served in place or batched; their replies are put in
                     // order when the round ends. Anything else runs now, after what this
                     // connection sent other shards so far, so every shard sees the commands
@@ -304,6 +311,7 @@ async fn connection<S: Stream>(
             }
         }
         local.add_busy(busy_from.elapsed());
+        c.reg.read(commands, busy_from);
         // One group commit for the writes of the whole read, then the replies in order.
         round.finish(&mut out, c.proto, &c.shared, stripe).await;
         inbuf.drain(..pos);
@@ -337,10 +345,11 @@ async fn connection<S: Stream>(
         // checked against the limit above.
         inbuf.reserve(16 << 10);
         let read = sock.read_buf(&mut inbuf);
-        let got = if client.timeout.is_zero() {
+        let timeout = c.shared.intro.timeout();
+        let got = if timeout.is_zero() {
             read.await
         } else {
-            match tokio::time::timeout(client.timeout, read).await {
+            match tokio::time::timeout(timeout, read).await {
                 Ok(r) => r,
                 // Idle for `timeout`: closed without a reply, as Redis does.
                 Err(_) => {
@@ -730,6 +739,7 @@ impl Conn {
         match self.shared.acl.authenticate(user, password) {
             Some(u) => {
                 self.user = Some(u);
+                self.sync_client();
                 o.simple("OK");
                 true
             }
@@ -809,6 +819,7 @@ impl Conn {
                 self.user = self.shared.acl.initial_user();
                 self.name = None;
                 self.lib = (None, None);
+                self.sync_client();
                 o.proto = Proto::Resp2;
                 o.simple("RESET");
             }
@@ -824,26 +835,9 @@ impl Conn {
             // other keys are served by their owner (a Redis primary answers OK too).
             "READONLY" | "READWRITE" if argc == 1 => o.simple("OK"),
             "CLIENT" if argc >= 2 => self.client(args, &mut o),
-            // The command table, which cluster clients (redis-py's RedisCluster) read to
-            // find the keys of a command; other subcommands (DOCS, GETKEYS, LIST) answer
-            // an empty list.
-            "COMMAND" if argc == 1 => {
-                o.array(command_count());
-                for id in 0..command_count() {
-                    command_entry(id, &mut o);
-                }
-            }
-            "COMMAND" if upper(&args[1]) == "COUNT" => o.int(command_count() as i64),
-            "COMMAND" if upper(&args[1]) == "INFO" => {
-                o.array(argc - 2);
-                for a in &args[2..] {
-                    match command_id(&upper(a)) {
-                        Some(id) => command_entry(id, &mut o),
-                        None => o.null(),
-                    }
-                }
-            }
-            "COMMAND" => o.array(0),
+            "COMMAND" => self.command(args, &mut o),
+            "TIME" if argc == 1 => self.time(&mut o),
+            "LASTSAVE" if argc == 1 => self.lastsave(&mut o),
             "CONFIG" if argc >= 2 => self.config(args, &mut o),
             "GET" if argc == 2 => match self.shard_for(&[&args[1]]) {
                 Err(e) => o.error(&e),
@@ -954,20 +948,14 @@ impl Conn {
                     },
                 }
             }
-            "INFO" => {
-                let shared = Arc::clone(&self.shared);
-                let stats = tokio::task::spawn_blocking(move || shared.stats())
-                    .await
-                    .unwrap_or_default();
-                self.refresh();
-                o.text(&self.info(&stats));
-            }
+            "INFO" => self.info_command(args, None, &mut o).await,
             "CLUSTER" if argc >= 2 => {
                 self.refresh();
                 self.cluster(args, &mut o);
             }
             "GET" | "SET" | "DEL" | "UNLINK" | "EXISTS" | "MGET" | "MSET" | "ECHO" | "SELECT"
-            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" => arity(&mut o),
+            | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET" | "READONLY" | "READWRITE" | "TIME"
+            | "LASTSAVE" => arity(&mut o),
             _ => {
                 let mut shown = String::new();
                 for a in args.iter().skip(1).take(8) {
@@ -1088,20 +1076,16 @@ async fn mset(tx: &ShardTx, kv: &[Vec<u8>]) -> Result<(), KvError> {
     Ok(())
 }
 
-/// The keys a command names (what ACL key patterns are checked against).
-fn keys_of<'a>(name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
-    let rest = args.get(1..).unwrap_or_default();
-    match name {
-        "GET" | "SET" => rest.iter().take(1).map(Vec::as_slice).collect(),
-        "MGET" | "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
-        "MSET" => rest.iter().step_by(2).map(Vec::as_slice).collect(),
-        _ => Vec::new(),
-    }
+/// The keys a command names (what ACL key patterns are checked against): those its key
+/// specifications in the command table find, for every command the table has.
+fn keys_of<'a>(_name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+    keys_for_acl(args)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::acl::{command_count, command_entry};
     use dinomo_shared::resp::{parse_value, Limits, Out, Proto, Value};
 
     /// The keys a cluster client finds from a `COMMAND` entry, the way redis-py does:
