@@ -16,9 +16,9 @@ use dinomo_shared::slot::key_slot;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::acl::{command_count, command_entry, command_id, runs_without_auth};
+use super::acl::{command_id, keys_for_acl, runs_without_auth};
 use super::cmd;
-use super::commands::upper;
+use super::commands::{upper, ClientReg};
 use super::{Shared, View};
 use crate::ownership::shard_of;
 use crate::shard::{
@@ -100,6 +100,8 @@ pub(super) struct Conn {
     ids: FastIds,
     /// `MULTI` and `WATCH` state.
     pub(super) tx: super::txn::TxState,
+    /// This connection's entry in the registry `CLIENT LIST` reads.
+    pub(super) reg: ClientReg,
 }
 
 /// The ACL ids of `GET` and `SET`, looked up once per connection.
@@ -159,7 +161,7 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 async fn serve(shared: Arc<Shared>, mut sock: TcpStream, peer: SocketAddr) {
     let open = shared.clients.fetch_add(1, Ordering::AcqRel);
     let slot = ClientSlot(Arc::clone(&shared));
-    let refusal = if open >= shared.client.maxclients {
+    let refusal = if open >= shared.intro.maxclients() {
         Some("ERR max number of clients reached")
     } else if shared.protected_mode && !shared.acl.requires_auth() && !peer.ip().is_loopback() {
         Some(
@@ -222,9 +224,11 @@ async fn connection<S: Stream>(
     let version = shared.version.load(Ordering::Acquire);
     let id = shared.conns.fetch_add(1, Ordering::Relaxed);
     let stripe = usize::from(local.index());
+    let user = shared.acl.initial_user();
+    let reg = ClientReg::new(&shared, id + 1, peer, stripe, user);
     let mut c = Conn {
         view: shared.view(),
-        user: shared.acl.initial_user(),
+        user,
         shared,
         version,
         proto: Proto::Resp2,
@@ -239,6 +243,7 @@ async fn connection<S: Stream>(
             set: command_id("SET"),
         },
         tx: Default::default(),
+        reg,
     };
     let mut round = Round::new(Rc::clone(local), c.shared.shards.len());
     let window = c.window();
@@ -248,6 +253,7 @@ async fn connection<S: Stream>(
     loop {
         let mut pos = 0;
         let mut close = false;
+        let mut commands = 0;
         let busy_from = Instant::now();
         loop {
             let limits = if c.user.is_some() {
@@ -261,6 +267,7 @@ async fn connection<S: Stream>(
                     if args.is_empty() {
                         continue;
                     }
+                    commands += 1;
                     // GET and SET are served in place or batched; their replies are put in
                     // order when the round ends. Anything else runs now, after what this
                     // connection sent other shards so far, so every shard sees the commands
@@ -308,6 +315,7 @@ async fn connection<S: Stream>(
             }
         }
         local.add_busy(busy_from.elapsed());
+        c.reg.read(commands, busy_from);
         // One group commit for the writes of the whole read, then the replies in order.
         round.finish(&mut out, c.proto, &c.shared, stripe).await;
         inbuf.drain(..pos);
@@ -341,10 +349,11 @@ async fn connection<S: Stream>(
         // checked against the limit above.
         inbuf.reserve(16 << 10);
         let read = sock.read_buf(&mut inbuf);
-        let got = if client.timeout.is_zero() {
+        let timeout = c.shared.intro.timeout();
+        let got = if timeout.is_zero() {
             read.await
         } else {
-            match tokio::time::timeout(client.timeout, read).await {
+            match tokio::time::timeout(timeout, read).await {
                 Ok(r) => r,
                 // Idle for `timeout`: closed without a reply, as Redis does.
                 Err(_) => {
@@ -737,6 +746,7 @@ impl Conn {
         match self.shared.acl.authenticate(user, password) {
             Some(u) => {
                 self.user = Some(u);
+                self.sync_client();
                 o.simple("OK");
                 true
             }
@@ -828,6 +838,7 @@ impl Conn {
                 self.name = None;
                 self.lib = (None, None);
                 self.reset_tx();
+                self.sync_client();
                 o.proto = Proto::Resp2;
                 o.simple("RESET");
             }
@@ -843,27 +854,10 @@ impl Conn {
             // other keys are served by their owner (a Redis primary answers OK too).
             "READONLY" | "READWRITE" if argc == 1 => o.simple("OK"),
             "CLIENT" if argc >= 2 => self.client(args, &mut o),
-            // The command table, which cluster clients (redis-py's RedisCluster) read to
-            // find the keys of a command; other subcommands (DOCS, GETKEYS, LIST) answer
-            // an empty list.
-            "COMMAND" if argc == 1 => {
-                o.array(command_count());
-                for id in 0..command_count() {
-                    command_entry(id, &mut o);
-                }
-            }
-            "COMMAND" if upper(&args[1]) == "COUNT" => o.int(command_count() as i64),
-            "COMMAND" if upper(&args[1]) == "INFO" => {
-                o.array(argc - 2);
-                for a in &args[2..] {
-                    match command_id(&upper(a)) {
-                        Some(id) => command_entry(id, &mut o),
-                        None => o.null(),
-                    }
-                }
-            }
-            "COMMAND" => o.array(0),
-            "CONFIG" if argc >= 2 => self.config(args, &mut o),
+            "COMMAND" => self.command(args, &mut o),
+            "TIME" if argc == 1 => self.time(&mut o),
+            "LASTSAVE" if argc == 1 => self.lastsave(&mut o),
+            "CONFIG" if argc >= 2 => self.config(args, &mut o).await,
             "GET" if argc == 2 => match self.shard_for(&[&args[1]]) {
                 Err(e) => o.error(&e),
                 Ok(tx) => match call(
@@ -927,21 +921,14 @@ impl Conn {
             "UNWATCH" if argc == 1 => self.unwatch(&mut o),
             "WAIT" if argc == 3 => self.wait(args, &mut o),
             n if n != "MGET" && cmd::serves(n) => self.data_command(n, args, &mut o).await,
-            "INFO" => {
-                let shared = Arc::clone(&self.shared);
-                let stats = tokio::task::spawn_blocking(move || shared.stats())
-                    .await
-                    .unwrap_or_default();
-                self.refresh();
-                o.text(&self.info(&stats));
-            }
+            "INFO" => self.info_command(args, None, &mut o).await,
             "CLUSTER" if argc >= 2 => {
                 self.refresh();
                 self.cluster(args, &mut o);
             }
             "GET" | "MGET" | "ECHO" | "SELECT" | "CLUSTER" | "CLIENT" | "CONFIG" | "RESET"
             | "READONLY" | "READWRITE" | "MULTI" | "EXEC" | "DISCARD" | "WATCH" | "UNWATCH"
-            | "WAIT" => arity(&mut o),
+            | "WAIT" | "TIME" | "LASTSAVE" => arity(&mut o),
             _ => o.error(&unknown_command(args)),
         }
         false
@@ -1010,20 +997,16 @@ async fn fetch<E: From<KvError>>(
     Ok(())
 }
 
-/// The keys a command names (what ACL key patterns are checked against).
-fn keys_of<'a>(name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
-    let rest = args.get(1..).unwrap_or_default();
-    match name {
-        "GET" | "SET" => rest.iter().take(1).map(Vec::as_slice).collect(),
-        "MGET" | "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
-        "MSET" => rest.iter().step_by(2).map(Vec::as_slice).collect(),
-        _ => Vec::new(),
-    }
+/// The keys a command names (what ACL key patterns are checked against): those its key
+/// specifications in the command table find, for every command the table has.
+fn keys_of<'a>(_name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+    keys_for_acl(args)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::acl::{command_count, command_entry};
     use dinomo_shared::resp::{parse_value, Limits, Out, Proto, Value};
 
     /// The keys a cluster client finds from a `COMMAND` entry, the way redis-py does:

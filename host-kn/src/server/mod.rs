@@ -236,6 +236,12 @@ struct Shared {
     lease_len: Duration,
     /// How it opens manager sessions (again after a broken connection or a restart).
     mgr_auth: MgrAuth,
+    /// Counters, the connection registry and the run-time parameters (`INFO`, `CLIENT
+    /// LIST`, `CONFIG SET`).
+    intro: commands::Introspection,
+    /// The shards' count of expired keys at the last `CONFIG RESETSTAT` (`INFO`'s
+    /// `expired_keys` counts from there).
+    expired_base: AtomicU64,
 }
 
 impl Shared {
@@ -419,6 +425,14 @@ pub fn run(
         kn.stop();
         return Err(KnServerError::Manager(why));
     }
+    let client = ClientLimits {
+        proto_max_bulk_len: cfg
+            .limits
+            .proto_max_bulk_len
+            .min(max_value.max(MAX_KEY_LEN)),
+        maxclients: fit_maxclients(cfg.limits.maxclients),
+        ..cfg.limits
+    };
     let shared = Arc::new(Shared {
         kn_id,
         addr: addr.to_string(),
@@ -434,14 +448,9 @@ pub fn run(
                 .min(max_value.max(MAX_KEY_LEN)),
             ..Limits::default()
         },
-        client: ClientLimits {
-            proto_max_bulk_len: cfg
-                .limits
-                .proto_max_bulk_len
-                .min(max_value.max(MAX_KEY_LEN)),
-            maxclients: fit_maxclients(cfg.limits.maxclients),
-            ..cfg.limits
-        },
+        client,
+        intro: commands::Introspection::new(&client, cfg.cache_bytes),
+        expired_base: AtomicU64::new(0),
         acl: Arc::clone(&cfg.acl),
         protected_mode: cfg.protected_mode,
         tls: cfg.tls.clone(),
