@@ -73,6 +73,12 @@ const COMMANDS: &[CommandInfo] = commands! {
     "INFO" -1 ["loading", "stale"] (0, 0, 0) => ["slow", "dangerous"],
     "CONFIG" -2 [] (0, 0, 0) => ["admin", "slow", "dangerous"],
     "CLUSTER" -2 [] (0, 0, 0) => ["slow"],
+    "SCAN" -2 ["readonly"] (0, 0, 0) => ["keyspace", "read", "slow"],
+    "KEYS" 2 ["readonly"] (0, 0, 0) => ["keyspace", "read", "slow", "dangerous"],
+    "DBSIZE" 1 ["readonly", "fast"] (0, 0, 0) => ["keyspace", "read", "fast"],
+    "RANDOMKEY" 1 ["readonly"] (0, 0, 0) => ["keyspace", "read", "slow"],
+    "FLUSHALL" -1 ["write"] (0, 0, 0) => ["keyspace", "write", "slow", "dangerous"],
+    "FLUSHDB" -1 ["write"] (0, 0, 0) => ["keyspace", "write", "slow", "dangerous"],
 };
 
 /// Writes the `COMMAND` entry of command `id` in Redis 7's layout: name, arity, flags,
@@ -577,7 +583,7 @@ mod tests {
         for (text, want) in [
             ("user a on >x +@nosuch", "line 1"),
             ("\nuser a on >x +config|get", "line 2"),
-            ("user a on >x +flushall", "unknown command"),
+            ("user a on >x +hset", "unknown command"),
             ("user a on\nuser a off", "twice"),
             ("group a", "expected"),
             ("user a %R~x", "not a supported"),

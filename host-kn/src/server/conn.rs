@@ -556,7 +556,7 @@ async fn call(tx: &ShardTx, op: Request) -> Result<Option<Vec<u8>>, KvError> {
     orx.await.map_err(|_| KvError::ShuttingDown)?
 }
 
-fn kv_error(e: &KvError) -> String {
+pub(super) fn kv_error(e: &KvError) -> String {
     match e {
         KvError::WrongOwner { .. } => "TRYAGAIN the slot is changing owner".into(),
         e @ KvError::TryAgain { .. } => e.to_string(),
@@ -954,6 +954,22 @@ impl Conn {
                     },
                 }
             }
+            // Walks of the keyspace (server/walk.rs).
+            "SCAN" if argc >= 2 => self.scan(args, &mut o).await,
+            "KEYS" if argc == 2 => self.keys(&args[1], &mut o).await,
+            "DBSIZE" if argc == 1 => self.dbsize(&mut o).await,
+            "RANDOMKEY" if argc == 1 => self.randomkey(&mut o).await,
+            "FLUSHALL" | "FLUSHDB" if argc <= 2 => self.flushall(args, &mut o).await,
+            "CLUSTER"
+                if argc >= 3
+                    && matches!(
+                        (upper(&args[1]).as_str(), argc),
+                        ("COUNTKEYSINSLOT", 3) | ("GETKEYSINSLOT", 4)
+                    ) =>
+            {
+                self.cluster_keys(args, &mut o).await
+            }
+            "SCAN" | "KEYS" | "DBSIZE" | "RANDOMKEY" | "FLUSHALL" | "FLUSHDB" => arity(&mut o),
             "INFO" => {
                 let shared = Arc::clone(&self.shared);
                 let stats = tokio::task::spawn_blocking(move || shared.stats())

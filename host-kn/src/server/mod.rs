@@ -23,6 +23,7 @@ mod latency;
 mod load;
 mod membership;
 mod tls;
+mod walk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -21,6 +21,7 @@ mod local;
 mod msg;
 mod reconfig;
 mod replication;
+mod scan;
 mod stats;
 mod unmerged;
 
@@ -58,6 +59,9 @@ pub use msg::{
 /// Where the replies of a [`Msg::Batch`] go.
 type BatchDone = tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>;
 use keyhash::KeyHash;
+pub use scan::{
+    Restart as ScanRestart, ScanMode, ScanPage, ScanRequest, ScannedKey, SHARD_CURSOR_BITS,
+};
 pub use stats::ShardStats;
 use unmerged::UnmergedWrites;
 
@@ -94,6 +98,8 @@ pub struct Shard<F: Fabric> {
     miss_rts_since_cost: u64,
     replicas: ShardReplicas,
     hot: HotKeys,
+    /// Buffers and sizing of key walks (SCAN and friends).
+    walk: scan::Walker,
 }
 
 impl<F: Fabric> Shard<F> {
@@ -137,6 +143,7 @@ impl<F: Fabric> Shard<F> {
             miss_rts_since_cost: 0,
             replicas,
             hot: HotKeys::default(),
+            walk: scan::Walker::default(),
         })
     }
 
@@ -575,6 +582,9 @@ impl<F: Fabric> Shard<F> {
             }
             Msg::HotKeys(tx) => {
                 let _ = tx.send(self.hot.take());
+            }
+            Msg::Scan { req, reply } => {
+                let _ = reply.send(self.serve_scan(&req));
             }
         }
         true
