@@ -347,3 +347,99 @@ fn a_walk_costs_a_bounded_number_of_round_trips() {
     }
     c.stop();
 }
+
+/// Keys that expired by the walk's clock, and deleted keys, are left out of keys and
+/// counts; a key expiring exactly now is still there (as in Redis). The expiring entries
+/// are written by another log, as a previous owner of the slots would have.
+#[test]
+fn expired_and_deleted_keys_are_left_out() {
+    use dinomo_shared::block::BLOCK_HEADER_SIZE;
+    use dinomo_shared::entry::{self, Op, FLAG_EXPIRES};
+
+    let c = Cluster::start(&cfg()).expect("cluster");
+    let mut cl = c.client();
+    let mut m = Model::default();
+    for i in 0..200 {
+        m.put(&mut cl, k("live", i));
+    }
+    for i in (0..200).step_by(4) {
+        m.del(&mut cl, k("live", i));
+    }
+    let dpm = std::sync::Arc::clone(c.dpm());
+    let mut lw = dpm_fw::logwriter::LogWriter::open(&dpm, 7, 9).expect("open a log");
+    let mut batch = Vec::new();
+    for i in 0..50u32 {
+        let at = 1000 + 100 * u64::from(i);
+        let mut stored = at.to_le_bytes().to_vec();
+        stored.extend_from_slice(b"expiring value");
+        let key = k("exp", i);
+        let len = entry::padded_len(key.len(), stored.len());
+        let from = batch.len();
+        batch.resize(from + len, 0);
+        entry::encode_flagged(
+            &mut batch[from..],
+            lw.salt,
+            Op::Put,
+            FLAG_EXPIRES,
+            1,
+            lw.next_seq,
+            &key,
+            &stored,
+        )
+        .expect("encode");
+        lw.next_seq += 1;
+    }
+    assert_eq!(lw.offset, BLOCK_HEADER_SIZE);
+    let off = dpm.geometry().block_off(lw.block) + lw.offset;
+    dpm.pmem().write(off, &batch);
+    dpm.pmem().persist(off, batch.len() as u64);
+    let t0 = std::time::Instant::now();
+    while dpm.lookup(&k("exp", 49)).is_none() {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "the expiring entries were not merged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    c.sync().expect("sync");
+    // At 3500 ms: exp:00000..exp:00024 expired, exp:00025 expires exactly now.
+    let now = 3500;
+    let mut got = BTreeMap::new();
+    let mut counted = 0;
+    for tx in &shards(&c) {
+        let mut req = ScanRequest {
+            now_ms: now,
+            ..keys_req(0, 100)
+        };
+        loop {
+            let p = page(tx, req);
+            for key in p.keys {
+                got.insert(key.key, key.expire_at);
+            }
+            if p.cursor == 0 {
+                break;
+            }
+            req.cursor = p.cursor;
+        }
+        let mut req = ScanRequest {
+            now_ms: now,
+            mode: ScanMode::Count,
+            ..keys_req(0, usize::MAX)
+        };
+        loop {
+            let p = page(tx, req);
+            counted += p.counted;
+            if p.cursor == 0 {
+                break;
+            }
+            req.cursor = p.cursor;
+        }
+    }
+    let mut want: BTreeMap<Vec<u8>, Option<u64>> = m.0.iter().map(|k| (k.clone(), None)).collect();
+    for i in 25..50u32 {
+        want.insert(k("exp", i), Some(1000 + 100 * u64::from(i)));
+    }
+    assert_eq!(got, want);
+    assert_eq!(counted, want.len() as u64);
+    c.stop();
+}
