@@ -337,8 +337,8 @@ fn a_walk_costs_a_bounded_number_of_round_trips() {
             large.overflow_rts
         );
         // A page is one round trip for its chunk of head buckets (with the root word), one
-        // per level of overflow buckets (two for a level of more than 224 buckets), one for
-        // its entries (their READs coalesced); one more for the root word at most once.
+        // per level of overflow buckets (their READs coalesced), one for its entries (also
+        // coalesced); one more for the root word at most once.
         for (w, chunk) in [(&small, 64u64 << 10), (&large, 1 << 20)] {
             assert!(w.pages <= head_bytes.div_ceil(chunk), "{w:?}");
             assert!(w.rts <= 2 * w.pages + w.overflow_rts + 1, "{w:?}");
@@ -441,5 +441,53 @@ fn expired_and_deleted_keys_are_left_out() {
     }
     assert_eq!(got, want);
     assert_eq!(counted, want.len() as u64);
+    c.stop();
+}
+
+/// Not a check: prints what whole walks cost on a larger index (`KEYS`, `VLEN` set the
+/// keys and value size). `cargo test --release --test walk -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_walks_of_a_larger_index() {
+    let keys: u32 = std::env::var("KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
+    let vlen: usize = std::env::var("VLEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let c = Cluster::start(&ClusterConfig {
+        kns: 2,
+        shards_per_kn: 2,
+        region_bytes: 256 << 20,
+        block_size: Some(1 << 20),
+        cache_bytes_per_kn: 1 << 20,
+        ..ClusterConfig::default()
+    })
+    .expect("cluster");
+    let mut cl = c.client();
+    let v = vec![b'x'; vlen];
+    for i in 0..keys {
+        cl.put(format!("key:{i:08}").as_bytes(), &v).expect("put");
+    }
+    c.sync().expect("sync");
+    let ix = c.dpm().index().stats(c.dpm().pmem());
+    eprintln!("{keys} keys of {vlen} B values; index {:?}", ix);
+    for (s, tx) in shards(&c).iter().enumerate() {
+        for (count, mode) in [
+            (10, ScanMode::Keys),
+            (1000, ScanMode::Keys),
+            (usize::MAX, ScanMode::Count),
+        ] {
+            let t = std::time::Instant::now();
+            let w = walk(tx, count, mode);
+            eprintln!(
+                "shard {s} count {count} {mode:?}: {w:?}, {:.1} RTs/page, {:?}",
+                w.rts as f64 / w.pages as f64,
+                t.elapsed()
+            );
+        }
+    }
     c.stop();
 }

@@ -49,13 +49,17 @@ pub const MAX_WRS: usize = 224;
 const CHUNK_MIN: u64 = 1 << 10;
 const CHUNK_MAX: u64 = 1 << 14;
 /// A page stops taking head buckets once their candidates reach this many...
-const CANDIDATES_MAX: usize = 4096;
+const CANDIDATES_MAX: usize = 16384;
 /// ...or their entries this many bytes.
-const ENTRY_BYTES_MAX: u64 = 4 << 20;
-/// Entries of one block at most this far apart are fetched by one READ...
-const GAP: u64 = 4 << 10;
+const ENTRY_BYTES_MAX: u64 = 8 << 20;
+/// Entries of one block at most this far apart are fetched by one READ (the smallest of
+/// these gaps whose READs fit one round trip, unless the bytes read would pass
+/// [`COALESCED_MAX`])...
+const GAPS: [u64; 5] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20];
 /// ...of at most this many bytes.
-const RANGE_MAX: u64 = 256 << 10;
+const RANGE_MAX: u64 = 1 << 20;
+/// Bytes the coalesced READs of one round of entries may fetch at most.
+const COALESCED_MAX: u64 = 32 << 20;
 /// Table changes tolerated within one page before giving up.
 const MAX_RESTARTS: u32 = 16;
 /// Overflow levels tolerated before a chain is taken as corrupt.
@@ -199,8 +203,6 @@ struct Bufs {
     root: LocalBuf,
     /// Head buckets of a chunk.
     buckets: LocalBuf,
-    /// Overflow buckets, [`MAX_WRS`] at a time.
-    overflow: LocalBuf,
     /// Block headers, [`MAX_WRS`] at a time.
     headers: LocalBuf,
     entries: LocalBuf,
@@ -527,7 +529,6 @@ impl<F: Fabric> Shard<F> {
             self.walk.bufs = Some(Bufs {
                 root: f.alloc_buf(64)?,
                 buckets: f.alloc_buf((CHUNK_MAX * BUCKET_SIZE) as usize)?,
-                overflow: f.alloc_buf(MAX_WRS * BUCKET_SIZE as usize)?,
                 headers: f.alloc_buf(MAX_WRS * 64)?,
                 entries: f.alloc_buf(1 << 20)?,
                 entries_cap: 1 << 20,
@@ -562,7 +563,7 @@ impl<F: Fabric> Shard<F> {
         let root_off = self.reader.root_off();
         let region = self.f.region_len();
         let b = self.bufs(0)?;
-        let (root_buf, buckets_buf, overflow_buf) = (b.root, b.buckets, b.overflow);
+        let (root_buf, buckets_buf) = (b.root, b.buckets);
         // The root word with the chunk: a resize since the root was read shows here.
         run(
             &mut self.f,
@@ -611,7 +612,7 @@ impl<F: Fabric> Shard<F> {
                 }
             }
         }
-        // Overflow buckets, a level of every chain per round trip.
+        // Overflow buckets, a level of every chain at a time.
         let mut levels = 0u32;
         while !nexts.is_empty() {
             levels += 1;
@@ -619,36 +620,21 @@ impl<F: Fabric> Shard<F> {
                 return Err(KvError::Corrupt("index chain does not end".into()));
             }
             let level = std::mem::take(&mut nexts);
-            for part in level.chunks(MAX_WRS) {
-                page.overflow_rts += 1;
-                let mut wrs = Vec::with_capacity(part.len());
-                for (i, &off) in part.iter().enumerate() {
-                    if off % BUCKET_SIZE != 0
-                        || off.checked_add(BUCKET_SIZE).map_or(true, |e| e > region)
-                    {
-                        return Err(KvError::Corrupt(format!(
-                            "bucket offset {off:#x} is misaligned or outside the region"
-                        )));
-                    }
-                    wrs.push((
-                        i as u64,
-                        WorkRequest::Read {
-                            remote: off,
-                            local: overflow_buf.slice(i as u32 * 64, 64),
-                        },
-                    ));
+            for &off in &level {
+                if off % BUCKET_SIZE != 0
+                    || off.checked_add(BUCKET_SIZE).map_or(true, |e| e > region)
+                {
+                    return Err(KvError::Corrupt(format!(
+                        "bucket offset {off:#x} is misaligned or outside the region"
+                    )));
                 }
-                run(&mut self.f, &wrs, timeout)?;
-                let got = self.f.buf(overflow_buf);
-                for i in 0..part.len() {
-                    let bucket = Bucket::read_from(&got[i * 64..])
-                        .ok_or_else(|| KvError::Corrupt("short bucket".into()))?;
-                    if !bucket.belongs_to(generation) {
-                        self.reader.set_root(None);
-                        return Ok(None);
-                    }
-                    take_slots(&bucket, &mut cands, &mut nexts);
+            }
+            for bucket in self.read_buckets(&level, &mut page.overflow_rts)? {
+                if !bucket.belongs_to(generation) {
+                    self.reader.set_root(None);
+                    return Ok(None);
                 }
+                take_slots(&bucket, &mut cands, &mut nexts);
             }
         }
         let refs: Vec<EntryRef> = cands.iter().map(|c| c.0).collect();
@@ -694,6 +680,61 @@ impl<F: Fabric> Shard<F> {
         Ok(Some(pos + taken))
     }
 
+    /// READs the buckets at `offs` (validated), in their order. Buckets near one another
+    /// (overflow buckets are allocated close together) share a READ, as entries do; `rts`
+    /// counts the round trips.
+    fn read_buckets(&mut self, offs: &[u64], rts: &mut u32) -> Result<Vec<Bucket>, KvError> {
+        let timeout = self.reader.timeout();
+        let refs: Vec<EntryRef> = offs
+            .iter()
+            .map(|&o| EntryRef::new(o, BUCKET_SIZE).ok_or(KvError::InvalidCursor))
+            .collect::<Result<_, _>>()?;
+        let mut todo: Vec<(usize, u32)> = (0..refs.len()).map(|i| (i, 0)).collect();
+        todo.sort_unstable_by_key(|&(i, _)| refs[i].offset());
+        let (mut ranges, mut range_of, mut total) = coalesce(&refs, &todo, GAPS[0]);
+        for &gap in &GAPS[1..] {
+            if ranges.len() <= MAX_WRS {
+                break;
+            }
+            let wider = coalesce(&refs, &todo, gap);
+            if wider.2 > COALESCED_MAX {
+                break;
+            }
+            (ranges, range_of, total) = wider;
+        }
+        let buf = self.bufs(total as usize)?.entries;
+        for part in ranges.chunks(MAX_WRS) {
+            *rts += 1;
+            let wrs: Vec<(WrId, WorkRequest)> = part
+                .iter()
+                .enumerate()
+                .map(|(k, &(s, e, _, p))| {
+                    (
+                        k as u64,
+                        WorkRequest::Read {
+                            remote: s,
+                            local: buf.slice(p as u32, (e - s) as u32),
+                        },
+                    )
+                })
+                .collect();
+            run(&mut self.f, &wrs, timeout)?;
+        }
+        let got = self.f.buf(buf);
+        let mut out = vec![None; refs.len()];
+        for (&(i, _), &ri) in todo.iter().zip(&range_of) {
+            let (start, _, _, p) = ranges[ri];
+            let at = (p + refs[i].offset() - start) as usize;
+            out[i] = Some(
+                Bucket::read_from(&got[at..])
+                    .ok_or_else(|| KvError::Corrupt("short bucket".into()))?,
+            );
+        }
+        out.into_iter()
+            .map(|b| b.ok_or_else(|| KvError::Corrupt("bucket not read".into())))
+            .collect()
+    }
+
     /// READs and verifies the entries `refs` (answers in the same order; `None`: not a
     /// verified entry). Entries near one another in a block are fetched by one READ, the
     /// headers of blocks whose salt is unknown with them, [`MAX_WRS`] READs per round
@@ -718,23 +759,27 @@ impl<F: Fabric> Shard<F> {
             if todo.is_empty() {
                 break;
             }
-            // (start, end, block, where in the entries buffer)
-            let mut ranges: Vec<(u64, u64, u32, u64)> = Vec::new();
-            let mut range_of = Vec::with_capacity(todo.len());
-            let mut total = 0u64;
-            for &(i, b) in &todo {
-                let (off, end) = (refs[i].offset(), refs[i].offset() + refs[i].len());
-                match ranges.last_mut() {
-                    Some(l) if l.2 == b && off <= l.1 + GAP && end - l.0 <= RANGE_MAX => {
-                        total += end.saturating_sub(l.1);
-                        l.1 = l.1.max(end);
-                    }
-                    _ => {
-                        ranges.push((off, end, b, total));
-                        total += end - off;
-                    }
+            let unknown = {
+                let mut u: Vec<u32> = todo
+                    .iter()
+                    .map(|t| t.1)
+                    .filter(|&b| attempt > 0 || self.reader.salt(b).is_none())
+                    .collect();
+                u.sort_unstable();
+                u.dedup();
+                u.len()
+            };
+            let room = MAX_WRS.saturating_sub(unknown).max(1);
+            let (mut ranges, mut range_of, mut total) = coalesce(refs, &todo, GAPS[0]);
+            for &gap in &GAPS[1..] {
+                if ranges.len() <= room {
+                    break;
                 }
-                range_of.push(ranges.len() - 1);
+                let wider = coalesce(refs, &todo, gap);
+                if wider.2 > COALESCED_MAX {
+                    break;
+                }
+                (ranges, range_of, total) = wider;
             }
             let mut blocks: Vec<u32> = ranges
                 .iter()
@@ -815,6 +860,35 @@ impl<F: Fabric> Shard<F> {
         }
         Ok(out)
     }
+}
+
+/// READs that fetch the entries `todo` (indexes into `refs` with their block, in offset
+/// order): entries of one block at most `gap` bytes apart share a READ. Returns the READs
+/// (start, end, block, where in the entries buffer), the READ of each entry, and the bytes.
+#[allow(clippy::type_complexity)]
+fn coalesce(
+    refs: &[EntryRef],
+    todo: &[(usize, u32)],
+    gap: u64,
+) -> (Vec<(u64, u64, u32, u64)>, Vec<usize>, u64) {
+    let mut ranges: Vec<(u64, u64, u32, u64)> = Vec::new();
+    let mut range_of = Vec::with_capacity(todo.len());
+    let mut total = 0u64;
+    for &(i, b) in todo {
+        let (off, end) = (refs[i].offset(), refs[i].offset() + refs[i].len());
+        match ranges.last_mut() {
+            Some(l) if l.2 == b && off <= l.1 + gap && end - l.0 <= RANGE_MAX => {
+                total += end.saturating_sub(l.1);
+                l.1 = l.1.max(end);
+            }
+            _ => {
+                ranges.push((off, end, b, total));
+                total += end - off;
+            }
+        }
+        range_of.push(ranges.len() - 1);
+    }
+    (ranges, range_of, total)
 }
 
 /// Adds a bucket's filled slots to `cands` and its next bucket to `nexts`; returns the
