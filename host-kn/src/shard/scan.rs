@@ -4,13 +4,19 @@
 //! A walk has two phases. Phase 0 hands out the shard's own unmerged puts (those the index
 //! may not hold yet), in the order of the top 32 bits of their key hash, so that it can be
 //! paged without keeping a snapshot. Phase 1 walks the index's head buckets in order, a
-//! chunk per page: one READ of up to 1 MiB of head buckets together with the root word (one
-//! round trip), one round trip per level of overflow buckets the chunk's chains have (all
-//! of a level posted at once), then one round trip for every candidate entry of the chunk
-//! (entries close together in a log block are fetched by one READ; unknown block salts by a
-//! header READ posted with them). Each entry is verified (salted CRC, length, the slot's
-//! hash is its key's hash) and kept if this shard owns its slot, no newer own write deleted
-//! it, and it has not expired.
+//! chunk per page (64 KiB to 1 MiB of head buckets, sized by the page's `COUNT` and the
+//! share of slots the shard serves; cut short at 16 384 candidate entries or 4 MiB of
+//! them): one READ of the chunk together with the root word (one round trip), one round
+//! trip per level of overflow buckets of the chunk's chains, then one round trip for every
+//! candidate entry of the chunk. Reads are coalesced: overflow buckets lie close together
+//! in the index area, and entries of one log block are fetched by one READ when they are
+//! close enough (the smallest gap, from 4 KiB up, whose READs fit one round trip of
+//! [`MAX_WRS`], within 8 MiB); unknown block salts come by header READs posted with them.
+//! Each entry is verified (salted CRC, length, the slot's hash is its key's hash) and kept
+//! if this shard owns its slot, no newer own write deleted it, and it has not expired.
+//!
+//! The buffers (1 MiB of buckets, the entries buffer, up to 16 MiB) are registered at the
+//! shard's first walk and kept.
 //!
 //! Why no key that exists throughout a walk is skipped: when phase 0 passes a key's hash it
 //! is either an unmerged own put (handed out) or already merged (a shard forgets an own
@@ -51,7 +57,7 @@ const CHUNK_MAX: u64 = 1 << 14;
 /// A page stops taking head buckets once their candidates reach this many...
 const CANDIDATES_MAX: usize = 16384;
 /// ...or their entries this many bytes.
-const ENTRY_BYTES_MAX: u64 = 8 << 20;
+const ENTRY_BYTES_MAX: u64 = 4 << 20;
 /// Entries of one block at most this far apart are fetched by one READ (the smallest of
 /// these gaps whose READs fit one round trip, unless the bytes read would pass
 /// [`COALESCED_MAX`])...
@@ -59,7 +65,9 @@ const GAPS: [u64; 5] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20];
 /// ...of at most this many bytes.
 const RANGE_MAX: u64 = 1 << 20;
 /// Bytes the coalesced READs of one round of entries may fetch at most.
-const COALESCED_MAX: u64 = 32 << 20;
+const COALESCED_MAX: u64 = 8 << 20;
+/// Own unmerged puts handed out (or counted) per page at most.
+const OWN_PER_PAGE: usize = 4096;
 /// Table changes tolerated within one page before giving up.
 const MAX_RESTARTS: u32 = 16;
 /// Overflow levels tolerated before a chain is taken as corrupt.
@@ -431,6 +439,7 @@ impl<F: Fabric> Shard<F> {
             })
             .collect();
         items.sort_unstable_by_key(|i| i.0);
+        let count = count.min(OWN_PER_PAGE);
         let take = if items.len() <= count {
             items.len()
         } else {
