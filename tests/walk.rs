@@ -10,8 +10,8 @@ use dinomo::cluster::{Cluster, ClusterConfig};
 use dinomo_shared::slot::key_slot;
 use host_kn::shard::{Msg, ScanMode, ScanPage, ScanRequest, ScanRestart, ShardTx};
 
-/// 16 MiB: a 2 MiB index area whose first table (2048 head buckets) resizes at about
-/// 4600 keys.
+/// 16 MiB: a 2 MiB index area whose first table (1024 head buckets) resizes at about
+/// 2300 keys and again at about 4600.
 fn cfg() -> ClusterConfig {
     ClusterConfig {
         kns: 2,
@@ -345,6 +345,48 @@ fn a_walk_costs_a_bounded_number_of_round_trips() {
         }
         assert!(large.rts <= 8, "{large:?}");
     }
+    c.stop();
+}
+
+/// A walk begun before slots moved in (a KN left) starts over when it sees the new map,
+/// and returns the keys of the slots that moved in too.
+#[test]
+fn a_walk_from_before_slots_moved_in_starts_over_and_returns_them() {
+    let mut c = Cluster::start(&cfg()).expect("cluster");
+    let mut cl = c.client();
+    let mut m = Model::default();
+    for i in 0..3000 {
+        m.put(&mut cl, k("a", i));
+    }
+    c.sync().expect("sync");
+    let stay: Vec<ShardTx> = c.kns()[0].senders().to_vec();
+    let leaving = c.kns()[1].kn_id;
+    let mut cursors = vec![0u64; stay.len()];
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    for (s, tx) in stay.iter().enumerate() {
+        loop {
+            let p = page(tx, keys_req(cursors[s], 20));
+            seen.extend(p.keys.into_iter().map(|k| k.key));
+            cursors[s] = p.cursor;
+            assert_ne!(p.cursor, 0, "{s}: {} seen, {:?}", seen.len(), p.restart);
+            if p.index_phase {
+                break;
+            }
+        }
+    }
+    c.remove_kn(leaving).expect("remove a KN");
+    let mut restarts = 0;
+    for (s, tx) in stay.iter().enumerate() {
+        while cursors[s] != 0 {
+            let p = page(tx, keys_req(cursors[s], 20));
+            restarts += usize::from(p.restart == ScanRestart::All);
+            seen.extend(p.keys.into_iter().map(|k| k.key));
+            cursors[s] = p.cursor;
+        }
+    }
+    assert_eq!(restarts, stay.len(), "every walk started over once");
+    let missing = m.0.iter().filter(|k| !seen.contains(*k)).count();
+    assert_eq!(missing, 0, "keys of every slot, moved in or not, come back");
     c.stop();
 }
 

@@ -4,7 +4,8 @@
 //! Each asks the shards for pages of their walk ([`Msg::Scan`], answered through a oneshot,
 //! so the connection never blocks its thread). A KN's `SCAN` cursor is the shard's cursor
 //! ([`SHARD_CURSOR_BITS`] bits) with the shard index above it: the shards are walked one
-//! after the other. Like Redis's, a walk returns every key that exists from its start to
+//! after the other, each next one started with a cursor that carries the map epoch, and a
+//! shard that finds the map changed sends the walk back to the first shard. Like Redis's, a walk returns every key that exists from its start to
 //! its end at least once, and may return a key more than once.
 
 use std::collections::HashSet;
@@ -140,15 +141,22 @@ impl Conn {
                 Err(e) => return o.error(&kv_error(&e)),
             };
             pages += 1;
+            let restarted = p.restart == ScanRestart::All;
             keys.extend(
                 p.keys
                     .into_iter()
                     .map(|k| k.key)
                     .filter(|k| pattern.map_or(true, |pat| glob_match(pat, k))),
             );
-            if p.cursor == 0 {
-                shard += 1;
+            if restarted && shard > 0 {
+                // The cluster map changed since the walk began: shards already walked may
+                // have gained slots, so the walk starts over (keys may repeat, none is
+                // skipped).
+                shard = 0;
                 sc = 0;
+            } else if p.cursor == 0 {
+                shard += 1;
+                sc = p.fresh;
             } else {
                 sc = p.cursor;
             }

@@ -138,6 +138,10 @@ pub struct ScanPage {
     pub restart: Restart,
     /// Whether this page's count belongs to phase 1 (and is dropped on an index restart).
     pub index_phase: bool,
+    /// The cursor that starts a walk under the cluster map this page used: a KN walking
+    /// its shards one after the other starts the next shard with it, so that a map change
+    /// between two shards is seen too.
+    pub fresh: u64,
     /// Round trips this page spent on overflow buckets: one per level of the chunk's
     /// chains, more when a level has more buckets than one round trip posts.
     pub overflow_rts: u32,
@@ -368,7 +372,10 @@ impl<F: Fabric> Shard<F> {
             return Err(KvError::InvalidCursor);
         }
         let epoch = self.map.epoch() as u8;
-        let mut page = ScanPage::default();
+        let mut page = ScanPage {
+            fresh: Cursor::start(epoch).encode(),
+            ..ScanPage::default()
+        };
         let mut cur = match Cursor::decode(req.cursor)? {
             None => Cursor::start(epoch),
             Some(c) if c.epoch != epoch => {
