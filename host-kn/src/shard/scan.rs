@@ -7,8 +7,8 @@
 //! chunk per page (64 KiB to 1 MiB of head buckets, sized by the page's `COUNT` and the
 //! share of slots the shard serves; cut short at 16 384 candidate entries or 4 MiB of
 //! them): one READ of the chunk together with the root word (one round trip), one round
-//! trip per level of overflow buckets of the chunk's chains, then one round trip for every
-//! candidate entry of the chunk. Reads are coalesced: overflow buckets lie close together
+//! trip per level of overflow buckets of the chunk's chains, then the chunk's candidate
+//! entries, one round trip per [`MAX_WRS`] READs (one when they fit). Reads are coalesced: overflow buckets lie close together
 //! in the index area, and entries of one log block are fetched by one READ when they are
 //! close enough (the smallest gap, from 4 KiB up, whose READs fit one round trip of
 //! [`MAX_WRS`], within 8 MiB); unknown block salts come by header READs posted with them.
