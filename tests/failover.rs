@@ -897,7 +897,6 @@ fn expiry_times_survive_a_kn_sigkill_and_a_dpm_restart() {
     let at = now_ms() + 3_600_000;
     let short_ms = fabric::scaled(Duration::from_millis(1500)).as_millis() as i64;
     let mut cl = Client::new(c.addrs(), reply_timeout());
-    let short_until = now_ms() + short_ms;
     for (i, k) in keys.iter().enumerate() {
         let k = k.as_bytes();
         let v = format!("v{i}");
@@ -920,6 +919,8 @@ fn expiry_times_survive_a_kn_sigkill_and_a_dpm_restart() {
         }
     }
     let set_done = now_ms();
+    // Every short-lived key's time has come once this is past.
+    let short_until = set_done + short_ms;
 
     let mut p = c.kns[0].2.take().expect("KN");
     p.signal(nix::sys::signal::Signal::SIGKILL);

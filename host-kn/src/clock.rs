@@ -2,7 +2,8 @@
 //!
 //! Expiry times are absolute Unix milliseconds, as Redis keeps them, so that they mean the
 //! same on every KN that comes to own the key: a KN's clock is assumed to be synchronised
-//! (NTP or PTP) with the others' to well within the TTLs its clients set.
+//! (NTP or PTP) with the others' to well within the TTLs its clients set. As in Redis, a
+//! key is expired once now is past its time (at exactly its time it is still there).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -42,6 +42,9 @@ pub enum KvError {
     Corrupt(String),
     #[error("replication: {0}")]
     Replication(String),
+    /// A scan cursor this node did not hand out (or one it can no longer continue).
+    #[error("invalid cursor")]
+    InvalidCursor,
     #[error("the node is shutting down")]
     ShuttingDown,
     /// The lease lapsed while a batch was being written: the manager may have fenced this

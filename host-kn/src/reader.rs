@@ -83,6 +83,49 @@ impl IndexReader {
         f.buf(self.entries)
     }
 
+    /// The log area entry refs point into.
+    pub(crate) fn area(&self) -> LogArea {
+        self.area
+    }
+
+    /// Region offset of the index root word.
+    pub(crate) fn root_off(&self) -> u64 {
+        self.root_off
+    }
+
+    /// The fabric timeout of this reader's requests.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The root word last read, if it is still trusted.
+    pub(crate) fn cached_root(&self) -> Option<RootWord> {
+        self.root
+    }
+
+    /// Replaces the cached root word (`None`: read it again next time).
+    pub(crate) fn set_root(&mut self, root: Option<RootWord>) {
+        self.root = root;
+    }
+
+    /// Reads the root word again (one round trip) and caches it.
+    pub(crate) fn refresh_root<F: Fabric + ?Sized>(
+        &mut self,
+        f: &mut F,
+    ) -> Result<RootWord, KvError> {
+        self.read_root(f)
+    }
+
+    /// The cached salt of `block`, if known.
+    pub(crate) fn salt(&self, block: u32) -> Option<u32> {
+        self.salts.get(&block).copied()
+    }
+
+    /// Forgets the cached salt of `block` (its block may have been reused).
+    pub(crate) fn forget_salt(&mut self, block: u32) {
+        self.salts.remove(&block);
+    }
+
     /// Remembers the salt of a block this shard writes itself.
     pub fn learn_salt(&mut self, block: u32, salt: u32) {
         self.salts.insert(block, salt);

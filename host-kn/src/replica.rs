@@ -401,7 +401,7 @@ impl ShardReplicas {
             if let Some((found, op)) = reader.fetch_op(f, key, &[r], true)? {
                 let value = match op {
                     // A key that expired while replicated reads as absent.
-                    Op::Put if found.expire_at.is_some_and(|t| t <= crate::clock::now_ms()) => None,
+                    Op::Put if found.expire_at.is_some_and(|t| t < crate::clock::now_ms()) => None,
                     Op::Put => Some(
                         reader.buf(f)[found.value_at..found.value_at + found.value_len].to_vec(),
                     ),

@@ -920,6 +920,22 @@ impl Conn {
             "WATCH" if argc >= 2 => self.watch(args, &mut o).await,
             "UNWATCH" if argc == 1 => self.unwatch(&mut o),
             "WAIT" if argc == 3 => self.wait(args, &mut o),
+            // Walks of the keyspace (server/walk.rs).
+            "SCAN" if argc >= 2 => self.scan(args, &mut o).await,
+            "KEYS" if argc == 2 => self.keys(&args[1], &mut o).await,
+            "DBSIZE" if argc == 1 => self.dbsize(&mut o).await,
+            "RANDOMKEY" if argc == 1 => self.randomkey(&mut o).await,
+            "FLUSHALL" | "FLUSHDB" if argc <= 2 => self.flushall(args, &mut o).await,
+            "CLUSTER"
+                if argc >= 3
+                    && matches!(
+                        (upper(&args[1]).as_str(), argc),
+                        ("COUNTKEYSINSLOT", 3) | ("GETKEYSINSLOT", 4)
+                    ) =>
+            {
+                self.cluster_keys(args, &mut o).await
+            }
+            "SCAN" | "KEYS" | "DBSIZE" | "RANDOMKEY" | "FLUSHALL" | "FLUSHDB" => arity(&mut o),
             n if n != "MGET" && cmd::serves(n) => self.data_command(n, args, &mut o).await,
             "INFO" => self.info_command(args, None, &mut o).await,
             "CLUSTER" if argc >= 2 => {

@@ -25,6 +25,7 @@ mod load;
 mod membership;
 mod tls;
 mod txn;
+mod walk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

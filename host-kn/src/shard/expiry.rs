@@ -65,7 +65,7 @@ impl Expiries {
     /// The next key whose time has come by `now`, taken off the table.
     pub(super) fn pop_due(&mut self, now: u64) -> Option<Rc<[u8]>> {
         while let Some(Reverse((t, _))) = self.due.peek() {
-            if *t > now {
+            if *t >= now {
                 return None;
             }
             let Reverse((t, key)) = self.due.pop()?;

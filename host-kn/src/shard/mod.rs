@@ -23,6 +23,7 @@ mod local;
 mod msg;
 mod reconfig;
 mod replication;
+mod scan;
 mod stats;
 mod unmerged;
 
@@ -67,6 +68,9 @@ type BatchDone = tokio::sync::oneshot::Sender<Vec<Option<ReplyResult>>>;
 use exec::Watches;
 use expiry::Expiries;
 use keyhash::KeyHash;
+pub use scan::{
+    Restart as ScanRestart, ScanMode, ScanPage, ScanRequest, ScannedKey, SHARD_CURSOR_BITS,
+};
 pub use stats::ShardStats;
 use unmerged::UnmergedWrites;
 
@@ -111,6 +115,8 @@ pub struct Shard<F: Fabric> {
     watches: Watches,
     /// Counts installed cluster maps: a watch taken under an older one is void.
     map_generation: u64,
+    /// Buffers and sizing of key walks (SCAN and friends).
+    walk: scan::Walker,
 }
 
 impl<F: Fabric> Shard<F> {
@@ -157,6 +163,7 @@ impl<F: Fabric> Shard<F> {
             expiries: Expiries::default(),
             watches: Watches::default(),
             map_generation: 0,
+            walk: scan::Walker::default(),
         })
     }
 
@@ -253,7 +260,7 @@ impl<F: Fabric> Shard<F> {
             match self.cache.get(key) {
                 Lookup::Value(v) => {
                     let expires = self.expiries.get(key);
-                    if !expires.is_some_and(|t| t <= crate::clock::now_ms()) {
+                    if !expires.is_some_and(|t| t < crate::clock::now_ms()) {
                         self.stats.hit_value += 1;
                         return emit(Ok(Some((v, expires))));
                     }
@@ -275,7 +282,7 @@ impl<F: Fabric> Shard<F> {
         };
         self.stats.read_rts += self.rts() - t0;
         match r {
-            Ok(Some((_, Some(t)))) if t <= crate::clock::now_ms() => {
+            Ok(Some((_, Some(t)))) if t < crate::clock::now_ms() => {
                 self.expire(key);
                 emit(Ok(None))
             }
@@ -755,6 +762,9 @@ impl<F: Fabric> Shard<F> {
             }
             Msg::HotKeys(tx) => {
                 let _ = tx.send(self.hot.take());
+            }
+            Msg::Scan { req, reply } => {
+                let _ = reply.send(self.serve_scan(&req));
             }
         }
         true

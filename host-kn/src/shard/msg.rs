@@ -243,6 +243,11 @@ pub enum Msg {
     Replica(ReplicaCtl),
     /// The shard's hottest keys since the last such request.
     HotKeys(Sender<Vec<(Vec<u8>, u64)>>),
+    /// One page of a walk of the shard's keys (SCAN, KEYS, DBSIZE, ...).
+    Scan {
+        req: super::ScanRequest,
+        reply: tokio::sync::oneshot::Sender<Result<super::ScanPage, KvError>>,
+    },
 }
 
 /// What handing over slots cost one shard.

@@ -70,6 +70,11 @@ impl UnmergedWrites {
         self.map.get(key)
     }
 
+    /// Every key with an unmerged write and its newest write.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &Unmerged)> + '_ {
+        self.map.iter().map(|(k, u)| (&**k, u))
+    }
+
     pub(crate) fn remove(&mut self, key: &[u8]) {
         self.map.remove(key);
     }
