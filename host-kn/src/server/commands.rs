@@ -817,7 +817,8 @@ fn info_section(
         }
         "cluster" => kv("cluster_enabled", &1),
         "keyspace" => {
-            if let Some((keys, expires)) = keyspace {
+            // As in Redis, an empty database has no line.
+            if let Some((keys, expires)) = keyspace.filter(|k| k.0 > 0) {
                 kv("db0", &format!("keys={keys},expires={expires},avg_ttl=0"));
             }
         }

@@ -937,7 +937,22 @@ impl Conn {
             }
             "SCAN" | "KEYS" | "DBSIZE" | "RANDOMKEY" | "FLUSHALL" | "FLUSHDB" => arity(&mut o),
             n if n != "MGET" && cmd::serves(n) => self.data_command(n, args, &mut o).await,
-            "INFO" => self.info_command(args, None, &mut o).await,
+            "INFO" => {
+                // The keyspace section counts this node's keys by a walk of the index: only
+                // when it is shown.
+                let shown = argc == 1
+                    || args[1..].iter().any(|a| {
+                        ["default", "all", "everything", "keyspace"]
+                            .iter()
+                            .any(|s| a.eq_ignore_ascii_case(s.as_bytes()))
+                    });
+                let keyspace = if shown {
+                    self.count_keys().await.ok()
+                } else {
+                    None
+                };
+                self.info_command(args, keyspace, &mut o).await
+            }
             "CLUSTER" if argc >= 2 => {
                 self.refresh();
                 self.cluster(args, &mut o);

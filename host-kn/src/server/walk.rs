@@ -49,8 +49,9 @@ async fn page(tx: &ShardTx, req: ScanRequest) -> Result<ScanPage, KvError> {
     orx.await.map_err(|_| KvError::ShuttingDown)?
 }
 
-/// Counts the live keys of one shard (of `slot`, if given) by a whole paged walk.
-async fn count_shard(tx: &ShardTx, slot: Option<u16>) -> Result<u64, KvError> {
+/// Counts the live keys of one shard (of `slot`, if given) by a whole paged walk, and how
+/// many of them have an expiry time.
+async fn count_shard(tx: &ShardTx, slot: Option<u16>) -> Result<(u64, u64), KvError> {
     let mut req = ScanRequest {
         cursor: 0,
         count: usize::MAX,
@@ -58,27 +59,24 @@ async fn count_shard(tx: &ShardTx, slot: Option<u16>) -> Result<u64, KvError> {
         slot,
         mode: ScanMode::Count,
     };
-    let (mut own, mut index) = (0, 0);
+    let (mut own, mut index) = ((0, 0), (0, 0));
     loop {
         let p = page(tx, req).await?;
         match p.restart {
             ScanRestart::None => {}
-            ScanRestart::Index => index = 0,
-            ScanRestart::All => (own, index) = (0, 0),
+            ScanRestart::Index => index = (0, 0),
+            ScanRestart::All => (own, index) = ((0, 0), (0, 0)),
         }
-        if p.index_phase {
-            index += p.counted;
-        } else {
-            own += p.counted;
-        }
+        let part = if p.index_phase { &mut index } else { &mut own };
+        part.0 += p.counted;
+        part.1 += p.counted_expiring;
         if p.cursor == 0 {
-            return Ok(own + index);
+            return Ok((own.0 + index.0, own.1 + index.1));
         }
         req.cursor = p.cursor;
     }
 }
 
-/// Parses a non-negative integer argument as Redis does.
 fn parse_u64(a: &[u8]) -> Option<u64> {
     std::str::from_utf8(a).ok()?.parse().ok()
 }
@@ -219,14 +217,21 @@ impl Conn {
 
     /// `DBSIZE`: the live keys of this KN's slots.
     pub(super) async fn dbsize(&mut self, o: &mut Out<'_>) {
-        let mut total = 0;
-        for tx in &self.shared.shards {
-            match count_shard(tx, None).await {
-                Ok(n) => total += n,
-                Err(e) => return o.error(&kv_error(&e)),
-            }
+        match self.count_keys().await {
+            Ok((n, _)) => o.int(n as i64),
+            Err(e) => o.error(&kv_error(&e)),
         }
-        o.int(total as i64);
+    }
+
+    /// The live keys of this KN's slots, and how many of them have an expiry time (a walk
+    /// of every shard).
+    pub(super) async fn count_keys(&self) -> Result<(u64, u64), KvError> {
+        let mut total = (0, 0);
+        for tx in &self.shared.shards {
+            let (n, e) = count_shard(tx, None).await?;
+            total = (total.0 + n, total.1 + e);
+        }
+        Ok(total)
     }
 
     /// `RANDOMKEY`: a key of the first shard (from a random one on) that has any; nil when
@@ -380,7 +385,7 @@ impl Conn {
         };
         if !get {
             let n = match tx {
-                Some(tx) => match count_shard(tx, Some(slot)).await {
+                Some(tx) => match count_shard(tx, Some(slot)).await.map(|(n, _)| n) {
                     Ok(n) => n,
                     Err(e) => return o.error(&kv_error(&e)),
                 },

@@ -133,6 +133,8 @@ pub struct ScanPage {
     pub keys: Vec<ScannedKey>,
     /// [`ScanMode::Count`]: how many.
     pub counted: u64,
+    /// [`ScanMode::Count`]: how many of them have an expiry time.
+    pub counted_expiring: u64,
     /// Whether the walk started over within this page (phase 1 counts of earlier pages do
     /// not hold any more).
     pub restart: Restart,
@@ -927,7 +929,10 @@ fn take_slots(bucket: &Bucket, cands: &mut Vec<(EntryRef, u64)>, nexts: &mut Vec
 fn emit(page: &mut ScanPage, mode: ScanMode, key: Vec<u8>, expire_at: Option<u64>) {
     match mode {
         ScanMode::Keys => page.keys.push(ScannedKey { key, expire_at }),
-        ScanMode::Count => page.counted += 1,
+        ScanMode::Count => {
+            page.counted += 1;
+            page.counted_expiring += u64::from(expire_at.is_some());
+        }
     }
 }
 
