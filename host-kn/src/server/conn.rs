@@ -791,6 +791,17 @@ impl Conn {
                     o.error(&e);
                     return false;
                 }
+            } else if cmd::serves(&name) {
+                // A command of a type this node does not hold (not in the table, so no ACL
+                // rule names it) only tells whether a key holds a string: answered to a
+                // user who may read the type of every key, the unknown-command error for
+                // everyone else.
+                let user = self.shared.acl.user(user);
+                let may_type = command_id("TYPE").is_some_and(|t| user.check(t, &[]).is_ok());
+                if !(user.all_keys() && may_type) {
+                    o.error(&unknown_command(args));
+                    return false;
+                }
             }
         }
         if self.tx.in_multi()
