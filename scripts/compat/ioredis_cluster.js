@@ -117,7 +117,9 @@ class Session {
   }
 
   async step(name, commands, fn, minVersion) {
-    if (minVersion && this.version < minVersion) {
+    // A step that needs a newer Redis than the server reports is skipped, except on a
+    // DINOMO KN (INFO server has dinomo_version), which serves it whatever it reports.
+    if (minVersion && this.version < minVersion && !this.isDinomo) {
       this.skipped.push(`${name} (the server reports redis_version ${this.versionText})`);
       console.log(`skip ${name}: the server reports redis_version ${this.versionText}`);
       return;
@@ -303,11 +305,16 @@ class Session {
   async expireObserved() {
     const rc = this.rc;
     const k = P + 'gone';
+    const before = Date.now();
     eq(await rc.set(k, 'v', 'EX', 1), 'OK', 'SET EX 1');
     const t0 = Date.now();
-    eq(await rc.get(k), 'v', 'GET right after SET EX 1');
-    inRange(await rc.ttl(k), 0, 1, 'TTL after SET EX 1');
-    inRange(await rc.pttl(k), 0, 1000, 'PTTL after SET EX 1');
+    const got = await rc.get(k);
+    const pttl = await rc.pttl(k);
+    // Only a client stalled for most of the second could see the key gone already.
+    if (Date.now() - before < 800) {
+      eq(got, 'v', 'GET right after SET EX 1');
+      inRange(pttl, 1, 1000, 'PTTL right after SET EX 1');
+    }
     while (Date.now() - t0 < 5000) {
       if ((await rc.get(k)) === null) break;
       await sleep(50);
@@ -578,6 +585,7 @@ class Session {
     try {
       const srv = infoFields(await this.rc.info('server'));
       this.versionText = srv.redis_version || '?';
+      this.isDinomo = 'dinomo_version' in srv;
       const [maj, min] = this.versionText.split('.').map(Number);
       this.version = (maj || 0) * 100 + (min || 0);
     } catch (e) {

@@ -77,6 +77,7 @@ class Session:
         self.exercised = []
         self.failures = []
         self.skipped = []
+        self.is_dinomo = False
         self.steps = 0
 
     def client(self):
@@ -89,7 +90,9 @@ class Session:
         )
 
     def step(self, name, commands, fn, min_version=None):
-        if min_version and self.server_version() < min_version:
+        # A step that needs a newer Redis than the server reports is skipped, except on a
+        # DINOMO KN (INFO server has dinomo_version), which serves it whatever it reports.
+        if min_version and self.server_version() < min_version and not self.is_dinomo:
             v = ".".join(map(str, self.server_version()))
             self.skipped.append(f"{name} (the server reports redis_version {v})")
             print(f"skip {name}: the server reports redis_version {v}", flush=True)
@@ -116,7 +119,9 @@ class Session:
     def server_version(self):
         if not hasattr(self, "_version"):
             try:
-                v = str(self.rc.info("server").get("redis_version", "0"))
+                srv = self.rc.info("server")
+                v = str(srv.get("redis_version", "0"))
+                self.is_dinomo = "dinomo_version" in srv
                 self._version = tuple(int(x) for x in v.split(".")[:2])
             except (RedisError, ValueError):
                 self._version = (99, 0)
@@ -315,11 +320,14 @@ class Session:
 
     def expire_observed(self):
         rc, k = self.rc, P + "gone"
+        before = time.monotonic()
         eq(rc.set(k, "v", ex=1), True, "SET EX 1")
         t0 = time.monotonic()
-        eq(rc.get(k), "v", "GET right after SET EX 1")
-        in_range(rc.ttl(k), 0, 1, "TTL after SET EX 1")
-        in_range(rc.pttl(k), 0, 1000, "PTTL after SET EX 1")
+        got, pttl = rc.get(k), rc.pttl(k)
+        # Only a client stalled for most of the second could see the key gone already.
+        if time.monotonic() - before < 0.8:
+            eq(got, "v", "GET right after SET EX 1")
+            in_range(pttl, 1, 1000, "PTTL right after SET EX 1")
         eq(rc.set(P + "gone-px", "v", px=300), True, "SET PX 300")
         deadline = t0 + 5.0
         while time.monotonic() < deadline:
