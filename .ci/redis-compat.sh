@@ -58,17 +58,17 @@ fi
 
 failed=()
 echo "== redis-py RedisCluster session"
-timeout 180 python3 "$compat/redis_py_cluster.py" 127.0.0.1 "$base" "$dir/requirepass" \
+timeout 90 python3 "$compat/redis_py_cluster.py" 127.0.0.1 "$base" "$dir/requirepass" \
   --keep-going --incr-n "$incr_n" || failed+=("redis-py")
 
 echo "== ioredis Cluster session"
-timeout 180 node "$compat/ioredis_cluster.js" 127.0.0.1 "$base" "$dir/requirepass" \
+timeout 90 node "$compat/ioredis_cluster.js" 127.0.0.1 "$base" "$dir/requirepass" \
   --keep-going --incr-n "$incr_n" || failed+=("ioredis")
 
 echo "== redis-benchmark --cluster -t set,get,incr,mset -n $requests"
 bench_rc=0
 # redis-benchmark takes the password only as -a (as in .ci/redis-smoke.sh).
-out="$(timeout 300 redis-benchmark -p "$base" -a "$(cat "$dir/requirepass")" \
+out="$(timeout 120 redis-benchmark -p "$base" -a "$(cat "$dir/requirepass")" \
   --cluster -t set,get,incr,mset -n "$requests" -q 2>&1 | tr '\r' '\n')" || bench_rc=$?
 echo "$out" | grep -E "requests per second|Master" || true
 if [ "$bench_rc" != 0 ]; then
