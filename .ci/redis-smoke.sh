@@ -13,45 +13,17 @@ base=17001
 for tool in redis-cli redis-benchmark; do
   command -v "$tool" >/dev/null || { echo "redis-smoke: $tool is missing" >&2; exit 1; }
 done
-parent=/dev/shm
-[ -d "$parent" ] || parent="${TMPDIR:-/tmp}"
-dir="$(mktemp -d "$parent/dinomo-smoke.XXXXXX")"
-up_pid=""
-
-stop_cluster() {
-  [ -n "$up_pid" ] || return 0
-  kill -INT "$up_pid" 2>/dev/null || true
-  for _ in $(seq 1 600); do
-    kill -0 "$up_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$up_pid" 2>/dev/null; then
-    echo "redis-smoke: the cluster did not stop within 60 s" >&2
-    kill -KILL "$up_pid" 2>/dev/null || true
-    wait "$up_pid" 2>/dev/null || true
-    up_pid=""
-    return 1
-  fi
-  local rc=0
-  wait "$up_pid" || rc=$?
-  up_pid=""
-  return "$rc"
-}
+cl_tag=redis-smoke
+# shellcheck source=.ci/cluster-lib.sh
+. .ci/cluster-lib.sh
+dir="$(cluster_dir smoke)"
 cleanup() {
   stop_cluster || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
 
-"$bin" up --kns 3 --dir "$dir" --region-size 512M --fresh \
-  --manager-port "$mport" --base-port "$base" >"$dir/up.out" 2>"$dir/up.err" &
-up_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "cluster up" "$dir/up.out" 2>/dev/null && break
-  kill -0 "$up_pid" 2>/dev/null || { cat "$dir/up.err" >&2; echo "redis-smoke: dinomo up exited" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q "cluster up" "$dir/up.out" || { tail -50 "$dir/up.err" >&2; echo "redis-smoke: no cluster within 60 s" >&2; exit 1; }
+start_cluster "$bin" "$dir" "$mport" "$base"
 cat "$dir/up.out"
 # Authentication is on by default: the clients take the password from the file `up` wrote
 # (REDISCLI_AUTH keeps it off the command line); first check that nothing runs without it.
