@@ -391,7 +391,10 @@ class Session:
     def wrongtype(self):
         rc, k = self.rc, P + "wt"
         rc.set(k, "s")
-        raises(lambda: rc.lpush(k, "x"), ResponseError, "WRONGTYPE", "LPUSH to a string key")
+        # RedisCluster sends only the commands a node's COMMAND table lists, and a KN lists
+        # only what it serves: LPUSH goes through the key's node with a plain connection.
+        node = rc.get_node_from_key(k).redis_connection
+        raises(lambda: node.lpush(k, "x"), ResponseError, "WRONGTYPE", "LPUSH to a string key")
         eq(rc.get(k), "s", "the string after a refused LPUSH")
 
     def scan_whole(self):
