@@ -23,9 +23,10 @@ use dinomo::resp::Value;
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "default-pw-1";
-const ACL: &str = "# a read-write and a read-only user\n\
+const ACL: &str = "# a read-write and a read-only user, and one limited to some keys\n\
                    user writer on >writer-pw ~* +@all\n\
-                   user reader on >reader-pw ~* +@read +@connection\n";
+                   user reader on >reader-pw ~* +@read +@connection\n\
+                   user pub on >pub-pw ~pub:* +@all\n";
 
 fn private_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
@@ -240,6 +241,21 @@ fn resp_clients_must_authenticate_and_read_only_users_cannot_write() {
     assert!(err(&reader.call(&[b"CONFIG", b"GET", b"*"])).starts_with("NOPERM"));
     let (out, _) = node.redis_cli(&["--user", "reader", "--pass", "reader-pw", "SET", "k", "x"]);
     assert_eq!(out, noperm);
+    assert_eq!(admin.call(&[b"GET", b"k"]), Value::Bulk(b"v2".to_vec()));
+    // Read-modify-write commands are writes, and keys outside a user's patterns stay out
+    // of reach, even through a command of a type this node does not hold (whose WRONGTYPE
+    // would tell that the key holds a string).
+    for cmd in [
+        &[&b"INCR"[..], b"k"][..],
+        &[b"APPEND", b"k", b"x"],
+        &[b"EXPIRE", b"k", b"9"],
+    ] {
+        assert!(err(&reader.call(cmd)).starts_with("NOPERM"), "{cmd:?}");
+    }
+    let mut limited = node.login("pub", "pub-pw");
+    assert!(err(&limited.call(&[b"GET", b"k"])).starts_with("NOPERM"));
+    assert!(err(&limited.call(&[b"LPUSH", b"k", b"x"])).starts_with("ERR unknown command"));
+    assert!(err(&admin.call(&[b"LPUSH", b"k", b"x"])).starts_with("WRONGTYPE"));
     assert_eq!(admin.call(&[b"GET", b"k"]), Value::Bulk(b"v2".to_vec()));
 
     // Honest answers: what is not supported says so, and changes nothing.
