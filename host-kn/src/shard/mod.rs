@@ -465,14 +465,9 @@ impl<F: Fabric> Shard<F> {
         self.write_expiring(key, value, None, tag, reply);
     }
 
-    /// Whether a write would be refused before it is staged (the owner, a broken log, a
-    /// full region, the value's size); a job checks each write before staging any.
-    pub(crate) fn check_write(
-        &mut self,
-        key: &[u8],
-        value: Option<&[u8]>,
-        expire_at: Option<u64>,
-    ) -> Result<(), KvError> {
+    /// Whether this shard may write `key` now (its owner, or a replica of a replicated key
+    /// without an expiry time; its log not broken).
+    fn may_write(&mut self, key: &[u8], expire_at: Option<u64>) -> Result<(), KvError> {
         if self.replicas.serves(key) {
             if expire_at.is_some() {
                 return Err(KvError::Replication(
@@ -482,9 +477,21 @@ impl<F: Fabric> Shard<F> {
         } else {
             self.check_owner(key)?;
         }
-        if let Some(e) = &self.broken {
-            return Err(e.clone());
+        match &self.broken {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
         }
+    }
+
+    /// Whether a write would be refused before it is staged (the owner, a broken log, a
+    /// full region, the value's size); a job checks each write before staging any.
+    pub(crate) fn check_write(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        expire_at: Option<u64>,
+    ) -> Result<(), KvError> {
+        self.may_write(key, expire_at)?;
         if let Some(v) = value {
             if self.log.is_full() {
                 return Err(KvError::RegionFull);
@@ -546,18 +553,7 @@ impl<F: Fabric> Shard<F> {
         value: Option<&[u8]>,
         expire_at: Option<u64>,
     ) -> Result<(u64, EntryRef), KvError> {
-        if self.replicas.serves(key) {
-            if expire_at.is_some() {
-                return Err(KvError::Replication(
-                    "a replicated key cannot be given an expiry time".into(),
-                ));
-            }
-        } else {
-            self.check_owner(key)?;
-        }
-        if let Some(e) = &self.broken {
-            return Err(e.clone());
-        }
+        self.may_write(key, expire_at)?;
         let (op, v) = match value {
             Some(v) => {
                 self.stats.puts += 1;
