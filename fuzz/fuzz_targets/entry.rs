@@ -5,7 +5,8 @@
 //! byte that is not a committed entry.
 //!
 //! Checked besides "no panic": a decoded entry lies within its bytes, `peek_len` agrees
-//! with it, and encoding its fields again under the same salt yields the same bytes.
+//! with it, and encoding its fields (flags included) again under the same salt yields the
+//! same bytes.
 #![no_main]
 
 use dinomo_shared::entry::{self, raw_len, ENTRY_ALIGN, ENTRY_HEADER_SIZE};
@@ -17,19 +18,19 @@ fn check_entry(bytes: &[u8], salt: u32, e: &entry::Entry<'_>) {
     assert!(e.len >= raw && e.len < raw + ENTRY_ALIGN && e.len.is_multiple_of(ENTRY_ALIGN));
     assert_eq!(entry::peek_len(bytes), Some(e.len));
     let mut again = vec![0u8; e.len];
-    let n = entry::encode(&mut again, salt, e.op, e.epoch, e.seq, e.key, e.value)
-        .expect("a decoded entry encodes");
+    let n = entry::encode_flagged(
+        &mut again, salt, e.op, e.flags, e.epoch, e.seq, e.key, e.value,
+    )
+    .expect("a decoded entry encodes");
     assert_eq!(n, e.len);
     assert_eq!(entry::decode(&again, salt), Ok(*e));
-    // `encode` writes `flags` as 0 while `decode` accepts any value (it is covered by the
-    // CRC but not interpreted), so the CRC and flags bytes may differ; everything else
-    // (op, lengths, epoch, seq, key, value) must match byte for byte. The padding is not
-    // covered by the CRC.
-    const CRC_AND_FLAGS: [usize; 5] = [0, 1, 2, 3, 5];
-    for i in 0..raw {
-        if !CRC_AND_FLAGS.contains(&i) {
-            assert_eq!(again[i], bytes[i], "byte {i} of {raw}");
-        }
+    // Encoding is deterministic: every byte the CRC covers, and the CRC, come out the same
+    // (the padding is not covered by the CRC). A decoded entry's flags are known ones, and
+    // an expiring entry carries its expiry time before its value.
+    assert_eq!(again[..raw], bytes[..raw]);
+    assert_eq!(e.flags & !entry::KNOWN_FLAGS, 0);
+    if e.expire_at().is_some() {
+        assert_eq!(e.user_value().len() + entry::EXPIRY_LEN, e.value.len());
     }
 }
 
