@@ -8,7 +8,7 @@
 //! A heap ordered by time drives active expiry: due keys are deleted through the log like
 //! any `DEL`, so their space is reclaimed by merge and compaction even if nobody reads
 //! them again. Keys with a TTL that this shard never touched (say, after a slot moved
-//! here) expire lazily when read, walked or written.
+//! here, or before a restart) are deleted when read, written or met by a walk.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

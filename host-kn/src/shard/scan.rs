@@ -135,6 +135,9 @@ pub struct ScanPage {
     pub counted: u64,
     /// [`ScanMode::Count`]: how many of them have an expiry time.
     pub counted_expiring: u64,
+    /// Keys this page found expired with no newer own write: the shard deletes them before
+    /// it answers (so a walk reclaims what nobody reads), and this is empty then.
+    pub(crate) expired: Vec<Vec<u8>>,
     /// Whether the walk started over within this page (phase 1 counts of earlier pages do
     /// not hold any more).
     pub restart: Restart,
@@ -370,6 +373,20 @@ impl<F: Fabric> Shard<F> {
 
     /// One page of a walk.
     pub fn scan_page(&mut self, req: &ScanRequest) -> Result<ScanPage, KvError> {
+        let mut page = self.walk_page(req)?;
+        for key in std::mem::take(&mut page.expired) {
+            // Not twice (a walk may meet a key again before its delete is flushed), and
+            // never over a newer own write.
+            let staged = self.staged_hashes.contains(&key_hash(&key));
+            if !staged && self.unmerged.get(&key).is_none() && !self.replicas.serves(&key) {
+                self.expire(&key);
+            }
+        }
+        Ok(page)
+    }
+
+    /// [`Shard::scan_page`] before the expired keys it found are deleted.
+    fn walk_page(&mut self, req: &ScanRequest) -> Result<ScanPage, KvError> {
         if req.slot.is_some_and(|s| s >= SLOTS) {
             return Err(KvError::InvalidCursor);
         }
@@ -462,6 +479,7 @@ impl<F: Fabric> Shard<F> {
         for ((_, key, r), d) in items.into_iter().zip(decoded) {
             match d {
                 Some(d) if d.op == Op::Put && d.key == key => {
+                    // An expired own write is the sweep's (the shard knows its time).
                     if alive(d.expire_at, req.now_ms) {
                         emit(page, req.mode, key, d.expire_at);
                     }
@@ -671,6 +689,9 @@ impl<F: Fabric> Shard<F> {
                 (_, None) => {
                     if alive(d.expire_at, req.now_ms) {
                         emit(page, req.mode, d.key, d.expire_at);
+                    } else {
+                        // The index holds the key's latest write: it is due.
+                        page.expired.push(d.key);
                     }
                 }
                 // Counted in phase 0, or deleted by a newer own write.
