@@ -460,7 +460,7 @@ descendants() {
 kn_sum() {
     local k s=0 v
     for ((k = 0; k < KNS; k++)); do
-        v=$(info_field "$(rcli $((KPORT + k)) "$KPASS" INFO)" "$1")
+        v=$(info_field "$(rcli $((KPORT + k)) "$KPASS" INFO dinomo)" "$1")
         s=$((s + v))
     done
     echo "$s"
@@ -524,7 +524,7 @@ for p in "${PIPELINES[@]}"; do
     for f in gets puts wrong_owner; do B[$f]=$(kn_sum "$f"); done
     run_bench dinomo "$KPORT" "$KPASS" "$p" || continue
     for ((k = 0; k < KNS; k++)); do
-        rcli $((KPORT + k)) "$KPASS" INFO >>"$OUT/r$ROUND-dinomo-P$p.info"
+        rcli $((KPORT + k)) "$KPASS" INFO server clients memory stats dinomo >>"$OUT/r$ROUND-dinomo-P$p.info"
     done
     gets=$(($(kn_sum gets) - B[gets]))
     puts=$(($(kn_sum puts) - B[puts]))

@@ -227,7 +227,7 @@ done
 r=$(timeout 20 redis-cli -c -p "$base" GET cli:nope)
 [[ -z $r ]] || die "GET of a key never written answered '$r'"
 for ((k = 0; k < kns; k++)); do
-	puts=$(timeout 20 redis-cli -p $((base + k)) INFO | tr -d '\r' | sed -n 's/^puts://p')
+	puts=$(timeout 20 redis-cli -p $((base + k)) INFO dinomo | tr -d '\r' | sed -n 's/^puts://p')
 	[[ $puts =~ ^[0-9]+$ ]] && ((puts > 0)) || die "KN on port $((base + k)) took no SET (puts '$puts')"
 	say "KN $((base + k)): $puts SETs"
 done

@@ -903,7 +903,7 @@ pub(crate) fn kn_settled(
         connect: Some(Duration::from_secs(1)),
         reply: Some(Duration::from_secs(2)),
     };
-    match Conn::connect_as(addr, timeouts, credentials).map(|mut c| c.call(&[b"INFO"])) {
+    match Conn::connect_as(addr, timeouts, credentials).map(|mut c| c.call(&[b"INFO", b"dinomo"])) {
         Ok(Ok(Value::Bulk(b))) => {
             let t = String::from_utf8_lossy(&b);
             t.contains(&format!("map_epoch:{epoch}\r\n")) && t.contains("map_settled:1")

@@ -759,7 +759,7 @@ fn a_restarted_dpm_is_rejoined_by_its_kns_and_manager_and_loses_nothing() {
 
 /// A counter from a KN's `INFO` reply.
 fn info_counter(conn: &mut Conn, name: &str) -> u64 {
-    let text = match conn.call(&[b"INFO"]) {
+    let text = match conn.call(&[b"INFO", b"dinomo"]) {
         Value::Bulk(b) => String::from_utf8(b).expect("utf-8"),
         other => panic!("INFO: {other:?}"),
     };

@@ -124,7 +124,7 @@ fn kn_counters(c: &mut RespClient) -> Option<KnCounters> {
     let mut any = false;
     total.verbs_reported = true;
     for node in 0..c.c.nodes().len() {
-        let Ok(Value::Bulk(b)) = c.c.call_node(node, &[b"INFO"]) else {
+        let Ok(Value::Bulk(b)) = c.c.call_node(node, &[b"INFO", b"dinomo"]) else {
             continue;
         };
         let text = String::from_utf8_lossy(&b);
