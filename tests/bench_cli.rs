@@ -94,6 +94,7 @@ fn a_small_run_reports_the_contract_fields() {
         "latency_us",
         "modeled",
         "oracle_rts_per_op",
+        "oracle_per_shard_rts_per_op",
     ] {
         assert!(!v[field].is_null(), "missing {field}: {v}");
     }
@@ -107,6 +108,13 @@ fn a_small_run_reports_the_contract_fields() {
         );
     }
     assert_eq!(v["system"], "dinomo");
+    let (global, shard) = (
+        v["oracle_rts_per_op"].as_f64().expect("oracle"),
+        v["oracle_per_shard_rts_per_op"]
+            .as_f64()
+            .expect("per-shard oracle"),
+    );
+    assert!(global <= shard + 1e-12, "{global} > {shard}");
     assert_eq!(v["ops"], 6000);
     assert_eq!(v["workload"], "write-heavy");
     let hits: f64 = ["value", "shortcut", "local", "miss"]
