@@ -205,7 +205,16 @@ impl Conn {
                 self.shard_index(&keys).err()
             }
         } else if queueable(name) {
-            None
+            let fits = match name {
+                "PING" => args.len() <= 2,
+                _ => args.len() == 2,
+            };
+            (!fits).then(|| {
+                format!(
+                    "ERR wrong number of arguments for '{}' command",
+                    name.to_ascii_lowercase()
+                )
+            })
         } else if super::acl::command_id(name).is_none() {
             Some(super::conn::unknown_command(args))
         } else {
