@@ -527,3 +527,67 @@ fn the_client_port_can_speak_tls() {
     let (out, errs) = node.redis_cli(&["-a", PASSWORD, "GET", "k"]);
     assert!(!out.contains("over-tls"), "{out} {errs}");
 }
+
+/// Transactions over raw RESP: queued commands run together at `EXEC` and answer in order;
+/// a command refused while queueing discards the transaction; a watched key written by
+/// another client makes `EXEC` a null array and changes nothing; keys of two slots are
+/// `CROSSSLOT`; `DISCARD` forgets the queue.
+#[test]
+fn multi_exec_runs_whole_and_watch_sees_other_clients_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(dir.path(), &[]);
+    let mut a = node.login("writer", "writer-pw");
+    let mut b = node.login("writer", "writer-pw");
+    let queued = || Value::Simple("QUEUED".into());
+
+    assert_eq!(a.call(&[b"SET", b"{t}n", b"10"]), ok());
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"INCR", b"{t}n"]), queued());
+    assert_eq!(a.call(&[b"APPEND", b"{t}s", b"ab"]), queued());
+    assert_eq!(a.call(&[b"GET", b"{t}n"]), queued());
+    assert_eq!(a.call(&[b"PING"]), queued());
+    assert_eq!(
+        a.call(&[b"EXEC"]),
+        Value::Array(vec![
+            Value::Int(11),
+            Value::Int(2),
+            Value::Bulk(b"11".to_vec()),
+            Value::Simple("PONG".into()),
+        ])
+    );
+
+    // A command refused while queueing (wrong arity) discards the whole transaction.
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"INCR", b"{t}n"]), queued());
+    assert!(err(&a.call(&[b"ECHO"])).starts_with("ERR wrong number of arguments"));
+    assert!(err(&a.call(&[b"EXEC"])).starts_with("EXECABORT"));
+    assert_eq!(a.call(&[b"GET", b"{t}n"]), Value::Bulk(b"11".to_vec()));
+
+    // WATCH: another client's write in between voids the transaction.
+    assert_eq!(a.call(&[b"WATCH", b"{t}n"]), ok());
+    assert_eq!(b.call(&[b"INCR", b"{t}n"]), Value::Int(12));
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"SET", b"{t}n", b"0"]), queued());
+    assert_eq!(a.call(&[b"EXEC"]), Value::Nil, "a null array");
+    assert_eq!(a.call(&[b"GET", b"{t}n"]), Value::Bulk(b"12".to_vec()));
+    // Unchanged since WATCH: it runs.
+    assert_eq!(a.call(&[b"WATCH", b"{t}n"]), ok());
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"SET", b"{t}n", b"0"]), queued());
+    assert_eq!(a.call(&[b"EXEC"]), Value::Array(vec![ok()]));
+
+    // Two slots in one transaction: CROSSSLOT, nothing written.
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"SET", b"{t}x", b"1"]), queued());
+    assert_eq!(a.call(&[b"SET", b"{u}x", b"1"]), queued());
+    assert!(err(&a.call(&[b"EXEC"])).starts_with("CROSSSLOT"));
+    assert_eq!(a.call(&[b"EXISTS", b"{t}x", b"{t}x"]), Value::Int(0));
+
+    // DISCARD forgets the queue; EXEC and DISCARD without MULTI are errors.
+    assert_eq!(a.call(&[b"MULTI"]), ok());
+    assert_eq!(a.call(&[b"SET", b"{t}y", b"1"]), queued());
+    assert_eq!(a.call(&[b"DISCARD"]), ok());
+    assert_eq!(a.call(&[b"GET", b"{t}y"]), Value::Nil);
+    assert!(err(&a.call(&[b"EXEC"])).starts_with("ERR EXEC without MULTI"));
+    assert!(err(&a.call(&[b"DISCARD"])).starts_with("ERR DISCARD without MULTI"));
+}
