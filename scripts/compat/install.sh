@@ -7,7 +7,11 @@ cd "$(dirname "$0")"
 want_py="$(sed -n 's/^redis==//p' requirements.txt)"
 have_py="$(python3 -c 'import redis; print(redis.__version__)' 2>/dev/null || true)"
 if [ "$have_py" != "$want_py" ]; then
+  # A distribution's own interpreter may refuse pip (PEP 668); this interpreter is only
+  # the sessions' test driver, so the pinned package goes in anyway.
   python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+      -r requirements.txt \
     || { echo "compat: pip could not install redis==$want_py" >&2; exit 1; }
 fi
 want_js="$(node -p "require('./package.json').dependencies.ioredis")"
