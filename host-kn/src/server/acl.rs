@@ -1096,7 +1096,7 @@ fn class_match(pattern: &[u8], mut at: usize, c: u8) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use dinomo_shared::resp::{parse_value, Limits, Proto, Value};
 
@@ -1306,7 +1306,14 @@ mod tests {
 
     /// What a client that reads only first/last/step finds (redis-py before key specs).
     fn keys_by_positions<'a>(c: &CommandInfo, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
-        let (first, last, step) = c.keys;
+        keys_at_positions(c.keys, args)
+    }
+
+    /// The keys at positions `first..=last` (negative: from the end) by `step` of `args`.
+    pub(crate) fn keys_at_positions(
+        (first, last, step): (i64, i64, i64),
+        args: &[Vec<u8>],
+    ) -> Vec<&[u8]> {
         if step == 0 {
             return Vec::new();
         }

@@ -924,7 +924,7 @@ fn valid_client_name(n: &[u8]) -> Result<(), &'static str> {
 }
 
 /// At most 64 characters of `s`, for echoing client input in an error.
-fn clip(s: &str) -> String {
+pub(super) fn clip(s: &str) -> String {
     s.chars().take(64).collect()
 }
 

@@ -275,7 +275,7 @@ async fn connection<S: Stream>(
                     if !c.fast(&mut args, &mut round, &mut out) {
                         round.send_batches(&c.shared);
                         let t0 = Instant::now();
-                        let quit = c.exec(&args, &mut out).await;
+                        let quit = c.exec(&mut args, &mut out).await;
                         c.shared.latency.record(stripe, t0.elapsed());
                         if quit {
                             close = true;
@@ -759,7 +759,7 @@ impl Conn {
     }
 
     /// Executes one command; returns whether to close the connection afterwards.
-    async fn exec(&mut self, args: &[Vec<u8>], buf: &mut Vec<u8>) -> bool {
+    async fn exec(&mut self, args: &mut Vec<Vec<u8>>, buf: &mut Vec<u8>) -> bool {
         let name = upper(&args[0]);
         let argc = args.len();
         let proto = self.proto;
@@ -782,8 +782,6 @@ impl Conn {
                 // Most users may touch every key: then no key list is built per request.
                 let keys = if user.all_keys() {
                     Vec::new()
-                } else if cmd::serves(&name) {
-                    cmd::keys(&name, args)
                 } else {
                     keys_of(&name, args)
                 };
@@ -810,7 +808,7 @@ impl Conn {
                 "EXEC" | "DISCARD" | "MULTI" | "WATCH" | "QUIT" | "RESET"
             )
         {
-            self.queue(&name, args, &mut o);
+            self.queue(&name, std::mem::take(args), &mut o);
             return false;
         }
         match name.as_str() {
@@ -947,7 +945,9 @@ impl Conn {
                 self.cluster_keys(args, &mut o).await
             }
             "SCAN" | "KEYS" | "DBSIZE" | "RANDOMKEY" | "FLUSHALL" | "FLUSHDB" => arity(&mut o),
-            n if n != "MGET" && cmd::serves(n) => self.data_command(n, args, &mut o).await,
+            n if n != "MGET" && cmd::serves(n) => {
+                self.data_command(n, std::mem::take(args), &mut o).await
+            }
             "INFO" => {
                 // The keyspace section counts this node's keys by a walk of the index: only
                 // when it is shown.
@@ -1048,6 +1048,7 @@ fn keys_of<'a>(_name: &str, args: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::acl::tests::keys_at_positions;
     use crate::server::acl::{command_count, command_entry};
     use dinomo_shared::resp::{parse_value, Limits, Out, Proto, Value};
 
@@ -1061,23 +1062,12 @@ mod tests {
             Value::Int(v) => *v,
             other => panic!("field {i}: {other:?}"),
         };
-        let (first, last, step) = (int(3), int(4), int(5));
-        if step == 0 {
-            return Vec::new();
-        }
-        let last = if last < 0 {
-            args.len() as i64 + last
-        } else {
-            last
-        };
-        (first..=last)
-            .step_by(step as usize)
-            .map(|p| args[p as usize].as_slice())
-            .collect()
+        keys_at_positions((int(3), int(4), int(5)), args)
     }
 
-    /// `COMMAND` describes every command with the same keys the ACL checks use, so a
-    /// cluster client routes a command to the node that owns the keys it names.
+    /// `COMMAND` describes every command with the same keys the ACL checks use and the
+    /// shards route by, so a cluster client sends a command to the node that owns the keys
+    /// it names.
     #[test]
     fn the_command_table_names_the_keys_the_server_routes_by() {
         let mut buf = Vec::new();
@@ -1105,6 +1095,12 @@ mod tests {
             &["DEL", "a", "b"],
             &["UNLINK", "a"],
             &["EXISTS", "a", "b"],
+            &["MSETNX", "a", "1", "b", "2"],
+            &["INCRBY", "k", "5"],
+            &["RENAME", "a", "b"],
+            &["COPY", "a", "b", "REPLACE"],
+            &["EXPIRE", "k", "10", "NX"],
+            &["GETEX", "k", "PERSIST"],
             &["PING"],
             &["INFO", "all"],
         ];
@@ -1125,6 +1121,9 @@ mod tests {
                 "{s:?} against arity {arity}"
             );
             assert_eq!(keys_by_spec(entry, &args), keys_of(s[0], &args), "{s:?}");
+            if cmd::serves(s[0]) {
+                assert_eq!(cmd::keys(s[0], &args), keys_of(s[0], &args), "{s:?}");
+            }
         }
     }
 }

@@ -120,12 +120,12 @@ fn writes_failed(results: &[Option<ReplyResult>]) -> Option<KvError> {
 
 impl Conn {
     /// Runs a data command on its keys' owner shard and writes its reply.
-    pub(super) async fn data_command(&mut self, name: &str, args: &[Vec<u8>], o: &mut Out<'_>) {
-        let keys = cmd::keys(name, args);
+    pub(super) async fn data_command(&mut self, name: &str, args: Vec<Vec<u8>>, o: &mut Out<'_>) {
+        let keys = cmd::keys(name, &args);
         if keys.is_empty() {
             // Malformed: answered without touching a shard.
             let mut none = NoKeys;
-            if cmd::run(name, args, &mut none, o).is_err() {
+            if cmd::run(name, &args, &mut none, o).is_err() {
                 o.error("ERR syntax error");
             }
             return;
@@ -134,7 +134,7 @@ impl Conn {
             Ok(tx) => tx,
             Err(e) => return o.error(&e),
         };
-        let (name, args) = (name.to_owned(), args.to_vec());
+        let name = name.to_owned();
         let (proto, max_value) = (self.proto, self.shared.max_value);
         self.run_job(&tx, o, move |acc, buf| {
             let mut ks = OnShard {
@@ -186,14 +186,14 @@ impl Conn {
     }
 
     /// Queues a command of an open transaction (checked now, run at `EXEC`).
-    pub(super) fn queue(&mut self, name: &str, args: &[Vec<u8>], o: &mut Out<'_>) {
+    pub(super) fn queue(&mut self, name: &str, args: Vec<Vec<u8>>, o: &mut Out<'_>) {
         let refusal = if cmd::serves(name) {
-            let keys = cmd::keys(name, args);
+            let keys = cmd::keys(name, &args);
             if keys.is_empty() {
                 // Malformed: Redis refuses it now and discards the transaction.
                 let at = o.buf.len();
                 let mut none = NoKeys;
-                let _ = cmd::run(name, args, &mut none, o);
+                let _ = cmd::run(name, &args, &mut none, o);
                 let said = String::from_utf8_lossy(&o.buf[at..]).into_owned();
                 o.buf.truncate(at);
                 Some(
@@ -216,12 +216,12 @@ impl Conn {
                 )
             })
         } else if super::acl::command_id(name).is_none() {
-            Some(super::conn::unknown_command(args))
+            Some(super::conn::unknown_command(&args))
         } else {
             Some(format!(
                 "ERR {} is not allowed inside MULTI on this node (a transaction runs data \
                  commands of one slot)",
-                clip(name)
+                super::commands::clip(name)
             ))
         };
         match refusal {
@@ -231,7 +231,7 @@ impl Conn {
             }
             None => {
                 if let Some(q) = &mut self.tx.queued {
-                    q.push(args.to_vec());
+                    q.push(args);
                 }
                 o.simple("QUEUED");
             }
@@ -374,12 +374,7 @@ impl Conn {
     /// `WAIT numreplicas timeout`: 0 at once. There are no replicas to wait for, and a
     /// write is durable in the memory node before it is acknowledged.
     pub(super) fn wait(&self, args: &[Vec<u8>], o: &mut Out<'_>) {
-        let int = |a: &[u8]| {
-            std::str::from_utf8(a)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-        };
-        match (int(&args[1]), int(&args[2])) {
+        match (cmd::string2ll(&args[1]), cmd::string2ll(&args[2])) {
             (Some(_), Some(t)) if t >= 0 => o.int(0),
             (Some(_), Some(_)) => o.error("ERR timeout is negative"),
             _ => o.error("ERR value is not an integer or out of range"),
@@ -413,8 +408,4 @@ impl Keyspace for NoKeys {
     fn max_value(&self) -> usize {
         0
     }
-}
-
-fn clip(s: &str) -> String {
-    s.chars().take(64).collect()
 }

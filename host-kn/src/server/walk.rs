@@ -9,7 +9,6 @@
 //! its end at least once, and may return a key more than once.
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use dinomo_shared::resp::Out;
 use dinomo_shared::slot::SLOTS;
@@ -34,13 +33,6 @@ const FLUSH_WINDOW: usize = 256;
 const FLUSH_LOG_EVERY: u64 = 10_000;
 const SHARD_MASK: u64 = (1 << SHARD_CURSOR_BITS) - 1;
 
-/// Unix time in ms (what expiry times are compared with).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// One page of shard `tx`'s walk.
 async fn page(tx: &ShardTx, req: ScanRequest) -> Result<ScanPage, KvError> {
     let (otx, orx) = tokio::sync::oneshot::channel();
@@ -55,7 +47,7 @@ async fn count_shard(tx: &ShardTx, slot: Option<u16>) -> Result<(u64, u64), KvEr
     let mut req = ScanRequest {
         cursor: 0,
         count: usize::MAX,
-        now_ms: now_ms(),
+        now_ms: crate::clock::now_ms(),
         slot,
         mode: ScanMode::Count,
     };
@@ -121,7 +113,7 @@ impl Conn {
             // Every key here is a string: the walk is empty to its end.
             shard = shards;
         }
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let mut pages = 0;
         while shard < shards && keys.len() < count && pages < PAGES_PER_CALL {
             let Some(tx) = self.shared.shards.get(shard) else {
@@ -175,7 +167,7 @@ impl Conn {
     /// `KEYS pattern`: a whole walk of every shard.
     pub(super) async fn keys(&mut self, pattern: &[u8], o: &mut Out<'_>) {
         let limit = self.shared.client.reply;
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut bytes = 0usize;
         for tx in &self.shared.shards {
@@ -238,7 +230,7 @@ impl Conn {
     /// this KN holds none.
     pub(super) async fn randomkey(&mut self, o: &mut Out<'_>) {
         let shards = self.shared.shards.len();
-        let mut x = (now_ms() ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+        let mut x = (crate::clock::now_ms() ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
         let mut rand = move || {
             x ^= x << 13;
             x ^= x >> 7;
@@ -250,7 +242,7 @@ impl Conn {
         } else {
             rand() as usize % shards
         };
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         for s in 0..shards {
             let Some(tx) = self.shared.shards.get((first + s) % shards) else {
                 continue;
@@ -295,7 +287,7 @@ impl Conn {
             let mut req = ScanRequest {
                 cursor: 0,
                 count: 4096,
-                now_ms: now_ms(),
+                now_ms: crate::clock::now_ms(),
                 slot: None,
                 mode: ScanMode::Keys,
             };
@@ -400,7 +392,7 @@ impl Conn {
             let mut req = ScanRequest {
                 cursor: 0,
                 count: want.max(1),
-                now_ms: now_ms(),
+                now_ms: crate::clock::now_ms(),
                 slot: Some(slot),
                 mode: ScanMode::Keys,
             };

@@ -45,11 +45,7 @@ impl Expiries {
                     self.due.push(Reverse((t, Rc::clone(key))));
                 }
             }
-            None => {
-                if !self.at.is_empty() {
-                    self.at.remove(&key[..]);
-                }
-            }
+            None => self.forget(key),
         }
         // Stale heap entries (overwritten or deleted keys) are dropped when popped; should
         // they pile up, the heap is rebuilt from the table.
@@ -59,6 +55,13 @@ impl Expiries {
                 .iter()
                 .map(|(k, &t)| Reverse((t, Rc::clone(k))))
                 .collect();
+        }
+    }
+
+    /// Records that `key` never expires (or is gone).
+    pub(super) fn forget(&mut self, key: &[u8]) {
+        if !self.at.is_empty() {
+            self.at.remove(key);
         }
     }
 

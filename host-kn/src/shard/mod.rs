@@ -295,9 +295,7 @@ impl<F: Fabric> Shard<F> {
     /// Deletes `key`, whose time has come, through the log (nobody waits for the delete).
     fn expire(&mut self, key: &[u8]) {
         self.stats.expired += 1;
-        if !self.expiries.is_empty() {
-            self.expiries.note(&Rc::from(key), None);
-        }
+        self.expiries.forget(key);
         let reply = ReplyTo::Fn(ReplyFn(Box::new(|_| {})));
         self.write_expiring(key.to_vec(), None, None, 0, reply);
     }
@@ -435,8 +433,9 @@ impl<F: Fabric> Shard<F> {
 
     /// Keeps the expiry table exact for a key whose value may now be cached.
     fn note_expiry(&mut self, key: &[u8], expire_at: Option<u64>) {
-        if expire_at.is_some() || !self.expiries.is_empty() {
-            self.expiries.note(&Rc::from(key), expire_at);
+        match expire_at {
+            Some(t) => self.expiries.note(&Rc::from(key), Some(t)),
+            None => self.expiries.forget(key),
         }
     }
 
