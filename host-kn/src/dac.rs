@@ -5,13 +5,17 @@
 //! a **miss** costs `M` RTs (index walk plus the entry READ; `M` is measured by the shard and
 //! set with [`DacCache::set_miss_cost`]). One byte budget per shard is shared by both kinds:
 //!
-//! * a value is charged `key + value + value_overhead` bytes (`vc`), kept in LRU order;
-//! * a shortcut is charged `key + shortcut_charge` bytes (`sc`), kept in LFU order. The key is
-//!   charged on top of the fixed part so that long keys cannot hide from the budget; the
-//!   default fixed part (8 B, the entry reference) gives the original's 16 B for 8 B keys.
+//! * a value is charged `key + value + value_overhead` bytes (`vc`);
+//! * a shortcut is charged `shortcut_charge` bytes (`sc`), whatever its key: it does not
+//!   store the key. Its 64-bit hash finds it, and the entry it points to names the key,
+//!   which the reader checks on every fetch; a hash collision reads as a stale shortcut.
 //!
-//! Charges model the payload, not allocator and table overhead; pick `value_overhead` and
-//! `shortcut_charge` larger if the budget must bound resident memory exactly.
+//! Both kinds are kept least-used first (LFU, by decayed hit count). The charges are what
+//! the structures really cost ([`SHORTCUT_BYTES`], [`VALUE_OVERHEAD`]: a node, its table and
+//! heap slots, and for a value the allocator's share), and the hit history below comes out
+//! of the budget too, so the budget bounds the cache's resident memory and the
+//! value/shortcut price ratio rests on real costs. (The original charged 16 B per shortcut
+//! and nothing for the history; a shortcut cost several times that.)
 //!
 //! # Hit counts and decay
 //!
@@ -30,7 +34,7 @@
 //! sources, each with a price per byte:
 //!
 //! * evicting the LFU shortcut `e` frees `sc(e)` bytes for `(M − 1)·h(e)` RTs;
-//! * demoting the LRU value `v` to a shortcut (it keeps its count) frees `vc(v) − sc(v)`
+//! * demoting the least-used value `v` to a shortcut (it keeps its count) frees `vc(v) − sc(v)`
 //!   bytes for `h(v)` RTs.
 //!
 //! **Promotion.** A shortcut `s` that was hit and fetched becomes a value if the extra
@@ -39,14 +43,14 @@
 //!
 //! ```text
 //! h(s) > min( (M − 1) · Σ h(e)   over the least-used shortcuts that free r bytes,
-//!                      Σ h(v)   over the LRU values whose demotion frees r bytes )
+//!                      Σ h(v)   over the least-used values whose demotion frees r bytes )
 //! ```
 //!
 //! and the cheaper source is used. With equal-size entries the first source is the
 //! `vc / sc − 1` least-used shortcuts of the original design. The original tests
 //! `h(s) > M · Σ h(e)`; the factor is `M − 1` here because an evicted shortcut's hits still
 //! reach the value through the miss path, which costs `M` instead of 1, not `M` instead of 0.
-//! The second source is new: when a value at the LRU end is colder than a shortcut's worth
+//! The second source is new: when the least-used value is colder than a shortcut's worth
 //! of hits, swapping the two saves `h(s) − h(v)` RTs per period without touching any shortcut.
 //!
 //! **Insertion.** A key cached after a miss or a write goes in as a value if its charge is
@@ -56,7 +60,7 @@
 //! byte of values is worth as much as one more byte of shortcuts — the condition that also
 //! characterises the static optimum ([`oracle`]).
 //!
-//! **Room bought is reserved.** Buying a shortcut's 16 B by demoting a value frees ~1 KiB;
+//! **Room bought is reserved.** Buying a shortcut's 72 B by demoting a value frees ~1 KiB;
 //! the surplus is reserved for the insertions that follow, which would otherwise buy their
 //! room again. "Promote if there is room" means room not so reserved: a promotion taking the
 //! surplus for nothing would undo the demotion that the per-byte prices just chose, and the
@@ -65,11 +69,11 @@
 //! **History.** A key evicted and missed again would come back with a count of one, so the
 //! LFU end would be full of such keys and shortcuts would look far cheaper to evict than they
 //! are (too many values, too few shortcuts). Keys that leave the cache leave their count in
-//! a small count-min sketch (one byte counter per shortcut the budget holds, at most 16 MiB,
-//! outside the budget), misses are counted there too, and a key cached again resumes its
-//! count. The sketch halves with the hit counts.
+//! a small count-min sketch (one byte counter per shortcut the budget holds, rounded up to
+//! a power of two, at most 16 MiB, taken from the budget), misses are counted there too, and
+//! a key cached again resumes its count. The sketch halves with the hit counts.
 //!
-//! **Demote or drop.** A value pushed out from the LRU end is demoted to a shortcut if that
+//! **Demote or drop.** A value pushed out from the least-used end is demoted to a shortcut if that
 //! pays: dropping it instead saves room for exactly one shortcut, so the demotion pays iff
 //! the value is hotter than the LFU shortcut it would otherwise outlive (`h(v) > h(e_min)`).
 //!
@@ -78,16 +82,25 @@
 //! [`CachePolicy::Dac`] is the above. [`CachePolicy::ShortcutOnly`] caches only shortcuts (LFU
 //! over the whole budget, as Clover does) and [`CachePolicy::ValueOnly`] only values (LRU).
 //!
+//! # Why values are LFU, not LRU
+//!
+//! The static optimum caches the most *frequently* read keys as values. Ordered by
+//! recency, the values at the cold end are whichever keys were read least recently, and
+//! at cache ratio 0.5 (read-only, Zipf 0.99, 100 000 keys) that alone kept DAC 7% above the
+//! optimum however long it ran; ordered by decayed count it came within 4% (measured with
+//! `examples/dac_sim.rs`, docs/PERFORMANCE.md). Decay keeps LFU able to follow a moving
+//! workload.
+//!
 //! # Cost
 //!
-//! Keys live once, in a slab of nodes (a value node stores `key ‖ value` in one allocation)
-//! indexed by a `hashbrown` table of slab indices hashed with the never-randomised
-//! [`key_hash`]. The LRU is an intrusive doubly linked list of slab indices; the LFU is an
-//! indexed binary min-heap. [`DacCache::get`] does no allocation: a hash, a probe, and an
-//! O(1) list move or an O(log n) sift (a miss also bumps four sketch counters). On a Zipf
-//! 0.99 read stream the split this reaches is within a few percent of the oracle's expected
-//! RTs per read (see the simulation test). A promotion test walks the heap best-first and stops
-//! as soon as the cost exceeds the benefit, so a refused promotion is cheap.
+//! Keys live once, in a slab of 56-byte nodes (a value node owns one `key ‖ value`
+//! allocation; a shortcut node none) indexed by a `hashbrown` table of slab indices hashed
+//! with the never-randomised [`key_hash`]. Values and shortcuts each sit in an indexed
+//! binary min-heap by score. [`DacCache::get`] does no allocation: a hash, a probe, and a
+//! sift down from the key's heap position. The hotter a key, the nearer the leaves of its
+//! min-heap it sits, so a hit on a hot value compares with at most a child or two (a miss
+//! also bumps four sketch counters). A promotion test walks a heap best-first and stops as
+//! soon as the cost exceeds the benefit, so a refused promotion is cheap.
 
 use core::cmp::{Ordering, Reverse};
 use core::fmt;
@@ -95,6 +108,7 @@ use core::str::FromStr;
 use std::collections::BinaryHeap;
 
 use dinomo_shared::hash::key_hash;
+use dinomo_shared::slot::key_slot;
 use hashbrown::HashTable;
 
 pub use dinomo_shared::index::EntryRef;
@@ -106,7 +120,7 @@ pub enum CachePolicy {
     Dac,
     /// Shortcuts only, LFU.
     ShortcutOnly,
-    /// Values only, LRU.
+    /// Values only, LRU (the plain value cache DAC is compared with).
     ValueOnly,
 }
 
@@ -156,7 +170,7 @@ pub struct DacConfig {
     pub policy: CachePolicy,
     /// Bytes charged per cached value on top of its key and value.
     pub value_overhead: u64,
-    /// Bytes charged per shortcut on top of its key (so 8 B keys cost 8 + this).
+    /// Bytes charged per shortcut, whatever its key (which a shortcut does not store).
     pub shortcut_charge: u64,
     /// RTs of a miss until the shard measures one.
     pub initial_miss_cost: f64,
@@ -170,8 +184,8 @@ impl Default for DacConfig {
         Self {
             budget_bytes: 128 << 20,
             policy: CachePolicy::Dac,
-            value_overhead: 64,
-            shortcut_charge: 8,
+            value_overhead: VALUE_OVERHEAD,
+            shortcut_charge: SHORTCUT_BYTES,
             initial_miss_cost: 2.0,
             decay_every: 1 << 20,
         }
@@ -186,11 +200,28 @@ impl DacConfig {
             .saturating_add(self.value_overhead)
     }
 
-    /// Bytes charged for a shortcut of `key`.
-    pub fn shortcut_charge_for(&self, key_len: usize) -> u64 {
-        (key_len as u64).saturating_add(self.shortcut_charge)
+    /// Bytes charged for a shortcut (of any key).
+    pub fn shortcut_bytes(&self) -> u64 {
+        self.shortcut_charge
     }
 }
+
+/// What one more entry costs in the cache's tables besides its node: its slot in the key
+/// table (a `u32` and a control byte per bucket, and up to 16/7 buckets per entry just
+/// after the table doubled) and its slot in a heap (a `u32`).
+const SLOT_BYTES: u64 = 12 + 4;
+
+/// The default charge of a shortcut: what one really costs in memory (a node, its table
+/// and heap slots; no key).
+pub const SHORTCUT_BYTES: u64 = core::mem::size_of::<Node>() as u64 + SLOT_BYTES;
+
+/// What the allocator adds to a value's `key ‖ value` allocation, on average: its 8-byte
+/// header and rounding up to 16 bytes.
+const ALLOC_BYTES: u64 = 16;
+
+/// The default charge of a value on top of its key and value bytes: a node, its table and
+/// heap slots, and the allocator's share.
+pub const VALUE_OVERHEAD: u64 = SHORTCUT_BYTES + ALLOC_BYTES;
 
 /// What the cache knows about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,43 +248,58 @@ pub struct DacStats {
     pub demotions: u64,
     /// Keys dropped for room (not counting [`DacCache::remove`] and [`DacCache::retain`]).
     pub evictions: u64,
+    /// Bytes of the hit history taken from the budget (see [`DacCache::new`]).
+    pub history_bytes: u64,
 }
 
 /// No slab index.
 const NIL: u32 = u32::MAX;
+/// The heap of shortcuts (least used first).
+const SHORTCUTS: usize = 0;
+/// The heap of values (least used first; least recently used under `ValueOnly`).
+const VALUES: usize = 1;
 /// Epochs between rescalings of all scores.
 const RESCALE_EPOCHS: u32 = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum State {
     Free,
     Value,
     Shortcut,
 }
 
+/// One cached key. A shortcut stores no key: its 64-bit hash finds it, and the entry it
+/// points to names the key, which the reader checks on every fetch (a hash collision then
+/// reads as a stale shortcut and takes the miss path). So a shortcut costs one node, its
+/// table slot and its heap slot, and nothing more.
 #[derive(Debug)]
 struct Node {
-    /// The key, followed by the value if the node is a value.
+    /// `key ‖ value` for a value; empty (no allocation) for a shortcut.
     data: Box<[u8]>,
     hash: u64,
     eref: EntryRef,
-    /// Decayed hit count, scaled by the current weight.
+    /// The priority its heap orders by: the decayed hit count, scaled by the current
+    /// weight (or, under [`CachePolicy::ValueOnly`], the access clock: LRU).
     score: f64,
-    key_len: usize,
-    state: State,
-    /// LRU neighbours (values), towards the MRU end and towards the LRU end.
-    prev: u32,
-    next: u32,
-    /// Position in the LFU heap (shortcuts).
+    /// Position in its heap (the values' or the shortcuts').
     pos: u32,
+    /// Key length of a value (the key is `data[..key_len]`).
+    key_len: u16,
+    /// The key's slot, so that [`DacCache::retain`] works without the key.
+    slot: u16,
+    state: State,
 }
+
+/// A node's size is most of what a shortcut costs: keep it from growing unnoticed.
+const _: () = assert!(core::mem::size_of::<Node>() == 56);
 
 impl Node {
     fn key(&self) -> &[u8] {
-        &self.data[..self.key_len]
+        &self.data[..self.key_len as usize]
     }
     fn value(&self) -> &[u8] {
-        &self.data[self.key_len..]
+        &self.data[self.key_len as usize..]
     }
 }
 
@@ -299,11 +345,10 @@ pub struct DacCache {
     table: HashTable<u32>,
     nodes: Vec<Node>,
     free_slots: Vec<u32>,
-    /// MRU and LRU ends of the value list.
-    head: u32,
-    tail: u32,
-    /// LFU min-heap of shortcut slab indices.
-    heap: Vec<u32>,
+    /// Min-heaps of slab indices by score: [`SHORTCUTS`] and [`VALUES`].
+    heaps: [Vec<u32>; 2],
+    /// Accesses so far: the LRU clock of [`CachePolicy::ValueOnly`].
+    clock: u64,
     stats: DacStats,
     /// Score one hit adds now: `2^epoch`, rescaled every [`RESCALE_EPOCHS`].
     weight: f64,
@@ -313,6 +358,8 @@ pub struct DacCache {
     history: History,
     /// Free bytes that pressure bought for insertions (see `make_room`).
     reserved: u64,
+    /// Bytes of value allocations freed since [`DacCache::take_freed_bytes`] last asked.
+    freed: u64,
 }
 
 impl fmt::Debug for DacCache {
@@ -326,11 +373,20 @@ impl fmt::Debug for DacCache {
 }
 
 impl DacCache {
+    /// A cache of `cfg.budget_bytes`. The hit history (one byte per shortcut the budget
+    /// holds, rounded up to a power of two) comes out of the budget; only under a budget
+    /// of less than eight times its 1 KiB minimum is it left outside, as fixed overhead.
     pub fn new(cfg: DacConfig) -> Self {
         let miss_cost = sane_miss_cost(cfg.initial_miss_cost).unwrap_or(2.0);
-        let (budget_bytes, shortcut_bytes) = (cfg.budget_bytes, cfg.shortcut_charge_for(8));
+        let history = History::for_budget(cfg.budget_bytes, cfg.shortcut_bytes());
+        let history_bytes = history.cells.len() as u64;
         let stats = DacStats {
             budget_bytes: cfg.budget_bytes,
+            history_bytes: if history_bytes <= cfg.budget_bytes / 8 {
+                history_bytes
+            } else {
+                0
+            },
             ..DacStats::default()
         };
         Self {
@@ -339,16 +395,16 @@ impl DacCache {
             table: HashTable::new(),
             nodes: Vec::new(),
             free_slots: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            heap: Vec::new(),
+            heaps: [Vec::new(), Vec::new()],
+            clock: 0,
             stats,
             weight: 1.0,
             epoch: 0,
             since_decay: 0,
             walk: BinaryHeap::new(),
-            history: History::for_budget(budget_bytes, shortcut_bytes),
+            history,
             reserved: 0,
+            freed: 0,
         }
     }
 
@@ -361,7 +417,7 @@ impl DacCache {
         self.miss_cost
     }
 
-    /// Looks a key up and counts the hit (LRU touch for values, LFU count for shortcuts).
+    /// Looks a key up and counts the hit.
     /// No allocation.
     #[inline]
     pub fn get(&mut self, key: &[u8]) -> Lookup<'_> {
@@ -371,17 +427,17 @@ impl DacCache {
             self.history.record(hash);
             return Lookup::Miss;
         };
-        let w = self.weight;
-        let n = &mut self.nodes[i as usize];
-        n.score += w;
+        self.bump(i);
+        let n = &self.nodes[i as usize];
         match n.state {
             State::Value => {
-                self.lru_touch(i);
+                let pos = n.pos as usize;
+                self.sift_down(VALUES, pos);
                 Lookup::Value(self.nodes[i as usize].value())
             }
             State::Shortcut => {
-                let (pos, eref) = (n.pos, n.eref);
-                self.sift_down(pos as usize);
+                let (pos, eref) = (n.pos as usize, n.eref);
+                self.sift_down(SHORTCUTS, pos);
                 Lookup::Shortcut(eref)
             }
             State::Free => Lookup::Miss,
@@ -417,8 +473,8 @@ impl DacCache {
         let hash = key_hash(key);
         match self.find_hashed(hash, key) {
             Some(i) => {
-                self.nodes[i as usize].score += self.weight;
-                self.refresh(i, value, eref);
+                self.bump(i);
+                self.refresh(i, key, value, eref);
             }
             None => {
                 self.history.record(hash);
@@ -435,7 +491,7 @@ impl DacCache {
         // The cache's own state decides; `was_shortcut` only says what the caller saw.
         let _ = was_shortcut;
         match self.find(key) {
-            Some(i) => self.refresh(i, value, eref),
+            Some(i) => self.refresh(i, key, value, eref),
             None => {
                 self.insert_new(key, value, eref, None);
             }
@@ -451,11 +507,11 @@ impl DacCache {
         }
     }
 
-    /// Drops every key for which `keep(key)` is false (ownership of a slot moved away).
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+    /// Drops every key whose slot `keep` refuses (ownership of a slot moved away).
+    pub fn retain(&mut self, mut keep: impl FnMut(u16) -> bool) {
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
-            if n.state != State::Free && !keep(n.key()) {
+            if n.state != State::Free && !keep(n.slot) {
                 self.forget(i as u32);
             }
         }
@@ -473,6 +529,12 @@ impl DacCache {
         self.stats
     }
 
+    /// Bytes of value allocations freed since the last call: the shard gives them back to
+    /// the system once they add up ([`crate::memory::trim`]).
+    pub fn take_freed_bytes(&mut self) -> u64 {
+        core::mem::take(&mut self.freed)
+    }
+
     /// Bytes charged now.
     pub fn used_bytes(&self) -> u64 {
         self.stats.value_bytes + self.stats.shortcut_bytes
@@ -481,7 +543,9 @@ impl DacCache {
     // ---- policy ------------------------------------------------------------------------
 
     fn free_bytes(&self) -> u64 {
-        self.cfg.budget_bytes.saturating_sub(self.used_bytes())
+        self.cfg
+            .budget_bytes
+            .saturating_sub(self.used_bytes() + self.stats.history_bytes)
     }
 
     /// Free bytes not reserved for insertions, which a promotion may take for nothing.
@@ -494,13 +558,37 @@ impl DacCache {
         self.reserved = self.reserved.min(self.free_bytes());
     }
 
+    /// The charge of value node `i`.
     fn vcharge(&self, i: u32) -> u64 {
         let n = &self.nodes[i as usize];
-        self.cfg.value_charge(n.key_len, n.data.len() - n.key_len)
+        let k = n.key_len as usize;
+        self.cfg.value_charge(k, n.data.len().saturating_sub(k))
     }
 
-    fn scharge(&self, i: u32) -> u64 {
-        self.cfg.shortcut_charge_for(self.nodes[i as usize].key_len)
+    /// The charge of a shortcut: the same for every key, which it does not store.
+    fn scharge(&self, _i: u32) -> u64 {
+        self.cfg.shortcut_bytes()
+    }
+
+    /// Counts an access to node `i`: one decayed hit, or under `ValueOnly` the access time.
+    #[inline]
+    fn bump(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        match self.cfg.policy {
+            CachePolicy::ValueOnly => n.score = self.clock as f64,
+            CachePolicy::Dac | CachePolicy::ShortcutOnly => n.score += self.weight,
+        }
+    }
+
+    /// The score a key cached afresh starts from: the hits its history remembers (the
+    /// access that caches it included), or under `ValueOnly` the access time.
+    fn initial_score(&self, hash: u64) -> f64 {
+        match self.cfg.policy {
+            CachePolicy::ValueOnly => self.clock as f64,
+            CachePolicy::Dac | CachePolicy::ShortcutOnly => {
+                self.weight * f64::from(self.history.estimate(hash).max(1))
+            }
+        }
     }
 
     /// Caches a key not cached yet, with the given score or else the one its history
@@ -512,11 +600,13 @@ impl DacCache {
         eref: EntryRef,
         score: Option<f64>,
     ) -> Option<u32> {
+        let Ok(key_len) = u16::try_from(key.len()) else {
+            return None;
+        };
         let hash = key_hash(key);
-        let score =
-            score.unwrap_or_else(|| self.weight * f64::from(self.history.estimate(hash).max(1)));
+        let score = score.unwrap_or_else(|| self.initial_score(hash));
         let vc = self.cfg.value_charge(key.len(), value.len());
-        let sc = self.cfg.shortcut_charge_for(key.len());
+        let sc = self.cfg.shortcut_bytes();
         let budget = self.cfg.budget_bytes;
         let as_value = match self.cfg.policy {
             CachePolicy::ValueOnly => {
@@ -546,18 +636,17 @@ impl DacCache {
         let data: Box<[u8]> = if as_value {
             [key, value].concat().into_boxed_slice()
         } else {
-            key.into()
+            Box::default()
         };
         let i = self.alloc(Node {
             data,
             hash,
             eref,
             score,
-            key_len: key.len(),
-            state: State::Free,
-            prev: NIL,
-            next: NIL,
             pos: NIL,
+            key_len: if as_value { key_len } else { 0 },
+            slot: key_slot(key),
+            state: State::Free,
         });
         if as_value {
             self.attach_value(i);
@@ -568,53 +657,57 @@ impl DacCache {
     }
 
     /// Gives a cached key its newest value and entry.
-    fn refresh(&mut self, i: u32, value: &[u8], eref: EntryRef) {
+    fn refresh(&mut self, i: u32, key: &[u8], value: &[u8], eref: EntryRef) {
         self.nodes[i as usize].eref = eref;
         match self.nodes[i as usize].state {
             State::Value => {
                 let old = self.vcharge(i);
-                let new = self
-                    .cfg
-                    .value_charge(self.nodes[i as usize].key_len, value.len());
+                let new = self.cfg.value_charge(key.len(), value.len());
                 if new <= self.free_bytes() + old {
                     let n = &mut self.nodes[i as usize];
-                    if n.data.len() - n.key_len == value.len() {
-                        let k = n.key_len;
+                    let k = n.key_len as usize;
+                    if n.data.len() - k == value.len() {
                         n.data[k..].copy_from_slice(value);
                     } else {
+                        self.freed += n.data.len() as u64;
                         n.data = [n.key(), value].concat().into_boxed_slice();
                     }
                     self.stats.value_bytes = self.stats.value_bytes - old + new;
                     self.clip_reserved();
-                    self.lru_touch(i);
+                    let pos = self.nodes[i as usize].pos as usize;
+                    self.sift_down(VALUES, pos);
                     return;
                 }
                 // The new value does not fit where the old one was: cache the key afresh,
                 // keeping its count, and let the promotion test decide.
-                let (score, key) = (self.nodes[i as usize].score, self.take_key(i));
-                if let Some(j) = self.insert_new(&key, value, eref, Some(score)) {
+                let score = self.nodes[i as usize].score;
+                self.forget(i);
+                if let Some(j) = self.insert_new(key, value, eref, Some(score)) {
                     if self.nodes[j as usize].state == State::Shortcut
                         && self.cfg.policy == CachePolicy::Dac
                     {
-                        self.try_promote(j, value);
+                        self.try_promote(j, key, value);
                     }
                 }
             }
             State::Shortcut => {
                 let pos = self.nodes[i as usize].pos as usize;
-                self.sift_down(pos);
+                self.sift_down(SHORTCUTS, pos);
                 if self.cfg.policy == CachePolicy::Dac {
-                    self.try_promote(i, value);
+                    self.try_promote(i, key, value);
                 }
             }
             State::Free => {}
         }
     }
 
-    /// The promotion test of the module doc, for shortcut `i` whose value is `value`.
-    fn try_promote(&mut self, i: u32, value: &[u8]) {
-        let key_len = self.nodes[i as usize].key_len;
-        let vc = self.cfg.value_charge(key_len, value.len());
+    /// The promotion test of the module doc, for shortcut `i` of `key` whose value is
+    /// `value`.
+    fn try_promote(&mut self, i: u32, key: &[u8], value: &[u8]) {
+        let Ok(key_len) = u16::try_from(key.len()) else {
+            return;
+        };
+        let vc = self.cfg.value_charge(key.len(), value.len());
         if vc > self.cfg.budget_bytes {
             return;
         }
@@ -635,20 +728,22 @@ impl DacCache {
                 (None, None) => return,
             }
         };
-        self.heap_remove(self.nodes[i as usize].pos as usize);
+        self.heap_remove(SHORTCUTS, self.nodes[i as usize].pos as usize);
         self.stats.shortcuts -= 1;
         self.stats.shortcut_bytes -= sc;
         match source {
             Source::Free => {}
             Source::Shortcuts => {
                 while self.unreserved_bytes() < vc {
-                    let Some(&e) = self.heap.first() else { break };
+                    let Some(&e) = self.heaps[SHORTCUTS].first() else {
+                        break;
+                    };
                     self.evict(e);
                 }
             }
             Source::Values => {
-                while self.unreserved_bytes() < vc && self.tail != NIL {
-                    self.push_out(self.tail);
+                while self.unreserved_bytes() < vc && self.least(VALUES) != NIL {
+                    self.push_out(self.least(VALUES));
                 }
             }
         }
@@ -658,7 +753,8 @@ impl DacCache {
             return;
         }
         let n = &mut self.nodes[i as usize];
-        n.data = [n.key(), value].concat().into_boxed_slice();
+        n.data = [key, value].concat().into_boxed_slice();
+        n.key_len = key_len;
         n.state = State::Free;
         self.attach_value(i);
         self.stats.promotions += 1;
@@ -668,9 +764,30 @@ impl DacCache {
     /// bytes, or `None` if they cannot or the loss reaches `limit`.
     fn shortcut_cost(&mut self, need: u64, limit: f64, skip: u32) -> Option<f64> {
         let m1 = (self.miss_cost - 1.0).max(0.0);
+        self.cheapest(SHORTCUTS, need, limit, skip, m1)
+    }
+
+    /// RTs lost by demoting the least-used values until `need` bytes are free, or `None` if
+    /// they cannot or the loss reaches `limit`.
+    fn value_cost(&mut self, need: u64, limit: f64) -> Option<f64> {
+        self.cheapest(VALUES, need, limit, NIL, 1.0)
+    }
+
+    /// Walks heap `k` best-first (skipping `skip`) until its nodes free `need` bytes, and
+    /// returns `rts_per_hit` times their hits; `None` if they cannot or that reaches
+    /// `limit`. The walk stops as soon as the cost passes the limit, so a refused
+    /// promotion costs a handful of steps.
+    fn cheapest(
+        &mut self,
+        k: usize,
+        need: u64,
+        limit: f64,
+        skip: u32,
+        rts_per_hit: f64,
+    ) -> Option<f64> {
         let mut walk = core::mem::take(&mut self.walk);
         walk.clear();
-        if let Some(&top) = self.heap.first() {
+        if let Some(&top) = self.heaps[k].first() {
             walk.push(Reverse(Walk {
                 score: self.nodes[top as usize].score,
                 pos: 0,
@@ -679,47 +796,33 @@ impl DacCache {
         let (mut sum, mut freed, mut result) = (0.0, 0u64, None);
         while let Some(Reverse(Walk { pos, .. })) = walk.pop() {
             for c in [2 * pos as usize + 1, 2 * pos as usize + 2] {
-                if let Some(&j) = self.heap.get(c) {
+                if let Some(&j) = self.heaps[k].get(c) {
                     walk.push(Reverse(Walk {
                         score: self.nodes[j as usize].score,
                         pos: c as u32,
                     }));
                 }
             }
-            let j = self.heap[pos as usize];
+            let j = self.heaps[k][pos as usize];
             if j == skip {
                 continue;
             }
             sum += self.nodes[j as usize].score;
-            freed += self.scharge(j);
-            if m1 * sum >= limit {
+            freed += if k == SHORTCUTS {
+                self.scharge(j)
+            } else {
+                self.vcharge(j).saturating_sub(self.scharge(j))
+            };
+            if rts_per_hit * sum >= limit {
                 break;
             }
             if freed >= need {
-                result = Some(m1 * sum);
+                result = Some(rts_per_hit * sum);
                 break;
             }
         }
         self.walk = walk;
         result
-    }
-
-    /// RTs lost by demoting LRU values until `need` bytes are free, or `None` if they cannot
-    /// or the loss reaches `limit`.
-    fn value_cost(&self, need: u64, limit: f64) -> Option<f64> {
-        let (mut sum, mut freed, mut v) = (0.0, 0u64, self.tail);
-        while v != NIL {
-            sum += self.nodes[v as usize].score;
-            freed += self.vcharge(v).saturating_sub(self.scharge(v));
-            if sum >= limit {
-                return None;
-            }
-            if freed >= need {
-                return Some(sum);
-            }
-            v = self.nodes[v as usize].prev;
-        }
-        None
     }
 
     /// Frees cache bytes until `need` are free, buying room where it is cheapest per byte.
@@ -728,8 +831,8 @@ impl DacCache {
             return true;
         }
         while self.free_bytes() < need {
-            let v = self.tail;
-            let e = self.heap.first().copied().unwrap_or(NIL);
+            let v = self.least(VALUES);
+            let e = self.least(SHORTCUTS);
             if v == NIL && e == NIL {
                 return false;
             }
@@ -779,11 +882,13 @@ impl DacCache {
 
     fn demote(&mut self, i: u32) {
         let vc = self.vcharge(i);
-        self.lru_unlink(i);
+        self.heap_remove(VALUES, self.nodes[i as usize].pos as usize);
         self.stats.values -= 1;
         self.stats.value_bytes -= vc;
         let n = &mut self.nodes[i as usize];
-        n.data = n.key().into();
+        self.freed += n.data.len() as u64;
+        n.data = Box::default();
+        n.key_len = 0;
         n.state = State::Free;
         self.attach_shortcut(i);
         self.stats.demotions += 1;
@@ -810,29 +915,24 @@ impl DacCache {
         if let Ok(entry) = self.table.find_entry(hash, |&j| j == i) {
             entry.remove();
         }
-        self.nodes[i as usize].data = Box::default();
+        let n = &mut self.nodes[i as usize];
+        self.freed += n.data.len() as u64;
+        n.data = Box::default();
         self.free_slots.push(i);
     }
 
-    /// Drops a key, returning its key bytes.
-    fn take_key(&mut self, i: u32) -> Box<[u8]> {
-        let key: Box<[u8]> = self.nodes[i as usize].key().into();
-        self.forget(i);
-        key
-    }
-
-    /// Unlinks a node from the LRU or the heap and uncharges it; the slot stays allocated.
+    /// Unlinks a node from its heap and uncharges it; the slot stays allocated.
     fn detach(&mut self, i: u32) {
         match self.nodes[i as usize].state {
             State::Value => {
                 let vc = self.vcharge(i);
-                self.lru_unlink(i);
+                self.heap_remove(VALUES, self.nodes[i as usize].pos as usize);
                 self.stats.values -= 1;
                 self.stats.value_bytes -= vc;
             }
             State::Shortcut => {
                 let sc = self.scharge(i);
-                self.heap_remove(self.nodes[i as usize].pos as usize);
+                self.heap_remove(SHORTCUTS, self.nodes[i as usize].pos as usize);
                 self.stats.shortcuts -= 1;
                 self.stats.shortcut_bytes -= sc;
             }
@@ -844,7 +944,7 @@ impl DacCache {
     fn attach_value(&mut self, i: u32) {
         let vc = self.vcharge(i);
         self.nodes[i as usize].state = State::Value;
-        self.lru_push_front(i);
+        self.heap_push(VALUES, i);
         self.stats.values += 1;
         self.stats.value_bytes += vc;
         self.clip_reserved();
@@ -853,7 +953,7 @@ impl DacCache {
     fn attach_shortcut(&mut self, i: u32) {
         let sc = self.scharge(i);
         self.nodes[i as usize].state = State::Shortcut;
-        self.heap_push(i);
+        self.heap_push(SHORTCUTS, i);
         self.stats.shortcuts += 1;
         self.stats.shortcut_bytes += sc;
         self.clip_reserved();
@@ -887,13 +987,18 @@ impl DacCache {
     fn find_hashed(&self, hash: u64, key: &[u8]) -> Option<u32> {
         let nodes = &self.nodes;
         self.table
-            .find(hash, |&j| nodes[j as usize].key() == key)
+            .find(hash, |&j| {
+                let n = &nodes[j as usize];
+                // A shortcut has no key to compare: its hash names it (module doc).
+                n.hash == hash && (n.state == State::Shortcut || n.key() == key)
+            })
             .copied()
     }
 
     /// Counts an access and advances the decay clock.
     #[inline]
     fn tick(&mut self) {
+        self.clock += 1;
         if self.cfg.decay_every == 0 {
             return;
         }
@@ -920,94 +1025,68 @@ impl DacCache {
         self.epoch = 0;
     }
 
-    // ---- LRU list -----------------------------------------------------------------------
+    // ---- heaps ------------------------------------------------------------------------
 
+    /// The least-scored node of heap `k`, or [`NIL`].
     #[inline]
-    fn lru_touch(&mut self, i: u32) {
-        if self.head != i {
-            self.lru_unlink(i);
-            self.lru_push_front(i);
-        }
-    }
-
-    fn lru_unlink(&mut self, i: u32) {
-        let (p, n) = (self.nodes[i as usize].prev, self.nodes[i as usize].next);
-        match p {
-            NIL => self.head = n,
-            p => self.nodes[p as usize].next = n,
-        }
-        match n {
-            NIL => self.tail = p,
-            n => self.nodes[n as usize].prev = p,
-        }
-        self.nodes[i as usize].prev = NIL;
-        self.nodes[i as usize].next = NIL;
-    }
-
-    fn lru_push_front(&mut self, i: u32) {
-        self.nodes[i as usize].prev = NIL;
-        self.nodes[i as usize].next = self.head;
-        match self.head {
-            NIL => self.tail = i,
-            h => self.nodes[h as usize].prev = i,
-        }
-        self.head = i;
-    }
-
-    // ---- LFU heap -----------------------------------------------------------------------
-
-    #[inline]
-    fn score_at(&self, pos: usize) -> f64 {
-        self.nodes[self.heap[pos] as usize].score
+    fn least(&self, k: usize) -> u32 {
+        self.heaps[k].first().copied().unwrap_or(NIL)
     }
 
     #[inline]
-    fn heap_set(&mut self, pos: usize, i: u32) {
-        self.heap[pos] = i;
+    fn score_at(&self, k: usize, pos: usize) -> f64 {
+        self.nodes[self.heaps[k][pos] as usize].score
+    }
+
+    #[inline]
+    fn heap_set(&mut self, k: usize, pos: usize, i: u32) {
+        self.heaps[k][pos] = i;
         self.nodes[i as usize].pos = pos as u32;
     }
 
-    fn heap_push(&mut self, i: u32) {
-        self.heap.push(i);
-        let pos = self.heap.len() - 1;
+    fn heap_push(&mut self, k: usize, i: u32) {
+        self.heaps[k].push(i);
+        let pos = self.heaps[k].len() - 1;
         self.nodes[i as usize].pos = pos as u32;
-        self.sift_up(pos);
+        self.sift_up(k, pos);
     }
 
-    fn heap_remove(&mut self, pos: usize) {
-        let last = self.heap.len() - 1;
-        let i = self.heap[pos];
+    fn heap_remove(&mut self, k: usize, pos: usize) {
+        let last = self.heaps[k].len() - 1;
+        let i = self.heaps[k][pos];
         self.nodes[i as usize].pos = NIL;
         if pos == last {
-            self.heap.pop();
+            self.heaps[k].pop();
             return;
         }
-        let moved = self.heap[last];
-        self.heap.pop();
-        self.heap_set(pos, moved);
-        self.sift_down(pos);
-        self.sift_up(self.nodes[moved as usize].pos as usize);
+        let moved = self.heaps[k][last];
+        self.heaps[k].pop();
+        self.heap_set(k, pos, moved);
+        self.sift_down(k, pos);
+        self.sift_up(k, self.nodes[moved as usize].pos as usize);
     }
 
-    fn sift_up(&mut self, mut pos: usize) {
-        let i = self.heap[pos];
+    fn sift_up(&mut self, k: usize, mut pos: usize) {
+        let i = self.heaps[k][pos];
         let s = self.nodes[i as usize].score;
         while pos > 0 {
             let parent = (pos - 1) / 2;
-            if self.score_at(parent) <= s {
+            if self.score_at(k, parent) <= s {
                 break;
             }
-            let p = self.heap[parent];
-            self.heap_set(pos, p);
+            let p = self.heaps[k][parent];
+            self.heap_set(k, pos, p);
             pos = parent;
         }
-        self.heap_set(pos, i);
+        self.heap_set(k, pos, i);
     }
 
+    /// Restores heap order below `pos` after its score grew. A hot key sits near the
+    /// leaves of its min-heap, so a hit on one compares with few or no children.
     #[inline]
-    fn sift_down(&mut self, mut pos: usize) {
-        let len = self.heap.len();
-        let i = self.heap[pos];
+    fn sift_down(&mut self, k: usize, mut pos: usize) {
+        let len = self.heaps[k].len();
+        let i = self.heaps[k][pos];
         let s = self.nodes[i as usize].score;
         loop {
             let l = 2 * pos + 1;
@@ -1015,19 +1094,19 @@ impl DacCache {
                 break;
             }
             let r = l + 1;
-            let c = if r < len && self.score_at(r) < self.score_at(l) {
+            let c = if r < len && self.score_at(k, r) < self.score_at(k, l) {
                 r
             } else {
                 l
             };
-            if self.score_at(c) >= s {
+            if self.score_at(k, c) >= s {
                 break;
             }
-            let ci = self.heap[c];
-            self.heap_set(pos, ci);
+            let ci = self.heaps[k][c];
+            self.heap_set(k, pos, ci);
             pos = c;
         }
-        self.heap_set(pos, i);
+        self.heap_set(k, pos, i);
     }
 }
 
@@ -1172,48 +1251,46 @@ pub fn oracle(
 impl DacCache {
     /// Walks every structure and checks it against the counters and the budget.
     fn assert_invariants(&self) {
-        let (mut values, mut value_bytes) = (0u64, 0u64);
-        let (mut prev, mut v) = (NIL, self.head);
-        while v != NIL {
-            let n = &self.nodes[v as usize];
-            assert_eq!(n.state, State::Value, "non-value in the LRU list");
-            assert_eq!(n.prev, prev, "broken LRU back link");
-            values += 1;
-            value_bytes += self.vcharge(v);
-            assert!(values <= self.nodes.len() as u64, "LRU cycle");
-            prev = v;
-            v = n.next;
-        }
-        assert_eq!(self.tail, prev, "LRU tail");
-        let mut shortcut_bytes = 0;
-        for (pos, &i) in self.heap.iter().enumerate() {
-            let n = &self.nodes[i as usize];
-            assert_eq!(n.state, State::Shortcut, "non-shortcut in the heap");
-            assert_eq!(n.pos as usize, pos, "heap position");
-            if pos > 0 {
-                assert!(self.score_at((pos - 1) / 2) <= n.score, "heap order");
+        let (mut value_bytes, mut shortcut_bytes) = (0u64, 0u64);
+        for (k, state) in [(VALUES, State::Value), (SHORTCUTS, State::Shortcut)] {
+            for (pos, &i) in self.heaps[k].iter().enumerate() {
+                let n = &self.nodes[i as usize];
+                assert_eq!(n.state, state, "a node in the wrong heap");
+                assert_eq!(n.pos as usize, pos, "heap position");
+                if pos > 0 {
+                    assert!(self.score_at(k, (pos - 1) / 2) <= n.score, "heap order");
+                }
+                match state {
+                    State::Value => value_bytes += self.vcharge(i),
+                    _ => {
+                        assert!(n.data.is_empty(), "a shortcut holding bytes");
+                        shortcut_bytes += self.scharge(i);
+                    }
+                }
             }
-            shortcut_bytes += self.scharge(i);
         }
+        let values = self.heaps[VALUES].len() as u64;
+        let heap = &self.heaps[SHORTCUTS];
         let live = self.nodes.iter().filter(|n| n.state != State::Free).count();
         assert_eq!(
             live as u64,
-            values + self.heap.len() as u64,
+            values + heap.len() as u64,
             "a node in no structure"
         );
         assert_eq!(self.table.len(), live, "table size");
         for (i, n) in self.nodes.iter().enumerate() {
             if n.state != State::Free {
-                assert_eq!(self.find(n.key()), Some(i as u32), "table entry");
+                let found = self.find_hashed(n.hash, n.key());
+                assert_eq!(found, Some(i as u32), "table entry");
             }
         }
         let s = self.stats;
         assert_eq!(s.values, values);
         assert_eq!(s.value_bytes, value_bytes);
-        assert_eq!(s.shortcuts, self.heap.len() as u64);
+        assert_eq!(s.shortcuts, heap.len() as u64);
         assert_eq!(s.shortcut_bytes, shortcut_bytes);
         assert!(
-            s.value_bytes + s.shortcut_bytes <= self.cfg.budget_bytes,
+            s.value_bytes + s.shortcut_bytes + s.history_bytes <= self.cfg.budget_bytes,
             "budget exceeded: {s:?}"
         );
         match self.cfg.policy {
@@ -1234,7 +1311,7 @@ mod tests {
             budget_bytes: budget,
             policy,
             value_overhead: 0,
-            shortcut_charge: 9,
+            shortcut_charge: 10,
             initial_miss_cost: 2.0,
             decay_every: 0,
         }
@@ -1530,7 +1607,13 @@ mod tests {
         c.remove(&k(0));
         c.remove(&k(200));
         assert!(!c.contains(&k(0)));
-        c.retain(|key| key[0] % 2 == 1);
+        let odd: Vec<u16> = (0..10)
+            .filter(|n| n % 2 == 1)
+            .map(|n| key_slot(&k(n)))
+            .collect();
+        let even = (0..10).filter(|n| n % 2 == 0).map(|n| key_slot(&k(n)));
+        assert!(even.clone().all(|s| !odd.contains(&s)), "keys share a slot");
+        c.retain(|slot| odd.contains(&slot));
         c.assert_invariants();
         for n in 0..10 {
             assert_eq!(c.contains(&k(n)), n % 2 == 1, "key {n}");
@@ -1742,9 +1825,13 @@ mod tests {
                             dpm.remove(&n);
                         }
                         Op::Retain(mask) => {
-                            c.retain(|key| mask & (1 << key[0]) != 0);
+                            let kept: Vec<u16> = (0..16u8)
+                                .filter(|n| mask & (1 << n) != 0)
+                                .map(|n| key_slot(&[n, 0xAB]))
+                                .collect();
+                            c.retain(|slot| kept.contains(&slot));
                             for n in 0..16u8 {
-                                if mask & (1 << n) == 0 {
+                                if !kept.contains(&key_slot(&[n, 0xAB])) {
                                     prop_assert!(!c.contains(&[n, 0xAB]));
                                 }
                             }
@@ -1878,7 +1965,7 @@ mod tests {
         #[test]
         fn dac_tracks_the_static_optimum_on_zipf() {
             let d = DacConfig::default();
-            let (vc, sc) = (d.value_charge(KEY, VALUE), d.shortcut_charge_for(KEY));
+            let (vc, sc) = (d.value_charge(KEY, VALUE), d.shortcut_bytes());
             let probs = Zipf::new(N, 0.99, 0).probs;
             let data = (N * (KEY + VALUE)) as u64;
             let miss_cost = 2.0;

@@ -34,6 +34,7 @@ pub mod dac;
 mod error;
 mod kn;
 pub mod log;
+pub mod memory;
 pub mod ownership;
 mod reader;
 pub mod replica;

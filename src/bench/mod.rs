@@ -902,7 +902,7 @@ fn report(
     let mut popularity = key_p.clone();
     popularity.sort_unstable_by(|a, b| b.total_cmp(a));
     let total_cache = cfg.cache_per_kn() * cfg.kns as u64;
-    let shortcut_charge = dac.shortcut_charge_for(cfg.key_size);
+    let shortcut_charge = dac.shortcut_bytes();
     let o = oracle(
         &popularity,
         value_charge,
@@ -1145,7 +1145,7 @@ mod tests {
         let key_p = k.key_probabilities();
         let sorted = k.popularity();
         let dac = DacConfig::default();
-        let (vc, sc) = (dac.value_charge(8, 1024), dac.shortcut_charge_for(8));
+        let (vc, sc) = (dac.value_charge(8, 1024), dac.shortcut_bytes());
         let budget = 200 * vc;
         let one = SlotMap::consistent(1, &[0], host_kn::ownership::DEFAULT_VNODES);
         let g = oracle(&sorted, vc, sc, budget, 2.0);

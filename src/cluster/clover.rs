@@ -50,7 +50,7 @@ use dinomo_hw::fabric::{
 use dinomo_hw::heap::HeapRegion;
 use dinomo_shared::crc::crc32c_seeded;
 use dinomo_shared::entry::MAX_KEY_LEN;
-use host_kn::dac::{DacConfig, DacStats};
+use host_kn::dac::DacStats;
 use host_kn::ShardStats;
 
 /// `next` word of a tail version: this bit set, the slot's generation in the low bits.
@@ -854,8 +854,8 @@ impl CloverCluster {
             control: handle,
             nic: cfg.nic,
         });
-        let dac = DacConfig::default();
-        let charge = dac.shortcut_charge_for(cfg.max_key);
+        // Clover's cache keeps each key with its 8-byte pointer.
+        let charge = cfg.max_key as u64 + 8;
         let mut kns = Vec::new();
         for _ in 0..cfg.kns {
             let mut ls = Vec::new();

@@ -138,7 +138,10 @@ async fn expirer<F: Fabric>(cell: Rc<ShardCell<F>>) {
         if cell.stopped.get() {
             return;
         }
-        if cell.shard.borrow_mut().sweep_expired() > 0 {
+        let mut shard = cell.shard.borrow_mut();
+        shard.give_back_memory();
+        if shard.sweep_expired() > 0 {
+            drop(shard);
             cell.flush_soon();
         }
     }
@@ -250,6 +253,7 @@ pub fn run_blocking<F: Fabric>(mut shard: Shard<F>, mut rx: UnboundedReceiver<Ms
             next = rx.try_recv().ok();
         }
         shard.sweep_expired();
+        shard.give_back_memory();
         shard.flush();
         shard.stats.busy_ns += t0.elapsed().as_nanos() as u64;
     }

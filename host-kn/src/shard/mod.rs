@@ -115,6 +115,9 @@ pub struct Shard<F: Fabric> {
     watches: Watches,
     /// Counts installed cluster maps: a watch taken under an older one is void.
     map_generation: u64,
+    /// Bytes freed (cache values, merged writes' bookkeeping) and not yet given back to
+    /// the system (see `give_back_memory`).
+    freed_bytes: u64,
     /// Buffers and sizing of key walks (SCAN and friends).
     walk: scan::Walker,
 }
@@ -163,6 +166,7 @@ impl<F: Fabric> Shard<F> {
             expiries: Expiries::default(),
             watches: Watches::default(),
             map_generation: 0,
+            freed_bytes: 0,
             walk: scan::Walker::default(),
         })
     }
@@ -298,6 +302,19 @@ impl<F: Fabric> Shard<F> {
         self.expiries.forget(key);
         let reply = ReplyTo::Fn(ReplyFn(Box::new(|_| {})));
         self.write_expiring(key.to_vec(), None, None, 0, reply);
+    }
+
+    /// Gives the memory of freed cache values and merged writes' bookkeeping back to the
+    /// system once they add up to a 32nd of the cache budget (at least 1 MiB), so that the
+    /// budget bounds the KN's resident memory. Called from the shard's periodic
+    /// housekeeping, off every request's path.
+    pub(crate) fn give_back_memory(&mut self) {
+        self.freed_bytes += self.cache.take_freed_bytes();
+        let budget = self.cache.config().budget_bytes;
+        if self.freed_bytes > (budget / 32).max(1 << 20) {
+            self.freed_bytes = 0;
+            crate::memory::trim();
+        }
     }
 
     /// Active expiry: deletes up to [`SWEEP_MAX`] keys whose time has come; returns how
@@ -711,7 +728,7 @@ impl<F: Fabric> Shard<F> {
 
     /// Forgets own writes up to `merged_seq`.
     fn forget_merged(&mut self, merged_seq: u64) {
-        self.unmerged.forget_merged(merged_seq);
+        self.freed_bytes += self.unmerged.forget_merged(merged_seq);
     }
 
     /// Whether the oldest staged write has waited the group-commit bound.

@@ -37,12 +37,9 @@ impl<F: Fabric> Shard<F> {
             self.cfg.shard as usize,
             self.cfg.shards as usize,
         );
-        let keep = |k: &[u8]| {
-            let s = key_slot(k);
-            map.owner(s) == kn && shard_of(s, shards) == shard
-        };
+        let keep = |s: u16| map.owner(s) == kn && shard_of(s, shards) == shard;
         self.cache.retain(keep);
-        self.expiries.retain(keep);
+        self.expiries.retain(|k| keep(key_slot(k)));
         // A watched key of a slot that moved away and back may have been written elsewhere.
         self.watches.wrote_all();
         self.map_generation += 1;

@@ -51,8 +51,9 @@ impl UnmergedWrites {
             .retain(|(seq, key)| map.get(&**key).is_some_and(|u| u.seq == *seq));
     }
 
-    /// Forgets writes up to `merged_seq`.
-    pub(crate) fn forget_merged(&mut self, merged_seq: u64) {
+    /// Forgets writes up to `merged_seq`; returns about how many bytes that freed.
+    pub(crate) fn forget_merged(&mut self, merged_seq: u64) -> u64 {
+        let mut freed = 0;
         while let Some((seq, _)) = self.order.front() {
             if *seq > merged_seq {
                 break;
@@ -62,8 +63,31 @@ impl UnmergedWrites {
             };
             if self.map.get(&*key).is_some_and(|u| u.seq == seq) {
                 self.map.remove(&*key);
+                // The key's allocation (with its two reference counts).
+                freed += key.len() as u64 + 16;
             }
         }
+        freed + self.shrink()
+    }
+
+    /// Gives back the room of a backlog that merged: a burst of writes grows the map and
+    /// the queue to its size, and neither shrinks by itself, so without this a KN would
+    /// keep the memory of its largest backlog for good. Amortized O(1): it shrinks only
+    /// once the tables are four times larger than needed, to twice their contents.
+    /// Returns about how many bytes it freed.
+    fn shrink(&mut self) -> u64 {
+        let (len, queued) = (self.map.len(), self.order.len());
+        let (map_before, order_before) = (self.map.capacity(), self.order.capacity());
+        if map_before > 4 * len + COMPACT_SLACK {
+            self.map.shrink_to(2 * len);
+        }
+        if order_before > 4 * queued + COMPACT_SLACK {
+            self.order.shrink_to(2 * queued);
+        }
+        let map_entry = core::mem::size_of::<(Rc<[u8]>, Unmerged)>() + 1;
+        let order_entry = core::mem::size_of::<(u64, Rc<[u8]>)>();
+        ((map_before - self.map.capacity()) * map_entry
+            + (order_before - self.order.capacity()) * order_entry) as u64
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Unmerged> {
@@ -118,6 +142,31 @@ mod tests {
         assert_eq!(u.get(b"hot").map(|w| w.seq), Some(2_000_000));
         u.forget_merged(2_000_000);
         assert_eq!((u.len(), u.queued()), (0, 0));
+    }
+
+    #[test]
+    fn a_merged_backlog_gives_its_room_back() {
+        let mut u = UnmergedWrites::default();
+        for seq in 1..=100_000u64 {
+            u.record(seq, Rc::from(seq.to_le_bytes().as_slice()), None);
+        }
+        assert!(u.map.capacity() >= 100_000);
+        u.forget_merged(99_990);
+        assert_eq!(u.len(), 10);
+        assert!(
+            u.map.capacity() <= 4 * 10 + COMPACT_SLACK,
+            "{}",
+            u.map.capacity()
+        );
+        assert!(
+            u.order.capacity() <= 4 * 10 + COMPACT_SLACK,
+            "{}",
+            u.order.capacity()
+        );
+        assert_eq!(
+            u.get(&100_000u64.to_le_bytes()).map(|w| w.seq),
+            Some(100_000)
+        );
     }
 
     #[test]
