@@ -124,24 +124,24 @@ pub struct BenchArgs {
     /// A moving workload: the hot set moves every OPS measured operations (counted over
     /// all clients; the warm-up runs the first phase). The report adds every phase's read
     /// RTs per read, its static-optimal bars, and how many operations after the shift the
-    /// RTs per read of a window take to come back within 5% of the per-shard bar (docs/
-    /// PERFORMANCE.md, "A moving hot set"). DINOMO and DINOMO-N; not with --duration.
-    #[arg(long, conflicts_with_all = ["sweep", "scenario", "target", "duration"])]
+    /// RTs per read of a window take to come back within 5% of the per-shard bar
+    /// (docs/PERFORMANCE.md, "A moving hot set"). DINOMO and DINOMO-N; not with --duration.
+    #[arg(long, value_name = "OPS", conflicts_with_all = ["sweep", "scenario", "target", "duration"])]
     pub shift: Option<u64>,
     /// How the hot set moves with --shift: jump (the same popularity on other keys: the
     /// chooser's key k becomes k + phase x stride, mod --keys) or latest (YCSB's latest:
     /// the newest key hottest, Zipfian ranks counted back from it, the newest key
     /// advancing every phase) [default: jump].
-    #[arg(long, requires = "shift")]
+    #[arg(long, value_name = "KIND", requires = "shift")]
     pub shift_kind: Option<ShiftKind>,
     /// Keys the hot set moves per phase: jump's stride [default: near 0.38 x --keys, where
     /// the keys drawing half of the accesses land on keys that were not among them in any
     /// earlier phase] or latest's advance [default: 1% of --keys].
-    #[arg(long, requires = "shift")]
+    #[arg(long, value_name = "KEYS", requires = "shift")]
     pub shift_by: Option<u64>,
     /// Operations per measurement window of --shift (tumbling, from each phase's start;
     /// counted exactly) [default: 2% of --shift].
-    #[arg(long, requires = "shift")]
+    #[arg(long, value_name = "OPS", requires = "shift")]
     pub shift_window: Option<u64>,
     /// Run every combination of --systems, --kns and --workloads; write one JSON line per
     /// point, a CSV table and the figure (SVG and PNG) into --out.
