@@ -28,6 +28,34 @@ fn bad_input_exits_2_and_writes_nothing() {
         (&["--ops", "0"], "--ops"),
         (&["--kn-cpu", "1,2,3"], "--kn-cpu"),
         (&["--kn-cores", "0"], "--kn-cores"),
+        (&["--shift", "0"], "--shift"),
+        (
+            &["--shift", "100", "--system", "clover"],
+            "per-shard caches",
+        ),
+        (&["--shift", "100", "--workload", "insert-heavy"], "--shift"),
+        (&["--shift", "100", "--duration", "1"], "--duration"),
+        (
+            &["--shift", "100", "--shift-window", "101"],
+            "--shift-window",
+        ),
+        (&["--shift", "100", "--shift-by", "100000"], "--shift-by"),
+        (
+            &["--shift", "100", "--shift-kind", "sideways"],
+            "unknown shift kind",
+        ),
+        (
+            &[
+                "--shift",
+                "100",
+                "--shift-kind",
+                "latest",
+                "--dist",
+                "uniform",
+            ],
+            "latest",
+        ),
+        (&["--shift-kind", "jump"], "--shift"),
     ];
     for (args, needle) in cases {
         let mut a = args.to_vec();
@@ -292,5 +320,90 @@ fn a_bad_password_file_is_refused_before_connecting() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("CLUSTER SLOTS"), "{args:?} connected: {err}");
+    }
+}
+
+/// A moving run (`--shift`): the report has every phase with its bars and recovery, and
+/// exact windows that tile each phase; both kinds of shift.
+#[test]
+fn a_moving_run_reports_phases_and_recovery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("out.json");
+    for kind in ["jump", "latest"] {
+        let o = bench(&[
+            "--keys",
+            "2000",
+            "--ops",
+            "9000",
+            "--warmup",
+            "2000",
+            "--clients",
+            "3",
+            "--threads-per-kn",
+            "2",
+            "--workload",
+            "read-only",
+            "--cache-ratio",
+            "0.1",
+            "--kn-cpu",
+            "off",
+            "--shift",
+            "3000",
+            "--shift-kind",
+            kind,
+            "--shift-window",
+            "700",
+            "--json",
+            json.to_str().expect("utf-8"),
+        ]);
+        assert!(o.status.success(), "{kind}: {}", stderr(&o));
+        let table = stdout(&o);
+        assert!(
+            table.contains("moving") && table.contains("recovery"),
+            "{table}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("valid JSON");
+        let m = &v["moving"];
+        assert_eq!(m["kind"], kind, "{m}");
+        assert_eq!(m["shift_every"], 3000);
+        assert_eq!(m["window_ops"], 700);
+        assert!(m["step_keys"].as_u64().expect("step") > 0);
+        let phases = m["phases"].as_array().expect("phases");
+        assert_eq!(phases.len(), 3, "{m}");
+        for (i, p) in phases.iter().enumerate() {
+            assert_eq!(p["phase"], i as u64);
+            assert_eq!(p["start_op"], 3000 * i as u64);
+            assert_eq!(p["ops"], 3000);
+            // Read-only: every operation is a read.
+            assert_eq!(p["reads"], 3000);
+            let bar = p["oracle_per_shard_rts_per_read"].as_f64().expect("bar");
+            let global = p["oracle_rts_per_read"].as_f64().expect("global bar");
+            assert!(global <= bar + 1e-12 && global > 0.0, "{p}");
+            assert!(p["rts_per_read"].as_f64().expect("rts") > 0.0, "{p}");
+            for f in ["recovery_ops", "recovery_to_steady_ops", "ratio"] {
+                assert!(p.get(f).is_some(), "missing {f}: {p}");
+            }
+            if let Some(r) = p["recovery_ops"].as_u64() {
+                assert!(r > 0 && r <= 3000, "{p}");
+            }
+            let o = p["overlap_with_previous"].as_f64().expect("overlap");
+            assert!(if i == 0 { o == 1.0 } else { o < 0.9 }, "{p}");
+        }
+        assert!(phases[0]["recovery_to_steady_ops"].is_null());
+        // Windows: 700, 700, 700, 700, 200 per phase, and their RTs add up to the run's.
+        let windows = m["windows"].as_array().expect("windows");
+        assert_eq!(windows.len(), 15);
+        let ops: Vec<u64> = windows[..5]
+            .iter()
+            .map(|w| w["ops"].as_u64().expect("ops"))
+            .collect();
+        assert_eq!(ops, [700, 700, 700, 700, 200]);
+        let rts: u64 = windows
+            .iter()
+            .map(|w| w["read_rts"].as_u64().expect("rts"))
+            .sum();
+        let run = v["read_rts_per_read"].as_f64().expect("run rts") * 9000.0;
+        assert!((rts as f64 - run).abs() < 1e-6, "{rts} vs {run}");
     }
 }

@@ -11,8 +11,9 @@ use super::elastic::load::LoadShape;
 use super::elastic::schedule::Schedule;
 use super::elastic::ElasticConfig;
 use super::kn_cpu::{parse_ns, KnCpuCalibration};
+use super::moving::Shift;
 use super::sweep::{Preset, SweepConfig};
-use super::workload::{Distribution, Workload};
+use super::workload::{Distribution, ShiftKind, Workload};
 use super::{BenchConfig, CacheSize, KnCpuSetting, System};
 use dinomo_manager::policy::PolicyConfig;
 
@@ -120,6 +121,28 @@ pub struct BenchArgs {
     /// line (`dinomo up` writes DIR/requirepass); every connection sends `AUTH` with it.
     #[arg(long, requires = "target")]
     pub password_file: Option<PathBuf>,
+    /// A moving workload: the hot set moves every OPS measured operations (counted over
+    /// all clients; the warm-up runs the first phase). The report adds every phase's read
+    /// RTs per read, its static-optimal bars, and how many operations after the shift the
+    /// RTs per read of a window take to come back within 5% of the per-shard bar
+    /// (docs/PERFORMANCE.md, "A moving hot set"). DINOMO and DINOMO-N; not with --duration.
+    #[arg(long, value_name = "OPS", conflicts_with_all = ["sweep", "scenario", "target", "duration"])]
+    pub shift: Option<u64>,
+    /// How the hot set moves with --shift: jump (the same popularity on other keys: the
+    /// chooser's key k becomes k + phase x stride, mod --keys) or latest (YCSB's latest:
+    /// the newest key hottest, Zipfian ranks counted back from it, the newest key
+    /// advancing every phase) [default: jump].
+    #[arg(long, value_name = "KIND", requires = "shift")]
+    pub shift_kind: Option<ShiftKind>,
+    /// Keys the hot set moves per phase: jump's stride [default: near 0.38 x --keys, where
+    /// the keys drawing half of the accesses land on keys that were not among them in any
+    /// earlier phase] or latest's advance [default: 1% of --keys].
+    #[arg(long, value_name = "KEYS", requires = "shift")]
+    pub shift_by: Option<u64>,
+    /// Operations per measurement window of --shift (tumbling, from each phase's start;
+    /// counted exactly) [default: 2% of --shift].
+    #[arg(long, value_name = "OPS", requires = "shift")]
+    pub shift_window: Option<u64>,
     /// Run every combination of --systems, --kns and --workloads; write one JSON line per
     /// point, a CSV table and the figure (SVG and PNG) into --out.
     #[arg(long)]
@@ -271,6 +294,12 @@ impl BenchArgs {
             seed: self.seed,
             dpm_workers: self.dpm_workers,
             progress: !self.quiet,
+            shift: self.shift.map(|every| Shift {
+                every,
+                kind: self.shift_kind.unwrap_or(ShiftKind::Jump),
+                by: self.shift_by,
+                window: self.shift_window,
+            }),
         };
         cfg.validate()?;
         Ok(cfg)

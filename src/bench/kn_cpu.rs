@@ -409,6 +409,7 @@ pub fn calibrate(run: &BenchConfig) -> anyhow::Result<KnCpuCalibration> {
         workload: super::workload::Workload::ReadMostly,
         nic: dinomo_hw::fabric::nic::NicProfile::None,
         progress: false,
+        shift: None,
         ..run.clone()
     };
     let big = CacheSize::PerKn(base.data_bytes() * 4 + (4 << 20));

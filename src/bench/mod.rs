@@ -6,6 +6,7 @@ pub mod cli;
 pub mod elastic;
 pub mod kn_cpu;
 pub mod model;
+pub mod moving;
 pub mod plot;
 pub mod sweep;
 pub mod target;
@@ -27,7 +28,9 @@ use crate::cluster::clover::{CloverClient, CloverCluster, CloverConfig};
 use crate::cluster::dinomo_n::{DinomoN, DinomoNClient, MAX_KEY_OVERHEAD};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::histogram::{self, Histogram};
-use workload::{key_digits, key_into, value_into, Distribution, KeyChooser, Rng, Workload};
+use workload::{
+    key_digits, key_into, value_into, Distribution, KeyChooser, Rng, ShiftedChooser, Workload,
+};
 
 /// The system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -123,6 +126,8 @@ pub struct BenchConfig {
     pub seed: u64,
     pub dpm_workers: usize,
     pub progress: bool,
+    /// A moving workload: the hot set moves every so many measured operations.
+    pub shift: Option<moving::Shift>,
 }
 
 impl Default for BenchConfig {
@@ -150,6 +155,7 @@ impl Default for BenchConfig {
             seed: 1,
             dpm_workers: 1,
             progress: true,
+            shift: None,
         }
     }
 }
@@ -231,7 +237,32 @@ impl BenchConfig {
             }
             _ => {}
         }
+        if let Some(s) = &self.shift {
+            if self.system == System::Clover {
+                return Err("--shift needs per-shard caches: --system dinomo or dinomo-n".into());
+            }
+            if self.workload == Workload::InsertHeavy {
+                return Err(
+                    "--shift takes read-only, read-mostly or write-heavy (inserts do not move)"
+                        .into(),
+                );
+            }
+            if self.duration.is_some() {
+                return Err("--shift counts operations: give --ops, not --duration".into());
+            }
+            if s.kind == workload::ShiftKind::Latest && self.dist == Distribution::Uniform {
+                return Err("--shift-kind latest needs --dist zipf".into());
+            }
+            s.validate(self.ops, self.keys)?;
+        }
         Ok(())
+    }
+
+    /// The key chooser of a moving run (`None` for a steady one).
+    pub fn shifted_chooser(&self) -> Result<Option<ShiftedChooser>, String> {
+        self.shift
+            .map(|s| ShiftedChooser::new(self.dist, self.keys, s.kind, s.by, s.phases(self.ops)))
+            .transpose()
     }
 
     /// Worker threads per KN in the model.
@@ -381,6 +412,11 @@ pub struct BenchResult {
     /// Version-chain hops per operation (Clover: stale shortcuts and lost CAS races).
     pub chain_hops_per_op: f64,
     pub cas_failures_per_op: f64,
+    /// A moving workload (`--shift`): every phase and window; absent for a steady run. The
+    /// run's oracle fields are then those of the whole run's popularity (every phase's,
+    /// weighted by its operations): the bar of a static cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving: Option<moving::MovingReport>,
 }
 
 struct ClientOut {
@@ -588,41 +624,99 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         }
         Ok(())
     };
-    match cfg.system {
+    let chooser = cfg.shifted_chooser().map_err(anyhow::Error::msg)?;
+    let ch = chooser.as_ref();
+    let (dr, map) = match cfg.system {
         System::Dinomo => {
             let c = Cluster::start(&cluster_cfg)?;
             check_value(c.max_value())?;
-            let (d, now, outs, el) = drive(&c, cfg)?;
+            let dr = drive(&c, cfg, ch)?;
             let map = c.router().map();
             c.stop();
-            Ok(report(cfg, &d, &now, outs, el, Some(&map)))
+            (dr, Some(map))
         }
         System::DinomoN => {
             let c = DinomoN::start(&cluster_cfg)?;
             check_value(c.max_value())?;
-            let (d, now, outs, el) = drive(&c, cfg)?;
+            let dr = drive(&c, cfg, ch)?;
             // A stored key's hash tag keeps the user key's slot, so shards are the same.
             let map = c.cluster().router().map();
             c.stop();
-            Ok(report(cfg, &d, &now, outs, el, Some(&map)))
+            (dr, Some(map))
         }
         System::Clover => {
             let c = Arc::new(CloverCluster::start(&clover_config(cfg))?);
-            let (d, now, outs, el) = drive(&c, cfg)?;
+            let dr = drive(&c, cfg, ch)?;
             drop(c);
-            Ok(report(cfg, &d, &now, outs, el, None))
+            (dr, None)
         }
+    };
+    let map = map.as_deref();
+    let key_p = match (cfg.shift, ch) {
+        (Some(s), Some(ch)) => moving::run_popularity(&s, ch, cfg.ops),
+        _ => KeyChooser::new(cfg.dist, cfg.keys).key_probabilities(),
+    };
+    let mut r = report(cfg, &dr.delta, &dr.now, dr.outs, dr.elapsed, map, key_p);
+    if let (Some(s), Some(ch)) = (cfg.shift, ch) {
+        r.moving = Some(moving::report(
+            cfg,
+            &s,
+            ch,
+            &dr.windows,
+            map,
+            cache_costs(cfg),
+            miss_cost(&dr.delta.kn),
+        ));
     }
+    Ok(r)
 }
 
-/// Loads, warms up and measures; returns the counters of the measurement, the counters at
-/// its end, what every client did, and the measured time.
+/// What [`drive`] measured.
+struct Driven {
+    /// Counters of the measurement.
+    delta: Counters,
+    /// Counters at its end.
+    now: Counters,
+    /// What every client did.
+    outs: Vec<ClientOut>,
+    elapsed: Duration,
+    /// A moving run's windows (empty for a steady one).
+    windows: Vec<moving::WindowCounts>,
+}
+
+/// Loads, warms up and measures (a moving run with `chooser`, in windows).
 fn drive<T: Target>(
     sys: &T,
     cfg: &BenchConfig,
-) -> anyhow::Result<(Counters, Counters, Vec<ClientOut>, Duration)> {
+    chooser: Option<&ShiftedChooser>,
+) -> anyhow::Result<Driven> {
     load(sys, cfg)?;
     sys.settle()?;
+    let warm_seed = cfg.seed ^ 0x5741_524D;
+    if let (Some(shift), Some(ch)) = (cfg.shift, chooser) {
+        // The warm-up runs phase 0's popularity, in one window.
+        if cfg.warmup_ops > 0 {
+            let w = moving::Window {
+                start: 0,
+                end: cfg.warmup_ops,
+                phase: 0,
+            };
+            moving::drive_windows(sys, cfg, ch, &[w], "warm-up", warm_seed)?;
+        }
+        let plan = moving::plan(cfg.ops, shift.every, shift.window_ops());
+        let before = sys.counters();
+        let t0 = Instant::now();
+        let (outs, windows) = moving::drive_windows(sys, cfg, ch, &plan, "run", cfg.seed)?;
+        let elapsed = t0.elapsed();
+        let now = sys.counters();
+        return Ok(Driven {
+            delta: now.since(&before),
+            now,
+            outs,
+            elapsed,
+            windows,
+        });
+    }
     let next_insert = Arc::new(AtomicU64::new(cfg.keys));
     if cfg.warmup_ops > 0 {
         phase(
@@ -632,7 +726,7 @@ fn drive<T: Target>(
             None,
             &next_insert,
             "warm-up",
-            cfg.seed ^ 0x5741_524D,
+            warm_seed,
         )?;
     }
     let before = sys.counters();
@@ -647,8 +741,14 @@ fn drive<T: Target>(
         cfg.seed,
     )?;
     let elapsed = t0.elapsed();
-    let after = sys.counters();
-    Ok((after.since(&before), after, outs, elapsed))
+    let now = sys.counters();
+    Ok(Driven {
+        delta: now.since(&before),
+        now,
+        outs,
+        elapsed,
+        windows: Vec::new(),
+    })
 }
 
 /// Runs `work(t, client)` on `clients` threads, each with client `t` of `sys`, and waits
@@ -843,6 +943,29 @@ pub fn per_shard_oracle(
     sum
 }
 
+/// The miss cost the oracles use: the run's measured RTs per miss of a present key (at
+/// least 1), or 2 (bucket, entry) if it had none.
+fn miss_cost(d: &ShardStats) -> f64 {
+    if d.miss > d.absent {
+        ratio(d.miss_rts, d.miss).max(1.0)
+    } else {
+        2.0
+    }
+}
+
+/// Value charge, shortcut charge, the whole cache and one shard's part of it, as the
+/// oracles count them. Each shard's DAC gets an equal part of its KN's cache
+/// (`Cluster::launch_kn`).
+fn cache_costs(cfg: &BenchConfig) -> moving::Costs {
+    let dac = DacConfig::default();
+    (
+        dac.value_charge(cfg.key_size, cfg.value_size),
+        dac.shortcut_bytes(),
+        cfg.cache_per_kn() * cfg.kns as u64,
+        cfg.cache_per_kn() / cfg.threads_per_kn.max(1) as u64,
+    )
+}
+
 fn report(
     cfg: &BenchConfig,
     dc: &Counters,
@@ -850,6 +973,7 @@ fn report(
     outs: Vec<ClientOut>,
     elapsed: Duration,
     map: Option<&SlotMap>,
+    key_p: Vec<f64>,
 ) -> BenchResult {
     let (d, now) = (&dc.kn, &nowc.kn);
     let reads: u64 = outs.iter().map(|o| o.reads).sum();
@@ -891,18 +1015,10 @@ fn report(
     });
     let write_rts_per_write = ratio(d.write_rts, writes);
     // The oracle: the best static split of the whole cache between values and shortcuts.
-    let dac = DacConfig::default();
-    let value_charge = dac.value_charge(cfg.key_size, cfg.value_size);
-    let miss_cost = if d.miss > d.absent {
-        ratio(d.miss_rts, d.miss).max(1.0)
-    } else {
-        2.0
-    };
-    let key_p = KeyChooser::new(cfg.dist, cfg.keys).key_probabilities();
+    let miss_cost = miss_cost(d);
+    let (value_charge, shortcut_charge, total_cache, shard_budget) = cache_costs(cfg);
     let mut popularity = key_p.clone();
     popularity.sort_unstable_by(|a, b| b.total_cmp(a));
-    let total_cache = cfg.cache_per_kn() * cfg.kns as u64;
-    let shortcut_charge = dac.shortcut_bytes();
     let o = oracle(
         &popularity,
         value_charge,
@@ -910,8 +1026,6 @@ fn report(
         total_cache,
         miss_cost,
     );
-    // Each shard's DAC gets an equal part of its KN's cache (`Cluster::launch_kn`).
-    let shard_budget = cfg.cache_per_kn() / cfg.threads_per_kn.max(1) as u64;
     let os = map.map(|m| {
         per_shard_oracle(
             &key_p,
@@ -973,6 +1087,7 @@ fn report(
         ms_us_per_request,
         chain_hops_per_op: ratio(dc.chain_hops, ops),
         cas_failures_per_op: ratio(dc.cas_failures, ops),
+        moving: None,
         oracle_rts_per_op: rf * o.rts_per_read + (1.0 - rf) * write_rts_per_write,
         oracle_values: o.values,
         oracle_shortcuts: o.shortcuts,
@@ -1116,6 +1231,9 @@ pub fn render(r: &BenchResult) -> String {
         None => {
             let _ = writeln!(s, "modelled   unbounded on {}", r.modeled.nic);
         }
+    }
+    if let Some(m) = &r.moving {
+        s.push_str(&moving::render(m));
     }
     s
 }

@@ -257,6 +257,211 @@ impl KeyChooser {
     }
 }
 
+/// How the hot set of a moving workload (`dinomo bench --shift OPS`) moves from one phase
+/// to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShiftKind {
+    /// A hotspot that jumps: in phase `p` the chooser's key id `k` is read as
+    /// `(k + p·stride) mod n`, the same popularity on other keys. The default stride puts
+    /// the keys drawing half of all accesses on keys that were not among them in any
+    /// earlier phase ([`jump_stride`]).
+    Jump,
+    /// YCSB's "latest": popularity by recency, the newest key the hottest (Zipfian ranks,
+    /// unscrambled, counted back from the newest key id), and the newest point advancing by
+    /// a number of keys every phase, so the hot set slides and partly overlaps the last.
+    Latest,
+}
+
+impl ShiftKind {
+    pub const ALL: [Self; 2] = [Self::Jump, Self::Latest];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Jump => "jump",
+            Self::Latest => "latest",
+        }
+    }
+}
+
+impl fmt::Display for ShiftKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ShiftKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s.trim())
+            .ok_or_else(|| format!("unknown shift kind {s:?}; expected one of: jump, latest"))
+    }
+}
+
+/// `(a·b) mod n` without overflow.
+fn mul_mod(a: u64, b: u64, n: u64) -> u64 {
+    ((a as u128 * b as u128) % n as u128) as u64
+}
+
+/// A key chooser whose hot set moves: phase `p` draws keys with the popularity of phase 0
+/// moved as [`ShiftKind`] says. The phase is the caller's (a global count of operations).
+#[derive(Clone, Debug)]
+pub enum ShiftedChooser {
+    Jump {
+        base: KeyChooser,
+        n: u64,
+        stride: u64,
+    },
+    Latest {
+        z: Zipfian,
+        n: u64,
+        advance: u64,
+    },
+}
+
+impl ShiftedChooser {
+    /// `step` is the jump's stride or the latest point's advance per phase (default: see
+    /// [`jump_stride`]; for latest, 1% of the keys). `phases` is how many phases the run
+    /// has, which the default stride keeps apart. "latest" needs a Zipfian popularity.
+    pub fn new(
+        dist: Distribution,
+        n: u64,
+        kind: ShiftKind,
+        step: Option<u64>,
+        phases: u64,
+    ) -> Result<Self, String> {
+        if n == 0 {
+            return Err("a moving workload needs at least one key".into());
+        }
+        Ok(match kind {
+            ShiftKind::Jump => {
+                let base = KeyChooser::new(dist, n);
+                let stride = match step {
+                    Some(s) => s % n,
+                    None => jump_stride(&base.key_probabilities(), phases),
+                };
+                Self::Jump { base, n, stride }
+            }
+            ShiftKind::Latest => {
+                let Distribution::Zipf(theta) = dist else {
+                    return Err("--shift-kind latest needs --dist zipf".into());
+                };
+                Self::Latest {
+                    z: Zipfian::new(n, theta),
+                    n,
+                    advance: step.unwrap_or(n / 100).max(1) % n,
+                }
+            }
+        })
+    }
+
+    pub fn kind(&self) -> ShiftKind {
+        match self {
+            Self::Jump { .. } => ShiftKind::Jump,
+            Self::Latest { .. } => ShiftKind::Latest,
+        }
+    }
+
+    /// The stride (jump) or advance (latest) per phase, in keys.
+    pub fn step(&self) -> u64 {
+        match self {
+            Self::Jump { stride, .. } => *stride,
+            Self::Latest { advance, .. } => *advance,
+        }
+    }
+
+    /// The key id the latest point of phase `phase` is (latest), or the offset of the
+    /// phase (jump).
+    fn origin(&self, phase: u64) -> u64 {
+        match self {
+            Self::Jump { n, stride, .. } => mul_mod(phase, *stride, *n),
+            Self::Latest { n, advance, .. } => (n - 1 + mul_mod(phase, *advance, *n)) % n,
+        }
+    }
+
+    /// A key id in `0..n` drawn with the popularity of phase `phase`.
+    pub fn next(&self, rng: &mut Rng, phase: u64) -> u64 {
+        let o = self.origin(phase);
+        match self {
+            Self::Jump { base, n, .. } => (base.next(rng) % n + o) % n,
+            Self::Latest { z, n, .. } => (o + n - z.next(rng) % n) % n,
+        }
+    }
+
+    /// The probability that [`Self::next`] draws each key in phase `phase`, by key id:
+    /// phase 0's ([`KeyChooser::key_probabilities`] for jump, the exact rank probabilities
+    /// counted back from the newest key for latest) moved to that phase's keys.
+    pub fn key_probabilities(&self, phase: u64) -> Vec<f64> {
+        let o = self.origin(phase);
+        match self {
+            Self::Jump { base, n, .. } => {
+                let p = base.key_probabilities();
+                let mut out = vec![0.0; *n as usize];
+                for (k, q) in p.into_iter().enumerate() {
+                    out[((k as u64 + o) % n) as usize] = q;
+                }
+                out
+            }
+            Self::Latest { z, n, .. } => {
+                let mut out = vec![0.0; *n as usize];
+                for (r, q) in z.rank_probabilities().into_iter().enumerate() {
+                    out[((o + n - r as u64) % n) as usize] += q;
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The default stride of a jumping hotspot over `key_p.len()` keys and `phases` phases:
+/// near the golden section of the key space (so that the phases' offsets spread evenly),
+/// the first of 256 candidates under which the hot set (the most popular keys that draw
+/// half of all accesses, at most 4096) meets none of its own images in later phases, or,
+/// if none does, the one meeting the fewest.
+pub fn jump_stride(key_p: &[f64], phases: u64) -> u64 {
+    let n = key_p.len() as u64;
+    if n <= 1 {
+        return 0;
+    }
+    let mut order: Vec<usize> = (0..key_p.len()).collect();
+    order.sort_unstable_by(|&a, &b| key_p[b].total_cmp(&key_p[a]));
+    let mut hot = vec![false; key_p.len()];
+    let mut hot_ids = Vec::new();
+    let mut mass = 0.0;
+    for &k in order.iter().take(4096) {
+        if mass >= 0.5 {
+            break;
+        }
+        hot[k] = true;
+        hot_ids.push(k as u64);
+        mass += key_p[k];
+    }
+    let first = ((n as f64 * 0.381_966_011_250_105) as u64).max(1);
+    let mut best = (usize::MAX, first);
+    for j in 0..256u64 {
+        let s = (first + j) % n;
+        if s == 0 {
+            continue;
+        }
+        let mut meets = 0;
+        for d in 1..phases.max(1) {
+            let off = mul_mod(d, s, n);
+            meets += hot_ids
+                .iter()
+                .filter(|&&k| hot[((k + off) % n) as usize])
+                .count();
+        }
+        if meets < best.0 {
+            best = (meets, s);
+        }
+        if meets == 0 {
+            break;
+        }
+    }
+    best.1
+}
+
 /// Writes key `id` into `out` (exactly `out.len()` bytes): lowercase hex, zero-padded on
 /// the left. `false` if `id` needs more digits than there are bytes.
 pub fn key_into(id: u64, out: &mut [u8]) -> bool {
@@ -440,6 +645,129 @@ mod tests {
             zero > 0.2 * n as f64,
             "scrambling leaves keys without a rank: {zero}"
         );
+    }
+
+    /// Every phase of a moving chooser has phase 0's popularity on other keys: exactly
+    /// (jump: key k's probability at k + p·stride; latest: rank r's at newest − r), and as
+    /// the chooser draws them in that phase (200 000 draws a phase, the 50 hottest keys each
+    /// within 5 standard errors, total variation within its bound; phase 0's popularity is
+    /// far outside it).
+    #[test]
+    fn shifted_popularity_is_the_moved_one_and_the_draws_follow_it() {
+        let n = 2_000u64;
+        let dist = Distribution::Zipf(0.99);
+        let base = KeyChooser::new(dist, n).key_probabilities();
+        let ranks = Zipfian::new(n, 0.99).rank_probabilities();
+        for kind in ShiftKind::ALL {
+            let ch = ShiftedChooser::new(dist, n, kind, None, 3).expect("chooser");
+            assert_eq!(ch.kind(), kind);
+            let step = ch.step();
+            assert!(step > 0 && step < n, "{kind}: {step}");
+            let p0 = ch.key_probabilities(0);
+            for phase in 0..3u64 {
+                let p = ch.key_probabilities(phase);
+                assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+                match kind {
+                    ShiftKind::Jump => {
+                        for k in 0..n {
+                            assert_eq!(p[((k + phase * step) % n) as usize], base[k as usize]);
+                        }
+                    }
+                    ShiftKind::Latest => {
+                        let newest = (n - 1 + phase * step) % n;
+                        for r in 0..n {
+                            assert_eq!(p[((newest + n - r) % n) as usize], ranks[r as usize]);
+                        }
+                    }
+                }
+                if phase == 0 {
+                    continue;
+                }
+                let draws = 200_000u64;
+                let mut counts = vec![0u64; n as usize];
+                let mut rng = Rng::new(0x5EED ^ phase);
+                for _ in 0..draws {
+                    counts[ch.next(&mut rng, phase) as usize] += 1;
+                }
+                let nf = draws as f64;
+                let mut by_p: Vec<usize> = (0..n as usize).collect();
+                by_p.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+                for &i in &by_p[..50] {
+                    let f = counts[i] as f64 / nf;
+                    let se = (p[i] * (1.0 - p[i]) / nf).sqrt();
+                    assert!(
+                        (f - p[i]).abs() <= 5.0 * se,
+                        "{kind} phase {phase} key {i}: {f} vs {}",
+                        p[i]
+                    );
+                }
+                let tv = |q: &[f64]| -> f64 {
+                    counts
+                        .iter()
+                        .zip(q)
+                        .map(|(&c, &x)| (c as f64 / nf - x).abs())
+                        .sum::<f64>()
+                        / 2.0
+                };
+                let bound: f64 = p.iter().map(|&q| (q * (1.0 - q) / nf).sqrt()).sum::<f64>() / 2.0;
+                assert!(
+                    tv(&p) <= bound,
+                    "{kind} phase {phase}: {} > {bound}",
+                    tv(&p)
+                );
+                assert!(
+                    tv(&p0) > 0.3,
+                    "{kind} phase {phase} did not move: {}",
+                    tv(&p0)
+                );
+            }
+        }
+        // The hottest key of latest is the newest; of jump, phase 0's hottest moved.
+        let l = ShiftedChooser::new(dist, n, ShiftKind::Latest, Some(7), 3).expect("chooser");
+        let top = |p: Vec<f64>| (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b]));
+        assert_eq!(top(l.key_probabilities(0)), Some(n as usize - 1));
+        assert_eq!(top(l.key_probabilities(2)), Some(13));
+        let u = ShiftedChooser::new(Distribution::Uniform, n, ShiftKind::Latest, None, 2);
+        assert!(u.is_err(), "latest needs a Zipfian popularity");
+        assert_eq!("latest".parse::<ShiftKind>(), Ok(ShiftKind::Latest));
+        assert!("sideways".parse::<ShiftKind>().is_err());
+    }
+
+    /// The default stride moves the keys that draw half of the accesses onto keys outside
+    /// that set in every other phase of the run.
+    #[test]
+    fn the_default_jump_stride_lands_the_hot_keys_on_other_keys() {
+        for (n, phases) in [(10_000u64, 4u64), (100_000, 5)] {
+            let ch =
+                ShiftedChooser::new(Distribution::Zipf(0.99), n, ShiftKind::Jump, None, phases)
+                    .expect("chooser");
+            let hot_of = |phase: u64| -> std::collections::HashSet<usize> {
+                let p = ch.key_probabilities(phase);
+                let mut order: Vec<usize> = (0..p.len()).collect();
+                order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]));
+                let mut mass = 0.0;
+                order
+                    .into_iter()
+                    .take_while(|&k| {
+                        let before = mass;
+                        mass += p[k];
+                        before < 0.5
+                    })
+                    .collect()
+            };
+            let hot: Vec<_> = (0..phases).map(hot_of).collect();
+            assert!(hot[0].len() > 10, "{}", hot[0].len());
+            for a in 0..phases as usize {
+                for b in a + 1..phases as usize {
+                    assert_eq!(
+                        hot[a].intersection(&hot[b]).count(),
+                        0,
+                        "n {n}: phases {a} and {b} share hot keys (stride {})",
+                        ch.step()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
