@@ -93,9 +93,11 @@
 //!
 //! # Cost
 //!
-//! Keys live once, in a slab of 56-byte nodes (a value node owns one `key ‖ value`
-//! allocation; a shortcut node none) indexed by a `hashbrown` table of slab indices hashed
-//! with the never-randomised [`key_hash`]. Values and shortcuts each sit in an indexed
+//! Keys live once, in a slab of 48-byte nodes indexed by a `hashbrown` table of slab
+//! indices hashed
+//! with the never-randomised [`key_hash`]. A value's `key ‖ value` sits in the shard's
+//! value arena, compacted once its garbage passes an eighth of the budget (`Arena`); a
+//! shortcut node holds no bytes elsewhere. Values and shortcuts each sit in an indexed
 //! binary min-heap by score. [`DacCache::get`] does no allocation: a hash, a probe, and a
 //! sift down from the key's heap position. The hotter a key, the nearer the leaves of its
 //! min-heap it sits, so a hit on a hot value compares with at most a child or two (a miss
@@ -215,13 +217,9 @@ const SLOT_BYTES: u64 = 12 + 4;
 /// and heap slots; no key).
 pub const SHORTCUT_BYTES: u64 = core::mem::size_of::<Node>() as u64 + SLOT_BYTES;
 
-/// What the allocator adds to a value's `key ‖ value` allocation, on average: its 8-byte
-/// header and rounding up to 16 bytes.
-const ALLOC_BYTES: u64 = 16;
-
-/// The default charge of a value on top of its key and value bytes: a node, its table and
-/// heap slots, and the allocator's share.
-pub const VALUE_OVERHEAD: u64 = SHORTCUT_BYTES + ALLOC_BYTES;
+/// The default charge of a value on top of its key and value bytes (which sit in the
+/// shard's value arena): a node and its table and heap slots.
+pub const VALUE_OVERHEAD: u64 = SHORTCUT_BYTES;
 
 /// What the cache knows about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +248,8 @@ pub struct DacStats {
     pub evictions: u64,
     /// Bytes of the hit history taken from the budget (see [`DacCache::new`]).
     pub history_bytes: u64,
+    /// Times the value arena was compacted.
+    pub compactions: u64,
 }
 
 /// No slab index.
@@ -275,16 +275,18 @@ enum State {
 /// table slot and its heap slot, and nothing more.
 #[derive(Debug)]
 struct Node {
-    /// `key ‖ value` for a value; empty (no allocation) for a shortcut.
-    data: Box<[u8]>,
     hash: u64,
     eref: EntryRef,
     /// The priority its heap orders by: the decayed hit count, scaled by the current
     /// weight (or, under [`CachePolicy::ValueOnly`], the access clock: LRU).
     score: f64,
+    /// Where a value's `key ‖ value` starts in the [`Arena`].
+    off: u64,
+    /// Length of a value's `key ‖ value` (0 for a shortcut).
+    len: u32,
     /// Position in its heap (the values' or the shortcuts').
     pos: u32,
-    /// Key length of a value (the key is `data[..key_len]`).
+    /// Key length of a value.
     key_len: u16,
     /// The key's slot, so that [`DacCache::retain`] works without the key.
     slot: u16,
@@ -292,14 +294,27 @@ struct Node {
 }
 
 /// A node's size is most of what a shortcut costs: keep it from growing unnoticed.
-const _: () = assert!(core::mem::size_of::<Node>() == 56);
+const _: () = assert!(core::mem::size_of::<Node>() == 48);
 
-impl Node {
-    fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
-    }
-    fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+/// The bytes of every cached value, `key ‖ value` each, appended one after another.
+///
+/// A value rewritten with another length, demoted or dropped leaves its bytes behind as
+/// garbage; once the garbage passes [`Arena::max_garbage`] the live values are copied into
+/// a new arena, in one pass. So the values' memory is their bytes plus at most that much,
+/// with no allocator header per value and no fragmentation: one allocation per shard
+/// instead of one per value (which, churned, left a KN's memory at 1.5x its live values).
+#[derive(Debug, Default)]
+struct Arena {
+    bytes: Vec<u8>,
+    garbage: u64,
+}
+
+impl Arena {
+    /// Garbage tolerated before a compaction: an eighth of the budget, at least 64 KiB.
+    /// Each compaction copies at most the budget, so at most eight bytes are copied per
+    /// byte of garbage.
+    fn max_garbage(budget: u64) -> u64 {
+        (budget / 8).max(64 << 10)
     }
 }
 
@@ -360,6 +375,7 @@ pub struct DacCache {
     reserved: u64,
     /// Bytes of value allocations freed since [`DacCache::take_freed_bytes`] last asked.
     freed: u64,
+    arena: Arena,
 }
 
 impl fmt::Debug for DacCache {
@@ -405,6 +421,7 @@ impl DacCache {
             history,
             reserved: 0,
             freed: 0,
+            arena: Arena::default(),
         }
     }
 
@@ -433,7 +450,7 @@ impl DacCache {
             State::Value => {
                 let pos = n.pos as usize;
                 self.sift_down(VALUES, pos);
-                Lookup::Value(self.nodes[i as usize].value())
+                Lookup::Value(self.value_of(i))
             }
             State::Shortcut => {
                 let (pos, eref) = (n.pos as usize, n.eref);
@@ -447,7 +464,10 @@ impl DacCache {
     /// What [`DacCache::get`] would return, without counting a hit.
     pub fn peek(&self, key: &[u8]) -> Lookup<'_> {
         match self.find(key).map(|i| &self.nodes[i as usize]) {
-            Some(n) if n.state == State::Value => Lookup::Value(n.value()),
+            Some(n) if n.state == State::Value => {
+                let (off, len, k) = (n.off as usize, n.len as usize, n.key_len as usize);
+                Lookup::Value(&self.arena.bytes[off + k..off + len])
+            }
             Some(n) if n.state == State::Shortcut => Lookup::Shortcut(n.eref),
             _ => Lookup::Miss,
         }
@@ -562,7 +582,7 @@ impl DacCache {
     fn vcharge(&self, i: u32) -> u64 {
         let n = &self.nodes[i as usize];
         let k = n.key_len as usize;
-        self.cfg.value_charge(k, n.data.len().saturating_sub(k))
+        self.cfg.value_charge(k, (n.len as usize).saturating_sub(k))
     }
 
     /// The charge of a shortcut: the same for every key, which it does not store.
@@ -633,22 +653,19 @@ impl DacCache {
                 }
             }
         };
-        let data: Box<[u8]> = if as_value {
-            [key, value].concat().into_boxed_slice()
-        } else {
-            Box::default()
-        };
         let i = self.alloc(Node {
-            data,
             hash,
             eref,
             score,
+            off: 0,
+            len: 0,
             pos: NIL,
-            key_len: if as_value { key_len } else { 0 },
+            key_len: 0,
             slot: key_slot(key),
             state: State::Free,
         });
         if as_value {
+            self.store(i, key_len, key, value);
             self.attach_value(i);
         } else {
             self.attach_shortcut(i);
@@ -664,13 +681,13 @@ impl DacCache {
                 let old = self.vcharge(i);
                 let new = self.cfg.value_charge(key.len(), value.len());
                 if new <= self.free_bytes() + old {
-                    let n = &mut self.nodes[i as usize];
-                    let k = n.key_len as usize;
-                    if n.data.len() - k == value.len() {
-                        n.data[k..].copy_from_slice(value);
+                    let n = &self.nodes[i as usize];
+                    let (off, len, k) = (n.off as usize, n.len as usize, n.key_len);
+                    if len - k as usize == value.len() {
+                        self.arena.bytes[off + k as usize..off + len].copy_from_slice(value);
                     } else {
-                        self.freed += n.data.len() as u64;
-                        n.data = [n.key(), value].concat().into_boxed_slice();
+                        self.release(i);
+                        self.store(i, k, key, value);
                     }
                     self.stats.value_bytes = self.stats.value_bytes - old + new;
                     self.clip_reserved();
@@ -752,10 +769,8 @@ impl DacCache {
             self.attach_shortcut(i);
             return;
         }
-        let n = &mut self.nodes[i as usize];
-        n.data = [key, value].concat().into_boxed_slice();
-        n.key_len = key_len;
-        n.state = State::Free;
+        self.store(i, key_len, key, value);
+        self.nodes[i as usize].state = State::Free;
         self.attach_value(i);
         self.stats.promotions += 1;
     }
@@ -885,11 +900,8 @@ impl DacCache {
         self.heap_remove(VALUES, self.nodes[i as usize].pos as usize);
         self.stats.values -= 1;
         self.stats.value_bytes -= vc;
-        let n = &mut self.nodes[i as usize];
-        self.freed += n.data.len() as u64;
-        n.data = Box::default();
-        n.key_len = 0;
-        n.state = State::Free;
+        self.release(i);
+        self.nodes[i as usize].state = State::Free;
         self.attach_shortcut(i);
         self.stats.demotions += 1;
     }
@@ -915,10 +927,68 @@ impl DacCache {
         if let Ok(entry) = self.table.find_entry(hash, |&j| j == i) {
             entry.remove();
         }
-        let n = &mut self.nodes[i as usize];
-        self.freed += n.data.len() as u64;
-        n.data = Box::default();
+        self.release(i);
         self.free_slots.push(i);
+    }
+
+    // ---- the value arena ------------------------------------------------------------------
+
+    /// The value bytes of value node `i`.
+    #[inline]
+    fn value_of(&self, i: u32) -> &[u8] {
+        let n = &self.nodes[i as usize];
+        let (off, len, k) = (n.off as usize, n.len as usize, n.key_len as usize);
+        &self.arena.bytes[off + k..off + len]
+    }
+
+    /// Puts `key ‖ value` at the end of the arena for node `i` (which holds none).
+    fn store(&mut self, i: u32, key_len: u16, key: &[u8], value: &[u8]) {
+        let bytes = &mut self.arena.bytes;
+        let (off, cap) = (bytes.len(), bytes.capacity());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+        if bytes.capacity() != cap {
+            // The old allocation went back to the allocator.
+            self.freed += cap as u64;
+        }
+        let n = &mut self.nodes[i as usize];
+        n.off = off as u64;
+        n.len = (key.len() + value.len()) as u32;
+        n.key_len = key_len;
+    }
+
+    /// Leaves node `i`'s value bytes, if any, as garbage; compacts the arena once the
+    /// garbage passes its bound.
+    fn release(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        let (off, len) = (n.off as usize, n.len as usize);
+        (n.len, n.key_len) = (0, 0);
+        if off + len == self.arena.bytes.len() {
+            // The newest value: its room is reused at once.
+            self.arena.bytes.truncate(off);
+        } else {
+            self.arena.garbage += len as u64;
+            if self.arena.garbage > Arena::max_garbage(self.cfg.budget_bytes) {
+                self.compact();
+            }
+        }
+    }
+
+    /// Copies the live values into a new arena of their size and frees the old one.
+    #[cold]
+    fn compact(&mut self) {
+        let live = self.arena.bytes.len() - self.arena.garbage as usize;
+        let mut bytes = Vec::with_capacity(live + live / 8);
+        for n in &mut self.nodes {
+            if n.state == State::Value {
+                let (off, len) = (n.off as usize, n.len as usize);
+                n.off = bytes.len() as u64;
+                bytes.extend_from_slice(&self.arena.bytes[off..off + len]);
+            }
+        }
+        self.freed += self.arena.bytes.capacity() as u64;
+        self.arena = Arena { bytes, garbage: 0 };
+        self.stats.compactions += 1;
     }
 
     /// Unlinks a node from its heap and uncharges it; the slot stays allocated.
@@ -985,12 +1055,16 @@ impl DacCache {
 
     #[inline]
     fn find_hashed(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let nodes = &self.nodes;
+        let (nodes, arena) = (&self.nodes, &self.arena.bytes);
         self.table
             .find(hash, |&j| {
                 let n = &nodes[j as usize];
                 // A shortcut has no key to compare: its hash names it (module doc).
-                n.hash == hash && (n.state == State::Shortcut || n.key() == key)
+                n.hash == hash
+                    && (n.state == State::Shortcut || {
+                        let off = n.off as usize;
+                        arena[off..off + n.key_len as usize] == *key
+                    })
             })
             .copied()
     }
@@ -1263,7 +1337,7 @@ impl DacCache {
                 match state {
                     State::Value => value_bytes += self.vcharge(i),
                     _ => {
-                        assert!(n.data.is_empty(), "a shortcut holding bytes");
+                        assert_eq!(n.len, 0, "a shortcut holding bytes");
                         shortcut_bytes += self.scharge(i);
                     }
                 }
@@ -1271,6 +1345,19 @@ impl DacCache {
         }
         let values = self.heaps[VALUES].len() as u64;
         let heap = &self.heaps[SHORTCUTS];
+        let live: u64 = self.heaps[VALUES]
+            .iter()
+            .map(|&i| u64::from(self.nodes[i as usize].len))
+            .sum();
+        assert_eq!(
+            self.arena.bytes.len() as u64,
+            live + self.arena.garbage,
+            "arena bytes are live values plus garbage"
+        );
+        assert!(
+            self.arena.garbage <= Arena::max_garbage(self.cfg.budget_bytes) + (2 << 20),
+            "arena garbage past its bound"
+        );
         let live = self.nodes.iter().filter(|n| n.state != State::Free).count();
         assert_eq!(
             live as u64,
@@ -1280,7 +1367,12 @@ impl DacCache {
         assert_eq!(self.table.len(), live, "table size");
         for (i, n) in self.nodes.iter().enumerate() {
             if n.state != State::Free {
-                let found = self.find_hashed(n.hash, n.key());
+                let off = n.off as usize;
+                let key = match n.state {
+                    State::Value => &self.arena.bytes[off..off + n.key_len as usize],
+                    _ => &[],
+                };
+                let found = self.find_hashed(n.hash, key);
                 assert_eq!(found, Some(i as u32), "table entry");
             }
         }
@@ -1627,6 +1719,34 @@ mod tests {
             c.on_write(&k(n), &val(n), e(n.into()));
         }
         c.assert_invariants();
+    }
+
+    #[test]
+    fn the_value_arena_is_compacted_and_values_survive_it() {
+        // 1 MiB of values churned many times over: rewrites with other lengths, demotions
+        // and evictions leave garbage, which compaction must bound without losing a value.
+        let mut c = DacCache::new(DacConfig {
+            budget_bytes: 1 << 20,
+            ..cfg(0, CachePolicy::Dac)
+        });
+        let mut newest = std::collections::HashMap::new();
+        for round in 0..40u32 {
+            for n in 0..=255u8 {
+                let len = 500 + ((u32::from(n) * 7 + round * 13) % 1500) as usize;
+                let v = vec![n ^ round as u8; len];
+                c.on_write(&k(n), &v, e(u64::from(n)));
+                newest.insert(n, v);
+            }
+            c.assert_invariants();
+        }
+        assert!(c.stats().compactions > 0, "{:?}", c.stats());
+        let max = Arena::max_garbage(1 << 20);
+        assert!(c.arena.garbage <= max, "{} > {max}", c.arena.garbage);
+        for n in 0..=255u8 {
+            if let Lookup::Value(v) = c.peek(&k(n)) {
+                assert_eq!(v, &newest[&n][..], "key {n}");
+            }
+        }
     }
 
     #[test]

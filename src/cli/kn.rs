@@ -156,6 +156,7 @@ impl ClientArgs {
 }
 
 pub(crate) fn run(a: KnArgs) -> anyhow::Result<()> {
+    host_kn::memory::configure();
     if a.threads == 0 || a.threads > 64 {
         return Err(Usage(format!("--threads {} is outside 1..=64", a.threads)).into());
     }
