@@ -768,6 +768,7 @@ fn info_section(
             kv("cache_value_bytes", &s.cache.value_bytes);
             kv("cache_shortcut_bytes", &s.cache.shortcut_bytes);
             kv("cache_budget_bytes", &s.cache.budget_bytes);
+            kv("cache_history_bytes", &s.cache.history_bytes);
         }
         "persistence" => {
             kv("loading", &0);
@@ -876,6 +877,8 @@ fn info_dinomo(shared: &Shared, view: &View, t: &mut String, s: &ShardStats) {
     kv("cache_value_bytes", s.cache.value_bytes.to_string());
     kv("cache_shortcut_bytes", s.cache.shortcut_bytes.to_string());
     kv("cache_budget_bytes", s.cache.budget_bytes.to_string());
+    kv("cache_history_bytes", s.cache.history_bytes.to_string());
+    kv("cache_arena_compactions", s.cache.compactions.to_string());
     kv("cache_values", s.cache.values.to_string());
     kv("cache_shortcuts", s.cache.shortcuts.to_string());
     kv("unmerged_entries", s.unmerged.to_string());

@@ -78,6 +78,8 @@ impl ShardStats {
         self.cache.promotions += o.cache.promotions;
         self.cache.demotions += o.cache.demotions;
         self.cache.evictions += o.cache.evictions;
+        self.cache.history_bytes += o.cache.history_bytes;
+        self.cache.compactions += o.cache.compactions;
     }
 
     /// Counts accumulated since `earlier` (cache occupancy and `unmerged` are current values).
@@ -111,6 +113,7 @@ impl ShardStats {
                 promotions: self.cache.promotions - e.cache.promotions,
                 demotions: self.cache.demotions - e.cache.demotions,
                 evictions: self.cache.evictions - e.cache.evictions,
+                compactions: self.cache.compactions - e.cache.compactions,
                 ..self.cache
             },
         }
