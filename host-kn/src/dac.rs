@@ -99,11 +99,19 @@
 //! with the never-randomised [`key_hash`]. A value's `key ‖ value` sits in the shard's
 //! value arena, compacted once its garbage passes an eighth of the budget (`Arena`); a
 //! shortcut node holds no bytes elsewhere. Values and shortcuts each sit in an indexed
-//! binary min-heap by score. [`DacCache::get`] does no allocation: a hash, a probe, and a
-//! sift down from the key's heap position. The hotter a key, the nearer the leaves of its
-//! min-heap it sits, so a hit on a hot value compares with at most a child or two (a miss
-//! also bumps four sketch counters). A promotion test walks a heap best-first and stops as
-//! soon as the cost exceeds the benefit, so a refused promotion is cheap.
+//! binary min-heap by score. [`DacCache::get`] does no allocation: a hash, a probe, and
+//! for a value hit one addition (for a shortcut hit also a sift down; a miss bumps four
+//! sketch counters). A promotion test walks a heap best-first and stops as soon as the
+//! cost exceeds the benefit, so a refused promotion is cheap.
+//!
+//! **Lazy value heap.** Scores only grow (decay raises the weight of new hits instead of
+//! lowering old counts), so a heap may order its nodes by a stale key that is a lower bound
+//! of the score (`f32`, rounded down). A value hit only adds to the score, in O(1), and
+//! the heap catches up when asked for its least value: while the root's key lags its score
+//! the key is refreshed and sifted down. A root whose key equals its score is then the
+//! least score of all, since every other score is at least its key, which is at least the
+//! root's. Each hit causes at most one such sift later, on the path that makes room, not
+//! on the value-hit path (an eager sift made a uniform stream of value hits 6x slower).
 
 use core::cmp::{Ordering, Reverse};
 use core::fmt;
@@ -260,14 +268,16 @@ const SHORTCUTS: usize = 0;
 /// The heap of values (least used first; least recently used under `ValueOnly`).
 const VALUES: usize = 1;
 /// Epochs between rescalings of all scores.
-const RESCALE_EPOCHS: u32 = 512;
+/// (Heap keys are `f32`: after 64 doublings of the weight a score is at most 2^64 times
+/// its hits, far inside their range.)
+const RESCALE_EPOCHS: u32 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum State {
-    Free,
-    Value,
-    Shortcut,
+    Free = 0,
+    Value = 1,
+    Shortcut = 2,
 }
 
 /// One cached key. A shortcut stores no key: its 64-bit hash finds it, and the entry it
@@ -287,15 +297,56 @@ struct Node {
     len: u32,
     /// Position in its heap (the values' or the shortcuts').
     pos: u32,
+    /// What its heap orders it by: a lower bound of `score` (see "Lazy value heap").
+    key: f32,
     /// Key length of a value.
     key_len: u16,
-    /// The key's slot, so that [`DacCache::retain`] works without the key.
-    slot: u16,
-    state: State,
+    /// The key's slot (so that [`DacCache::retain`] works without the key) in the low 14
+    /// bits, its [`State`] in the top 2.
+    tag: u16,
 }
 
 /// A node's size is most of what a shortcut costs: keep it from growing unnoticed.
 const _: () = assert!(core::mem::size_of::<Node>() == 48);
+
+impl Node {
+    const SLOT_BITS: u32 = 14;
+    const SLOT_MASK: u16 = (1 << Self::SLOT_BITS) - 1;
+
+    #[inline]
+    fn state(&self) -> State {
+        match self.tag >> Self::SLOT_BITS {
+            1 => State::Value,
+            2 => State::Shortcut,
+            _ => State::Free,
+        }
+    }
+
+    #[inline]
+    fn set_state(&mut self, state: State) {
+        self.tag = (self.tag & Self::SLOT_MASK) | ((state as u16) << Self::SLOT_BITS);
+    }
+
+    #[inline]
+    fn slot(&self) -> u16 {
+        self.tag & Self::SLOT_MASK
+    }
+}
+
+// Every slot fits beside the state.
+const _: () = assert!(dinomo_shared::slot::SLOTS as u32 <= 1 << Node::SLOT_BITS);
+
+/// The largest `f32` not above `x` (scores are never negative): a heap key that stays a
+/// lower bound of the score it stands for.
+#[inline]
+fn lower_bound(x: f64) -> f32 {
+    let y = x as f32;
+    if f64::from(y) > x && y > 0.0 {
+        f32::from_bits(y.to_bits() - 1)
+    } else {
+        y
+    }
+}
 
 /// The bytes of every cached value, `key ‖ value` each, appended one after another.
 ///
@@ -319,7 +370,7 @@ impl Arena {
     }
 }
 
-/// A heap position ordered by score, for best-first walks of the LFU heap.
+/// A heap position ordered by its heap key, for best-first walks of a heap.
 #[derive(Clone, Copy, Debug)]
 struct Walk {
     score: f64,
@@ -443,15 +494,12 @@ impl DacCache {
         };
         self.bump(i);
         let n = &self.nodes[i as usize];
-        match n.state {
-            State::Value => {
-                let pos = n.pos as usize;
-                self.sift_down(VALUES, pos);
-                Lookup::Value(self.value_of(i))
-            }
+        match n.state() {
+            // O(1): the value heap catches up when it is asked for its least value.
+            State::Value => Lookup::Value(self.value_of(i)),
             State::Shortcut => {
-                let (pos, eref) = (n.pos as usize, n.eref);
-                self.sift_down(SHORTCUTS, pos);
+                let eref = n.eref;
+                self.resift_shortcut(i);
                 Lookup::Shortcut(eref)
             }
             State::Free => Lookup::Miss,
@@ -461,11 +509,11 @@ impl DacCache {
     /// What [`DacCache::get`] would return, without counting a hit.
     pub fn peek(&self, key: &[u8]) -> Lookup<'_> {
         match self.find(key).map(|i| &self.nodes[i as usize]) {
-            Some(n) if n.state == State::Value => {
+            Some(n) if n.state() == State::Value => {
                 let (off, len, k) = (n.off as usize, n.len as usize, n.key_len as usize);
                 Lookup::Value(&self.arena.bytes[off + k..off + len])
             }
-            Some(n) if n.state == State::Shortcut => Lookup::Shortcut(n.eref),
+            Some(n) if n.state() == State::Shortcut => Lookup::Shortcut(n.eref),
             _ => Lookup::Miss,
         }
     }
@@ -528,7 +576,7 @@ impl DacCache {
     pub fn retain(&mut self, mut keep: impl FnMut(u16) -> bool) {
         for i in 0..self.nodes.len() {
             let n = &self.nodes[i];
-            if n.state != State::Free && !keep(n.slot) {
+            if n.state() != State::Free && !keep(n.slot()) {
                 self.forget(i as u32);
             }
         }
@@ -657,9 +705,9 @@ impl DacCache {
             off: 0,
             len: 0,
             pos: NIL,
+            key: 0.0,
             key_len: 0,
-            slot: key_slot(key),
-            state: State::Free,
+            tag: key_slot(key) & Node::SLOT_MASK,
         });
         if as_value {
             self.store(i, key_len, key, value);
@@ -673,7 +721,7 @@ impl DacCache {
     /// Gives a cached key its newest value and entry.
     fn refresh(&mut self, i: u32, key: &[u8], value: &[u8], eref: EntryRef) {
         self.nodes[i as usize].eref = eref;
-        match self.nodes[i as usize].state {
+        match self.nodes[i as usize].state() {
             State::Value => {
                 let old = self.vcharge(i);
                 let new = self.cfg.value_charge(key.len(), value.len());
@@ -688,8 +736,6 @@ impl DacCache {
                     }
                     self.stats.value_bytes = self.stats.value_bytes - old + new;
                     self.clip_reserved();
-                    let pos = self.nodes[i as usize].pos as usize;
-                    self.sift_down(VALUES, pos);
                     return;
                 }
                 // The new value does not fit where the old one was: cache the key afresh,
@@ -697,7 +743,7 @@ impl DacCache {
                 let score = self.nodes[i as usize].score;
                 self.forget(i);
                 if let Some(j) = self.insert_new(key, value, eref, Some(score)) {
-                    if self.nodes[j as usize].state == State::Shortcut
+                    if self.nodes[j as usize].state() == State::Shortcut
                         && self.cfg.policy == CachePolicy::Dac
                     {
                         self.try_promote(j, key, value);
@@ -705,8 +751,7 @@ impl DacCache {
                 }
             }
             State::Shortcut => {
-                let pos = self.nodes[i as usize].pos as usize;
-                self.sift_down(SHORTCUTS, pos);
+                self.resift_shortcut(i);
                 if self.cfg.policy == CachePolicy::Dac {
                     self.try_promote(i, key, value);
                 }
@@ -756,7 +801,7 @@ impl DacCache {
                 }
             }
             Source::Values => {
-                while self.unreserved_bytes() < vc && self.least(VALUES) != NIL {
+                while self.unreserved_bytes() < vc && self.least_value() != NIL {
                     self.push_out(self.least(VALUES));
                 }
             }
@@ -767,7 +812,7 @@ impl DacCache {
             return;
         }
         self.store(i, key_len, key, value);
-        self.nodes[i as usize].state = State::Free;
+        self.nodes[i as usize].set_state(State::Free);
         self.attach_value(i);
         self.stats.promotions += 1;
     }
@@ -797,11 +842,12 @@ impl DacCache {
         skip: u32,
         rts_per_hit: f64,
     ) -> Option<f64> {
+        self.settle(k);
         let mut walk = core::mem::take(&mut self.walk);
         walk.clear();
         if let Some(&top) = self.heaps[k].first() {
             walk.push(Reverse(Walk {
-                score: self.nodes[top as usize].score,
+                score: f64::from(self.nodes[top as usize].key),
                 pos: 0,
             }));
         }
@@ -810,7 +856,7 @@ impl DacCache {
             for c in [2 * pos as usize + 1, 2 * pos as usize + 2] {
                 if let Some(&j) = self.heaps[k].get(c) {
                     walk.push(Reverse(Walk {
-                        score: self.nodes[j as usize].score,
+                        score: f64::from(self.nodes[j as usize].key),
                         pos: c as u32,
                     }));
                 }
@@ -843,7 +889,7 @@ impl DacCache {
             return true;
         }
         while self.free_bytes() < need {
-            let v = self.least(VALUES);
+            let v = self.least_value();
             let e = self.least(SHORTCUTS);
             if v == NIL && e == NIL {
                 return false;
@@ -898,7 +944,7 @@ impl DacCache {
         self.stats.values -= 1;
         self.stats.value_bytes -= vc;
         self.release(i);
-        self.nodes[i as usize].state = State::Free;
+        self.nodes[i as usize].set_state(State::Free);
         self.attach_shortcut(i);
         self.stats.demotions += 1;
     }
@@ -977,7 +1023,7 @@ impl DacCache {
         let live = self.arena.bytes.len() - self.arena.garbage as usize;
         let mut bytes = Vec::with_capacity(live + live / 8);
         for n in &mut self.nodes {
-            if n.state == State::Value {
+            if n.state() == State::Value {
                 let (off, len) = (n.off as usize, n.len as usize);
                 n.off = bytes.len() as u64;
                 bytes.extend_from_slice(&self.arena.bytes[off..off + len]);
@@ -990,7 +1036,7 @@ impl DacCache {
 
     /// Unlinks a node from its heap and uncharges it; the slot stays allocated.
     fn detach(&mut self, i: u32) {
-        match self.nodes[i as usize].state {
+        match self.nodes[i as usize].state() {
             State::Value => {
                 let vc = self.vcharge(i);
                 self.heap_remove(VALUES, self.nodes[i as usize].pos as usize);
@@ -1005,12 +1051,12 @@ impl DacCache {
             }
             State::Free => {}
         }
-        self.nodes[i as usize].state = State::Free;
+        self.nodes[i as usize].set_state(State::Free);
     }
 
     fn attach_value(&mut self, i: u32) {
         let vc = self.vcharge(i);
-        self.nodes[i as usize].state = State::Value;
+        self.nodes[i as usize].set_state(State::Value);
         self.heap_push(VALUES, i);
         self.stats.values += 1;
         self.stats.value_bytes += vc;
@@ -1019,7 +1065,7 @@ impl DacCache {
 
     fn attach_shortcut(&mut self, i: u32) {
         let sc = self.scharge(i);
-        self.nodes[i as usize].state = State::Shortcut;
+        self.nodes[i as usize].set_state(State::Shortcut);
         self.heap_push(SHORTCUTS, i);
         self.stats.shortcuts += 1;
         self.stats.shortcut_bytes += sc;
@@ -1058,7 +1104,7 @@ impl DacCache {
                 let n = &nodes[j as usize];
                 // A shortcut has no key to compare: its hash names it (module doc).
                 n.hash == hash
-                    && (n.state == State::Shortcut || {
+                    && (n.state() == State::Shortcut || {
                         let off = n.off as usize;
                         arena[off..off + n.key_len as usize] == *key
                     })
@@ -1091,6 +1137,7 @@ impl DacCache {
         let f = 2f64.powi(-(RESCALE_EPOCHS as i32));
         for n in &mut self.nodes {
             n.score *= f;
+            n.key *= f as f32;
         }
         self.weight *= f;
         self.epoch = 0;
@@ -1105,8 +1152,38 @@ impl DacCache {
     }
 
     #[inline]
-    fn score_at(&self, k: usize, pos: usize) -> f64 {
-        self.nodes[self.heaps[k][pos] as usize].score
+    fn key_at(&self, k: usize, pos: usize) -> f32 {
+        self.nodes[self.heaps[k][pos] as usize].key
+    }
+
+    /// Brings the root of heap `k` up to date until it is the least score: the root's key
+    /// is refreshed and sifted down while it lags its score. Every key is a lower bound of
+    /// its score, so a root whose key is its score is the least score of the heap.
+    fn settle(&mut self, k: usize) {
+        while let Some(&i) = self.heaps[k].first() {
+            let fresh = lower_bound(self.nodes[i as usize].score);
+            if self.nodes[i as usize].key >= fresh {
+                return;
+            }
+            self.nodes[i as usize].key = fresh;
+            self.sift_down(k, 0);
+        }
+    }
+
+    /// The least-scored value, or [`NIL`].
+    fn least_value(&mut self) -> u32 {
+        self.settle(VALUES);
+        self.least(VALUES)
+    }
+
+    /// Refreshes shortcut `i`'s heap key after its score grew (shortcuts keep their heap
+    /// exact: a shortcut hit costs a round trip anyway).
+    #[inline]
+    fn resift_shortcut(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        n.key = lower_bound(n.score);
+        let pos = n.pos as usize;
+        self.sift_down(SHORTCUTS, pos);
     }
 
     #[inline]
@@ -1116,6 +1193,7 @@ impl DacCache {
     }
 
     fn heap_push(&mut self, k: usize, i: u32) {
+        self.nodes[i as usize].key = lower_bound(self.nodes[i as usize].score);
         self.heaps[k].push(i);
         let pos = self.heaps[k].len() - 1;
         self.nodes[i as usize].pos = pos as u32;
@@ -1139,10 +1217,10 @@ impl DacCache {
 
     fn sift_up(&mut self, k: usize, mut pos: usize) {
         let i = self.heaps[k][pos];
-        let s = self.nodes[i as usize].score;
+        let s = self.nodes[i as usize].key;
         while pos > 0 {
             let parent = (pos - 1) / 2;
-            if self.score_at(k, parent) <= s {
+            if self.key_at(k, parent) <= s {
                 break;
             }
             let p = self.heaps[k][parent];
@@ -1152,25 +1230,24 @@ impl DacCache {
         self.heap_set(k, pos, i);
     }
 
-    /// Restores heap order below `pos` after its score grew. A hot key sits near the
-    /// leaves of its min-heap, so a hit on one compares with few or no children.
+    /// Restores heap order below `pos` after its key grew.
     #[inline]
     fn sift_down(&mut self, k: usize, mut pos: usize) {
         let len = self.heaps[k].len();
         let i = self.heaps[k][pos];
-        let s = self.nodes[i as usize].score;
+        let s = self.nodes[i as usize].key;
         loop {
             let l = 2 * pos + 1;
             if l >= len {
                 break;
             }
             let r = l + 1;
-            let c = if r < len && self.score_at(k, r) < self.score_at(k, l) {
+            let c = if r < len && self.key_at(k, r) < self.key_at(k, l) {
                 r
             } else {
                 l
             };
-            if self.score_at(k, c) >= s {
+            if self.key_at(k, c) >= s {
                 break;
             }
             let ci = self.heaps[k][c];
@@ -1339,11 +1416,12 @@ impl DacCache {
         for (k, state) in [(VALUES, State::Value), (SHORTCUTS, State::Shortcut)] {
             for (pos, &i) in self.heaps[k].iter().enumerate() {
                 let n = &self.nodes[i as usize];
-                assert_eq!(n.state, state, "a node in the wrong heap");
+                assert_eq!(n.state(), state, "a node in the wrong heap");
                 assert_eq!(n.pos as usize, pos, "heap position");
                 if pos > 0 {
-                    assert!(self.score_at(k, (pos - 1) / 2) <= n.score, "heap order");
+                    assert!(self.key_at(k, (pos - 1) / 2) <= n.key, "heap order");
                 }
+                assert!(f64::from(n.key) <= n.score, "a heap key above its score");
                 match state {
                     State::Value => value_bytes += self.vcharge(i),
                     _ => {
@@ -1368,7 +1446,11 @@ impl DacCache {
             self.arena.garbage <= Arena::max_garbage(self.cfg.budget_bytes) + (2 << 20),
             "arena garbage past its bound"
         );
-        let live = self.nodes.iter().filter(|n| n.state != State::Free).count();
+        let live = self
+            .nodes
+            .iter()
+            .filter(|n| n.state() != State::Free)
+            .count();
         assert_eq!(
             live as u64,
             values + heap.len() as u64,
@@ -1376,9 +1458,9 @@ impl DacCache {
         );
         assert_eq!(self.table.len(), live, "table size");
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.state != State::Free {
+            if n.state() != State::Free {
                 let off = n.off as usize;
-                let key = match n.state {
+                let key = match n.state() {
                     State::Value => &self.arena.bytes[off..off + n.key_len as usize],
                     _ => &[],
                 };
