@@ -1,7 +1,7 @@
 //! The KN-side DAC cache: `get` on a value hit, a shortcut hit and a miss; a shortcut hit
 //! whose promotion test refuses; inserts of fresh keys under eviction pressure; and the two
 //! promotions (into free room, and paid for by evicting least-used shortcuts). 8-byte keys,
-//! 1 KiB values, default charges (a value 1096 B, a shortcut 16 B).
+//! 1 KiB values, default charges (a value 1096 B, a shortcut 64 B).
 
 use std::hint::black_box;
 
@@ -100,11 +100,19 @@ fn shortcut_with_room() -> DacCache {
     c
 }
 
-/// 1000 cold shortcuts fill the budget; key 0 is hot enough to pay for evicting 68.
+/// Shortcuts a 1 KiB value's promotion evicts when cold shortcuts fill the budget.
+fn evicted_per_promotion() -> u64 {
+    let d = DacConfig::default();
+    (d.value_charge(8, VALUE.len()) - d.shortcut_bytes()).div_ceil(d.shortcut_bytes())
+}
+
+/// 1000 cold shortcuts fill the budget; key 0 is hot enough to pay for evicting the
+/// [`evicted_per_promotion`] it takes to become a value.
 fn shortcuts_full() -> DacCache {
-    let mut c = cache(CachePolicy::Dac, 1000 * 16);
+    let mut c = cache(CachePolicy::Dac, 1000 * DacConfig::default().shortcut_bytes());
     for k in 0..1000 {
-        c.on_write(&key(k), &[0u8; 20_000], eref(k));
+        // Too large to be a value in this budget: every key is a shortcut.
+        c.on_write(&key(k), &[0u8; 100_000], eref(k));
     }
     for _ in 0..200 {
         c.get(&key(0));
@@ -119,7 +127,8 @@ fn promotions(c: &mut Criterion) {
     assert_eq!(once.stats().promotions, 1);
     let mut once = shortcuts_full();
     once.on_fetch(&key(0), &VALUE, eref(0), true);
-    assert_eq!((once.stats().promotions, once.stats().evictions), (1, 68));
+    let evicted = evicted_per_promotion();
+    assert_eq!((once.stats().promotions, once.stats().evictions), (1, evicted));
 
     c.bench_function("dac/promote/into_room", |b| {
         b.iter_batched_ref(
@@ -128,7 +137,7 @@ fn promotions(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    c.bench_function("dac/promote/evicting_68_shortcuts", |b| {
+    c.bench_function(&format!("dac/promote/evicting_{evicted}_shortcuts"), |b| {
         b.iter_batched_ref(
             shortcuts_full,
             |c| c.on_fetch(black_box(&key(0)), &VALUE, eref(0), true),
