@@ -137,16 +137,13 @@ cl_tag=kn-memory
 cl_stop_s=300
 # shellcheck source=.ci/cluster-lib.sh
 . .ci/cluster-lib.sh
+# shellcheck source=scripts/proc-lib.sh
+. scripts/proc-lib.sh
 
 DIR=
 UP_TREE=()
 BENCH_PID=
 SAMPLER_PID=
-# Whether $1 is still a process running $2 (its pid was not reused).
-alive_as() {
-    [[ -n $1 ]] && kill -0 "$1" 2>/dev/null &&
-        [[ $(readlink "/proc/$1/exe" 2>/dev/null) == "$2"* ]]
-}
 # `dinomo up` stops its cluster in order on SIGINT; its children run in their own process
 # groups, so any that outlive it (it was killed, or a child hung) are killed one by one.
 cleanup() {
@@ -168,31 +165,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "kn-memory: interrupted" >&2; exit 1' INT TERM HUP
 
-# A first port such that it and the $1 - 1 after it have no TCP socket on them.
-free_ports() {
-    local n=$1 used first i ok try
-    used=" $(awk 'FNR > 1 { split($2, a, ":"); print strtonum("0x" a[2]) }' /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u | tr '\n' ' ') "
-    for ((try = 0; try < 200; try++)); do
-        first=$((20000 + RANDOM % 30000))
-        ok=1
-        for ((i = 0; i < n; i++)); do
-            [[ $used == *" $((first + i)) "* ]] && { ok=0; break; }
-        done
-        ((ok)) && { echo "$first"; return 0; }
-    done
-    return 1
-}
-descendants() {
-    local c
-    for c in $(ps -o pid= --ppid "$1"); do
-        echo "$c"
-        descendants "$c"
-    done
-}
 # redis-cli with the password kept out of the process list.
 rcli() { REDISCLI_AUTH=$KPASS timeout 60 redis-cli --no-auth-warning -h 127.0.0.1 -p "$KPORT" "$@"; }
-# Field $2 of "k:v" lines in $1 (INFO text); 0 when absent.
-info_field() { awk -F: -v k="$2" '$1 == k { gsub("\r", "", $2); v = $2 } END { print v + 0 }' <<<"$1"; }
 # Field $1 (kB) of the KN's /proc/PID/status.
 status_kb() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$KN_PID/status"; }
 # User + system CPU ticks of the KN.

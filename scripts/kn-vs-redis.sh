@@ -115,6 +115,9 @@ OUT=${OUT:-${TMPDIR:-/tmp}/kn-vs-redis.$STAMP}
 mkdir -p "$OUT" || die "cannot make the results folder $OUT"
 OUT=$(cd "$OUT" && pwd)
 
+# shellcheck source=scripts/proc-lib.sh
+. scripts/proc-lib.sh
+
 # State for the cleanup.
 FAILED=0
 WORK=
@@ -123,12 +126,6 @@ UP_PID=
 UP_TREE=()
 BENCH_PID=
 SAMPLER_PID=
-
-# Whether $1 is still the process that was started (pid not reused): its executable is $2.
-alive_as() {
-    [[ -n $1 ]] && kill -0 "$1" 2>/dev/null &&
-        [[ $(readlink "/proc/$1/exe" 2>/dev/null) == "$2"* ]]
-}
 
 # Waits up to $2 seconds for pid $1 to exit; 0 when it did.
 wait_gone() {
@@ -195,23 +192,6 @@ trap cleanup EXIT
 trap 'echo "kn-vs-redis: interrupted" >&2; exit 1' INT TERM HUP
 
 # A first port such that it and the $1 - 1 after it have no TCP socket on them.
-used_ports() {
-    awk 'FNR > 1 { split($2, a, ":"); print strtonum("0x" a[2]) }' /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u
-}
-free_ports() {
-    local n=$1 used first i ok try
-    used=" $(used_ports | tr '\n' ' ') "
-    for ((try = 0; try < 200; try++)); do
-        first=$((20000 + RANDOM % 30000))
-        ok=1
-        for ((i = 0; i < n; i++)); do
-            [[ $used == *" $((first + i)) "* ]] && { ok=0; break; }
-        done
-        ((ok)) && { echo "$first"; return 0; }
-    done
-    return 1
-}
-
 # Load average, every second, tagged with the phase the script is in.
 PHASE_FILE=
 sampler() {
@@ -224,8 +204,6 @@ sampler() {
 }
 phase() { echo "$1" >"$PHASE_FILE"; }
 
-# Field $2 of "k:v" lines in $1 (INFO text); 0 when absent.
-info_field() { awk -F: -v k="$2" '$1 == k { gsub("\r", "", $2); v = $2 } END { print v + 0 }' <<<"$1"; }
 # calls= / failed_calls= / rejected_calls= of cmdstat_$2 in $1.
 cmdstat() {
     awk -v c="cmdstat_$2:" -v f="$3" 'index($0, c) == 1 {
@@ -448,14 +426,6 @@ cp "$dir/redis.log" "$OUT/r$ROUND-redis.log" 2>/dev/null
 }
 
 # ---- (b) DINOMO ----------------------------------------------------------------------------
-# Every process under `up` (they run in their own process groups).
-descendants() {
-    local c
-    for c in $(ps -o pid= --ppid "$1"); do
-        echo "$c"
-        descendants "$c"
-    done
-}
 # Sums field $1 of INFO over the KNs.
 kn_sum() {
     local k s=0 v

@@ -112,6 +112,9 @@
 //! least score of all, since every other score is at least its key, which is at least the
 //! root's. Each hit causes at most one such sift later, on the path that makes room, not
 //! on the value-hit path (an eager sift made a uniform stream of value hits 6x slower).
+//! A promotion test's walk past the root follows the keys, so it may price a value whose
+//! score grew since its key was set: at its score, higher than its place suggests, which
+//! only errs towards refusing a promotion.
 
 use core::cmp::{Ordering, Reverse};
 use core::fmt;
