@@ -109,7 +109,10 @@ fn evicted_per_promotion() -> u64 {
 /// 1000 cold shortcuts fill the budget; key 0 is hot enough to pay for evicting the
 /// [`evicted_per_promotion`] it takes to become a value.
 fn shortcuts_full() -> DacCache {
-    let mut c = cache(CachePolicy::Dac, 1000 * DacConfig::default().shortcut_bytes());
+    let mut c = cache(
+        CachePolicy::Dac,
+        1000 * DacConfig::default().shortcut_bytes(),
+    );
     for k in 0..1000 {
         // Too large to be a value in this budget: every key is a shortcut.
         c.on_write(&key(k), &[0u8; 100_000], eref(k));
@@ -128,7 +131,10 @@ fn promotions(c: &mut Criterion) {
     let mut once = shortcuts_full();
     once.on_fetch(&key(0), &VALUE, eref(0), true);
     let evicted = evicted_per_promotion();
-    assert_eq!((once.stats().promotions, once.stats().evictions), (1, evicted));
+    assert_eq!(
+        (once.stats().promotions, once.stats().evictions),
+        (1, evicted)
+    );
 
     c.bench_function("dac/promote/into_room", |b| {
         b.iter_batched_ref(
