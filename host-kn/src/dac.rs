@@ -428,7 +428,8 @@ pub struct DacCache {
     history: History,
     /// Free bytes that pressure bought for insertions (see `make_room`).
     reserved: u64,
-    /// Bytes of value allocations freed since [`DacCache::take_freed_bytes`] last asked.
+    /// Bytes of the value arena's old buffers freed since [`DacCache::take_freed_bytes`]
+    /// last asked.
     freed: u64,
     arena: Arena,
 }
@@ -597,8 +598,8 @@ impl DacCache {
         self.stats
     }
 
-    /// Bytes of value allocations freed since the last call: the shard gives them back to
-    /// the system once they add up ([`crate::memory::trim`]).
+    /// Bytes of the value arena's old buffers freed since the last call: the shard gives
+    /// them back to the system once they add up ([`crate::memory::trim`]).
     pub fn take_freed_bytes(&mut self) -> u64 {
         core::mem::take(&mut self.freed)
     }
