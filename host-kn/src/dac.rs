@@ -11,9 +11,10 @@
 //!   which the reader checks on every fetch; a hash collision reads as a stale shortcut.
 //!
 //! Both kinds are kept least-used first (LFU, by decayed hit count). The charges are what
-//! the structures really cost ([`SHORTCUT_BYTES`], [`VALUE_OVERHEAD`]: a node, its table and
-//! heap slots, and for a value the allocator's share), and the hit history below comes out
-//! of the budget too, so the budget bounds the cache's resident memory and the
+//! the structures really cost ([`SHORTCUT_BYTES`], [`VALUE_OVERHEAD`]: a node and its table
+//! and heap slots; a value's bytes sit in the shard's value arena), and the hit history
+//! below comes out of the budget beyond a fixed 64 KiB, so the budget bounds the cache's
+//! resident memory and the
 //! value/shortcut price ratio rests on real costs. (The original charged 16 B per shortcut
 //! and nothing for the history; a shortcut cost several times that.)
 //!
@@ -24,8 +25,9 @@
 //! `decay_every` accesses so the cache follows a moving workload. Halving is free: instead of
 //! touching every count, each hit adds the current weight `2^epoch`, and the epoch grows by
 //! one every `decay_every` accesses; comparing stored scores is comparing decayed counts, and
-//! the LFU heap stays ordered because all counts scale alike. Once every 512 epochs all scores
-//! are rescaled by `2^-512` (exact, O(n), so amortised O(1)) to keep them finite.
+//! the heaps stay ordered because all counts scale alike. Once every 64 epochs all scores
+//! are rescaled by `2^-64` (exact, O(n), so amortised O(1)) to keep them, and the heaps'
+//! `f32` keys, finite.
 //!
 //! # The economics, and the tests derived from them
 //!
@@ -1574,13 +1576,13 @@ mod tests {
     }
 
     #[test]
-    fn new_key_as_shortcut_demotes_the_lru_value() {
+    fn new_key_as_shortcut_demotes_the_least_used_value() {
         let mut c = DacCache::new(cfg(185, CachePolicy::Dac));
         c.on_write(&k(1), &val(1), e(1));
         c.on_write(&k(2), &val(2), e(2));
         c.get(&k(1));
         c.get(&k(2));
-        c.get(&k(2)); // k1 is LRU with 2 hits
+        c.get(&k(2)); // k1 is the least used, with 2 hits
         c.on_write(&k(3), &val(3), e(3)); // 5 B free: needs a shortcut's 10
         c.assert_invariants();
         assert!(is_shortcut(&c, 1) && is_value(&c, 2) && is_shortcut(&c, 3));
@@ -1682,7 +1684,7 @@ mod tests {
     }
 
     #[test]
-    fn promotion_demotes_a_cold_lru_value_when_that_is_cheaper() {
+    fn promotion_demotes_a_cold_value_when_that_is_cheaper() {
         let mut c = DacCache::new(cfg(200, CachePolicy::Dac));
         c.on_write(&k(1), &val(1), e(1)); // value, 1 hit
         for n in 2..=9 {
