@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! cargo run --release --example dac_sim -- [RATIO...] [--all] [--hindsight]
-//!     [--warmup OPS] [--ops OPS]
+//!     [--warmup OPS] [--ops OPS] [--decay ACCESSES]
 //! ```
 
 use dinomo::bench::per_shard_oracle;
@@ -32,6 +32,8 @@ fn main() -> Result<(), String> {
     let mut ratios = Vec::new();
     let mut policies = vec![CachePolicy::Dac];
     let (mut warm, mut ops, mut hindsight) = (200_000u64, 1_000_000u64, false);
+    // Accesses of a shard's cache between halvings of its counts (0: never).
+    let mut decay = DacConfig::default().decay_every;
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> Result<u64, String> {
         v.and_then(|v| v.parse().ok())
@@ -43,6 +45,7 @@ fn main() -> Result<(), String> {
             "--hindsight" => hindsight = true,
             "--warmup" => warm = num(args.next(), "--warmup")?,
             "--ops" => ops = num(args.next(), "--ops")?,
+            "--decay" => decay = num(args.next(), "--decay")?,
             r => ratios.push(r.parse::<f64>().map_err(|_| format!("not a ratio: {r}"))?),
         }
     }
@@ -63,7 +66,10 @@ fn main() -> Result<(), String> {
         .collect();
     let d = DacConfig::default();
     let (vc, sc) = (d.value_charge(KEY_SIZE, VALUE_SIZE), d.shortcut_bytes());
-    println!("charges: value {vc} B, shortcut {sc} B; warm-up {warm} ops, measured {ops} ops");
+    println!(
+        "charges: value {vc} B, shortcut {sc} B; warm-up {warm} ops, measured {ops} ops, \
+         counts halved every {decay} accesses of a shard"
+    );
     for &ratio in &ratios {
         let data = KEYS * (KEY_SIZE + VALUE_SIZE) as u64;
         let budget = (data as f64 * ratio / f64::from(KNS)) as u64 / u64::from(SHARDS);
@@ -92,7 +98,7 @@ fn main() -> Result<(), String> {
             );
         }
         for &policy in &policies {
-            let (got, caches) = replay(policy, budget, &chooser, &shard_of_key, warm, ops);
+            let (got, caches) = replay(policy, budget, &chooser, &shard_of_key, warm, ops, decay);
             let (mut v, mut s, mut pr, mut de, mut ev) = (0, 0, 0, 0, 0);
             let mut used = 0;
             for c in &caches {
@@ -125,12 +131,14 @@ fn replay(
     shard_of_key: &[usize],
     warm: u64,
     ops: u64,
+    decay_every: u64,
 ) -> (f64, Vec<DacCache>) {
     let mut caches: Vec<DacCache> = (0..KNS * SHARDS)
         .map(|_| {
             DacCache::new(DacConfig {
                 budget_bytes: budget,
                 policy,
+                decay_every,
                 ..DacConfig::default()
             })
         })

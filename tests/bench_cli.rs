@@ -56,6 +56,7 @@ fn bad_input_exits_2_and_writes_nothing() {
             "latest",
         ),
         (&["--shift-kind", "jump"], "--shift"),
+        (&["--warmup", "soon"], "neither a number"),
     ];
     for (args, needle) in cases {
         let mut a = args.to_vec();
@@ -123,9 +124,17 @@ fn a_small_run_reports_the_contract_fields() {
         "modeled",
         "oracle_rts_per_op",
         "oracle_per_shard_rts_per_op",
+        "warmup",
     ] {
         assert!(!v[field].is_null(), "missing {field}: {v}");
     }
+    // A fixed warm-up is one round of exactly that many operations.
+    let w = &v["warmup"];
+    assert_eq!(
+        (&w["ops"], &w["settled"]),
+        (&2000.into(), &serde_json::Value::Null)
+    );
+    assert_eq!(w["rounds"].as_array().map(Vec::len), Some(1), "{w}");
     for f in ["value", "shortcut", "local", "miss"] {
         assert!(v["hit"][f].is_number(), "hit.{f}");
     }

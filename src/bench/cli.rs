@@ -24,6 +24,22 @@ pub enum DistArg {
     Uniform,
 }
 
+/// `--warmup`: a number of operations, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarmupArg {
+    Ops(u64),
+    Auto,
+}
+
+fn parse_warmup(s: &str) -> Result<WarmupArg, String> {
+    if s == "auto" {
+        return Ok(WarmupArg::Auto);
+    }
+    s.parse()
+        .map(WarmupArg::Ops)
+        .map_err(|_| format!("`{s}` is neither a number of operations nor `auto`"))
+}
+
 /// `dinomo bench` options.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -64,9 +80,12 @@ pub struct BenchArgs {
     /// Run for this many seconds instead of a number of operations.
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Unmeasured operations before the measurement (default: a fifth of --ops).
-    #[arg(long)]
-    pub warmup: Option<u64>,
+    /// Unmeasured operations before the measurement: a number, or `auto`: a fifth of
+    /// --ops, then (read-only runs only) doubling while a round lowers the RTs per
+    /// operation by 1% or more, up to 64 M operations, so that the cache is measured at
+    /// its steady state [default: auto; a fifth of --ops with --target or --shift].
+    #[arg(long, value_parser = parse_warmup)]
+    pub warmup: Option<WarmupArg>,
     /// Closed-loop client threads.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
@@ -282,7 +301,14 @@ impl BenchArgs {
             value_size: self.value_size,
             ops: self.ops,
             duration,
-            warmup_ops: self.warmup.unwrap_or(self.ops / 5),
+            warmup_ops: match self.warmup {
+                Some(WarmupArg::Ops(n)) => n,
+                None | Some(WarmupArg::Auto) => self.ops / 5,
+            },
+            warmup_auto: match self.warmup {
+                Some(WarmupArg::Ops(_)) => None,
+                None | Some(WarmupArg::Auto) => Some(super::AUTO_WARMUP_MAX_OPS),
+            },
             clients: self.clients,
             cache,
             policy: self.cache_policy,
@@ -426,5 +452,53 @@ impl BenchArgs {
     fn command_line(&self) -> String {
         let args: Vec<String> = std::env::args().skip(1).collect();
         format!("dinomo {}", args.join(" "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_takes_a_number_or_auto() {
+        assert_eq!(parse_warmup("auto"), Ok(WarmupArg::Auto));
+        assert_eq!(parse_warmup("0"), Ok(WarmupArg::Ops(0)));
+        assert_eq!(parse_warmup("19000000"), Ok(WarmupArg::Ops(19_000_000)));
+        for bad in ["", "Auto", "-1", "1e6", "2M"] {
+            let e = parse_warmup(bad).expect_err(bad);
+            assert!(e.contains("neither a number"), "{bad}: {e}");
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn config(args: &[&str]) -> BenchConfig {
+        use clap::Parser;
+        let cmd = Cmd::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .expect("arguments parse");
+        cmd.bench.to_config().expect("a valid configuration")
+    }
+
+    /// The default warm-up is `auto` from a fifth of --ops; a number is exactly that many.
+    #[test]
+    fn the_default_warmup_is_auto() {
+        for args in [
+            &["--ops", "500000"][..],
+            &["--ops", "500000", "--warmup", "auto"],
+        ] {
+            let c = config(args);
+            assert_eq!(c.warmup_ops, 100_000, "{args:?}");
+            assert_eq!(
+                c.warmup_auto,
+                Some(super::super::AUTO_WARMUP_MAX_OPS),
+                "{args:?}"
+            );
+        }
+        let c = config(&["--warmup", "7"]);
+        assert_eq!((c.warmup_ops, c.warmup_auto), (7, None));
     }
 }

@@ -110,6 +110,10 @@ pub struct BenchConfig {
     pub duration: Option<Duration>,
     /// Unmeasured operations run first so that caches reach steady state.
     pub warmup_ops: u64,
+    /// `Some(max)`: keep warming up after `warmup_ops` until the RTs per operation settle,
+    /// up to `max` operations in all (`--warmup auto`, see [`warm_up`]); only read-only
+    /// steady runs do.
+    pub warmup_auto: Option<u64>,
     pub clients: usize,
     pub cache: CacheSize,
     pub policy: CachePolicy,
@@ -144,6 +148,7 @@ impl Default for BenchConfig {
             ops: 1_000_000,
             duration: None,
             warmup_ops: 200_000,
+            warmup_auto: None,
             clients: 8,
             cache: CacheSize::Ratio(0.5),
             policy: CachePolicy::Dac,
@@ -412,11 +417,31 @@ pub struct BenchResult {
     /// Version-chain hops per operation (Clover: stale shortcuts and lost CAS races).
     pub chain_hops_per_op: f64,
     pub cas_failures_per_op: f64,
+    pub warmup: WarmupReport,
     /// A moving workload (`--shift`): every phase and window; absent for a steady run. The
     /// run's oracle fields are then those of the whole run's popularity (every phase's,
     /// weighted by its operations): the bar of a static cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moving: Option<moving::MovingReport>,
+}
+
+/// The warm-up a steady run had.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WarmupReport {
+    /// Operations run.
+    pub ops: u64,
+    /// `--warmup auto`: whether the RTs per operation settled (false: it stopped at its
+    /// cap); null for a fixed warm-up.
+    pub settled: Option<bool>,
+    /// Its rounds in order (one for a fixed warm-up; none for a moving run's).
+    pub rounds: Vec<WarmupRound>,
+}
+
+/// One round of a warm-up.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WarmupRound {
+    pub ops: u64,
+    pub rts_per_op: f64,
 }
 
 struct ClientOut {
@@ -656,7 +681,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         (Some(s), Some(ch)) => moving::run_popularity(&s, ch, cfg.ops),
         _ => KeyChooser::new(cfg.dist, cfg.keys).key_probabilities(),
     };
-    let mut r = report(cfg, &dr.delta, &dr.now, dr.outs, dr.elapsed, map, key_p);
+    let mut r = report(cfg, &dr, map, key_p);
     if let (Some(s), Some(ch)) = (cfg.shift, ch) {
         r.moving = Some(moving::report(
             cfg,
@@ -682,6 +707,7 @@ struct Driven {
     elapsed: Duration,
     /// A moving run's windows (empty for a steady one).
     windows: Vec<moving::WindowCounts>,
+    warmup: WarmupReport,
 }
 
 /// Loads, warms up and measures (a moving run with `chooser`, in windows).
@@ -695,6 +721,11 @@ fn drive<T: Target>(
     let warm_seed = cfg.seed ^ 0x5741_524D;
     if let (Some(shift), Some(ch)) = (cfg.shift, chooser) {
         // The warm-up runs phase 0's popularity, in one window.
+        let warmup = WarmupReport {
+            ops: cfg.warmup_ops,
+            settled: None,
+            rounds: Vec::new(),
+        };
         if cfg.warmup_ops > 0 {
             let w = moving::Window {
                 start: 0,
@@ -715,20 +746,11 @@ fn drive<T: Target>(
             outs,
             elapsed,
             windows,
+            warmup,
         });
     }
     let next_insert = Arc::new(AtomicU64::new(cfg.keys));
-    if cfg.warmup_ops > 0 {
-        phase(
-            sys,
-            cfg,
-            cfg.warmup_ops,
-            None,
-            &next_insert,
-            "warm-up",
-            warm_seed,
-        )?;
-    }
+    let warmup = warm_up(sys, cfg, &next_insert, warm_seed)?;
     let before = sys.counters();
     let t0 = Instant::now();
     let outs = phase(
@@ -748,7 +770,78 @@ fn drive<T: Target>(
         outs,
         elapsed,
         windows: Vec::new(),
+        warmup,
     })
+}
+
+/// `--warmup auto`: a round of warm-up that lowers the RTs per operation by less than this
+/// fraction against the round before it ends the warm-up.
+pub const AUTO_WARMUP_SETTLED: f64 = 0.01;
+
+/// `--warmup auto` runs at most this many operations.
+pub const AUTO_WARMUP_MAX_OPS: u64 = 64_000_000;
+
+/// Runs the warm-up of a steady run: `warmup_ops` operations, then, with `warmup_auto` on
+/// a read-only run, rounds that double the warm-up so far until one lowers the RTs per
+/// operation by less than [`AUTO_WARMUP_SETTLED`] against the round before, or the next
+/// would take the warm-up past its cap ([`AUTO_WARMUP_MAX_OPS`] from the command line). A cache that learns from counts needs many reads per
+/// key before it tells the keys near its value/shortcut boundary apart (20 M reads of
+/// 100 000 Zipf keys, docs/PERFORMANCE.md); a fixed warm-up short of that measures the
+/// learning, not the policy. The rule looks only at the measured RTs, never at the
+/// workload's popularity, and writes nothing, so the region is sized as for a fixed one.
+fn warm_up<T: Target>(
+    sys: &T,
+    cfg: &BenchConfig,
+    next_insert: &Arc<AtomicU64>,
+    seed: u64,
+) -> anyhow::Result<WarmupReport> {
+    let cap = cfg
+        .warmup_auto
+        .filter(|_| cfg.workload == Workload::ReadOnly && cfg.warmup_ops > 0);
+    let auto = cap.is_some();
+    let mut rep = WarmupReport {
+        ops: 0,
+        settled: auto.then_some(false),
+        rounds: Vec::new(),
+    };
+    let mut round = cfg.warmup_ops;
+    while round > 0 {
+        let before = sys.counters();
+        let label = if rep.rounds.is_empty() {
+            "warm-up".to_owned()
+        } else {
+            format!("warm-up {}", rep.rounds.len() + 1)
+        };
+        phase(
+            sys,
+            cfg,
+            round,
+            None,
+            next_insert,
+            &label,
+            seed.wrapping_add(rep.rounds.len() as u64),
+        )?;
+        let d = sys.counters().since(&before);
+        let rts = ratio(d.kn.fabric.round_trips + d.ms_requests, round);
+        rep.ops += round;
+        let prev = rep.rounds.last().map(|r| r.rts_per_op);
+        rep.rounds.push(WarmupRound {
+            ops: round,
+            rts_per_op: rts,
+        });
+        if !auto {
+            break;
+        }
+        if prev.is_some_and(|p| rts >= p * (1.0 - AUTO_WARMUP_SETTLED)) {
+            rep.settled = Some(true);
+            break;
+        }
+        round = rep.ops;
+        if cap.is_some_and(|c| rep.ops + round > c) {
+            break;
+        }
+    }
+    Ok(rep)
 }
 
 /// Runs `work(t, client)` on `clients` threads, each with client `t` of `sys`, and waits
@@ -966,21 +1059,14 @@ fn cache_costs(cfg: &BenchConfig) -> moving::Costs {
     )
 }
 
-fn report(
-    cfg: &BenchConfig,
-    dc: &Counters,
-    nowc: &Counters,
-    outs: Vec<ClientOut>,
-    elapsed: Duration,
-    map: Option<&SlotMap>,
-    key_p: Vec<f64>,
-) -> BenchResult {
-    let (d, now) = (&dc.kn, &nowc.kn);
-    let reads: u64 = outs.iter().map(|o| o.reads).sum();
-    let writes: u64 = outs.iter().map(|o| o.writes).sum();
+fn report(cfg: &BenchConfig, dr: &Driven, map: Option<&SlotMap>, key_p: Vec<f64>) -> BenchResult {
+    let (dc, elapsed) = (&dr.delta, dr.elapsed);
+    let (d, now) = (&dc.kn, &dr.now.kn);
+    let reads: u64 = dr.outs.iter().map(|o| o.reads).sum();
+    let writes: u64 = dr.outs.iter().map(|o| o.writes).sum();
     let ops = reads + writes;
     let mut lat = histogram::new();
-    for o in &outs {
+    for o in &dr.outs {
         histogram::merge(&mut lat, &o.latency_ns);
     }
     let verbs_per_op = ratio(d.fabric.verbs(), ops);
@@ -1087,6 +1173,7 @@ fn report(
         ms_us_per_request,
         chain_hops_per_op: ratio(dc.chain_hops, ops),
         cas_failures_per_op: ratio(dc.cas_failures, ops),
+        warmup: dr.warmup.clone(),
         moving: None,
         oracle_rts_per_op: rf * o.rts_per_read + (1.0 - rf) * write_rts_per_write,
         oracle_values: o.values,
@@ -1146,6 +1233,25 @@ pub fn render(r: &BenchResult) -> String {
         "measured   {:>12.0} ops/s   {} ops in {:.2} s (in-process, this machine)",
         r.throughput_ops, r.ops, r.elapsed_s
     );
+    if r.warmup.ops > 0 {
+        let how = match r.warmup.settled {
+            None => "fixed".to_owned(),
+            Some(true) => "auto: the RTs/op settled".to_owned(),
+            Some(false) => "auto: stopped at its cap before the RTs/op settled".to_owned(),
+        };
+        let rounds: Vec<String> = r
+            .warmup
+            .rounds
+            .iter()
+            .map(|w| format!("{:.3}", w.rts_per_op))
+            .collect();
+        let _ = write!(s, "warm-up    {} ops ({how})", r.warmup.ops);
+        let _ = if rounds.len() > 1 {
+            writeln!(s, "   RTs/op by round {}", rounds.join(" "))
+        } else {
+            writeln!(s)
+        };
+    }
     let _ = writeln!(
         s,
         "latency    p50 {:.1} us   p99 {:.1} us   p99.9 {:.1} us   mean {:.1} us",
@@ -1275,6 +1381,67 @@ mod tests {
         assert!(s4.rts_per_read >= g.rts_per_read - 1e-12, "{s4:?} vs {g:?}");
         // Four shards' hottest keys are not the global hottest keys cut in four.
         assert!(s4.rts_per_read > g.rts_per_read, "{s4:?} vs {g:?}");
+    }
+
+    /// `--warmup auto` doubles the warm-up while a round lowers the RTs per operation by at
+    /// least 1% and stops at the first round that does not (or at its cap); a run with
+    /// writes keeps its fixed warm-up.
+    #[test]
+    fn an_auto_warmup_doubles_until_the_rts_settle() {
+        let cfg = BenchConfig {
+            kns: 1,
+            threads_per_kn: 2,
+            workload: Workload::ReadOnly,
+            dist: Distribution::Zipf(0.99),
+            keys: 4_000,
+            ops: 20_000,
+            warmup_ops: 5_000,
+            warmup_auto: Some(640_000),
+            clients: 2,
+            cache: CacheSize::Ratio(0.2),
+            kn_cpu: KnCpuSetting::Off,
+            progress: false,
+            ..BenchConfig::default()
+        };
+        let w = run(&cfg).expect("bench run").warmup;
+        let rounds = &w.rounds;
+        assert!(rounds.len() >= 2, "{w:?}");
+        assert_eq!(rounds[0].ops, 5_000, "{w:?}");
+        let mut total = 0;
+        for (i, r) in rounds.iter().enumerate() {
+            if i > 0 {
+                assert_eq!(r.ops, total, "round {i} doubles the warm-up: {w:?}");
+            }
+            total += r.ops;
+        }
+        assert_eq!(w.ops, total, "{w:?}");
+        assert!(w.ops <= 640_000, "{w:?}");
+        let settled = |i: usize| rounds[i].rts_per_op >= rounds[i - 1].rts_per_op * 0.99;
+        for i in 1..rounds.len() - 1 {
+            assert!(
+                !settled(i),
+                "round {i} had settled but the warm-up went on: {w:?}"
+            );
+        }
+        match w.settled {
+            Some(true) => assert!(settled(rounds.len() - 1), "{w:?}"),
+            Some(false) => assert!(2 * w.ops > 640_000, "{w:?}"),
+            None => panic!("an auto warm-up reports whether it settled: {w:?}"),
+        }
+        // A cold cache of a fifth of the data costs more than the warm one it becomes.
+        assert!(
+            rounds[0].rts_per_op > rounds[rounds.len() - 1].rts_per_op,
+            "{w:?}"
+        );
+
+        let mixed = run(&BenchConfig {
+            workload: Workload::ReadMostly,
+            ..cfg
+        })
+        .expect("bench run")
+        .warmup;
+        assert_eq!((mixed.ops, mixed.settled), (5_000, None), "{mixed:?}");
+        assert_eq!(mixed.rounds.len(), 1, "{mixed:?}");
     }
 
     /// No cache policy can beat the static optimum of its own budget over its own keys in

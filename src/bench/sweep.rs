@@ -65,6 +65,7 @@ impl Preset {
                 b.value_size = 1024;
                 b.ops = FIG2_OPS;
                 b.warmup_ops = FIG2_WARMUP;
+                b.warmup_auto = None;
                 b.duration = None;
                 b.clients = FIG2_CLIENTS;
                 b.threads_per_kn = 1;
