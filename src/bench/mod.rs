@@ -784,11 +784,12 @@ pub const AUTO_WARMUP_MAX_OPS: u64 = 64_000_000;
 /// Runs the warm-up of a steady run: `warmup_ops` operations, then, with `warmup_auto` on
 /// a read-only run, rounds that double the warm-up so far until one lowers the RTs per
 /// operation by less than [`AUTO_WARMUP_SETTLED`] against the round before, or the next
-/// would take the warm-up past its cap ([`AUTO_WARMUP_MAX_OPS`] from the command line). A cache that learns from counts needs many reads per
-/// key before it tells the keys near its value/shortcut boundary apart (20 M reads of
-/// 100 000 Zipf keys, docs/PERFORMANCE.md); a fixed warm-up short of that measures the
-/// learning, not the policy. The rule looks only at the measured RTs, never at the
-/// workload's popularity, and writes nothing, so the region is sized as for a fixed one.
+/// would take the warm-up past its cap ([`AUTO_WARMUP_MAX_OPS`] from the command line).
+/// A cache that learns from counts needs many reads per key before it tells the keys near
+/// its value/shortcut boundary apart (20 M reads of 100 000 Zipf keys,
+/// docs/PERFORMANCE.md); a fixed warm-up short of that measures the learning, not the
+/// policy. The rule looks only at the measured RTs, never at the workload's popularity,
+/// and a read-only run writes nothing, so the region is sized as for a fixed warm-up.
 fn warm_up<T: Target>(
     sys: &T,
     cfg: &BenchConfig,
