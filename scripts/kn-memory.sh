@@ -212,11 +212,7 @@ snapshot() {
 }
 
 # ---- cluster ---------------------------------------------------------------------------------
-DINOMO_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || DINOMO_REV="$DINOMO_REV (with uncommitted changes)"
-if [[ $(realpath -e "$BIN") != "$(realpath -m "${CARGO_TARGET_DIR:-target}/release/dinomo")" ]]; then
-    DINOMO_REV="binary given with --bin, checkout at $DINOMO_REV"
-fi
+DINOMO_REV=$(dinomo_build "$BIN")
 DIR=$(cluster_dir memory "$BASE")
 MPORT=$(free_ports 2) || die "found no free ports"
 KPORT=$((MPORT + 1))
@@ -312,7 +308,6 @@ cat >"$OUT/summary.json" <<EOF
   "measured_utc": "$(date -u '+%Y-%m-%d %H:%M')",
   "machine": "$(nproc) vCPUs ($CPU), $MEM_GIB GiB RAM, kernel $(uname -r)",
   "dinomo": "$DINOMO_REV",
-  "bin": "$BIN",
   "command": "$CMD_SHOWN",
   "redis_benchmark": "$(redis-benchmark --version | awk '{ print $2 }')",
   "requests": $N,
@@ -357,7 +352,7 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
 {
     echo "KN memory after redis-benchmark -t set (measured $(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo "machine:     $(nproc) vCPUs ($CPU), $MEM_GIB GiB RAM"
-    echo "dinomo:      $DINOMO_REV ($BIN)"
+    echo "dinomo:      $DINOMO_REV"
     echo "cluster:     dinomo up, 1 KN x $SHARDS shard(s), cache $CACHE, region $REGION ($(stat -f -c %T "$DIR")), shm fabric"
     echo "command:     $CMD_SHOWN"
     echo "run:         $BENCH_S s, ${RPS:-?} SET/s, $PUTS puts counted; KN quiet at idle: $QUIET_IDLE, after: $QUIET_LOADED"

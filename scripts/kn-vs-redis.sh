@@ -341,12 +341,7 @@ NPROC=$(nproc)
 KERNEL=$(uname -r)
 REDIS_VERSION=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
 BENCH_VERSION=$(redis-benchmark --version | awk '{ print $2 }')
-DINOMO_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || DINOMO_REV="$DINOMO_REV (with uncommitted changes)"
-# A binary from elsewhere (--bin) need not be this checkout's build: say so.
-if [[ $(realpath -e "$BIN" 2>/dev/null) != "$(realpath -m "${CARGO_TARGET_DIR:-target}/release/dinomo")" ]]; then
-    DINOMO_REV="binary given with --bin, checkout at $DINOMO_REV"
-fi
+DINOMO_REV=$(dinomo_build "$BIN")
 
 WORK=$(mktemp -d "$BASE/kn-vs-redis.XXXXXX") || die "cannot make a folder under $BASE"
 PHASE_FILE=$WORK/phase
@@ -561,7 +556,7 @@ if ((KNS > 1)); then RUNS="redis-benchmark ... --cluster against DINOMO"; else R
     echo "- load average (1 min, /proc/loadavg): $LOAD; $LOAD_ALL (each run's client and server alone make about 2)"
     echo "- command: redis-benchmark -t set,get -n $N -r $KEYSPACE -d $DATASIZE -c $CLIENTS -P {1,16} --csv (redis-benchmark $BENCH_VERSION; $RUNS), one server after the other"
     echo "- redis-server $REDIS_VERSION: one process, appendonly yes, appendfsync always, save \"\", password, 127.0.0.1"
-    echo "- DINOMO $DINOMO_REV ($BIN): dinomo up, $KNS KN(s) x $SHARDS shard(s), io_threads $IO_THREADS, cache $CACHE per KN, region $REGION, shm fabric, password, 127.0.0.1"
+    echo "- DINOMO $DINOMO_REV: dinomo up, $KNS KN(s) x $SHARDS shard(s), io_threads $IO_THREADS, cache $CACHE per KN, region $REGION, shm fabric, password, 127.0.0.1"
     echo "- region and AOF on one file system: $FS_TYPE at $FS_MOUNT"
     if ((ROUNDS > 1)); then
         echo "- $ROUNDS rounds (odd ones redis first, even ones DINOMO first), each with a fresh AOF and region; medians of the rounds, ratio of the medians, per-round ratios in the last column"

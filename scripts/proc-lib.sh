@@ -39,3 +39,17 @@ descendants() {
 
 # Field $2 of "k:v" lines in $1 (INFO text); 0 when absent.
 info_field() { awk -F: -v k="$2" '$1 == k { gsub("\r", "", $2); v = $2 } END { print v + 0 }' <<<"$1"; }
+
+# What a result says of the dinomo binary $1 it measured, with no machine path in it: the
+# checkout's revision (and whether it has uncommitted changes), and whether $1 is this
+# checkout's release build or a binary given with --bin, which need not be.
+dinomo_build() {
+    local rev
+    rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    git diff --quiet HEAD 2>/dev/null || rev="$rev (with uncommitted changes)"
+    if [[ $(realpath -e "$1" 2>/dev/null) == "$(realpath -m "${CARGO_TARGET_DIR:-target}/release/dinomo")" ]]; then
+        echo "$rev, release build of this checkout"
+    else
+        echo "binary given with --bin, checkout at $rev"
+    fi
+}
