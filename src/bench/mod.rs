@@ -494,6 +494,11 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Round trips of every kind: the fabric's, and Clover's metadata-server requests.
+    fn round_trips(&self) -> u64 {
+        self.kn.fabric.round_trips + self.ms_requests
+    }
+
     fn since(&self, e: &Self) -> Self {
         Self {
             kn: self.kn.since(&e.kn),
@@ -799,10 +804,9 @@ fn warm_up<T: Target>(
     let cap = cfg
         .warmup_auto
         .filter(|_| cfg.workload == Workload::ReadOnly && cfg.warmup_ops > 0);
-    let auto = cap.is_some();
     let mut rep = WarmupReport {
         ops: 0,
-        settled: auto.then_some(false),
+        settled: cap.map(|_| false),
         rounds: Vec::new(),
     };
     let mut round = cfg.warmup_ops;
@@ -823,22 +827,22 @@ fn warm_up<T: Target>(
             seed.wrapping_add(rep.rounds.len() as u64),
         )?;
         let d = sys.counters().since(&before);
-        let rts = ratio(d.kn.fabric.round_trips + d.ms_requests, round);
+        let rts = ratio(d.round_trips(), round);
         rep.ops += round;
         let prev = rep.rounds.last().map(|r| r.rts_per_op);
         rep.rounds.push(WarmupRound {
             ops: round,
             rts_per_op: rts,
         });
-        if !auto {
+        let Some(cap) = cap else {
             break;
-        }
+        };
         if prev.is_some_and(|p| rts >= p * (1.0 - AUTO_WARMUP_SETTLED)) {
             rep.settled = Some(true);
             break;
         }
         round = rep.ops;
-        if cap.is_some_and(|c| rep.ops + round > c) {
+        if rep.ops + round > cap {
             break;
         }
     }
@@ -1072,7 +1076,7 @@ fn report(cfg: &BenchConfig, dr: &Driven, map: Option<&SlotMap>, key_p: Vec<f64>
     }
     let verbs_per_op = ratio(d.fabric.verbs(), ops);
     let bytes_per_op = ratio(d.fabric.read_bytes + d.fabric.write_bytes, ops);
-    let rts_per_op = ratio(d.fabric.round_trips + dc.ms_requests, ops);
+    let rts_per_op = ratio(dc.round_trips(), ops);
     let ms_requests_per_op = ratio(dc.ms_requests, ops);
     let ms_us_per_request =
         (dc.ms_served > 0).then(|| dc.ms_cpu_ns as f64 / dc.ms_served as f64 / 1e3);
